@@ -1,0 +1,1 @@
+"""A gRPC control plane for the lifecycle of models served on Ray Serve."""

@@ -1,0 +1,54 @@
+"""Settings, from flags (cli.py) or code (tests). Injected, never global."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from controlplane.storage.db import Database
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    database_url: str = ""  # empty: SQLite in data_dir
+    ray_address: str | None = None  # None: start a local Ray
+    num_cpus: float = 4
+    num_gpus: float = 0
+    backend: str = "ray"  # "ray" or "fake" (development and fast tests)
+    max_source_bytes: int = 256 * MiB
+    max_source_entries: int = 10_000
+    max_unpacked_bytes: int = 1024 * MiB
+    build_cpus: float = 0.25
+    build_timeout_s: float = 900.0
+    deploy_timeout_s: float = 300.0
+    reconcile_interval_s: float = 0.5
+    dispatcher_concurrency: int = 8
+    wait_operation_max_s: float = 60.0
+    watch_queue_size: int = 1000
+    event_retention_count: int = 1000
+    event_retention_s: float = 3600.0
+    grace_s: float = 10.0
+    server_id: str = field(default="")
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or Database.sqlite_url(self.data_dir)
+
+    @property
+    def sources_dir(self) -> Path:
+        return self.data_dir / "sources"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_dir / "artifacts"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"

@@ -1,0 +1,1 @@
+"""Pure domain: states, transitions, resource types, errors, names. No I/O."""

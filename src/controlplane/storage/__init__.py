@@ -1,0 +1,1 @@
+"""Records: SQLModel tables, the database, and the one write path."""

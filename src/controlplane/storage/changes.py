@@ -1,0 +1,165 @@
+"""The one write path for state: check the transition, write the row, emit the event.
+
+Nothing else in the control plane assigns a ``state`` or emits an event. Each
+call happens inside a ``Database.write()`` transaction, so a change, its event
+and the job it needs commit together or not at all.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from controlplane.domain import states as st
+from controlplane.domain import transitions
+from controlplane.domain import types as t
+from controlplane.storage import codec, repo
+from controlplane.storage.db import WriteTx
+from controlplane.storage.tables import (
+    BuildRow,
+    DeploymentRow,
+    EventRow,
+    JobRow,
+    ModelRow,
+    OperationRow,
+)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def project_of(model_name: str) -> str:
+    return model_name.split("/")[1]
+
+
+class Changes:
+    def __init__(self, tx: WriteTx, http_base: str) -> None:
+        self.tx = tx
+        self.s = tx.session
+        self.http_base = http_base
+
+    # ---- events ------------------------------------------------------------------------------
+
+    def _emit(
+        self, model: str, type_: st.EventType, resource: t.Resource, revision: int | None = None
+    ) -> int:
+        revision = revision or self.tx.next_revision()
+        self.s.add(
+            EventRow(
+                revision=revision,
+                model=model,
+                project=project_of(model),
+                time=now(),
+                type=type_.value,
+                kind=codec.kind_of(resource).value,
+                body=codec.dumps(resource),
+            )
+        )
+        return revision
+
+    def _record(
+        self, row: ModelRow | BuildRow | DeploymentRow | OperationRow, type_: st.EventType
+    ) -> None:
+        """Writes the row with a new revision (its resource version) and emits its event."""
+        row.revision = self.tx.next_revision()
+        if not isinstance(row, BuildRow):
+            row.update_time = now()
+        self.s.add(row)
+        model_name = row.name if isinstance(row, ModelRow) else row.model
+        self._emit(model_name, type_, self.resource(row), row.revision)
+
+    def resource(self, row: ModelRow | BuildRow | DeploymentRow | OperationRow) -> t.Resource:
+        if isinstance(row, ModelRow):
+            return repo.to_model(row, self.http_base)
+        if isinstance(row, BuildRow):
+            return repo.to_build(row)
+        if isinstance(row, DeploymentRow):
+            return repo.to_deployment(row)
+        return repo.to_operation(row)
+
+    # ---- creation and deletion ---------------------------------------------------------------
+
+    def created(self, row: ModelRow | BuildRow | DeploymentRow | OperationRow) -> None:
+        self._record(row, st.EventType.CREATED)
+
+    def model_deleted(self, row: ModelRow) -> None:
+        resource = repo.to_model(row, self.http_base)
+        self._emit(row.name, st.EventType.DELETED, resource)
+        self.s.delete(row)
+
+    # ---- state changes -----------------------------------------------------------------------
+
+    def model(self, row: ModelRow, state: st.ModelState | None = None, **fields: Any) -> None:
+        if state is not None:
+            transitions.check(
+                transitions.MODEL_TRANSITIONS, row.name, st.ModelState(row.state), state
+            )
+            row.state = state.value
+        self._update(row, fields)
+
+    def build(self, row: BuildRow, state: st.BuildState | None = None, **fields: Any) -> None:
+        if state is not None:
+            transitions.check(
+                transitions.BUILD_TRANSITIONS, row.name, st.BuildState(row.state), state
+            )
+            row.state = state.value
+        self._update(row, fields)
+
+    def deployment(
+        self, row: DeploymentRow, state: st.DeploymentState | None = None, **fields: Any
+    ) -> None:
+        if state is not None:
+            transitions.check(
+                transitions.DEPLOYMENT_TRANSITIONS, row.name, st.DeploymentState(row.state), state
+            )
+            row.state = state.value
+        self._update(row, fields)
+
+    def operation_progress(self, row: OperationRow, progress: str) -> None:
+        if row.done or row.progress == progress:
+            return
+        self._update(row, {"progress": progress})
+
+    def operation_done(
+        self,
+        row: OperationRow,
+        model: ModelRow,
+        progress: str = "done",
+        error: t.OperationError | None = None,
+    ) -> None:
+        """Finishes an operation and releases its model for the next one."""
+        if row.done:
+            return
+        fields: dict[str, Any] = {"done": True, "progress": progress}
+        if error is not None:
+            fields.update(
+                error_code=error.code, error_message=error.message, error_reason=error.reason
+            )
+        self._update(row, fields)
+        if model.running_operation == row.name:
+            self._update(model, {"running_operation": ""})
+
+    def _update(
+        self, row: ModelRow | BuildRow | DeploymentRow | OperationRow, fields: dict[str, Any]
+    ) -> None:
+        for key, value in fields.items():
+            if not hasattr(row, key):
+                raise AttributeError(f"{type(row).__name__} has no field {key}")
+            setattr(row, key, value)
+        self._record(row, st.EventType.UPDATED)
+
+    # ---- jobs --------------------------------------------------------------------------------
+
+    def enqueue(self, kind: str, model: str, operation: str = "", target: str = "") -> None:
+        ts = now()
+        self.s.add(
+            JobRow(
+                kind=kind,
+                model=model,
+                operation=operation,
+                target=target,
+                create_time=ts,
+                update_time=ts,
+            )
+        )

@@ -1,0 +1,157 @@
+"""The database: engine, migrations, and transactions.
+
+Every write runs in ``Database.write()``: it takes the single ``revision``
+counter row first (``SELECT ... FOR UPDATE`` on PostgreSQL; an in-process lock
+on SQLite, which has one writer anyway), so writers are serialized and event
+revisions are assigned in commit order: a watcher that reads ``revision > N``
+never misses a row that commits later with a smaller number.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, event, select, text
+from sqlalchemy.pool import StaticPool
+from sqlmodel import Session, create_engine
+
+from controlplane.storage.tables import CounterRow
+
+REVISION = "revision"
+
+
+class DatabaseClosed(RuntimeError):
+    """A worker thread outlived the server's stop; its work is redone at the next start."""
+
+
+class WriteTx:
+    """One write transaction: a session plus revision assignment."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self._revision: int | None = None
+        self.last_revision = 0
+
+    def _counter(self) -> CounterRow:
+        row = self.session.exec(  # type: ignore[call-overload]
+            select(CounterRow).where(CounterRow.name == REVISION).with_for_update()  # type: ignore[arg-type]
+        ).scalar_one()
+        assert isinstance(row, CounterRow)
+        return row
+
+    def lock(self) -> None:
+        """Takes the writers' lock (the revision row) before anything else is written."""
+        self._counter()
+
+    def next_revision(self) -> int:
+        row = self._counter()
+        row.value += 1
+        self.session.add(row)
+        self.last_revision = row.value
+        return row.value
+
+
+class Database:
+    def __init__(self, url: str, echo: bool = False) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        self.engine = self._make_engine(url, echo)
+        self._write_lock = threading.Lock()
+        self._listeners: list[Callable[[int], None]] = []
+        # Sessions open right now (worker threads may outlive a cancelled task).
+        self._open = 0
+        self._closed = False
+        self._idle = threading.Condition()
+
+    @staticmethod
+    def sqlite_url(data_dir: Path) -> str:
+        return f"sqlite:///{data_dir / 'controlplane.db'}"
+
+    def _make_engine(self, url: str, echo: bool) -> Engine:
+        if not url.startswith("sqlite"):
+            return create_engine(url, echo=echo, pool_size=10, max_overflow=20, pool_pre_ping=True)
+        memory = url in ("sqlite://", "sqlite:///:memory:")
+        kwargs: dict[str, Any] = {"poolclass": StaticPool} if memory else {}
+        engine = create_engine(
+            url, echo=echo, connect_args={"check_same_thread": False, "timeout": 30}, **kwargs
+        )
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            if not memory:
+                cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+
+    def migrate(self) -> None:
+        """Brings the schema to the newest Alembic revision (idempotent)."""
+        from controlplane.storage.migrate import upgrade
+
+        upgrade(self.engine)
+        with Session(self.engine) as s:
+            if s.get(CounterRow, REVISION) is None:
+                s.add(CounterRow(name=REVISION, value=0))
+                s.commit()
+
+    def on_commit(self, listener: Callable[[int], None]) -> None:
+        """Calls ``listener(last_revision)`` after every write that emitted events."""
+        self._listeners.append(listener)
+
+    @contextmanager
+    def _session(self) -> Iterator[Session]:
+        with self._idle:
+            if self._closed:
+                raise DatabaseClosed("the database is closed (the server is stopping)")
+            self._open += 1
+        try:
+            with Session(self.engine, expire_on_commit=False) as s:
+                yield s
+        finally:
+            with self._idle:
+                self._open -= 1
+                self._idle.notify_all()
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        with self._session() as s:
+            yield s
+
+    @contextmanager
+    def write(self) -> Iterator[WriteTx]:
+        with self._write_lock, self._session() as s:
+            tx = WriteTx(s)
+            tx.lock()
+            try:
+                yield tx
+                s.commit()
+            except BaseException:
+                s.rollback()
+                raise
+        if tx.last_revision:
+            for listener in self._listeners:
+                listener(tx.last_revision)
+
+    def head_revision(self) -> int:
+        with self.read() as s:
+            row = s.get(CounterRow, REVISION)
+            return row.value if row else 0
+
+    def ping(self) -> None:
+        with self.engine.connect() as c:
+            c.execute(text("SELECT 1"))
+
+    def close(self, wait_s: float = 10.0) -> None:
+        """Waits for sessions still open in worker threads, then closes every connection."""
+        with self._idle:
+            self._closed = True
+            self._idle.wait_for(lambda: self._open == 0, timeout=wait_s)
+        self.engine.dispose()

@@ -1,0 +1,237 @@
+"""Rows -> domain resources, and the read queries."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+from sqlalchemy import func
+from sqlmodel import Session, SQLModel, col, select
+
+from controlplane.domain import states as st
+from controlplane.domain import types as t
+from controlplane.domain.errors import invalid_field, not_found
+from controlplane.storage import codec
+from controlplane.storage.tables import (
+    BuildRow,
+    DeploymentRow,
+    EventRow,
+    ModelRow,
+    OperationRow,
+    SourceRow,
+)
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+
+R = TypeVar("R", bound=SQLModel)
+
+
+def endpoint_for(http_base: str, model_name: str) -> str:
+    _, project, _, model = model_name.split("/")
+    return f"{http_base}/{project}/{model}"
+
+
+def to_model(row: ModelRow, http_base: str) -> t.Model:
+    return t.Model(
+        name=row.name,
+        display_name=row.display_name,
+        description=row.description,
+        state=st.ModelState(row.state),
+        active_deployment=row.active_deployment,
+        endpoint=endpoint_for(http_base, row.name),
+        create_time=codec.utc(row.create_time),
+        update_time=codec.utc(row.update_time),
+        etag=f'"{row.revision}"',
+        message=row.message,
+        running_operation=row.running_operation,
+    )
+
+
+def to_build(row: BuildRow) -> t.Build:
+    return t.Build(
+        name=row.name,
+        version=row.version,
+        source_sha256=row.source_sha256,
+        file_path=row.file_path,
+        function_name=row.function_name,
+        comment=row.comment,
+        state=st.BuildState(row.state),
+        image=row.image,
+        error=row.error,
+        create_time=codec.utc(row.create_time),
+        finish_time=codec.utc(row.finish_time) if row.finish_time else None,
+    )
+
+
+def resources_of(row: DeploymentRow) -> t.Resources:
+    return t.Resources(
+        replicas=row.replicas, cpus=row.cpus, memory_mib=row.memory_mib, gpus=row.gpus
+    )
+
+
+def environment_of(row: DeploymentRow) -> dict[str, str]:
+    env: dict[str, str] = json.loads(row.environment)
+    return env
+
+
+def replicas_of(row: DeploymentRow) -> tuple[t.Replica, ...]:
+    return tuple(codec.replica_from_dict(r) for r in json.loads(row.observed_replicas))
+
+
+def to_deployment(row: DeploymentRow) -> t.Deployment:
+    return t.Deployment(
+        name=row.name,
+        build=row.build,
+        resources=resources_of(row),
+        environment=environment_of(row),
+        state=st.DeploymentState(row.state),
+        replicas=replicas_of(row),
+        message=row.message,
+        create_time=codec.utc(row.create_time),
+        update_time=codec.utc(row.update_time),
+    )
+
+
+def to_operation(row: OperationRow) -> t.Operation:
+    error = None
+    if row.error_code:
+        error = t.OperationError(
+            code=row.error_code, message=row.error_message, reason=row.error_reason
+        )
+    return t.Operation(
+        name=row.name,
+        kind=st.OperationKind(row.kind),
+        target=row.target,
+        done=row.done,
+        error=error,
+        create_time=codec.utc(row.create_time),
+        update_time=codec.utc(row.update_time),
+        model=row.model,
+        progress=row.progress,
+        deployment=row.deployment,
+    )
+
+
+def to_event(row: EventRow) -> t.Event:
+    kind = st.ResourceKind(row.kind)
+    return t.Event(
+        revision=row.revision,
+        time=codec.utc(row.time),
+        type=st.EventType(row.type),
+        resource=codec.loads(kind, row.body),
+        model=row.model,
+    )
+
+
+# ---- lookups -------------------------------------------------------------------------------
+
+
+def _one(s: Session, table: type[R], name: str) -> R | None:
+    return s.exec(select(table).where(col(table.name) == name)).first()  # type: ignore[attr-defined]
+
+
+def model_row(s: Session, name: str) -> ModelRow:
+    row = _one(s, ModelRow, name)
+    if row is None:
+        raise not_found("model", name)
+    return row
+
+
+def build_row(s: Session, name: str) -> BuildRow:
+    row = _one(s, BuildRow, name)
+    if row is None:
+        raise not_found("build", name)
+    return row
+
+
+def deployment_row(s: Session, name: str) -> DeploymentRow:
+    row = _one(s, DeploymentRow, name)
+    if row is None:
+        raise not_found("deployment", name)
+    return row
+
+
+def maybe_deployment_row(s: Session, name: str) -> DeploymentRow | None:
+    return _one(s, DeploymentRow, name) if name else None
+
+
+def operation_row(s: Session, name: str) -> OperationRow:
+    row = _one(s, OperationRow, name)
+    if row is None:
+        raise not_found("operation", name)
+    return row
+
+
+def source_row(s: Session, model: str, sha256: str) -> SourceRow | None:
+    return s.exec(
+        select(SourceRow).where(SourceRow.model == model, SourceRow.sha256 == sha256)
+    ).first()
+
+
+# ---- pagination (keyset on id; tokens are opaque) --------------------------------------------
+
+
+def _encode_token(scope: str, last_id: int) -> str:
+    raw = json.dumps({"s": scope, "i": last_id}).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_token(token: str, scope: str) -> int:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        data: dict[str, Any] = json.loads(raw)
+        if data["s"] != scope or not isinstance(data["i"], int):
+            raise ValueError
+        return data["i"]
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError):
+        raise invalid_field(
+            "page_token",
+            "not a token this list returned (or for another list)",
+            reason="INVALID_PAGE_TOKEN",
+        ) from None
+
+
+def page_size(requested: int) -> int:
+    if requested < 0:
+        raise invalid_field("page_size", f"must be >= 0, got {requested}")
+    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def page(
+    s: Session,
+    table: type[R],
+    where: Sequence[Any],
+    scope: str,
+    size: int,
+    token: str,
+    newest_first: bool = False,
+) -> tuple[list[R], str]:
+    ident = col(table.id)  # type: ignore[attr-defined]
+    query = select(table).where(*where)
+    if token:
+        last = _decode_token(token, scope)
+        query = query.where(ident < last if newest_first else ident > last)
+    query = query.order_by(ident.desc() if newest_first else ident).limit(size + 1)
+    rows = list(s.exec(query).all())
+    more = len(rows) > size
+    rows = rows[:size]
+    next_token = _encode_token(scope, rows[-1].id) if more and rows else ""  # type: ignore[attr-defined]
+    return rows, next_token
+
+
+# ---- events ---------------------------------------------------------------------------------
+
+
+def events_after(s: Session, model: str | None, revision: int, limit: int = 500) -> list[EventRow]:
+    query = select(EventRow).where(EventRow.revision > revision)
+    if model is not None:
+        query = query.where(EventRow.model == model)
+    return list(s.exec(query.order_by(col(EventRow.revision)).limit(limit)).all())
+
+
+def oldest_event_revision(s: Session) -> int | None:
+    value = s.exec(select(func.min(EventRow.revision))).first()
+    return int(value) if value is not None else None

@@ -1,0 +1,175 @@
+"""SQLModel tables. Times are stored in UTC; JSON columns hold plain data."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, Column, DateTime, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def _time(nullable: bool = False, index: bool = False) -> datetime:
+    return Field(  # type: ignore[no-any-return]
+        default=None if nullable else ...,
+        sa_column=Column(DateTime(timezone=True), nullable=nullable, index=index),
+    )
+
+
+def _text(default: str = "") -> str:
+    return Field(default=default, sa_column=Column(Text, nullable=False, default=default))  # type: ignore[no-any-return]
+
+
+class ModelRow(SQLModel, table=True):
+    __tablename__ = "models"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True, index=True, max_length=200)
+    project: str = Field(index=True, max_length=63)
+    display_name: str = Field(default="", max_length=200)
+    description: str = _text()
+    state: str = Field(max_length=20)
+    active_deployment: str = Field(default="", max_length=250)
+    message: str = _text()
+    running_operation: str = Field(default="", max_length=80)
+    next_build_version: int = 1
+    next_deployment_number: int = 1
+    revision: int = Field(default=0, sa_type=BigInteger)
+    create_time: datetime = _time()
+    update_time: datetime = _time()
+
+
+class SourceRow(SQLModel, table=True):
+    __tablename__ = "sources"
+    __table_args__ = (UniqueConstraint("model", "sha256"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    model: str = Field(index=True, max_length=200)
+    sha256: str = Field(max_length=64)
+    size_bytes: int = Field(sa_type=BigInteger)
+    create_time: datetime = _time()
+
+
+class BuildRow(SQLModel, table=True):
+    __tablename__ = "builds"
+    __table_args__ = (UniqueConstraint("model", "version"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True, index=True, max_length=250)
+    model: str = Field(index=True, max_length=200)
+    version: int = Field(sa_type=BigInteger)
+    source_sha256: str = Field(max_length=64)
+    file_path: str = Field(max_length=1024)
+    function_name: str = Field(max_length=200)
+    comment: str = _text()
+    state: str = Field(max_length=20)
+    image: str = Field(default="", max_length=200)
+    artifact_path: str = _text()
+    error: str = _text()
+    log_path: str = _text()
+    revision: int = Field(default=0, sa_type=BigInteger)
+    create_time: datetime = _time()
+    finish_time: datetime | None = _time(nullable=True)
+
+
+class DeploymentRow(SQLModel, table=True):
+    __tablename__ = "deployments"
+    __table_args__ = (UniqueConstraint("model", "number"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True, index=True, max_length=250)
+    model: str = Field(index=True, max_length=200)
+    number: int = Field(sa_type=BigInteger)
+    build: str = Field(max_length=250)
+    replicas: int
+    cpus: float
+    memory_mib: int = Field(sa_type=BigInteger)
+    gpus: float
+    environment: str = _text("{}")  # JSON object
+    state: str = Field(max_length=20)
+    observed_replicas: str = _text("[]")  # JSON list of replicas as Serve reports them
+    message: str = _text()
+    # Bumped by RestartModel: replaces every replica.
+    restart_generation: int = 0
+    # Set when the job applies the deployment: the rollout is judged from then on.
+    applied: bool = False
+    apply_time: datetime | None = _time(nullable=True)
+    # True when the rollout must replace every replica (new build/resources/env, restart).
+    expect_roll: bool = False
+    previous_replica_ids: str = _text("[]")  # JSON list
+    revision: int = Field(default=0, sa_type=BigInteger)
+    create_time: datetime = _time()
+    update_time: datetime = _time()
+
+
+class OperationRow(SQLModel, table=True):
+    __tablename__ = "operations"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True, index=True, max_length=80)
+    model: str = Field(index=True, max_length=200)
+    kind: str = Field(max_length=40)
+    target: str = Field(max_length=250)
+    deployment: str = Field(default="", max_length=250)
+    done: bool = False
+    error_code: str = Field(default="", max_length=40)
+    error_message: str = _text()
+    error_reason: str = Field(default="", max_length=80)
+    progress: str = _text()
+    revision: int = Field(default=0, sa_type=BigInteger)
+    create_time: datetime = _time()
+    update_time: datetime = _time()
+
+
+class EventRow(SQLModel, table=True):
+    """The change log: one row per change, revision assigned in commit order."""
+
+    __tablename__ = "events"
+
+    revision: int = Field(
+        sa_type=BigInteger, primary_key=True, sa_column_kwargs={"autoincrement": False}
+    )
+    model: str = Field(index=True, max_length=200)
+    project: str = Field(index=True, max_length=63)
+    time: datetime = _time(index=True)
+    type: str = Field(max_length=20)
+    kind: str = Field(max_length=20)
+    body: str = _text("{}")  # the resource as it was after the change (JSON)
+
+
+class JobRow(SQLModel, table=True):
+    """Work for the dispatcher, written in the same transaction as the change that needs it."""
+
+    __tablename__ = "jobs"
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=20)
+    model: str = Field(index=True, max_length=200)
+    operation: str = Field(default="", max_length=80)
+    target: str = Field(default="", max_length=250)
+    state: str = Field(default="pending", index=True, max_length=20)  # pending|running|done
+    attempts: int = 0
+    claimed_by: str = Field(default="", max_length=100)
+    lease_until: datetime | None = _time(nullable=True)
+    error: str = _text()
+    create_time: datetime = _time()
+    update_time: datetime = _time()
+
+
+class CounterRow(SQLModel, table=True):
+    """Named counters; 'revision' orders every write (its row lock serializes writers)."""
+
+    __tablename__ = "counters"
+
+    name: str = Field(primary_key=True, max_length=40)
+    value: int = Field(default=0, sa_type=BigInteger)
+
+
+class RequestRow(SQLModel, table=True):
+    """request_id -> the first call's result, so a retried mutation does the work once."""
+
+    __tablename__ = "requests"
+
+    key: str = Field(primary_key=True, max_length=400)
+    result: str = Field(max_length=250)
+    fingerprint: str = Field(max_length=64)
+    create_time: datetime = _time()
