@@ -1,0 +1,1 @@
+"""Workers: builds and serving. Only ray_backend.py imports ray."""

@@ -1,0 +1,134 @@
+"""What the control plane needs from a compute backend, and nothing more.
+
+Two implementations: ``ray_backend.RayBackend`` (the only module that imports
+ray) and ``fake_backend.FakeBackend`` (in-process, for fast tests). The control
+plane drives them declaratively: ``apply`` receives the *whole* desired set of
+applications each time (as Ray Serve's declarative config does); anything not in
+it is removed. ``observe`` reports what actually runs, from the backend's own
+details, so that states come from observation and never from sleeps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    """One build: turn an uploaded zip into an immutable, content-addressed artifact."""
+
+    build_name: str  # projects/p/models/m/builds/3
+    source_zip: Path  # the uploaded zip (already validated at upload)
+    file_path: str  # relative path of the module inside the zip
+    function_name: str
+    artifacts_dir: Path  # where content-addressed artifacts live (<dir>/<hex>/)
+    log_path: Path  # the build log, appended to line by line while the build runs
+    timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class BuildOutcome:
+    ok: bool
+    image: str = ""  # content-addressed reference, e.g. "artifact://sha256:<hex>"
+    artifact_path: str = ""  # absolute path of the artifact folder on the shared disk
+    error: str = ""  # one line naming the cause; empty when ok
+
+
+@dataclass(frozen=True)
+class AppSpec:
+    """One model's Serve application as the control plane wants it."""
+
+    app_name: str  # unique per model: app_name_for(project, model)
+    route_prefix: str  # "/{project}/{model}"
+    model_name: str  # projects/p/models/m
+    deployment_name: str  # projects/p/models/m/deployments/4
+    build_name: str
+    artifact_path: str
+    file_path: str
+    function_name: str
+    replicas: int
+    cpus: float
+    memory_mib: int
+    gpus: float
+    environment: Mapping[str, str] = field(default_factory=dict)
+    # Bumped by RestartModel: a change here replaces every replica.
+    restart_generation: int = 0
+
+
+class AppStatus(StrEnum):
+    DEPLOYING = "DEPLOYING"
+    RUNNING = "RUNNING"
+    DEPLOY_FAILED = "DEPLOY_FAILED"
+    UNHEALTHY = "UNHEALTHY"
+    DELETING = "DELETING"
+
+
+class ReplicaStatus(StrEnum):
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    STOPPING = "STOPPING"
+    FAILED = "FAILED"
+
+
+@dataclass(frozen=True)
+class ReplicaObservation:
+    id: str  # the backend's replica id; the same id the replica reports in responses
+    state: ReplicaStatus
+    pid: int
+    node: str
+    start_time: datetime | None
+
+
+@dataclass(frozen=True)
+class AppObservation:
+    app_name: str
+    status: AppStatus
+    message: str  # the backend's own words when deploying failed or is unhealthy
+    replicas: tuple[ReplicaObservation, ...]
+
+
+class Backend(Protocol):
+    @property
+    def http_base(self) -> str:
+        """Base URL of the HTTP proxy, e.g. http://127.0.0.1:8000 (no trailing slash)."""
+        ...
+
+    async def start(self) -> None:
+        """Connects to (or starts) the cluster and the HTTP proxy."""
+        ...
+
+    async def close(self) -> None: ...
+
+    async def build(self, spec: BuildSpec) -> BuildOutcome:
+        """Runs the build on the cluster. Never raises for a failed build: ok=False."""
+        ...
+
+    async def apply(self, apps: Sequence[AppSpec]) -> None:
+        """Makes the running applications exactly ``apps`` (declarative, returns at once)."""
+        ...
+
+    async def observe(self) -> Mapping[str, AppObservation]:
+        """What runs now, by app name. An app being deleted may still appear as DELETING."""
+        ...
+
+
+def app_name_for(project: str, model: str) -> str:
+    """Serve application name of a model; ids never contain '.', so this is unambiguous."""
+    return f"{project}.{model}"
+
+
+def rolls(before: AppSpec, after: AppSpec) -> bool:
+    """Whether going from ``before`` to ``after`` replaces every replica.
+
+    Only ``replicas`` changes in place; any other change (build, resources,
+    environment, restart generation) rolls. The deployment record's name is
+    bookkeeping and never reaches the replicas.
+    """
+    return replace(before, replicas=0, deployment_name="") != replace(
+        after, replicas=0, deployment_name=""
+    )
