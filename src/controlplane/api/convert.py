@@ -1,0 +1,268 @@
+"""Domain dataclasses <-> protobuf messages, both ways. Nothing else converts."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import TypeVar
+
+from google.protobuf import timestamp_pb2
+from google.rpc import code_pb2, status_pb2
+
+from controlplane.domain import states as st
+from controlplane.domain import types as t
+from modellifecycle.v1 import resources_pb2 as pb
+
+_MODEL_STATE = {s: getattr(pb, f"MODEL_STATE_{s.value}") for s in st.ModelState}
+_BUILD_STATE = {s: getattr(pb, f"BUILD_STATE_{s.value}") for s in st.BuildState}
+_DEPLOYMENT_STATE = {s: getattr(pb, f"DEPLOYMENT_STATE_{s.value}") for s in st.DeploymentState}
+_REPLICA_STATE = {s: getattr(pb, f"REPLICA_STATE_{s.value}") for s in st.ReplicaState}
+_OPERATION_KIND = {s: getattr(pb, f"OPERATION_KIND_{s.value}") for s in st.OperationKind}
+_EVENT_TYPE = {s: getattr(pb, f"EVENT_TYPE_{s.value}") for s in st.EventType}
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _inverse(mapping: dict[K, V]) -> dict[V, K]:
+    return {v: k for k, v in mapping.items()}
+
+
+_MODEL_STATE_IN = _inverse(_MODEL_STATE)
+_BUILD_STATE_IN = _inverse(_BUILD_STATE)
+_DEPLOYMENT_STATE_IN = _inverse(_DEPLOYMENT_STATE)
+_REPLICA_STATE_IN = _inverse(_REPLICA_STATE)
+_OPERATION_KIND_IN = _inverse(_OPERATION_KIND)
+_EVENT_TYPE_IN = _inverse(_EVENT_TYPE)
+
+
+def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value.astimezone(UTC))
+    return ts
+
+
+def from_timestamp(ts: timestamp_pb2.Timestamp) -> datetime:
+    return ts.ToDatetime(tzinfo=UTC)
+
+
+# ---- domain -> protobuf -------------------------------------------------------------------
+
+
+def model_to_pb(m: t.Model) -> pb.Model:
+    return pb.Model(
+        name=m.name,
+        display_name=m.display_name,
+        description=m.description,
+        state=_MODEL_STATE[m.state],
+        active_deployment=m.active_deployment,
+        endpoint=m.endpoint,
+        create_time=timestamp(m.create_time),
+        update_time=timestamp(m.update_time),
+        etag=m.etag,
+        message=m.message,
+        running_operation=m.running_operation,
+    )
+
+
+def build_to_pb(b: t.Build) -> pb.Build:
+    return pb.Build(
+        name=b.name,
+        version=b.version,
+        source_sha256=b.source_sha256,
+        file_path=b.file_path,
+        function_name=b.function_name,
+        comment=b.comment,
+        state=_BUILD_STATE[b.state],
+        image=b.image,
+        error=b.error,
+        create_time=timestamp(b.create_time),
+        finish_time=timestamp(b.finish_time),
+    )
+
+
+def resources_to_pb(r: t.Resources) -> pb.Resources:
+    return pb.Resources(replicas=r.replicas, cpus=r.cpus, memory_mib=r.memory_mib, gpus=r.gpus)
+
+
+def replica_to_pb(r: t.Replica) -> pb.Replica:
+    return pb.Replica(
+        id=r.id,
+        state=_REPLICA_STATE[r.state],
+        pid=r.pid,
+        node=r.node,
+        start_time=timestamp(r.start_time),
+    )
+
+
+def deployment_to_pb(d: t.Deployment) -> pb.Deployment:
+    return pb.Deployment(
+        name=d.name,
+        build=d.build,
+        resources=resources_to_pb(d.resources),
+        environment=dict(d.environment),
+        state=_DEPLOYMENT_STATE[d.state],
+        replicas=[replica_to_pb(r) for r in d.replicas],
+        message=d.message,
+        create_time=timestamp(d.create_time),
+        update_time=timestamp(d.update_time),
+    )
+
+
+def operation_to_pb(o: t.Operation) -> pb.Operation:
+    error = None
+    if o.error is not None:
+        error = status_pb2.Status(code=code_pb2.Code.Value(o.error.code), message=o.error.message)
+    return pb.Operation(
+        name=o.name,
+        kind=_OPERATION_KIND[o.kind],
+        target=o.target,
+        done=o.done,
+        error=error,
+        create_time=timestamp(o.create_time),
+        update_time=timestamp(o.update_time),
+        model=o.model,
+        progress=o.progress,
+        deployment=o.deployment,
+    )
+
+
+def source_to_pb(s: t.Source) -> pb.Source:
+    return pb.Source(sha256=s.sha256, size_bytes=s.size_bytes)
+
+
+def event_to_pb(e: t.Event) -> pb.ModelEvent:
+    out = pb.ModelEvent(revision=e.revision, time=timestamp(e.time), type=_EVENT_TYPE[e.type])
+    r = e.resource
+    if isinstance(r, t.Model):
+        out.model.CopyFrom(model_to_pb(r))
+    elif isinstance(r, t.Build):
+        out.build.CopyFrom(build_to_pb(r))
+    elif isinstance(r, t.Deployment):
+        out.deployment.CopyFrom(deployment_to_pb(r))
+    elif isinstance(r, t.Operation):
+        out.operation.CopyFrom(operation_to_pb(r))
+    return out
+
+
+# ---- protobuf -> domain (clients, and request fields) --------------------------------------
+
+
+def resources_from_pb(r: pb.Resources) -> t.Resources:
+    return t.Resources(replicas=r.replicas, cpus=r.cpus, memory_mib=r.memory_mib, gpus=r.gpus)
+
+
+def _time(
+    msg: pb.Model | pb.Build | pb.Deployment | pb.Operation | pb.Replica, field: str
+) -> datetime | None:
+    if not msg.HasField(field):  # type: ignore[arg-type]
+        return None
+    return from_timestamp(getattr(msg, field))
+
+
+def _required_time(msg: pb.Model | pb.Build | pb.Deployment | pb.Operation, field: str) -> datetime:
+    return _time(msg, field) or datetime.fromtimestamp(0, UTC)
+
+
+def model_from_pb(m: pb.Model) -> t.Model:
+    return t.Model(
+        name=m.name,
+        display_name=m.display_name,
+        description=m.description,
+        state=_MODEL_STATE_IN.get(m.state, st.ModelState.NOT_DEPLOYED),
+        active_deployment=m.active_deployment,
+        endpoint=m.endpoint,
+        create_time=_required_time(m, "create_time"),
+        update_time=_required_time(m, "update_time"),
+        etag=m.etag,
+        message=m.message,
+        running_operation=m.running_operation,
+    )
+
+
+def build_from_pb(b: pb.Build) -> t.Build:
+    return t.Build(
+        name=b.name,
+        version=b.version,
+        source_sha256=b.source_sha256,
+        file_path=b.file_path,
+        function_name=b.function_name,
+        comment=b.comment,
+        state=_BUILD_STATE_IN.get(b.state, st.BuildState.QUEUED),
+        image=b.image,
+        error=b.error,
+        create_time=_required_time(b, "create_time"),
+        finish_time=_time(b, "finish_time"),
+    )
+
+
+def replica_from_pb(r: pb.Replica) -> t.Replica:
+    return t.Replica(
+        id=r.id,
+        state=_REPLICA_STATE_IN.get(r.state, st.ReplicaState.STARTING),
+        pid=r.pid,
+        node=r.node,
+        start_time=_time(r, "start_time"),
+    )
+
+
+def deployment_from_pb(d: pb.Deployment) -> t.Deployment:
+    return t.Deployment(
+        name=d.name,
+        build=d.build,
+        resources=resources_from_pb(d.resources),
+        environment=dict(d.environment),
+        state=_DEPLOYMENT_STATE_IN.get(d.state, st.DeploymentState.PENDING),
+        replicas=tuple(replica_from_pb(r) for r in d.replicas),
+        message=d.message,
+        create_time=_required_time(d, "create_time"),
+        update_time=_required_time(d, "update_time"),
+    )
+
+
+def operation_from_pb(o: pb.Operation) -> t.Operation:
+    error = None
+    if o.HasField("error"):
+        error = t.OperationError(code=code_pb2.Code.Name(o.error.code), message=o.error.message)
+    return t.Operation(
+        name=o.name,
+        kind=_OPERATION_KIND_IN.get(o.kind, st.OperationKind.CREATE_BUILD),
+        target=o.target,
+        done=o.done,
+        error=error,
+        create_time=_required_time(o, "create_time"),
+        update_time=_required_time(o, "update_time"),
+        model=o.model,
+        progress=o.progress,
+        deployment=o.deployment,
+    )
+
+
+def source_from_pb(s: pb.Source) -> t.Source:
+    return t.Source(sha256=s.sha256, size_bytes=s.size_bytes)
+
+
+def event_from_pb(e: pb.ModelEvent) -> t.Event:
+    which = e.WhichOneof("resource")
+    resource: t.Resource | None = None
+    if which == "model":
+        resource = model_from_pb(e.model)
+    elif which == "build":
+        resource = build_from_pb(e.build)
+    elif which == "deployment":
+        resource = deployment_from_pb(e.deployment)
+    elif which == "operation":
+        resource = operation_from_pb(e.operation)
+    return t.Event(
+        revision=e.revision,
+        time=_required_time_event(e),
+        type=_EVENT_TYPE_IN.get(e.type, st.EventType.UPDATED),
+        resource=resource,
+        model=getattr(resource, "model", "") if isinstance(resource, t.Operation) else "",
+    )
+
+
+def _required_time_event(e: pb.ModelEvent) -> datetime:
+    return from_timestamp(e.time) if e.HasField("time") else datetime.fromtimestamp(0, UTC)

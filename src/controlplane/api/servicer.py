@@ -1,0 +1,238 @@
+"""The ModelLifecycle gRPC service: protobuf in, domain calls, protobuf out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import empty_pb2
+
+from controlplane.api import convert
+from controlplane.api.status import stream, unary
+from controlplane.domain import names
+from controlplane.domain import types as t
+from controlplane.domain.errors import invalid_field
+from controlplane.service import NewBuild, Service
+from controlplane.sources import SourceStore
+from controlplane.watch import EventHub
+from modellifecycle.v1 import resources_pb2 as pb
+from modellifecycle.v1 import service_pb2 as rpc
+from modellifecycle.v1 import service_pb2_grpc
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+T = TypeVar("T")
+
+
+async def _run(fn: Callable[[], T]) -> T:
+    return await asyncio.to_thread(fn)
+
+
+def _deploy_options(msg: rpc.DeployOptions) -> t.DeployOptions:
+    return t.DeployOptions(
+        resources=convert.resources_from_pb(msg.resources), environment=dict(msg.environment)
+    )
+
+
+class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
+    def __init__(
+        self, service: Service, sources: SourceStore, hub: EventHub, wait_max_s: float
+    ) -> None:
+        self.svc = service
+        self.sources = sources
+        self.hub = hub
+        self.wait_max_s = wait_max_s
+
+    # ---- models ----------------------------------------------------------------------------
+
+    @unary
+    async def CreateModel(self, request: rpc.CreateModelRequest, context: Ctx) -> pb.Model:
+        m = request.model
+        model = await _run(
+            lambda: self.svc.create_model(
+                request.parent, request.model_id, m.display_name, m.description, request.request_id
+            )
+        )
+        return convert.model_to_pb(model)
+
+    @unary
+    async def GetModel(self, request: rpc.GetModelRequest, context: Ctx) -> pb.Model:
+        return convert.model_to_pb(await _run(lambda: self.svc.get_model(request.name)))
+
+    @unary
+    async def ListModels(
+        self, request: rpc.ListModelsRequest, context: Ctx
+    ) -> rpc.ListModelsResponse:
+        page = await _run(
+            lambda: self.svc.list_models(request.parent, request.page_size, request.page_token)
+        )
+        return rpc.ListModelsResponse(
+            models=[convert.model_to_pb(m) for m in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    @unary
+    async def DeleteModel(self, request: rpc.DeleteModelRequest, context: Ctx) -> empty_pb2.Empty:
+        await _run(lambda: self.svc.delete_model(request.name))
+        return empty_pb2.Empty()
+
+    # ---- sources and builds ----------------------------------------------------------------
+
+    @unary
+    async def UploadSource(
+        self, request_iterator: AsyncIterator[rpc.UploadSourceRequest], context: Ctx
+    ) -> pb.Source:
+        parent = ""
+
+        async def chunks() -> AsyncIterator[bytes]:
+            nonlocal parent
+            async for msg in request_iterator:
+                if not parent:
+                    if not msg.parent:
+                        raise invalid_field("parent", "required in the first message")
+                    parent = str(names.parse_model(msg.parent, "parent"))
+                    await asyncio.to_thread(self.svc.model_exists, parent)
+                elif msg.parent and msg.parent != parent:
+                    raise invalid_field("parent", "must not change within one upload")
+                yield msg.chunk
+            if not parent:
+                raise invalid_field("parent", "required in the first message")
+
+        sha, size, _files = await self.sources.receive(chunks())
+        source = await _run(lambda: self.svc.record_source(parent, sha, size))
+        return convert.source_to_pb(source)
+
+    @unary
+    async def CreateBuild(self, request: rpc.CreateBuildRequest, context: Ctx) -> pb.Operation:
+        req = NewBuild(
+            parent=request.parent,
+            source_sha256=request.source_sha256,
+            file_path=request.file_path,
+            function_name=request.function_name,
+            comment=request.comment,
+            deploy=_deploy_options(request.deploy) if request.HasField("deploy") else None,
+            request_id=request.request_id,
+        )
+        return convert.operation_to_pb(await _run(lambda: self.svc.create_build(req)))
+
+    @unary
+    async def GetBuild(self, request: rpc.GetBuildRequest, context: Ctx) -> pb.Build:
+        return convert.build_to_pb(await _run(lambda: self.svc.get_build(request.name)))
+
+    @unary
+    async def ListBuilds(
+        self, request: rpc.ListBuildsRequest, context: Ctx
+    ) -> rpc.ListBuildsResponse:
+        page = await _run(
+            lambda: self.svc.list_builds(request.parent, request.page_size, request.page_token)
+        )
+        return rpc.ListBuildsResponse(
+            builds=[convert.build_to_pb(b) for b in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    # ---- deployments -----------------------------------------------------------------------
+
+    @unary
+    async def CreateDeployment(
+        self, request: rpc.CreateDeploymentRequest, context: Ctx
+    ) -> pb.Operation:
+        resources = (
+            convert.resources_from_pb(request.resources) if request.HasField("resources") else None
+        )
+        op = await _run(
+            lambda: self.svc.create_deployment(
+                request.parent,
+                request.build,
+                resources,
+                dict(request.environment),
+                request.request_id,
+            )
+        )
+        return convert.operation_to_pb(op)
+
+    @unary
+    async def GetDeployment(self, request: rpc.GetDeploymentRequest, context: Ctx) -> pb.Deployment:
+        return convert.deployment_to_pb(await _run(lambda: self.svc.get_deployment(request.name)))
+
+    @unary
+    async def ListDeployments(
+        self, request: rpc.ListDeploymentsRequest, context: Ctx
+    ) -> rpc.ListDeploymentsResponse:
+        page = await _run(
+            lambda: self.svc.list_deployments(request.parent, request.page_size, request.page_token)
+        )
+        return rpc.ListDeploymentsResponse(
+            deployments=[convert.deployment_to_pb(d) for d in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    # ---- stop and restart ------------------------------------------------------------------
+
+    @unary
+    async def StopModel(self, request: rpc.StopModelRequest, context: Ctx) -> pb.Operation:
+        op = await _run(lambda: self.svc.stop_model(request.name, request.request_id))
+        return convert.operation_to_pb(op)
+
+    @unary
+    async def RestartModel(self, request: rpc.RestartModelRequest, context: Ctx) -> pb.Operation:
+        op = await _run(lambda: self.svc.restart_model(request.name, request.request_id))
+        return convert.operation_to_pb(op)
+
+    # ---- operations ------------------------------------------------------------------------
+
+    @unary
+    async def GetOperation(self, request: rpc.GetOperationRequest, context: Ctx) -> pb.Operation:
+        return convert.operation_to_pb(await _run(lambda: self.svc.get_operation(request.name)))
+
+    @unary
+    async def ListOperations(
+        self, request: rpc.ListOperationsRequest, context: Ctx
+    ) -> rpc.ListOperationsResponse:
+        page = await _run(
+            lambda: self.svc.list_operations(request.parent, request.page_size, request.page_token)
+        )
+        return rpc.ListOperationsResponse(
+            operations=[convert.operation_to_pb(o) for o in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    @unary
+    async def WaitOperation(self, request: rpc.WaitOperationRequest, context: Ctx) -> pb.Operation:
+        timeout = self.wait_max_s
+        if request.HasField("timeout"):
+            requested = request.timeout.ToTimedelta().total_seconds()
+            if requested < 0:
+                raise invalid_field("timeout", "must not be negative")
+            timeout = min(requested, self.wait_max_s)
+        op = await _run(lambda: self.svc.get_operation(request.name))
+        if op.done or timeout == 0:
+            return convert.operation_to_pb(op)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        sub = self.hub.subscribe(op.model)
+        try:
+            while not op.done:
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                # Any event of the model may finish the operation; poll as a fallback.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(sub.queue.get(), min(left, 1.0))
+                while not sub.queue.empty():
+                    sub.queue.get_nowait()
+                op = await _run(lambda: self.svc.get_operation(request.name))
+        finally:
+            self.hub.unsubscribe(sub)
+        return convert.operation_to_pb(op)
+
+    # ---- watch -----------------------------------------------------------------------------
+
+    @stream
+    async def WatchModel(
+        self, request: rpc.WatchModelRequest, context: Ctx
+    ) -> AsyncIterator[pb.ModelEvent]:
+        async for event in self.hub.watch(request.name, request.since_revision):
+            yield convert.event_to_pb(event)

@@ -1,0 +1,328 @@
+"""Claims jobs from the database and runs them against the backend.
+
+A job is an *action* (build an image, apply the desired Serve config). Whether
+an action's result is reached is decided by the reconciler from observation,
+so a job never sleeps waiting for replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+
+from sqlmodel import col, select
+
+from controlplane import desired
+from controlplane.config import Settings
+from controlplane.domain import states as st
+from controlplane.domain import types as t
+from controlplane.service import JOB_APPLY, JOB_BUILD, start_deploying
+from controlplane.storage import repo
+from controlplane.storage.changes import Changes, now
+from controlplane.storage.db import Database
+from controlplane.storage.tables import DeploymentRow, JobRow, ModelRow
+from workers.backend import AppObservation, AppSpec, Backend, BuildOutcome, BuildSpec, rolls
+
+log = logging.getLogger(__name__)
+
+LEASE = timedelta(minutes=30)
+_IN_FLIGHT = (st.DeploymentState.DEPLOYING.value, st.DeploymentState.STOPPING.value)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        db: Database,
+        backend: Backend,
+        settings: Settings,
+        http_base: str,
+        source_path: SourcePath,
+    ) -> None:
+        self.db = db
+        self.backend = backend
+        self.settings = settings
+        self.http_base = http_base
+        self.source_path = source_path
+        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
+        self._apply_lock = asyncio.Lock()
+        self._stopping = False
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self._recover)
+        self.db.on_commit(lambda _rev: self.wake())
+        self._task = asyncio.create_task(self._run(), name="dispatcher")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self.wake()
+        if self._task:
+            await self._task
+        if self._running:
+            # Jobs are in the database: unfinished ones run again at the next start.
+            for task in self._running:
+                task.cancel()
+            await asyncio.gather(*self._running, return_exceptions=True)
+
+    def wake(self) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._wake.set)
+
+    def _recover(self) -> None:
+        """Jobs this server was running when it stopped go back to the queue."""
+        with self.db.write() as tx:
+            for job in tx.session.exec(select(JobRow).where(JobRow.state == "running")).all():
+                job.state = "pending"
+                job.claimed_by = ""
+                tx.session.add(job)
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            try:
+                free = self.settings.dispatcher_concurrency - len(self._running)
+                jobs = await asyncio.to_thread(self._claim, free) if free > 0 else []
+                for job_id, kind in jobs:
+                    task = asyncio.create_task(self._execute(job_id, kind), name=f"job-{job_id}")
+                    self._running.add(task)
+                    task.add_done_callback(self._finished)
+            except Exception:  # the loop never dies
+                log.exception("dispatcher: claiming jobs failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+            self._wake.clear()
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self.wake()
+
+    def _claim(self, limit: int) -> list[tuple[int, str]]:
+        with self.db.write() as tx:
+            query = (
+                select(JobRow)
+                .where(JobRow.state == "pending")
+                .order_by(col(JobRow.id))
+                .limit(limit)
+            )
+            if not self.db.is_sqlite:
+                query = query.with_for_update(skip_locked=True)
+            out = []
+            for job in tx.session.exec(query).all():
+                job.state = "running"
+                job.attempts += 1
+                job.claimed_by = self.settings.server_id
+                job.lease_until = now() + LEASE
+                job.update_time = now()
+                tx.session.add(job)
+                assert job.id is not None
+                out.append((job.id, job.kind))
+            return out
+
+    async def _execute(self, job_id: int, kind: str) -> None:
+        error = ""
+        try:
+            if kind == JOB_BUILD:
+                await self._build(job_id)
+            elif kind == JOB_APPLY:
+                await self._apply(job_id)
+            else:
+                error = f"unknown job kind {kind!r}"
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.exception("job %s (%s) failed", job_id, kind)
+            error = f"{type(e).__name__}: {e}"
+            await asyncio.to_thread(self._fail_job_operation, job_id, error)
+        await asyncio.to_thread(self._complete, job_id, error)
+
+    def _complete(self, job_id: int, error: str) -> None:
+        with self.db.write() as tx:
+            job = tx.session.get(JobRow, job_id)
+            if job is not None:
+                job.state = "done"
+                job.error = error
+                job.update_time = now()
+                tx.session.add(job)
+
+    def _job(self, job_id: int) -> JobRow:
+        with self.db.read() as s:
+            job = s.get(JobRow, job_id)
+            assert job is not None
+            return job
+
+    def _fail_job_operation(self, job_id: int, error: str) -> None:
+        """A job that crashed fails what it was doing, with the reason: never left hanging."""
+        job = self._job(job_id)
+        if job.kind == JOB_BUILD:
+            self._finish_build(job, BuildOutcome(ok=False, error=f"build crashed: {error}"))
+            return
+        if not job.operation:
+            return
+        with self.db.write() as tx:
+            c = Changes(tx, self.http_base)
+            op = repo.operation_row(c.s, job.operation)
+            model = repo.model_row(c.s, job.model)
+            message = f"applying the change failed: {error}"
+            dep = repo.maybe_deployment_row(c.s, model.active_deployment)
+            if dep is not None and not dep.applied and dep.state in _IN_FLIGHT:
+                c.deployment(dep, st.DeploymentState.FAILED, message=message)
+            if model.state in _IN_FLIGHT:
+                c.model(model, st.ModelState.FAILED, message=message)
+            c.operation_done(
+                op, model, "failed", t.OperationError("INTERNAL", message, "JOB_FAILED")
+            )
+
+    # ---- build -----------------------------------------------------------------------------
+
+    async def _build(self, job_id: int) -> None:
+        job = self._job(job_id)
+        spec = await asyncio.to_thread(self._start_build, job)
+        if spec is None:
+            return
+        outcome = await self.backend.build(spec)
+        await asyncio.to_thread(self._finish_build, job, outcome)
+
+    def _start_build(self, job: JobRow) -> BuildSpec | None:
+        with self.db.write() as tx:
+            c = Changes(tx, self.http_base)
+            build = repo.build_row(c.s, job.target)
+            if build.state in (st.BuildState.BUILT.value, st.BuildState.FAILED.value):
+                return None  # finished before a restart of the server
+            c.build(build, st.BuildState.BUILDING)
+            c.operation_progress(repo.operation_row(c.s, job.operation), "building")
+            log_path = Path(build.log_path)
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            return BuildSpec(
+                build_name=build.name,
+                source_zip=self.source_path(build.source_sha256),
+                file_path=build.file_path,
+                function_name=build.function_name,
+                artifacts_dir=self.settings.artifacts_dir,
+                log_path=log_path,
+                timeout_s=self.settings.build_timeout_s,
+            )
+
+    def _finish_build(self, job: JobRow, outcome: BuildOutcome) -> None:
+        with self.db.write() as tx:
+            c = Changes(tx, self.http_base)
+            build = repo.build_row(c.s, job.target)
+            if build.state in (st.BuildState.BUILT.value, st.BuildState.FAILED.value):
+                return
+            op = repo.operation_row(c.s, job.operation)
+            model = repo.model_row(c.s, job.model)
+            dep = repo.maybe_deployment_row(c.s, op.deployment)
+            if outcome.ok:
+                c.build(
+                    build,
+                    st.BuildState.BUILT,
+                    image=outcome.image,
+                    artifact_path=outcome.artifact_path,
+                    finish_time=now(),
+                )
+                if dep is None:
+                    c.operation_done(op, model, "built")
+                    return
+                start_deploying(c, model, dep)
+                c.operation_progress(op, "deploying")
+                c.enqueue(JOB_APPLY, model.name, op.name, dep.name)
+                return
+            c.build(build, st.BuildState.FAILED, error=outcome.error, finish_time=now())
+            message = f"build {build.version} failed: {outcome.error}"
+            if dep is not None:
+                c.deployment(dep, st.DeploymentState.FAILED, message=message)
+            if model.state == st.ModelState.PENDING.value:
+                c.model(model, st.ModelState.FAILED, message=message)
+            c.operation_done(
+                op,
+                model,
+                "build failed",
+                t.OperationError("FAILED_PRECONDITION", message, "BUILD_FAILED"),
+            )
+
+    # ---- apply -----------------------------------------------------------------------------
+
+    async def _apply(self, job_id: int) -> None:
+        job = self._job(job_id)
+        async with self._apply_lock:
+            observed = await self.backend.observe()
+            specs = await asyncio.to_thread(self._prepare_apply, job, observed)
+            await self.backend.apply(specs)
+            await asyncio.to_thread(self._mark_applied, job)
+
+    def _prepare_apply(self, job: JobRow, observed: Mapping[str, AppObservation]) -> list[AppSpec]:
+        """Records what the rollout must replace, then returns the whole desired set."""
+        with self.db.write() as tx:
+            c = Changes(tx, self.http_base)
+            dep = repo.maybe_deployment_row(c.s, job.target)
+            if (
+                dep is not None
+                and dep.state == st.DeploymentState.DEPLOYING.value
+                and not dep.applied
+            ):
+                model = repo.model_row(c.s, job.model)
+                target = desired.app_spec(model, dep, repo.build_row(c.s, dep.build))
+                obs = observed.get(target.app_name)
+                previous_ids = [r.id for r in obs.replicas] if obs is not None else []
+                op = repo.operation_row(c.s, job.operation) if job.operation else None
+                if op is not None and op.kind == st.OperationKind.RESTART_MODEL.value:
+                    roll = bool(previous_ids)
+                else:
+                    before = self._serving_before(c, model, dep)
+                    roll = bool(previous_ids) and before is not None and rolls(before, target)
+                dep.expect_roll = roll
+                dep.previous_replica_ids = json.dumps(previous_ids)
+                c.s.add(dep)
+            return desired.desired_apps(c.s)
+
+    @staticmethod
+    def _serving_before(c: Changes, model: ModelRow, dep: DeploymentRow) -> AppSpec | None:
+        """The spec the previous, still serving, deployment runs (None: there is none)."""
+        prev = c.s.exec(
+            select(DeploymentRow)
+            .where(
+                DeploymentRow.model == model.name,
+                DeploymentRow.id != dep.id,
+                DeploymentRow.state == st.DeploymentState.DEPLOYED.value,
+            )
+            .order_by(col(DeploymentRow.id).desc())
+        ).first()
+        if prev is None:
+            return None
+        return desired.app_spec(model, prev, repo.build_row(c.s, prev.build))
+
+    def _mark_applied(self, job: JobRow) -> None:
+        with self.db.write() as tx:
+            c = Changes(tx, self.http_base)
+            if not job.model:
+                return  # a full sync (at start, or after a failure) has no rollout to mark
+            dep = repo.maybe_deployment_row(c.s, job.target)
+            if dep is None:  # a stop targets the model: its active deployment stops
+                model = repo.model_row(c.s, job.model)
+                dep = repo.maybe_deployment_row(c.s, model.active_deployment)
+            if (
+                dep is not None
+                and not dep.applied
+                and dep.state
+                in (st.DeploymentState.DEPLOYING.value, st.DeploymentState.STOPPING.value)
+            ):
+                c.deployment(dep, applied=True, apply_time=now())
+
+
+class SourcePath:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def __call__(self, sha256: str) -> Path:
+        return self.root / f"{sha256}.zip"

@@ -1,0 +1,93 @@
+"""`modelctl serve`: run the control plane until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from controlplane.config import Settings
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (0: any free port)")
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP port of the model endpoints")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(".modelctl"),
+        help="records (SQLite), sources, artifacts, logs, Ray's temp dir",
+    )
+    p.add_argument(
+        "--database-url",
+        default="",
+        help="e.g. postgresql+psycopg://user@host:5432/db (default: SQLite in DIR)",
+    )
+    p.add_argument(
+        "--ray-address", default=None, help="an existing Ray cluster (default: start a local one)"
+    )
+    p.add_argument("--num-cpus", type=float, default=4, help="logical CPUs of the local Ray")
+    p.add_argument(
+        "--num-gpus",
+        type=float,
+        default=0,
+        help="logical GPUs of the local Ray (GPU placement works without GPUs)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address gRPC and HTTP listen on")
+    p.add_argument(
+        "--deploy-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a deploy may take before it FAILS (placement and start-up)",
+    )
+    p.add_argument("--build-timeout", type=float, default=900.0, help="seconds a build may take")
+    p.add_argument("--max-source-mib", type=int, default=256, help="upload size limit")
+    p.add_argument(
+        "--backend", choices=("ray", "fake"), default="ray", help=argparse.SUPPRESS
+    )  # fake: development and fast tests only
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    return Settings(
+        data_dir=args.data_dir.resolve(),
+        grpc_host=args.host,
+        grpc_port=args.grpc_port,
+        http_host=args.host,
+        http_port=args.http_port,
+        database_url=args.database_url,
+        ray_address=args.ray_address,
+        num_cpus=args.num_cpus,
+        num_gpus=args.num_gpus,
+        backend=args.backend,
+        deploy_timeout_s=args.deploy_timeout,
+        build_timeout_s=args.build_timeout,
+        max_source_bytes=args.max_source_mib * 1024 * 1024,
+    )
+
+
+async def serve(settings: Settings) -> int:
+    from controlplane.server import Server
+
+    server = Server(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    print(f"ready grpc={server.grpc_address} http={server.http_address}", flush=True)
+    await stop.wait()
+    logging.getLogger(__name__).info("shutting down: draining in-flight RPCs")
+    await server.stop()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return asyncio.run(serve(settings_from(args)))

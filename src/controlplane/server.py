@@ -1,0 +1,152 @@
+"""The server: starts its parts in order, stops them in reverse, drains on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health
+
+from controlplane.api import wiring
+from controlplane.api.servicer import ModelLifecycleServicer
+from controlplane.config import Settings
+from controlplane.dispatcher import Dispatcher, SourcePath
+from controlplane.reconciler import Reconciler
+from controlplane.service import JOB_APPLY, Service
+from controlplane.sources import SourceStore
+from controlplane.storage.changes import now
+from controlplane.storage.db import Database
+from controlplane.storage.tables import JobRow
+from controlplane.watch import EventHub
+from workers.backend import Backend
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE = 8 * 1024 * 1024
+
+
+def make_backend(settings: Settings) -> Backend:
+    if settings.backend == "fake":
+        from workers.fake_backend import FakeBackend
+
+        return FakeBackend(
+            num_gpus=settings.num_gpus,
+            http_base=f"http://{settings.http_host}:{settings.http_port}",
+        )
+    from workers.ray_backend import RayBackend
+
+    return RayBackend(
+        address=settings.ray_address,
+        http_host=settings.http_host,
+        http_port=settings.http_port,
+        num_cpus=settings.num_cpus,
+        num_gpus=settings.num_gpus,
+        data_dir=settings.data_dir,
+        build_cpus=settings.build_cpus,
+    )
+
+
+class Server:
+    def __init__(
+        self, settings: Settings, backend: Backend | None = None, owns_backend: bool = True
+    ) -> None:
+        """``backend``: a started or unstarted backend to use; the server closes it at stop
+        only when it ``owns_backend`` (tests share one Ray cluster across servers)."""
+        if not settings.server_id:
+            settings = replace(settings, server_id=f"cp-{uuid.uuid4().hex[:12]}")
+        self.settings = settings
+        self.backend = backend or make_backend(settings)
+        self.owns_backend = owns_backend or backend is None
+        self.db = Database(settings.db_url)
+        self.grpc_port = 0
+        self._grpc: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self.hub: EventHub | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.reconciler: Reconciler | None = None
+
+    @property
+    def grpc_address(self) -> str:
+        return f"{self.settings.grpc_host}:{self.grpc_port}"
+
+    @property
+    def http_address(self) -> str:
+        return self.backend.http_base.removeprefix("http://")
+
+    async def start(self) -> None:
+        s = self.settings
+        for d in (s.data_dir, s.sources_dir, s.artifacts_dir, s.logs_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(self.db.migrate)
+        await self.backend.start()
+        http_base = self.backend.http_base
+        sources = SourceStore(
+            s.sources_dir, s.max_source_bytes, s.max_source_entries, s.max_unpacked_bytes
+        )
+        logs = s.logs_dir
+
+        def log_path(model: str, version: int) -> str:
+            return str(logs / "builds" / model.replace("/", "_") / f"{version}.log")
+
+        service = Service(self.db, sources, http_base, log_path)
+        self.hub = EventHub(
+            self.db, http_base, s.watch_queue_size, s.event_retention_count, s.event_retention_s
+        )
+        await self.hub.start()
+        await asyncio.to_thread(self._enqueue_sync)
+        self.dispatcher = Dispatcher(self.db, self.backend, s, http_base, SourcePath(s.sources_dir))
+        await self.dispatcher.start()
+        self.reconciler = Reconciler(self.db, self.backend, s, http_base)
+        await self.reconciler.start()
+
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE),
+                ("grpc.max_send_message_length", MAX_MESSAGE),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        checker = wiring.register(
+            server, ModelLifecycleServicer(service, sources, self.hub, s.wait_operation_max_s)
+        )
+        self._health = checker
+        self.grpc_port = server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
+        if self.grpc_port == 0:
+            raise OSError(f"cannot listen on {s.grpc_host}:{s.grpc_port}")
+        await server.start()
+        self._grpc = server
+        await wiring.set_serving(checker, True)
+
+    def _enqueue_sync(self) -> None:
+        """At start, bring the backend to what the records ask for (e.g. after a Ray restart)."""
+        with self.db.write() as tx:
+            ts = now()
+            tx.session.add(JobRow(kind=JOB_APPLY, model="", create_time=ts, update_time=ts))
+
+    async def stop(self, grace: float | None = None) -> None:
+        grace = self.settings.grace_s if grace is None else grace
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._grpc is not None:
+            await self._grpc.stop(grace)  # drains in-flight RPCs
+        for part in (self.reconciler, self.dispatcher, self.hub):
+            if part is not None:
+                await part.stop()
+        if self.owns_backend:
+            await self.backend.close()
+        await asyncio.to_thread(self.db.close)
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+def default_data_dir() -> Path:
+    return Path.cwd() / ".modelctl"

@@ -1,0 +1,596 @@
+"""Use cases: validation, idempotency, conflicts. One transaction per mutation
+writes the record, its Operation, the events and the job together.
+
+Methods are synchronous (SQLModel); the API layer calls them in worker threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import keyword
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from sqlmodel import col, select
+
+from controlplane.domain import names
+from controlplane.domain import states as st
+from controlplane.domain import types as t
+from controlplane.domain.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    invalid_field,
+)
+from controlplane.sources import SourceStore
+from controlplane.storage import repo
+from controlplane.storage.changes import Changes, now
+from controlplane.storage.db import Database
+from controlplane.storage.tables import (
+    BuildRow,
+    DeploymentRow,
+    JobRow,
+    ModelRow,
+    OperationRow,
+    RequestRow,
+    SourceRow,
+)
+from workers.archive import check_member_path
+
+MAX_DISPLAY_NAME = 200
+MAX_DESCRIPTION = 10_000
+MAX_COMMENT = 10_000
+MAX_REQUEST_ID = 200
+
+# Job kinds the dispatcher runs.
+JOB_BUILD = "build"
+JOB_APPLY = "apply"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class NewBuild:
+    parent: str
+    source_sha256: str
+    file_path: str
+    function_name: str
+    comment: str = ""
+    deploy: t.DeployOptions | None = None
+    request_id: str = ""
+
+
+def _fingerprint(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, default=str, sort_keys=True).encode()).hexdigest()
+
+
+def _check_request_id(request_id: str) -> None:
+    if len(request_id) > MAX_REQUEST_ID:
+        raise invalid_field("request_id", f"at most {MAX_REQUEST_ID} characters")
+
+
+def _check_function_name(value: str) -> str:
+    if not value.isidentifier() or keyword.iskeyword(value):
+        raise invalid_field(
+            "function_name", f"{value!r} is not a Python identifier" if value else "required"
+        )
+    return value
+
+
+def _check_sha(value: str) -> str:
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise invalid_field(
+            "source_sha256",
+            f"{value!r} is not a lowercase hex sha256"
+            if value
+            else "required: the sha256 UploadSource returned",
+        )
+    return value
+
+
+def _check_text(value: str, field_name: str, limit: int) -> str:
+    if len(value) > limit:
+        raise invalid_field(field_name, f"at most {limit} characters, got {len(value)}")
+    return value
+
+
+def _new_operation_name() -> str:
+    return f"operations/{uuid.uuid4()}"
+
+
+class Service:
+    def __init__(
+        self,
+        db: Database,
+        sources: SourceStore,
+        http_base: str,
+        logs_dir_for: Callable[[str, int], str],
+    ) -> None:
+        self.db = db
+        self.sources = sources
+        self.http_base = http_base
+        self._log_path = logs_dir_for
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def _replay(
+        self, c: Changes, method: str, scope: str, request_id: str, fingerprint: str
+    ) -> str | None:
+        """The first call's result for a repeated request_id, or None."""
+        if not request_id:
+            return None
+        row = c.s.get(RequestRow, f"{method}:{scope}:{request_id}")
+        if row is None:
+            return None
+        if row.fingerprint != fingerprint:
+            raise InvalidArgument(
+                message=f"request_id {request_id!r} was already used for a different request",
+                reason="REQUEST_ID_REUSED",
+                metadata={"request_id": request_id},
+            )
+        return row.result
+
+    @staticmethod
+    def _remember(
+        c: Changes, method: str, scope: str, request_id: str, fingerprint: str, result: str
+    ) -> None:
+        if request_id:
+            c.s.add(
+                RequestRow(
+                    key=f"{method}:{scope}:{request_id}",
+                    result=result,
+                    fingerprint=fingerprint,
+                    create_time=now(),
+                )
+            )
+
+    @staticmethod
+    def _ensure_idle(model: ModelRow) -> None:
+        if model.running_operation:
+            raise Aborted(
+                message=f"operation {model.running_operation} is running on {model.name}; "
+                "wait for it to finish (WaitOperation) and try again",
+                reason="OPERATION_IN_PROGRESS",
+                metadata={"operation": model.running_operation, "model": model.name},
+            )
+
+    def _operation(
+        self,
+        c: Changes,
+        model: ModelRow,
+        kind: st.OperationKind,
+        target: str,
+        deployment: str = "",
+        progress: str = "queued",
+    ) -> OperationRow:
+        ts = now()
+        op = OperationRow(
+            name=_new_operation_name(),
+            model=model.name,
+            kind=kind.value,
+            target=target,
+            deployment=deployment,
+            progress=progress,
+            create_time=ts,
+            update_time=ts,
+        )
+        c.created(op)
+        c.model(model, running_operation=op.name)
+        return op
+
+    def _deployment_row(
+        self,
+        c: Changes,
+        model: ModelRow,
+        build: str,
+        resources: t.Resources,
+        environment: dict[str, str],
+        state: st.DeploymentState,
+    ) -> DeploymentRow:
+        ts = now()
+        number = model.next_deployment_number
+        # Keep the restart generation: a new deployment that only scales stays in place.
+        current = repo.maybe_deployment_row(c.s, model.active_deployment)
+        row = DeploymentRow(
+            name=str(names.parse_model(model.name).deployment(number)),
+            model=model.name,
+            number=number,
+            build=build,
+            replicas=resources.replicas,
+            cpus=resources.cpus,
+            memory_mib=resources.memory_mib,
+            gpus=resources.gpus,
+            environment=json.dumps(environment, sort_keys=True),
+            state=state.value,
+            restart_generation=current.restart_generation if current else 0,
+            create_time=ts,
+            update_time=ts,
+        )
+        model.next_deployment_number = number + 1
+        c.created(row)
+        return row
+
+    def _changes(self, tx: object) -> Changes:
+        from controlplane.storage.db import WriteTx
+
+        assert isinstance(tx, WriteTx)
+        return Changes(tx, self.http_base)
+
+    # ---- models ----------------------------------------------------------------------------
+
+    def create_model(
+        self, parent: str, model_id: str, display_name: str, description: str, request_id: str
+    ) -> t.Model:
+        project = names.parse_project(parent, "parent")
+        names.check_id(model_id, "model_id")
+        _check_text(display_name, "model.display_name", MAX_DISPLAY_NAME)
+        _check_text(description, "model.description", MAX_DESCRIPTION)
+        _check_request_id(request_id)
+        name = str(names.ModelName(project.project, model_id))
+        fp = _fingerprint(model_id, display_name, description)
+        with self.db.write() as tx:
+            c = self._changes(tx)
+            first = self._replay(c, "CreateModel", parent, request_id, fp)
+            if first is not None:
+                return repo.to_model(repo.model_row(c.s, first), self.http_base)
+            if c.s.exec(select(ModelRow).where(ModelRow.name == name)).first() is not None:
+                raise AlreadyExists(
+                    message=f"model {name!r} already exists",
+                    reason="MODEL_EXISTS",
+                    metadata={"name": name},
+                )
+            ts = now()
+            row = ModelRow(
+                name=name,
+                project=project.project,
+                display_name=display_name or model_id,
+                description=description,
+                state=st.ModelState.NOT_DEPLOYED.value,
+                create_time=ts,
+                update_time=ts,
+            )
+            c.created(row)
+            self._remember(c, "CreateModel", parent, request_id, fp, name)
+            return repo.to_model(row, self.http_base)
+
+    def get_model(self, name: str) -> t.Model:
+        names.parse_model(name)
+        with self.db.read() as s:
+            return repo.to_model(repo.model_row(s, name), self.http_base)
+
+    def list_models(self, parent: str, size: int, token: str) -> t.Page[t.Model]:
+        project = names.parse_project(parent, "parent")
+        n = repo.page_size(size)
+        with self.db.read() as s:
+            rows, nxt = repo.page(
+                s, ModelRow, [ModelRow.project == project.project], f"models:{parent}", n, token
+            )
+            return t.Page([repo.to_model(r, self.http_base) for r in rows], nxt)
+
+    def delete_model(self, name: str) -> None:
+        names.parse_model(name)
+        with self.db.write() as tx:
+            c = self._changes(tx)
+            model = repo.model_row(c.s, name)
+            self._ensure_idle(model)
+            state = st.ModelState(model.state)
+            if state.active or state is st.ModelState.PENDING:
+                raise FailedPrecondition(
+                    message=f"model {name} is {state.value}: stop it before deleting it",
+                    reason="MODEL_ACTIVE",
+                    metadata={"name": name, "state": state.value},
+                )
+            for table in (BuildRow, DeploymentRow, OperationRow, SourceRow, JobRow):
+                for row in c.s.exec(select(table).where(col(table.model) == name)).all():
+                    c.s.delete(row)
+            c.model_deleted(model)
+
+    # ---- sources ---------------------------------------------------------------------------
+
+    def model_exists(self, name: str) -> None:
+        names.parse_model(name, "parent")
+        with self.db.read() as s:
+            repo.model_row(s, name)
+
+    def record_source(self, model: str, sha256: str, size: int) -> t.Source:
+        with self.db.write() as tx:
+            s = tx.session
+            repo.model_row(s, model)
+            if repo.source_row(s, model, sha256) is None:
+                s.add(SourceRow(model=model, sha256=sha256, size_bytes=size, create_time=now()))
+            return t.Source(sha256=sha256, size_bytes=size)
+
+    # ---- builds ----------------------------------------------------------------------------
+
+    def _validate_deploy(self, deploy: t.DeployOptions | None) -> None:
+        if deploy is not None:
+            deploy.resources.validate("deploy.resources")
+            t.validate_environment(deploy.environment, "deploy.environment")
+
+    def create_build(self, req: NewBuild) -> t.Operation:
+        model_name = str(names.parse_model(req.parent, "parent"))
+        _check_sha(req.source_sha256)
+        try:
+            file_path = check_member_path(req.file_path)
+        except ValueError as e:
+            raise invalid_field("file_path", str(e), reason="INVALID_FILE_PATH") from None
+        _check_function_name(req.function_name)
+        _check_text(req.comment, "comment", MAX_COMMENT)
+        _check_request_id(req.request_id)
+        self._validate_deploy(req.deploy)
+        deploy = req.deploy
+        fp = _fingerprint(
+            req.source_sha256,
+            file_path,
+            req.function_name,
+            req.comment,
+            None if deploy is None else (deploy.resources, dict(deploy.environment)),
+        )
+        with self.db.write() as tx:
+            c = self._changes(tx)
+            first = self._replay(c, "CreateBuild", model_name, req.request_id, fp)
+            if first is not None:
+                return repo.to_operation(repo.operation_row(c.s, first))
+            model = repo.model_row(c.s, model_name)
+            if repo.source_row(c.s, model_name, req.source_sha256) is None:
+                raise NotFound(
+                    message=f"no source {req.source_sha256} was uploaded for {model_name}",
+                    reason="SOURCE_NOT_FOUND",
+                    metadata={"source_sha256": req.source_sha256},
+                )
+            if file_path not in self.sources.files(req.source_sha256):
+                raise invalid_field(
+                    "file_path",
+                    f"{file_path!r} is not a file in the source",
+                    reason="FILE_NOT_IN_SOURCE",
+                )
+            self._ensure_idle(model)
+            version = model.next_build_version
+            model.next_build_version = version + 1
+            build_name = str(names.parse_model(model_name).build(version))
+            build = BuildRow(
+                name=build_name,
+                model=model_name,
+                version=version,
+                source_sha256=req.source_sha256,
+                file_path=file_path,
+                function_name=req.function_name,
+                comment=req.comment,
+                state=st.BuildState.QUEUED.value,
+                log_path=self._log_path(model_name, version),
+                create_time=now(),
+            )
+            c.created(build)
+            deployment = ""
+            if deploy is not None:
+                dep = self._deployment_row(
+                    c,
+                    model,
+                    build_name,
+                    deploy.resources,
+                    dict(deploy.environment),
+                    st.DeploymentState.PENDING,
+                )
+                deployment = dep.name
+                state = st.ModelState(model.state)
+                if not state.active:
+                    c.model(model, st.ModelState.PENDING)
+            op = self._operation(
+                c, model, st.OperationKind.CREATE_BUILD, build_name, deployment=deployment
+            )
+            c.enqueue(JOB_BUILD, model_name, op.name, build_name)
+            self._remember(c, "CreateBuild", model_name, req.request_id, fp, op.name)
+            return repo.to_operation(op)
+
+    def get_build(self, name: str) -> t.Build:
+        names.parse_build(name)
+        with self.db.read() as s:
+            return repo.to_build(repo.build_row(s, name))
+
+    def build_log_path(self, name: str) -> str:
+        names.parse_build(name)
+        with self.db.read() as s:
+            return repo.build_row(s, name).log_path
+
+    def list_builds(self, parent: str, size: int, token: str) -> t.Page[t.Build]:
+        model = str(names.parse_model(parent, "parent"))
+        n = repo.page_size(size)
+        with self.db.read() as s:
+            repo.model_row(s, model)
+            rows, nxt = repo.page(
+                s,
+                BuildRow,
+                [BuildRow.model == model],
+                f"builds:{model}",
+                n,
+                token,
+                newest_first=True,
+            )
+            return t.Page([repo.to_build(r) for r in rows], nxt)
+
+    # ---- deployments -----------------------------------------------------------------------
+
+    def create_deployment(
+        self,
+        parent: str,
+        build: str,
+        resources: t.Resources | None,
+        environment: dict[str, str],
+        request_id: str,
+    ) -> t.Operation:
+        model_name = str(names.parse_model(parent, "parent"))
+        build_name = names.parse_build(build, "build")
+        if str(build_name.parent) != model_name:
+            raise invalid_field(
+                "build", f"{build} is not a build of {model_name}", reason="BUILD_OF_ANOTHER_MODEL"
+            )
+        if resources is not None:
+            resources.validate("resources")
+        t.validate_environment(environment, "environment")
+        _check_request_id(request_id)
+        fp = _fingerprint(build, resources, environment)
+        with self.db.write() as tx:
+            c = self._changes(tx)
+            first = self._replay(c, "CreateDeployment", model_name, request_id, fp)
+            if first is not None:
+                return repo.to_operation(repo.operation_row(c.s, first))
+            model = repo.model_row(c.s, model_name)
+            b = repo.build_row(c.s, build)
+            if b.state != st.BuildState.BUILT.value:
+                raise FailedPrecondition(
+                    message=f"build {build} is {b.state}; only a BUILT build can be deployed",
+                    reason="BUILD_NOT_BUILT",
+                    metadata={"build": build, "state": b.state},
+                )
+            self._ensure_idle(model)
+            current = repo.maybe_deployment_row(c.s, model.active_deployment)
+            if resources is None:
+                resources = repo.resources_of(current) if current else t.Resources()
+            dep = self._deployment_row(
+                c, model, build, resources, environment, st.DeploymentState.PENDING
+            )
+            op = self._operation(
+                c,
+                model,
+                st.OperationKind.CREATE_DEPLOYMENT,
+                dep.name,
+                deployment=dep.name,
+                progress="deploying",
+            )
+            start_deploying(c, model, dep)
+            c.enqueue(JOB_APPLY, model_name, op.name, dep.name)
+            self._remember(c, "CreateDeployment", model_name, request_id, fp, op.name)
+            return repo.to_operation(op)
+
+    def get_deployment(self, name: str) -> t.Deployment:
+        names.parse_deployment(name)
+        with self.db.read() as s:
+            return repo.to_deployment(repo.deployment_row(s, name))
+
+    def list_deployments(self, parent: str, size: int, token: str) -> t.Page[t.Deployment]:
+        model = str(names.parse_model(parent, "parent"))
+        n = repo.page_size(size)
+        with self.db.read() as s:
+            repo.model_row(s, model)
+            rows, nxt = repo.page(
+                s,
+                DeploymentRow,
+                [DeploymentRow.model == model],
+                f"deployments:{model}",
+                n,
+                token,
+                newest_first=True,
+            )
+            return t.Page([repo.to_deployment(r) for r in rows], nxt)
+
+    # ---- stop and restart ------------------------------------------------------------------
+
+    def stop_model(self, name: str, request_id: str) -> t.Operation:
+        names.parse_model(name)
+        _check_request_id(request_id)
+        with self.db.write() as tx:
+            c = self._changes(tx)
+            first = self._replay(c, "StopModel", name, request_id, "")
+            if first is not None:
+                return repo.to_operation(repo.operation_row(c.s, first))
+            model = repo.model_row(c.s, name)
+            self._ensure_idle(model)
+            state = st.ModelState(model.state)
+            if state not in (st.ModelState.DEPLOYED, st.ModelState.FAILED):
+                raise FailedPrecondition(
+                    message=f"model {name} is {state.value}; only a DEPLOYED or FAILED model "
+                    "can be stopped",
+                    reason="MODEL_NOT_RUNNING",
+                    metadata={"name": name, "state": state.value},
+                )
+            dep = repo.maybe_deployment_row(c.s, model.active_deployment)
+            op = self._operation(
+                c,
+                model,
+                st.OperationKind.STOP_MODEL,
+                name,
+                deployment=model.active_deployment,
+                progress="stopping",
+            )
+            self._remember(c, "StopModel", name, request_id, "", op.name)
+            if dep is None:  # its first deploy failed before anything ran: nothing to stop
+                c.model(model, st.ModelState.STOPPED)
+                c.operation_done(op, model, "stopped")
+                return repo.to_operation(op)
+            c.model(model, st.ModelState.STOPPING)
+            if dep is not None and dep.state != st.DeploymentState.STOPPED.value:
+                c.deployment(dep, st.DeploymentState.STOPPING, applied=False)
+            c.enqueue(JOB_APPLY, name, op.name, name)
+            return repo.to_operation(op)
+
+    def restart_model(self, name: str, request_id: str) -> t.Operation:
+        names.parse_model(name)
+        _check_request_id(request_id)
+        with self.db.write() as tx:
+            c = self._changes(tx)
+            first = self._replay(c, "RestartModel", name, request_id, "")
+            if first is not None:
+                return repo.to_operation(repo.operation_row(c.s, first))
+            model = repo.model_row(c.s, name)
+            self._ensure_idle(model)
+            dep = repo.maybe_deployment_row(c.s, model.active_deployment)
+            if dep is None:
+                raise FailedPrecondition(
+                    message=f"model {name} was never deployed: there is nothing to restart",
+                    reason="MODEL_NEVER_DEPLOYED",
+                    metadata={"name": name},
+                )
+            state = st.ModelState(model.state)
+            if state not in (st.ModelState.DEPLOYED, st.ModelState.STOPPED, st.ModelState.FAILED):
+                raise FailedPrecondition(
+                    message=f"model {name} is {state.value} and cannot be restarted now",
+                    reason="MODEL_NOT_RESTARTABLE",
+                    metadata={"name": name, "state": state.value},
+                )
+            op = self._operation(
+                c,
+                model,
+                st.OperationKind.RESTART_MODEL,
+                name,
+                deployment=dep.name,
+                progress="restarting",
+            )
+            c.deployment(dep, restart_generation=dep.restart_generation + 1)
+            start_deploying(c, model, dep)
+            c.enqueue(JOB_APPLY, name, op.name, dep.name)
+            self._remember(c, "RestartModel", name, request_id, "", op.name)
+            return repo.to_operation(op)
+
+    # ---- operations ------------------------------------------------------------------------
+
+    def get_operation(self, name: str) -> t.Operation:
+        names.parse_operation(name)
+        with self.db.read() as s:
+            return repo.to_operation(repo.operation_row(s, name))
+
+    def list_operations(self, parent: str, size: int, token: str) -> t.Page[t.Operation]:
+        model = str(names.parse_model(parent, "parent"))
+        n = repo.page_size(size)
+        with self.db.read() as s:
+            repo.model_row(s, model)
+            rows, nxt = repo.page(
+                s,
+                OperationRow,
+                [OperationRow.model == model],
+                f"operations:{model}",
+                n,
+                token,
+                newest_first=True,
+            )
+            return t.Page([repo.to_operation(r) for r in rows], nxt)
+
+
+def start_deploying(c: Changes, model: ModelRow, dep: DeploymentRow) -> None:
+    """The deployment and its model go DEPLOYING at once; the job applies it."""
+    c.deployment(dep, st.DeploymentState.DEPLOYING, applied=False, message="")
+    c.model(model, st.ModelState.DEPLOYING, active_deployment=dep.name, message="")

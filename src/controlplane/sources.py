@@ -1,0 +1,67 @@
+"""Uploaded sources: streamed to disk, hashed, checked, stored content-addressed."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from controlplane.domain.errors import InvalidArgument, invalid_field
+from workers.archive import UnsafeArchive, inspect_zip
+
+
+class SourceStore:
+    def __init__(self, root: Path, max_bytes: int, max_entries: int, max_unpacked: int) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self.max_unpacked = max_unpacked
+        (root / "tmp").mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        return self.root / f"{sha256}.zip"
+
+    async def receive(self, chunks: AsyncIterator[bytes]) -> tuple[str, int, list[str]]:
+        """Streams chunks to a temp file; returns (sha256, size, files) once checked and stored."""
+        digest = hashlib.sha256()
+        size = 0
+        fd, tmp_name = tempfile.mkstemp(dir=self.root / "tmp", suffix=".zip")
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if size > self.max_bytes:
+                        raise InvalidArgument(
+                            message=f"source is larger than the limit of {self.max_bytes} bytes",
+                            reason="SOURCE_TOO_LARGE",
+                            metadata={"limit_bytes": str(self.max_bytes)},
+                        )
+                    digest.update(chunk)
+                    out.write(chunk)
+            if size == 0:
+                raise invalid_field("chunk", "the upload is empty", reason="EMPTY_SOURCE")
+            sha = digest.hexdigest()
+            files = await asyncio.to_thread(self._store, tmp, sha)
+            return sha, size, files
+        finally:
+            await asyncio.to_thread(tmp.unlink, True)
+
+    def _store(self, tmp: Path, sha: str) -> list[str]:
+        files = self.check(tmp)
+        os.replace(tmp, self.path(sha))  # same content, same name: atomic and idempotent
+        return files
+
+    def check(self, path: Path) -> list[str]:
+        try:
+            return inspect_zip(path, self.max_entries, self.max_unpacked)
+        except UnsafeArchive as e:
+            raise InvalidArgument(
+                message=f"rejected source archive: {e}", reason="UNSAFE_ARCHIVE"
+            ) from None
+
+    def files(self, sha256: str) -> list[str]:
+        return self.check(self.path(sha256))

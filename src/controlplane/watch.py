@@ -1,0 +1,267 @@
+"""Watching: replay from the persisted events, then live, each watcher on its own queue.
+
+One hub task tails the events table (woken after every commit, and polling as
+a fallback) and fans events out to subscribers. A subscriber whose bounded
+queue fills up is cut off (RESOURCE_EXHAUSTED) and resumes from its last
+revision; it never slows the hub or the other watchers (after Kubernetes'
+cacher).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+from sqlmodel import col, delete, select
+
+from controlplane.domain import names
+from controlplane.domain import states as st
+from controlplane.domain import types as t
+from controlplane.domain.errors import OutOfRange, ResourceExhausted, invalid_field
+from controlplane.storage import repo
+from controlplane.storage.changes import now
+from controlplane.storage.db import Database
+from controlplane.storage.tables import CounterRow, EventRow, OperationRow
+
+log = logging.getLogger(__name__)
+
+PRUNED = "events_pruned_through"
+BOOKMARK_EVERY_S = 30.0
+
+
+class Subscription:
+    def __init__(self, model: str, size: int) -> None:
+        self.model = model
+        self.queue: asyncio.Queue[t.Event] = asyncio.Queue(maxsize=size)
+        self.overflowed = False
+
+    def offer(self, event: t.Event) -> None:
+        if self.overflowed:
+            return
+        try:
+            self.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.overflowed = True
+
+
+class EventHub:
+    def __init__(
+        self,
+        db: Database,
+        http_base: str,
+        queue_size: int,
+        retention_count: int,
+        retention_s: float,
+        poll_s: float = 1.0,
+    ) -> None:
+        self.db = db
+        self.http_base = http_base
+        self.queue_size = queue_size
+        self.retention_count = retention_count
+        self.retention_s = retention_s
+        self.poll_s = poll_s
+        self._subs: dict[str, set[Subscription]] = defaultdict(set)
+        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._last = 0
+        self._stopping = False
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._last = await asyncio.to_thread(self.db.head_revision)
+        self.db.on_commit(lambda _rev: self._notify())
+        self._task = asyncio.create_task(self._run(), name="event-hub")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._task:
+            await self._task
+
+    def _notify(self) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._wake.set)
+
+    @property
+    def watchers(self) -> int:
+        return sum(len(s) for s in self._subs.values())
+
+    def subscribe(self, model: str) -> Subscription:
+        sub = Subscription(model, self.queue_size)
+        self._subs[model].add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        subs = self._subs.get(sub.model)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._subs[sub.model]
+
+    async def _run(self) -> None:
+        last_prune = 0.0
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_s)
+            self._wake.clear()
+            if self._stopping:
+                return
+            try:
+                await self._fan_out()
+                if loop.time() - last_prune > 60:
+                    last_prune = loop.time()
+                    await asyncio.to_thread(self.prune)
+            except Exception:  # the hub never dies
+                log.exception("event hub failed; retrying")
+
+    async def _fan_out(self) -> None:
+        while True:
+            rows = await asyncio.to_thread(self._read_after, self._last)
+            for event in rows:
+                self._last = event.revision
+                for sub in self._subs.get(event.model, ()):
+                    sub.offer(event)
+            if len(rows) < 1000:
+                return
+
+    def _read_after(self, revision: int) -> list[t.Event]:
+        with self.db.read() as s:
+            return [repo.to_event(r) for r in repo.events_after(s, None, revision, 1000)]
+
+    def prune(self) -> None:
+        """Drops events older than both retention bounds (at least N events and S seconds)."""
+        with self.db.write() as tx:
+            s = tx.session
+            head = tx.session.get(CounterRow, "revision")
+            assert head is not None
+            cutoff_rev = head.value - self.retention_count
+            cutoff_time = now() - timedelta(seconds=self.retention_s)
+            newest_old = s.exec(
+                select(EventRow.revision)
+                .where(EventRow.revision <= cutoff_rev, EventRow.time < cutoff_time)
+                .order_by(col(EventRow.revision).desc())
+                .limit(1)
+            ).first()
+            if newest_old is None:
+                return
+            s.exec(delete(EventRow).where(col(EventRow.revision) <= newest_old))
+            marker = s.get(CounterRow, PRUNED) or CounterRow(name=PRUNED, value=0)
+            marker.value = max(marker.value, int(newest_old))
+            s.add(marker)
+
+    # ---- one watch -------------------------------------------------------------------------
+
+    async def watch(self, name: str, since_revision: int) -> AsyncIterator[t.Event]:
+        names.parse_model(name)
+        if since_revision < 0:
+            raise invalid_field("since_revision", f"must be >= 0, got {since_revision}")
+        sub = self.subscribe(name)
+        try:
+            head, start = await asyncio.to_thread(self._begin, name, since_revision)
+            last = since_revision
+            if since_revision == 0:
+                snapshot = await asyncio.to_thread(self._snapshot, name)
+                for event in snapshot:
+                    yield event
+                last = head
+                yield t.Event(revision=head, time=now(), type=st.EventType.BOOKMARK, model=name)
+            else:
+                async for event in self._replay(name, start, head):
+                    last = event.revision
+                    yield event
+                last = max(last, head)
+            async for event in self._live(sub, last):
+                yield event
+        finally:
+            self.unsubscribe(sub)
+
+    def _begin(self, name: str, since: int) -> tuple[int, int]:
+        with self.db.read() as s:
+            repo.model_row(s, name)
+            head_row = s.get(CounterRow, "revision")
+            head = head_row.value if head_row else 0
+            pruned = s.get(CounterRow, PRUNED)
+            if since and pruned is not None and since < pruned.value:
+                raise OutOfRange(
+                    message=f"revision {since} is older than the retained history (events up "
+                    f"to {pruned.value} were dropped); watch again with since_revision 0",
+                    reason="REVISION_EXPIRED",
+                    metadata={"since_revision": str(since), "oldest": str(pruned.value + 1)},
+                )
+            if since > head:
+                raise invalid_field(
+                    "since_revision",
+                    f"revision {since} is newer than the latest ({head})",
+                    reason="REVISION_IN_FUTURE",
+                )
+            return head, since
+
+    def _snapshot(self, name: str) -> list[t.Event]:
+        with self.db.read() as s:
+            model = repo.model_row(s, name)
+            items: list[tuple[int, t.Resource]] = [
+                (model.revision, repo.to_model(model, self.http_base))
+            ]
+            dep = repo.maybe_deployment_row(s, model.active_deployment)
+            if dep is not None:
+                items.append((dep.revision, repo.to_deployment(dep)))
+            if model.running_operation:
+                op = s.exec(
+                    select(OperationRow).where(OperationRow.name == model.running_operation)
+                ).first()
+                if op is not None:
+                    items.append((op.revision, repo.to_operation(op)))
+            items.sort(key=lambda i: i[0])
+            ts = now()
+            return [
+                t.Event(revision=rev, time=ts, type=st.EventType.CURRENT, resource=r, model=name)
+                for rev, r in items
+            ]
+
+    async def _replay(self, name: str, after: int, head: int) -> AsyncIterator[t.Event]:
+        last = after
+        while last < head:
+            rows = await asyncio.to_thread(self._read_model_after, name, last)
+            rows = [e for e in rows if e.revision <= head]
+            if not rows:
+                return
+            for event in rows:
+                yield event
+            last = rows[-1].revision
+
+    def _read_model_after(self, name: str, revision: int) -> list[t.Event]:
+        with self.db.read() as s:
+            return [repo.to_event(r) for r in repo.events_after(s, name, revision, 500)]
+
+    async def _live(self, sub: Subscription, last: int) -> AsyncIterator[t.Event]:
+        while True:
+            if sub.overflowed:
+                raise ResourceExhausted(
+                    message=f"watcher fell behind by more than {self.queue_size} events; "
+                    f"resume with since_revision={last}",
+                    reason="WATCHER_TOO_SLOW",
+                    metadata={"last_revision": str(last)},
+                )
+            try:
+                event = await asyncio.wait_for(sub.queue.get(), BOOKMARK_EVERY_S)
+            except TimeoutError:
+                yield t.Event(
+                    revision=max(last, self._last),
+                    time=now(),
+                    type=st.EventType.BOOKMARK,
+                    model=sub.model,
+                )
+                continue
+            if event.revision <= last:
+                continue
+            last = event.revision
+            yield event
+            if event.type is st.EventType.DELETED and isinstance(event.resource, t.Model):
+                return
