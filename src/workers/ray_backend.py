@@ -1,0 +1,241 @@
+"""The Ray backend: builds as Ray tasks, models as Ray Serve applications.
+
+This is the only module that imports ray. It drives Serve declaratively: every
+``apply`` hands the controller the *whole* multi-application config (as
+``serve deploy`` does), so that Serve itself decides what changes in place and
+what rolls:
+
+- ``num_replicas`` is a lightweight config change: kept replicas keep their
+  actors (ids and pids);
+- ``ray_actor_options`` (cpus, memory, gpus) and the application's code version
+  (import path, args, runtime env, into which the build, environment and
+  restart generation go) restart every replica, with ``max_surge_percent=100``
+  so new replicas start before old ones stop and serving never pauses.
+
+The deployment record's name never reaches Serve, so re-deploying the same build
+with only a new replica count changes nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import ray
+from ray import serve
+from ray.serve._private import api as serve_api
+from ray.serve.schema import ServeDeploySchema
+from starlette.requests import Request
+from starlette.responses import Response
+
+from workers.backend import (
+    AppObservation,
+    AppSpec,
+    AppStatus,
+    BuildOutcome,
+    BuildSpec,
+    ReplicaObservation,
+    ReplicaStatus,
+)
+from workers.builder import run_build
+from workers.model_app import ModelFunction, invoke, load_function
+
+log = logging.getLogger(__name__)
+
+DEPLOYMENT = "model"  # the one Serve deployment of every model application
+RESTART_ENV = "CP_RESTART_GENERATION"
+MiB = 1024 * 1024
+
+_APP_STATUS = {
+    "NOT_STARTED": AppStatus.DEPLOYING,
+    "DEPLOYING": AppStatus.DEPLOYING,
+    "RUNNING": AppStatus.RUNNING,
+    "DEPLOY_FAILED": AppStatus.DEPLOY_FAILED,
+    "UNHEALTHY": AppStatus.UNHEALTHY,
+    "DELETING": AppStatus.DELETING,
+}
+_REPLICA_STATUS = {
+    "STARTING": ReplicaStatus.STARTING,
+    "UPDATING": ReplicaStatus.STARTING,
+    "RECOVERING": ReplicaStatus.STARTING,
+    "RUNNING": ReplicaStatus.RUNNING,
+    "PENDING_MIGRATION": ReplicaStatus.RUNNING,
+    "STOPPING": ReplicaStatus.STOPPING,
+    "STOPPED": ReplicaStatus.STOPPING,
+}
+
+
+@serve.deployment(name=DEPLOYMENT, max_ongoing_requests=16)
+class ModelServer:
+    """One replica: loads the build's function once, answers POST with JSON."""
+
+    def __init__(self, artifact_path: str, file_path: str, function_name: str, build: str):
+        self._fn: ModelFunction = load_function(artifact_path, file_path, function_name)
+        self._build = build
+        self._replica_id = serve.get_replica_context().replica_id.unique_id
+
+    async def __call__(self, request: Request) -> Response:
+        raw = await request.body()
+        # The user's function may block (NumPy, I/O): keep the replica's loop free.
+        reply = await asyncio.to_thread(invoke, self._fn, raw, self._replica_id, self._build)
+        return Response(reply.body, status_code=reply.status, media_type="application/json")
+
+
+def build_app(args: dict[str, str]) -> Any:
+    """Serve's application builder (``import_path`` of every model application)."""
+    return ModelServer.bind(  # type: ignore[attr-defined]
+        args["artifact_path"], args["file_path"], args["function_name"], args["build"]
+    )
+
+
+def _app_config(spec: AppSpec) -> dict[str, Any]:
+    env = dict(spec.environment)
+    env[RESTART_ENV] = str(spec.restart_generation)
+    env["CP_ARTIFACT"] = spec.artifact_path
+    actor_options: dict[str, Any] = {"num_cpus": spec.cpus, "num_gpus": spec.gpus}
+    if spec.memory_mib:
+        actor_options["memory"] = spec.memory_mib * MiB
+    return {
+        "name": spec.app_name,
+        "route_prefix": spec.route_prefix,
+        "import_path": f"{__name__}:build_app",
+        "args": {
+            "artifact_path": spec.artifact_path,
+            "file_path": spec.file_path,
+            "function_name": spec.function_name,
+            "build": spec.build_name,
+        },
+        "runtime_env": {"env_vars": env},
+        "deployments": [
+            {
+                "name": DEPLOYMENT,
+                "num_replicas": spec.replicas,
+                "ray_actor_options": actor_options,
+                "max_surge_percent": 100,
+                "graceful_shutdown_timeout_s": 10,
+                "graceful_shutdown_wait_loop_s": 0.5,
+            }
+        ],
+    }
+
+
+def _enum(value: Any) -> str:
+    """Serve's details hold ``(str, Enum)`` members, whose str() is 'Class.MEMBER'."""
+    return str(getattr(value, "value", value))
+
+
+def _replica(r: Mapping[str, Any]) -> ReplicaObservation:
+    started = r.get("start_time_s")
+    return ReplicaObservation(
+        id=str(r["replica_id"]),
+        state=_REPLICA_STATUS.get(_enum(r.get("state")), ReplicaStatus.STARTING),
+        pid=int(r.get("pid") or 0),
+        node=str(r.get("node_ip") or r.get("node_id") or ""),
+        start_time=datetime.fromtimestamp(float(started), UTC) if started else None,
+    )
+
+
+def _observation(name: str, app: Mapping[str, Any]) -> AppObservation:
+    deployments: Mapping[str, Any] = app.get("deployments") or {}
+    replicas: list[ReplicaObservation] = []
+    messages: list[str] = []
+    for d in deployments.values():
+        replicas.extend(_replica(r) for r in d.get("replicas") or ())
+        if d.get("message"):
+            messages.append(str(d["message"]))
+    status = _APP_STATUS.get(_enum(app.get("status")), AppStatus.DEPLOYING)
+    # The deployment's message carries the cause (the user's exception, what could
+    # not be scheduled); the application's only says which deployment failed.
+    message = " ".join(messages) or str(app.get("message") or "")
+    return AppObservation(app_name=name, status=status, message=message, replicas=tuple(replicas))
+
+
+class RayBackend:
+    def __init__(
+        self,
+        address: str | None,
+        http_host: str,
+        http_port: int,
+        num_cpus: float,
+        num_gpus: float,
+        data_dir: os.PathLike[str] | str,
+        build_cpus: float = 0.25,
+        object_store_mib: int = 256,
+    ) -> None:
+        self._address = address
+        self._http_host = http_host
+        self._http_port = http_port
+        self._num_cpus = num_cpus
+        self._num_gpus = num_gpus
+        self._build_cpus = build_cpus
+        self._object_store_mib = object_store_mib
+        self._owns_ray = False
+        self._client: Any = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def http_base(self) -> str:
+        return f"http://{self._http_host}:{self._http_port}"
+
+    async def start(self) -> None:
+        async with self._lock:
+            if self._client is None:
+                self._client = await asyncio.to_thread(self._start)
+
+    def _start(self) -> Any:
+        if not ray.is_initialized():
+            if self._address:
+                ray.init(address=self._address, logging_level=logging.WARNING)
+            else:
+                ray.init(
+                    num_cpus=int(self._num_cpus) if self._num_cpus >= 1 else 1,
+                    num_gpus=int(self._num_gpus),
+                    include_dashboard=False,
+                    object_store_memory=self._object_store_mib * MiB,
+                    logging_level=logging.WARNING,
+                    log_to_driver=False,
+                )
+                self._owns_ray = True
+        return serve_api.serve_start(
+            http_options={"host": self._http_host, "port": self._http_port},
+        )
+
+    async def close(self) -> None:
+        async with self._lock:
+            if self._client is None:
+                return
+            self._client = None
+            if self._owns_ray:
+                await asyncio.to_thread(self._shutdown)
+
+    @staticmethod
+    def _shutdown() -> None:
+        serve.shutdown()
+        ray.shutdown()
+
+    async def build(self, spec: BuildSpec) -> BuildOutcome:
+        task = ray.remote(num_cpus=self._build_cpus, max_retries=0)(run_build)
+        try:
+            outcome: BuildOutcome = await asyncio.wrap_future(task.remote(spec).future())
+        except ray.exceptions.RayError as e:  # the worker died, not the build's own failure
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            return BuildOutcome(ok=False, error=f"the build worker failed: {first}")
+        return outcome
+
+    async def apply(self, apps: Sequence[AppSpec]) -> None:
+        config = ServeDeploySchema.model_validate(
+            {
+                "http_options": {"host": self._http_host, "port": self._http_port},
+                "applications": [_app_config(a) for a in apps],
+            }
+        )
+        await asyncio.to_thread(self._client.deploy_apps, config)
+
+    async def observe(self) -> Mapping[str, AppObservation]:
+        details: Mapping[str, Any] = await asyncio.to_thread(self._client.get_serve_details)
+        apps: Mapping[str, Any] = details.get("applications") or {}
+        return {name: _observation(name, app) for name, app in apps.items()}

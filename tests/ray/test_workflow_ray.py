@@ -1,0 +1,205 @@
+"""The whole workflow on a real local Ray Serve, through gRPC and real HTTP calls.
+
+A client that knows only the contract: build and deploy the iris classifier with 2
+replicas, call it, scale in place (pids kept), deploy a new build with a renamed
+function, roll back, restart under steady load (zero failed requests), stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import zipfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+
+from controlplane.config import Settings
+from controlplane.server import Server
+from modellifecycle.v1 import resources_pb2 as pb
+from modellifecycle.v1 import service_pb2 as rpc
+from tests.conftest import EXAMPLES
+from tests.integration.conftest import Stub, resources, upload, wait
+from workers.backend import Backend
+
+pytestmark = pytest.mark.ray
+
+IRIS = {"features": [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]}
+
+
+def zip_dir(path: Path) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for f in sorted(path.rglob("*")):
+            if f.is_file() and "__pycache__" not in f.parts:
+                z.write(f, f.relative_to(path).as_posix())
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+async def ray_server(ray_backend: Backend, tmp_path_factory: pytest.TempPathFactory,
+                     ) -> AsyncIterator[Server]:
+    data = tmp_path_factory.mktemp("cp")
+    settings = Settings(data_dir=data, grpc_port=0, reconcile_interval_s=0.25,
+                        deploy_timeout_s=120.0, num_gpus=2, grace_s=2.0)
+    server = Server(settings, backend=ray_backend, owns_backend=False)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture(scope="module")
+async def rstub(ray_server: Server) -> AsyncIterator[Stub]:
+    async with grpc.aio.insecure_channel(ray_server.grpc_address) as channel:
+        yield Stub(channel)
+
+
+async def call(endpoint: str, body: Any = IRIS) -> httpx.Response:
+    async with httpx.AsyncClient(timeout=30) as http:
+        return await http.post(endpoint, json=body)
+
+
+async def replicas(stub: Stub, model: str) -> list[pb.Replica]:
+    m = await stub.GetModel(rpc.GetModelRequest(name=model))
+    dep = await stub.GetDeployment(rpc.GetDeploymentRequest(name=m.active_deployment))
+    assert dep.state == pb.DEPLOYMENT_STATE_DEPLOYED, dep
+    return list(dep.replicas)
+
+
+async def new_build(stub: Stub, model: str, example: str, function: str,
+                    deploy: rpc.DeployOptions | None) -> pb.Operation:
+    src = await upload(stub, model, zip_dir(EXAMPLES / example), chunk=64 * 1024)
+    op = await stub.CreateBuild(rpc.CreateBuildRequest(
+        parent=model, source_sha256=src.sha256, file_path="model.py", function_name=function,
+        deploy=deploy))
+    return await wait(stub, op, 240)
+
+
+async def test_whole_workflow_on_ray_serve(rstub: Stub) -> None:
+    stub = rstub
+    model = await stub.CreateModel(rpc.CreateModelRequest(parent="projects/demo",
+                                                          model_id="iris"))
+    op = await new_build(stub, model.name, "iris-v1", "predict",
+                         rpc.DeployOptions(resources=resources(2, cpus=0.5, gpus=0.5)))
+    assert not op.HasField("error"), op.error
+    m = await stub.GetModel(rpc.GetModelRequest(name=model.name))
+    assert m.state == pb.MODEL_STATE_DEPLOYED
+
+    r = await call(m.endpoint)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["success"] is True and body["build"] == f"{model.name}/builds/1"
+    assert body["response"]["classes"] == ["setosa", "virginica"]
+    two = await replicas(stub, model.name)
+    assert len(two) == 2 and body["replica_id"] in {x.id for x in two}
+    assert all(x.pid > 0 and x.node for x in two)
+
+    # Scale in place: 2 -> 3, the first two keep their ids and pids.
+    op = await wait(stub, await stub.CreateDeployment(rpc.CreateDeploymentRequest(
+        parent=model.name, build=f"{model.name}/builds/1",
+        resources=resources(3, cpus=0.5, gpus=0.5))), 120)
+    assert not op.HasField("error"), op.error
+    three = await replicas(stub, model.name)
+    assert len(three) == 3
+    assert {(x.id, x.pid) for x in two} <= {(x.id, x.pid) for x in three}
+
+    # A new build with a renamed entry function, rolled out with no request failing.
+    op = await new_build(stub, model.name, "iris-v2", "classify",
+                         rpc.DeployOptions(resources=resources(2, cpus=0.5)))
+    assert not op.HasField("error"), op.error
+    body = (await call(m.endpoint)).json()
+    assert body["build"] == f"{model.name}/builds/2" and body["response"]["version"] == 2
+    v2 = await replicas(stub, model.name)
+    assert not {x.pid for x in v2} & {x.pid for x in three}
+
+    # Roll back to build 1: the old code serves again.
+    op = await wait(stub, await stub.CreateDeployment(rpc.CreateDeploymentRequest(
+        parent=model.name, build=f"{model.name}/builds/1")), 120)
+    assert not op.HasField("error"), op.error
+    body = (await call(m.endpoint)).json()
+    assert body["build"] == f"{model.name}/builds/1" and body["response"]["version"] == 1
+
+    # Restart under steady load: every replica replaced, no request fails.
+    before = await replicas(stub, model.name)
+    failures, total = await under_load(m.endpoint, stub, rpc.RestartModelRequest(name=model.name))
+    after = await replicas(stub, model.name)
+    assert len(after) == len(before) == 2
+    assert not {x.pid for x in after} & {x.pid for x in before}
+    assert not {x.id for x in after} & {x.id for x in before}
+    assert total > 20 and failures == [], failures[:5]
+
+    # User code that raises: HTTP 500 with the error, and the replica stays up.
+    r = await call(m.endpoint, {"features": "not a matrix"})
+    assert r.status_code == 500 and r.json()["success"] is False and r.json()["error"]
+    assert (await call(m.endpoint)).status_code == 200
+
+    # Stop: the endpoint stops answering; records and history stay.
+    op = await wait(stub, await stub.StopModel(rpc.StopModelRequest(name=model.name)), 120)
+    assert not op.HasField("error"), op.error
+    m = await stub.GetModel(rpc.GetModelRequest(name=model.name))
+    assert m.state == pb.MODEL_STATE_STOPPED
+    r = await call(m.endpoint)
+    assert r.status_code >= 400
+    deps = await stub.ListDeployments(rpc.ListDeploymentsRequest(parent=model.name))
+    assert len(deps.deployments) == 4
+
+
+async def under_load(endpoint: str, stub: Stub,
+                     request: rpc.RestartModelRequest) -> tuple[list[str], int]:
+    """Runs a bounded steady load (127.0.0.1 only) while the restart rolls out."""
+    failures: list[str] = []
+    total = 0
+    done = asyncio.Event()
+
+    async def worker(http: httpx.AsyncClient) -> None:
+        nonlocal total
+        for _ in range(2000):  # bounded
+            if done.is_set():
+                return
+            total += 1
+            try:
+                r = await http.post(endpoint, json=IRIS)
+                if r.status_code != 200:
+                    failures.append(f"{r.status_code} {r.text[:200]}")
+            except httpx.HTTPError as e:
+                failures.append(repr(e))
+            await asyncio.sleep(0.02)
+
+    async with httpx.AsyncClient(timeout=30) as http:
+        workers = [asyncio.create_task(worker(http)) for _ in range(4)]
+        await asyncio.sleep(0.5)
+        op = await wait(stub, await stub.RestartModel(request), 120)
+        assert not op.HasField("error"), op.error
+        await asyncio.sleep(0.5)
+        done.set()
+        await asyncio.gather(*workers)
+    return failures, total
+
+
+async def test_user_code_failing_at_start_fails_the_deployment(rstub: Stub) -> None:
+    stub = rstub
+    model = await stub.CreateModel(rpc.CreateModelRequest(parent="projects/demo",
+                                                          model_id="broken"))
+    bad = "import os\nif os.environ.get('CP_RESTART_GENERATION') is not None:\n" \
+          "    raise RuntimeError('cannot reach the feature store')\n" \
+          "def predict(body):\n    return body\n"
+    src = await upload(stub, model.name, _zip({"model.py": bad}))
+    op = await wait(stub, await stub.CreateBuild(rpc.CreateBuildRequest(
+        parent=model.name, source_sha256=src.sha256, file_path="model.py",
+        function_name="predict", deploy=rpc.DeployOptions(resources=resources(1)))), 240)
+    assert op.HasField("error"), op
+    dep = await stub.GetDeployment(rpc.GetDeploymentRequest(name=f"{model.name}/deployments/1"))
+    assert dep.state == pb.DEPLOYMENT_STATE_FAILED
+    assert "cannot reach the feature store" in dep.message
+
+
+def _zip(files: dict[str, str]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+    return buf.getvalue()
