@@ -1,0 +1,318 @@
+"""A typed async Python client for ModelLifecycle: domain types in and out, no protobuf.
+
+    async with Client("127.0.0.1:50051") as c:
+        model = await c.create_model("projects/demo", "iris")
+        source = await c.upload_source(model.name, zip_bytes)
+        op = await c.create_build(model.name, source.sha256, "model.py", "predict",
+                                  deploy=DeployOptions(Resources(replicas=2)))
+        op = await c.wait(op.name, on_progress=print)
+
+Errors come back as ``ClientError`` carrying the gRPC code, the ErrorInfo reason
+and metadata, and any field violations. The CLI is built on this client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from controlplane.api import convert
+from controlplane.domain import types as t
+from modellifecycle.v1 import resources_pb2 as pb
+from modellifecycle.v1 import service_pb2 as rpc
+from modellifecycle.v1 import service_pb2_grpc
+
+CHUNK = 256 * 1024
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class ClientError(Exception):
+    code: str  # grpc.StatusCode name, e.g. "NOT_FOUND"
+    message: str
+    reason: str = ""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    violations: tuple[tuple[str, str], ...] = ()
+
+    def __str__(self) -> str:
+        text = f"{self.code}: {self.message}"
+        return f"{text} [{self.reason}]" if self.reason else text
+
+
+def _error(e: grpc.aio.AioRpcError) -> ClientError:
+    reason = ""
+    metadata: dict[str, str] = {}
+    violations: list[tuple[str, str]] = []
+    status = rpc_status.from_call(e)
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason, metadata = info.reason, dict(info.metadata)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations.extend((v.field, v.description) for v in bad.field_violations)
+    return ClientError(
+        code=e.code().name,
+        message=e.details() or "",
+        reason=reason,
+        metadata=metadata,
+        violations=tuple(violations),
+    )
+
+
+def _deploy_options(options: t.DeployOptions) -> rpc.DeployOptions:
+    return rpc.DeployOptions(
+        resources=convert.resources_to_pb(options.resources),
+        environment=dict(options.environment),
+    )
+
+
+class Client:
+    def __init__(self, target: str, timeout_s: float = 30.0) -> None:
+        self.target = target
+        self.timeout_s = timeout_s
+        self._channel = grpc.aio.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_send_message_length", 8 * 1024 * 1024),
+                ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+            ],
+        )
+        self._stub = service_pb2_grpc.ModelLifecycleStub(self._channel)
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, method: Any, request: Any, deadline_s: float | None = None) -> Any:
+        try:
+            return await method(request, timeout=deadline_s or self.timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise _error(e) from None
+
+    # ---- models -----------------------------------------------------------------------------
+
+    async def create_model(
+        self,
+        parent: str,
+        model_id: str,
+        display_name: str = "",
+        description: str = "",
+        request_id: str = "",
+    ) -> t.Model:
+        msg = await self._call(
+            self._stub.CreateModel,
+            rpc.CreateModelRequest(
+                parent=parent,
+                model_id=model_id,
+                model=pb.Model(display_name=display_name, description=description),
+                request_id=request_id,
+            ),
+        )
+        return convert.model_from_pb(msg)
+
+    async def get_model(self, name: str) -> t.Model:
+        return convert.model_from_pb(
+            await self._call(self._stub.GetModel, rpc.GetModelRequest(name=name))
+        )
+
+    async def list_models(
+        self, parent: str, page_size: int = 0, page_token: str = ""
+    ) -> t.Page[t.Model]:
+        r = await self._call(
+            self._stub.ListModels,
+            rpc.ListModelsRequest(parent=parent, page_size=page_size, page_token=page_token),
+        )
+        return t.Page([convert.model_from_pb(m) for m in r.models], r.next_page_token)
+
+    async def delete_model(self, name: str) -> None:
+        await self._call(self._stub.DeleteModel, rpc.DeleteModelRequest(name=name))
+
+    # ---- sources and builds -----------------------------------------------------------------
+
+    async def upload_source(
+        self,
+        model: str,
+        data: bytes,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> t.Source:
+        """Streams ``data`` (a zip) in chunks; ``on_progress(sent, total)`` after each."""
+
+        async def chunks() -> AsyncIterator[rpc.UploadSourceRequest]:
+            for start in range(0, max(len(data), 1), CHUNK):
+                yield rpc.UploadSourceRequest(
+                    parent=model if start == 0 else "", chunk=data[start : start + CHUNK]
+                )
+                if on_progress is not None:
+                    on_progress(min(start + CHUNK, len(data)), len(data))
+
+        try:
+            msg = await self._stub.UploadSource(chunks(), timeout=max(self.timeout_s, 300))
+        except grpc.aio.AioRpcError as e:
+            raise _error(e) from None
+        return convert.source_from_pb(msg)
+
+    async def create_build(
+        self,
+        model: str,
+        source_sha256: str,
+        file_path: str,
+        function_name: str,
+        comment: str = "",
+        deploy: t.DeployOptions | None = None,
+        request_id: str = "",
+    ) -> t.Operation:
+        request = rpc.CreateBuildRequest(
+            parent=model,
+            source_sha256=source_sha256,
+            file_path=file_path,
+            function_name=function_name,
+            comment=comment,
+            request_id=request_id,
+        )
+        if deploy is not None:
+            request.deploy.CopyFrom(_deploy_options(deploy))
+        return convert.operation_from_pb(await self._call(self._stub.CreateBuild, request))
+
+    async def get_build(self, name: str) -> t.Build:
+        return convert.build_from_pb(
+            await self._call(self._stub.GetBuild, rpc.GetBuildRequest(name=name))
+        )
+
+    async def list_builds(
+        self, model: str, page_size: int = 0, page_token: str = ""
+    ) -> t.Page[t.Build]:
+        r = await self._call(
+            self._stub.ListBuilds,
+            rpc.ListBuildsRequest(parent=model, page_size=page_size, page_token=page_token),
+        )
+        return t.Page([convert.build_from_pb(b) for b in r.builds], r.next_page_token)
+
+    # ---- deployments ------------------------------------------------------------------------
+
+    async def create_deployment(
+        self,
+        model: str,
+        build: str,
+        resources: t.Resources | None = None,
+        environment: Mapping[str, str] | None = None,
+        request_id: str = "",
+    ) -> t.Operation:
+        """Deploys ``build``; ``resources`` None keeps the active deployment's."""
+        request = rpc.CreateDeploymentRequest(
+            parent=model, build=build, environment=dict(environment or {}), request_id=request_id
+        )
+        if resources is not None:
+            request.resources.CopyFrom(convert.resources_to_pb(resources))
+        return convert.operation_from_pb(await self._call(self._stub.CreateDeployment, request))
+
+    async def get_deployment(self, name: str) -> t.Deployment:
+        return convert.deployment_from_pb(
+            await self._call(self._stub.GetDeployment, rpc.GetDeploymentRequest(name=name))
+        )
+
+    async def list_deployments(
+        self, model: str, page_size: int = 0, page_token: str = ""
+    ) -> t.Page[t.Deployment]:
+        r = await self._call(
+            self._stub.ListDeployments,
+            rpc.ListDeploymentsRequest(parent=model, page_size=page_size, page_token=page_token),
+        )
+        return t.Page([convert.deployment_from_pb(d) for d in r.deployments], r.next_page_token)
+
+    # ---- stop, restart ----------------------------------------------------------------------
+
+    async def stop_model(self, name: str, request_id: str = "") -> t.Operation:
+        return convert.operation_from_pb(
+            await self._call(
+                self._stub.StopModel, rpc.StopModelRequest(name=name, request_id=request_id)
+            )
+        )
+
+    async def restart_model(self, name: str, request_id: str = "") -> t.Operation:
+        return convert.operation_from_pb(
+            await self._call(
+                self._stub.RestartModel, rpc.RestartModelRequest(name=name, request_id=request_id)
+            )
+        )
+
+    # ---- operations -------------------------------------------------------------------------
+
+    async def get_operation(self, name: str) -> t.Operation:
+        return convert.operation_from_pb(
+            await self._call(self._stub.GetOperation, rpc.GetOperationRequest(name=name))
+        )
+
+    async def list_operations(
+        self, model: str, page_size: int = 0, page_token: str = ""
+    ) -> t.Page[t.Operation]:
+        r = await self._call(
+            self._stub.ListOperations,
+            rpc.ListOperationsRequest(parent=model, page_size=page_size, page_token=page_token),
+        )
+        return t.Page([convert.operation_from_pb(o) for o in r.operations], r.next_page_token)
+
+    async def wait_operation(self, name: str, timeout_s: float) -> t.Operation:
+        """One WaitOperation call: returns when done or after at most ``timeout_s``."""
+        request = rpc.WaitOperationRequest(
+            name=name, timeout=duration_pb2.Duration(seconds=int(timeout_s))
+        )
+        msg = await self._call(self._stub.WaitOperation, request, deadline_s=timeout_s + 30)
+        return convert.operation_from_pb(msg)
+
+    async def wait(
+        self,
+        name: str,
+        timeout_s: float = 900.0,
+        on_progress: Callable[[t.Operation], None] | None = None,
+        poll_s: float = 0.5,
+    ) -> t.Operation:
+        """Follows an operation until done, calling ``on_progress`` whenever it changes.
+
+        Raises ``TimeoutError`` if it is not done after ``timeout_s``; the operation
+        itself goes on (look it up with ``get_operation``).
+        """
+        deadline = time.monotonic() + timeout_s
+        last: tuple[str, bool] | None = None
+        while True:
+            op = await self.get_operation(name)
+            seen = (op.progress, op.done)
+            if on_progress is not None and seen != last:
+                on_progress(op)
+            last = seen
+            if op.done:
+                return op
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{name} is not done after {timeout_s:g}s")
+            await asyncio.sleep(poll_s)
+
+    # ---- watch ------------------------------------------------------------------------------
+
+    async def watch_model(self, name: str, since_revision: int = 0) -> AsyncIterator[t.Event]:
+        """The model's events: its current state first (when ``since_revision`` is 0),
+        then every change as it happens, until the caller stops iterating."""
+        call = self._stub.WatchModel(
+            rpc.WatchModelRequest(name=name, since_revision=since_revision)
+        )
+        try:
+            async for msg in call:
+                yield convert.event_from_pb(msg)
+        except grpc.aio.AioRpcError as e:
+            raise _error(e) from None
+        finally:
+            call.cancel()

@@ -1,0 +1,1 @@
+"""`modelctl`: the command line for people (tables) and scripts (--output json)."""

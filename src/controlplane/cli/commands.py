@@ -1,0 +1,232 @@
+"""What each `modelctl` command does, on the typed client. Each returns an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from controlplane.api.client import Client
+from controlplane.cli import inputs
+from controlplane.cli.output import Printer, resources, short
+from controlplane.domain import types as t
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the operation ended with an error, or the server refused the request
+EXIT_USAGE = 2
+
+
+def _model(args: argparse.Namespace) -> str:
+    return inputs.model_name(args.project, args.model)
+
+
+def _resources(args: argparse.Namespace, base: t.Resources | None) -> t.Resources | None:
+    """The flags given, over ``base`` (the active deployment's); None when no flag is given."""
+    given = {
+        "replicas": args.replicas,
+        "cpus": args.cpus,
+        "memory_mib": inputs.memory_mib(args.memory) if args.memory is not None else None,
+        "gpus": args.gpus,
+    }
+    if all(v is None for v in given.values()) and base is not None:
+        return None
+    start = base or t.Resources()
+    return t.Resources(
+        replicas=args.replicas if args.replicas is not None else start.replicas,
+        cpus=args.cpus if args.cpus is not None else start.cpus,
+        memory_mib=given["memory_mib"] if given["memory_mib"] is not None else start.memory_mib,
+        gpus=args.gpus if args.gpus is not None else start.gpus,
+    )
+
+
+class Follower:
+    """Prints an operation's progress as it changes, with the time since the start."""
+
+    def __init__(self, printer: Printer) -> None:
+        self.printer = printer
+        self.start = time.monotonic()
+
+    def __call__(self, op: t.Operation) -> None:
+        status = "done" if op.done and op.error is None else op.progress or "queued"
+        if op.error is not None:
+            status = f"failed: {op.error.message}"
+        self.printer.progress(f"[{time.monotonic() - self.start:6.1f}s] {op.kind.value}: {status}")
+
+
+async def _follow(c: Client, op: t.Operation, p: Printer, wait_s: float) -> t.Operation:
+    p.progress(f"operation {op.name} ({op.kind.value} {short(op.target)})")
+    return await c.wait(op.name, timeout_s=wait_s, on_progress=Follower(p))
+
+
+async def _finish(c: Client, op: t.Operation, p: Printer) -> int:
+    """After an operation: the model as it is now, and an exit code that says how it went."""
+    model = await c.get_model(op.model)
+    if op.error is not None:
+        p.progress(
+            f"FAILED: {op.error.message}" + (f" [{op.error.reason}]" if op.error.reason else "")
+        )
+    if p.json:
+        p.result({"operation": op, "model": model})
+    else:
+        p.result(model)
+        if model.active_deployment:
+            dep = await c.get_deployment(model.active_deployment)
+            print(f"\n{short(dep.name)}: {dep.state.value}, {resources(dep.resources)}", file=p.out)
+            if dep.message:
+                print(dep.message, file=p.out)
+    return EXIT_FAILED if op.error is not None else EXIT_OK
+
+
+# ---- models ---------------------------------------------------------------------------------
+
+
+async def models_create(c: Client, args: argparse.Namespace, p: Printer) -> int:
+    p.result(
+        await c.create_model(
+            inputs.project_name(args.project), args.model, args.display_name, args.description
+        )
+    )
+    return EXIT_OK
+
+
+async def models_list(c: Client, args: argparse.Namespace, p: Printer) -> int:
+    items: list[t.Model] = []
+    token = ""
+    while True:
+        page = await c.list_models(inputs.project_name(args.project), 100, token)
+        items += page.items
+        token = page.next_page_token
+        if not token:
+            break
+    p.result(items)
+    return EXIT_OK
+
+
+async def models_get(c: Client, args: argparse.Namespace, p: Printer) -> int:
+    p.result(await c.get_model(_model(args)))
+    return EXIT_OK
+
+
+async def models_delete(c: Client, args: argparse.Namespace, p: Printer) -> int:
+    name = _model(args)
+    if not confirm(args, f"Delete {name} and its history?"):
+        return EXIT_USAGE
+    await c.delete_model(name)
+    p.progress(f"deleted {name}")
+    return EXIT_OK
+
+
+# ---- build, deploy, stop, restart -----------------------------------------------------------
+
+
+async def build(c: Client, args: argparse.Namespace, p: Printer) -> int:
+    model = _model(args)
+    data = inputs.zip_directory(Path(args.directory))
+    deploy = None
+    if args.deploy:
+        res = _resources(args, None) or t.Resources()
+        deploy = t.DeployOptions(resources=res, environment=inputs.environment(args.env))
+    elif any(v is not None for v in (args.replicas, args.cpus, args.memory, args.gpus, args.env)):
+        raise inputs.UsageError("resources and --env apply to a deploy: add --deploy")
+    await c.get_model(model)  # a clear NOT_FOUND before uploading anything
+
+    def uploaded(sent: int, total: int) -> None:
+        p.progress(f"uploading {args.directory}: {sent / 1024:,.0f} / {total / 1024:,.0f} KiB")
+
+    source = await c.upload_source(model, data, on_progress=uploaded)
+    p.progress(f"source sha256:{source.sha256[:12]} ({source.size_bytes:,} bytes)")
+    op = await c.create_build(model, source.sha256, args.file, args.function, args.comment, deploy)
+    op = await _follow(c, op, p, args.wait)
+    build_name = op.target if op.target else ""
+    if build_name:
+        b = await c.get_build(build_name)
+        p.progress(
+            f"{short(b.name)}: {b.state.value} {b.image}"
+            + (f" error: {b.error}" if b.error else "")
+        )
+    return await _finish(c, op, p)
+
+
+async def deploy(c: Client, args: argparse.Namespace, p: Printer) -> int:
+    model = _model(args)
+    build_name = inputs.child_name(model, "builds", args.build)
+    current = await c.get_model(model)
+    base = None
+    env: dict[str, str] | None = None
+    if current.active_deployment:
+        active = await c.get_deployment(current.active_deployment)
+        base = active.resources
+        env = dict(active.environment)
+    res = _resources(args, base)
+    if args.env:
+        env = {**(env or {}), **inputs.environment(args.env)}
+    op = await c.create_deployment(model, build_name, res, env)
+    return await _finish(c, await _follow(c, op, p, args.wait), p)
+
+
+def confirm(args: argparse.Namespace, question: str) -> bool:
+    if args.yes:
+        return True
+    if not sys.stdin.isatty():
+        print(f"{question} Refusing without --yes (no terminal to ask).", file=sys.stderr)
+        return False
+    answer = input(f"{question} [y/N] ").strip().lower()
+    return answer in ("y", "yes")
+
+
+async def stop(c: Client, args: argparse.Namespace, p: Printer) -> int:
+    model = _model(args)
+    if not confirm(args, f"Stop every replica of {model}? Its endpoint stops answering."):
+        return EXIT_USAGE
+    return await _finish(c, await _follow(c, await c.stop_model(model), p, args.wait), p)
+
+
+async def restart(c: Client, args: argparse.Namespace, p: Printer) -> int:
+    model = _model(args)
+    if not confirm(args, f"Restart every replica of {model}?"):
+        return EXIT_USAGE
+    return await _finish(c, await _follow(c, await c.restart_model(model), p, args.wait), p)
+
+
+# ---- lists and details ----------------------------------------------------------------------
+
+
+async def builds_list(c: Client, args: argparse.Namespace, p: Printer) -> int:
+    p.result((await c.list_builds(_model(args), args.limit)).items)
+    return EXIT_OK
+
+
+async def builds_get(c: Client, args: argparse.Namespace, p: Printer) -> int:
+    p.result(await c.get_build(inputs.child_name(_model(args), "builds", args.ref)))
+    return EXIT_OK
+
+
+async def deployments_list(c: Client, args: argparse.Namespace, p: Printer) -> int:
+    p.result((await c.list_deployments(_model(args), args.limit)).items)
+    return EXIT_OK
+
+
+async def deployments_get(c: Client, args: argparse.Namespace, p: Printer) -> int:
+    p.result(await c.get_deployment(inputs.child_name(_model(args), "deployments", args.ref)))
+    return EXIT_OK
+
+
+async def operations_list(c: Client, args: argparse.Namespace, p: Printer) -> int:
+    p.result((await c.list_operations(_model(args), args.limit)).items)
+    return EXIT_OK
+
+
+async def operations_get(c: Client, args: argparse.Namespace, p: Printer) -> int:
+    p.result(await c.get_operation(args.name))
+    return EXIT_OK
+
+
+async def watch(c: Client, args: argparse.Namespace, p: Printer) -> int:
+    seen = 0
+    async for event in c.watch_model(_model(args), args.since):
+        p.event(event)
+        seen += 1
+        if args.count and seen >= args.count:
+            break
+    return EXIT_OK

@@ -1,0 +1,79 @@
+"""Turning what people type into what the API takes: names, sizes, environments, zips."""
+
+from __future__ import annotations
+
+import io
+import re
+import zipfile
+from pathlib import Path
+
+MAX_ZIP_ENTRIES = 10_000
+_SKIP_DIRS = {"__pycache__", ".git", ".venv", "venv", ".mypy_cache", ".pytest_cache"}
+_UNITS = {"": 1.0, "k": 1 / 1024, "m": 1.0, "g": 1024.0, "t": 1024.0 * 1024}
+
+
+class UsageError(ValueError):
+    """What the user typed cannot work; the message says what to type instead."""
+
+
+def project_name(project: str) -> str:
+    return project if project.startswith("projects/") else f"projects/{project}"
+
+
+def model_name(project: str, model: str) -> str:
+    """``iris`` -> ``projects/<project>/models/iris``; full names pass through."""
+    if model.startswith("projects/"):
+        return model
+    if "/" in model:
+        raise UsageError(f"{model!r}: give a model id (iris) or a full name (projects/p/models/m)")
+    return f"{project_name(project)}/models/{model}"
+
+
+def child_name(model: str, collection: str, ref: str) -> str:
+    """``3`` -> ``<model>/builds/3``; full names pass through."""
+    if ref.startswith("projects/"):
+        return ref
+    if not ref.isdigit():
+        raise UsageError(f"{ref!r}: give a number (3) or a full name ({model}/{collection}/3)")
+    return f"{model}/{collection}/{int(ref)}"
+
+
+def memory_mib(text: str) -> int:
+    """``2GiB``, ``512Mi``, ``1.5G``, ``300`` (MiB) -> MiB."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(?:([kmgtKMGT])[iI]?[bB]?)?\s*", text)
+    if m is None:
+        raise UsageError(f"memory {text!r}: write it like 512MiB, 2GiB or 1.5G")
+    value = float(m.group(1)) * _UNITS[(m.group(2) or "").lower()]
+    return max(round(value), 1 if value > 0 else 0)
+
+
+def environment(pairs: list[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--env {pair!r}: write it as NAME=value")
+        out[key] = value
+    return out
+
+
+def zip_directory(directory: Path) -> bytes:
+    """Zips the model's code: regular files only, relative paths, caches left out."""
+    if not directory.is_dir():
+        raise UsageError(f"{directory}: not a directory")
+    buf = io.BytesIO()
+    count = 0
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for path in sorted(directory.rglob("*")):
+            rel = path.relative_to(directory)
+            if any(part in _SKIP_DIRS for part in rel.parts) or path.suffix == ".pyc":
+                continue
+            if path.is_symlink() or not path.is_file():
+                continue
+            count += 1
+            if count > MAX_ZIP_ENTRIES:
+                raise UsageError(f"{directory}: more than {MAX_ZIP_ENTRIES} files")
+            z.write(path, rel.as_posix())
+    if count == 0:
+        raise UsageError(f"{directory}: no files to upload")
+    return buf.getvalue()

@@ -1,0 +1,192 @@
+"""`modelctl`: parse the command line, run one command, map failures to exit codes.
+
+Exit codes: 0 done; 1 the operation failed or the server refused (the reason is
+printed); 2 bad usage or not confirmed; 3 the server cannot be reached; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+
+from controlplane import serve_cmd
+from controlplane.api.client import Client, ClientError
+from controlplane.cli import commands as cmd
+from controlplane.cli.inputs import UsageError
+from controlplane.cli.output import Printer
+
+EXIT_UNREACHABLE = 3
+Handler = Callable[[Client, argparse.Namespace, Printer], Awaitable[int]]
+
+
+def _add_resources(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("resources (re-deploys keep the active deployment's when not given)")
+    g.add_argument("--replicas", type=int, help="number of replicas")
+    g.add_argument("--cpus", type=float, help="CPUs per replica (e.g. 0.5)")
+    g.add_argument("--memory", help="memory per replica (e.g. 512MiB, 2GiB)")
+    g.add_argument("--gpus", type=float, help="GPUs per replica (fractions allowed)")
+    g.add_argument("--env", action="append", metavar="NAME=VALUE", help="environment (repeat)")
+
+
+def _add_wait(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait", type=float, default=900.0, help="seconds to follow (default 900)")
+
+
+def _common(defaults: bool) -> argparse.ArgumentParser:
+    """--server, --project, --output: before the command (with defaults) or after it."""
+    p = argparse.ArgumentParser(add_help=False)
+
+    def default(value: str) -> str:
+        return value if defaults else argparse.SUPPRESS
+
+    p.add_argument(
+        "--server",
+        default=default(os.environ.get("MODELCTL_SERVER", "127.0.0.1:50051")),
+        help="gRPC address of `modelctl serve` (env MODELCTL_SERVER; default 127.0.0.1:50051)",
+    )
+    p.add_argument(
+        "--project",
+        default=default(os.environ.get("MODELCTL_PROJECT", "default")),
+        help="project of bare model ids (env MODELCTL_PROJECT; default 'default')",
+    )
+    p.add_argument("--output", "-o", choices=("table", "json"), default=default("table"))
+    return p
+
+
+_AFTER = _common(defaults=False)
+
+
+def _sub(
+    parent: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    handler: Handler | None,
+    help_text: str,
+) -> argparse.ArgumentParser:
+    parents = [_AFTER] if handler is not None else []
+    p = parent.add_parser(name, help=help_text, description=help_text, parents=parents)
+    if handler is not None:
+        p.set_defaults(handler=handler)
+    return p
+
+
+def _resource_group(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    list_handler: Handler,
+    get_handler: Handler,
+    what: str,
+) -> None:
+    group = _sub(sub, name, None, f"list and show a model's {what}")
+    verbs = group.add_subparsers(dest="verb", required=True, metavar="{list,get}")
+    ls = _sub(verbs, "list", list_handler, f"a model's {what}, newest first")
+    ls.add_argument("model")
+    ls.add_argument("--limit", type=int, default=50)
+    get = _sub(verbs, "get", get_handler, f"one of a model's {what}")
+    get.add_argument("model")
+    get.add_argument("ref", help="its number (3) or full name")
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(
+        prog="modelctl",
+        description="Control plane for models served on Ray Serve: build, deploy, scale, "
+        "roll back, stop, restart, watch.",
+        parents=[_common(defaults=True)],
+    )
+    sub = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = _sub(sub, "serve", None, "run the control plane server")
+    serve_cmd.add_arguments(serve)
+
+    models = _sub(sub, "models", None, "create, list, show, delete models")
+    verbs = models.add_subparsers(dest="verb", required=True, metavar="{create,list,get,delete}")
+    create = _sub(verbs, "create", cmd.models_create, "create a model (a name for an endpoint)")
+    create.add_argument("model", help="model id: lowercase letters, digits, '-'")
+    create.add_argument("--display-name", default="")
+    create.add_argument("--description", default="")
+    _sub(verbs, "list", cmd.models_list, "the project's models")
+    _sub(verbs, "get", cmd.models_get, "one model").add_argument("model")
+    delete = _sub(verbs, "delete", cmd.models_delete, "delete a model that is not active")
+    delete.add_argument("model")
+    delete.add_argument("--yes", "-y", action="store_true", help="do not ask to confirm")
+
+    b = _sub(sub, "build", cmd.build, "upload DIR, build it, and with --deploy deploy it")
+    b.add_argument("directory", metavar="DIR", help="the model's code (zipped and uploaded)")
+    b.add_argument("--model", "-m", required=True, help="model id or full name")
+    b.add_argument("--file", required=True, help="the Python file, relative to DIR")
+    b.add_argument("--function", required=True, help="the function called for each request")
+    b.add_argument("--comment", default="")
+    b.add_argument("--deploy", action="store_true", help="deploy the build once built")
+    _add_resources(b)
+    _add_wait(b)
+
+    d = _sub(sub, "deploy", cmd.deploy, "re-deploy a build: new resources, or roll back")
+    d.add_argument("model")
+    d.add_argument("--build", required=True, help="build number (3) or full name")
+    _add_resources(d)
+    _add_wait(d)
+
+    for name, handler, text in (
+        ("stop", cmd.stop, "stop every replica; the endpoint stops answering"),
+        ("restart", cmd.restart, "replace every replica (same build and resources)"),
+    ):
+        p = _sub(sub, name, handler, text)
+        p.add_argument("model")
+        p.add_argument("--yes", "-y", action="store_true", help="do not ask to confirm")
+        _add_wait(p)
+
+    _resource_group(sub, "builds", cmd.builds_list, cmd.builds_get, "builds")
+    _resource_group(sub, "deployments", cmd.deployments_list, cmd.deployments_get, "deployments")
+    ops = _sub(sub, "operations", None, "list and show operations")
+    verbs = ops.add_subparsers(dest="verb", required=True, metavar="{list,get}")
+    ls = _sub(verbs, "list", cmd.operations_list, "a model's operations, newest first")
+    ls.add_argument("model")
+    ls.add_argument("--limit", type=int, default=50)
+    _sub(verbs, "get", cmd.operations_get, "one operation").add_argument("name")
+
+    w = _sub(sub, "watch", cmd.watch, "follow a model's state and every change, live")
+    w.add_argument("model")
+    w.add_argument("--since", type=int, default=0, help="resume after this revision")
+    w.add_argument("--count", type=int, default=0, help="stop after this many events")
+    return root
+
+
+async def run(argv: Sequence[str]) -> int:
+    """Runs one client command (not `serve`) in the running event loop; returns the exit code."""
+    args = parser().parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        async with Client(args.server) as client:
+            return await handler(client, args, Printer(args.output))
+    except UsageError as e:
+        print(f"modelctl: {e}", file=sys.stderr)
+        return cmd.EXIT_USAGE
+    except ClientError as e:
+        if e.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED") and not e.reason:
+            print(f"modelctl: cannot reach {args.server}: {e.message}", file=sys.stderr)
+            return EXIT_UNREACHABLE
+        print(f"modelctl: {e}", file=sys.stderr)
+        for field, description in e.violations:
+            print(f"  {field}: {description}", file=sys.stderr)
+        return cmd.EXIT_FAILED
+    except TimeoutError as e:
+        print(f"modelctl: {e} (it goes on; see `modelctl operations get`)", file=sys.stderr)
+        return cmd.EXIT_FAILED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser().parse_args(argv)  # usage errors exit 2 here, with argparse's message
+    if args.command == "serve":
+        return serve_cmd.run(args)
+    try:
+        return asyncio.run(run(argv))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

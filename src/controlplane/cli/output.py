@@ -1,0 +1,167 @@
+"""Printing results: aligned tables for people, JSON for scripts (one document per result)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from enum import Enum
+from typing import Any, TextIO
+
+from controlplane.domain import types as t
+
+
+def plain(value: Any) -> Any:
+    """Domain dataclasses -> JSON-ready dicts (enums as their names, times as ISO 8601)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if hasattr(value, "items") and callable(value.items):  # other Mappings
+        return {str(k): plain(v) for k, v in value.items()}
+    return value
+
+
+def when(value: datetime | None) -> str:
+    return value.astimezone().strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+def resources(r: t.Resources) -> str:
+    mem = f"{r.memory_mib}MiB" if r.memory_mib else "-"
+    return f"{r.replicas}x cpu={r.cpus:g} mem={mem} gpu={r.gpus:g}"
+
+
+def short(name: str) -> str:
+    """projects/p/models/m/builds/3 -> builds/3 (enough inside a model's table)."""
+    parts = name.split("/")
+    return "/".join(parts[-2:]) if len(parts) > 4 else name
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _model_rows(items: Sequence[t.Model]) -> tuple[list[str], list[list[str]]]:
+    return ["name", "state", "active deployment", "endpoint", "updated"], [
+        [m.name, m.state.value, short(m.active_deployment) or "-", m.endpoint, when(m.update_time)]
+        for m in items
+    ]
+
+
+def _build_rows(items: Sequence[t.Build]) -> tuple[list[str], list[list[str]]]:
+    return ["build", "state", "file", "function", "image", "created", "error"], [
+        [
+            short(b.name),
+            b.state.value,
+            b.file_path,
+            b.function_name,
+            b.image[:30] + ("…" if len(b.image) > 30 else "") or "-",
+            when(b.create_time),
+            b.error or "",
+        ]
+        for b in items
+    ]
+
+
+def _deployment_rows(items: Sequence[t.Deployment]) -> tuple[list[str], list[list[str]]]:
+    return ["deployment", "state", "build", "resources", "replicas", "updated", "message"], [
+        [
+            short(d.name),
+            d.state.value,
+            short(d.build),
+            resources(d.resources),
+            str(sum(1 for r in d.replicas if r.state.value == "RUNNING")) + f"/{len(d.replicas)}",
+            when(d.update_time),
+            d.message,
+        ]
+        for d in items
+    ]
+
+
+def _operation_rows(items: Sequence[t.Operation]) -> tuple[list[str], list[list[str]]]:
+    return ["operation", "kind", "target", "done", "progress", "error"], [
+        [
+            o.name,
+            o.kind.value,
+            short(o.target),
+            "yes" if o.done else "no",
+            o.progress,
+            f"{o.error.code}: {o.error.message}" if o.error else "",
+        ]
+        for o in items
+    ]
+
+
+def _replica_rows(d: t.Deployment) -> str:
+    return table(
+        ["replica", "state", "pid", "node", "started"],
+        [[r.id, r.state.value, str(r.pid), r.node, when(r.start_time)] for r in d.replicas],
+    )
+
+
+_ROWS: dict[type, Any] = {
+    t.Model: _model_rows,
+    t.Build: _build_rows,
+    t.Deployment: _deployment_rows,
+    t.Operation: _operation_rows,
+}
+
+
+class Printer:
+    def __init__(self, fmt: str, out: TextIO | None = None, err: TextIO | None = None) -> None:
+        self.json = fmt == "json"
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+
+    def result(self, value: Any) -> None:
+        """One resource or a list of them, as a table (people) or JSON (scripts)."""
+        if self.json:
+            print(json.dumps(plain(value), indent=2, sort_keys=True), file=self.out)
+            return
+        items = list(value) if isinstance(value, list) else [value]
+        if not items:
+            print("(none)", file=self.out)
+            return
+        headers, rows = _ROWS[type(items[0])](items)
+        print(table(headers, rows), file=self.out)
+        if not isinstance(value, list) and isinstance(value, t.Deployment) and value.replicas:
+            print("\n" + _replica_rows(value), file=self.out)
+
+    def progress(self, text: str) -> None:
+        """Live progress goes to stderr, so stdout stays the result alone."""
+        print(text, file=self.err, flush=True)
+
+    def event(self, e: t.Event) -> None:
+        if self.json:
+            print(json.dumps(plain(e), sort_keys=True), file=self.out, flush=True)
+            return
+        r = e.resource
+        what = "-" if r is None else f"{type(r).__name__.lower()} {r.name}"
+        state = getattr(r, "state", None)
+        detail = ""
+        if isinstance(r, t.Operation):
+            detail = ("done" if r.done else r.progress) + (
+                f" error={r.error.message}" if r.error else ""
+            )
+        elif isinstance(r, t.Deployment | t.Model):
+            detail = r.message
+        print(
+            f"{e.revision:>6}  {when(e.time)}  {e.type.value:<8} {what}"
+            + (f"  {state.value}" if state is not None else "")
+            + (f"  {detail}" if detail else ""),
+            file=self.out,
+            flush=True,
+        )

@@ -1,0 +1,114 @@
+"""`modelctl` against a real server on a socket: what a person or a script sees."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from controlplane.cli import main as modelctl
+from controlplane.server import Server
+from tests.conftest import EXAMPLES
+
+Captured = tuple[int, str, str]  # exit code, stdout, stderr
+Cli = Callable[..., Awaitable[Captured]]
+
+
+@pytest.fixture
+def cli(server: Server, project: str, capsys: pytest.CaptureFixture[str]) -> Cli:
+    async def run(*argv: str) -> Captured:
+        capsys.readouterr()
+        base = ["--server", server.grpc_address, "--project", project.removeprefix("projects/")]
+        code = await modelctl.run([*base, *argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+async def test_build_deploy_scale_stop_restart_through_the_cli(cli: Cli, project: str) -> None:
+    code, out, _ = await cli("models", "create", "iris")
+    assert code == 0 and f"{project}/models/iris" in out
+
+    code, out, err = await cli(
+        "build", str(EXAMPLES / "iris-v1"), "--model", "iris", "--file", "model.py",
+        "--function", "predict", "--deploy", "--replicas", "2", "--memory", "1GiB",
+        "--env", "MODE=fast",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "uploading" in err and "CREATE_BUILD" in err and "done" in err  # progress, live
+    assert "DEPLOYED" in out and "2x" in out and "mem=1024MiB" in out
+
+    # Re-deploy with only --replicas: memory and environment are kept.
+    code, out, err = await cli("-o", "json", "deploy", "iris", "--build", "1", "--replicas", "3")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["operation"]["error"] is None
+    assert result["model"]["state"] == "DEPLOYED"
+    code, out, _ = await cli("deployments", "get", "iris", "2", "--output", "json")
+    dep = json.loads(out)
+    assert dep["resources"] == {"replicas": 3, "cpus": 0.0, "memory_mib": 1024, "gpus": 0.0}
+    assert dep["environment"] == {"MODE": "fast"} and len(dep["replicas"]) == 3
+
+    code, out, _ = await cli("deployments", "list", "iris")
+    lines = out.splitlines()
+    assert lines[0].split()[:2] == ["DEPLOYMENT", "STATE"]
+    assert "deployments/2" in lines[1] and "DEPLOYED" in lines[1]
+    assert "deployments/1" in lines[2] and "REPLACED" in lines[2]
+
+    # Stop and restart ask first; without a terminal and without --yes nothing happens.
+    code, _, err = await cli("stop", "iris")
+    assert code == 2 and "--yes" in err
+    code, out, _ = await cli("models", "get", "iris", "-o", "json")
+    assert json.loads(out)["state"] == "DEPLOYED"
+
+    code, out, err = await cli("stop", "iris", "--yes")
+    assert code == 0 and "STOPPED" in out, err
+    code, out, err = await cli("restart", "iris", "--yes")
+    assert code == 0 and "DEPLOYED" in out, err
+
+    code, out, _ = await cli("watch", "iris", "--count", "3", "-o", "json")
+    events = [json.loads(line) for line in out.splitlines()]
+    # The current state (the active deployment, then the model), then a bookmark.
+    assert [e["type"] for e in events] == ["CURRENT", "CURRENT", "BOOKMARK"]
+    assert events[1]["resource"]["name"] == f"{project}/models/iris"
+    assert events[1]["resource"]["state"] == "DEPLOYED"
+    revisions = [e["revision"] for e in events]
+    assert revisions == sorted(revisions) and revisions[0] > 0
+
+    code, out, _ = await cli("operations", "list", "iris", "-o", "json")
+    kinds = [o["kind"] for o in json.loads(out)]
+    assert kinds == ["RESTART_MODEL", "STOP_MODEL", "CREATE_DEPLOYMENT", "CREATE_BUILD"]
+
+
+async def test_failures_give_reasons_and_non_zero_exit_codes(cli: Cli, tmp_path: Path) -> None:
+    code, _, err = await cli("models", "get", "nope")
+    assert code == 1 and "NOT_FOUND" in err and "MODEL_NOT_FOUND" in err
+
+    code, _, err = await cli("models", "create", "Bad_Name")
+    assert code == 1 and "INVALID_ARGUMENT" in err
+
+    await cli("models", "create", "m")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.py").write_text("def predict(body)\n    return body\n")
+    code, _, err = await cli(
+        "build", str(broken), "-m", "m", "--file", "model.py", "--function", "predict"
+    )
+    assert code == 1 and "FAILED" in err and "line 1" in err, err
+
+    code, _, err = await cli(
+        "build", str(broken), "-m", "m", "--file", "model.py", "--function", "f", "--replicas", "2"
+    )
+    assert code == 2 and "--deploy" in err
+
+    code, _, err = await cli("deploy", "m", "--build", "1", "--memory", "lots")
+    assert code == 2 and "memory" in err
+
+    code, _, err = await cli("deploy", "m", "--build", "1")
+    assert code == 1 and "FAILED_PRECONDITION" in err  # build 1 failed: nothing to deploy
+
+    code, _, err = await cli("--server", "127.0.0.1:1", "models", "list")
+    assert code == 3 and "cannot reach" in err
