@@ -73,10 +73,12 @@ async def serve(settings: Settings) -> int:
 
     server = Server(settings)
     stop = asyncio.Event()
+    await server.start()
+    # After start: Ray installs its own (C++) SIGTERM handler when it starts; ours replaces
+    # it so that SIGTERM drains in-flight RPCs and stops Ray in order, exiting 0.
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await server.start()
     print(f"ready grpc={server.grpc_address} http={server.http_address}", flush=True)
     await stop.wait()
     logging.getLogger(__name__).info("shutting down: draining in-flight RPCs")

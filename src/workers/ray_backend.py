@@ -21,17 +21,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import ray
-from ray import serve
 from ray.serve._private import api as serve_api
 from ray.serve.schema import ServeDeploySchema
 from starlette.requests import Request
 from starlette.responses import Response
 
+import ray
+from ray import serve
 from workers.backend import (
     AppObservation,
     AppSpec,
@@ -154,6 +155,13 @@ def _observation(name: str, app: Mapping[str, Any]) -> AppObservation:
     return AppObservation(app_name=name, status=status, message=message, replicas=tuple(replicas))
 
 
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
 class RayBackend:
     def __init__(
         self,
@@ -168,7 +176,7 @@ class RayBackend:
     ) -> None:
         self._address = address
         self._http_host = http_host
-        self._http_port = http_port
+        self._http_port = http_port or _free_port(http_host)
         self._num_cpus = num_cpus
         self._num_gpus = num_gpus
         self._build_cpus = build_cpus
@@ -214,7 +222,8 @@ class RayBackend:
 
     @staticmethod
     def _shutdown() -> None:
-        serve.shutdown()
+        # The local cluster is ours: stopping it stops Serve's controller, proxy and
+        # replicas with it (serve.shutdown() first would only wait on the controller).
         ray.shutdown()
 
     async def build(self, spec: BuildSpec) -> BuildOutcome:

@@ -40,6 +40,14 @@ def _resources(args: argparse.Namespace, base: t.Resources | None) -> t.Resource
     )
 
 
+async def _active(c: Client, model: t.Model) -> tuple[t.Resources | None, dict[str, str]]:
+    """The active deployment's resources and environment: what a new deploy keeps."""
+    if not model.active_deployment:
+        return None, {}
+    active = await c.get_deployment(model.active_deployment)
+    return active.resources, dict(active.environment)
+
+
 class Follower:
     """Prints an operation's progress as it changes, with the time since the start."""
 
@@ -123,13 +131,15 @@ async def models_delete(c: Client, args: argparse.Namespace, p: Printer) -> int:
 async def build(c: Client, args: argparse.Namespace, p: Printer) -> int:
     model = _model(args)
     data = inputs.zip_directory(Path(args.directory))
+    current = await c.get_model(model)  # a clear NOT_FOUND before uploading anything
     deploy = None
     if args.deploy:
-        res = _resources(args, None) or t.Resources()
-        deploy = t.DeployOptions(resources=res, environment=inputs.environment(args.env))
+        base, env = await _active(c, current)
+        res = _resources(args, base) or base or t.Resources()
+        env = {**env, **inputs.environment(args.env)}
+        deploy = t.DeployOptions(resources=res, environment=env)
     elif any(v is not None for v in (args.replicas, args.cpus, args.memory, args.gpus, args.env)):
         raise inputs.UsageError("resources and --env apply to a deploy: add --deploy")
-    await c.get_model(model)  # a clear NOT_FOUND before uploading anything
 
     def uploaded(sent: int, total: int) -> None:
         p.progress(f"uploading {args.directory}: {sent / 1024:,.0f} / {total / 1024:,.0f} KiB")
@@ -151,17 +161,9 @@ async def build(c: Client, args: argparse.Namespace, p: Printer) -> int:
 async def deploy(c: Client, args: argparse.Namespace, p: Printer) -> int:
     model = _model(args)
     build_name = inputs.child_name(model, "builds", args.build)
-    current = await c.get_model(model)
-    base = None
-    env: dict[str, str] | None = None
-    if current.active_deployment:
-        active = await c.get_deployment(current.active_deployment)
-        base = active.resources
-        env = dict(active.environment)
+    base, env = await _active(c, await c.get_model(model))
     res = _resources(args, base)
-    if args.env:
-        env = {**(env or {}), **inputs.environment(args.env)}
-    op = await c.create_deployment(model, build_name, res, env)
+    op = await c.create_deployment(model, build_name, res, {**env, **inputs.environment(args.env)})
     return await _finish(c, await _follow(c, op, p, args.wait), p)
 
 

@@ -1,0 +1,171 @@
+"""The whole active-model workflow on a local Ray Serve, step by step (`make demo`).
+
+It starts `modelctl serve` (SQLite and a local Ray in .demo/), then drives it with
+the `modelctl` CLI exactly as a person would, calling the model's endpoint over
+HTTP after each step and printing what changed: which replicas were kept (same id
+and pid), which are new, which build answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from controlplane.api.client import Client
+from controlplane.domain import types as t
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / ".demo"
+MODELCTL = str(Path(sys.executable).with_name("modelctl"))
+MODEL = "projects/demo/models/iris"
+FLOWERS = {"features": [[5.1, 3.5, 1.4, 0.2], [6.0, 2.7, 5.1, 1.6], [6.7, 3.0, 5.2, 2.3]]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def step(title: str) -> None:
+    print(f"\n\033[1m=== {title}\033[0m", flush=True)
+
+
+def modelctl(server: str, *args: str) -> None:
+    """Runs the CLI as a user would, showing the command and everything it prints."""
+    print(f"$ modelctl {' '.join(args)}", flush=True)
+    code = subprocess.call([MODELCTL, "--server", server, "--project", "demo", *args])
+    if code != 0:
+        raise SystemExit(f"demo: `modelctl {' '.join(args)}` exited {code}")
+
+
+def start_server() -> tuple[subprocess.Popen[str], str, str]:
+    shutil.rmtree(DATA, ignore_errors=True)
+    DATA.mkdir()
+    log = (DATA / "server.log").open("w")
+    cmd = [
+        MODELCTL, "serve", "--data-dir", str(DATA), "--grpc-port", str(free_port()),
+        "--http-port", str(free_port()), "--num-cpus", "4", "--num-gpus", "2",
+    ]  # fmt: skip
+    print("$ " + " ".join(["modelctl", *cmd[1:]]), flush=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if not line.startswith("ready "):
+        raise SystemExit(f"demo: the server did not start; see {DATA / 'server.log'}")
+    print(line, flush=True)
+    fields = dict(part.split("=", 1) for part in line.split()[1:])
+    return proc, fields["grpc"], fields["http"]
+
+
+async def replicas(c: Client) -> tuple[t.Deployment, dict[str, int]]:
+    model = await c.get_model(MODEL)
+    dep = await c.get_deployment(model.active_deployment)
+    return dep, {r.id: r.pid for r in dep.replicas}
+
+
+def changes(before: dict[str, int], after: dict[str, int]) -> str:
+    kept = [f"{i} (pid {p})" for i, p in after.items() if before.get(i) == p]
+    new = [f"{i} (pid {p})" for i, p in after.items() if before.get(i) != p]
+    gone = [i for i in before if i not in after]
+    return (
+        f"  kept replicas: {', '.join(kept) or 'none'}\n"
+        f"  new replicas:  {', '.join(new) or 'none'}\n"
+        f"  gone:          {', '.join(gone) or 'none'}"
+    )
+
+
+async def call(endpoint: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(timeout=30) as http:
+        r = await http.post(endpoint, json=FLOWERS)
+    body: dict[str, Any] = r.json()
+    print(f"  POST {endpoint} -> {r.status_code}")
+    print(f"  build {body['build']}, replica {body['replica_id']}: {body['response']}")
+    return body
+
+
+async def show(c: Client, before: dict[str, int], endpoint: str) -> dict[str, int]:
+    dep, now = await replicas(c)
+    r = dep.resources
+    print(
+        f"  {dep.name}: {dep.state.value}, build {dep.build.rsplit('/', 1)[-1]}, "
+        f"{r.replicas} replicas x (cpu {r.cpus:g}, gpu {r.gpus:g})"
+    )
+    print(changes(before, now))
+    await call(endpoint)
+    return now
+
+
+async def workflow(server: str) -> None:
+    examples = ROOT / "examples"
+    async with Client(server) as c:
+        step("1. Create a model")
+        modelctl(server, "models", "create", "iris", "--display-name", "Iris classifier")
+        endpoint = (await c.get_model(MODEL)).endpoint
+
+        step("2. Build examples/iris-v1 (function `predict`) and deploy it: 2 replicas")
+        modelctl(server, "build", str(examples / "iris-v1"), "--model", "iris",
+                 "--file", "model.py", "--function", "predict", "--deploy",
+                 "--replicas", "2", "--cpus", "0.5", "--gpus", "0.5")  # fmt: skip
+        seen = await show(c, {}, endpoint)
+
+        step("3. Re-deploy the same build with 3 replicas: scales in place")
+        modelctl(server, "deploy", "iris", "--build", "1", "--replicas", "3")
+        seen = await show(c, seen, endpoint)
+
+        step("4. Deploy a new build: examples/iris-v2, entry function renamed to `classify`")
+        modelctl(server, "build", str(examples / "iris-v2"), "--model", "iris",
+                 "--file", "model.py", "--function", "classify", "--deploy",
+                 "--replicas", "2", "--gpus", "0")  # fmt: skip
+        seen = await show(c, seen, endpoint)
+
+        step("5. Roll back to build 1")
+        modelctl(server, "deploy", "iris", "--build", "1")
+        seen = await show(c, seen, endpoint)
+
+        step("6. Restart: every replica re-initialized, same build and resources")
+        modelctl(server, "restart", "iris", "--yes")
+        seen = await show(c, seen, endpoint)
+
+        step("7. Stop: no replica left, the endpoint stops answering; history stays")
+        modelctl(server, "stop", "iris", "--yes")
+        async with httpx.AsyncClient(timeout=10) as http:
+            try:
+                status = str((await http.post(endpoint, json=FLOWERS)).status_code)
+            except httpx.HTTPError as e:
+                status = type(e).__name__
+        print(f"  POST {endpoint} -> {status}")
+        modelctl(server, "deployments", "list", "iris")
+        modelctl(server, "builds", "list", "iris")
+
+
+def main() -> int:
+    os.chdir(ROOT)
+    started = time.monotonic()
+    proc, server, _http = start_server()
+    try:
+        asyncio.run(workflow(server))
+    finally:
+        step("Shutting down (SIGTERM: in-flight RPCs drain, the local Ray stops)")
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+        assert proc.stdout is not None
+        proc.stdout.close()
+        print(f"  server exited {code}; records and logs are in {DATA}")
+    print(f"\nDemo finished in {time.monotonic() - started:.0f}s.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""A real server on a real socket, with the in-process fake backend, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import io
+import uuid
+import zipfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from controlplane.config import Settings
+from controlplane.server import Server
+from modellifecycle.v1 import resources_pb2 as pb
+from modellifecycle.v1 import service_pb2 as rpc
+from modellifecycle.v1 import service_pb2_grpc
+from workers.fake_backend import FakeBackend
+
+if TYPE_CHECKING:  # the typed view of a stub on a grpc.aio channel (mypy-protobuf)
+    Stub = service_pb2_grpc.ModelLifecycleAsyncStub
+else:
+    Stub = service_pb2_grpc.ModelLifecycleStub
+
+
+@pytest.fixture
+async def server(database_url: str, tmp_path: Path) -> AsyncIterator[Server]:
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        grpc_port=0,
+        database_url=database_url,
+        backend="fake",
+        num_gpus=2,
+        deploy_timeout_s=3.0,
+        reconcile_interval_s=0.05,
+        max_source_bytes=256 * 1024,
+        grace_s=1.0,
+    )
+    srv = Server(settings, backend=FakeBackend(num_gpus=2))
+    await srv.start()
+    yield srv
+    await srv.stop()
+
+
+@pytest.fixture
+async def stub(server: Server) -> AsyncIterator[Stub]:
+    async with grpc.aio.insecure_channel(server.grpc_address) as channel:
+        yield Stub(channel)
+
+
+@pytest.fixture
+def project() -> str:
+    return f"projects/p{uuid.uuid4().hex[:8]}"
+
+
+def zip_bytes(files: dict[str, str]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+    return buf.getvalue()
+
+
+MODEL_V1 = "def predict(body):\n    return {'echo': body, 'version': 1}\n"
+MODEL_V2 = "def classify(body):\n    return {'echo': body, 'version': 2}\n"
+
+
+async def upload(stub: Stub, parent: str, data: bytes, chunk: int = 1000) -> pb.Source:
+    async def gen() -> AsyncIterator[rpc.UploadSourceRequest]:
+        for i in range(0, len(data), chunk):
+            yield rpc.UploadSourceRequest(
+                parent=parent if i == 0 else "", chunk=data[i : i + chunk]
+            )
+
+    result: pb.Source = await stub.UploadSource(gen())
+    return result
+
+
+async def create_model(stub: Stub, project: str, model_id: str = "iris") -> pb.Model:
+    model: pb.Model = await stub.CreateModel(
+        rpc.CreateModelRequest(parent=project, model_id=model_id)
+    )
+    return model
+
+
+async def wait(stub: Stub, op: pb.Operation, seconds: float = 30) -> pb.Operation:
+    from google.protobuf import duration_pb2
+
+    for _ in range(int(seconds)):
+        op = await stub.WaitOperation(
+            rpc.WaitOperationRequest(name=op.name, timeout=duration_pb2.Duration(seconds=1))
+        )
+        if op.done:
+            return op
+    raise AssertionError(f"operation {op.name} not done after {seconds}s: {op}")
+
+
+async def build(
+    stub: Stub,
+    model: str,
+    source: str = MODEL_V1,
+    function: str = "predict",
+    deploy: rpc.DeployOptions | None = None,
+) -> pb.Operation:
+    src = await upload(stub, model, zip_bytes({"model.py": source}))
+    op: pb.Operation = await stub.CreateBuild(
+        rpc.CreateBuildRequest(
+            parent=model,
+            source_sha256=src.sha256,
+            file_path="model.py",
+            function_name=function,
+            deploy=deploy,
+        )
+    )
+    return await wait(stub, op)
+
+
+def resources(
+    replicas: int = 1, cpus: float = 0, memory_mib: int = 0, gpus: float = 0
+) -> pb.Resources:
+    return pb.Resources(replicas=replicas, cpus=cpus, memory_mib=memory_mib, gpus=gpus)
+
+
+def error_info(err: grpc.aio.AioRpcError) -> tuple[str, dict[str, str], list[str]]:
+    """(reason, metadata, violated fields) from the rich status of a failed call."""
+    status = rpc_status.from_call(err)
+    assert status is not None, "no google.rpc.Status details on the error"
+    reason, metadata, fields = "", {}, []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason, metadata = info.reason, dict(info.metadata)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            fields = [v.field for v in bad.field_violations]
+    return reason, metadata, fields
