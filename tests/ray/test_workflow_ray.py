@@ -41,11 +41,19 @@ def zip_dir(path: Path) -> bytes:
 
 
 @pytest.fixture(scope="module")
-async def ray_server(ray_backend: Backend, tmp_path_factory: pytest.TempPathFactory,
-                     ) -> AsyncIterator[Server]:
+async def ray_server(
+    ray_backend: Backend,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[Server]:
     data = tmp_path_factory.mktemp("cp")
-    settings = Settings(data_dir=data, grpc_port=0, reconcile_interval_s=0.25,
-                        deploy_timeout_s=120.0, num_gpus=2, grace_s=2.0)
+    settings = Settings(
+        data_dir=data,
+        grpc_port=0,
+        reconcile_interval_s=0.25,
+        deploy_timeout_s=120.0,
+        num_gpus=2,
+        grace_s=2.0,
+    )
     server = Server(settings, backend=ray_backend, owns_backend=False)
     await server.start()
     yield server
@@ -70,21 +78,32 @@ async def replicas(stub: Stub, model: str) -> list[pb.Replica]:
     return list(dep.replicas)
 
 
-async def new_build(stub: Stub, model: str, example: str, function: str,
-                    deploy: rpc.DeployOptions | None) -> pb.Operation:
+async def new_build(
+    stub: Stub, model: str, example: str, function: str, deploy: rpc.DeployOptions | None
+) -> pb.Operation:
     src = await upload(stub, model, zip_dir(EXAMPLES / example), chunk=64 * 1024)
-    op = await stub.CreateBuild(rpc.CreateBuildRequest(
-        parent=model, source_sha256=src.sha256, file_path="model.py", function_name=function,
-        deploy=deploy))
+    op = await stub.CreateBuild(
+        rpc.CreateBuildRequest(
+            parent=model,
+            source_sha256=src.sha256,
+            file_path="model.py",
+            function_name=function,
+            deploy=deploy,
+        )
+    )
     return await wait(stub, op, 240)
 
 
 async def test_whole_workflow_on_ray_serve(rstub: Stub) -> None:
     stub = rstub
-    model = await stub.CreateModel(rpc.CreateModelRequest(parent="projects/demo",
-                                                          model_id="iris"))
-    op = await new_build(stub, model.name, "iris-v1", "predict",
-                         rpc.DeployOptions(resources=resources(2, cpus=0.5, gpus=0.5)))
+    model = await stub.CreateModel(rpc.CreateModelRequest(parent="projects/demo", model_id="iris"))
+    op = await new_build(
+        stub,
+        model.name,
+        "iris-v1",
+        "predict",
+        rpc.DeployOptions(resources=resources(2, cpus=0.5, gpus=0.5)),
+    )
     assert not op.HasField("error"), op.error
     m = await stub.GetModel(rpc.GetModelRequest(name=model.name))
     assert m.state == pb.MODEL_STATE_DEPLOYED
@@ -99,17 +118,26 @@ async def test_whole_workflow_on_ray_serve(rstub: Stub) -> None:
     assert all(x.pid > 0 and x.node for x in two)
 
     # Scale in place: 2 -> 3, the first two keep their ids and pids.
-    op = await wait(stub, await stub.CreateDeployment(rpc.CreateDeploymentRequest(
-        parent=model.name, build=f"{model.name}/builds/1",
-        resources=resources(3, cpus=0.5, gpus=0.5))), 120)
+    op = await wait(
+        stub,
+        await stub.CreateDeployment(
+            rpc.CreateDeploymentRequest(
+                parent=model.name,
+                build=f"{model.name}/builds/1",
+                resources=resources(3, cpus=0.5, gpus=0.5),
+            )
+        ),
+        120,
+    )
     assert not op.HasField("error"), op.error
     three = await replicas(stub, model.name)
     assert len(three) == 3
     assert {(x.id, x.pid) for x in two} <= {(x.id, x.pid) for x in three}
 
     # A new build with a renamed entry function, rolled out with no request failing.
-    op = await new_build(stub, model.name, "iris-v2", "classify",
-                         rpc.DeployOptions(resources=resources(2, cpus=0.5)))
+    op = await new_build(
+        stub, model.name, "iris-v2", "classify", rpc.DeployOptions(resources=resources(2, cpus=0.5))
+    )
     assert not op.HasField("error"), op.error
     body = (await call(m.endpoint)).json()
     assert body["build"] == f"{model.name}/builds/2" and body["response"]["version"] == 2
@@ -117,8 +145,13 @@ async def test_whole_workflow_on_ray_serve(rstub: Stub) -> None:
     assert not {x.pid for x in v2} & {x.pid for x in three}
 
     # Roll back to build 1: the old code serves again.
-    op = await wait(stub, await stub.CreateDeployment(rpc.CreateDeploymentRequest(
-        parent=model.name, build=f"{model.name}/builds/1")), 120)
+    op = await wait(
+        stub,
+        await stub.CreateDeployment(
+            rpc.CreateDeploymentRequest(parent=model.name, build=f"{model.name}/builds/1")
+        ),
+        120,
+    )
     assert not op.HasField("error"), op.error
     body = (await call(m.endpoint)).json()
     assert body["build"] == f"{model.name}/builds/1" and body["response"]["version"] == 1
@@ -148,8 +181,9 @@ async def test_whole_workflow_on_ray_serve(rstub: Stub) -> None:
     assert len(deps.deployments) == 4
 
 
-async def under_load(endpoint: str, stub: Stub,
-                     request: rpc.RestartModelRequest) -> tuple[list[str], int]:
+async def under_load(
+    endpoint: str, stub: Stub, request: rpc.RestartModelRequest
+) -> tuple[list[str], int]:
     """Runs a bounded steady load (127.0.0.1 only) while the restart rolls out."""
     failures: list[str] = []
     total = 0
@@ -182,15 +216,28 @@ async def under_load(endpoint: str, stub: Stub,
 
 async def test_user_code_failing_at_start_fails_the_deployment(rstub: Stub) -> None:
     stub = rstub
-    model = await stub.CreateModel(rpc.CreateModelRequest(parent="projects/demo",
-                                                          model_id="broken"))
-    bad = "import os\nif os.environ.get('CP_RESTART_GENERATION') is not None:\n" \
-          "    raise RuntimeError('cannot reach the feature store')\n" \
-          "def predict(body):\n    return body\n"
+    model = await stub.CreateModel(
+        rpc.CreateModelRequest(parent="projects/demo", model_id="broken")
+    )
+    bad = (
+        "import os\nif os.environ.get('CP_RESTART_GENERATION') is not None:\n"
+        "    raise RuntimeError('cannot reach the feature store')\n"
+        "def predict(body):\n    return body\n"
+    )
     src = await upload(stub, model.name, _zip({"model.py": bad}))
-    op = await wait(stub, await stub.CreateBuild(rpc.CreateBuildRequest(
-        parent=model.name, source_sha256=src.sha256, file_path="model.py",
-        function_name="predict", deploy=rpc.DeployOptions(resources=resources(1)))), 240)
+    op = await wait(
+        stub,
+        await stub.CreateBuild(
+            rpc.CreateBuildRequest(
+                parent=model.name,
+                source_sha256=src.sha256,
+                file_path="model.py",
+                function_name="predict",
+                deploy=rpc.DeployOptions(resources=resources(1)),
+            )
+        ),
+        240,
+    )
     assert op.HasField("error"), op
     dep = await stub.GetDeployment(rpc.GetDeploymentRequest(name=f"{model.name}/deployments/1"))
     assert dep.state == pb.DEPLOYMENT_STATE_FAILED

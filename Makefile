@@ -1,0 +1,44 @@
+# The two commands a newcomer needs:  make demo  and  make test.
+# Both set everything up on a fresh machine (a virtualenv with every dependency).
+
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: demo test setup lint typecheck contract generate check-generated pytest clean
+
+demo: setup
+	$(BIN)/python scripts/demo.py
+
+test: setup lint typecheck contract check-generated pytest
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+lint:
+	$(BIN)/ruff check src tests scripts
+
+typecheck:
+	$(BIN)/mypy
+
+contract:
+	$(BIN)/buf lint
+	$(BIN)/buf breaking --against protos/release/v1.binpb
+
+generate:
+	PATH=$(CURDIR)/$(BIN):$$PATH scripts/gen_protos.sh
+
+check-generated:
+	PATH=$(CURDIR)/$(BIN):$$PATH scripts/check_generated.sh
+
+pytest:
+	$(BIN)/python -m pytest -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) .modelctl .demo

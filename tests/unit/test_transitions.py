@@ -1,0 +1,100 @@
+"""Every pair of states through the transition table (transitions are data)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import StrEnum
+from itertools import product
+
+import pytest
+
+from controlplane.domain import transitions as tr
+from controlplane.domain.errors import InvalidTransition
+from controlplane.domain.states import BuildState, DeploymentState, ModelState
+
+M, B, D = ModelState, BuildState, DeploymentState
+
+# The expected table, written out independently of the implementation.
+EXPECTED_MODEL = {
+    (M.NOT_DEPLOYED, M.PENDING),
+    (M.NOT_DEPLOYED, M.DEPLOYING),
+    (M.PENDING, M.DEPLOYING),
+    (M.PENDING, M.FAILED),
+    (M.PENDING, M.STOPPED),
+    (M.PENDING, M.NOT_DEPLOYED),
+    (M.DEPLOYING, M.DEPLOYED),
+    (M.DEPLOYING, M.FAILED),
+    (M.DEPLOYING, M.STOPPING),
+    (M.DEPLOYED, M.DEPLOYING),
+    (M.DEPLOYED, M.STOPPING),
+    (M.DEPLOYED, M.FAILED),
+    (M.STOPPING, M.STOPPED),
+    (M.STOPPING, M.FAILED),
+    (M.STOPPED, M.PENDING),
+    (M.STOPPED, M.DEPLOYING),
+    (M.FAILED, M.PENDING),
+    (M.FAILED, M.DEPLOYING),
+    (M.FAILED, M.STOPPING),
+    (M.FAILED, M.STOPPED),
+}
+EXPECTED_BUILD = {
+    (B.QUEUED, B.BUILDING),
+    (B.QUEUED, B.FAILED),
+    (B.BUILDING, B.BUILT),
+    (B.BUILDING, B.FAILED),
+}
+EXPECTED_DEPLOYMENT = {
+    (D.PENDING, D.DEPLOYING),
+    (D.PENDING, D.FAILED),
+    (D.PENDING, D.STOPPED),
+    (D.DEPLOYING, D.DEPLOYED),
+    (D.DEPLOYING, D.FAILED),
+    (D.DEPLOYING, D.STOPPING),
+    (D.DEPLOYED, D.DEPLOYING),
+    (D.DEPLOYED, D.STOPPING),
+    (D.DEPLOYED, D.REPLACED),
+    (D.DEPLOYED, D.FAILED),
+    (D.STOPPING, D.STOPPED),
+    (D.STOPPING, D.FAILED),
+    (D.STOPPED, D.DEPLOYING),
+    (D.STOPPED, D.REPLACED),
+    (D.FAILED, D.DEPLOYING),
+    (D.FAILED, D.STOPPING),
+    (D.FAILED, D.STOPPED),
+    (D.FAILED, D.REPLACED),
+}
+
+CASES: list[
+    tuple[Mapping[StrEnum, frozenset[StrEnum]], type[StrEnum], set[tuple[StrEnum, StrEnum]]]
+] = [
+    (tr.MODEL_TRANSITIONS, ModelState, EXPECTED_MODEL),  # type: ignore[list-item]
+    (tr.BUILD_TRANSITIONS, BuildState, EXPECTED_BUILD),  # type: ignore[list-item]
+    (tr.DEPLOYMENT_TRANSITIONS, DeploymentState, EXPECTED_DEPLOYMENT),  # type: ignore[list-item]
+]
+
+
+@pytest.mark.parametrize("table,enum,expected", CASES, ids=["model", "build", "deployment"])
+def test_every_pair(
+    table: Mapping[StrEnum, frozenset[StrEnum]],
+    enum: type[StrEnum],
+    expected: set[tuple[StrEnum, StrEnum]],
+) -> None:
+    assert set(table) == set(enum), "every state has a row"
+    for a, b in product(enum, enum):
+        ok = a == b or (a, b) in expected
+        assert tr.allowed(table, a, b) is ok, f"{a} -> {b}"
+        if ok:
+            tr.check(table, "x", a, b)
+        else:
+            with pytest.raises(InvalidTransition, match=f"{a.value} -> {b.value}"):
+                tr.check(table, "x", a, b)
+
+
+def test_terminal_states_have_no_exit() -> None:
+    assert tr.BUILD_TRANSITIONS[B.BUILT] == frozenset()
+    assert tr.BUILD_TRANSITIONS[B.FAILED] == frozenset()
+    assert tr.DEPLOYMENT_TRANSITIONS[D.REPLACED] == frozenset()
+
+
+def test_active_states() -> None:
+    assert {s for s in ModelState if s.active} == {M.DEPLOYING, M.DEPLOYED, M.STOPPING}
