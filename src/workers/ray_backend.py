@@ -140,7 +140,17 @@ def _replica(r: Mapping[str, Any]) -> ReplicaObservation:
     )
 
 
-def _observation(name: str, app: Mapping[str, Any]) -> AppObservation:
+def _unplaceable(required: Mapping[str, Any], cluster: Mapping[str, float]) -> str:
+    """Why a replica can never be placed, or "" (Serve itself says so only after 30s)."""
+    short = [r for r, amount in required.items() if float(amount) > cluster.get(r, 0.0)]
+    if not short:
+        return ""
+    need = ", ".join(f"{float(required[r]):g} {r}" for r in short)
+    have = ", ".join(f"{cluster.get(r, 0.0):g} {r}" for r in short)
+    return f"replicas cannot be placed: each needs {need}; the cluster has {have} in all"
+
+
+def _observation(name: str, app: Mapping[str, Any], cluster: Mapping[str, float]) -> AppObservation:
     deployments: Mapping[str, Any] = app.get("deployments") or {}
     replicas: list[ReplicaObservation] = []
     messages: list[str] = []
@@ -148,6 +158,8 @@ def _observation(name: str, app: Mapping[str, Any]) -> AppObservation:
         replicas.extend(_replica(r) for r in d.get("replicas") or ())
         if d.get("message"):
             messages.append(str(d["message"]))
+        elif cluster and (why := _unplaceable(d.get("required_resources") or {}, cluster)):
+            messages.append(why)
     status = _APP_STATUS.get(_enum(app.get("status")), AppStatus.DEPLOYING)
     # The deployment's message carries the cause (the user's exception, what could
     # not be scheduled); the application's only says which deployment failed.
@@ -247,4 +259,7 @@ class RayBackend:
     async def observe(self) -> Mapping[str, AppObservation]:
         details: Mapping[str, Any] = await asyncio.to_thread(self._client.get_serve_details)
         apps: Mapping[str, Any] = details.get("applications") or {}
-        return {name: _observation(name, app) for name, app in apps.items()}
+        cluster: Mapping[str, float] = (
+            await asyncio.to_thread(ray.cluster_resources) if apps else {}
+        )
+        return {name: _observation(name, app, cluster) for name, app in apps.items()}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import zipfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -134,31 +134,44 @@ async def test_whole_workflow_on_ray_serve(rstub: Stub) -> None:
     assert len(three) == 3
     assert {(x.id, x.pid) for x in two} <= {(x.id, x.pid) for x in three}
 
-    # A new build with a renamed entry function, rolled out with no request failing.
-    op = await new_build(
+    # A new build with a renamed entry function, rolled out under steady load.
+    new = new_build(
         stub, model.name, "iris-v2", "classify", rpc.DeployOptions(resources=resources(2, cpus=0.5))
     )
+    op, failures, total = await under_load(m.endpoint, new)
     assert not op.HasField("error"), op.error
+    assert total > 20 and failures == [], failures[:5]
     body = (await call(m.endpoint)).json()
     assert body["build"] == f"{model.name}/builds/2" and body["response"]["version"] == 2
     v2 = await replicas(stub, model.name)
     assert not {x.pid for x in v2} & {x.pid for x in three}
 
-    # Roll back to build 1: the old code serves again.
-    op = await wait(
-        stub,
-        await stub.CreateDeployment(
-            rpc.CreateDeploymentRequest(parent=model.name, build=f"{model.name}/builds/1")
-        ),
-        120,
-    )
+    # Roll back to build 1 under steady load: the old code serves again.
+    async def rollback() -> pb.Operation:
+        return await wait(
+            stub,
+            await stub.CreateDeployment(
+                rpc.CreateDeploymentRequest(parent=model.name, build=f"{model.name}/builds/1")
+            ),
+            120,
+        )
+
+    op, failures, total = await under_load(m.endpoint, rollback())
     assert not op.HasField("error"), op.error
+    assert total > 20 and failures == [], failures[:5]
     body = (await call(m.endpoint)).json()
     assert body["build"] == f"{model.name}/builds/1" and body["response"]["version"] == 1
 
     # Restart under steady load: every replica replaced, no request fails.
     before = await replicas(stub, model.name)
-    failures, total = await under_load(m.endpoint, stub, rpc.RestartModelRequest(name=model.name))
+
+    async def restart() -> pb.Operation:
+        return await wait(
+            stub, await stub.RestartModel(rpc.RestartModelRequest(name=model.name)), 120
+        )
+
+    op, failures, total = await under_load(m.endpoint, restart())
+    assert not op.HasField("error"), op.error
     after = await replicas(stub, model.name)
     assert len(after) == len(before) == 2
     assert not {x.pid for x in after} & {x.pid for x in before}
@@ -180,18 +193,27 @@ async def test_whole_workflow_on_ray_serve(rstub: Stub) -> None:
     deps = await stub.ListDeployments(rpc.ListDeploymentsRequest(parent=model.name))
     assert len(deps.deployments) == 4
 
+    # Restart a stopped model: its last deployment serves again.
+    op = await wait(stub, await stub.RestartModel(rpc.RestartModelRequest(name=model.name)), 120)
+    assert not op.HasField("error"), op.error
+    body = (await call(m.endpoint)).json()
+    assert body["build"] == f"{model.name}/builds/1" and body["success"] is True
+    assert len(await replicas(stub, model.name)) == 2
+    op = await wait(stub, await stub.StopModel(rpc.StopModelRequest(name=model.name)), 120)
+    assert not op.HasField("error"), op.error
+
 
 async def under_load(
-    endpoint: str, stub: Stub, request: rpc.RestartModelRequest
-) -> tuple[list[str], int]:
-    """Runs a bounded steady load (127.0.0.1 only) while the restart rolls out."""
+    endpoint: str, change: Awaitable[pb.Operation]
+) -> tuple[pb.Operation, list[str], int]:
+    """Runs a bounded steady load (127.0.0.1 only) while ``change`` rolls out."""
     failures: list[str] = []
     total = 0
     done = asyncio.Event()
 
     async def worker(http: httpx.AsyncClient) -> None:
         nonlocal total
-        for _ in range(2000):  # bounded
+        for _ in range(5000):  # bounded
             if done.is_set():
                 return
             total += 1
@@ -206,12 +228,11 @@ async def under_load(
     async with httpx.AsyncClient(timeout=30) as http:
         workers = [asyncio.create_task(worker(http)) for _ in range(4)]
         await asyncio.sleep(0.5)
-        op = await wait(stub, await stub.RestartModel(request), 120)
-        assert not op.HasField("error"), op.error
+        op = await change
         await asyncio.sleep(0.5)
         done.set()
         await asyncio.gather(*workers)
-    return failures, total
+    return op, failures, total
 
 
 async def test_user_code_failing_at_start_fails_the_deployment(rstub: Stub) -> None:

@@ -1,0 +1,64 @@
+"""A deploy asking for more GPUs than the cluster has fails at its deadline, saying why."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from controlplane.config import Settings
+from controlplane.server import Server
+from modellifecycle.v1 import resources_pb2 as pb
+from modellifecycle.v1 import service_pb2 as rpc
+from tests.integration.conftest import MODEL_V1, Stub, resources, upload, wait, zip_bytes
+from workers.backend import Backend
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+async def short_deadline_stub(
+    ray_backend: Backend, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Stub]:
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("cp-placement"),
+        grpc_port=0,
+        reconcile_interval_s=0.25,
+        deploy_timeout_s=6.0,
+        num_gpus=2,
+        grace_s=2.0,
+    )
+    server = Server(settings, backend=ray_backend, owns_backend=False)
+    await server.start()
+    async with grpc.aio.insecure_channel(server.grpc_address) as channel:
+        yield Stub(channel)
+    await server.stop()
+
+
+async def test_gpus_that_cannot_be_placed_fail_the_deploy_with_the_reason(
+    short_deadline_stub: Stub,
+) -> None:
+    stub = short_deadline_stub
+    model = await stub.CreateModel(rpc.CreateModelRequest(parent="projects/gpu", model_id="big"))
+    src = await upload(stub, model.name, zip_bytes({"model.py": MODEL_V1}))
+    op = await wait(
+        stub,
+        await stub.CreateBuild(
+            rpc.CreateBuildRequest(
+                parent=model.name,
+                source_sha256=src.sha256,
+                file_path="model.py",
+                function_name="predict",
+                deploy=rpc.DeployOptions(resources=resources(1, cpus=0.1, gpus=3)),
+            )
+        ),
+        120,
+    )
+    assert op.HasField("error")
+    dep = await stub.GetDeployment(rpc.GetDeploymentRequest(name=op.deployment))
+    assert dep.state == pb.DEPLOYMENT_STATE_FAILED
+    assert "after 6s" in dep.message
+    assert "each needs 3 GPU" in dep.message and "the cluster has 2 GPU" in dep.message, dep.message
+    m = await stub.GetModel(rpc.GetModelRequest(name=model.name))
+    assert m.state == pb.MODEL_STATE_FAILED
