@@ -105,7 +105,9 @@ async def build(
     source: str = MODEL_V1,
     function: str = "predict",
     deploy: rpc.DeployOptions | None = None,
+    seconds: float = 30,
 ) -> pb.Operation:
+    """Uploads ``source`` as model.py, builds it (and deploys when asked), waits till done."""
     src = await upload(stub, model, zip_bytes({"model.py": source}))
     op: pb.Operation = await stub.CreateBuild(
         rpc.CreateBuildRequest(
@@ -116,7 +118,7 @@ async def build(
             deploy=deploy,
         )
     )
-    return await wait(stub, op)
+    return await wait(stub, op, seconds)
 
 
 def resources(

@@ -11,7 +11,7 @@ from controlplane.config import Settings
 from controlplane.server import Server
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
-from tests.integration.conftest import MODEL_V1, Stub, resources, upload, wait, zip_bytes
+from tests.integration.conftest import MODEL_V1, Stub, build, resources
 from workers.backend import Backend
 
 pytestmark = pytest.mark.ray
@@ -41,20 +41,8 @@ async def test_gpus_that_cannot_be_placed_fail_the_deploy_with_the_reason(
 ) -> None:
     stub = short_deadline_stub
     model = await stub.CreateModel(rpc.CreateModelRequest(parent="projects/gpu", model_id="big"))
-    src = await upload(stub, model.name, zip_bytes({"model.py": MODEL_V1}))
-    op = await wait(
-        stub,
-        await stub.CreateBuild(
-            rpc.CreateBuildRequest(
-                parent=model.name,
-                source_sha256=src.sha256,
-                file_path="model.py",
-                function_name="predict",
-                deploy=rpc.DeployOptions(resources=resources(1, cpus=0.1, gpus=3)),
-            )
-        ),
-        120,
-    )
+    deploy = rpc.DeployOptions(resources=resources(1, cpus=0.1, gpus=3))
+    op = await build(stub, model.name, MODEL_V1, deploy=deploy, seconds=120)
     assert op.HasField("error")
     dep = await stub.GetDeployment(rpc.GetDeploymentRequest(name=op.deployment))
     assert dep.state == pb.DEPLOYMENT_STATE_FAILED

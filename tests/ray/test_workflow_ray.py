@@ -23,7 +23,7 @@ from controlplane.server import Server
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
 from tests.conftest import EXAMPLES
-from tests.integration.conftest import Stub, resources, upload, wait
+from tests.integration.conftest import Stub, build, resources, upload, wait
 from workers.backend import Backend
 
 pytestmark = pytest.mark.ray
@@ -245,29 +245,10 @@ async def test_user_code_failing_at_start_fails_the_deployment(rstub: Stub) -> N
         "    raise RuntimeError('cannot reach the feature store')\n"
         "def predict(body):\n    return body\n"
     )
-    src = await upload(stub, model.name, _zip({"model.py": bad}))
-    op = await wait(
-        stub,
-        await stub.CreateBuild(
-            rpc.CreateBuildRequest(
-                parent=model.name,
-                source_sha256=src.sha256,
-                file_path="model.py",
-                function_name="predict",
-                deploy=rpc.DeployOptions(resources=resources(1)),
-            )
-        ),
-        240,
+    op = await build(
+        stub, model.name, bad, deploy=rpc.DeployOptions(resources=resources(1)), seconds=240
     )
     assert op.HasField("error"), op
     dep = await stub.GetDeployment(rpc.GetDeploymentRequest(name=f"{model.name}/deployments/1"))
     assert dep.state == pb.DEPLOYMENT_STATE_FAILED
     assert "cannot reach the feature store" in dep.message
-
-
-def _zip(files: dict[str, str]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        for name, text in files.items():
-            z.writestr(name, text)
-    return buf.getvalue()
