@@ -236,3 +236,18 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
     ) -> AsyncIterator[pb.ModelEvent]:
         async for event in self.hub.watch(request.name, request.since_revision):
             yield convert.event_to_pb(event)
+
+    @stream
+    async def WatchModels(
+        self, request: rpc.WatchModelsRequest, context: Ctx
+    ) -> AsyncIterator[pb.ModelEvent]:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "WatchModels is being implemented")
+        yield pb.ModelEvent()  # pragma: no cover
+
+    # ---- cancel ----------------------------------------------------------------------------
+
+    @unary
+    async def CancelOperation(
+        self, request: rpc.CancelOperationRequest, context: Ctx
+    ) -> pb.Operation:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "CancelOperation is being implemented")

@@ -124,6 +124,16 @@ class ModelLifecycleStub:
                 request_serializer=modellifecycle_dot_v1_dot_service__pb2.WatchModelRequest.SerializeToString,
                 response_deserializer=modellifecycle_dot_v1_dot_resources__pb2.ModelEvent.FromString,
                 _registered_method=True)
+        self.WatchModels = channel.unary_stream(
+                '/modellifecycle.v1.ModelLifecycle/WatchModels',
+                request_serializer=modellifecycle_dot_v1_dot_service__pb2.WatchModelsRequest.SerializeToString,
+                response_deserializer=modellifecycle_dot_v1_dot_resources__pb2.ModelEvent.FromString,
+                _registered_method=True)
+        self.CancelOperation = channel.unary_unary(
+                '/modellifecycle.v1.ModelLifecycle/CancelOperation',
+                request_serializer=modellifecycle_dot_v1_dot_service__pb2.CancelOperationRequest.SerializeToString,
+                response_deserializer=modellifecycle_dot_v1_dot_resources__pb2.Operation.FromString,
+                _registered_method=True)
 
 
 class ModelLifecycleServicer:
@@ -246,6 +256,23 @@ class ModelLifecycleServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchModels(self, request, context):
+        """Every model of a project (`parent`), with the same ordering and resume rules as
+        WatchModel. BOOKMARK events carry the latest revision while nothing changes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelOperation(self, request, context):
+        """Stops a running build or deploy cleanly: a build's task is cancelled and its
+        partial output removed; a deploy goes back to the model's last good deployment.
+        Returns the operation once it is done, with a CANCELLED error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelLifecycleServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -333,6 +360,16 @@ def add_ModelLifecycleServicer_to_server(servicer, server):
                     servicer.WatchModel,
                     request_deserializer=modellifecycle_dot_v1_dot_service__pb2.WatchModelRequest.FromString,
                     response_serializer=modellifecycle_dot_v1_dot_resources__pb2.ModelEvent.SerializeToString,
+            ),
+            'WatchModels': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchModels,
+                    request_deserializer=modellifecycle_dot_v1_dot_service__pb2.WatchModelsRequest.FromString,
+                    response_serializer=modellifecycle_dot_v1_dot_resources__pb2.ModelEvent.SerializeToString,
+            ),
+            'CancelOperation': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelOperation,
+                    request_deserializer=modellifecycle_dot_v1_dot_service__pb2.CancelOperationRequest.FromString,
+                    response_serializer=modellifecycle_dot_v1_dot_resources__pb2.Operation.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -797,6 +834,60 @@ class ModelLifecycle:
             '/modellifecycle.v1.ModelLifecycle/WatchModel',
             modellifecycle_dot_v1_dot_service__pb2.WatchModelRequest.SerializeToString,
             modellifecycle_dot_v1_dot_resources__pb2.ModelEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/modellifecycle.v1.ModelLifecycle/WatchModels',
+            modellifecycle_dot_v1_dot_service__pb2.WatchModelsRequest.SerializeToString,
+            modellifecycle_dot_v1_dot_resources__pb2.ModelEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modellifecycle.v1.ModelLifecycle/CancelOperation',
+            modellifecycle_dot_v1_dot_service__pb2.CancelOperationRequest.SerializeToString,
+            modellifecycle_dot_v1_dot_resources__pb2.Operation.FromString,
             options,
             channel_credentials,
             insecure,

@@ -70,6 +70,15 @@ class ModelLifecycleStub:
     """since_revision 0: the current state first, then every change in order.
     Above 0: exactly the events after it.
     """
+    WatchModels: _grpc.UnaryStreamMultiCallable[_service_pb2.WatchModelsRequest, _resources_pb2.ModelEvent]
+    """Every model of a project (`parent`), with the same ordering and resume rules as
+    WatchModel. BOOKMARK events carry the latest revision while nothing changes.
+    """
+    CancelOperation: _grpc.UnaryUnaryMultiCallable[_service_pb2.CancelOperationRequest, _resources_pb2.Operation]
+    """Stops a running build or deploy cleanly: a build's task is cancelled and its
+    partial output removed; a deploy goes back to the model's last good deployment.
+    Returns the operation once it is done, with a CANCELLED error.
+    """
 
 @_typing.type_check_only
 class ModelLifecycleAsyncStub(ModelLifecycleStub):
@@ -110,6 +119,15 @@ class ModelLifecycleAsyncStub(ModelLifecycleStub):
     WatchModel: _aio.UnaryStreamMultiCallable[_service_pb2.WatchModelRequest, _resources_pb2.ModelEvent]  # type: ignore[assignment]
     """since_revision 0: the current state first, then every change in order.
     Above 0: exactly the events after it.
+    """
+    WatchModels: _aio.UnaryStreamMultiCallable[_service_pb2.WatchModelsRequest, _resources_pb2.ModelEvent]  # type: ignore[assignment]
+    """Every model of a project (`parent`), with the same ordering and resume rules as
+    WatchModel. BOOKMARK events carry the latest revision while nothing changes.
+    """
+    CancelOperation: _aio.UnaryUnaryMultiCallable[_service_pb2.CancelOperationRequest, _resources_pb2.Operation]  # type: ignore[assignment]
+    """Stops a running build or deploy cleanly: a build's task is cancelled and its
+    partial output removed; a deploy goes back to the model's last good deployment.
+    Returns the operation once it is done, with a CANCELLED error.
     """
 
 class ModelLifecycleServicer(metaclass=_abc_1.ABCMeta):
@@ -250,6 +268,27 @@ class ModelLifecycleServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_resources_pb2.ModelEvent], _abc.AsyncIterator[_resources_pb2.ModelEvent]]:
         """since_revision 0: the current state first, then every change in order.
         Above 0: exactly the events after it.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchModels(
+        self,
+        request: _service_pb2.WatchModelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_resources_pb2.ModelEvent], _abc.AsyncIterator[_resources_pb2.ModelEvent]]:
+        """Every model of a project (`parent`), with the same ordering and resume rules as
+        WatchModel. BOOKMARK events carry the latest revision while nothing changes.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelOperation(
+        self,
+        request: _service_pb2.CancelOperationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_resources_pb2.Operation, _abc.Awaitable[_resources_pb2.Operation]]:
+        """Stops a running build or deploy cleanly: a build's task is cancelled and its
+        partial output removed; a deploy goes back to the model's last good deployment.
+        Returns the operation once it is done, with a CANCELLED error.
         """
 
 def add_ModelLifecycleServicer_to_server(servicer: ModelLifecycleServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
