@@ -30,6 +30,9 @@ class Settings:
     deploy_timeout_s: float = 300.0
     reconcile_interval_s: float = 0.5
     dispatcher_concurrency: int = 8
+    # A running job's lease, renewed every third of it; another server takes the job
+    # over when its server stops renewing (it died).
+    job_lease_s: float = 15.0
     wait_operation_max_s: float = 60.0
     watch_queue_size: int = 1000
     event_retention_count: int = 1000

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
-from controlplane import desired
+from controlplane import desired, failpoints
 from controlplane.config import Settings
 from controlplane.domain import states as st
 from controlplane.domain import types as t
@@ -25,12 +24,13 @@ from controlplane.service import JOB_APPLY, JOB_BUILD, start_deploying
 from controlplane.storage import repo
 from controlplane.storage.changes import Changes, now
 from controlplane.storage.db import Database
-from controlplane.storage.tables import DeploymentRow, JobRow, ModelRow
-from workers.backend import AppObservation, AppSpec, Backend, BuildOutcome, BuildSpec, rolls
+from controlplane.storage.tables import JobRow
+from workers.backend import AppSpec, Backend, BuildOutcome, BuildSpec
 
 log = logging.getLogger(__name__)
 
-LEASE = timedelta(minutes=30)
+# Key of the PostgreSQL advisory lock that serializes applies of the Serve config.
+APPLY_LOCK = 0x6D6F64656C  # "model"
 _IN_FLIGHT = (st.DeploymentState.DEPLOYING.value, st.DeploymentState.STOPPING.value)
 
 
@@ -54,6 +54,7 @@ class Dispatcher:
         self._running: set[asyncio.Task[None]] = set()
         self._apply_lock = asyncio.Lock()
         self._stopping = False
+        self._heartbeat_task: asyncio.Task[None] | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -62,17 +63,24 @@ class Dispatcher:
         await asyncio.to_thread(self._recover)
         self.db.on_commit(lambda _rev: self.wake())
         self._task = asyncio.create_task(self._run(), name="dispatcher")
+        self._heartbeat_task = asyncio.create_task(self._heartbeat(), name="job-leases")
 
     async def stop(self) -> None:
         self._stopping = True
         self.wake()
         if self._task:
             await self._task
+        if self._heartbeat_task:
+            self._heartbeat_task.cancel()
+            await asyncio.gather(self._heartbeat_task, return_exceptions=True)
         if self._running:
             # Jobs are in the database: unfinished ones run again at the next start.
             for task in self._running:
                 task.cancel()
             await asyncio.gather(*self._running, return_exceptions=True)
+        # Hand this server's unfinished jobs back now rather than at lease expiry: another
+        # server (or this one, started again) takes them over at once.
+        await asyncio.to_thread(self._recover)
 
     def wake(self) -> None:
         loop = self._loop
@@ -80,11 +88,45 @@ class Dispatcher:
             loop.call_soon_threadsafe(self._wake.set)
 
     def _recover(self) -> None:
-        """Jobs this server was running when it stopped go back to the queue."""
+        """Jobs an earlier run of this server (same ``server_id``) held go back to the queue
+        at once; those of other servers only when their lease runs out (``_requeue_expired``).
+        """
         with self.db.write() as tx:
-            for job in tx.session.exec(select(JobRow).where(JobRow.state == "running")).all():
-                job.state = "pending"
-                job.claimed_by = ""
+            mine = select(JobRow).where(
+                JobRow.state == "running", JobRow.claimed_by == self.settings.server_id
+            )
+            for job in tx.session.exec(mine).all():
+                self._requeue(tx.session, job)
+
+    @staticmethod
+    def _requeue(s: Session, job: JobRow) -> None:
+        log.warning("job %s (%s) of %s goes back to the queue", job.id, job.kind, job.claimed_by)
+        job.state = "pending"
+        job.claimed_by = ""
+        job.lease_until = None
+        job.update_time = now()
+        s.add(job)
+
+    @property
+    def _lease(self) -> timedelta:
+        return timedelta(seconds=self.settings.job_lease_s)
+
+    async def _heartbeat(self) -> None:
+        """Renews the leases of the jobs this server runs, so no other server takes them."""
+        while not self._stopping:
+            await asyncio.sleep(self.settings.job_lease_s / 3)
+            try:
+                await asyncio.to_thread(self._renew_leases)
+            except Exception:  # the loop never dies; a missed renewal is retried
+                log.exception("dispatcher: renewing job leases failed")
+
+    def _renew_leases(self) -> None:
+        with self.db.write() as tx:
+            mine = select(JobRow).where(
+                JobRow.state == "running", JobRow.claimed_by == self.settings.server_id
+            )
+            for job in tx.session.exec(mine).all():
+                job.lease_until = now() + self._lease
                 tx.session.add(job)
 
     # ---- the loop --------------------------------------------------------------------------
@@ -94,6 +136,8 @@ class Dispatcher:
             try:
                 free = self.settings.dispatcher_concurrency - len(self._running)
                 jobs = await asyncio.to_thread(self._claim, free) if free > 0 else []
+                if jobs:
+                    failpoints.hit("job.claimed")
                 for job_id, kind in jobs:
                     task = asyncio.create_task(self._execute(job_id, kind), name=f"job-{job_id}")
                     self._running.add(task)
@@ -108,8 +152,17 @@ class Dispatcher:
         self._running.discard(task)
         self.wake()
 
+    def _requeue_expired(self, s: Session) -> None:
+        """Jobs whose server stopped renewing their lease (it died) are taken over."""
+        query = select(JobRow).where(JobRow.state == "running", col(JobRow.lease_until) < now())
+        if not self.db.is_sqlite:
+            query = query.with_for_update(skip_locked=True)
+        for job in s.exec(query).all():
+            self._requeue(s, job)
+
     def _claim(self, limit: int) -> list[tuple[int, str]]:
         with self.db.write() as tx:
+            self._requeue_expired(tx.session)
             query = (
                 select(JobRow)
                 .where(JobRow.state == "pending")
@@ -123,7 +176,7 @@ class Dispatcher:
                 job.state = "running"
                 job.attempts += 1
                 job.claimed_by = self.settings.server_id
-                job.lease_until = now() + LEASE
+                job.lease_until = now() + self._lease
                 job.update_time = now()
                 tx.session.add(job)
                 assert job.id is not None
@@ -145,12 +198,14 @@ class Dispatcher:
             log.exception("job %s (%s) failed", job_id, kind)
             error = f"{type(e).__name__}: {e}"
             await asyncio.to_thread(self._fail_job_operation, job_id, error)
+        failpoints.hit("job.done")
         await asyncio.to_thread(self._complete, job_id, error)
 
     def _complete(self, job_id: int, error: str) -> None:
         with self.db.write() as tx:
             job = tx.session.get(JobRow, job_id)
-            if job is not None:
+            # Fencing: a job whose lease another server took over is that server's now.
+            if job is not None and job.claimed_by == self.settings.server_id:
                 job.state = "done"
                 job.error = error
                 job.update_time = now()
@@ -191,8 +246,11 @@ class Dispatcher:
         spec = await asyncio.to_thread(self._start_build, job)
         if spec is None:
             return
+        failpoints.hit("build.started")
         outcome = await self.backend.build(spec)
+        failpoints.hit("build.finished")
         await asyncio.to_thread(self._finish_build, job, outcome)
+        failpoints.hit("build.recorded")
 
     def _start_build(self, job: JobRow) -> BuildSpec | None:
         with self.db.write() as tx:
@@ -255,52 +313,38 @@ class Dispatcher:
 
     async def _apply(self, job_id: int) -> None:
         job = self._job(job_id)
+        # One apply at a time in this process, then across servers (PostgreSQL): each
+        # applies the whole desired set, so an older set must never land after a newer one.
         async with self._apply_lock:
-            observed = await self.backend.observe()
-            specs = await asyncio.to_thread(self._prepare_apply, job, observed)
-            await self.backend.apply(specs)
-            await asyncio.to_thread(self._mark_applied, job)
+            release = await self._take_apply_lock()
+            try:
+                specs = await asyncio.to_thread(self._desired_apps)
+                failpoints.hit("apply.prepared")
+                await self.backend.apply(specs)
+                failpoints.hit("apply.applied")
+                await asyncio.to_thread(self._mark_applied, job)
+                failpoints.hit("apply.marked")
+            finally:
+                await asyncio.to_thread(release)
 
-    def _prepare_apply(self, job: JobRow, observed: Mapping[str, AppObservation]) -> list[AppSpec]:
-        """Records what the rollout must replace, then returns the whole desired set."""
-        with self.db.write() as tx:
-            c = Changes(tx, self.http_base)
-            dep = repo.maybe_deployment_row(c.s, job.target)
-            if (
-                dep is not None
-                and dep.state == st.DeploymentState.DEPLOYING.value
-                and not dep.applied
-            ):
-                model = repo.model_row(c.s, job.model)
-                target = desired.app_spec(model, dep, repo.build_row(c.s, dep.build))
-                obs = observed.get(target.app_name)
-                previous_ids = [r.id for r in obs.replicas] if obs is not None else []
-                op = repo.operation_row(c.s, job.operation) if job.operation else None
-                if op is not None and op.kind == st.OperationKind.RESTART_MODEL.value:
-                    roll = bool(previous_ids)
-                else:
-                    before = self._serving_before(c, model, dep)
-                    roll = bool(previous_ids) and before is not None and rolls(before, target)
-                dep.expect_roll = roll
-                dep.previous_replica_ids = json.dumps(previous_ids)
-                c.s.add(dep)
-            return desired.desired_apps(c.s)
+    async def _take_apply_lock(self) -> Callable[[], None]:
+        """Waits for the cross-server apply lock without parking a thread on it."""
+        while True:
+            attempt = asyncio.ensure_future(asyncio.to_thread(self.db.try_lock, APPLY_LOCK))
+            try:
+                release = await asyncio.shield(attempt)
+            except asyncio.CancelledError:
+                attempt.add_done_callback(_release_if_taken)
+                raise
+            if release is not None:
+                return release
+            await asyncio.sleep(0.05)
 
-    @staticmethod
-    def _serving_before(c: Changes, model: ModelRow, dep: DeploymentRow) -> AppSpec | None:
-        """The spec the previous, still serving, deployment runs (None: there is none)."""
-        prev = c.s.exec(
-            select(DeploymentRow)
-            .where(
-                DeploymentRow.model == model.name,
-                DeploymentRow.id != dep.id,
-                DeploymentRow.state == st.DeploymentState.DEPLOYED.value,
-            )
-            .order_by(col(DeploymentRow.id).desc())
-        ).first()
-        if prev is None:
-            return None
-        return desired.app_spec(model, prev, repo.build_row(c.s, prev.build))
+    def _desired_apps(self) -> list[AppSpec]:
+        """The whole desired set, read fresh under the apply lock (what a rollout replaces
+        was recorded when it started: ``service.start_deploying``)."""
+        with self.db.read() as s:
+            return desired.desired_apps(s)
 
     def _mark_applied(self, job: JobRow) -> None:
         with self.db.write() as tx:
@@ -318,6 +362,13 @@ class Dispatcher:
                 in (st.DeploymentState.DEPLOYING.value, st.DeploymentState.STOPPING.value)
             ):
                 c.deployment(dep, applied=True, apply_time=now())
+
+
+def _release_if_taken(attempt: asyncio.Future[Callable[[], None] | None]) -> None:
+    if not attempt.cancelled() and attempt.exception() is None:
+        release = attempt.result()
+        if release is not None:
+            release()
 
 
 class SourcePath:

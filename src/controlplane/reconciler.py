@@ -17,6 +17,7 @@ from datetime import timedelta
 
 from sqlmodel import col, select
 
+from controlplane import failpoints
 from controlplane.config import Settings
 from controlplane.domain import names
 from controlplane.domain import states as st
@@ -124,6 +125,8 @@ class Reconciler:
             if dep is None or not dep.applied:
                 return  # its job has not applied it yet
             state = st.ModelState(model.state)
+            if state in (st.ModelState.DEPLOYING, st.ModelState.STOPPING):
+                failpoints.hit("reconcile.writing")
             if state is st.ModelState.DEPLOYING:
                 self._deploying(c, model, dep, obs)
             elif state is st.ModelState.DEPLOYED:

@@ -46,6 +46,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--build-timeout", type=float, default=900.0, help="seconds a build may take")
     p.add_argument("--max-source-mib", type=int, default=256, help="upload size limit")
     p.add_argument(
+        "--server-id",
+        default="",
+        help="stable name of this server (e.g. its pod): restarted with the same id it takes "
+        "its unfinished jobs back at once; others wait for their lease (default: random)",
+    )
+    p.add_argument(
+        "--job-lease",
+        type=float,
+        default=15.0,
+        help="seconds a running job's lease lasts without renewal before another server "
+        "takes it over",
+    )
+    p.add_argument(
         "--backend", choices=("ray", "fake"), default="ray", help=argparse.SUPPRESS
     )  # fake: development and fast tests only
 
@@ -65,6 +78,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         deploy_timeout_s=args.deploy_timeout,
         build_timeout_s=args.build_timeout,
         max_source_bytes=args.max_source_mib * 1024 * 1024,
+        server_id=args.server_id,
+        job_lease_s=args.job_lease,
     )
 
 

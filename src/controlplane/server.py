@@ -36,6 +36,8 @@ def make_backend(settings: Settings) -> Backend:
         return FakeBackend(
             num_gpus=settings.num_gpus,
             http_base=f"http://{settings.http_host}:{settings.http_port}",
+            # Its simulated cluster outlives the server, as a real Ray cluster would.
+            state_file=settings.data_dir / "fake-cluster.json",
         )
     from workers.ray_backend import RayBackend
 
@@ -82,6 +84,7 @@ class Server:
         for d in (s.data_dir, s.sources_dir, s.artifacts_dir, s.logs_dir):
             d.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(self.db.migrate)
+        await asyncio.to_thread(self.db.listen)
         await self.backend.start()
         http_base = self.backend.http_base
         sources = SourceStore(

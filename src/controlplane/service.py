@@ -16,6 +16,7 @@ from typing import TypeVar
 
 from sqlmodel import col, select
 
+from controlplane import desired
 from controlplane.domain import names
 from controlplane.domain import states as st
 from controlplane.domain import types as t
@@ -41,6 +42,7 @@ from controlplane.storage.tables import (
     SourceRow,
 )
 from workers.archive import check_member_path
+from workers.backend import rolls
 
 MAX_DISPLAY_NAME = 200
 MAX_DESCRIPTION = 10_000
@@ -591,6 +593,29 @@ class Service:
 
 
 def start_deploying(c: Changes, model: ModelRow, dep: DeploymentRow) -> None:
-    """The deployment and its model go DEPLOYING at once; the job applies it."""
-    c.deployment(dep, st.DeploymentState.DEPLOYING, applied=False, message="")
+    """The deployment and its model go DEPLOYING at once; the job applies it.
+
+    What the rollout must replace is fixed here, from the records, not at apply time:
+    any apply (another job's, a repair, another server's) may put the new spec on Serve
+    before this rollout's own job runs, and replicas of the new spec must never count
+    as the old ones. Replaced: the replicas last observed for the deployment serving
+    now, when the change rolls (another build, resources, environment, or a restart).
+    """
+    before = repo.maybe_deployment_row(c.s, model.active_deployment)
+    previous: list[str] = []
+    roll = False
+    if before is not None and before.state == st.DeploymentState.DEPLOYED.value:
+        previous = [r["id"] for r in json.loads(before.observed_replicas)]
+        after_spec = desired.app_spec(model, dep, repo.build_row(c.s, dep.build))
+        roll = before is dep or rolls(
+            desired.app_spec(model, before, repo.build_row(c.s, before.build)), after_spec
+        )
+    c.deployment(
+        dep,
+        st.DeploymentState.DEPLOYING,
+        applied=False,
+        message="",
+        expect_roll=bool(previous) and roll,
+        previous_replica_ids=json.dumps(previous if roll else []),
+    )
     c.model(model, st.ModelState.DEPLOYING, active_deployment=dep.name, message="")

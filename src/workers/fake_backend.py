@@ -4,18 +4,22 @@ It builds for real (``builder.run_build`` in a thread) but only *simulates*
 serving: replicas get ids and pids, start after ``start_delay_s``, scale in
 place when only ``replicas`` changes and are all replaced on any other change,
 and replicas asking for more GPUs than the fake cluster has never start. It
-serves no HTTP.
+serves no HTTP. With a ``state_file`` its "cluster" outlives the process, as a
+real Ray cluster outlives a control plane that crashes: the crash tests use it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import json
+import os
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 from workers.backend import (
     AppObservation,
@@ -29,14 +33,12 @@ from workers.backend import (
 )
 from workers.builder import run_build
 
-_pids = itertools.count(10_000)
-
 
 @dataclass
 class _Replica:
     id: str
     pid: int
-    ready_at: float
+    ready_at: float  # wall clock (time.time()), so a saved cluster means the same later
     start_time: datetime
 
 
@@ -52,8 +54,10 @@ class FakeBackend:
         num_gpus: float = 0,
         start_delay_s: float = 0.05,
         http_base: str = "http://127.0.0.1:0",
+        state_file: Path | None = None,
     ) -> None:
         self.num_gpus = num_gpus
+        self.state_file = state_file
         self.start_delay_s = start_delay_s
         self._http_base = http_base
         self.apps: dict[str, _App] = {}
@@ -66,10 +70,15 @@ class FakeBackend:
         return self._http_base
 
     async def start(self) -> None:
-        return None
+        if self.state_file is not None and self.state_file.exists():
+            self.apps = _load(self.state_file)
 
     async def close(self) -> None:
         self.apps.clear()
+
+    def _save(self) -> None:
+        if self.state_file is not None:
+            _save(self.state_file, self.apps)
 
     async def build(self, spec: BuildSpec) -> BuildOutcome:
         return await asyncio.to_thread(run_build, spec)
@@ -77,8 +86,8 @@ class FakeBackend:
     def _new_replica(self) -> _Replica:
         return _Replica(
             id=uuid.uuid4().hex[:8],
-            pid=next(_pids),
-            ready_at=time.monotonic() + self.start_delay_s,
+            pid=10_000 + uuid.uuid4().int % 1_000_000,
+            ready_at=time.time() + self.start_delay_s,
             start_time=datetime.now(UTC),
         )
 
@@ -96,9 +105,10 @@ class FakeBackend:
             while len(app.replicas) < spec.replicas:
                 app.replicas.append(self._new_replica())
             del app.replicas[spec.replicas :]
+        self._save()
 
     async def observe(self) -> Mapping[str, AppObservation]:
-        now = time.monotonic()
+        now = time.time()
         out: dict[str, AppObservation] = {}
         for name, app in self.apps.items():
             placeable = app.spec.gpus * app.spec.replicas <= self.num_gpus or app.spec.gpus == 0
@@ -131,3 +141,39 @@ class FakeBackend:
                 app_name=name, status=status, message=message, replicas=replicas
             )
         return out
+
+
+def _load(path: Path) -> dict[str, _App]:
+    data: dict[str, Any] = json.loads(path.read_text())
+    apps: dict[str, _App] = {}
+    for name, app in data.items():
+        spec = dict(app["spec"])
+        apps[name] = _App(
+            spec=AppSpec(**spec),
+            replicas=[
+                _Replica(
+                    id=r["id"],
+                    pid=r["pid"],
+                    ready_at=r["ready_at"],
+                    start_time=datetime.fromisoformat(r["start_time"]),
+                )
+                for r in app["replicas"]
+            ],
+        )
+    return apps
+
+
+def _save(path: Path, apps: Mapping[str, _App]) -> None:
+    """Atomically (a crash leaves the old or the new cluster, never half of one)."""
+    data = {
+        name: {
+            "spec": asdict(app.spec),
+            "replicas": [
+                {**asdict(r), "start_time": r.start_time.isoformat()} for r in app.replicas
+            ],
+        }
+        for name, app in apps.items()
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, sort_keys=True))
+    os.replace(tmp, path)

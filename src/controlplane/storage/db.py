@@ -19,6 +19,7 @@ from sqlalchemy import Engine, event, select, text
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session, create_engine
 
+from controlplane.storage import notify
 from controlplane.storage.tables import CounterRow
 
 REVISION = "revision"
@@ -66,6 +67,7 @@ class Database:
         self._open = 0
         self._closed = False
         self._idle = threading.Condition()
+        self._listener: notify.Listener | None = None
 
     @staticmethod
     def sqlite_url(data_dir: Path) -> str:
@@ -103,8 +105,20 @@ class Database:
                 s.commit()
 
     def on_commit(self, listener: Callable[[int], None]) -> None:
-        """Calls ``listener(last_revision)`` after every write that emitted events."""
+        """Calls ``listener(last_revision)`` after every write that emitted events: this
+        process's own writes and, on PostgreSQL once ``listen()`` ran, other servers'."""
         self._listeners.append(listener)
+
+    def listen(self) -> None:
+        """On PostgreSQL, starts hearing other servers' commits (no-op on SQLite)."""
+        if self.is_sqlite or self._listener is not None:
+            return
+        self._listener = notify.Listener(self.url, self._changed)
+        self._listener.start()
+
+    def _changed(self, revision: int) -> None:
+        for listener in self._listeners:
+            listener(revision)
 
     @contextmanager
     def _session(self) -> Iterator[Session]:
@@ -132,13 +146,51 @@ class Database:
             tx.lock()
             try:
                 yield tx
+                if tx.last_revision and not self.is_sqlite:
+                    # Delivered at commit to every server LISTENing (notify.py).
+                    s.execute(
+                        text("SELECT pg_notify(:channel, :revision)"),
+                        {"channel": notify.CHANNEL, "revision": str(tx.last_revision)},
+                    )
                 s.commit()
             except BaseException:
                 s.rollback()
                 raise
         if tx.last_revision:
-            for listener in self._listeners:
-                listener(tx.last_revision)
+            self._changed(tx.last_revision)
+
+    def try_lock(self, key: int) -> Callable[[], None] | None:
+        """Takes the cluster-wide lock ``key`` if free: its release, or None if held.
+
+        PostgreSQL: a session advisory lock on a connection of its own, so two servers
+        never interleave (say) two applies of the whole Serve config; it is released if
+        the process dies. SQLite serves one process: nothing to take. Never blocks, so
+        a caller that is cancelled never leaves a thread waiting for the lock.
+        """
+        if self.is_sqlite:
+            return lambda: None
+        conn = self.engine.connect()
+        try:
+            taken = conn.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": key}).scalar()
+            conn.commit()
+        except BaseException:
+            conn.invalidate()
+            conn.close()
+            raise
+        if not taken:
+            conn.close()
+            return None
+
+        def release() -> None:
+            try:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                conn.commit()
+            except Exception:
+                conn.invalidate()  # closing the session releases the lock
+            finally:
+                conn.close()
+
+        return release
 
     def head_revision(self) -> int:
         with self.read() as s:
@@ -151,6 +203,8 @@ class Database:
 
     def close(self, wait_s: float = 10.0) -> None:
         """Waits for sessions still open in worker threads, then closes every connection."""
+        if self._listener is not None:
+            self._listener.stop()
         with self._idle:
             self._closed = True
             self._idle.wait_for(lambda: self._open == 0, timeout=wait_s)
