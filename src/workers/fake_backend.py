@@ -5,7 +5,8 @@ serving: replicas get ids and pids, start after ``start_delay_s``, scale in
 place when only ``replicas`` changes and are all replaced on any other change,
 and replicas asking for more GPUs than the fake cluster has never start. It
 serves no HTTP. With a ``state_file`` its "cluster" outlives the process, as a
-real Ray cluster outlives a control plane that crashes: the crash tests use it.
+real Ray cluster outlives a control plane that crashes, and several servers share
+it as they would share one Ray cluster: the crash and two-server tests use it.
 """
 
 from __future__ import annotations
@@ -70,6 +71,10 @@ class FakeBackend:
         return self._http_base
 
     async def start(self) -> None:
+        self._reload()
+
+    def _reload(self) -> None:
+        """With a state file the cluster is shared (several servers, or a restart): read it."""
         if self.state_file is not None and self.state_file.exists():
             self.apps = _load(self.state_file)
 
@@ -92,6 +97,7 @@ class FakeBackend:
         )
 
     async def apply(self, apps: Sequence[AppSpec]) -> None:
+        self._reload()
         self.applies += 1
         wanted = {a.app_name: a for a in apps}
         for name in list(self.apps):
@@ -108,6 +114,7 @@ class FakeBackend:
         self._save()
 
     async def observe(self) -> Mapping[str, AppObservation]:
+        self._reload()
         now = time.time()
         out: dict[str, AppObservation] = {}
         for name, app in self.apps.items():

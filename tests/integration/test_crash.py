@@ -18,26 +18,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
-import subprocess
-import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
-import psycopg
 import pytest
-from sqlalchemy import create_engine, text
 
 from controlplane import failpoints
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
-from tests.conftest import PG_ADMIN
 from tests.integration.conftest import Stub, resources, upload, wait, zip_bytes
+from tests.integration.servers import Cluster, channel
 
-MODELCTL = str(Path(sys.executable).with_name("modelctl"))
 MODEL = "def predict(body):\n    return {'echo': body}\n"
 
 BUILD_STEPS = ("job.claimed", "build.started", "build.finished", "build.recorded", "job.done")
@@ -57,103 +50,12 @@ def test_the_matrix_covers_every_fail_point() -> None:
     assert covered == set(failpoints.STEPS)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def fresh_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A database of this test's own: other tests' leftover jobs never run here."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'cp.db'}"
-        return
-    name = f"cp_crash_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-    yield f"{base}/{name}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-class Cluster:
-    """Server processes on one data dir and database, started and killed by the test."""
-
-    def __init__(self, data: Path, db_url: str) -> None:
-        self.data = data
-        self.db_url = db_url
-        self.armed = data.parent / "failpoint"
-        self.popen: subprocess.Popen[str] | None = None
-        self.address = ""
-
-    def start(self) -> None:
-        self.armed.write_text("")
-        self.popen = subprocess.Popen(
-            [
-                MODELCTL,
-                "serve",
-                "--grpc-port=0",
-                "--http-port=18998",
-                f"--data-dir={self.data}",
-                f"--database-url={self.db_url}",
-                "--backend=fake",
-                "--server-id=crash-test",
-                "--deploy-timeout=60",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", failpoints.ENV: str(self.armed)},
-        )
-        assert self.popen.stdout is not None
-        line = self.popen.stdout.readline().strip()
-        assert line.startswith("ready grpc="), f"unexpected first line {line!r}"
-        self.address = line.split()[1].removeprefix("grpc=")
-
-    def arm(self, step: str) -> None:
-        self.armed.write_text(step)
-
-    async def died(self) -> int:
-        assert self.popen is not None
-        code = await asyncio.to_thread(self.popen.wait, 60)
-        self.armed.write_text("")
-        if self.popen.stdout is not None:
-            self.popen.stdout.close()
-        return code
-
-    def kill(self) -> None:
-        if self.popen is not None and self.popen.poll() is None:
-            self.popen.kill()
-            self.popen.wait()
-        if self.popen is not None and self.popen.stdout is not None:
-            self.popen.stdout.close()
-
-    def running_apps(self) -> dict[str, dict[str, object]]:
-        path = self.data / "fake-cluster.json"
-        apps: dict[str, dict[str, object]] = json.loads(path.read_text()) if path.exists() else {}
-        return apps
-
-    def unfinished_jobs(self) -> int:
-        engine = create_engine(self.db_url)
-        try:
-            with engine.connect() as c:
-                return int(
-                    c.execute(
-                        text("SELECT count(*) FROM jobs WHERE state IN ('pending', 'running')")
-                    ).scalar_one()
-                )
-        finally:
-            engine.dispose()
-
-
 @pytest.fixture
 async def cluster(tmp_path: Path, fresh_db: str) -> AsyncIterator[Cluster]:
     c = Cluster(tmp_path / "data", fresh_db)
     c.start()
     yield c
     c.kill()
-
-
-@contextlib.asynccontextmanager
-async def channel(c: Cluster) -> AsyncIterator[Stub]:
-    async with grpc.aio.insecure_channel(c.address) as ch:
-        yield Stub(ch)
 
 
 async def follow(stub: Stub, model: str, since: int, seen: list[pb.ModelEvent]) -> None:

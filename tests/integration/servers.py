@@ -1,0 +1,103 @@
+"""Server processes for the crash and two-server tests: `modelctl serve` with the fake
+backend, whose simulated cluster (a file in the data dir) outlives each process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+from sqlalchemy import create_engine, text
+
+from controlplane import failpoints
+from tests.integration.conftest import Stub
+
+MODELCTL = str(Path(sys.executable).with_name("modelctl"))
+
+
+class Cluster:
+    """`modelctl serve` processes on one data dir and database (each start is a new
+    process with the same ``server_id``), started and killed by the test."""
+
+    def __init__(
+        self, data: Path, db_url: str, server_id: str = "crash-test", job_lease_s: float = 15
+    ) -> None:
+        self.data = data
+        self.db_url = db_url
+        self.server_id = server_id
+        self.job_lease_s = job_lease_s
+        self.armed = data.parent / f"failpoint-{server_id}"
+        self.popen: subprocess.Popen[str] | None = None
+        self.address = ""
+
+    def start(self) -> None:
+        self.armed.write_text("")
+        self.popen = subprocess.Popen(
+            [
+                MODELCTL,
+                "serve",
+                "--grpc-port=0",
+                "--http-port=18998",
+                f"--data-dir={self.data}",
+                f"--database-url={self.db_url}",
+                "--backend=fake",
+                f"--server-id={self.server_id}",
+                f"--job-lease={self.job_lease_s:g}",
+                "--deploy-timeout=60",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", failpoints.ENV: str(self.armed)},
+        )
+        assert self.popen.stdout is not None
+        line = self.popen.stdout.readline().strip()
+        assert line.startswith("ready grpc="), f"unexpected first line {line!r}"
+        self.address = line.split()[1].removeprefix("grpc=")
+
+    def arm(self, step: str) -> None:
+        self.armed.write_text(step)
+
+    async def died(self) -> int:
+        assert self.popen is not None
+        code = await asyncio.to_thread(self.popen.wait, 60)
+        self.armed.write_text("")
+        if self.popen.stdout is not None:
+            self.popen.stdout.close()
+        return code
+
+    def kill(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+        if self.popen is not None and self.popen.stdout is not None:
+            self.popen.stdout.close()
+
+    def running_apps(self) -> dict[str, dict[str, object]]:
+        path = self.data / "fake-cluster.json"
+        apps: dict[str, dict[str, object]] = json.loads(path.read_text()) if path.exists() else {}
+        return apps
+
+    def unfinished_jobs(self) -> int:
+        engine = create_engine(self.db_url)
+        try:
+            with engine.connect() as c:
+                return int(
+                    c.execute(
+                        text("SELECT count(*) FROM jobs WHERE state IN ('pending', 'running')")
+                    ).scalar_one()
+                )
+        finally:
+            engine.dispose()
+
+
+@contextlib.asynccontextmanager
+async def channel(c: Cluster) -> AsyncIterator[Stub]:
+    async with grpc.aio.insecure_channel(c.address) as ch:
+        yield Stub(ch)
