@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml
 
 lint:
 	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff format --check src tests scripts
 
 typecheck:
 	$(BIN)/mypy
