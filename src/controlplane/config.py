@@ -35,6 +35,7 @@ class Settings:
     job_lease_s: float = 15.0
     wait_operation_max_s: float = 60.0
     watch_queue_size: int = 1000
+    watch_bookmark_s: float = 30.0  # an idle watcher gets a BOOKMARK this often
     event_retention_count: int = 1000
     event_retention_s: float = 3600.0
     grace_s: float = 10.0

@@ -97,7 +97,12 @@ class Server:
 
         service = Service(self.db, sources, http_base, log_path)
         self.hub = EventHub(
-            self.db, http_base, s.watch_queue_size, s.event_retention_count, s.event_retention_s
+            self.db,
+            http_base,
+            s.watch_queue_size,
+            s.event_retention_count,
+            s.event_retention_s,
+            bookmark_s=s.watch_bookmark_s,
         )
         await self.hub.start()
         await asyncio.to_thread(self._enqueue_sync)

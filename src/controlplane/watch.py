@@ -18,14 +18,15 @@ from datetime import timedelta
 
 from sqlmodel import col, delete, select
 
-from controlplane.domain import names
+from controlplane.domain import names, watch_filter
 from controlplane.domain import states as st
 from controlplane.domain import types as t
 from controlplane.domain.errors import OutOfRange, ResourceExhausted, invalid_field
+from controlplane.domain.watch_filter import WatchFilter
 from controlplane.storage import repo
 from controlplane.storage.changes import now
 from controlplane.storage.db import Database
-from controlplane.storage.tables import CounterRow, EventRow, OperationRow
+from controlplane.storage.tables import CounterRow, EventRow, ModelRow, OperationRow
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +35,17 @@ BOOKMARK_EVERY_S = 30.0
 
 
 class Subscription:
-    def __init__(self, model: str, size: int) -> None:
-        self.model = model
+    """One watcher's bounded queue. ``key`` is a model name, or ``projects/{p}`` for
+    every model of a project (then ``wanted`` filters)."""
+
+    def __init__(self, key: str, size: int, wanted: WatchFilter | None = None) -> None:
+        self.key = key
+        self.wanted = wanted
         self.queue: asyncio.Queue[t.Event] = asyncio.Queue(maxsize=size)
         self.overflowed = False
 
     def offer(self, event: t.Event) -> None:
-        if self.overflowed:
+        if self.overflowed or (self.wanted is not None and not self.wanted.matches(event)):
             return
         try:
             self.queue.put_nowait(event)
@@ -57,7 +62,9 @@ class EventHub:
         retention_count: int,
         retention_s: float,
         poll_s: float = 1.0,
+        bookmark_s: float = BOOKMARK_EVERY_S,
     ) -> None:
+        self.bookmark_s = bookmark_s
         self.db = db
         self.http_base = http_base
         self.queue_size = queue_size
@@ -92,17 +99,17 @@ class EventHub:
     def watchers(self) -> int:
         return sum(len(s) for s in self._subs.values())
 
-    def subscribe(self, model: str) -> Subscription:
-        sub = Subscription(model, self.queue_size)
-        self._subs[model].add(sub)
+    def subscribe(self, key: str, wanted: WatchFilter | None = None) -> Subscription:
+        sub = Subscription(key, self.queue_size, wanted)
+        self._subs[key].add(sub)
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
-        subs = self._subs.get(sub.model)
+        subs = self._subs.get(sub.key)
         if subs is not None:
             subs.discard(sub)
             if not subs:
-                del self._subs[sub.model]
+                del self._subs[sub.key]
 
     async def _run(self) -> None:
         last_prune = 0.0
@@ -126,8 +133,10 @@ class EventHub:
             rows = await asyncio.to_thread(self._read_after, self._last)
             for event in rows:
                 self._last = event.revision
-                for sub in self._subs.get(event.model, ()):
-                    sub.offer(event)
+                # Only the watchers of this model and of its project: O(matching watchers).
+                for key in (event.model, _project_of(event.model)):
+                    for sub in self._subs.get(key, ()):
+                        sub.offer(event)
             if len(rows) < 1000:
                 return
 
@@ -159,32 +168,53 @@ class EventHub:
     # ---- one watch -------------------------------------------------------------------------
 
     async def watch(self, name: str, since_revision: int) -> AsyncIterator[t.Event]:
+        """One model: its current state (since_revision 0) or the events after a revision,
+        then every change, live."""
         names.parse_model(name)
+        async for event in self._stream(name, since_revision, None):
+            yield event
+
+    async def watch_project(
+        self, parent: str, filter_text: str, since_revision: int
+    ) -> AsyncIterator[t.Event]:
+        """Every model of a project, with the same ordering and resume rules."""
+        key = str(names.parse_project(parent))
+        wanted = watch_filter.parse(filter_text)
+        async for event in self._stream(key, since_revision, wanted):
+            yield event
+
+    async def _stream(
+        self, key: str, since_revision: int, wanted: WatchFilter | None
+    ) -> AsyncIterator[t.Event]:
         if since_revision < 0:
             raise invalid_field("since_revision", f"must be >= 0, got {since_revision}")
-        sub = self.subscribe(name)
+        # Subscribe first: nothing committed after the snapshot's head can be missed.
+        sub = self.subscribe(key, wanted)
         try:
-            head, start = await asyncio.to_thread(self._begin, name, since_revision)
+            head = await asyncio.to_thread(self._begin, key, since_revision)
             last = since_revision
             if since_revision == 0:
-                snapshot = await asyncio.to_thread(self._snapshot, name)
-                for event in snapshot:
-                    yield event
+                for event in await asyncio.to_thread(self._snapshot, key):
+                    if wanted is None or wanted.matches(event):
+                        yield event
                 last = head
-                yield t.Event(revision=head, time=now(), type=st.EventType.BOOKMARK, model=name)
+                yield t.Event(revision=head, time=now(), type=st.EventType.BOOKMARK, model=key)
             else:
-                async for event in self._replay(name, start, head):
+                async for event in self._replay(key, since_revision, head):
                     last = event.revision
-                    yield event
+                    if wanted is None or wanted.matches(event):
+                        yield event
                 last = max(last, head)
             async for event in self._live(sub, last):
                 yield event
         finally:
             self.unsubscribe(sub)
 
-    def _begin(self, name: str, since: int) -> tuple[int, int]:
+    def _begin(self, key: str, since: int) -> int:
+        """Checks the watch can start: its model exists, its revision is retained."""
         with self.db.read() as s:
-            repo.model_row(s, name)
+            if not key.startswith("projects/") or "/models/" in key:
+                repo.model_row(s, key)
             head_row = s.get(CounterRow, "revision")
             head = head_row.value if head_row else 0
             pruned = s.get(CounterRow, PRUNED)
@@ -201,34 +231,41 @@ class EventHub:
                     f"revision {since} is newer than the latest ({head})",
                     reason="REVISION_IN_FUTURE",
                 )
-            return head, since
+            return head
 
-    def _snapshot(self, name: str) -> list[t.Event]:
+    def _snapshot(self, key: str) -> list[t.Event]:
+        """CURRENT events, in revision order: each model, its active deployment and its
+        running operation (one model, or every model of a project)."""
         with self.db.read() as s:
-            model = repo.model_row(s, name)
-            items: list[tuple[int, t.Resource]] = [
-                (model.revision, repo.to_model(model, self.http_base))
-            ]
-            dep = repo.maybe_deployment_row(s, model.active_deployment)
-            if dep is not None:
-                items.append((dep.revision, repo.to_deployment(dep)))
-            if model.running_operation:
-                op = s.exec(
-                    select(OperationRow).where(OperationRow.name == model.running_operation)
-                ).first()
-                if op is not None:
-                    items.append((op.revision, repo.to_operation(op)))
+            if "/models/" in key:
+                models = [repo.model_row(s, key)]
+            else:
+                project = key.removeprefix("projects/")
+                query = select(ModelRow).where(ModelRow.project == project)
+                models = list(s.exec(query.order_by(col(ModelRow.id))).all())
+            items: list[tuple[int, str, t.Resource]] = []
+            for model in models:
+                items.append((model.revision, model.name, repo.to_model(model, self.http_base)))
+                dep = repo.maybe_deployment_row(s, model.active_deployment)
+                if dep is not None:
+                    items.append((dep.revision, model.name, repo.to_deployment(dep)))
+                if model.running_operation:
+                    op = s.exec(
+                        select(OperationRow).where(OperationRow.name == model.running_operation)
+                    ).first()
+                    if op is not None:
+                        items.append((op.revision, model.name, repo.to_operation(op)))
             items.sort(key=lambda i: i[0])
             ts = now()
             return [
-                t.Event(revision=rev, time=ts, type=st.EventType.CURRENT, resource=r, model=name)
-                for rev, r in items
+                t.Event(revision=rev, time=ts, type=st.EventType.CURRENT, resource=r, model=m)
+                for rev, m, r in items
             ]
 
-    async def _replay(self, name: str, after: int, head: int) -> AsyncIterator[t.Event]:
+    async def _replay(self, key: str, after: int, head: int) -> AsyncIterator[t.Event]:
         last = after
         while last < head:
-            rows = await asyncio.to_thread(self._read_model_after, name, last)
+            rows = await asyncio.to_thread(self._read_scope_after, key, last)
             rows = [e for e in rows if e.revision <= head]
             if not rows:
                 return
@@ -236,9 +273,13 @@ class EventHub:
                 yield event
             last = rows[-1].revision
 
-    def _read_model_after(self, name: str, revision: int) -> list[t.Event]:
+    def _read_scope_after(self, key: str, revision: int) -> list[t.Event]:
         with self.db.read() as s:
-            return [repo.to_event(r) for r in repo.events_after(s, name, revision, 500)]
+            if "/models/" in key:
+                rows = repo.events_after(s, key, revision, 500)
+            else:
+                rows = repo.events_after(s, None, revision, 500, key.removeprefix("projects/"))
+            return [repo.to_event(r) for r in rows]
 
     async def _live(self, sub: Subscription, last: int) -> AsyncIterator[t.Event]:
         while True:
@@ -250,18 +291,27 @@ class EventHub:
                     metadata={"last_revision": str(last)},
                 )
             try:
-                event = await asyncio.wait_for(sub.queue.get(), BOOKMARK_EVERY_S)
+                event = await asyncio.wait_for(sub.queue.get(), self.bookmark_s)
             except TimeoutError:
                 yield t.Event(
                     revision=max(last, self._last),
                     time=now(),
                     type=st.EventType.BOOKMARK,
-                    model=sub.model,
+                    model=sub.key,
                 )
                 continue
             if event.revision <= last:
                 continue
             last = event.revision
             yield event
-            if event.type is st.EventType.DELETED and isinstance(event.resource, t.Model):
-                return
+            if (
+                event.type is st.EventType.DELETED
+                and isinstance(event.resource, t.Model)
+                and event.model == sub.key
+            ):
+                return  # the watched model is gone
+
+
+def _project_of(model_name: str) -> str:
+    """``projects/p/models/m`` -> ``projects/p`` (the key of the project's watchers)."""
+    return model_name.rsplit("/models/", 1)[0]

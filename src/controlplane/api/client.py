@@ -309,6 +309,23 @@ class Client:
         call = self._stub.WatchModel(
             rpc.WatchModelRequest(name=name, since_revision=since_revision)
         )
+        async for event in self._events(call):
+            yield event
+
+    async def watch_models(
+        self, parent: str, filter: str = "", since_revision: int = 0
+    ) -> AsyncIterator[t.Event]:
+        """Every model of project ``parent`` (``projects/p``), as watch_model does for one;
+        ``filter``: e.g. ``"kind=model model=iris"``. BOOKMARKs carry the latest revision:
+        resume from the last revision seen after a disconnect."""
+        call = self._stub.WatchModels(
+            rpc.WatchModelsRequest(parent=parent, filter=filter, since_revision=since_revision)
+        )
+        async for event in self._events(call):
+            yield event
+
+    @staticmethod
+    async def _events(call: Any) -> AsyncIterator[t.Event]:
         try:
             async for msg in call:
                 yield convert.event_from_pb(msg)

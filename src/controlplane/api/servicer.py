@@ -241,8 +241,9 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
     async def WatchModels(
         self, request: rpc.WatchModelsRequest, context: Ctx
     ) -> AsyncIterator[pb.ModelEvent]:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "WatchModels is being implemented")
-        yield pb.ModelEvent()  # pragma: no cover
+        events = self.hub.watch_project(request.parent, request.filter, request.since_revision)
+        async for event in events:
+            yield convert.event_to_pb(event)
 
     # ---- cancel ----------------------------------------------------------------------------
 

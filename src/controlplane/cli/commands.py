@@ -226,7 +226,13 @@ async def operations_get(c: Client, args: argparse.Namespace, p: Printer) -> int
 
 async def watch(c: Client, args: argparse.Namespace, p: Printer) -> int:
     seen = 0
-    async for event in c.watch_model(_model(args), args.since):
+    if args.model:
+        if args.filter:
+            raise inputs.UsageError("--filter applies to a whole project: leave MODEL out")
+        events = c.watch_model(_model(args), args.since)
+    else:
+        events = c.watch_models(inputs.project_name(args.project), args.filter, args.since)
+    async for event in events:
         p.event(event)
         seen += 1
         if args.count and seen >= args.count:

@@ -147,8 +147,17 @@ def parser() -> argparse.ArgumentParser:
     ls.add_argument("--limit", type=int, default=50)
     _sub(verbs, "get", cmd.operations_get, "one operation").add_argument("name")
 
-    w = _sub(sub, "watch", cmd.watch, "follow a model's state and every change, live")
-    w.add_argument("model")
+    w = _sub(
+        sub,
+        "watch",
+        cmd.watch,
+        "follow a model's (or, without MODEL, every model of --project's) state and every "
+        "change, live",
+    )
+    w.add_argument("model", nargs="?", default="")
+    w.add_argument(
+        "--filter", default="", help="with no MODEL: e.g. 'kind=model model=iris' (all must hold)"
+    )
     w.add_argument("--since", type=int, default=0, help="resume after this revision")
     w.add_argument("--count", type=int, default=0, help="stop after this many events")
     return root

@@ -225,10 +225,15 @@ def page(
 # ---- events ---------------------------------------------------------------------------------
 
 
-def events_after(s: Session, model: str | None, revision: int, limit: int = 500) -> list[EventRow]:
+def events_after(
+    s: Session, model: str | None, revision: int, limit: int = 500, project: str | None = None
+) -> list[EventRow]:
+    """Events after ``revision`` in order: all, one model's, or one project's."""
     query = select(EventRow).where(EventRow.revision > revision)
     if model is not None:
         query = query.where(EventRow.model == model)
+    if project is not None:
+        query = query.where(EventRow.project == project)
     return list(s.exec(query.order_by(col(EventRow.revision)).limit(limit)).all())
 
 
