@@ -27,7 +27,8 @@ class Settings:
     max_unpacked_bytes: int = 1024 * MiB
     build_cpus: float = 0.25
     build_timeout_s: float = 900.0
-    deploy_timeout_s: float = 300.0
+    deploy_timeout_s: float = 300.0  # start-up: replicas placed but never all healthy
+    placement_timeout_s: float = 120.0  # replicas asking for more than the cluster has
     reconcile_interval_s: float = 0.5
     dispatcher_concurrency: int = 8
     # A running job's lease, renewed every third of it; another server takes the job

@@ -16,15 +16,16 @@ from pathlib import Path
 
 from sqlmodel import Session, col, select
 
-from controlplane import desired, failpoints
+from controlplane import desired, failpoints, rollouts
 from controlplane.config import Settings
 from controlplane.domain import states as st
 from controlplane.domain import types as t
-from controlplane.service import JOB_APPLY, JOB_BUILD, start_deploying
+from controlplane.jobs import JOB_APPLY, JOB_BUILD
+from controlplane.service import start_deploying
 from controlplane.storage import repo
 from controlplane.storage.changes import Changes, now
 from controlplane.storage.db import Database
-from controlplane.storage.tables import JobRow
+from controlplane.storage.tables import JobRow, OperationRow
 from workers.backend import AppSpec, Backend, BuildOutcome, BuildSpec
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ class Dispatcher:
         self._apply_lock = asyncio.Lock()
         self._stopping = False
         self._heartbeat_task: asyncio.Task[None] | None = None
+        self._by_job: dict[int, asyncio.Task[None]] = {}
+        self._cancelling: set[int] = set()
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -141,7 +144,10 @@ class Dispatcher:
                 for job_id, kind in jobs:
                     task = asyncio.create_task(self._execute(job_id, kind), name=f"job-{job_id}")
                     self._running.add(task)
+                    self._by_job[job_id] = task
                     task.add_done_callback(self._finished)
+                if self._by_job:
+                    await self._cancel_requested()
             except Exception:  # the loop never dies
                 log.exception("dispatcher: claiming jobs failed")
             with contextlib.suppress(TimeoutError):
@@ -150,7 +156,28 @@ class Dispatcher:
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
+        for job_id in [j for j, t_ in self._by_job.items() if t_ is task]:
+            del self._by_job[job_id]
         self.wake()
+
+    async def _cancel_requested(self) -> None:
+        """Stops the jobs whose operation a client cancelled (through any server)."""
+        running = list(self._by_job)
+        for job_id in await asyncio.to_thread(self._to_cancel, running):
+            task = self._by_job.get(job_id)
+            if task is not None and job_id not in self._cancelling:
+                log.info("job %s: its operation was cancelled; stopping it", job_id)
+                self._cancelling.add(job_id)
+                task.cancel()
+
+    def _to_cancel(self, job_ids: list[int]) -> list[int]:
+        with self.db.read() as s:
+            rows = s.exec(
+                select(JobRow.id)
+                .join(OperationRow, col(OperationRow.name) == col(JobRow.operation))
+                .where(col(JobRow.id).in_(job_ids), col(OperationRow.cancel_requested).is_(True))
+            ).all()
+            return [int(r) for r in rows if r is not None]
 
     def _requeue_expired(self, s: Session) -> None:
         """Jobs whose server stopped renewing their lease (it died) are taken over."""
@@ -193,7 +220,11 @@ class Dispatcher:
             else:
                 error = f"unknown job kind {kind!r}"
         except asyncio.CancelledError:
-            raise
+            if job_id not in self._cancelling:
+                raise  # the server is stopping: the job runs again later
+            self._cancelling.discard(job_id)
+            await asyncio.to_thread(self._finish_cancelled, job_id)
+            error = "cancelled"
         except Exception as e:
             log.exception("job %s (%s) failed", job_id, kind)
             error = f"{type(e).__name__}: {e}"
@@ -210,6 +241,19 @@ class Dispatcher:
                 job.error = error
                 job.update_time = now()
                 tx.session.add(job)
+
+    def _finish_cancelled(self, job_id: int) -> None:
+        job = self._job(job_id)
+        with self.db.write() as tx:
+            c = Changes(tx, self.http_base)
+            op = repo.operation_row(c.s, job.operation)
+            if op.done:
+                return
+            model = repo.model_row(c.s, job.model)
+            build = repo.build_row(c.s, job.target)
+            rollouts.end_build_without_result(
+                c, model, op, build, f"cancelled while building ({op.name})"
+            )
 
     def _job(self, job_id: int) -> JobRow:
         with self.db.read() as s:

@@ -13,7 +13,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from datetime import timedelta
+import time
+from typing import Any
 
 from sqlmodel import col, select
 
@@ -22,14 +23,17 @@ from controlplane.config import Settings
 from controlplane.domain import names
 from controlplane.domain import states as st
 from controlplane.domain import types as t
-from controlplane.service import JOB_APPLY
+from controlplane.jobs import JOB_APPLY
+from controlplane.rollouts import fail_rollout
 from controlplane.storage import codec, repo
 from controlplane.storage.changes import Changes, now
 from controlplane.storage.db import Database
-from controlplane.storage.tables import DeploymentRow, ModelRow, OperationRow
+from controlplane.storage.tables import DeploymentRow, JobRow, ModelRow, OperationRow
 from workers.backend import AppObservation, AppStatus, Backend, ReplicaStatus, app_name_for
 
 log = logging.getLogger(__name__)
+
+MISSING_GRACE_S = 2.0
 
 WATCHED = (
     st.ModelState.DEPLOYING.value,
@@ -74,6 +78,8 @@ class Reconciler:
         self.http_base = http_base
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        # model -> when its application was first seen missing while it should serve.
+        self._missing_since: dict[str, float] = {}
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="reconciler")
@@ -130,14 +136,51 @@ class Reconciler:
             if state is st.ModelState.DEPLOYING:
                 self._deploying(c, model, dep, obs)
             elif state is st.ModelState.DEPLOYED:
-                self._observe_replicas(c, dep, obs)
+                if obs is None:
+                    self._missing(c, model, dep)
+                    return
+                self._missing_since.pop(model.name, None)
+                self._observe_replicas(c, dep, obs, notice_replaced=not model.running_operation)
             elif state is st.ModelState.STOPPING:
                 self._stopping_model(c, model, dep, obs)
 
-    def _observe_replicas(self, c: Changes, dep: DeploymentRow, obs: AppObservation | None) -> None:
+    def _observe_replicas(
+        self,
+        c: Changes,
+        dep: DeploymentRow,
+        obs: AppObservation | None,
+        notice_replaced: bool = False,
+    ) -> None:
         observed = replicas_json(obs)
-        if observed != dep.observed_replicas:
-            c.deployment(dep, observed_replicas=observed)
+        if observed == dep.observed_replicas:
+            return
+        fields: dict[str, Any] = {"observed_replicas": observed}
+        if notice_replaced:  # no change of ours in flight: Serve replaced a replica that died
+            why = replaced_replicas(dep.observed_replicas, observed)
+            if why:
+                fields["message"] = why
+        c.deployment(dep, **fields)
+
+    def _missing(self, c: Changes, model: ModelRow, dep: DeploymentRow) -> None:
+        """The application of a model that should serve is gone from Serve (deleted behind
+        our back, or the cluster restarted): after a short grace (an app can vanish from
+        the details for a moment while it rolls), apply the desired state again."""
+        loop_time = time.monotonic()
+        since = self._missing_since.setdefault(model.name, loop_time)
+        if loop_time - since < MISSING_GRACE_S:
+            return
+        self._missing_since.pop(model.name, None)
+        pending = c.s.exec(
+            select(JobRow).where(JobRow.kind == JOB_APPLY, JobRow.state == "pending")
+        ).first()
+        if pending is None:
+            c.enqueue(JOB_APPLY, "", "", "")
+        c.deployment(
+            dep,
+            message="the application was missing from Serve (deleted, or the cluster "
+            "restarted); re-applied",
+            observed_replicas="[]",
+        )
 
     def _deploying(
         self, c: Changes, model: ModelRow, dep: DeploymentRow, obs: AppObservation | None
@@ -168,9 +211,21 @@ class Reconciler:
         if op is not None:
             c.operation_progress(op, f"{len(fresh)}/{dep.replicas} replicas running")
         started = dep.apply_time
-        if started is not None and now() - codec.utc(started) > timedelta(
-            seconds=self.settings.deploy_timeout_s
-        ):
+        if started is None:
+            return
+        elapsed = (now() - codec.utc(started)).total_seconds()
+        unplaceable = obs.unplaceable if obs is not None else ""
+        if unplaceable and elapsed > self.settings.placement_timeout_s:
+            self._fail(
+                c,
+                model,
+                dep,
+                f"{len(fresh)}/{dep.replicas} replicas running after "
+                f"{self.settings.placement_timeout_s:g}s: {unplaceable}",
+                "DEADLINE_EXCEEDED",
+                "PLACEMENT_TIMEOUT",
+            )
+        elif elapsed > self.settings.deploy_timeout_s:
             detail = f": {obs.message}" if obs is not None and obs.message else ""
             self._fail(
                 c,
@@ -180,7 +235,7 @@ class Reconciler:
                 f"{self.settings.deploy_timeout_s:g}s (replicas could not be placed or never "
                 f"became healthy){detail}",
                 "DEADLINE_EXCEEDED",
-                "DEPLOY_TIMEOUT",
+                "STARTUP_TIMEOUT",
             )
 
     @staticmethod
@@ -226,13 +281,7 @@ class Reconciler:
     def _fail(
         self, c: Changes, model: ModelRow, dep: DeploymentRow, message: str, code: str, reason: str
     ) -> None:
-        c.deployment(dep, st.DeploymentState.FAILED, message=message)
-        c.model(model, st.ModelState.FAILED, message=message)
-        op = self._operation(c, model)
-        if op is not None:
-            c.operation_done(op, model, "failed", t.OperationError(code, message, reason))
-        # Take the failed application down: FAILED deployments are not in the desired set.
-        c.enqueue(JOB_APPLY, model.name, "", dep.name)
+        fail_rollout(c, model, dep, self._operation(c, model), message, code, reason)
 
     def _stopping_model(
         self, c: Changes, model: ModelRow, dep: DeploymentRow, obs: AppObservation | None
@@ -246,3 +295,16 @@ class Reconciler:
         op = self._operation(c, model)
         if op is not None:
             c.operation_done(op, model, "stopped")
+
+
+def replaced_replicas(before_json: str, after_json: str) -> str:
+    """Which replicas went away and which came instead, in words ("" if none went)."""
+    before = {r["id"]: r for r in json.loads(before_json)}
+    after = {r["id"]: r for r in json.loads(after_json)}
+    gone = [before[i] for i in sorted(before.keys() - after.keys())]
+    if not gone:
+        return ""
+    new = [after[i] for i in sorted(after.keys() - before.keys())]
+    went = ", ".join(f"{r['id']} (pid {r['pid']})" for r in gone)
+    came = ", ".join(f"{r['id']} (pid {r['pid']})" for r in new) or "none yet"
+    return f"replica {went} stopped unexpectedly; Serve replaced it with {came}"

@@ -41,7 +41,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--deploy-timeout",
         type=float,
         default=300.0,
-        help="seconds a deploy may take before it FAILS (placement and start-up)",
+        help="seconds a rollout's replicas may take to all run before it FAILS and the "
+        "model goes back to its last good deployment",
+    )
+    p.add_argument(
+        "--placement-timeout",
+        type=float,
+        default=120.0,
+        help="seconds a rollout may wait for replicas that cannot be placed (more GPUs or "
+        "CPUs than the cluster has) before it FAILS",
     )
     p.add_argument("--build-timeout", type=float, default=900.0, help="seconds a build may take")
     p.add_argument("--max-source-mib", type=int, default=256, help="upload size limit")
@@ -76,6 +84,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         num_gpus=args.num_gpus,
         backend=args.backend,
         deploy_timeout_s=args.deploy_timeout,
+        placement_timeout_s=args.placement_timeout,
         build_timeout_s=args.build_timeout,
         max_source_bytes=args.max_source_mib * 1024 * 1024,
         server_id=args.server_id,

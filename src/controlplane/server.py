@@ -15,8 +15,9 @@ from controlplane.api import wiring
 from controlplane.api.servicer import ModelLifecycleServicer
 from controlplane.config import Settings
 from controlplane.dispatcher import Dispatcher, SourcePath
+from controlplane.jobs import JOB_APPLY
 from controlplane.reconciler import Reconciler
-from controlplane.service import JOB_APPLY, Service
+from controlplane.service import Service
 from controlplane.sources import SourceStore
 from controlplane.storage.changes import now
 from controlplane.storage.db import Database

@@ -16,7 +16,7 @@ from typing import TypeVar
 
 from sqlmodel import col, select
 
-from controlplane import desired
+from controlplane import desired, rollouts
 from controlplane.domain import names
 from controlplane.domain import states as st
 from controlplane.domain import types as t
@@ -28,6 +28,7 @@ from controlplane.domain.errors import (
     NotFound,
     invalid_field,
 )
+from controlplane.jobs import JOB_APPLY, JOB_BUILD
 from controlplane.sources import SourceStore
 from controlplane.storage import repo
 from controlplane.storage.changes import Changes, now
@@ -49,9 +50,6 @@ MAX_DESCRIPTION = 10_000
 MAX_COMMENT = 10_000
 MAX_REQUEST_ID = 200
 
-# Job kinds the dispatcher runs.
-JOB_BUILD = "build"
-JOB_APPLY = "apply"
 
 T = TypeVar("T")
 
@@ -569,6 +567,59 @@ class Service:
             return repo.to_operation(op)
 
     # ---- operations ------------------------------------------------------------------------
+
+    def cancel_operation(self, name: str) -> t.Operation:
+        """Stops a build or a deploy cleanly. A queued build ends at once; a running build
+        is marked, and the server running its job stops it; a rollout ends at once and
+        the model goes back to its last good deployment."""
+        names.parse_operation(name)
+        with self.db.write() as tx:
+            c = self._changes(tx)
+            op = repo.operation_row(c.s, name)
+            if op.done:
+                raise FailedPrecondition(
+                    message=f"operation {name} is already done",
+                    reason="OPERATION_DONE",
+                    metadata={"operation": name},
+                )
+            if op.kind == st.OperationKind.STOP_MODEL.value:
+                raise FailedPrecondition(
+                    message=f"operation {name} stops a model, which cannot be undone halfway; "
+                    "restart the model once it is STOPPED",
+                    reason="NOT_CANCELLABLE",
+                    metadata={"operation": name, "kind": op.kind},
+                )
+            model = repo.model_row(c.s, op.model)
+            build = c.s.exec(select(BuildRow).where(BuildRow.name == op.target)).first()
+            if build is not None and build.state == st.BuildState.QUEUED.value:
+                for job in c.s.exec(
+                    select(JobRow).where(JobRow.operation == name, JobRow.state == "pending")
+                ).all():
+                    job.state, job.error = "done", "cancelled before it ran"
+                    c.s.add(job)
+                rollouts.end_build_without_result(
+                    c, model, op, build, f"cancelled before it started ({name})"
+                )
+            elif build is not None and build.state == st.BuildState.BUILDING.value:
+                c.cancel_requested(op)
+            else:
+                dep = repo.maybe_deployment_row(c.s, op.deployment)
+                if dep is None or dep.state != st.DeploymentState.DEPLOYING.value:
+                    raise FailedPrecondition(
+                        message=f"operation {name} has nothing running to cancel right now",
+                        reason="NOTHING_TO_CANCEL",
+                        metadata={"operation": name},
+                    )
+                rollouts.fail_rollout(
+                    c,
+                    model,
+                    dep,
+                    op,
+                    f"cancelled on request ({name})",
+                    "CANCELLED",
+                    rollouts.CANCELLED_REASON,
+                )
+            return repo.to_operation(op)
 
     def get_operation(self, name: str) -> t.Operation:
         names.parse_operation(name)

@@ -90,6 +90,8 @@ class AppObservation:
     status: AppStatus
     message: str  # the backend's own words when deploying failed or is unhealthy
     replicas: tuple[ReplicaObservation, ...]
+    # Non-empty when replicas can never be placed (they ask for more than the cluster has).
+    unplaceable: str = ""
 
 
 class Backend(Protocol):

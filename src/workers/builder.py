@@ -215,7 +215,7 @@ def _wait(proc: subprocess.Popen[str], deadline: _Deadline, during: str) -> None
             deadline.check(during)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=min(0.1, max(deadline.left(), 0.001)))
-    except BuildFailed:
+    except BaseException:  # failed, timed out, cancelled, or interrupted (Ray cancel)
         _kill_group(proc)
         raise
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -86,7 +87,15 @@ class FakeBackend:
             _save(self.state_file, self.apps)
 
     async def build(self, spec: BuildSpec) -> BuildOutcome:
-        return await asyncio.to_thread(run_build, spec)
+        cancel = threading.Event()
+        running = asyncio.ensure_future(asyncio.to_thread(run_build, spec, cancel))
+        running.add_done_callback(_consume)
+        try:
+            return await asyncio.shield(running)
+        except asyncio.CancelledError:
+            cancel.set()  # the build stops at its next step and removes its staging folder
+            await asyncio.wait([running])
+            raise
 
     def _new_replica(self) -> _Replica:
         return _Replica(
@@ -111,6 +120,21 @@ class FakeBackend:
             while len(app.replicas) < spec.replicas:
                 app.replicas.append(self._new_replica())
             del app.replicas[spec.replicas :]
+        self._save()
+
+    # ---- what happens behind the control plane's back (tests) ------------------------------
+
+    def delete_app(self, name: str) -> None:
+        """Someone deletes the application from the cluster directly."""
+        self._reload()
+        del self.apps[name]
+        self._save()
+
+    def kill_replica(self, name: str, replica_id: str) -> None:
+        """A replica dies; like Serve, the cluster starts a new one in its place."""
+        self._reload()
+        app = self.apps[name]
+        app.replicas = [r for r in app.replicas if r.id != replica_id] + [self._new_replica()]
         self._save()
 
     async def observe(self) -> Mapping[str, AppObservation]:
@@ -145,7 +169,11 @@ class FakeBackend:
             else:
                 status, message = AppStatus.DEPLOYING, ""
             out[name] = AppObservation(
-                app_name=name, status=status, message=message, replicas=replicas
+                app_name=name,
+                status=status,
+                message=message,
+                replicas=replicas,
+                unplaceable="" if placeable else message,
             )
         return out
 
@@ -184,3 +212,9 @@ def _save(path: Path, apps: Mapping[str, _App]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, sort_keys=True))
     os.replace(tmp, path)
+
+
+def _consume(done: asyncio.Future[BuildOutcome]) -> None:
+    """Retrieves the result of a build nobody awaits any more (it was cancelled)."""
+    if not done.cancelled():
+        done.exception()

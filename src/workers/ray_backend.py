@@ -154,17 +154,27 @@ def _observation(name: str, app: Mapping[str, Any], cluster: Mapping[str, float]
     deployments: Mapping[str, Any] = app.get("deployments") or {}
     replicas: list[ReplicaObservation] = []
     messages: list[str] = []
+    unplaceable: list[str] = []
     for d in deployments.values():
         replicas.extend(_replica(r) for r in d.get("replicas") or ())
+        why = _unplaceable(d.get("required_resources") or {}, cluster) if cluster else ""
+        if why:
+            unplaceable.append(why)
         if d.get("message"):
             messages.append(str(d["message"]))
-        elif cluster and (why := _unplaceable(d.get("required_resources") or {}, cluster)):
+        elif why:
             messages.append(why)
     status = _APP_STATUS.get(_enum(app.get("status")), AppStatus.DEPLOYING)
     # The deployment's message carries the cause (the user's exception, what could
     # not be scheduled); the application's only says which deployment failed.
     message = " ".join(messages) or str(app.get("message") or "")
-    return AppObservation(app_name=name, status=status, message=message, replicas=tuple(replicas))
+    return AppObservation(
+        app_name=name,
+        status=status,
+        message=message,
+        replicas=tuple(replicas),
+        unplaceable=" ".join(unplaceable),
+    )
 
 
 def _free_port(host: str) -> int:
@@ -240,8 +250,17 @@ class RayBackend:
 
     async def build(self, spec: BuildSpec) -> BuildOutcome:
         task = ray.remote(num_cpus=self._build_cpus, max_retries=0)(run_build)
+        ref = task.remote(spec)
+        running = asyncio.wrap_future(ref.future())
+        running.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
-            outcome: BuildOutcome = await asyncio.wrap_future(task.remote(spec).future())
+            outcome: BuildOutcome = await asyncio.shield(running)
+        except asyncio.CancelledError:
+            # Interrupt the task (KeyboardInterrupt in the worker: the build's cleanup runs
+            # and its staging folder goes), then wait a little for it to end.
+            ray.cancel(ref, force=False, recursive=True)
+            await asyncio.wait([running], timeout=10)
+            raise
         except ray.exceptions.RayError as e:  # the worker died, not the build's own failure
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             return BuildOutcome(ok=False, error=f"the build worker failed: {first}")

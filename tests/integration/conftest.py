@@ -39,6 +39,7 @@ async def server(database_url: str, tmp_path: Path) -> AsyncIterator[Server]:
         backend="fake",
         num_gpus=2,
         deploy_timeout_s=3.0,
+        placement_timeout_s=1.0,
         reconcile_interval_s=0.05,
         max_source_bytes=256 * 1024,
         grace_s=1.0,

@@ -5,12 +5,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import TypeVar
 
-from google.protobuf import timestamp_pb2
-from google.rpc import code_pb2, status_pb2
+from google.protobuf import any_pb2, timestamp_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from controlplane.domain import states as st
 from controlplane.domain import types as t
 from modellifecycle.v1 import resources_pb2 as pb
+
+ERROR_DOMAIN = "modellifecycle.v1"
 
 _MODEL_STATE = {s: getattr(pb, f"MODEL_STATE_{s.value}") for s in st.ModelState}
 _BUILD_STATE = {s: getattr(pb, f"BUILD_STATE_{s.value}") for s in st.BuildState}
@@ -115,6 +117,10 @@ def operation_to_pb(o: t.Operation) -> pb.Operation:
     error = None
     if o.error is not None:
         error = status_pb2.Status(code=code_pb2.Code.Value(o.error.code), message=o.error.message)
+        if o.error.reason:  # the same ErrorInfo detail an RPC error carries
+            info = any_pb2.Any()
+            info.Pack(error_details_pb2.ErrorInfo(reason=o.error.reason, domain=ERROR_DOMAIN))
+            error.details.append(info)
     return pb.Operation(
         name=o.name,
         kind=_OPERATION_KIND[o.kind],
@@ -225,7 +231,11 @@ def deployment_from_pb(d: pb.Deployment) -> t.Deployment:
 def operation_from_pb(o: pb.Operation) -> t.Operation:
     error = None
     if o.HasField("error"):
-        error = t.OperationError(code=code_pb2.Code.Name(o.error.code), message=o.error.message)
+        error = t.OperationError(
+            code=code_pb2.Code.Name(o.error.code),
+            message=o.error.message,
+            reason=_reason(o.error),
+        )
     return t.Operation(
         name=o.name,
         kind=_OPERATION_KIND_IN.get(o.kind, st.OperationKind.CREATE_BUILD),
@@ -266,3 +276,12 @@ def event_from_pb(e: pb.ModelEvent) -> t.Event:
 
 def _required_time_event(e: pb.ModelEvent) -> datetime:
     return from_timestamp(e.time) if e.HasField("time") else datetime.fromtimestamp(0, UTC)
+
+
+def _reason(status: status_pb2.Status) -> str:
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return str(info.reason)
+    return ""

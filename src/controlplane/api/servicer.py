@@ -208,10 +208,15 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
                 raise invalid_field("timeout", "must not be negative")
             timeout = min(requested, self.wait_max_s)
         op = await _run(lambda: self.svc.get_operation(request.name))
-        if op.done or timeout == 0:
-            return convert.operation_to_pb(op)
+        return convert.operation_to_pb(await self._until_done(op, timeout))
+
+    async def _until_done(self, op: t.Operation, wait_s: float) -> t.Operation:
+        """The operation once done, or as it is after ``wait_s`` seconds."""
+        if op.done or wait_s == 0:
+            return op
+        name = op.name
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = loop.time() + wait_s
         sub = self.hub.subscribe(op.model)
         try:
             while not op.done:
@@ -223,10 +228,10 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
                     await asyncio.wait_for(sub.queue.get(), min(left, 1.0))
                 while not sub.queue.empty():
                     sub.queue.get_nowait()
-                op = await _run(lambda: self.svc.get_operation(request.name))
+                op = await _run(lambda: self.svc.get_operation(name))
         finally:
             self.hub.unsubscribe(sub)
-        return convert.operation_to_pb(op)
+        return op
 
     # ---- watch -----------------------------------------------------------------------------
 
@@ -251,4 +256,6 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
     async def CancelOperation(
         self, request: rpc.CancelOperationRequest, context: Ctx
     ) -> pb.Operation:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "CancelOperation is being implemented")
+        op = await _run(lambda: self.svc.cancel_operation(request.name))
+        # A running build stops at its server's next look (within a second or so).
+        return convert.operation_to_pb(await self._until_done(op, min(30.0, self.wait_max_s)))

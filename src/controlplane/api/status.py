@@ -12,11 +12,12 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from controlplane.api import convert
 from controlplane.domain import errors
 
 log = logging.getLogger(__name__)
 
-DOMAIN = "modellifecycle.v1"
+DOMAIN = convert.ERROR_DOMAIN
 
 _CODES: dict[type[errors.DomainError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,

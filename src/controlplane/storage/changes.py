@@ -116,6 +116,11 @@ class Changes:
             row.state = state.value
         self._update(row, fields)
 
+    def cancel_requested(self, row: OperationRow) -> None:
+        """Marks a running operation for cancellation (the server running its job acts)."""
+        if not row.done and not row.cancel_requested:
+            self._update(row, {"cancel_requested": True, "progress": "cancelling"})
+
     def operation_progress(self, row: OperationRow, progress: str) -> None:
         if row.done or row.progress == progress:
             return

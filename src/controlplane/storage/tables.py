@@ -115,6 +115,8 @@ class OperationRow(SQLModel, table=True):
     error_message: str = _text()
     error_reason: str = Field(default="", max_length=80)
     progress: str = _text()
+    # CancelOperation asked; the server running the job stops it (it may be another one).
+    cancel_requested: bool = False
     revision: int = Field(default=0, sa_type=BigInteger)
     create_time: datetime = _time()
     update_time: datetime = _time()

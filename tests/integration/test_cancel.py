@@ -1,0 +1,139 @@
+"""CancelOperation: a queued or running build, a rollout, and what cannot be cancelled."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import pytest
+
+from controlplane.server import Server
+from modellifecycle.v1 import resources_pb2 as pb
+from modellifecycle.v1 import service_pb2 as rpc
+from tests.integration.conftest import (
+    Stub,
+    build,
+    create_model,
+    error_info,
+    resources,
+    upload,
+    wait,
+    zip_bytes,
+)
+from workers.fake_backend import FakeBackend
+
+SLOW = "import time\ntime.sleep(60)\ndef predict(body):\n    return body\n"
+
+
+async def start_build(stub: Stub, model: str, source: str, deploy: bool) -> pb.Operation:
+    src = await upload(stub, model, zip_bytes({"model.py": source}))
+    op: pb.Operation = await stub.CreateBuild(
+        rpc.CreateBuildRequest(
+            parent=model,
+            source_sha256=src.sha256,
+            file_path="model.py",
+            function_name="predict",
+            deploy=rpc.DeployOptions(resources=resources(1)) if deploy else None,
+        )
+    )
+    return op
+
+
+def leftovers(artifacts: Path) -> list[Path]:
+    return [p for p in artifacts.rglob("*") if p.name != ".staging"]
+
+
+def reason(op: pb.Operation) -> str:
+    from google.rpc import error_details_pb2
+
+    for detail in op.error.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return str(info.reason)
+    return ""
+
+
+async def test_cancelling_a_running_build_stops_it_and_leaves_nothing(
+    stub: Stub, project: str, server: Server
+) -> None:
+    model = await create_model(stub, project)
+    op = await start_build(stub, model.name, SLOW, deploy=True)
+    for _ in range(200):  # until its import check runs (the module sleeps there)
+        b = await stub.GetBuild(rpc.GetBuildRequest(name=op.target))
+        if b.state == pb.BUILD_STATE_BUILDING:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    done = await stub.CancelOperation(rpc.CancelOperationRequest(name=op.name))
+    assert done.done and loop.time() - started < 20, "the build was not stopped"
+    assert done.error.code == grpc.StatusCode.CANCELLED.value[0]
+    assert reason(done) == "OPERATION_CANCELLED"
+    b = await stub.GetBuild(rpc.GetBuildRequest(name=op.target))
+    assert b.state == pb.BUILD_STATE_FAILED and "cancelled" in b.error
+    m = await stub.GetModel(rpc.GetModelRequest(name=model.name))
+    assert m.state == pb.MODEL_STATE_NOT_DEPLOYED  # back to where it was
+    dep = await stub.GetDeployment(rpc.GetDeploymentRequest(name=done.deployment))
+    assert dep.state == pb.DEPLOYMENT_STATE_FAILED
+    left = await asyncio.to_thread(leftovers, server.settings.artifacts_dir)
+    assert left == [], f"a cancelled build left {left}"
+    # The model is free for the next operation.
+    assert not (await build(stub, model.name)).HasField("error")
+
+
+async def test_cancelling_a_queued_build_runs_nothing(
+    stub: Stub, project: str, server: Server
+) -> None:
+    model = await create_model(stub, project)
+    assert server.dispatcher is not None
+    await server.dispatcher.stop()  # nothing claims jobs: the build stays queued
+    op = await start_build(stub, model.name, SLOW, deploy=False)
+    done = await stub.CancelOperation(rpc.CancelOperationRequest(name=op.name))
+    assert done.done and reason(done) == "OPERATION_CANCELLED"
+    b = await stub.GetBuild(rpc.GetBuildRequest(name=op.target))
+    assert b.state == pb.BUILD_STATE_FAILED and "before it started" in b.error
+
+
+async def test_cancelling_a_rollout_goes_back_to_the_last_good_deployment(
+    stub: Stub, project: str, server: Server
+) -> None:
+    assert isinstance(server.backend, FakeBackend)
+    model = await create_model(stub, project)
+    first = await build(stub, model.name, deploy=rpc.DeployOptions(resources=resources(2)))
+    assert not first.HasField("error")
+    server.backend.start_delay_s = 3600  # the new replicas never become ready
+    op = await stub.CreateDeployment(
+        rpc.CreateDeploymentRequest(
+            parent=model.name, build=f"{model.name}/builds/1", resources=resources(2, cpus=1)
+        )
+    )
+    await asyncio.sleep(0.3)
+    done = await stub.CancelOperation(rpc.CancelOperationRequest(name=op.name))
+    server.backend.start_delay_s = 0.05
+    assert done.done and reason(done) == "OPERATION_CANCELLED"
+    m = await stub.GetModel(rpc.GetModelRequest(name=model.name))
+    assert m.state == pb.MODEL_STATE_DEPLOYED
+    assert m.active_deployment == f"{model.name}/deployments/1"
+    op = await wait(stub, await stub.RestartModel(rpc.RestartModelRequest(name=model.name)))
+    assert not op.HasField("error"), "the model takes new operations"
+
+
+@pytest.mark.parametrize("case", ["done", "stop", "unknown", "bad"])
+async def test_what_cannot_be_cancelled(stub: Stub, project: str, case: str) -> None:
+    model = await create_model(stub, project)
+    op = await build(stub, model.name, deploy=rpc.DeployOptions(resources=resources(1)))
+    name, code, why = op.name, grpc.StatusCode.FAILED_PRECONDITION, "OPERATION_DONE"
+    if case == "stop":
+        stop = await stub.StopModel(rpc.StopModelRequest(name=model.name))
+        name, why = stop.name, "NOT_CANCELLABLE"
+    elif case == "unknown":
+        name, code, why = "operations/nope", grpc.StatusCode.NOT_FOUND, "OPERATION_NOT_FOUND"
+    elif case == "bad":
+        name, code, why = "nope", grpc.StatusCode.INVALID_ARGUMENT, ""
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.CancelOperation(rpc.CancelOperationRequest(name=name))
+    assert err.value.code() == code
+    if why:
+        assert error_info(err.value)[0] == why
