@@ -305,6 +305,10 @@ def replaced_replicas(before_json: str, after_json: str) -> str:
     if not gone:
         return ""
     new = [after[i] for i in sorted(after.keys() - before.keys())]
-    went = ", ".join(f"{r['id']} (pid {r['pid']})" for r in gone)
-    came = ", ".join(f"{r['id']} (pid {r['pid']})" for r in new) or "none yet"
+    went = ", ".join(_replica_words(r) for r in gone)
+    came = ", ".join(_replica_words(r) for r in new) or "none yet"
     return f"replica {went} stopped unexpectedly; Serve replaced it with {came}"
+
+
+def _replica_words(r: dict[str, Any]) -> str:
+    return f"{r['id']} (pid {r['pid']})" if r.get("pid") else f"{r['id']} (starting)"

@@ -25,7 +25,8 @@ async def short_deadline_stub(
         data_dir=tmp_path_factory.mktemp("cp-placement"),
         grpc_port=0,
         reconcile_interval_s=0.25,
-        deploy_timeout_s=6.0,
+        deploy_timeout_s=120.0,
+        placement_timeout_s=6.0,
         num_gpus=2,
         grace_s=2.0,
     )
@@ -47,6 +48,7 @@ async def test_gpus_that_cannot_be_placed_fail_the_deploy_with_the_reason(
     dep = await stub.GetDeployment(rpc.GetDeploymentRequest(name=op.deployment))
     assert dep.state == pb.DEPLOYMENT_STATE_FAILED
     assert "after 6s" in dep.message
+    assert op.error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
     assert "each needs 3 GPU" in dep.message and "the cluster has 2 GPU" in dep.message, dep.message
     m = await stub.GetModel(rpc.GetModelRequest(name=model.name))
     assert m.state == pb.MODEL_STATE_FAILED
