@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -13,6 +14,7 @@ from google.protobuf import empty_pb2
 from controlplane.api import convert
 from controlplane.api.status import stream, unary
 from controlplane.domain import names
+from controlplane.domain import states as st
 from controlplane.domain import types as t
 from controlplane.domain.errors import invalid_field
 from controlplane.service import NewBuild, Service
@@ -24,6 +26,7 @@ from modellifecycle.v1 import service_pb2_grpc
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 T = TypeVar("T")
+CONVERTED_EVENTS = 4096  # recent changes kept converted, shared by every watcher
 
 
 async def _run(fn: Callable[[], T]) -> T:
@@ -44,6 +47,7 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
         self.sources = sources
         self.hub = hub
         self.wait_max_s = wait_max_s
+        self._converted: OrderedDict[int, pb.ModelEvent] = OrderedDict()
 
     # ---- models ----------------------------------------------------------------------------
 
@@ -240,7 +244,7 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
         self, request: rpc.WatchModelRequest, context: Ctx
     ) -> AsyncIterator[pb.ModelEvent]:
         async for event in self.hub.watch(request.name, request.since_revision):
-            yield convert.event_to_pb(event)
+            yield self._event_pb(event)
 
     @stream
     async def WatchModels(
@@ -248,7 +252,19 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
     ) -> AsyncIterator[pb.ModelEvent]:
         events = self.hub.watch_project(request.parent, request.filter, request.since_revision)
         async for event in events:
-            yield convert.event_to_pb(event)
+            yield self._event_pb(event)
+
+    def _event_pb(self, event: t.Event) -> pb.ModelEvent:
+        """Converts a change once for all its watchers (they share the hub's event)."""
+        if event.type in (st.EventType.BOOKMARK, st.EventType.CURRENT):
+            return convert.event_to_pb(event)
+        cached = self._converted.get(event.revision)
+        if cached is None:
+            cached = convert.event_to_pb(event)
+            self._converted[event.revision] = cached
+            while len(self._converted) > CONVERTED_EVENTS:
+                self._converted.popitem(last=False)
+        return cached
 
     # ---- cancel ----------------------------------------------------------------------------
 
