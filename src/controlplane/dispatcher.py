@@ -77,7 +77,7 @@ class Dispatcher:
             self._heartbeat_task.cancel()
             await asyncio.gather(self._heartbeat_task, return_exceptions=True)
         if self._running:
-            # Jobs are in the database: unfinished ones run again at the next start.
+            # Jobs are in the database: unfinished ones run again, here or on another server.
             for task in self._running:
                 task.cancel()
             await asyncio.gather(*self._running, return_exceptions=True)
@@ -175,7 +175,11 @@ class Dispatcher:
             rows = s.exec(
                 select(JobRow.id)
                 .join(OperationRow, col(OperationRow.name) == col(JobRow.operation))
-                .where(col(JobRow.id).in_(job_ids), col(OperationRow.cancel_requested).is_(True))
+                .where(
+                    col(JobRow.id).in_(job_ids),
+                    JobRow.kind == JOB_BUILD,
+                    col(OperationRow.cancel_requested).is_(True),
+                )
             ).all()
             return [int(r) for r in rows if r is not None]
 
@@ -333,6 +337,11 @@ class Dispatcher:
                     artifact_path=outcome.artifact_path,
                     finish_time=now(),
                 )
+                if op.cancel_requested:  # cancelled as it finished: built, but not deployed
+                    rollouts.end_build_without_result(
+                        c, model, op, build, f"cancelled before deploying ({op.name})"
+                    )
+                    return
                 if dep is None:
                     c.operation_done(op, model, "built")
                     return
