@@ -6,12 +6,11 @@ import contextlib
 import io
 import uuid
 import zipfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
-import psycopg
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -21,7 +20,6 @@ from controlplane.server import Server
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
 from modellifecycle.v1 import service_pb2_grpc
-from tests.conftest import PG_ADMIN
 from workers.fake_backend import FakeBackend
 
 if TYPE_CHECKING:  # the typed view of a stub on a grpc.aio channel (mypy-protobuf)
@@ -30,24 +28,46 @@ else:
     Stub = service_pb2_grpc.ModelLifecycleStub
 
 
+def fake_settings(database_url: str, tmp_path: Path, **overrides: Any) -> Settings:
+    """A server on a free port with the fake backend and short deadlines, for tests."""
+    base: dict[str, Any] = {
+        "data_dir": tmp_path / "data",
+        "grpc_port": 0,
+        "database_url": database_url,
+        "backend": "fake",
+        "num_gpus": 2,
+        "deploy_timeout_s": 3.0,
+        "placement_timeout_s": 1.0,
+        "reconcile_interval_s": 0.05,
+        "max_source_bytes": 256 * 1024,
+        "grace_s": 1.0,
+    }
+    return Settings(**{**base, **overrides})
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[Server]:
+    srv = Server(settings, backend=FakeBackend(num_gpus=settings.num_gpus))
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.stop()
+
+
 @pytest.fixture
 async def server(database_url: str, tmp_path: Path) -> AsyncIterator[Server]:
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        grpc_port=0,
-        database_url=database_url,
-        backend="fake",
-        num_gpus=2,
-        deploy_timeout_s=3.0,
-        placement_timeout_s=1.0,
-        reconcile_interval_s=0.05,
-        max_source_bytes=256 * 1024,
-        grace_s=1.0,
-    )
-    srv = Server(settings, backend=FakeBackend(num_gpus=2))
-    await srv.start()
-    yield srv
-    await srv.stop()
+    async with running(fake_settings(database_url, tmp_path)) as srv:
+        yield srv
+
+
+def op_reason(op: pb.Operation) -> str:
+    """The ErrorInfo reason of a failed operation's error."""
+    for detail in op.error.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return str(info.reason)
+    return ""
 
 
 @pytest.fixture
@@ -146,32 +166,3 @@ def error_info(err: grpc.aio.AioRpcError) -> tuple[str, dict[str, str], list[str
             detail.Unpack(bad)
             fields = [v.field for v in bad.field_violations]
     return reason, metadata, fields
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def fresh_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A database of this test's own: other tests' leftover jobs never run here."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'cp.db'}"
-        return
-    with new_postgres_database() as url:
-        yield url
-
-
-@pytest.fixture
-def fresh_postgres() -> Iterator[str]:
-    with new_postgres_database() as url:
-        yield url
-
-
-@contextlib.contextmanager
-def new_postgres_database() -> Iterator[str]:
-    name = f"cp_own_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-    try:
-        yield f"{base}/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -9,7 +9,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -26,8 +26,17 @@ class Cluster:
     process with the same ``server_id``), started and killed by the test."""
 
     def __init__(
-        self, data: Path, db_url: str, server_id: str = "crash-test", job_lease_s: float = 15
+        self,
+        data: Path,
+        db_url: str,
+        server_id: str = "crash-test",
+        job_lease_s: float = 15,
+        backend: str = "fake",
+        extra: Sequence[str] = (),
     ) -> None:
+        """``extra``: more flags (a flag given again overrides the default above it)."""
+        self.backend = backend
+        self.extra = list(extra)
         self.data = data
         self.db_url = db_url
         self.server_id = server_id
@@ -46,10 +55,11 @@ class Cluster:
                 "--http-port=18998",
                 f"--data-dir={self.data}",
                 f"--database-url={self.db_url}",
-                "--backend=fake",
+                f"--backend={self.backend}",
                 f"--server-id={self.server_id}",
                 f"--job-lease={self.job_lease_s:g}",
                 "--deploy-timeout=60",
+                *self.extra,
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,

@@ -16,6 +16,7 @@ from tests.integration.conftest import (
     build,
     create_model,
     error_info,
+    op_reason,
     resources,
     upload,
     wait,
@@ -44,16 +45,6 @@ def leftovers(artifacts: Path) -> list[Path]:
     return [p for p in artifacts.rglob("*") if p.name != ".staging"]
 
 
-def reason(op: pb.Operation) -> str:
-    from google.rpc import error_details_pb2
-
-    for detail in op.error.details:
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            return str(info.reason)
-    return ""
-
-
 async def test_cancelling_a_running_build_stops_it_and_leaves_nothing(
     stub: Stub, project: str, server: Server
 ) -> None:
@@ -70,7 +61,7 @@ async def test_cancelling_a_running_build_stops_it_and_leaves_nothing(
     done = await stub.CancelOperation(rpc.CancelOperationRequest(name=op.name))
     assert done.done and loop.time() - started < 20, "the build was not stopped"
     assert done.error.code == grpc.StatusCode.CANCELLED.value[0]
-    assert reason(done) == "OPERATION_CANCELLED"
+    assert op_reason(done) == "OPERATION_CANCELLED"
     b = await stub.GetBuild(rpc.GetBuildRequest(name=op.target))
     assert b.state == pb.BUILD_STATE_FAILED and "cancelled" in b.error
     m = await stub.GetModel(rpc.GetModelRequest(name=model.name))
@@ -91,7 +82,7 @@ async def test_cancelling_a_queued_build_runs_nothing(
     await server.dispatcher.stop()  # nothing claims jobs: the build stays queued
     op = await start_build(stub, model.name, SLOW, deploy=False)
     done = await stub.CancelOperation(rpc.CancelOperationRequest(name=op.name))
-    assert done.done and reason(done) == "OPERATION_CANCELLED"
+    assert done.done and op_reason(done) == "OPERATION_CANCELLED"
     b = await stub.GetBuild(rpc.GetBuildRequest(name=op.target))
     assert b.state == pb.BUILD_STATE_FAILED and "before it started" in b.error
 
@@ -112,7 +103,7 @@ async def test_cancelling_a_rollout_goes_back_to_the_last_good_deployment(
     await asyncio.sleep(0.3)
     done = await stub.CancelOperation(rpc.CancelOperationRequest(name=op.name))
     server.backend.start_delay_s = 0.05
-    assert done.done and reason(done) == "OPERATION_CANCELLED"
+    assert done.done and op_reason(done) == "OPERATION_CANCELLED"
     m = await stub.GetModel(rpc.GetModelRequest(name=model.name))
     assert m.state == pb.MODEL_STATE_DEPLOYED
     assert m.active_deployment == f"{model.name}/deployments/1"

@@ -16,6 +16,7 @@ from tests.integration.conftest import (
     Stub,
     build,
     create_model,
+    op_reason,
     resources,
     wait,
 )
@@ -58,7 +59,7 @@ async def test_a_failing_new_build_goes_back_to_the_last_good_deployment(
     assert not (await build(stub, model.name, deploy=pb_deploy(2))).HasField("error")
     fake(server).fail_start[app_of(model.name)] = "RuntimeError: cannot reach the feature store"
     op = await build(stub, model.name, MODEL_V2, "classify", deploy=pb_deploy(2))
-    assert op.HasField("error") and error_info_reason(op) == "DEPLOY_FAILED"
+    assert op.HasField("error") and op_reason(op) == "DEPLOY_FAILED"
     assert "feature store" in op.error.message
     del fake(server).fail_start[app_of(model.name)]
     m = await deployed(stub, model.name)
@@ -82,7 +83,7 @@ async def test_gpus_that_cannot_be_placed_fail_at_the_placement_deadline(
     op = await redeploy(stub, model.name, 1, resources(2, gpus=2))
     assert op.HasField("error")
     assert op.error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
-    assert error_info_reason(op) == "PLACEMENT_TIMEOUT" and "GPU" in op.error.message
+    assert op_reason(op) == "PLACEMENT_TIMEOUT" and "GPU" in op.error.message
     m = await deployed(stub, model.name)
     assert m.state == pb.MODEL_STATE_DEPLOYED
     assert m.active_deployment == f"{model.name}/deployments/1"
@@ -96,7 +97,7 @@ async def test_replicas_that_never_become_healthy_fail_at_the_startup_deadline(
     fake(server).start_delay_s = 3600
     op = await redeploy(stub, model.name, 1, resources(1, cpus=1))
     fake(server).start_delay_s = 0.05
-    assert error_info_reason(op) == "STARTUP_TIMEOUT" and "after 3s" in op.error.message
+    assert op_reason(op) == "STARTUP_TIMEOUT" and "after 3s" in op.error.message
     m = await deployed(stub, model.name)
     assert m.state == pb.MODEL_STATE_DEPLOYED
     assert m.active_deployment == f"{model.name}/deployments/1"
@@ -110,7 +111,7 @@ async def test_a_failed_restart_keeps_the_replicas_from_before(
     fake(server).fail_start[app_of(model.name)] = "RuntimeError: boom"
     op = await wait(stub, await stub.RestartModel(rpc.RestartModelRequest(name=model.name)))
     del fake(server).fail_start[app_of(model.name)]
-    assert error_info_reason(op) == "DEPLOY_FAILED"
+    assert op_reason(op) == "DEPLOY_FAILED"
     m = await deployed(stub, model.name)
     assert m.state == pb.MODEL_STATE_DEPLOYED and "restart failed" in m.message
     dep = await stub.GetDeployment(rpc.GetDeploymentRequest(name=m.active_deployment))
@@ -187,17 +188,6 @@ async def test_an_error_on_one_model_is_recorded_and_the_loop_goes_on(
 
 def pb_deploy(replicas: int) -> rpc.DeployOptions:
     return rpc.DeployOptions(resources=resources(replicas))
-
-
-def error_info_reason(op: pb.Operation) -> str:
-    from google.rpc import error_details_pb2
-
-    for detail in op.error.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return str(info.reason)
-    return ""
 
 
 async def _spec_is(server: Server, model: str, deployment: str) -> bool:

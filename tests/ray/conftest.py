@@ -6,12 +6,16 @@ Small logical CPUs for this 2-core machine, and two *logical* GPUs so that
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from controlplane.config import Settings
+from controlplane.server import Server
 from workers.backend import Backend
 
 
@@ -38,3 +42,22 @@ async def ray_backend(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator
     await backend.start()
     yield backend
     await backend.close()
+
+
+@contextlib.asynccontextmanager
+async def ray_server(backend: Backend, data_dir: Path, **overrides: Any) -> AsyncIterator[Server]:
+    """A control plane on the session's Ray cluster (which it does not own)."""
+    base: dict[str, Any] = {
+        "data_dir": data_dir,
+        "grpc_port": 0,
+        "reconcile_interval_s": 0.25,
+        "deploy_timeout_s": 120.0,
+        "num_gpus": 2,
+        "grace_s": 2.0,
+    }
+    server = Server(Settings(**{**base, **overrides}), backend=backend, owns_backend=False)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()

@@ -7,11 +7,10 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from controlplane.config import Settings
-from controlplane.server import Server
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
 from tests.integration.conftest import MODEL_V1, Stub, build, resources
+from tests.ray.conftest import ray_server
 from workers.backend import Backend
 
 pytestmark = pytest.mark.ray
@@ -21,20 +20,12 @@ pytestmark = pytest.mark.ray
 async def short_deadline_stub(
     ray_backend: Backend, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Stub]:
-    settings = Settings(
-        data_dir=tmp_path_factory.mktemp("cp-placement"),
-        grpc_port=0,
-        reconcile_interval_s=0.25,
-        deploy_timeout_s=120.0,
-        placement_timeout_s=6.0,
-        num_gpus=2,
-        grace_s=2.0,
-    )
-    server = Server(settings, backend=ray_backend, owns_backend=False)
-    await server.start()
-    async with grpc.aio.insecure_channel(server.grpc_address) as channel:
+    data = tmp_path_factory.mktemp("cp-placement")
+    async with (
+        ray_server(ray_backend, data, placement_timeout_s=6.0) as server,
+        grpc.aio.insecure_channel(server.grpc_address) as channel,
+    ):
         yield Stub(channel)
-    await server.stop()
 
 
 async def test_gpus_that_cannot_be_placed_fail_the_deploy_with_the_reason(

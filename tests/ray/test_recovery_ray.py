@@ -12,11 +12,11 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from controlplane.config import Settings
 from controlplane.server import Server
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
 from tests.integration.conftest import MODEL_V1, Stub, build, resources, wait
+from tests.ray.conftest import ray_server
 from tests.ray.test_workflow_ray import call, under_load
 from workers.backend import Backend
 
@@ -33,18 +33,8 @@ RAISES_AT_START = (
 async def server(
     ray_backend: Backend, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Server]:
-    settings = Settings(
-        data_dir=tmp_path_factory.mktemp("cp-recovery"),
-        grpc_port=0,
-        reconcile_interval_s=0.25,
-        deploy_timeout_s=120.0,
-        num_gpus=2,
-        grace_s=2.0,
-    )
-    srv = Server(settings, backend=ray_backend, owns_backend=False)
-    await srv.start()
-    yield srv
-    await srv.stop()
+    async with ray_server(ray_backend, tmp_path_factory.mktemp("cp-recovery")) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

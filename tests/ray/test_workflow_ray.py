@@ -18,12 +18,12 @@ import grpc
 import httpx
 import pytest
 
-from controlplane.config import Settings
 from controlplane.server import Server
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
 from tests.conftest import EXAMPLES
 from tests.integration.conftest import Stub, build, resources, upload, wait
+from tests.ray.conftest import ray_server
 from workers.backend import Backend
 
 pytestmark = pytest.mark.ray
@@ -41,28 +41,16 @@ def zip_dir(path: Path) -> bytes:
 
 
 @pytest.fixture(scope="module")
-async def ray_server(
-    ray_backend: Backend,
-    tmp_path_factory: pytest.TempPathFactory,
+async def workflow_server(
+    ray_backend: Backend, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Server]:
-    data = tmp_path_factory.mktemp("cp")
-    settings = Settings(
-        data_dir=data,
-        grpc_port=0,
-        reconcile_interval_s=0.25,
-        deploy_timeout_s=120.0,
-        num_gpus=2,
-        grace_s=2.0,
-    )
-    server = Server(settings, backend=ray_backend, owns_backend=False)
-    await server.start()
-    yield server
-    await server.stop()
+    async with ray_server(ray_backend, tmp_path_factory.mktemp("cp")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
-async def rstub(ray_server: Server) -> AsyncIterator[Stub]:
-    async with grpc.aio.insecure_channel(ray_server.grpc_address) as channel:
+async def rstub(workflow_server: Server) -> AsyncIterator[Stub]:
+    async with grpc.aio.insecure_channel(workflow_server.grpc_address) as channel:
         yield Stub(channel)
 
 
