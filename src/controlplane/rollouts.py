@@ -52,7 +52,8 @@ def fail_rollout(
         c.deployment(dep, st.DeploymentState.FAILED, message=message)
         c.model(model, st.ModelState.FAILED, message=message)
     if op is not None:
-        c.operation_done(op, model, "failed", t.OperationError(code, message, reason))
+        progress = "cancelled" if code == "CANCELLED" else "failed"
+        c.operation_done(op, model, progress, t.OperationError(code, message, reason))
     # Apply the desired set now: the last good spec, or no app for a FAILED model.
     c.enqueue(JOB_APPLY, model.name, "", dep.name)
 
