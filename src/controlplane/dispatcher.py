@@ -33,6 +33,13 @@ log = logging.getLogger(__name__)
 # Key of the PostgreSQL advisory lock that serializes applies of the Serve config.
 APPLY_LOCK = 0x6D6F64656C  # "model"
 _IN_FLIGHT = (st.DeploymentState.DEPLOYING.value, st.DeploymentState.STOPPING.value)
+# An apply the cluster refuses (its connection lost for a moment) is tried again: it
+# sends the whole desired set, so a repeat is harmless. Waits between attempts:
+APPLY_RETRY_S = (0.25, 0.5, 1.0, 2.0)
+# The control plane's own build deadline is the builder's plus this much (at most twice
+# the builder's): it also covers a build task that never starts (the cluster has no free
+# CPU for it) or that never ends.
+BUILD_DEADLINE_MARGIN_S = 10.0
 
 
 class Dispatcher:
@@ -279,6 +286,14 @@ class Dispatcher:
             model = repo.model_row(c.s, job.model)
             message = f"applying the change failed: {error}"
             dep = repo.maybe_deployment_row(c.s, model.active_deployment)
+            if (
+                not op.done
+                and dep is not None
+                and dep.state == st.DeploymentState.DEPLOYING.value
+                and model.state == st.ModelState.DEPLOYING.value
+            ):  # a rollout that never reached Serve: back to what served before it
+                rollouts.fail_rollout(c, model, dep, op, message, "UNAVAILABLE", "APPLY_FAILED")
+                return
             if dep is not None and not dep.applied and dep.state in _IN_FLIGHT:
                 c.deployment(dep, st.DeploymentState.FAILED, message=message)
             if model.state in _IN_FLIGHT:
@@ -295,7 +310,15 @@ class Dispatcher:
         if spec is None:
             return
         failpoints.hit("build.started")
-        outcome = await self.backend.build(spec)
+        limit = spec.timeout_s + min(BUILD_DEADLINE_MARGIN_S, spec.timeout_s)
+        try:
+            outcome = await asyncio.wait_for(self.backend.build(spec), limit)
+        except TimeoutError:  # the build task was stopped (as a cancelled one is)
+            outcome = BuildOutcome(
+                ok=False,
+                error=f"build timed out after {spec.timeout_s:g} s (its task did not finish; "
+                "it may have waited for a free CPU on the cluster)",
+            )
         failpoints.hit("build.finished")
         await asyncio.to_thread(self._finish_build, job, outcome)
         failpoints.hit("build.recorded")
@@ -371,9 +394,17 @@ class Dispatcher:
         async with self._apply_lock:
             release = await self._take_apply_lock()
             try:
-                specs = await asyncio.to_thread(self._desired_apps)
-                failpoints.hit("apply.prepared")
-                await self.backend.apply(specs)
+                for attempt, pause in enumerate((*APPLY_RETRY_S, None)):
+                    specs = await asyncio.to_thread(self._desired_apps)
+                    failpoints.hit("apply.prepared")
+                    try:
+                        await self.backend.apply(specs)
+                        break
+                    except Exception as e:
+                        if pause is None or self._stopping:
+                            raise
+                        log.warning("job %s: apply attempt %d failed (%s)", job_id, attempt + 1, e)
+                        await asyncio.sleep(pause)
                 failpoints.hit("apply.applied")
                 await asyncio.to_thread(self._mark_applied, job)
                 failpoints.hit("apply.marked")

@@ -34,6 +34,7 @@ from workers.backend import AppObservation, AppStatus, Backend, ReplicaStatus, a
 log = logging.getLogger(__name__)
 
 MISSING_GRACE_S = 2.0
+SERVE_REPORTS = "Serve reports the application "
 
 WATCHED = (
     st.ModelState.DEPLOYING.value,
@@ -80,6 +81,7 @@ class Reconciler:
         self._stopping = asyncio.Event()
         # model -> when its application was first seen missing while it should serve.
         self._missing_since: dict[str, float] = {}
+        self._unreachable = ""  # why the backend could not be observed, while it cannot
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="reconciler")
@@ -93,8 +95,15 @@ class Reconciler:
         while not self._stopping.is_set():
             try:
                 await self.tick()
-            except Exception:  # the loop never dies
-                log.exception("reconciler: observing the backend failed")
+            except Exception as e:  # the loop never dies (the cluster may be unreachable)
+                why = f"{type(e).__name__}: {e}"
+                if why != self._unreachable:  # once per outage, not every tick
+                    log.exception("reconciler: observing the backend failed; retrying")
+                self._unreachable = why
+            else:
+                if self._unreachable:
+                    log.warning("reconciler: the backend answers again (%s)", self._unreachable)
+                self._unreachable = ""
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.settings.reconcile_interval_s)
 
@@ -133,14 +142,16 @@ class Reconciler:
             state = st.ModelState(model.state)
             if state in (st.ModelState.DEPLOYING, st.ModelState.STOPPING):
                 failpoints.hit("reconcile.writing")
-            if state is st.ModelState.DEPLOYING:
-                self._deploying(c, model, dep, obs)
-            elif state is st.ModelState.DEPLOYED:
+            if state in (st.ModelState.DEPLOYING, st.ModelState.DEPLOYED):
                 if obs is None:
                     self._missing(c, model, dep)
-                    return
-                self._missing_since.pop(model.name, None)
+                else:
+                    self._missing_since.pop(model.name, None)
+            if state is st.ModelState.DEPLOYING:
+                self._deploying(c, model, dep, obs)
+            elif state is st.ModelState.DEPLOYED and obs is not None:
                 self._observe_replicas(c, dep, obs, notice_replaced=not model.running_operation)
+                self._health(c, dep, obs)
             elif state is st.ModelState.STOPPING:
                 self._stopping_model(c, model, dep, obs)
 
@@ -161,10 +172,22 @@ class Reconciler:
                 fields["message"] = why
         c.deployment(dep, **fields)
 
+    @staticmethod
+    def _health(c: Changes, dep: DeploymentRow, obs: AppObservation) -> None:
+        """A DEPLOYED model whose application Serve reports unhealthy stays DEPLOYED (its
+        running replicas still answer, and Serve replaces failing ones), but says so."""
+        if obs.status in (AppStatus.UNHEALTHY, AppStatus.DEPLOY_FAILED):
+            why = f"{SERVE_REPORTS}{obs.status.value}" + (f": {obs.message}" if obs.message else "")
+            if dep.message != why:
+                c.deployment(dep, message=why)
+        elif obs.status is AppStatus.RUNNING and dep.message.startswith(SERVE_REPORTS):
+            c.deployment(dep, message=f"{SERVE_REPORTS}RUNNING again")
+
     def _missing(self, c: Changes, model: ModelRow, dep: DeploymentRow) -> None:
         """The application of a model that should serve is gone from Serve (deleted behind
         our back, or the cluster restarted): after a short grace (an app can vanish from
-        the details for a moment while it rolls), apply the desired state again."""
+        the details for a moment while it rolls), apply the desired state again, once
+        (not while an apply is queued)."""
         loop_time = time.monotonic()
         since = self._missing_since.setdefault(model.name, loop_time)
         if loop_time - since < MISSING_GRACE_S:
@@ -298,10 +321,16 @@ class Reconciler:
 
 
 def replaced_replicas(before_json: str, after_json: str) -> str:
-    """Which replicas went away and which came instead, in words ("" if none went)."""
+    """Which replicas that had started went away and which came instead, in words ("" if
+    none went). One still starting when it went (of a rollout that failed and went back to
+    the replicas before it) did not stop unexpectedly."""
     before = {r["id"]: r for r in json.loads(before_json)}
     after = {r["id"]: r for r in json.loads(after_json)}
-    gone = [before[i] for i in sorted(before.keys() - after.keys())]
+    gone = [
+        before[i]
+        for i in sorted(before.keys() - after.keys())
+        if before[i].get("state") != st.ReplicaState.STARTING.value
+    ]
     if not gone:
         return ""
     new = [after[i] for i in sorted(after.keys() - before.keys())]

@@ -41,11 +41,14 @@ def fail_rollout(
             message=f"{dep.name} failed: {message}; serving {last_good.name} again",
         )
     elif restarted and json.loads(dep.previous_replica_ids):
+        before = set(json.loads(dep.previous_replica_ids))
+        kept = [r for r in json.loads(dep.observed_replicas) if r["id"] in before]
         c.deployment(
             dep,
             st.DeploymentState.DEPLOYED,
             restart_generation=dep.restart_generation - 1,
             message=f"restart failed: {message}; the replicas from before it keep serving",
+            observed_replicas=json.dumps(kept, sort_keys=True),
         )
         c.model(model, st.ModelState.DEPLOYED, message=f"restart failed: {message}")
     else:

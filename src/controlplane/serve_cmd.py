@@ -39,19 +39,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address gRPC and HTTP listen on")
     p.add_argument(
         "--deploy-timeout",
+        "--startup-timeout",
+        dest="deploy_timeout",
         type=float,
         default=300.0,
-        help="seconds a rollout's replicas may take to all run before it FAILS and the "
-        "model goes back to its last good deployment",
+        help="seconds a rollout's replicas may take to all run (placed but never healthy) "
+        "before it FAILS (STARTUP_TIMEOUT) and the model goes back to its last good "
+        "deployment",
     )
     p.add_argument(
         "--placement-timeout",
         type=float,
         default=120.0,
         help="seconds a rollout may wait for replicas that cannot be placed (more GPUs or "
-        "CPUs than the cluster has) before it FAILS",
+        "CPUs than the cluster has) before it FAILS (PLACEMENT_TIMEOUT)",
     )
-    p.add_argument("--build-timeout", type=float, default=900.0, help="seconds a build may take")
+    p.add_argument(
+        "--build-timeout",
+        type=float,
+        default=900.0,
+        help="seconds a build may take, waiting for the cluster included",
+    )
     p.add_argument("--max-source-mib", type=int, default=256, help="upload size limit")
     p.add_argument(
         "--server-id",

@@ -3,10 +3,13 @@
 It builds for real (``builder.run_build`` in a thread) but only *simulates*
 serving: replicas get ids and pids, start after ``start_delay_s``, scale in
 place when only ``replicas`` changes and are all replaced on any other change,
-and replicas asking for more GPUs than the fake cluster has never start. It
-serves no HTTP. With a ``state_file`` its "cluster" outlives the process, as a
-real Ray cluster outlives a control plane that crashes, and several servers share
-it as they would share one Ray cluster: the crash and two-server tests use it.
+and replicas asking for more GPUs than the fake cluster has never start. Like
+Serve with ``max_surge_percent=100``, a rolling change keeps the replicas from
+before it until every new one runs, and a change reverted before that (a failed
+rollout going back to its last good spec) keeps them. It serves no HTTP. With a
+``state_file`` its "cluster" outlives the process, as a real Ray cluster outlives a
+control plane that crashes, and several servers share it as they would share one
+Ray cluster: the crash and two-server tests use it.
 """
 
 from __future__ import annotations
@@ -42,12 +45,17 @@ class _Replica:
     pid: int
     ready_at: float  # wall clock (time.time()), so a saved cluster means the same later
     start_time: datetime
+    fails: str = ""  # started while a test made its app fail at start: never runs
 
 
 @dataclass
 class _App:
     spec: AppSpec
     replicas: list[_Replica] = field(default_factory=list)
+    # A rolling change in progress: the spec before it and its replicas, which keep
+    # serving until every new replica runs (Serve's max_surge_percent=100).
+    retiring_spec: AppSpec | None = None
+    retiring: list[_Replica] = field(default_factory=list)
 
 
 class FakeBackend:
@@ -64,8 +72,14 @@ class FakeBackend:
         self._http_base = http_base
         self.apps: dict[str, _App] = {}
         self.applies = 0
-        # Tests can make a model's start fail: app name -> Serve-like message.
+        # Tests can make a model's start fail: app name -> Serve-like message (replicas
+        # started while it is set never run).
         self.fail_start: dict[str, str] = {}
+        # Tests: the cluster cannot be reached (observe and apply raise ConnectionError).
+        self.unreachable = False
+        # Tests: builds wait (as a Ray task waits for free CPUs) until this is set.
+        self.builds_may_start = asyncio.Event()
+        self.builds_may_start.set()
 
     @property
     def http_base(self) -> str:
@@ -86,7 +100,12 @@ class FakeBackend:
         if self.state_file is not None:
             _save(self.state_file, self.apps)
 
+    def _reachable(self) -> None:
+        if self.unreachable:
+            raise ConnectionError("the fake cluster cannot be reached")
+
     async def build(self, spec: BuildSpec) -> BuildOutcome:
+        await self.builds_may_start.wait()
         cancel = threading.Event()
         running = asyncio.ensure_future(asyncio.to_thread(run_build, spec, cancel))
         running.add_done_callback(_consume)
@@ -97,28 +116,54 @@ class FakeBackend:
             await asyncio.wait([running])
             raise
 
-    def _new_replica(self) -> _Replica:
+    def _new_replica(self, app_name: str) -> _Replica:
         return _Replica(
             id=uuid.uuid4().hex[:8],
             pid=10_000 + uuid.uuid4().int % 1_000_000,
             ready_at=time.time() + self.start_delay_s,
             start_time=datetime.now(UTC),
+            fails=self.fail_start.get(app_name, ""),
+        )
+
+    def _placeable(self, spec: AppSpec) -> bool:
+        return spec.gpus == 0 or spec.gpus * spec.replicas <= self.num_gpus
+
+    def _runs(self, app: _App, r: _Replica, now: float) -> bool:
+        return self._placeable(app.spec) and not r.fails and now >= r.ready_at
+
+    def _rolled(self, app: _App, now: float) -> bool:
+        """Whether the rolling change in progress is over: every new replica runs."""
+        return len(app.replicas) == app.spec.replicas and all(
+            self._runs(app, r, now) for r in app.replicas
         )
 
     async def apply(self, apps: Sequence[AppSpec]) -> None:
         self._reload()
+        self._reachable()
         self.applies += 1
         wanted = {a.app_name: a for a in apps}
         for name in list(self.apps):
             if name not in wanted:
                 del self.apps[name]
+        now = time.time()
         for name, spec in wanted.items():
             app = self.apps.get(name)
-            if app is None or rolls(app.spec, spec):
+            if app is None:
                 app = self.apps[name] = _App(spec)
+            elif app.retiring_spec is not None and self._rolled(app, now):
+                app.retiring_spec, app.retiring = None, []
+            if rolls(app.spec, spec):
+                if app.retiring_spec is not None and not rolls(app.retiring_spec, spec):
+                    # Back to the spec before the change (it failed): its replicas never
+                    # stopped, and they are what serves again.
+                    app.replicas, app.retiring_spec, app.retiring = app.retiring, None, []
+                else:
+                    if app.retiring_spec is None:  # (a change on a change: the oldest serve)
+                        app.retiring_spec, app.retiring = app.spec, app.replicas
+                    app.replicas = []
             app.spec = spec
             while len(app.replicas) < spec.replicas:
-                app.replicas.append(self._new_replica())
+                app.replicas.append(self._new_replica(name))
             del app.replicas[spec.replicas :]
         self._save()
 
@@ -130,20 +175,32 @@ class FakeBackend:
         del self.apps[name]
         self._save()
 
+    def delete_all(self) -> None:
+        """The cluster restarted: nothing runs on it any more."""
+        self._reload()
+        self.apps.clear()
+        self._save()
+
     def kill_replica(self, name: str, replica_id: str) -> None:
         """A replica dies; like Serve, the cluster starts a new one in its place."""
         self._reload()
         app = self.apps[name]
-        app.replicas = [r for r in app.replicas if r.id != replica_id] + [self._new_replica()]
+        if any(r.id == replica_id for r in app.retiring):  # an old one: not replaced
+            app.retiring = [r for r in app.retiring if r.id != replica_id]
+        else:
+            app.replicas = [r for r in app.replicas if r.id != replica_id]
+            app.replicas.append(self._new_replica(name))
         self._save()
 
     async def observe(self) -> Mapping[str, AppObservation]:
         self._reload()
+        self._reachable()
         now = time.time()
         out: dict[str, AppObservation] = {}
         for name, app in self.apps.items():
-            placeable = app.spec.gpus * app.spec.replicas <= self.num_gpus or app.spec.gpus == 0
-            failure = self.fail_start.get(name)
+            placeable = self._placeable(app.spec)
+            failure = next((r.fails for r in app.replicas if r.fails), "")
+            old = [] if self._rolled(app, now) else app.retiring
             replicas = tuple(
                 ReplicaObservation(
                     id=r.id,
@@ -151,10 +208,10 @@ class FakeBackend:
                     node="fake-node",
                     start_time=r.start_time,
                     state=ReplicaStatus.RUNNING
-                    if placeable and not failure and now >= r.ready_at
+                    if r in old or self._runs(app, r, now)
                     else ReplicaStatus.STARTING,
                 )
-                for r in app.replicas
+                for r in [*old, *app.replicas]
             )
             if failure:
                 status, message = AppStatus.DEPLOY_FAILED, failure
@@ -182,30 +239,38 @@ def _load(path: Path) -> dict[str, _App]:
     data: dict[str, Any] = json.loads(path.read_text())
     apps: dict[str, _App] = {}
     for name, app in data.items():
-        spec = dict(app["spec"])
+        retiring_spec = app.get("retiring_spec")
         apps[name] = _App(
-            spec=AppSpec(**spec),
-            replicas=[
-                _Replica(
-                    id=r["id"],
-                    pid=r["pid"],
-                    ready_at=r["ready_at"],
-                    start_time=datetime.fromisoformat(r["start_time"]),
-                )
-                for r in app["replicas"]
-            ],
+            spec=AppSpec(**app["spec"]),
+            replicas=[_load_replica(r) for r in app["replicas"]],
+            retiring_spec=AppSpec(**retiring_spec) if retiring_spec else None,
+            retiring=[_load_replica(r) for r in app.get("retiring", [])],
         )
     return apps
 
 
+def _load_replica(r: Mapping[str, Any]) -> _Replica:
+    return _Replica(
+        id=r["id"],
+        pid=r["pid"],
+        ready_at=r["ready_at"],
+        start_time=datetime.fromisoformat(r["start_time"]),
+        fails=r.get("fails", ""),
+    )
+
+
 def _save(path: Path, apps: Mapping[str, _App]) -> None:
     """Atomically (a crash leaves the old or the new cluster, never half of one)."""
+
+    def replicas(rs: list[_Replica]) -> list[dict[str, Any]]:
+        return [{**asdict(r), "start_time": r.start_time.isoformat()} for r in rs]
+
     data = {
         name: {
             "spec": asdict(app.spec),
-            "replicas": [
-                {**asdict(r), "start_time": r.start_time.isoformat()} for r in app.replicas
-            ],
+            "replicas": replicas(app.replicas),
+            "retiring_spec": asdict(app.retiring_spec) if app.retiring_spec else None,
+            "retiring": replicas(app.retiring),
         }
         for name, app in apps.items()
     }

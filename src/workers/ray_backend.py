@@ -260,6 +260,9 @@ class RayBackend:
             # and its staging folder goes), then wait a little for it to end.
             ray.cancel(ref, force=False, recursive=True)
             await asyncio.wait([running], timeout=10)
+            if not running.done():  # stuck where no interrupt reaches: kill its worker
+                log.warning("build %s did not stop when interrupted; killing it", spec.build_name)
+                ray.cancel(ref, force=True)
             raise
         except ray.exceptions.RayError as e:  # the worker died, not the build's own failure
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

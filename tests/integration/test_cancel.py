@@ -16,8 +16,10 @@ from tests.integration.conftest import (
     build,
     create_model,
     error_info,
+    fake_settings,
     op_reason,
     resources,
+    running,
     upload,
     wait,
     zip_bytes,
@@ -128,3 +130,33 @@ async def test_what_cannot_be_cancelled(stub: Stub, project: str, case: str) -> 
     assert err.value.code() == code
     if why:
         assert error_info(err.value)[0] == why
+
+
+async def test_a_build_running_on_another_server_is_cancelled_through_this_one(
+    fresh_db: str, tmp_path: Path, project: str
+) -> None:
+    """The request goes to the database; the server running the build notices and stops it."""
+    data = tmp_path / "shared"  # one database, one data dir (sources, artifacts), two servers
+    here = fake_settings(fresh_db, data, dispatcher_concurrency=0)  # runs no job itself
+    there = fake_settings(fresh_db, data)
+    async with (
+        running(there) as other,
+        running(here) as this,
+        grpc.aio.insecure_channel(this.grpc_address) as channel,
+    ):
+        stub = Stub(channel)
+        model = await create_model(stub, project)
+        op = await start_build(stub, model.name, SLOW, deploy=False)
+        for _ in range(200):
+            b = await stub.GetBuild(rpc.GetBuildRequest(name=op.target))
+            if b.state == pb.BUILD_STATE_BUILDING:
+                break
+            await asyncio.sleep(0.05)
+        assert other.dispatcher is not None and other.dispatcher._by_job, "not running there"
+        await asyncio.sleep(0.5)
+        done = await stub.CancelOperation(rpc.CancelOperationRequest(name=op.name))
+        assert done.done and op_reason(done) == "OPERATION_CANCELLED"
+        b = await stub.GetBuild(rpc.GetBuildRequest(name=op.target))
+        assert b.state == pb.BUILD_STATE_FAILED and "cancelled while building" in b.error
+        left = await asyncio.to_thread(leftovers, other.settings.artifacts_dir)
+        assert left == [], f"a cancelled build left {left}"

@@ -4,6 +4,10 @@ SQLite and PostgreSQL): what a platform engineer checks after things go wrong.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import grpc
 from sqlalchemy import text
@@ -16,8 +20,10 @@ from tests.integration.conftest import (
     Stub,
     build,
     create_model,
+    fake_settings,
     op_reason,
     resources,
+    running,
     wait,
 )
 from workers.fake_backend import FakeBackend
@@ -108,14 +114,26 @@ async def test_a_failed_restart_keeps_the_replicas_from_before(
 ) -> None:
     model = await create_model(stub, project)
     assert not (await build(stub, model.name, deploy=pb_deploy(2))).HasField("error")
+    name = f"{model.name}/deployments/1"
+    before = {
+        r.id for r in (await stub.GetDeployment(rpc.GetDeploymentRequest(name=name))).replicas
+    }
     fake(server).fail_start[app_of(model.name)] = "RuntimeError: boom"
     op = await wait(stub, await stub.RestartModel(rpc.RestartModelRequest(name=model.name)))
     del fake(server).fail_start[app_of(model.name)]
     assert op_reason(op) == "DEPLOY_FAILED"
     m = await deployed(stub, model.name)
     assert m.state == pb.MODEL_STATE_DEPLOYED and "restart failed" in m.message
-    dep = await stub.GetDeployment(rpc.GetDeploymentRequest(name=m.active_deployment))
+    assert m.active_deployment == name
+
+    async def settled() -> bool:  # the generation before re-applied; nothing else to do
+        return fake(server).apps[app_of(model.name)].retiring == []
+
+    await until("the restart's replicas gone", settled)
+    await asyncio.sleep(0.3)  # a few reconciler ticks
+    dep = await stub.GetDeployment(rpc.GetDeploymentRequest(name=name))
     assert dep.state == pb.DEPLOYMENT_STATE_DEPLOYED and "restart failed" in dep.message
+    assert {r.id for r in dep.replicas} == before, "the replicas from before it were kept"
 
 
 async def test_an_application_deleted_behind_our_back_comes_back(
@@ -184,6 +202,110 @@ async def test_an_error_on_one_model_is_recorded_and_the_loop_goes_on(
 
     await until("the error recorded on its model", broken_recorded)
     await until("the other model still reconciled", healthy_reconciled)
+
+
+async def test_a_killed_replica_whose_replacement_fails_is_explained_and_stays_deployed(
+    stub: Stub, project: str, server: Server
+) -> None:
+    model = await create_model(stub, project)
+    assert not (await build(stub, model.name, deploy=pb_deploy(2))).HasField("error")
+    name = f"{model.name}/deployments/1"
+    victim = (await stub.GetDeployment(rpc.GetDeploymentRequest(name=name))).replicas[0]
+    fake(server).fail_start[app_of(model.name)] = "RuntimeError: the GPU driver is gone"
+    fake(server).kill_replica(app_of(model.name), victim.id)
+
+    async def explained() -> bool:
+        d = await stub.GetDeployment(rpc.GetDeploymentRequest(name=name))
+        return "Serve reports the application DEPLOY_FAILED" in d.message
+
+    await until("Serve's report on the deployment", explained)
+    dep = await stub.GetDeployment(rpc.GetDeploymentRequest(name=name))
+    assert "GPU driver is gone" in dep.message
+    assert (await deployed(stub, model.name)).state == pb.MODEL_STATE_DEPLOYED
+    del fake(server).fail_start[app_of(model.name)]
+    failing = next(r for r in fake(server).apps[app_of(model.name)].replicas if r.fails)
+    fake(server).kill_replica(app_of(model.name), failing.id)  # Serve tries again: it runs
+
+    async def healthy() -> bool:
+        d = await stub.GetDeployment(rpc.GetDeploymentRequest(name=name))
+        running = [r for r in d.replicas if r.state == pb.REPLICA_STATE_RUNNING]
+        return "RUNNING again" in d.message and len(running) == 2
+
+    await until("the application healthy again", healthy)
+
+
+@contextlib.asynccontextmanager
+async def own_server(
+    database_url: str, tmp_path: Path, **overrides: Any
+) -> AsyncIterator[tuple[Server, Stub]]:
+    async with (
+        running(fake_settings(database_url, tmp_path, **overrides)) as srv,
+        grpc.aio.insecure_channel(srv.grpc_address) as channel,
+    ):
+        yield srv, Stub(channel)
+
+
+async def test_an_application_deleted_while_it_rolls_out_comes_back(
+    database_url: str, tmp_path: Path, project: str
+) -> None:
+    async with own_server(database_url, tmp_path, deploy_timeout_s=20.0) as (server, stub):
+        model = await create_model(stub, project)
+        assert not (await build(stub, model.name, deploy=pb_deploy(2))).HasField("error")
+        fake(server).start_delay_s = 1.0
+        op = await stub.CreateDeployment(
+            rpc.CreateDeploymentRequest(
+                parent=model.name, build=f"{model.name}/builds/1", resources=resources(2, cpus=1)
+            )
+        )
+        await until("the rollout applied", lambda: _spec_is(server, model.name, op.deployment))
+        fake(server).delete_app(app_of(model.name))  # mid-rollout, behind our back
+        done = await wait(stub, op)
+        assert not done.HasField("error"), done.error
+        m = await deployed(stub, model.name)
+        assert m.state == pb.MODEL_STATE_DEPLOYED and m.active_deployment == op.deployment
+
+
+async def test_the_loops_go_on_while_the_cluster_is_unreachable_and_recover(
+    database_url: str, tmp_path: Path, project: str
+) -> None:
+    async with own_server(database_url, tmp_path, deploy_timeout_s=30.0) as (server, stub):
+        model = await create_model(stub, project)
+        assert not (await build(stub, model.name, deploy=pb_deploy(2))).HasField("error")
+        cluster = fake(server)
+        cluster.unreachable = True  # then the cluster restarts: nothing runs on it
+        cluster.delete_all()
+        # A change while it cannot be reached: the apply is retried, then the rollout
+        # fails and the model goes back to the deployment that served.
+        op = await redeploy(stub, model.name, 1, resources(2, cpus=1))
+        assert op.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
+        assert op_reason(op) == "APPLY_FAILED" and "cannot be reached" in op.error.message
+        m = await deployed(stub, model.name)
+        assert m.state == pb.MODEL_STATE_DEPLOYED
+        assert m.active_deployment == f"{model.name}/deployments/1"
+        cluster.unreachable = False
+
+        async def serving_again() -> bool:
+            app = cluster.apps.get(app_of(model.name))
+            dep = await stub.GetDeployment(rpc.GetDeploymentRequest(name=m.active_deployment))
+            running = [r for r in dep.replicas if r.state == pb.REPLICA_STATE_RUNNING]
+            return app is not None and len(running) == 2
+
+        await until("the model serving again", serving_again)
+        op = await wait(stub, await stub.RestartModel(rpc.RestartModelRequest(name=model.name)))
+        assert not op.HasField("error"), "the dispatcher and the reconciler went on"
+
+
+async def test_a_build_that_never_starts_fails_at_the_build_deadline(
+    database_url: str, tmp_path: Path, project: str
+) -> None:
+    async with own_server(database_url, tmp_path, build_timeout_s=1.0) as (server, stub):
+        fake(server).builds_may_start.clear()  # as a Ray task waiting for a free CPU
+        model = await create_model(stub, project)
+        op = await build(stub, model.name, deploy=pb_deploy(1))
+        assert op_reason(op) == "BUILD_FAILED" and "timed out after 1 s" in op.error.message
+        b = await stub.GetBuild(rpc.GetBuildRequest(name=op.target))
+        assert b.state == pb.BUILD_STATE_FAILED and "timed out" in b.error
+        assert (await deployed(stub, model.name)).state == pb.MODEL_STATE_FAILED
 
 
 def pb_deploy(replicas: int) -> rpc.DeployOptions:
