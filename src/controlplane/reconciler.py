@@ -50,25 +50,28 @@ _REPLICA_STATE = {
 }
 
 
-def replicas_json(obs: AppObservation | None) -> str:
+def replicas_json(obs: AppObservation | None, before_json: str = "[]") -> str:
+    """The replicas as recorded. Each also says whether it ever ran (``"ran"``, kept from
+    ``before_json``; not part of the API): only one that ran can stop unexpectedly."""
     if obs is None:
         return "[]"
+    ran = {r["id"] for r in json.loads(before_json) if r.get("ran")}
     replicas = sorted(obs.replicas, key=lambda r: r.id)
-    return json.dumps(
-        [
-            codec.replica_to_dict(
-                t.Replica(
-                    id=r.id,
-                    state=_REPLICA_STATE[r.state],
-                    pid=r.pid,
-                    node=r.node,
-                    start_time=r.start_time,
-                )
+    out = []
+    for r in replicas:
+        d = codec.replica_to_dict(
+            t.Replica(
+                id=r.id,
+                state=_REPLICA_STATE[r.state],
+                pid=r.pid,
+                node=r.node,
+                start_time=r.start_time,
             )
-            for r in replicas
-        ],
-        sort_keys=True,
-    )
+        )
+        if r.id in ran or r.state is ReplicaStatus.RUNNING:
+            d["ran"] = True
+        out.append(d)
+    return json.dumps(out, sort_keys=True)
 
 
 class Reconciler:
@@ -162,12 +165,18 @@ class Reconciler:
         obs: AppObservation | None,
         notice_replaced: bool = False,
     ) -> None:
-        observed = replicas_json(obs)
+        if notice_replaced and obs is not None and not obs.replicas:
+            # Serve's details leave a deployment out for a moment while it updates it (its
+            # replicas serve on): nothing to conclude from that look.
+            return
+        observed = replicas_json(obs, dep.observed_replicas)
         if observed == dep.observed_replicas:
             return
         fields: dict[str, Any] = {"observed_replicas": observed}
         if notice_replaced:  # no change of ours in flight: Serve replaced a replica that died
-            why = replaced_replicas(dep.observed_replicas, observed)
+            why = replaced_replicas(
+                dep.observed_replicas, observed, without_health_note(dep.message)
+            )
             if why:
                 fields["message"] = why
         c.deployment(dep, **fields)
@@ -175,13 +184,21 @@ class Reconciler:
     @staticmethod
     def _health(c: Changes, dep: DeploymentRow, obs: AppObservation) -> None:
         """A DEPLOYED model whose application Serve reports unhealthy stays DEPLOYED (its
-        running replicas still answer, and Serve replaces failing ones), but says so."""
+        running replicas still answer, and Serve replaces failing ones), but its deployment
+        says so after what it said before (e.g. which replica died); once Serve reports it
+        RUNNING again, that note goes."""
+        base = without_health_note(dep.message)
         if obs.status in (AppStatus.UNHEALTHY, AppStatus.DEPLOY_FAILED):
-            why = f"{SERVE_REPORTS}{obs.status.value}" + (f": {obs.message}" if obs.message else "")
-            if dep.message != why:
-                c.deployment(dep, message=why)
-        elif obs.status is AppStatus.RUNNING and dep.message.startswith(SERVE_REPORTS):
-            c.deployment(dep, message=f"{SERVE_REPORTS}RUNNING again")
+            note = f"{SERVE_REPORTS}{obs.status.value}"
+            if obs.message:
+                note = f"{note}: {obs.message}"
+            message = f"{base}; {note}" if base else note
+        elif obs.status is AppStatus.RUNNING and SERVE_REPORTS in dep.message:
+            message = base or f"{SERVE_REPORTS}RUNNING again"
+        else:
+            return
+        if message != dep.message:
+            c.deployment(dep, message=message)
 
     def _missing(self, c: Changes, model: ModelRow, dep: DeploymentRow) -> None:
         """The application of a model that should serve is gone from Serve (deleted behind
@@ -320,23 +337,43 @@ class Reconciler:
             c.operation_done(op, model, "stopped")
 
 
-def replaced_replicas(before_json: str, after_json: str) -> str:
-    """Which replicas that had started went away and which came instead, in words ("" if
-    none went). One still starting when it went (of a rollout that failed and went back to
-    the replicas before it) did not stop unexpectedly."""
+REPLACING = "Serve is starting a replacement"
+
+
+def without_health_note(message: str) -> str:
+    """A deployment's message without the note on Serve's status that ``_health`` adds."""
+    at = message.find(SERVE_REPORTS)
+    return message if at < 0 else message[:at].removesuffix("; ")
+
+
+_DOWN = (st.ReplicaState.STOPPING.value, st.ReplicaState.FAILED.value)
+
+
+def replaced_replicas(before_json: str, after_json: str, message: str = "") -> str:
+    """The deployment's new message when replicas that ran stopped (gone, or stopping)
+    without a change of ours, naming them and the replicas Serve started instead; "" when
+    there is nothing new to say. Serve may list the replacement only on a later look: the
+    message then says a replacement is starting (``message``, the current one, tells) and
+    names it when it appears. A replica that never ran (of a rollout that failed and went
+    back to the replicas before it) did not stop unexpectedly."""
     before = {r["id"]: r for r in json.loads(before_json)}
     after = {r["id"]: r for r in json.loads(after_json)}
-    gone = [
-        before[i]
-        for i in sorted(before.keys() - after.keys())
-        if before[i].get("state") != st.ReplicaState.STARTING.value
+    lost = [
+        r
+        for i, r in sorted(before.items())
+        if r.get("ran")
+        and r["state"] not in _DOWN
+        and (i not in after or after[i]["state"] in _DOWN)
     ]
-    if not gone:
-        return ""
     new = [after[i] for i in sorted(after.keys() - before.keys())]
-    went = ", ".join(_replica_words(r) for r in gone)
-    came = ", ".join(_replica_words(r) for r in new) or "none yet"
-    return f"replica {went} stopped unexpectedly; Serve replaced it with {came}"
+    came = ", ".join(_replica_words(r) for r in new)
+    if lost:
+        went = ", ".join(_replica_words(r) for r in lost)
+        instead = f"Serve replaced it with {came}" if new else REPLACING
+        return f"replica {went} stopped unexpectedly; {instead}"
+    if new and message.endswith(REPLACING):
+        return f"{message.removesuffix(REPLACING)}Serve replaced it with {came}"
+    return ""
 
 
 def _replica_words(r: dict[str, Any]) -> str:

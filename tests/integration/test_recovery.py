@@ -220,6 +220,7 @@ async def test_a_killed_replica_whose_replacement_fails_is_explained_and_stays_d
 
     await until("Serve's report on the deployment", explained)
     dep = await stub.GetDeployment(rpc.GetDeploymentRequest(name=name))
+    assert f"{victim.id} (pid {victim.pid}) stopped unexpectedly" in dep.message
     assert "GPU driver is gone" in dep.message
     assert (await deployed(stub, model.name)).state == pb.MODEL_STATE_DEPLOYED
     del fake(server).fail_start[app_of(model.name)]
@@ -229,9 +230,11 @@ async def test_a_killed_replica_whose_replacement_fails_is_explained_and_stays_d
     async def healthy() -> bool:
         d = await stub.GetDeployment(rpc.GetDeploymentRequest(name=name))
         running = [r for r in d.replicas if r.state == pb.REPLICA_STATE_RUNNING]
-        return "RUNNING again" in d.message and len(running) == 2
+        return "DEPLOY_FAILED" not in d.message and len(running) == 2
 
     await until("the application healthy again", healthy)
+    dep = await stub.GetDeployment(rpc.GetDeploymentRequest(name=name))
+    assert dep.message.startswith(f"replica {victim.id} (pid {victim.pid}) stopped unexpectedly")
 
 
 @contextlib.asynccontextmanager

@@ -86,6 +86,8 @@ async def test_a_failing_build_leaves_the_last_good_one_serving(stub: Stub, serv
     else:
         raise AssertionError(f"the killed replica was not replaced: {dep}")
     assert f"{victim.id} (pid {victim.pid}) stopped unexpectedly" in dep.message, dep.message
+    (replacement,) = ids - {r.id for r in running}
+    assert f"Serve replaced it with {replacement}" in dep.message, dep.message
 
     # The application deleted behind our back comes back.
     await server.backend.apply([])
