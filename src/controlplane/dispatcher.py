@@ -329,8 +329,14 @@ class Dispatcher:
             build = repo.build_row(c.s, job.target)
             if build.state in (st.BuildState.BUILT.value, st.BuildState.FAILED.value):
                 return None  # finished before a restart of the server
+            op = repo.operation_row(c.s, job.operation)
+            if op.cancel_requested:  # cancelled while its server was gone: never run again
+                model = repo.model_row(c.s, job.model)
+                why = f"cancelled while building ({op.name})"
+                rollouts.end_build_without_result(c, model, op, build, why)
+                return None
             c.build(build, st.BuildState.BUILDING)
-            c.operation_progress(repo.operation_row(c.s, job.operation), "building")
+            c.operation_progress(op, "building")
             log_path = Path(build.log_path)
             log_path.parent.mkdir(parents=True, exist_ok=True)
             return BuildSpec(

@@ -32,30 +32,33 @@ def fail_rollout(
     """
     last_good = _last_good(c, model, dep)
     restarted = op is not None and op.kind == st.OperationKind.RESTART_MODEL.value
+    cancelled = code == "CANCELLED"  # ``message`` then says so ("cancelled on request ...")
     if last_good is not None:
         c.deployment(dep, st.DeploymentState.FAILED, message=message)
+        what = f"{dep.name}: {message}" if cancelled else f"{dep.name} failed: {message}"
         c.model(
             model,
             st.ModelState.DEPLOYED,
             active_deployment=last_good.name,
-            message=f"{dep.name} failed: {message}; serving {last_good.name} again",
+            message=f"{what}; serving {last_good.name} again",
         )
     elif restarted and json.loads(dep.previous_replica_ids):
         before = set(json.loads(dep.previous_replica_ids))
         kept = [r for r in json.loads(dep.observed_replicas) if r["id"] in before]
+        what = f"restart {message}" if cancelled else f"restart failed: {message}"
         c.deployment(
             dep,
             st.DeploymentState.DEPLOYED,
             restart_generation=dep.restart_generation - 1,
-            message=f"restart failed: {message}; the replicas from before it keep serving",
+            message=f"{what}; the replicas from before it keep serving",
             observed_replicas=json.dumps(kept, sort_keys=True),
         )
-        c.model(model, st.ModelState.DEPLOYED, message=f"restart failed: {message}")
+        c.model(model, st.ModelState.DEPLOYED, message=what)
     else:
         c.deployment(dep, st.DeploymentState.FAILED, message=message)
         c.model(model, st.ModelState.FAILED, message=message)
     if op is not None:
-        progress = "cancelled" if code == "CANCELLED" else "failed"
+        progress = "cancelled" if cancelled else "failed"
         c.operation_done(op, model, progress, t.OperationError(code, message, reason))
     # Apply the desired set now: the last good spec, or no app for a FAILED model.
     c.enqueue(JOB_APPLY, model.name, "", dep.name)

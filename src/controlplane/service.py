@@ -591,17 +591,22 @@ class Service:
                 )
             model = repo.model_row(c.s, op.model)
             build = c.s.exec(select(BuildRow).where(BuildRow.name == op.target)).first()
-            if build is not None and build.state == st.BuildState.QUEUED.value:
-                for job in c.s.exec(
-                    select(JobRow).where(JobRow.operation == name, JobRow.state == "pending")
-                ).all():
+            unfinished = (st.BuildState.QUEUED.value, st.BuildState.BUILDING.value)
+            pending = c.s.exec(
+                select(JobRow).where(
+                    JobRow.operation == name, JobRow.kind == JOB_BUILD, JobRow.state == "pending"
+                )
+            ).all()
+            if build is not None and build.state in unfinished and pending:
+                # No server runs it now (queued, or handed back by a server that stopped).
+                for job in pending:
                     job.state, job.error = "done", "cancelled before it ran"
                     c.s.add(job)
-                rollouts.end_build_without_result(
-                    c, model, op, build, f"cancelled before it started ({name})"
-                )
-            elif build is not None and build.state == st.BuildState.BUILDING.value:
-                c.cancel_requested(op)
+                started = build.state == st.BuildState.BUILDING.value
+                why = "cancelled while building" if started else "cancelled before it started"
+                rollouts.end_build_without_result(c, model, op, build, f"{why} ({name})")
+            elif build is not None and build.state in unfinished:
+                c.cancel_requested(op)  # the server running its job stops it
             else:
                 dep = repo.maybe_deployment_row(c.s, op.deployment)
                 if dep is None or dep.state != st.DeploymentState.DEPLOYING.value:

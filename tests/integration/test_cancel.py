@@ -7,11 +7,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from sqlalchemy import text
 
 from controlplane.server import Server
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
 from tests.integration.conftest import (
+    MODEL_V2,
     Stub,
     build,
     create_model,
@@ -89,6 +91,24 @@ async def test_cancelling_a_queued_build_runs_nothing(
     assert b.state == pb.BUILD_STATE_FAILED and "before it started" in b.error
 
 
+async def test_cancelling_a_build_handed_back_by_a_server_that_stopped(
+    stub: Stub, project: str, server: Server
+) -> None:
+    """BUILDING, but its job is back in the queue (its server stopped): it ends at once."""
+    model = await create_model(stub, project)
+    assert server.dispatcher is not None
+    await server.dispatcher.stop()
+    op = await start_build(stub, model.name, SLOW, deploy=True)
+    with server.db.engine.begin() as conn:
+        conn.execute(text("UPDATE builds SET state = 'BUILDING' WHERE name = :n"), {"n": op.target})
+    done = await stub.CancelOperation(rpc.CancelOperationRequest(name=op.name))
+    assert done.done and op_reason(done) == "OPERATION_CANCELLED"
+    b = await stub.GetBuild(rpc.GetBuildRequest(name=op.target))
+    assert b.state == pb.BUILD_STATE_FAILED and "cancelled while building" in b.error
+    m = await stub.GetModel(rpc.GetModelRequest(name=model.name))
+    assert m.state == pb.MODEL_STATE_NOT_DEPLOYED
+
+
 async def test_cancelling_a_rollout_goes_back_to_the_last_good_deployment(
     stub: Stub, project: str, server: Server
 ) -> None:
@@ -111,6 +131,44 @@ async def test_cancelling_a_rollout_goes_back_to_the_last_good_deployment(
     assert m.active_deployment == f"{model.name}/deployments/1"
     op = await wait(stub, await stub.RestartModel(rpc.RestartModelRequest(name=model.name)))
     assert not op.HasField("error"), "the model takes new operations"
+
+
+@pytest.mark.parametrize("change", ["build-and-deploy", "restart"])
+async def test_cancelling_a_new_build_deploying_or_a_restart_keeps_the_replicas_serving(
+    stub: Stub, project: str, server: Server, change: str
+) -> None:
+    assert isinstance(server.backend, FakeBackend)
+    model = await create_model(stub, project)
+    first = await build(stub, model.name, deploy=rpc.DeployOptions(resources=resources(2)))
+    assert not first.HasField("error")
+    serving = f"{model.name}/deployments/1"
+    before = {
+        r.id for r in (await stub.GetDeployment(rpc.GetDeploymentRequest(name=serving))).replicas
+    }
+    server.backend.start_delay_s = 3600  # the new replicas never become ready
+    if change == "restart":
+        op = await stub.RestartModel(rpc.RestartModelRequest(name=model.name))
+    else:
+        op = await start_build(stub, model.name, MODEL_V2.replace("classify", "predict"), True)
+    for _ in range(200):  # past its build: the rollout has started
+        dep = await stub.GetDeployment(rpc.GetDeploymentRequest(name=op.deployment))
+        if dep.state == pb.DEPLOYMENT_STATE_DEPLOYING:
+            break
+        await asyncio.sleep(0.05)
+    done = await stub.CancelOperation(rpc.CancelOperationRequest(name=op.name))
+    server.backend.start_delay_s = 0.05
+    assert done.done and done.error.code == grpc.StatusCode.CANCELLED.value[0]
+    assert op_reason(done) == "OPERATION_CANCELLED"
+    m = await stub.GetModel(rpc.GetModelRequest(name=model.name))
+    assert m.state == pb.MODEL_STATE_DEPLOYED and m.active_deployment == serving
+    assert f"cancelled on request ({op.name})" in m.message, m.message
+    for _ in range(100):  # the spec from before applied again: its replicas take over
+        dep = await stub.GetDeployment(rpc.GetDeploymentRequest(name=serving))
+        if {r.id for r in dep.replicas} == before:
+            break
+        await asyncio.sleep(0.05)
+    assert {r.id for r in dep.replicas} == before, "the replicas from before kept serving"
+    assert dep.state == pb.DEPLOYMENT_STATE_DEPLOYED
 
 
 @pytest.mark.parametrize("case", ["done", "stop", "unknown", "bad"])
