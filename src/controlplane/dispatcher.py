@@ -36,6 +36,7 @@ _IN_FLIGHT = (st.DeploymentState.DEPLOYING.value, st.DeploymentState.STOPPING.va
 # An apply the cluster refuses (its connection lost for a moment) is tried again: it
 # sends the whole desired set, so a repeat is harmless. Waits between attempts:
 APPLY_RETRY_S = (0.25, 0.5, 1.0, 2.0)
+APPLY_TIMEOUT_S = 60.0  # an apply that hangs (a cluster that stopped answering) fails
 # The control plane's own build deadline is the builder's plus this much (at most twice
 # the builder's): it also covers a build task that never starts (the cluster has no free
 # CPU for it) or that never ends.
@@ -404,7 +405,7 @@ class Dispatcher:
                     specs = await asyncio.to_thread(self._desired_apps)
                     failpoints.hit("apply.prepared")
                     try:
-                        await self.backend.apply(specs)
+                        await asyncio.wait_for(self.backend.apply(specs), APPLY_TIMEOUT_S)
                         break
                     except Exception as e:
                         if pause is None or self._stopping:

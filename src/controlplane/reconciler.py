@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from sqlmodel import col, select
@@ -34,6 +35,7 @@ from workers.backend import AppObservation, AppStatus, Backend, ReplicaStatus, a
 log = logging.getLogger(__name__)
 
 MISSING_GRACE_S = 2.0
+OBSERVE_TIMEOUT_S = 30.0
 SERVE_REPORTS = "Serve reports the application "
 
 WATCHED = (
@@ -85,6 +87,7 @@ class Reconciler:
         # model -> when its application was first seen missing while it should serve.
         self._missing_since: dict[str, float] = {}
         self._unreachable = ""  # why the backend could not be observed, while it cannot
+        self._observing: asyncio.Future[Mapping[str, AppObservation]] | None = None
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="reconciler")
@@ -111,7 +114,7 @@ class Reconciler:
                 await asyncio.wait_for(self._stopping.wait(), self.settings.reconcile_interval_s)
 
     async def tick(self) -> None:
-        observed = await self.backend.observe()
+        observed = await self._observe()
         for model_name in await asyncio.to_thread(self._watched_models):
             n = names.parse_model(model_name)
             obs = observed.get(app_name_for(n.project, n.model))
@@ -120,6 +123,20 @@ class Reconciler:
             except Exception as e:
                 log.exception("reconciler: model %s", model_name)
                 await asyncio.to_thread(self._record_error, model_name, f"{type(e).__name__}: {e}")
+
+    async def _observe(self) -> Mapping[str, AppObservation]:
+        """The backend's view. A look that hangs (a cluster that stopped answering) fails
+        this tick after ``OBSERVE_TIMEOUT_S`` and is waited on again by the next ticks,
+        never started twice: hung looks never pile up in worker threads."""
+        if self._observing is None or self._observing.done():
+            self._observing = asyncio.ensure_future(self.backend.observe())
+            self._observing.add_done_callback(lambda f: f.cancelled() or f.exception())
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._observing), OBSERVE_TIMEOUT_S)
+        except TimeoutError:
+            raise TimeoutError(
+                f"the backend did not answer within {OBSERVE_TIMEOUT_S:g}s"
+            ) from None
 
     def _watched_models(self) -> list[str]:
         with self.db.read() as s:
