@@ -17,6 +17,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
+from workers.runtime import Runtime
+
 
 @dataclass(frozen=True)
 class BuildSpec:
@@ -29,6 +31,19 @@ class BuildSpec:
     artifacts_dir: Path  # where content-addressed artifacts live (<dir>/<hex>/)
     log_path: Path  # the build log, appended to line by line while the build runs
     timeout_s: float = 600.0
+    source_sha256: str = ""  # the zip's, known from its upload ("" : computed)
+    max_size_bytes: int = 0  # of the artifact, code and dependencies; 0: no limit
+    no_cache: bool = False  # build even when an artifact for the same inputs exists
+
+
+@dataclass(frozen=True)
+class ResolvedPackage:
+    """One distribution pip installed into a build, as it resolved it."""
+
+    name: str
+    version: str
+    sha256: str = ""  # of the file installed, when the index gave one
+    requested: bool = False  # named in the model's requirements, not only a dependency
 
 
 @dataclass(frozen=True)
@@ -37,6 +52,10 @@ class BuildOutcome:
     image: str = ""  # content-addressed reference, e.g. "artifact://sha256:<hex>"
     artifact_path: str = ""  # absolute path of the artifact folder on the shared disk
     error: str = ""  # one line naming the cause; empty when ok
+    runtime: str = ""  # runtime.Runtime.text() of the worker that built it
+    packages: tuple[ResolvedPackage, ...] = ()
+    cache_hit: bool = False  # the artifact existed for the same inputs: nothing was built
+    size_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -108,6 +127,10 @@ class Backend(Protocol):
 
     async def build(self, spec: BuildSpec) -> BuildOutcome:
         """Runs the build on the cluster. Never raises for a failed build: ok=False."""
+        ...
+
+    async def runtime(self) -> Runtime:
+        """The runtime the cluster's workers run (builds and replicas)."""
         ...
 
     async def apply(self, apps: Sequence[AppSpec]) -> None:

@@ -27,18 +27,20 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from workers import build_cache, requirements, runtime
 from workers.archive import UnsafeArchive, check_member_path, safe_extract
-from workers.backend import BuildOutcome, BuildSpec
+from workers.backend import BuildOutcome, BuildSpec, ResolvedPackage
 
 SITE_DIR = ".cp_site"  # where requirements are installed, inside the artifact
 MANIFEST = ".cp_artifact.json"  # what the artifact's digest was computed from
 STAGING_DIR = ".staging"  # under artifacts_dir; content-addressed names are hex, no clash
-REQUIREMENTS = "requirements.txt"
+PIP_REPORT = ".cp_pip_report.json"  # pip's --report, read into the manifest, not kept
+MiB = 1024 * 1024
 MAX_ERROR_CHARS = 500
 _KILL_GRACE_S = 5.0
 _KEEP_LINES = 1000  # of a step's output, for its error message (the log has them all)
@@ -289,23 +291,22 @@ def _extract(spec: BuildSpec, staging: Path, log: BuildLog) -> str:
     return file_path
 
 
-def _install_requirements(staging: Path, log: BuildLog, deadline: _Deadline) -> None:
-    if not (staging / REQUIREMENTS).is_file():
-        log.line(f"no {REQUIREMENTS}: nothing to install")
-        return
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "install",
-        "--no-input",
-        "--disable-pip-version-check",
-        "--no-warn-script-location",
-        "--target",
-        str(staging / SITE_DIR),
-        "-r",
-        REQUIREMENTS,
-    ]
+def _install_requirements(
+    staging: Path, log: BuildLog, deadline: _Deadline
+) -> tuple[ResolvedPackage, ...]:
+    """Installs the model's requirements into the artifact; returns what pip resolved."""
+    req = requirements.find(staging)
+    if req is None:
+        log.line(f"no {requirements.REQUIREMENTS}: nothing to install")
+        return ()
+    if req.locked:
+        try:
+            requirements.check_lock((staging / req.file).read_text(errors="replace"))
+        except requirements.LockError as e:
+            raise BuildFailed(str(e)) from None
+        log.line(f"{req.file}: every requirement pinned; installing exactly these (--no-deps)")
+    report = staging / PIP_REPORT
+    cmd = requirements.pip_install(sys.executable, staging / SITE_DIR, req, report)
     log.line(f"running: {' '.join(cmd)}")
     done = _run_logged(
         cmd,
@@ -318,6 +319,17 @@ def _install_requirements(staging: Path, log: BuildLog, deadline: _Deadline) -> 
     )
     if done.returncode != 0:
         raise BuildFailed(f"requirement failed: {_pip_error(done.lines, done.returncode)}")
+    try:
+        packages = requirements.read_report(report)
+    finally:
+        report.unlink(missing_ok=True)
+    _log_packages(log, packages)
+    return packages
+
+
+def _log_packages(log: BuildLog, packages: Iterable[ResolvedPackage]) -> None:
+    for p in packages:
+        log.line(f"resolved {p.name}=={p.version}" + (f" sha256:{p.sha256}" if p.sha256 else ""))
 
 
 def _pip_error(lines: Iterable[str], returncode: int) -> str:
@@ -382,31 +394,62 @@ def _site_files(site: Path) -> list[tuple[str, str]]:
     return sorted(found)
 
 
-def artifact_digest(source_sha256: str, site_files: list[tuple[str, str]]) -> str:
-    """The artifact's content address: the source, what was installed, the Python version."""
-    inputs = _manifest(source_sha256, site_files)
+def tree_size(root: Path) -> int:
+    """Bytes of the regular files under ``root`` (links not followed)."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
+def artifact_digest(
+    source_sha256: str, packages: Iterable[ResolvedPackage], rt: runtime.Runtime
+) -> str:
+    """The artifact's content address: the source, the resolved dependencies, the runtime."""
+    inputs = {
+        "format": 2,
+        "source_sha256": source_sha256,
+        "packages": [[p.name.lower(), p.version, p.sha256] for p in packages],
+        "runtime": rt.abi,
+    }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
-def _manifest(source_sha256: str, site_files: list[tuple[str, str]]) -> dict[str, Any]:
-    return {
-        "format": 1,
-        "source_sha256": source_sha256,
-        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
-        "site_files": [list(f) for f in site_files],
-    }
+def _check_size(staging: Path, limit: int, log: BuildLog) -> int:
+    size = tree_size(staging)
+    log.line(f"artifact size: {size / MiB:.1f} MiB")
+    if limit and size > limit:
+        raise BuildFailed(
+            f"the build is {size / MiB:.1f} MiB, over the limit of {limit / MiB:g} MiB "
+            "(code and installed requirements)"
+        )
+    return size
 
 
-def _store(staging: Path, artifacts_dir: Path, source_sha256: str, log: BuildLog) -> Path:
+def _store(
+    staging: Path,
+    artifacts_dir: Path,
+    source_sha256: str,
+    packages: tuple[ResolvedPackage, ...],
+    log: BuildLog,
+) -> Path:
     """Renames staging to its content address; an existing artifact is kept as it is."""
-    site_files = _site_files(staging / SITE_DIR)
-    digest = artifact_digest(source_sha256, site_files)
-    (staging / MANIFEST).write_text(
-        json.dumps(_manifest(source_sha256, site_files), indent=1, sort_keys=True) + "\n"
-    )
+    rt = runtime.current()
+    digest = artifact_digest(source_sha256, packages, rt)
+    manifest = {
+        "format": 2,
+        "source_sha256": source_sha256,
+        "runtime": rt.text(),
+        "packages": [asdict(p) for p in packages],
+        "site_files": [list(f) for f in _site_files(staging / SITE_DIR)],
+    }
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     final = artifacts_dir / digest
     if final.is_dir():
         log.line(f"artifact sha256:{digest} exists already: same inputs, same artifact")
+        build_cache.touch(final)
         return final
     try:
         os.rename(staging, final)
@@ -418,6 +461,48 @@ def _store(staging: Path, artifacts_dir: Path, source_sha256: str, log: BuildLog
 
 
 # --------------------------------------------------------------------------- the build
+
+
+def _key(spec: BuildSpec, source_sha256: str, rt: runtime.Runtime) -> str:
+    return build_cache.cache_key(source_sha256, spec.file_path, spec.function_name, rt.abi)
+
+
+def cached_build(spec: BuildSpec, rt: runtime.Runtime) -> BuildOutcome | None:
+    """The result of an earlier build with the same inputs on ``rt``, logged; else None.
+
+    Cheap (one small file read): the control plane asks before sending a build to the
+    cluster, so that an unchanged rebuild takes a fraction of a second.
+    """
+    if spec.no_cache or not spec.source_sha256:
+        return None
+    found = build_cache.lookup(spec.artifacts_dir, _key(spec, spec.source_sha256, rt))
+    if found is None:
+        return None
+    try:
+        log = BuildLog(spec.log_path)
+    except OSError:
+        return None  # build it: that reports why the log cannot be written
+    try:
+        log.line(f"build {spec.build_name}: {spec.file_path}:{spec.function_name}")
+        log.line(f"source sha256:{spec.source_sha256}, runtime {rt.describe()}")
+        log.line(
+            f"cache hit: the same source, requirements and runtime were built by "
+            f"{found.first_build}; reusing artifact sha256:{found.digest}"
+        )
+        _log_packages(log, found.packages)
+        image = f"artifact://sha256:{found.digest}"
+        log.line(f"build succeeded (cached): {image}")
+    finally:
+        log.close()
+    return BuildOutcome(
+        ok=True,
+        image=image,
+        artifact_path=str((spec.artifacts_dir / found.digest).resolve()),
+        runtime=found.runtime,
+        packages=found.packages,
+        cache_hit=True,
+        size_bytes=found.size_bytes,
+    )
 
 
 def run_build(spec: BuildSpec, cancel: threading.Event | None = None) -> BuildOutcome:
@@ -459,19 +544,29 @@ def _build_logged(
 
 
 def _steps(spec: BuildSpec, staging: Path, log: BuildLog, deadline: _Deadline) -> BuildOutcome:
+    rt = runtime.current()
     log.line(f"step 1/4: extract source {spec.source_zip.name}")
     source_sha256 = _sha256_file(spec.source_zip)
-    log.line(f"source sha256:{source_sha256}")
+    log.line(f"source sha256:{source_sha256}, runtime {rt.describe()} ({sys.executable})")
     file_path = _extract(spec, staging, log)
     deadline.check("extracting the source")
-    log.line(f"step 2/4: install requirements ({sys.executable})")
-    _install_requirements(staging, log, deadline)
+    log.line("step 2/4: install requirements")
+    packages = _install_requirements(staging, log, deadline)
     deadline.check("installing requirements")
+    size = _check_size(staging, spec.max_size_bytes, log)
     log.line(f"step 3/4: import {file_path} and check {spec.function_name!r} is callable")
     _check_import(staging, file_path, spec.function_name, log, deadline)
     log.line(f"{file_path}: {spec.function_name!r} is callable")
     deadline.check(f"importing {file_path}")
     log.line("step 4/4: store the artifact")
-    final = _store(staging, spec.artifacts_dir, source_sha256, log)
-    image = f"artifact://sha256:{final.name}"
-    return BuildOutcome(ok=True, image=image, artifact_path=str(final.resolve()))
+    final = _store(staging, spec.artifacts_dir, source_sha256, packages, log)
+    entry = build_cache.CacheEntry(final.name, rt.text(), packages, size, spec.build_name)
+    build_cache.remember(spec.artifacts_dir, _key(spec, source_sha256, rt), entry)
+    return BuildOutcome(
+        ok=True,
+        image=f"artifact://sha256:{final.name}",
+        artifact_path=str(final.resolve()),
+        runtime=rt.text(),
+        packages=packages,
+        size_bytes=size,
+    )

@@ -37,6 +37,8 @@ from workers.backend import (
     rolls,
 )
 from workers.builder import run_build
+from workers.runtime import Runtime
+from workers.runtime import current as current_runtime
 
 
 @dataclass
@@ -80,6 +82,8 @@ class FakeBackend:
         # Tests: builds wait (as a Ray task waits for free CPUs) until this is set.
         self.builds_may_start = asyncio.Event()
         self.builds_may_start.set()
+        # Tests: the runtime the "cluster" reports (builds run here, with this Python).
+        self.cluster_runtime: Runtime = current_runtime()
 
     @property
     def http_base(self) -> str:
@@ -115,6 +119,9 @@ class FakeBackend:
             cancel.set()  # the build stops at its next step and removes its staging folder
             await asyncio.wait([running])
             raise
+
+    async def runtime(self) -> Runtime:
+        return self.cluster_runtime
 
     def _new_replica(self, app_name: str) -> _Replica:
         return _Replica(

@@ -44,6 +44,8 @@ from workers.backend import (
 )
 from workers.builder import run_build
 from workers.model_app import ModelFunction, invoke, load_function
+from workers.runtime import Runtime
+from workers.runtime import current as current_runtime
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +208,7 @@ class RayBackend:
         self._owns_ray = False
         self._client: Any = None
         self._lock = asyncio.Lock()
+        self._runtime: Runtime | None = None
 
     @property
     def http_base(self) -> str:
@@ -268,6 +271,13 @@ class RayBackend:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             return BuildOutcome(ok=False, error=f"the build worker failed: {first}")
         return outcome
+
+    async def runtime(self) -> Runtime:
+        if self._runtime is None:
+            # What a worker runs, asked of a worker (the driver may differ on a remote cluster).
+            probe = ray.remote(num_cpus=0, max_retries=1)(current_runtime)
+            self._runtime = await asyncio.wrap_future(probe.remote().future())
+        return self._runtime
 
     async def apply(self, apps: Sequence[AppSpec]) -> None:
         config = ServeDeploySchema.model_validate(

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import shutil
 import threading
 import time
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from workers.archive import zip_directory
 from workers.backend import BuildOutcome, BuildSpec
-from workers.builder import MANIFEST, SITE_DIR, STAGING_DIR, run_build
+from workers.builder import MANIFEST, SITE_DIR, STAGING_DIR, cached_build, run_build
+from workers.runtime import Runtime, current
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 MODEL = "def predict(body):\n    return {'echo': body}\n"
@@ -35,6 +39,7 @@ def spec_for(
     function_name: str = "predict",
     timeout_s: float = 120.0,
     log_name: str = "build.log",
+    **more: Any,
 ) -> BuildSpec:
     return BuildSpec(
         build_name="projects/p/models/m/builds/1",
@@ -44,6 +49,8 @@ def spec_for(
         artifacts_dir=tmp_path / "artifacts",
         log_path=tmp_path / "logs" / log_name,
         timeout_s=timeout_s,
+        source_sha256=hashlib.sha256(source.read_bytes()).hexdigest(),
+        **more,
     )
 
 
@@ -57,7 +64,7 @@ def build(
 
 
 def artifacts(tmp_path: Path) -> list[str]:
-    return sorted(p.name for p in (tmp_path / "artifacts").iterdir() if p.name != STAGING_DIR)
+    return sorted(p.name for p in (tmp_path / "artifacts").iterdir() if not p.name.startswith("."))
 
 
 def assert_failed_cleanly(tmp_path: Path, outcome: BuildOutcome) -> None:
@@ -253,9 +260,91 @@ def test_requirement_is_installed_and_importable(tmp_path: Path) -> None:
     assert "six.py" in site_files
     log = (tmp_path / "logs" / "build.log").read_text()
     assert "pip | Successfully installed six-1.17.0" in log
+    # What pip resolved is recorded, with the sha256 of the file the index served.
+    (six,) = outcome.packages
+    assert (six.name, six.version, six.requested) == ("six", "1.17.0", True)
+    assert re.fullmatch(r"[0-9a-f]{64}", six.sha256)
+    assert f"resolved six==1.17.0 sha256:{six.sha256}" in log
+    assert not (final / ".cp_pip_report.json").exists()
 
-    again = run_build(spec_for(tmp_path, source, log_name="again.log"))
-    assert again.image == outcome.image, "the same inputs install the same files"
+    again = run_build(spec_for(tmp_path, source, log_name="again.log", no_cache=True))
+    assert again.image == outcome.image, "the same resolution gives the same digest"
+    assert (
+        "pip | Successfully installed six-1.17.0" in (tmp_path / "logs" / "again.log").read_text()
+    )
+
+
+@pytest.mark.network
+def test_lock_file_installs_exactly_what_it_pins(tmp_path: Path) -> None:
+    """requirements.lock wins over requirements.txt and installs with --no-deps."""
+    model = "import six\n\ndef predict(body):\n    return six.__version__\n"
+    files = {
+        "model.py": model,
+        "requirements.txt": "six\n",
+        "requirements.lock": "# pinned\nsix==1.16.0 \\\n    --hash=sha256:"
+        "8abb2f1d86890a2dfb989f9a77cfcfd3e47c2a354b01111771326f8aa26e0254\n",
+    }
+    outcome = build(tmp_path, files)
+    assert outcome.ok, outcome.error
+    assert [(p.name, p.version) for p in outcome.packages] == [("six", "1.16.0")]
+    log = (tmp_path / "logs" / "build.log").read_text()
+    assert "requirements.lock: every requirement pinned" in log and "--no-deps" in log
+
+
+def test_lock_file_with_a_loose_requirement_fails_by_line(tmp_path: Path) -> None:
+    files = {"model.py": MODEL, "requirements.lock": "six==1.16.0\n\nnumpy>=1\n"}
+    outcome = build(tmp_path, files)
+    assert outcome.error == "requirements.lock line 3: 'numpy>=1' is not pinned (name==version)"
+    assert_failed_cleanly(tmp_path, outcome)
+
+
+def test_size_limit(tmp_path: Path) -> None:
+    files = {"model.py": MODEL, "weights.bin": "x" * (2 * 1024 * 1024)}
+    source = make_zip(tmp_path, files)
+    outcome = run_build(spec_for(tmp_path, source, max_size_bytes=1024 * 1024))
+    assert outcome.error == (
+        "the build is 2.0 MiB, over the limit of 1 MiB (code and installed requirements)"
+    )
+    assert_failed_cleanly(tmp_path, outcome)
+
+
+def test_runtime_and_size_are_recorded(tmp_path: Path) -> None:
+    outcome = build(tmp_path, {"model.py": MODEL})
+    assert outcome.runtime == current().text()
+    assert outcome.size_bytes >= len(MODEL) and not outcome.cache_hit
+    manifest = json.loads((Path(outcome.artifact_path) / MANIFEST).read_text())
+    assert manifest["runtime"] == current().text() and manifest["packages"] == []
+
+
+def test_unchanged_rebuild_is_a_cache_hit(tmp_path: Path) -> None:
+    source = make_zip(tmp_path, {"model.py": MODEL})
+    first = run_build(spec_for(tmp_path, source))
+    assert first.ok, first.error
+    spec = spec_for(tmp_path, source, log_name="again.log")
+    hit = cached_build(spec, current())
+    assert hit is not None and hit.cache_hit
+    assert (hit.image, hit.artifact_path, hit.runtime) == (
+        first.image,
+        first.artifact_path,
+        first.runtime,
+    )
+    log = (tmp_path / "logs" / "again.log").read_text()
+    assert "cache hit: the same source, requirements and runtime were built by" in log
+    assert "build succeeded (cached)" in log and "step 2/4" not in log
+
+
+def test_what_misses_the_cache(tmp_path: Path) -> None:
+    source = make_zip(tmp_path, {"model.py": MODEL + "def other(body):\n    return 1\n"})
+    assert run_build(spec_for(tmp_path, source)).ok
+    other_python = Runtime("cpython", "3.99.0", current().platform)
+    assert cached_build(spec_for(tmp_path, source, function_name="other"), current()) is None
+    assert cached_build(spec_for(tmp_path, source), other_python) is None
+    assert cached_build(spec_for(tmp_path, source, no_cache=True), current()) is None
+    changed = make_zip(tmp_path, {"model.py": MODEL + "# changed\n"}, name="changed.zip")
+    assert cached_build(spec_for(tmp_path, changed), current()) is None
+    for artifact in artifacts(tmp_path):  # collected since: build again
+        shutil.rmtree(tmp_path / "artifacts" / artifact)
+    assert cached_build(spec_for(tmp_path, source), current()) is None
 
 
 def test_relative_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
