@@ -6,14 +6,19 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test setup lint typecheck contract generate check-generated pytest clean
+.PHONY: demo test setup system-packages lint typecheck contract generate check-generated pytest clean
 
 demo: setup
 	$(BIN)/python scripts/demo.py
 
 test: setup lint typecheck contract check-generated pytest
 
-setup: $(STAMP)
+setup: system-packages $(STAMP)
+
+# buildah and skopeo (Debian packages) for `modelctl build export --oci`; a no-op when
+# present, a warning (and skipped export tests) where they cannot be installed.
+system-packages:
+	bash scripts/system_packages.sh
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
