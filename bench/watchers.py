@@ -17,7 +17,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
+from serverproc import start_server
 
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
@@ -36,7 +36,6 @@ else:
     Stub = service_pb2_grpc.ModelLifecycleStub
 
 ROOT = Path(__file__).resolve().parent.parent
-MODELCTL = str(Path(sys.executable).with_name("modelctl"))
 TARGET_P99_MS = 100.0
 TARGET_RSS_MB = 500.0
 
@@ -46,27 +45,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
-
-
-def start_server(data: Path) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [
-            MODELCTL,
-            "serve",
-            "--grpc-port=0",
-            "--http-port=18997",
-            f"--data-dir={data}",
-            "--backend=fake",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline().strip()
-    if not line.startswith("ready grpc="):
-        raise SystemExit(f"the server did not start: {line!r}")
-    return proc, line.split()[1].removeprefix("grpc=")
 
 
 async def deploy(stub: Stub) -> str:
@@ -109,7 +87,7 @@ async def done(stub: Stub, name: str) -> None:
 
 async def run(n: int, changes: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        proc, address = start_server(Path(tmp) / "data")
+        proc, address = start_server(Path(tmp) / "data", http_port=18997)
         try:
             return await measure(proc, address, n, changes)
         finally:

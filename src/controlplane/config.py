@@ -27,6 +27,12 @@ class Settings:
     max_unpacked_bytes: int = 1024 * MiB
     build_cpus: float = 0.25
     build_timeout_s: float = 900.0
+    build_max_bytes: int = 4096 * MiB  # an artifact: code and installed requirements
+    # Artifacts no deployment and none of a model's last builds use are removed this
+    # often (0: never), once unused for gc_min_age_s (a build may be about to use one).
+    gc_interval_s: float = 3600.0
+    gc_keep_builds: int = 5
+    gc_min_age_s: float = 3600.0
     deploy_timeout_s: float = 300.0  # start-up: replicas placed but never all healthy
     placement_timeout_s: float = 120.0  # replicas asking for more than the cluster has
     reconcile_interval_s: float = 0.5

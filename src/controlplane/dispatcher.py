@@ -22,11 +22,12 @@ from controlplane.domain import states as st
 from controlplane.domain import types as t
 from controlplane.jobs import JOB_APPLY, JOB_BUILD
 from controlplane.service import start_deploying
-from controlplane.storage import repo
+from controlplane.storage import codec, repo
 from controlplane.storage.changes import Changes, now
 from controlplane.storage.db import Database
 from controlplane.storage.tables import JobRow, OperationRow
 from workers.backend import AppSpec, Backend, BuildOutcome, BuildSpec
+from workers.builder import cached_build
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +314,12 @@ class Dispatcher:
         failpoints.hit("build.started")
         limit = spec.timeout_s + min(BUILD_DEADLINE_MARGIN_S, spec.timeout_s)
         try:
-            outcome = await asyncio.wait_for(self.backend.build(spec), limit)
+            cached = await self._cached(spec)
+            outcome = (
+                cached
+                if cached is not None
+                else await asyncio.wait_for(self.backend.build(spec), limit)
+            )
         except TimeoutError:  # the build task was stopped (as a cancelled one is)
             outcome = BuildOutcome(
                 ok=False,
@@ -323,6 +329,14 @@ class Dispatcher:
         failpoints.hit("build.finished")
         await asyncio.to_thread(self._finish_build, job, outcome)
         failpoints.hit("build.recorded")
+
+    async def _cached(self, spec: BuildSpec) -> BuildOutcome | None:
+        """An earlier build's result for the same inputs on the cluster's runtime: an
+        unchanged rebuild never goes to the cluster (a file read, not a task)."""
+        if spec.no_cache:
+            return None
+        rt = await self.backend.runtime()
+        return await asyncio.to_thread(cached_build, spec, rt)
 
     def _start_build(self, job: JobRow) -> BuildSpec | None:
         with self.db.write() as tx:
@@ -348,6 +362,9 @@ class Dispatcher:
                 artifacts_dir=self.settings.artifacts_dir,
                 log_path=log_path,
                 timeout_s=self.settings.build_timeout_s,
+                source_sha256=build.source_sha256,
+                max_size_bytes=self.settings.build_max_bytes,
+                no_cache=build.no_cache,
             )
 
     def _finish_build(self, job: JobRow, outcome: BuildOutcome) -> None:
@@ -366,6 +383,13 @@ class Dispatcher:
                     image=outcome.image,
                     artifact_path=outcome.artifact_path,
                     finish_time=now(),
+                    runtime=outcome.runtime,
+                    packages=codec.packages_to_json(
+                        t.Package(p.name, p.version, p.sha256, p.requested)
+                        for p in outcome.packages
+                    ),
+                    cache_hit=outcome.cache_hit,
+                    size_bytes=outcome.size_bytes,
                 )
                 if op.cancel_requested:  # cancelled as it finished: built, but not deployed
                     rollouts.end_build_without_result(

@@ -60,7 +60,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=900.0,
         help="seconds a build may take, waiting for the cluster included",
     )
+    p.add_argument(
+        "--build-cpus",
+        type=float,
+        default=0.25,
+        help="CPUs a build task reserves on the cluster (builds of different models run "
+        "at once while CPUs are free)",
+    )
+    p.add_argument(
+        "--build-max-mib",
+        type=int,
+        default=4096,
+        help="size limit of a build: its code and installed requirements",
+    )
     p.add_argument("--max-source-mib", type=int, default=256, help="upload size limit")
+    p.add_argument(
+        "--gc-interval",
+        type=float,
+        default=3600.0,
+        help="seconds between collections of unused build artifacts (0: never)",
+    )
+    p.add_argument(
+        "--gc-keep-builds",
+        type=int,
+        default=5,
+        help="artifacts of each model's newest N builds are kept (and of every deployed build)",
+    )
+    p.add_argument(
+        "--gc-min-age",
+        type=float,
+        default=3600.0,
+        help="an artifact is removed only after it was unused this many seconds",
+    )
     p.add_argument(
         "--server-id",
         default="",
@@ -94,6 +125,11 @@ def settings_from(args: argparse.Namespace) -> Settings:
         deploy_timeout_s=args.deploy_timeout,
         placement_timeout_s=args.placement_timeout,
         build_timeout_s=args.build_timeout,
+        build_max_bytes=args.build_max_mib * 1024 * 1024,
+        build_cpus=args.build_cpus,
+        gc_interval_s=args.gc_interval,
+        gc_keep_builds=args.gc_keep_builds,
+        gc_min_age_s=args.gc_min_age,
         max_source_bytes=args.max_source_mib * 1024 * 1024,
         server_id=args.server_id,
         job_lease_s=args.job_lease,

@@ -15,6 +15,8 @@ from controlplane.api import wiring
 from controlplane.api.servicer import ModelLifecycleServicer
 from controlplane.config import Settings
 from controlplane.dispatcher import Dispatcher, SourcePath
+from controlplane.exports import Exporter
+from controlplane.gc import Collector
 from controlplane.jobs import JOB_APPLY
 from controlplane.reconciler import Reconciler
 from controlplane.service import Service
@@ -71,6 +73,7 @@ class Server:
         self.hub: EventHub | None = None
         self.dispatcher: Dispatcher | None = None
         self.reconciler: Reconciler | None = None
+        self.collector: Collector | None = None
 
     @property
     def grpc_address(self) -> str:
@@ -96,7 +99,7 @@ class Server:
         def log_path(model: str, version: int) -> str:
             return str(logs / "builds" / model.replace("/", "_") / f"{version}.log")
 
-        service = Service(self.db, sources, http_base, log_path)
+        service = Service(self.db, sources, http_base, log_path, await self.backend.runtime())
         self.hub = EventHub(
             self.db,
             http_base,
@@ -111,6 +114,8 @@ class Server:
         await self.dispatcher.start()
         self.reconciler = Reconciler(self.db, self.backend, s, http_base)
         await self.reconciler.start()
+        self.collector = Collector(self.db, s)
+        await self.collector.start()
 
         server = grpc.aio.server(
             options=[
@@ -120,7 +125,10 @@ class Server:
             ]
         )
         checker = wiring.register(
-            server, ModelLifecycleServicer(service, sources, self.hub, s.wait_operation_max_s)
+            server,
+            ModelLifecycleServicer(
+                service, sources, self.hub, s.wait_operation_max_s, Exporter(s.data_dir / "exports")
+            ),
         )
         self._health = checker
         self.grpc_port = server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
@@ -142,7 +150,7 @@ class Server:
             await self._health.enter_graceful_shutdown()
         if self._grpc is not None:
             await self._grpc.stop(grace)  # drains in-flight RPCs
-        for part in (self.reconciler, self.dispatcher, self.hub):
+        for part in (self.collector, self.reconciler, self.dispatcher, self.hub):
             if part is not None:
                 await part.stop()
         if self.owns_backend:

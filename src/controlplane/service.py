@@ -9,9 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import keyword
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 from sqlmodel import col, select
@@ -44,11 +46,17 @@ from controlplane.storage.tables import (
 )
 from workers.archive import check_member_path
 from workers.backend import rolls
+from workers.oci import OciExport
+from workers.runtime import Runtime
+from workers.runtime import mismatch as runtime_mismatch
+from workers.runtime import parse as parse_runtime
 
 MAX_DISPLAY_NAME = 200
 MAX_DESCRIPTION = 10_000
 MAX_COMMENT = 10_000
 MAX_REQUEST_ID = 200
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")  # an OCI reference name
+DEFAULT_PYTHON = "3.11"  # base image of builds made before runtimes were recorded
 
 
 T = TypeVar("T")
@@ -63,6 +71,7 @@ class NewBuild:
     comment: str = ""
     deploy: t.DeployOptions | None = None
     request_id: str = ""
+    no_cache: bool = False
 
 
 def _fingerprint(*parts: object) -> str:
@@ -110,11 +119,13 @@ class Service:
         sources: SourceStore,
         http_base: str,
         logs_dir_for: Callable[[str, int], str],
+        cluster_runtime: Runtime | None = None,
     ) -> None:
         self.db = db
         self.sources = sources
         self.http_base = http_base
         self._log_path = logs_dir_for
+        self.cluster_runtime = cluster_runtime  # None: not known, not checked
 
     # ---- helpers ---------------------------------------------------------------------------
 
@@ -330,6 +341,7 @@ class Service:
             req.function_name,
             req.comment,
             None if deploy is None else (deploy.resources, dict(deploy.environment)),
+            *(["no_cache"] if req.no_cache else []),  # earlier requests' fingerprints hold
         )
         with self.db.write() as tx:
             c = self._changes(tx)
@@ -364,6 +376,7 @@ class Service:
                 state=st.BuildState.QUEUED.value,
                 log_path=self._log_path(model_name, version),
                 create_time=now(),
+                no_cache=req.no_cache,
             )
             c.created(build)
             deployment = ""
@@ -391,6 +404,33 @@ class Service:
         names.parse_build(name)
         with self.db.read() as s:
             return repo.to_build(repo.build_row(s, name))
+
+    def export_of(self, name: str, base_image: str, tag: str) -> OciExport:
+        """What ExportBuild builds for ``name``: a BUILT build whose image is still there."""
+        names.parse_build(name)
+        _check_text(base_image, "base_image", 500)
+        if tag and not _TAG.fullmatch(tag):
+            raise invalid_field("tag", f"{tag!r} is not a valid image tag", reason="INVALID_TAG")
+        with self.db.read() as s:
+            b = repo.build_row(s, name)
+        if b.state != st.BuildState.BUILT.value:
+            raise FailedPrecondition(
+                message=f"build {name} is {b.state}; only a BUILT build can be exported",
+                reason="BUILD_NOT_BUILT",
+                metadata={"build": name, "state": b.state},
+            )
+        self._check_runnable(b, check_runtime=False)
+        built = parse_runtime(b.runtime)
+        return OciExport(
+            artifact_path=Path(b.artifact_path),
+            file_path=b.file_path,
+            function_name=b.function_name,
+            build_name=b.name,
+            image=b.image,
+            python_version=built.python if built else DEFAULT_PYTHON,
+            base_image=base_image,
+            tag=tag or "latest",
+        )
 
     def build_log_path(self, name: str) -> str:
         names.parse_build(name)
@@ -447,6 +487,7 @@ class Service:
                     reason="BUILD_NOT_BUILT",
                     metadata={"build": build, "state": b.state},
                 )
+            self._check_runnable(b)
             self._ensure_idle(model)
             current = repo.maybe_deployment_row(c.s, model.active_deployment)
             if resources is None:
@@ -466,6 +507,29 @@ class Service:
             c.enqueue(JOB_APPLY, model_name, op.name, dep.name)
             self._remember(c, "CreateDeployment", model_name, request_id, fp, op.name)
             return repo.to_operation(op)
+
+    def _check_runnable(self, b: BuildRow, check_runtime: bool = True) -> None:
+        """A build deploys only if its image is still there and runs on the cluster's Python."""
+        built = parse_runtime(b.runtime)
+        if check_runtime and built is not None and self.cluster_runtime is not None:
+            why = runtime_mismatch(built, self.cluster_runtime)
+            if why:
+                raise FailedPrecondition(
+                    message=f"build {b.name} cannot run on this cluster: {why}",
+                    reason="RUNTIME_MISMATCH",
+                    metadata={
+                        "build": b.name,
+                        "build_runtime": built.abi,
+                        "cluster_runtime": self.cluster_runtime.abi,
+                    },
+                )
+        if b.artifact_path and not Path(b.artifact_path).is_dir():
+            raise FailedPrecondition(
+                message=f"the image of build {b.name} ({b.image}) was removed as unused "
+                "(garbage collection); build the same source again",
+                reason="IMAGE_COLLECTED",
+                metadata={"build": b.name, "image": b.image},
+            )
 
     def get_deployment(self, name: str) -> t.Deployment:
         names.parse_deployment(name)

@@ -82,10 +82,11 @@ def project() -> str:
 
 
 def zip_bytes(files: dict[str, str]) -> bytes:
+    """The same files give the same bytes (fixed timestamps), as `modelctl build` zips."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
         for name, text in files.items():
-            z.writestr(name, text)
+            z.writestr(zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0)), text)
     return buf.getvalue()
 
 

@@ -39,6 +39,7 @@ async def test_build_deploy_scale_stop_restart_through_the_cli(cli: Cli, project
     )  # fmt: skip
     assert code == 0, err
     assert "uploading" in err and "CREATE_BUILD" in err and "done" in err  # progress, live
+    assert "  | step 3/4: import model.py" in err, "the build's log, as it is written"
     assert "DEPLOYED" in out and "2x" in out and "mem=1024MiB" in out
 
     # Re-deploy with only --replicas: memory and environment are kept.

@@ -14,10 +14,14 @@ and metadata, and any field violations. The CLI is built on this client.
 from __future__ import annotations
 
 import asyncio
+import tarfile
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from datetime import UTC
+from pathlib import Path
+from typing import IO, Any, TypeVar
 
 import grpc
 from google.protobuf import duration_pb2
@@ -25,6 +29,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from controlplane.api import convert
+from controlplane.build_logs import LogLine
 from controlplane.domain import types as t
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
@@ -75,6 +80,13 @@ def _deploy_options(options: t.DeployOptions) -> rpc.DeployOptions:
         resources=convert.resources_to_pb(options.resources),
         environment=dict(options.environment),
     )
+
+
+def _unpack(tar: IO[bytes], dest: Path) -> None:
+    tar.seek(0)
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=tar, mode="r:") as archive:
+        archive.extractall(dest, filter="data")
 
 
 class Client:
@@ -176,6 +188,7 @@ class Client:
         comment: str = "",
         deploy: t.DeployOptions | None = None,
         request_id: str = "",
+        no_cache: bool = False,
     ) -> t.Operation:
         request = rpc.CreateBuildRequest(
             parent=model,
@@ -184,6 +197,7 @@ class Client:
             function_name=function_name,
             comment=comment,
             request_id=request_id,
+            no_cache=no_cache,
         )
         if deploy is not None:
             request.deploy.CopyFrom(_deploy_options(deploy))
@@ -269,9 +283,9 @@ class Client:
 
     async def wait_operation(self, name: str, timeout_s: float) -> t.Operation:
         """One WaitOperation call: returns when done or after at most ``timeout_s``."""
-        request = rpc.WaitOperationRequest(
-            name=name, timeout=duration_pb2.Duration(seconds=int(timeout_s))
-        )
+        timeout = duration_pb2.Duration()
+        timeout.FromNanoseconds(int(max(timeout_s, 0) * 1e9))
+        request = rpc.WaitOperationRequest(name=name, timeout=timeout)
         msg = await self._call(self._stub.WaitOperation, request, deadline_s=timeout_s + 30)
         return convert.operation_from_pb(msg)
 
@@ -280,26 +294,73 @@ class Client:
         name: str,
         timeout_s: float = 900.0,
         on_progress: Callable[[t.Operation], None] | None = None,
-        poll_s: float = 0.5,
+        progress_every_s: float = 0.5,
     ) -> t.Operation:
         """Follows an operation until done, calling ``on_progress`` whenever it changes.
 
-        Raises ``TimeoutError`` if it is not done after ``timeout_s``; the operation
-        itself goes on (look it up with ``get_operation``).
+        Uses WaitOperation in slices of ``progress_every_s``: the end is seen the moment
+        the server records it, progress at least that often. Raises ``TimeoutError`` if
+        it is not done after ``timeout_s``; the operation itself goes on (look it up
+        with ``get_operation``).
         """
         deadline = time.monotonic() + timeout_s
         last: tuple[str, bool] | None = None
+        op = await self.get_operation(name)
         while True:
-            op = await self.get_operation(name)
             seen = (op.progress, op.done)
             if on_progress is not None and seen != last:
                 on_progress(op)
             last = seen
             if op.done:
                 return op
-            if time.monotonic() >= deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise TimeoutError(f"{name} is not done after {timeout_s:g}s")
-            await asyncio.sleep(poll_s)
+            op = await self.wait_operation(name, min(progress_every_s, left))
+
+    async def build_logs(self, name: str, follow: bool = False) -> AsyncIterator[LogLine]:
+        """The build's log lines so far; with ``follow``, each new one as the build writes
+        it, until the build ends."""
+        call = self._stub.StreamBuildLogs(rpc.StreamBuildLogsRequest(name=name, follow=follow))
+        try:
+            async for msg in call:
+                when = msg.time.ToDatetime(UTC) if msg.HasField("time") else None
+                yield LogLine(msg.number, when, msg.text)
+        except grpc.aio.AioRpcError as e:
+            raise _error(e) from None
+        finally:
+            call.cancel()
+
+    async def export_build(
+        self,
+        name: str,
+        dest: Path,
+        base_image: str = "",
+        tag: str = "",
+        on_progress: Callable[[int], None] | None = None,
+    ) -> str:
+        """Writes the build as an OCI image layout in ``dest``; returns the manifest digest.
+
+        The server builds the image and streams the layout as a tar archive, unpacked here
+        (only regular files and folders inside ``dest`` are accepted)."""
+        call = self._stub.ExportBuild(
+            rpc.ExportBuildRequest(name=name, base_image=base_image, tag=tag)
+        )
+        digest, received = "", 0
+        with tempfile.TemporaryFile() as tar:
+            try:
+                async for msg in call:
+                    tar.write(msg.data)
+                    received += len(msg.data)
+                    digest = msg.manifest_digest or digest
+                    if on_progress is not None and msg.data:
+                        on_progress(received)
+            except grpc.aio.AioRpcError as e:
+                raise _error(e) from None
+            finally:
+                call.cancel()
+            await asyncio.to_thread(_unpack, tar, dest)
+        return digest
 
     # ---- watch ------------------------------------------------------------------------------
 

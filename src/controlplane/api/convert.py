@@ -82,7 +82,27 @@ def build_to_pb(b: t.Build) -> pb.Build:
         error=b.error,
         create_time=timestamp(b.create_time),
         finish_time=timestamp(b.finish_time),
+        runtime=runtime_to_pb(b.runtime),
+        packages=[
+            pb.ResolvedPackage(
+                name=p.name, version=p.version, sha256=p.sha256, requested=p.requested
+            )
+            for p in b.packages
+        ],
+        cache_hit=b.cache_hit,
+        image_size_bytes=b.size_bytes,
     )
+
+
+def runtime_to_pb(text: str) -> pb.Runtime | None:
+    parts = text.split()
+    if len(parts) != 3:
+        return None
+    return pb.Runtime(implementation=parts[0], python_version=parts[1], platform=parts[2])
+
+
+def runtime_from_pb(r: pb.Runtime) -> str:
+    return " ".join((r.implementation, r.python_version, r.platform)) if r.python_version else ""
 
 
 def resources_to_pb(r: t.Resources) -> pb.Resources:
@@ -201,6 +221,10 @@ def build_from_pb(b: pb.Build) -> t.Build:
         error=b.error,
         create_time=_required_time(b, "create_time"),
         finish_time=_time(b, "finish_time"),
+        runtime=runtime_from_pb(b.runtime),
+        packages=tuple(t.Package(p.name, p.version, p.sha256, p.requested) for p in b.packages),
+        cache_hit=b.cache_hit,
+        size_bytes=b.image_size_bytes,
     )
 
 

@@ -6,17 +6,20 @@ import asyncio
 import contextlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import empty_pb2
 
+from controlplane import build_logs
 from controlplane.api import convert
 from controlplane.api.status import stream, unary
 from controlplane.domain import names
 from controlplane.domain import states as st
 from controlplane.domain import types as t
 from controlplane.domain.errors import invalid_field
+from controlplane.exports import Exporter
 from controlplane.service import NewBuild, Service
 from controlplane.sources import SourceStore
 from controlplane.watch import EventHub
@@ -41,11 +44,17 @@ def _deploy_options(msg: rpc.DeployOptions) -> t.DeployOptions:
 
 class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
     def __init__(
-        self, service: Service, sources: SourceStore, hub: EventHub, wait_max_s: float
+        self,
+        service: Service,
+        sources: SourceStore,
+        hub: EventHub,
+        wait_max_s: float,
+        exporter: Exporter,
     ) -> None:
         self.svc = service
         self.sources = sources
         self.hub = hub
+        self.exporter = exporter
         self.wait_max_s = wait_max_s
         self._converted: OrderedDict[int, pb.ModelEvent] = OrderedDict()
 
@@ -118,6 +127,7 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
             comment=request.comment,
             deploy=_deploy_options(request.deploy) if request.HasField("deploy") else None,
             request_id=request.request_id,
+            no_cache=request.no_cache,
         )
         return convert.operation_to_pb(await _run(lambda: self.svc.create_build(req)))
 
@@ -253,6 +263,31 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
         events = self.hub.watch_project(request.parent, request.filter, request.since_revision)
         async for event in events:
             yield self._event_pb(event)
+
+    @stream
+    async def StreamBuildLogs(
+        self, request: rpc.StreamBuildLogsRequest, context: Ctx
+    ) -> AsyncIterator[rpc.BuildLogLine]:
+        path = await _run(lambda: self.svc.build_log_path(request.name))
+
+        async def finished() -> bool:
+            build = await _run(lambda: self.svc.get_build(request.name))
+            return build.state in (st.BuildState.BUILT, st.BuildState.FAILED)
+
+        async for line in build_logs.follow(Path(path), request.follow, finished):
+            yield rpc.BuildLogLine(
+                number=line.number, time=convert.timestamp(line.time), text=line.text
+            )
+
+    @stream
+    async def ExportBuild(
+        self, request: rpc.ExportBuildRequest, context: Ctx
+    ) -> AsyncIterator[rpc.ExportBuildChunk]:
+        export = await _run(
+            lambda: self.svc.export_of(request.name, request.base_image, request.tag)
+        )
+        async for data, digest in self.exporter.layout_tar(export):
+            yield rpc.ExportBuildChunk(data=data, manifest_digest=digest)
 
     def _event_pb(self, event: t.Event) -> pb.ModelEvent:
         """Converts a change once for all its watchers (they share the hub's event)."""

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 import time
 from pathlib import Path
 
 from controlplane.api.client import Client
 from controlplane.cli import inputs
-from controlplane.cli.output import Printer, resources, short
+from controlplane.cli.output import Printer, resources, short, when
 from controlplane.domain import types as t
 
 EXIT_OK = 0
@@ -146,16 +147,38 @@ async def build(c: Client, args: argparse.Namespace, p: Printer) -> int:
 
     source = await c.upload_source(model, data, on_progress=uploaded)
     p.progress(f"source sha256:{source.sha256[:12]} ({source.size_bytes:,} bytes)")
-    op = await c.create_build(model, source.sha256, args.file, args.function, args.comment, deploy)
-    op = await _follow(c, op, p, args.wait)
-    build_name = op.target if op.target else ""
-    if build_name:
-        b = await c.get_build(build_name)
-        p.progress(
-            f"{short(b.name)}: {b.state.value} {b.image}"
-            + (f" error: {b.error}" if b.error else "")
-        )
+    op = await c.create_build(
+        model,
+        source.sha256,
+        args.file,
+        args.function,
+        args.comment,
+        deploy,
+        no_cache=args.no_cache,
+    )
+    build_name = op.target
+    logs = None if args.quiet else asyncio.create_task(_show_log(c, build_name, p))
+    try:
+        op = await _follow(c, op, p, args.wait)
+    finally:
+        if logs is not None:  # the log ends with the build; a wait that gave up stops it
+            if op.done:
+                await asyncio.wait([logs], timeout=5)
+            logs.cancel()
+            await asyncio.gather(logs, return_exceptions=True)
+    b = await c.get_build(build_name)
+    p.progress(
+        f"{short(b.name)}: {b.state.value} {b.image}"
+        + (" (cache hit: same inputs as an earlier build)" if b.cache_hit else "")
+        + (f" error: {b.error}" if b.error else "")
+    )
     return await _finish(c, op, p)
+
+
+async def _show_log(c: Client, build_name: str, p: Printer) -> None:
+    """The build's log on stderr as the build writes it."""
+    async for line in c.build_logs(build_name, follow=True):
+        p.progress(f"  | {line.text}")
 
 
 async def deploy(c: Client, args: argparse.Namespace, p: Printer) -> int:
@@ -201,6 +224,31 @@ async def builds_list(c: Client, args: argparse.Namespace, p: Printer) -> int:
 
 async def builds_get(c: Client, args: argparse.Namespace, p: Printer) -> int:
     p.result(await c.get_build(inputs.child_name(_model(args), "builds", args.ref)))
+    return EXIT_OK
+
+
+async def builds_logs(c: Client, args: argparse.Namespace, p: Printer) -> int:
+    async for line in c.build_logs(
+        inputs.child_name(_model(args), "builds", args.ref), follow=args.follow
+    ):
+        print(f"{when(line.time)}  {line.text}" if line.time else line.text, file=p.out)
+    return EXIT_OK
+
+
+async def builds_export(c: Client, args: argparse.Namespace, p: Printer) -> int:
+    name = inputs.child_name(_model(args), "builds", args.ref)
+    dest = inputs.empty_directory(args.oci)
+    p.progress(f"exporting {short(name)} as an OCI image layout (base {args.base or 'default'})")
+
+    def received(size: int) -> None:
+        p.progress(f"received {size / 1024 / 1024:,.1f} MiB")
+
+    digest = await c.export_build(name, dest, args.base, args.tag, on_progress=received)
+    if p.json:
+        p.result({"build": name, "oci_layout": str(dest), "tag": args.tag, "digest": digest})
+    else:
+        print(f"oci:{dest}:{args.tag} {digest}", file=p.out)
+    return EXIT_OK
     return EXIT_OK
 
 

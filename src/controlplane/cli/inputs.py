@@ -77,3 +77,11 @@ def zip_directory(directory: Path) -> bytes:
     if count == 0:
         raise UsageError(f"{directory}: no files to upload")
     return buf.getvalue()
+
+
+def empty_directory(path: str) -> Path:
+    """A directory to write into: absent (created later) or empty."""
+    dest = Path(path)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise UsageError(f"{dest} exists and is not an empty directory")
+    return dest

@@ -78,15 +78,17 @@ def _resource_group(
     list_handler: Handler,
     get_handler: Handler,
     what: str,
-) -> None:
+    more: str = "",
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
     group = _sub(sub, name, None, f"list and show a model's {what}")
-    verbs = group.add_subparsers(dest="verb", required=True, metavar="{list,get}")
+    verbs = group.add_subparsers(dest="verb", required=True, metavar="{list,get" + more + "}")
     ls = _sub(verbs, "list", list_handler, f"a model's {what}, newest first")
     ls.add_argument("model")
     ls.add_argument("--limit", type=int, default=50)
     get = _sub(verbs, "get", get_handler, f"one of a model's {what}")
     get.add_argument("model")
     get.add_argument("ref", help="its number (3) or full name")
+    return verbs
 
 
 def parser() -> argparse.ArgumentParser:
@@ -120,6 +122,12 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--function", required=True, help="the function called for each request")
     b.add_argument("--comment", default="")
     b.add_argument("--deploy", action="store_true", help="deploy the build once built")
+    b.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="build even if these inputs were built before (to resolve requirements again)",
+    )
+    b.add_argument("--quiet", "-q", action="store_true", help="do not show the build's log")
     _add_resources(b)
     _add_wait(b)
 
@@ -138,7 +146,28 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--yes", "-y", action="store_true", help="do not ask to confirm")
         _add_wait(p)
 
-    _resource_group(sub, "builds", cmd.builds_list, cmd.builds_get, "builds")
+    verbs = _resource_group(
+        sub, "builds", cmd.builds_list, cmd.builds_get, "builds", ",logs,export"
+    )
+    logs = _sub(verbs, "logs", cmd.builds_logs, "a build's log (with --follow, live)")
+    logs.add_argument("model")
+    logs.add_argument("ref", help="its number (3) or full name")
+    logs.add_argument("--follow", "-f", action="store_true", help="until the build ends")
+    export = _sub(
+        verbs,
+        "export",
+        cmd.builds_export,
+        "write a build as an OCI image layout (also: modelctl build export MODEL BUILD --oci DIR)",
+    )
+    export.add_argument("model")
+    export.add_argument("ref", help="its number (3) or full name")
+    export.add_argument("--oci", required=True, metavar="DIR", help="the layout's directory")
+    export.add_argument(
+        "--base",
+        default="",
+        help="base image (default: python:<the build's Python>-slim; 'scratch': none)",
+    )
+    export.add_argument("--tag", default="latest", help="reference name inside the layout")
     _resource_group(sub, "deployments", cmd.deployments_list, cmd.deployments_get, "deployments")
     ops = _sub(sub, "operations", None, "list and show operations")
     verbs = ops.add_subparsers(dest="verb", required=True, metavar="{list,get}")
@@ -165,7 +194,7 @@ def parser() -> argparse.ArgumentParser:
 
 async def run(argv: Sequence[str]) -> int:
     """Runs one client command (not `serve`) in the running event loop; returns the exit code."""
-    args = parser().parse_args(argv)
+    args = parser().parse_args(_aliases(list(argv)))
     handler: Handler = args.handler
     try:
         async with Client(args.server) as client:
@@ -186,8 +215,17 @@ async def run(argv: Sequence[str]) -> int:
         return cmd.EXIT_FAILED
 
 
+def _aliases(argv: list[str]) -> list[str]:
+    """``build export MODEL BUILD --oci DIR`` is ``builds export``: ``build`` itself takes a
+    directory, so the export is told apart by its ``--oci``."""
+    for i, word in enumerate(argv[:-1]):
+        if word == "build" and argv[i + 1] == "export" and "--oci" in argv[i + 2 :]:
+            return [*argv[:i], "builds", *argv[i + 1 :]]
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _aliases(list(sys.argv[1:] if argv is None else argv))
     args = parser().parse_args(argv)  # usage errors exit 2 here, with argparse's message
     if args.command == "serve":
         return serve_cmd.run(args)

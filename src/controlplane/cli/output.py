@@ -112,6 +112,15 @@ def _replica_rows(d: t.Deployment) -> str:
     )
 
 
+def _build_details(b: t.Build) -> str:
+    size = f"{b.size_bytes / 1024 / 1024:,.1f} MiB"
+    head = f"runtime {b.runtime}, {size}" + (", cache hit" if b.cache_hit else "")
+    if not b.packages:
+        return head + "\nno packages installed"
+    rows = [[p.name, p.version, "yes" if p.requested else "", p.sha256[:16]] for p in b.packages]
+    return head + "\n\n" + table(["package", "version", "requested", "sha256"], rows)
+
+
 _ROWS: dict[type, Any] = {
     t.Model: _model_rows,
     t.Build: _build_rows,
@@ -139,6 +148,8 @@ class Printer:
         print(table(headers, rows), file=self.out)
         if not isinstance(value, list) and isinstance(value, t.Deployment) and value.replicas:
             print("\n" + _replica_rows(value), file=self.out)
+        if not isinstance(value, list) and isinstance(value, t.Build) and value.runtime:
+            print("\n" + _build_details(value), file=self.out)
 
     def progress(self, text: str) -> None:
         """Live progress goes to stderr, so stdout stays the result alone."""

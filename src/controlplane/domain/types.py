@@ -103,6 +103,16 @@ class Model:
 
 
 @dataclass(frozen=True)
+class Package:
+    """A dependency installed into a build, as pip resolved it at build time."""
+
+    name: str
+    version: str
+    sha256: str = ""
+    requested: bool = False
+
+
+@dataclass(frozen=True)
 class Build:
     name: str
     version: int
@@ -115,6 +125,10 @@ class Build:
     error: str
     create_time: datetime
     finish_time: datetime | None
+    runtime: str = ""  # "cpython 3.11.7 linux-x86_64" once BUILT
+    packages: tuple[Package, ...] = ()
+    cache_hit: bool = False
+    size_bytes: int = 0
 
 
 @dataclass(frozen=True)

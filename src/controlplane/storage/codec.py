@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
@@ -67,6 +68,7 @@ def loads(kind: st.ResourceKind, body: str) -> t.Resource:
                 "state": st.BuildState(d["state"]),
                 "create_time": _req_time(d["create_time"]),
                 "finish_time": _time(d["finish_time"]),
+                "packages": tuple(t.Package(**p) for p in d.get("packages", ())),
             }
         )
     if kind is st.ResourceKind.DEPLOYMENT:
@@ -110,3 +112,11 @@ def replica_from_dict(d: dict[str, Any]) -> t.Replica:
         node=d["node"],
         start_time=_time(d.get("start_time")),
     )
+
+
+def packages_to_json(packages: Iterable[t.Package]) -> str:
+    return json.dumps([asdict(p) for p in packages], sort_keys=True)
+
+
+def packages_from_json(text: str) -> tuple[t.Package, ...]:
+    return tuple(t.Package(**p) for p in json.loads(text or "[]"))

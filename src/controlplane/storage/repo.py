@@ -63,6 +63,10 @@ def to_build(row: BuildRow) -> t.Build:
         error=row.error,
         create_time=codec.utc(row.create_time),
         finish_time=codec.utc(row.finish_time) if row.finish_time else None,
+        runtime=row.runtime,
+        packages=codec.packages_from_json(row.packages),
+        cache_hit=row.cache_hit,
+        size_bytes=row.size_bytes,
     )
 
 

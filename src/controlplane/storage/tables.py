@@ -69,6 +69,11 @@ class BuildRow(SQLModel, table=True):
     revision: int = Field(default=0, sa_type=BigInteger)
     create_time: datetime = _time()
     finish_time: datetime | None = _time(nullable=True)
+    runtime: str = Field(default="", max_length=100)
+    packages: str = _text("[]")  # JSON: [{name, version, sha256, requested}]
+    cache_hit: bool = False
+    size_bytes: int = Field(default=0, sa_type=BigInteger)
+    no_cache: bool = False  # asked to build even when the cache has these inputs
 
 
 class DeploymentRow(SQLModel, table=True):

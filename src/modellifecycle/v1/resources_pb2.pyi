@@ -264,6 +264,10 @@ class Build(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     FINISH_TIME_FIELD_NUMBER: _builtins.int
+    RUNTIME_FIELD_NUMBER: _builtins.int
+    PACKAGES_FIELD_NUMBER: _builtins.int
+    CACHE_HIT_FIELD_NUMBER: _builtins.int
+    IMAGE_SIZE_BYTES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.int
     source_sha256: _builtins.str
@@ -275,10 +279,22 @@ class Build(_message.Message):
     """Content-addressed reference of what was built."""
     error: _builtins.str
     """Empty unless the build FAILED: the cause in one line."""
+    cache_hit: _builtins.bool
+    """The image existed already (same source, requirements and runtime): reused as is."""
+    image_size_bytes: _builtins.int
+    """Size of the image on disk: code and installed dependencies."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def finish_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def runtime(self) -> Global___Runtime:
+        """Set once BUILT: the Python the build was made with and its dependencies."""
+
+    @_builtins.property
+    def packages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResolvedPackage]:
+        """Every installed package, as resolved at build time (nothing resolves at deploy)."""
+
     def __init__(
         self,
         *,
@@ -293,14 +309,76 @@ class Build(_message.Message):
         error: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         finish_time: _timestamp_pb2.Timestamp | None = ...,
+        runtime: Global___Runtime | None = ...,
+        packages: _abc.Iterable[Global___ResolvedPackage] | None = ...,
+        cache_hit: _builtins.bool = ...,
+        image_size_bytes: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "finish_time", b"finish_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "finish_time", b"finish_time", "runtime", b"runtime"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["comment", b"comment", "create_time", b"create_time", "error", b"error", "file_path", b"file_path", "finish_time", b"finish_time", "function_name", b"function_name", "image", b"image", "name", b"name", "source_sha256", b"source_sha256", "state", b"state", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_hit", b"cache_hit", "comment", b"comment", "create_time", b"create_time", "error", b"error", "file_path", b"file_path", "finish_time", b"finish_time", "function_name", b"function_name", "image", b"image", "image_size_bytes", b"image_size_bytes", "name", b"name", "packages", b"packages", "runtime", b"runtime", "source_sha256", b"source_sha256", "state", b"state", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Build: _TypeAlias = Build  # noqa: Y015
+
+@_typing.final
+class Runtime(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMPLEMENTATION_FIELD_NUMBER: _builtins.int
+    PYTHON_VERSION_FIELD_NUMBER: _builtins.int
+    PLATFORM_FIELD_NUMBER: _builtins.int
+    implementation: _builtins.str
+    """e.g. "cpython"."""
+    python_version: _builtins.str
+    """e.g. "3.11.7"."""
+    platform: _builtins.str
+    """e.g. "linux-x86_64"."""
+    def __init__(
+        self,
+        *,
+        implementation: _builtins.str = ...,
+        python_version: _builtins.str = ...,
+        platform: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["implementation", b"implementation", "platform", b"platform", "python_version", b"python_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Runtime: _TypeAlias = Runtime  # noqa: Y015
+
+@_typing.final
+class ResolvedPackage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    REQUESTED_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    version: _builtins.str
+    sha256: _builtins.str
+    """sha256 of the distribution file installed, when the index gave one."""
+    requested: _builtins.bool
+    """Named in requirements (not only pulled in by another package)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.str = ...,
+        sha256: _builtins.str = ...,
+        requested: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "requested", b"requested", "sha256", b"sha256", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolvedPackage: _TypeAlias = ResolvedPackage  # noqa: Y015
 
 @_typing.final
 class Resources(_message.Message):

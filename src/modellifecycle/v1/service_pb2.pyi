@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from modellifecycle.v1 import resources_pb2 as _resources_pb2
 import builtins as _builtins
@@ -217,6 +218,7 @@ class CreateBuildRequest(_message.Message):
     COMMENT_FIELD_NUMBER: _builtins.int
     DEPLOY_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    NO_CACHE_FIELD_NUMBER: _builtins.int
     parent: _builtins.str
     """The model."""
     source_sha256: _builtins.str
@@ -225,6 +227,10 @@ class CreateBuildRequest(_message.Message):
     function_name: _builtins.str
     comment: _builtins.str
     request_id: _builtins.str
+    no_cache: _builtins.bool
+    """Builds from scratch even when an earlier build had the same inputs (to pick up
+    newer releases of requirements that are not pinned).
+    """
     @_builtins.property
     def deploy(self) -> Global___DeployOptions:
         """When set, the build is deployed once built: "Deploy a New Build"."""
@@ -239,10 +245,11 @@ class CreateBuildRequest(_message.Message):
         comment: _builtins.str = ...,
         deploy: Global___DeployOptions | None = ...,
         request_id: _builtins.str = ...,
+        no_cache: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deploy", b"deploy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["comment", b"comment", "deploy", b"deploy", "file_path", b"file_path", "function_name", b"function_name", "parent", b"parent", "request_id", b"request_id", "source_sha256", b"source_sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["comment", b"comment", "deploy", b"deploy", "file_path", b"file_path", "function_name", b"function_name", "no_cache", b"no_cache", "parent", b"parent", "request_id", b"request_id", "source_sha256", b"source_sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -645,3 +652,108 @@ class CancelOperationRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelOperationRequest: _TypeAlias = CancelOperationRequest  # noqa: Y015
+
+@_typing.final
+class StreamBuildLogsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    FOLLOW_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """projects/{project}/models/{model}/builds/{n}"""
+    follow: _builtins.bool
+    """Keep the stream open for new lines until the build ends."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        follow: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamBuildLogsRequest: _TypeAlias = StreamBuildLogsRequest  # noqa: Y015
+
+@_typing.final
+class BuildLogLine(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUMBER_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    number: _builtins.int
+    """1 for the log's first line."""
+    text: _builtins.str
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        number: _builtins.int = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["number", b"number", "text", b"text", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BuildLogLine: _TypeAlias = BuildLogLine  # noqa: Y015
+
+@_typing.final
+class ExportBuildRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    BASE_IMAGE_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """projects/{project}/models/{model}/builds/{n}"""
+    base_image: _builtins.str
+    """The image to build on; empty: python:<the build's Python>-slim. "scratch" gives
+    an image holding only the model's code and dependencies.
+    """
+    tag: _builtins.str
+    """The reference name inside the layout; empty: "latest"."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        base_image: _builtins.str = ...,
+        tag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_image", b"base_image", "name", b"name", "tag", b"tag"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportBuildRequest: _TypeAlias = ExportBuildRequest  # noqa: Y015
+
+@_typing.final
+class ExportBuildChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    MANIFEST_DIGEST_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """Consecutive pieces of one tar archive of the OCI layout directory."""
+    manifest_digest: _builtins.str
+    """In the last message only: the image manifest's digest ("sha256:...")."""
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        manifest_digest: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "manifest_digest", b"manifest_digest"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportBuildChunk: _TypeAlias = ExportBuildChunk  # noqa: Y015

@@ -134,6 +134,16 @@ class ModelLifecycleStub:
                 request_serializer=modellifecycle_dot_v1_dot_service__pb2.CancelOperationRequest.SerializeToString,
                 response_deserializer=modellifecycle_dot_v1_dot_resources__pb2.Operation.FromString,
                 _registered_method=True)
+        self.StreamBuildLogs = channel.unary_stream(
+                '/modellifecycle.v1.ModelLifecycle/StreamBuildLogs',
+                request_serializer=modellifecycle_dot_v1_dot_service__pb2.StreamBuildLogsRequest.SerializeToString,
+                response_deserializer=modellifecycle_dot_v1_dot_service__pb2.BuildLogLine.FromString,
+                _registered_method=True)
+        self.ExportBuild = channel.unary_stream(
+                '/modellifecycle.v1.ModelLifecycle/ExportBuild',
+                request_serializer=modellifecycle_dot_v1_dot_service__pb2.ExportBuildRequest.SerializeToString,
+                response_deserializer=modellifecycle_dot_v1_dot_service__pb2.ExportBuildChunk.FromString,
+                _registered_method=True)
 
 
 class ModelLifecycleServicer:
@@ -273,6 +283,22 @@ class ModelLifecycleServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamBuildLogs(self, request, context):
+        """A build's log: every line so far, then (with `follow`) each new line as the
+        build writes it, until the build is BUILT or FAILED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportBuild(self, request, context):
+        """Writes a BUILT build as a standard OCI image layout (built with buildah from a
+        generated Containerfile on `base_image`) and streams it as a tar archive.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelLifecycleServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -370,6 +396,16 @@ def add_ModelLifecycleServicer_to_server(servicer, server):
                     servicer.CancelOperation,
                     request_deserializer=modellifecycle_dot_v1_dot_service__pb2.CancelOperationRequest.FromString,
                     response_serializer=modellifecycle_dot_v1_dot_resources__pb2.Operation.SerializeToString,
+            ),
+            'StreamBuildLogs': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamBuildLogs,
+                    request_deserializer=modellifecycle_dot_v1_dot_service__pb2.StreamBuildLogsRequest.FromString,
+                    response_serializer=modellifecycle_dot_v1_dot_service__pb2.BuildLogLine.SerializeToString,
+            ),
+            'ExportBuild': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportBuild,
+                    request_deserializer=modellifecycle_dot_v1_dot_service__pb2.ExportBuildRequest.FromString,
+                    response_serializer=modellifecycle_dot_v1_dot_service__pb2.ExportBuildChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -888,6 +924,60 @@ class ModelLifecycle:
             '/modellifecycle.v1.ModelLifecycle/CancelOperation',
             modellifecycle_dot_v1_dot_service__pb2.CancelOperationRequest.SerializeToString,
             modellifecycle_dot_v1_dot_resources__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamBuildLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/modellifecycle.v1.ModelLifecycle/StreamBuildLogs',
+            modellifecycle_dot_v1_dot_service__pb2.StreamBuildLogsRequest.SerializeToString,
+            modellifecycle_dot_v1_dot_service__pb2.BuildLogLine.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportBuild(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/modellifecycle.v1.ModelLifecycle/ExportBuild',
+            modellifecycle_dot_v1_dot_service__pb2.ExportBuildRequest.SerializeToString,
+            modellifecycle_dot_v1_dot_service__pb2.ExportBuildChunk.FromString,
             options,
             channel_credentials,
             insecure,

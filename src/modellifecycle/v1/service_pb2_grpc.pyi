@@ -79,6 +79,14 @@ class ModelLifecycleStub:
     partial output removed; a deploy goes back to the model's last good deployment.
     Returns the operation once it is done, with a CANCELLED error.
     """
+    StreamBuildLogs: _grpc.UnaryStreamMultiCallable[_service_pb2.StreamBuildLogsRequest, _service_pb2.BuildLogLine]
+    """A build's log: every line so far, then (with `follow`) each new line as the
+    build writes it, until the build is BUILT or FAILED.
+    """
+    ExportBuild: _grpc.UnaryStreamMultiCallable[_service_pb2.ExportBuildRequest, _service_pb2.ExportBuildChunk]
+    """Writes a BUILT build as a standard OCI image layout (built with buildah from a
+    generated Containerfile on `base_image`) and streams it as a tar archive.
+    """
 
 @_typing.type_check_only
 class ModelLifecycleAsyncStub(ModelLifecycleStub):
@@ -128,6 +136,14 @@ class ModelLifecycleAsyncStub(ModelLifecycleStub):
     """Stops a running build or deploy cleanly: a build's task is cancelled and its
     partial output removed; a deploy goes back to the model's last good deployment.
     Returns the operation once it is done, with a CANCELLED error.
+    """
+    StreamBuildLogs: _aio.UnaryStreamMultiCallable[_service_pb2.StreamBuildLogsRequest, _service_pb2.BuildLogLine]  # type: ignore[assignment]
+    """A build's log: every line so far, then (with `follow`) each new line as the
+    build writes it, until the build is BUILT or FAILED.
+    """
+    ExportBuild: _aio.UnaryStreamMultiCallable[_service_pb2.ExportBuildRequest, _service_pb2.ExportBuildChunk]  # type: ignore[assignment]
+    """Writes a BUILT build as a standard OCI image layout (built with buildah from a
+    generated Containerfile on `base_image`) and streams it as a tar archive.
     """
 
 class ModelLifecycleServicer(metaclass=_abc_1.ABCMeta):
@@ -289,6 +305,26 @@ class ModelLifecycleServicer(metaclass=_abc_1.ABCMeta):
         """Stops a running build or deploy cleanly: a build's task is cancelled and its
         partial output removed; a deploy goes back to the model's last good deployment.
         Returns the operation once it is done, with a CANCELLED error.
+        """
+
+    @_abc_1.abstractmethod
+    def StreamBuildLogs(
+        self,
+        request: _service_pb2.StreamBuildLogsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_service_pb2.BuildLogLine], _abc.AsyncIterator[_service_pb2.BuildLogLine]]:
+        """A build's log: every line so far, then (with `follow`) each new line as the
+        build writes it, until the build is BUILT or FAILED.
+        """
+
+    @_abc_1.abstractmethod
+    def ExportBuild(
+        self,
+        request: _service_pb2.ExportBuildRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_service_pb2.ExportBuildChunk], _abc.AsyncIterator[_service_pb2.ExportBuildChunk]]:
+        """Writes a BUILT build as a standard OCI image layout (built with buildah from a
+        generated Containerfile on `base_image`) and streams it as a tar archive.
         """
 
 def add_ModelLifecycleServicer_to_server(servicer: ModelLifecycleServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,89 @@
+"""Removes build artifacts nothing uses any more, on a schedule.
+
+Kept: the image of every build a deployment record names (so any earlier version can
+be rolled back to), and of each model's last ``keep_builds`` builds. The rest goes
+once unused for ``min_age_s``. With PostgreSQL, one server at a time collects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from sqlmodel import Session, col, func, select
+
+from controlplane.config import Settings
+from controlplane.storage.db import Database
+from controlplane.storage.tables import BuildRow, DeploymentRow
+from workers.artifact_gc import Collected, collect, digest_of
+
+log = logging.getLogger(__name__)
+
+GC_LOCK = 0x6763  # "gc": PostgreSQL advisory lock key
+
+
+def kept_digests(s: Session, keep_builds: int) -> set[str]:
+    """Artifacts that must stay: deployed ever, or among a model's newest builds."""
+    deployed = select(BuildRow.artifact_path).where(
+        col(BuildRow.name).in_(select(DeploymentRow.build).distinct())
+    )
+    rank = (
+        func.row_number()
+        .over(partition_by=BuildRow.model, order_by=col(BuildRow.version).desc())
+        .label("rank")
+    )
+    ranked = select(BuildRow.artifact_path, rank).where(BuildRow.artifact_path != "").subquery()
+    newest = select(ranked.c.artifact_path).where(ranked.c.rank <= keep_builds)
+    paths = list(s.exec(deployed).all()) + list(s.exec(newest).all())
+    return {d for d in (digest_of(str(p)) for p in paths) if d}
+
+
+def collect_once(db: Database, settings: Settings) -> Collected | None:
+    """One collection; None when another server holds the lock (it collects)."""
+    release = db.try_lock(GC_LOCK)
+    if release is None:
+        return None
+    try:
+        with db.read() as s:
+            keep = kept_digests(s, settings.gc_keep_builds)
+        done = collect(
+            settings.artifacts_dir,
+            keep,
+            min_age_s=settings.gc_min_age_s,
+            staging_max_age_s=settings.build_timeout_s * 2 + 60,
+        )
+    finally:
+        release()
+    if done.removed or done.stale_staging:
+        log.info(
+            "gc: removed %d unused artifacts and %d stale staging folders, %.1f MiB freed; %d kept",
+            len(done.removed),
+            done.stale_staging,
+            done.freed_bytes / 1024 / 1024,
+            done.kept,
+        )
+    return done
+
+
+class Collector:
+    def __init__(self, db: Database, settings: Settings) -> None:
+        self.db = db
+        self.settings = settings
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self.settings.gc_interval_s > 0:
+            self._task = asyncio.create_task(self._run(), name="artifact-gc")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.gc_interval_s)
+            try:
+                await asyncio.to_thread(collect_once, self.db, self.settings)
+            except Exception:  # the loop never dies; the next round tries again
+                log.exception("gc: collecting artifacts failed")

@@ -1,0 +1,84 @@
+"""A build whose requirement comes from the package index, served on real Ray Serve.
+
+The requirement resolves and installs at build time, inside the artifact (a Ray task
+builds it); the replica imports it from there, so starting it resolves nothing. An
+unchanged rebuild is a cache hit that never reaches the cluster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import httpx
+import pytest
+
+from controlplane.server import Server
+from modellifecycle.v1 import resources_pb2 as pb
+from modellifecycle.v1 import service_pb2 as rpc
+from tests.integration.conftest import Stub, resources, upload, wait, zip_bytes
+from tests.ray.conftest import ray_server
+from workers.backend import Backend
+
+pytestmark = [pytest.mark.ray, pytest.mark.network]
+
+MODEL = """\
+import tabulate
+
+def predict(body):
+    rows = body["rows"]
+    return {
+        "table": tabulate.tabulate(rows, headers=["name", "score"], tablefmt="plain"),
+        "tabulate": tabulate.__version__,
+        "from": tabulate.__file__,
+    }
+"""
+FILES = {"model.py": MODEL, "requirements.txt": "tabulate==0.9.0\n"}
+
+
+@pytest.fixture
+async def server(
+    ray_backend: Backend, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Server]:
+    async with ray_server(ray_backend, tmp_path_factory.mktemp("deps")) as srv:
+        yield srv
+
+
+async def test_requirement_resolved_at_build_time_is_used_by_the_served_model(
+    server: Server,
+) -> None:
+    async with grpc.aio.insecure_channel(server.grpc_address) as channel:
+        stub = Stub(channel)
+        model = await stub.CreateModel(rpc.CreateModelRequest(parent="projects/deps", model_id="t"))
+        src = await upload(stub, model.name, zip_bytes(FILES))
+        request = rpc.CreateBuildRequest(
+            parent=model.name,
+            source_sha256=src.sha256,
+            file_path="model.py",
+            function_name="predict",
+            deploy=rpc.DeployOptions(resources=resources(1, cpus=0.1)),
+        )
+        op = await wait(stub, await stub.CreateBuild(request), 240)
+        assert not op.HasField("error"), op
+        b = await stub.GetBuild(rpc.GetBuildRequest(name=op.target))
+        (pkg,) = b.packages
+        assert (pkg.name, pkg.version, pkg.requested) == ("tabulate", "0.9.0", True)
+        assert len(pkg.sha256) == 64 and not b.cache_hit
+        artifact = b.image.removeprefix("artifact://sha256:")
+
+        m = await stub.GetModel(rpc.GetModelRequest(name=model.name))
+        async with httpx.AsyncClient(timeout=30) as http:
+            reply = await http.post(m.endpoint, json={"rows": [["a", 1], ["b", 22]]})
+        assert reply.status_code == 200, reply.text
+        body = reply.json()["response"]
+        assert body["tabulate"] == "0.9.0"
+        assert body["table"].splitlines()[0].split() == ["name", "score"]
+        assert f"/artifacts/{artifact}/.cp_site/tabulate" in body["from"], (
+            "the replica imports the copy installed into the artifact at build time"
+        )
+
+        request.ClearField("deploy")
+        again = await wait(stub, await stub.CreateBuild(request), 60)
+        cached = await stub.GetBuild(rpc.GetBuildRequest(name=again.target))
+        assert cached.state == pb.BUILD_STATE_BUILT and cached.cache_hit
+        assert cached.image == b.image and list(cached.packages) == list(b.packages)
