@@ -82,3 +82,52 @@ async def test_requirement_resolved_at_build_time_is_used_by_the_served_model(
         cached = await stub.GetBuild(rpc.GetBuildRequest(name=again.target))
         assert cached.state == pb.BUILD_STATE_BUILT and cached.cache_hit
         assert cached.image == b.image and list(cached.packages) == list(b.packages)
+
+
+SLOW = (
+    "import time\n"
+    "print('loading weights', flush=True)\n"
+    "time.sleep(3)\n"
+    "print('weights loaded', flush=True)\n"
+    "def predict(body):\n    return body\n"
+)
+
+
+async def test_builds_of_two_models_run_at_once_as_ray_tasks_with_live_logs(
+    server: Server,
+) -> None:
+    async with grpc.aio.insecure_channel(server.grpc_address) as channel:
+        stub = Stub(channel)
+        ops = []
+        for name in ("a", "b"):
+            model = await stub.CreateModel(
+                rpc.CreateModelRequest(parent="projects/par", model_id=name)
+            )
+            src = await upload(stub, model.name, zip_bytes({"model.py": SLOW + f"# {name}\n"}))
+            ops.append(
+                await stub.CreateBuild(
+                    rpc.CreateBuildRequest(
+                        parent=model.name,
+                        source_sha256=src.sha256,
+                        file_path="model.py",
+                        function_name="predict",
+                    )
+                )
+            )
+        live: list[tuple[str, int]] = []
+        follow = rpc.StreamBuildLogsRequest(name=ops[0].target, follow=True)
+        async for line in stub.StreamBuildLogs(follow):
+            state = (await stub.GetBuild(rpc.GetBuildRequest(name=ops[0].target))).state
+            live.append((line.text, state))
+        assert ("import | loading weights", pb.BUILD_STATE_BUILDING) in live
+        spans = []
+        for op in ops:
+            assert not (await wait(stub, op, 120)).HasField("error")
+            lines = [
+                x async for x in stub.StreamBuildLogs(rpc.StreamBuildLogsRequest(name=op.target))
+            ]
+            loading = next(x for x in lines if x.text == "import | loading weights")
+            loaded = next(x for x in lines if x.text == "import | weights loaded")
+            spans.append((loading.time.ToDatetime(), loaded.time.ToDatetime()))
+        (a0, a1), (b0, b1) = spans
+        assert a0 < b1 and b0 < a1, f"both builds were importing at once: {spans}"
