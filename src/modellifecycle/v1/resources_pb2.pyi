@@ -289,7 +289,9 @@ class Build(_message.Message):
     def finish_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def runtime(self) -> Global___Runtime:
-        """Set once BUILT: the Python the build was made with and its dependencies."""
+        """Set once BUILT: the Python (and platform) the build was made for; a deploy
+        refuses a build whose Python major.minor or platform the cluster does not run.
+        """
 
     @_builtins.property
     def packages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResolvedPackage]:
