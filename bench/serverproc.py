@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 MODELCTL = str(Path(sys.executable).with_name("modelctl"))
 
 
-def start_server(data: Path, http_port: int = 0) -> tuple[subprocess.Popen[str], str]:
+def start_server(
+    data: Path, http_port: int = 0, extra: Sequence[str] = ()
+) -> tuple[subprocess.Popen[str], str]:
     """Starts the server on free ports under ``data``; returns it and its gRPC address."""
     proc = subprocess.Popen(
         [
@@ -19,6 +22,7 @@ def start_server(data: Path, http_port: int = 0) -> tuple[subprocess.Popen[str],
             f"--http-port={http_port}",
             f"--data-dir={data}",
             "--backend=fake",
+            *extra,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

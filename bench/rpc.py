@@ -1,0 +1,163 @@
+"""Unary RPC cost: GetModel on `modelctl serve` beside a bare grpc.aio server, in one run.
+
+Both servers run as their own processes on 127.0.0.1. The bare one answers GetModel
+with the very Model message our server returned, from memory: what is left is gRPC
+itself. One client process drives each at 1, 10 and 100 concurrent callers for a
+fixed time and reports throughput and p50/p99 latency, and our/bare throughput.
+Targets: >= 0.5x the bare throughput, p99 < 5 ms at 100 callers. Writes
+bench/results/rpc.json.
+
+    .venv/bin/python bench/rpc.py [--seconds 5] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from serverproc import start_server
+
+from modellifecycle.v1 import resources_pb2 as pb
+from modellifecycle.v1 import service_pb2 as rpc
+from modellifecycle.v1 import service_pb2_grpc
+
+if TYPE_CHECKING:  # the typed view of a stub on a grpc.aio channel (mypy-protobuf)
+    Stub = service_pb2_grpc.ModelLifecycleAsyncStub
+else:
+    Stub = service_pb2_grpc.ModelLifecycleStub
+
+ROOT = Path(__file__).resolve().parent.parent
+CONCURRENCY = (1, 10, 100)
+TARGET_RATIO = 0.5
+TARGET_P99_MS_AT_100 = 5.0
+
+
+class Bare(service_pb2_grpc.ModelLifecycleServicer):
+    """Answers GetModel with one fixed message: gRPC's own cost and nothing else."""
+
+    def __init__(self, model: pb.Model) -> None:
+        self.model = model
+
+    async def GetModel(self, request: rpc.GetModelRequest, context: Any) -> pb.Model:
+        return self.model
+
+
+async def serve_bare(model: pb.Model) -> None:
+    server = grpc.aio.server()
+    service_pb2_grpc.add_ModelLifecycleServicer_to_server(Bare(model), server)  # type: ignore[abstract]
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"ready grpc=127.0.0.1:{port}", flush=True)
+    await server.wait_for_termination()
+
+
+def start_bare(model_file: Path) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--bare-server", str(model_file)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if not line.startswith("ready grpc="):
+        raise SystemExit(f"the bare server did not start: {line!r}")
+    return proc, line.removeprefix("ready grpc=")
+
+
+async def load(address: str, name: str, callers: int, seconds: float) -> dict[str, float]:
+    """``callers`` coroutines calling GetModel back to back for ``seconds``."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = Stub(channel)
+        request = rpc.GetModelRequest(name=name)
+        await stub.GetModel(request)  # connected and warm
+        latencies: list[float] = []
+        end = time.perf_counter() + seconds
+
+        async def caller() -> None:
+            while (now := time.perf_counter()) < end:
+                await stub.GetModel(request)
+                latencies.append(time.perf_counter() - now)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(callers)))
+        elapsed = time.perf_counter() - started
+    ms = sorted(x * 1000 for x in latencies)
+    return {
+        "calls_per_s": len(ms) / elapsed,
+        "p50_ms": statistics.median(ms),
+        "p99_ms": ms[max(0, int(len(ms) * 0.99) - 1)],
+    }
+
+
+async def run(seconds: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        ours, address = start_server(Path(tmp) / "data")
+        bare: subprocess.Popen[str] | None = None
+        try:
+            async with grpc.aio.insecure_channel(address) as channel:
+                model = await Stub(channel).CreateModel(
+                    rpc.CreateModelRequest(parent="projects/bench", model_id="iris")
+                )
+            model_file = Path(tmp) / "model.pb"
+            model_file.write_bytes(model.SerializeToString())
+            bare, bare_address = start_bare(model_file)
+            rows = []
+            for callers in CONCURRENCY:
+                mine = await load(address, model.name, callers, seconds)
+                anchor = await load(bare_address, model.name, callers, seconds)
+                rows.append(
+                    {
+                        "callers": callers,
+                        "ours": mine,
+                        "bare": anchor,
+                        "throughput_ratio": mine["calls_per_s"] / anchor["calls_per_s"],
+                    }
+                )
+            return {"seconds_per_point": seconds, "points": rows}
+        finally:
+            for proc in (ours, bare):
+                if proc is not None:
+                    proc.terminate()
+                    proc.wait(30)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=5.0, help="per concurrency level")
+    p.add_argument("--smoke", action="store_true", help="0.3 s per point")
+    p.add_argument("--bare-server", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.bare_server:
+        asyncio.run(serve_bare(pb.Model.FromString(args.bare_server.read_bytes())))
+        return
+    result = asyncio.run(run(0.3 if args.smoke else args.seconds))
+    print(
+        f"{'callers':>8}{'ours/s':>10}{'bare/s':>10}{'ratio':>8}{'(>=0.5)':>8}"
+        f"{'ours p50':>10}{'ours p99':>10}{'bare p99':>10}  ms"
+    )
+    for row in result["points"]:
+        ours, bare = row["ours"], row["bare"]
+        print(
+            f"{row['callers']:>8}{ours['calls_per_s']:>10.0f}{bare['calls_per_s']:>10.0f}"
+            f"{row['throughput_ratio']:>8.2f}{'':>8}{ours['p50_ms']:>10.2f}"
+            f"{ours['p99_ms']:>10.2f}{bare['p99_ms']:>10.2f}"
+        )
+    print(f"target: ratio >= {TARGET_RATIO}, ours p99 < {TARGET_P99_MS_AT_100} ms at 100 callers")
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rpc.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
