@@ -14,20 +14,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from serverproc import start_server
+from serverproc import ROOT, save_result, start_server
 
 from controlplane.api.client import Client
 from controlplane.domain import types as t
 from workers.archive import zip_directory
 
-ROOT = Path(__file__).resolve().parent.parent
 TARGET_HIT_S = 0.5
 
 
@@ -96,9 +94,7 @@ def main() -> None:
     print(f"{'cache hit p50 s':<30}{result['hit_p50_s']:>12.3f}{TARGET_HIT_S:>12.1f}")
     print(f"{'cache hit max s':<30}{result['hit_max_s']:>12.3f}{TARGET_HIT_S:>12.1f}")
     print(f"{'hit / cold':<30}{result['hit_over_cold']:>12.3f}")
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "builds.json").write_text(json.dumps(result, indent=1) + "\n")
+    save_result("builds", result)
 
 
 if __name__ == "__main__":

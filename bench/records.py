@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import statistics
@@ -23,23 +22,16 @@ import time
 import uuid
 from collections.abc import Awaitable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import psycopg
-from serverproc import start_server
+from serverproc import Stub, save_result, start_server
 
 from controlplane.storage.db import Database
 from modellifecycle.v1 import service_pb2 as rpc
-from modellifecycle.v1 import service_pb2_grpc
-
-if TYPE_CHECKING:  # the typed view of a stub on a grpc.aio channel (mypy-protobuf)
-    Stub = service_pb2_grpc.ModelLifecycleAsyncStub
-else:
-    Stub = service_pb2_grpc.ModelLifecycleStub
 
 R = TypeVar("R")
-ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN = os.environ.get("CP_TEST_PG", "postgresql://root@127.0.0.1:5432/test")
 PAGE = 100
 TARGET_P99_MS = 20.0
@@ -222,9 +214,7 @@ def main() -> None:
     ratio = result["list_deployments_big"]["p99_ms"] / result["anchor_big"]["p99_ms"]
     print(f"big model p99, ours / plain SQL: {ratio:.1f}x")
     result["big_p99_over_anchor"] = ratio
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "records.json").write_text(json.dumps(result, indent=1) + "\n")
+    save_result("records", result)
 
 
 if __name__ == "__main__":

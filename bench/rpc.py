@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import subprocess
@@ -22,21 +21,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
-from serverproc import start_server
+from serverproc import Stub, save_result, start_process, start_server
 
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
 from modellifecycle.v1 import service_pb2_grpc
 
-if TYPE_CHECKING:  # the typed view of a stub on a grpc.aio channel (mypy-protobuf)
-    Stub = service_pb2_grpc.ModelLifecycleAsyncStub
-else:
-    Stub = service_pb2_grpc.ModelLifecycleStub
-
-ROOT = Path(__file__).resolve().parent.parent
 CONCURRENCY = (1, 10, 100)
 TARGET_RATIO = 0.5
 TARGET_P99_MS_AT_100 = 5.0
@@ -62,16 +55,7 @@ async def serve_bare(model: pb.Model) -> None:
 
 
 def start_bare(model_file: Path) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--bare-server", str(model_file)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline().strip()
-    if not line.startswith("ready grpc="):
-        raise SystemExit(f"the bare server did not start: {line!r}")
-    return proc, line.removeprefix("ready grpc=")
+    return start_process([sys.executable, __file__, "--bare-server", str(model_file)])
 
 
 async def load(address: str, name: str, callers: int, seconds: float) -> dict[str, float]:
@@ -153,9 +137,7 @@ def main() -> None:
             f"{ours['p99_ms']:>10.2f}{bare['p99_ms']:>10.2f}"
         )
     print(f"target: ratio >= {TARGET_RATIO}, ours p99 < {TARGET_P99_MS_AT_100} ms at 100 callers")
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "rpc.json").write_text(json.dumps(result, indent=1) + "\n")
+    save_result("rpc", result)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,42 @@
-"""A `modelctl serve` of the benchmarks' own: a separate process, fake backend, SQLite."""
+"""What every benchmark shares: servers in processes of their own, the stub type, results."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from modellifecycle.v1 import service_pb2_grpc
+
+if TYPE_CHECKING:  # the typed view of a stub on a grpc.aio channel (mypy-protobuf)
+    Stub = service_pb2_grpc.ModelLifecycleAsyncStub
+else:
+    Stub = service_pb2_grpc.ModelLifecycleStub
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
 MODELCTL = str(Path(sys.executable).with_name("modelctl"))
+
+
+def start_process(cmd: Sequence[str]) -> tuple[subprocess.Popen[str], str]:
+    """Starts a server that prints ``ready grpc=ADDRESS ...``; returns it and ADDRESS."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if not line.startswith("ready grpc="):
+        proc.kill()
+        raise SystemExit(f"{cmd[0]} did not start: {line!r}")
+    return proc, line.split()[1].removeprefix("grpc=")
 
 
 def start_server(
     data: Path, http_port: int = 0, extra: Sequence[str] = ()
 ) -> tuple[subprocess.Popen[str], str]:
-    """Starts the server on free ports under ``data``; returns it and its gRPC address."""
-    proc = subprocess.Popen(
+    """`modelctl serve` (fake backend) on free ports under ``data``, as its own process."""
+    return start_process(
         [
             MODELCTL,
             "serve",
@@ -23,13 +45,11 @@ def start_server(
             f"--data-dir={data}",
             "--backend=fake",
             *extra,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
+        ]
     )
-    assert proc.stdout is not None
-    line = proc.stdout.readline().strip()
-    if not line.startswith("ready grpc="):
-        raise SystemExit(f"the server did not start: {line!r}")
-    return proc, line.split()[1].removeprefix("grpc=")
+
+
+def save_result(name: str, result: dict[str, Any]) -> None:
+    """bench/results/<name>.json, read by the suite's smoke tests."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")

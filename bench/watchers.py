@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import subprocess
@@ -21,21 +20,13 @@ import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import grpc
-from serverproc import start_server
+from serverproc import Stub, save_result, start_server
 
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
-from modellifecycle.v1 import service_pb2_grpc
 
-if TYPE_CHECKING:  # the typed view of a stub on a grpc.aio channel (mypy-protobuf)
-    Stub = service_pb2_grpc.ModelLifecycleAsyncStub
-else:
-    Stub = service_pb2_grpc.ModelLifecycleStub
-
-ROOT = Path(__file__).resolve().parent.parent
 TARGET_P99_MS = 100.0
 TARGET_RSS_MB = 500.0
 
@@ -156,9 +147,7 @@ def main() -> None:
     print(f"{'change -> delivery p99 ms':<28}{result['p99_ms']:>12.1f}{TARGET_P99_MS:>12.0f}")
     print(f"{'server RSS MB (idle)':<28}{result['rss_idle_mb']:>12.0f}")
     print(f"{'server RSS MB (watching)':<28}{result['rss_mb']:>12.0f}{TARGET_RSS_MB:>12.0f}")
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "watchers.json").write_text(json.dumps(result, indent=1) + "\n")
+    save_result("watchers", result)
     if not result["events_delivered"]:
         raise SystemExit("no event was delivered")
 

@@ -133,17 +133,25 @@ async def build(
     seconds: float = 30,
 ) -> pb.Operation:
     """Uploads ``source`` as model.py, builds it (and deploys when asked), waits till done."""
-    src = await upload(stub, model, zip_bytes({"model.py": source}))
+    op = await start_build(stub, model, {"model.py": source}, function, deploy=deploy)
+    return await wait(stub, op, seconds)
+
+
+async def start_build(
+    stub: Stub, model: str, files: dict[str, str], function: str = "predict", **more: Any
+) -> pb.Operation:
+    """Uploads ``files`` and starts building model.py's ``function``; returns the operation."""
+    src = await upload(stub, model, zip_bytes(files))
     op: pb.Operation = await stub.CreateBuild(
         rpc.CreateBuildRequest(
             parent=model,
             source_sha256=src.sha256,
             file_path="model.py",
             function_name=function,
-            deploy=deploy,
+            **more,
         )
     )
-    return await wait(stub, op, seconds)
+    return op
 
 
 def resources(

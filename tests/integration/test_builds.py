@@ -22,6 +22,7 @@ from tests.integration.conftest import (
     fake_settings,
     resources,
     running,
+    start_build,
     upload,
     wait,
     zip_bytes,
@@ -35,22 +36,6 @@ SLOW_IMPORT = (
     "time.sleep(1.5)\n"
     "print('weights loaded', flush=True)\n" + MODEL_V1
 )
-
-
-async def start_build(
-    stub: Stub, model: str, files: dict[str, str], function: str = "predict", **more: object
-) -> pb.Operation:
-    src = await upload(stub, model, zip_bytes(files))
-    op: pb.Operation = await stub.CreateBuild(
-        rpc.CreateBuildRequest(
-            parent=model,
-            source_sha256=src.sha256,
-            file_path="model.py",
-            function_name=function,
-            **more,  # type: ignore[arg-type]
-        )
-    )
-    return op
 
 
 async def log_lines(stub: Stub, build_name: str, follow: bool = False) -> list[rpc.BuildLogLine]:

@@ -27,7 +27,7 @@ from controlplane.api.client import Client, ClientError
 from controlplane.cli.main import run as cli
 from controlplane.server import Server
 from modellifecycle.v1 import service_pb2 as rpc
-from tests.integration.conftest import Stub, create_model, upload, wait, zip_bytes
+from tests.integration.conftest import Stub, create_model, start_build, wait
 
 pytestmark = pytest.mark.skipif(
     shutil.which("buildah") is None or shutil.which("skopeo") is None,
@@ -77,13 +77,8 @@ def free_port() -> int:
 async def built_model(stub: Stub, project: str) -> str:
     """A built model whose code imports a module shipped beside it."""
     model = (await create_model(stub, project)).name
-    src = await upload(
-        stub, model, zip_bytes({"model.py": MODEL, "helper.py": "NAME = 'helper'\n"})
-    )
-    request = rpc.CreateBuildRequest(
-        parent=model, source_sha256=src.sha256, file_path="model.py", function_name="predict"
-    )
-    op = await wait(stub, await stub.CreateBuild(request))
+    files = {"model.py": MODEL, "helper.py": "NAME = 'helper'\n"}
+    op = await wait(stub, await start_build(stub, model, files))
     assert not op.HasField("error"), op
     return str(op.target)
 
@@ -149,19 +144,7 @@ async def test_export_errors(server: Server, stub: Stub, tmp_path: Path, project
             await c.export_build(build_name, tmp_path / "a", base_image=missing)
         assert (e.value.code, e.value.reason) == ("FAILED_PRECONDITION", "EXPORT_FAILED")
         assert "\n" not in e.value.message and "no-such-layout" in e.value.message
-        failed = await wait(
-            stub,
-            await stub.CreateBuild(
-                rpc.CreateBuildRequest(
-                    parent=model,
-                    source_sha256=(
-                        await upload(stub, model, zip_bytes({"model.py": MODEL}))
-                    ).sha256,
-                    file_path="model.py",
-                    function_name="predict",
-                )
-            ),
-        )
+        failed = await wait(stub, await start_build(stub, model, {"model.py": MODEL}))
         assert failed.HasField("error"), "helper.py is missing: the import fails"
         with pytest.raises(ClientError) as e:
             await c.export_build(failed.target, tmp_path / "b", base_image="scratch")
