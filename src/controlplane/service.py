@@ -108,6 +108,26 @@ def _check_text(value: str, field_name: str, limit: int) -> str:
     return value
 
 
+def _check_built(b: BuildRow, verb: str) -> None:
+    if b.state != st.BuildState.BUILT.value:
+        raise FailedPrecondition(
+            message=f"build {b.name} is {b.state}; only a BUILT build can be {verb}",
+            reason="BUILD_NOT_BUILT",
+            metadata={"build": b.name, "state": b.state},
+        )
+
+
+def _check_image(b: BuildRow) -> None:
+    """The build's image is still on the disk (garbage collection may have removed it)."""
+    if b.artifact_path and not Path(b.artifact_path).is_dir():
+        raise FailedPrecondition(
+            message=f"the image of build {b.name} ({b.image}) was removed as unused "
+            "(garbage collection); build the same source again",
+            reason="IMAGE_COLLECTED",
+            metadata={"build": b.name, "image": b.image},
+        )
+
+
 def _new_operation_name() -> str:
     return f"operations/{uuid.uuid4()}"
 
@@ -413,13 +433,8 @@ class Service:
             raise invalid_field("tag", f"{tag!r} is not a valid image tag", reason="INVALID_TAG")
         with self.db.read() as s:
             b = repo.build_row(s, name)
-        if b.state != st.BuildState.BUILT.value:
-            raise FailedPrecondition(
-                message=f"build {name} is {b.state}; only a BUILT build can be exported",
-                reason="BUILD_NOT_BUILT",
-                metadata={"build": name, "state": b.state},
-            )
-        self._check_runnable(b, check_runtime=False)
+        _check_built(b, "exported")
+        _check_image(b)
         built = parse_runtime(b.runtime)
         return OciExport(
             artifact_path=Path(b.artifact_path),
@@ -481,13 +496,9 @@ class Service:
                 return repo.to_operation(repo.operation_row(c.s, first))
             model = repo.model_row(c.s, model_name)
             b = repo.build_row(c.s, build)
-            if b.state != st.BuildState.BUILT.value:
-                raise FailedPrecondition(
-                    message=f"build {build} is {b.state}; only a BUILT build can be deployed",
-                    reason="BUILD_NOT_BUILT",
-                    metadata={"build": build, "state": b.state},
-                )
-            self._check_runnable(b)
+            _check_built(b, "deployed")
+            self._check_runtime(b)
+            _check_image(b)
             self._ensure_idle(model)
             current = repo.maybe_deployment_row(c.s, model.active_deployment)
             if resources is None:
@@ -508,10 +519,10 @@ class Service:
             self._remember(c, "CreateDeployment", model_name, request_id, fp, op.name)
             return repo.to_operation(op)
 
-    def _check_runnable(self, b: BuildRow, check_runtime: bool = True) -> None:
-        """A build deploys only if its image is still there and runs on the cluster's Python."""
+    def _check_runtime(self, b: BuildRow) -> None:
+        """A build deploys only on a cluster that runs its Python (major.minor, platform)."""
         built = parse_runtime(b.runtime)
-        if check_runtime and built is not None and self.cluster_runtime is not None:
+        if built is not None and self.cluster_runtime is not None:
             why = runtime_mismatch(built, self.cluster_runtime)
             if why:
                 raise FailedPrecondition(
@@ -523,13 +534,6 @@ class Service:
                         "cluster_runtime": self.cluster_runtime.abi,
                     },
                 )
-        if b.artifact_path and not Path(b.artifact_path).is_dir():
-            raise FailedPrecondition(
-                message=f"the image of build {b.name} ({b.image}) was removed as unused "
-                "(garbage collection); build the same source again",
-                reason="IMAGE_COLLECTED",
-                metadata={"build": b.name, "image": b.image},
-            )
 
     def get_deployment(self, name: str) -> t.Deployment:
         names.parse_deployment(name)

@@ -138,15 +138,21 @@ async def build(
 
 
 async def start_build(
-    stub: Stub, model: str, files: dict[str, str], function: str = "predict", **more: Any
+    stub: Stub,
+    model: str,
+    files: dict[str, str],
+    function: str = "predict",
+    file_path: str = "model.py",
+    **more: Any,
 ) -> pb.Operation:
-    """Uploads ``files`` and starts building model.py's ``function``; returns the operation."""
+    """Uploads ``files`` and starts building ``file_path``'s ``function``; returns the
+    operation (``more``: other CreateBuildRequest fields, e.g. deploy, no_cache)."""
     src = await upload(stub, model, zip_bytes(files))
     op: pb.Operation = await stub.CreateBuild(
         rpc.CreateBuildRequest(
             parent=model,
             source_sha256=src.sha256,
-            file_path="model.py",
+            file_path=file_path,
             function_name=function,
             **more,
         )

@@ -23,9 +23,7 @@ from tests.integration.conftest import (
     resources,
     running,
     start_build,
-    upload,
     wait,
-    zip_bytes,
 )
 from workers.fake_backend import FakeBackend
 from workers.runtime import Runtime, current
@@ -69,16 +67,7 @@ async def test_build_records_runtime_and_an_unchanged_rebuild_hits_the_cache(
     text = "\n".join(line.text for line in await log_lines(stub, again.name))
     assert f"built by {first.name}" in text and "step 2/4" not in text
 
-    src = await upload(stub, model, zip_bytes({"model.py": MODEL_V1}))
-    op = await stub.CreateBuild(
-        rpc.CreateBuildRequest(
-            parent=model,
-            source_sha256=src.sha256,
-            file_path="model.py",
-            function_name="predict",
-            no_cache=True,
-        )
-    )
+    op = await start_build(stub, model, {"model.py": MODEL_V1}, no_cache=True)
     forced = await get_build(stub, (await wait(stub, op)).target)
     assert not forced.cache_hit and forced.image == first.image, "same inputs, same digest"
 

@@ -22,27 +22,17 @@ from tests.integration.conftest import (
     op_reason,
     resources,
     running,
-    upload,
     wait,
-    zip_bytes,
 )
+from tests.integration.conftest import start_build as build_started
 from workers.fake_backend import FakeBackend
 
 SLOW = "import time\ntime.sleep(60)\ndef predict(body):\n    return body\n"
 
 
 async def start_build(stub: Stub, model: str, source: str, deploy: bool) -> pb.Operation:
-    src = await upload(stub, model, zip_bytes({"model.py": source}))
-    op: pb.Operation = await stub.CreateBuild(
-        rpc.CreateBuildRequest(
-            parent=model,
-            source_sha256=src.sha256,
-            file_path="model.py",
-            function_name="predict",
-            deploy=rpc.DeployOptions(resources=resources(1)) if deploy else None,
-        )
-    )
-    return op
+    options = rpc.DeployOptions(resources=resources(1)) if deploy else None
+    return await build_started(stub, model, {"model.py": source}, deploy=options)
 
 
 def leftovers(artifacts: Path) -> list[Path]:

@@ -17,7 +17,7 @@ from sqlalchemy import create_engine, text
 
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
-from tests.integration.conftest import resources, upload, wait, zip_bytes
+from tests.integration.conftest import resources, start_build, upload, wait, zip_bytes
 from tests.integration.servers import Cluster, channel
 
 MODEL = "def predict(body):\n    return body\n"
@@ -74,18 +74,8 @@ async def test_jobs_spread_over_two_servers_run_once_and_watchers_see_all(
         ops = []
         for i, name in enumerate(names):
             stub = sa if i % 2 else sb
-            src = await upload(stub, name, zip_bytes({"model.py": MODEL}))
-            ops.append(
-                await stub.CreateBuild(
-                    rpc.CreateBuildRequest(
-                        parent=name,
-                        source_sha256=src.sha256,
-                        file_path="model.py",
-                        function_name="predict",
-                        deploy=rpc.DeployOptions(resources=resources(2)),
-                    )
-                )
-            )
+            deploy = rpc.DeployOptions(resources=resources(2))
+            ops.append(await start_build(stub, name, {"model.py": MODEL}, deploy=deploy))
         done = [await wait(sb if i % 2 else sa, op, 60) for i, op in enumerate(ops)]
         assert all(not op.HasField("error") for op in done), [op.error for op in done]
         for name in names:

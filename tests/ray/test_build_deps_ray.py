@@ -16,7 +16,7 @@ import pytest
 from controlplane.server import Server
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
-from tests.integration.conftest import Stub, resources, upload, wait, zip_bytes
+from tests.integration.conftest import Stub, resources, start_build, upload, wait, zip_bytes
 from tests.ray.conftest import ray_server
 from workers.backend import Backend
 
@@ -103,17 +103,8 @@ async def test_builds_of_two_models_run_at_once_as_ray_tasks_with_live_logs(
             model = await stub.CreateModel(
                 rpc.CreateModelRequest(parent="projects/par", model_id=name)
             )
-            src = await upload(stub, model.name, zip_bytes({"model.py": SLOW + f"# {name}\n"}))
-            ops.append(
-                await stub.CreateBuild(
-                    rpc.CreateBuildRequest(
-                        parent=model.name,
-                        source_sha256=src.sha256,
-                        file_path="model.py",
-                        function_name="predict",
-                    )
-                )
-            )
+            files = {"model.py": SLOW + f"# {name}\n"}
+            ops.append(await start_build(stub, model.name, files))
         live: list[tuple[str, int]] = []
         follow = rpc.StreamBuildLogsRequest(name=ops[0].target, follow=True)
         async for line in stub.StreamBuildLogs(follow):

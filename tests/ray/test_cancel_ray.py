@@ -11,7 +11,7 @@ import pytest
 
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
-from tests.integration.conftest import Stub, op_reason, upload, zip_bytes
+from tests.integration.conftest import Stub, op_reason, start_build
 from tests.ray.conftest import ray_server
 from workers.backend import Backend
 
@@ -43,15 +43,8 @@ async def test_cancelling_a_running_build_interrupts_its_ray_task(
     ):
         stub = Stub(channel)
         model = await stub.CreateModel(rpc.CreateModelRequest(parent="projects/cx", model_id="m"))
-        src = await upload(stub, model.name, zip_bytes({"slow_model.py": SLOW_IMPORT}))
-        op = await stub.CreateBuild(
-            rpc.CreateBuildRequest(
-                parent=model.name,
-                source_sha256=src.sha256,
-                file_path="slow_model.py",
-                function_name="predict",
-            )
-        )
+        files = {"slow_model.py": SLOW_IMPORT}
+        op = await start_build(stub, model.name, files, file_path="slow_model.py")
         staging = str(server.settings.artifacts_dir / ".staging")
         for _ in range(600):  # until the Ray task imports the module (which sleeps there)
             if processes_mentioning(staging):

@@ -89,6 +89,15 @@ def _unpack(tar: IO[bytes], dest: Path) -> None:
         archive.extractall(dest, filter="data")
 
 
+def _log_line(msg: rpc.BuildLogLine) -> LogLine:
+    when = msg.time.ToDatetime(UTC) if msg.HasField("time") else None
+    return LogLine(msg.number, when, msg.text)
+
+
+def _same(msg: R) -> R:
+    return msg
+
+
 class Client:
     def __init__(self, target: str, timeout_s: float = 30.0) -> None:
         self.target = target
@@ -322,14 +331,8 @@ class Client:
         """The build's log lines so far; with ``follow``, each new one as the build writes
         it, until the build ends."""
         call = self._stub.StreamBuildLogs(rpc.StreamBuildLogsRequest(name=name, follow=follow))
-        try:
-            async for msg in call:
-                when = msg.time.ToDatetime(UTC) if msg.HasField("time") else None
-                yield LogLine(msg.number, when, msg.text)
-        except grpc.aio.AioRpcError as e:
-            raise _error(e) from None
-        finally:
-            call.cancel()
+        async for line in self._stream(call, _log_line):
+            yield line
 
     async def export_build(
         self,
@@ -348,17 +351,12 @@ class Client:
         )
         digest, received = "", 0
         with tempfile.TemporaryFile() as tar:
-            try:
-                async for msg in call:
-                    tar.write(msg.data)
-                    received += len(msg.data)
-                    digest = msg.manifest_digest or digest
-                    if on_progress is not None and msg.data:
-                        on_progress(received)
-            except grpc.aio.AioRpcError as e:
-                raise _error(e) from None
-            finally:
-                call.cancel()
+            async for msg in self._stream(call, _same):
+                tar.write(msg.data)
+                received += len(msg.data)
+                digest = msg.manifest_digest or digest
+                if on_progress is not None and msg.data:
+                    on_progress(received)
             await asyncio.to_thread(_unpack, tar, dest)
         return digest
 
@@ -370,7 +368,7 @@ class Client:
         call = self._stub.WatchModel(
             rpc.WatchModelRequest(name=name, since_revision=since_revision)
         )
-        async for event in self._events(call):
+        async for event in self._stream(call, convert.event_from_pb):
             yield event
 
     async def watch_models(
@@ -382,14 +380,16 @@ class Client:
         call = self._stub.WatchModels(
             rpc.WatchModelsRequest(parent=parent, filter=filter, since_revision=since_revision)
         )
-        async for event in self._events(call):
+        async for event in self._stream(call, convert.event_from_pb):
             yield event
 
     @staticmethod
-    async def _events(call: Any) -> AsyncIterator[t.Event]:
+    async def _stream(call: Any, one: Callable[[Any], R]) -> AsyncIterator[R]:
+        """A server stream's messages through ``one``; errors as ClientError; the call is
+        cancelled when the caller stops reading."""
         try:
             async for msg in call:
-                yield convert.event_from_pb(msg)
+                yield one(msg)
         except grpc.aio.AioRpcError as e:
             raise _error(e) from None
         finally:

@@ -11,6 +11,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from controlplane.domain import states as st
 from controlplane.domain import types as t
 from modellifecycle.v1 import resources_pb2 as pb
+from workers import runtime
 
 ERROR_DOMAIN = "modellifecycle.v1"
 
@@ -95,14 +96,18 @@ def build_to_pb(b: t.Build) -> pb.Build:
 
 
 def runtime_to_pb(text: str) -> pb.Runtime | None:
-    parts = text.split()
-    if len(parts) != 3:
+    rt = runtime.parse(text)
+    if rt is None:
         return None
-    return pb.Runtime(implementation=parts[0], python_version=parts[1], platform=parts[2])
+    return pb.Runtime(
+        implementation=rt.implementation, python_version=rt.python_version, platform=rt.platform
+    )
 
 
 def runtime_from_pb(r: pb.Runtime) -> str:
-    return " ".join((r.implementation, r.python_version, r.platform)) if r.python_version else ""
+    if not r.python_version:
+        return ""
+    return runtime.Runtime(r.implementation, r.python_version, r.platform).text()
 
 
 def resources_to_pb(r: t.Resources) -> pb.Resources:
