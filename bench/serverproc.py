@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,3 +54,21 @@ def save_result(name: str, result: dict[str, Any]) -> None:
     """bench/results/<name>.json, read by the suite's smoke tests."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of `make bench`'s table: a figure of ours beside its anchor, if it has one.
+
+    Every benchmark module has ``summary(result) -> list[Row]`` over the dict it saved.
+    """
+
+    figure: str  # what was measured, with its unit: "deploy to DEPLOYED s"
+    ours: float
+    anchor: float | None = None  # the same figure on the anchor, measured in the same run
+    target: str = ""  # as the issue states it: "ratio <= 1.10", "< 5 ms", "0"
+    met: bool | None = None  # None: no target for this row
+
+    @property
+    def ratio(self) -> float | None:
+        return self.ours / self.anchor if self.anchor else None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -43,6 +44,7 @@ class Subscription:
         self.wanted = wanted
         self.queue: asyncio.Queue[t.Event] = asyncio.Queue(maxsize=size)
         self.overflowed = False
+        self.last_offer = time.monotonic()  # when the watcher last got something to send
 
     def offer(self, event: t.Event) -> None:
         if self.overflowed or (self.wanted is not None and not self.wanted.matches(event)):
@@ -51,6 +53,13 @@ class Subscription:
             self.queue.put_nowait(event)
         except asyncio.QueueFull:
             self.overflowed = True
+        else:
+            self.last_offer = time.monotonic()
+
+    def offer_bookmark(self, revision: int) -> None:
+        """Wakes an idle watcher to send a BOOKMARK (never into a queue with work)."""
+        if self.queue.empty():
+            self.offer(t.Event(revision=revision, time=now(), type=st.EventType.BOOKMARK))
 
 
 class EventHub:
@@ -75,6 +84,7 @@ class EventHub:
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
+        self._bookmarker: asyncio.Task[None] | None = None
         self._last = 0
         self._stopping = False
 
@@ -83,10 +93,15 @@ class EventHub:
         self._last = await asyncio.to_thread(self.db.head_revision)
         self.db.on_commit(lambda _rev: self._notify())
         self._task = asyncio.create_task(self._run(), name="event-hub")
+        self._bookmarker = asyncio.create_task(self._bookmarks(), name="event-hub-bookmarks")
 
     async def stop(self) -> None:
         self._stopping = True
         self._wake.set()
+        if self._bookmarker:
+            self._bookmarker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._bookmarker
         if self._task:
             await self._task
 
@@ -127,6 +142,19 @@ class EventHub:
                     await asyncio.to_thread(self.prune)
             except Exception:  # the hub never dies
                 log.exception("event hub failed; retrying")
+
+    async def _bookmarks(self) -> None:
+        """Every watcher idle for ``bookmark_s`` gets a BOOKMARK. One timer for all of them,
+        so that a watcher waits on its queue alone (a timeout per wait would cost a task
+        and a timer for every event sent to every watcher)."""
+        tick = min(1.0, self.bookmark_s / 4)
+        while True:
+            await asyncio.sleep(tick)
+            idle_since = time.monotonic() - self.bookmark_s
+            for subs in list(self._subs.values()):
+                for sub in list(subs):
+                    if sub.last_offer <= idle_since:
+                        sub.offer_bookmark(self._last)
 
     async def _fan_out(self) -> None:
         while True:
@@ -290,12 +318,11 @@ class EventHub:
                     reason="WATCHER_TOO_SLOW",
                     metadata={"last_revision": str(last)},
                 )
-            try:
-                event = await asyncio.wait_for(sub.queue.get(), self.bookmark_s)
-            except TimeoutError:
+            event = await sub.queue.get()
+            if event.type is st.EventType.BOOKMARK:
                 yield t.Event(
-                    revision=max(last, self._last),
-                    time=now(),
+                    revision=max(last, event.revision),
+                    time=event.time,
                     type=st.EventType.BOOKMARK,
                     model=sub.key,
                 )

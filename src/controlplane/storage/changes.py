@@ -95,7 +95,7 @@ class Changes:
             transitions.check(
                 transitions.MODEL_TRANSITIONS, row.name, st.ModelState(row.state), state
             )
-            row.state = state.value
+            fields["state"] = state.value
         self._update(row, fields)
 
     def build(self, row: BuildRow, state: st.BuildState | None = None, **fields: Any) -> None:
@@ -103,7 +103,7 @@ class Changes:
             transitions.check(
                 transitions.BUILD_TRANSITIONS, row.name, st.BuildState(row.state), state
             )
-            row.state = state.value
+            fields["state"] = state.value
         self._update(row, fields)
 
     def deployment(
@@ -113,7 +113,7 @@ class Changes:
             transitions.check(
                 transitions.DEPLOYMENT_TRANSITIONS, row.name, st.DeploymentState(row.state), state
             )
-            row.state = state.value
+            fields["state"] = state.value
         self._update(row, fields)
 
     def cancel_requested(self, row: OperationRow) -> None:
@@ -148,10 +148,17 @@ class Changes:
     def _update(
         self, row: ModelRow | BuildRow | DeploymentRow | OperationRow, fields: dict[str, Any]
     ) -> None:
+        """Writes ``fields``; an event (and a new revision) only if a client can see the
+        difference: bookkeeping (applied, restart generation, which replicas ever ran) is
+        saved silently, so every watcher is not sent a copy of what it already has."""
+        before = self.resource(row)
         for key, value in fields.items():
             if not hasattr(row, key):
                 raise AttributeError(f"{type(row).__name__} has no field {key}")
             setattr(row, key, value)
+        if self.resource(row) == before:
+            self.s.add(row)
+            return
         self._record(row, st.EventType.UPDATED)
 
     # ---- jobs --------------------------------------------------------------------------------
