@@ -35,6 +35,7 @@ from controlplane.sources import SourceStore
 from controlplane.storage import repo
 from controlplane.storage.changes import Changes, now
 from controlplane.storage.db import Database
+from controlplane.storage.model_cache import ModelCache
 from controlplane.storage.tables import (
     BuildRow,
     DeploymentRow,
@@ -146,6 +147,7 @@ class Service:
         self.http_base = http_base
         self._log_path = logs_dir_for
         self.cluster_runtime = cluster_runtime  # None: not known, not checked
+        self.models = ModelCache(db)
 
     # ---- helpers ---------------------------------------------------------------------------
 
@@ -289,10 +291,17 @@ class Service:
             self._remember(c, "CreateModel", parent, request_id, fp, name)
             return repo.to_model(row, self.http_base)
 
+    def cached_model(self, name: str) -> t.Model | None:
+        """The model if it is in memory (no thread, no database): else call get_model."""
+        return self.models.get(name)
+
     def get_model(self, name: str) -> t.Model:
         names.parse_model(name)
+        generation = self.models.generation
         with self.db.read() as s:
-            return repo.to_model(repo.model_row(s, name), self.http_base)
+            model = repo.model(s, name, self.http_base)
+        self.models.put(model, generation)
+        return model
 
     def list_models(self, parent: str, size: int, token: str) -> t.Page[t.Model]:
         project = names.parse_project(parent, "parent")

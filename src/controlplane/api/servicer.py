@@ -72,7 +72,10 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
 
     @unary
     async def GetModel(self, request: rpc.GetModelRequest, context: Ctx) -> pb.Model:
-        return convert.model_to_pb(await _run(lambda: self.svc.get_model(request.name)))
+        model = self.svc.cached_model(request.name)  # in memory: no thread, no query
+        if model is None:
+            model = await _run(lambda: self.svc.get_model(request.name))
+        return convert.model_to_pb(model)
 
     @unary
     async def ListModels(

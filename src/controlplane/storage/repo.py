@@ -5,7 +5,8 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from datetime import datetime
+from typing import Any, Protocol, TypeVar, cast
 
 from sqlalchemy import func
 from sqlmodel import Session, SQLModel, col, select
@@ -34,7 +35,22 @@ def endpoint_for(http_base: str, model_name: str) -> str:
     return f"{http_base}/{project}/{model}"
 
 
-def to_model(row: ModelRow, http_base: str) -> t.Model:
+class ModelColumns(Protocol):
+    """A model's columns: an ORM row, or a Core row of the models table."""
+
+    name: str
+    display_name: str
+    description: str
+    state: str
+    active_deployment: str
+    message: str
+    running_operation: str
+    revision: int
+    create_time: datetime
+    update_time: datetime
+
+
+def to_model(row: ModelColumns, http_base: str) -> t.Model:
     return t.Model(
         name=row.name,
         display_name=row.display_name,
@@ -135,6 +151,15 @@ def to_event(row: EventRow) -> t.Event:
 
 def _one(s: Session, table: type[R], name: str) -> R | None:
     return s.exec(select(table).where(col(table.name) == name)).first()  # type: ignore[attr-defined]
+
+
+def model(s: Session, name: str, http_base: str) -> t.Model:
+    """One model, read with a Core select: no ORM instance to build (GetModel's path)."""
+    table = ModelRow.__table__  # type: ignore[attr-defined]
+    row = s.connection().execute(select(table).where(table.c.name == name)).first()
+    if row is None:
+        raise not_found("model", name)
+    return to_model(cast(ModelColumns, row), http_base)
 
 
 def model_row(s: Session, name: str) -> ModelRow:
