@@ -36,6 +36,7 @@ class Settings:
     deploy_timeout_s: float = 300.0  # start-up: replicas placed but never all healthy
     placement_timeout_s: float = 120.0  # replicas asking for more than the cluster has
     reconcile_interval_s: float = 0.5
+    reconcile_busy_interval_s: float = 0.1  # while a model is deploying, stopping, restarting
     dispatcher_concurrency: int = 8
     # A running job's lease, renewed every third of it; another server takes the job
     # over when its server stops renewing (it died).

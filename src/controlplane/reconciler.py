@@ -43,6 +43,7 @@ WATCHED = (
     st.ModelState.DEPLOYED.value,
     st.ModelState.STOPPING.value,
 )
+CHANGING = (st.ModelState.DEPLOYING.value, st.ModelState.STOPPING.value)
 
 _REPLICA_STATE = {
     ReplicaStatus.STARTING: st.ReplicaState.STARTING,
@@ -88,6 +89,7 @@ class Reconciler:
         self._missing_since: dict[str, float] = {}
         self._unreachable = ""  # why the backend could not be observed, while it cannot
         self._observing: asyncio.Future[Mapping[str, AppObservation]] | None = None
+        self._busy = False  # a model is changing: look again soon
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="reconciler")
@@ -110,12 +112,21 @@ class Reconciler:
                 if self._unreachable:
                     log.warning("reconciler: the backend answers again (%s)", self._unreachable)
                 self._unreachable = ""
+            # Quick looks while a change is under way (how soon a rollout is seen to end
+            # is how long a deploy takes), a slow pace when everything is settled.
+            interval = (
+                self.settings.reconcile_busy_interval_s
+                if self._busy
+                else self.settings.reconcile_interval_s
+            )
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self.settings.reconcile_interval_s)
+                await asyncio.wait_for(self._stopping.wait(), interval)
 
     async def tick(self) -> None:
         observed = await self._observe()
-        for model_name in await asyncio.to_thread(self._watched_models):
+        watched = await asyncio.to_thread(self._watched_models)
+        self._busy = any(state in CHANGING or operation for _, state, operation in watched)
+        for model_name, _, _ in watched:
             n = names.parse_model(model_name)
             obs = observed.get(app_name_for(n.project, n.model))
             try:
@@ -138,9 +149,13 @@ class Reconciler:
                 f"the backend did not answer within {OBSERVE_TIMEOUT_S:g}s"
             ) from None
 
-    def _watched_models(self) -> list[str]:
+    def _watched_models(self) -> list[tuple[str, str, str]]:
+        """(name, state, running operation) of every model the cluster should reflect."""
+        query = select(ModelRow.name, ModelRow.state, ModelRow.running_operation).where(
+            col(ModelRow.state).in_(WATCHED)
+        )
         with self.db.read() as s:
-            return list(s.exec(select(ModelRow.name).where(col(ModelRow.state).in_(WATCHED))))
+            return [(name, state, op) for name, state, op in s.exec(query)]
 
     def _record_error(self, model_name: str, message: str) -> None:
         with self.db.write() as tx:
