@@ -6,12 +6,20 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test setup system-packages lint typecheck contract generate check-generated pytest clean
+.PHONY: demo test bench bench-smoke setup system-packages lint typecheck contract generate check-generated pytest clean
 
 demo: setup
 	$(BIN)/python scripts/demo.py
 
 test: setup lint typecheck contract check-generated pytest
+
+# Every benchmark beside its anchor, one table (bench/README.md); needs the PostgreSQL
+# server at 127.0.0.1:5432 and a package index. bench-smoke: tiny sizes, as CI runs them.
+bench: setup
+	$(BIN)/python bench/run.py
+
+bench-smoke: setup
+	$(BIN)/python bench/run.py --smoke
 
 setup: system-packages $(STAMP)
 

@@ -1,4 +1,8 @@
-"""The benchmarks never rot: each runs in its smoke mode and reports its figures."""
+"""The benchmarks never rot: `make bench-smoke` (bench/run.py --smoke) runs every one of
+them at tiny sizes, and each reports its figures beside its anchor's.
+
+bench/serve.py starts a Ray cluster of its own: this module runs before tests/ray starts
+the session's, so two clusters never share the 2 cores."""
 
 from __future__ import annotations
 
@@ -7,53 +11,97 @@ import subprocess
 import sys
 from typing import Any
 
+import pytest
+
 from tests.conftest import ROOT
 
-
-def smoke(script: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / script), "--smoke"],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done
+RESULTS = ROOT / "bench" / "results"
+OUR_CHANGES = ("scale", "resources", "new_build", "rollback", "restart")
+pytestmark = pytest.mark.ray
 
 
 def result(name: str) -> dict[str, Any]:
-    loaded: dict[str, Any] = json.loads((ROOT / "bench" / "results" / name).read_text())
+    loaded: dict[str, Any] = json.loads((RESULTS / f"{name}.json").read_text())
     return loaded
 
 
-def test_watchers_benchmark_smoke() -> None:
-    done = smoke("watchers.py", timeout=120)
-    assert "change -> delivery p99 ms" in done.stdout
-    figures = result("watchers.json")
+@pytest.fixture(scope="module")
+def smoke() -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def test_one_table_with_every_benchmark(smoke: subprocess.CompletedProcess[str]) -> None:
+    summary = result("summary")
+    assert summary["smoke"] is True
+    assert {r["benchmark"] for r in summary["rows"]} == {
+        "serve",
+        "rpc",
+        "watchers",
+        "records",
+        "builds",
+    }
+    figures = [r for r in summary["rows"] if r["target"] != "0"]  # not the failure counts
+    assert figures and all(r["ours"] > 0 for r in figures), summary["rows"]
+    assert "| benchmark | figure | ours | anchor | ratio | target | met |" in smoke.stdout
+    assert summary["machine"]["cores"] >= 1 and summary["machine"]["ray"]
+
+
+def test_rpc_against_a_bare_grpc_server(smoke: subprocess.CompletedProcess[str]) -> None:
+    figures = result("rpc")
+    assert [p["callers"] for p in figures["points"]] == [1, 10, 100]
+    assert all(
+        p["ours"]["calls_per_s"] > 0 and p["bare"]["calls_per_s"] > 0 for p in figures["points"]
+    )
+    assert figures["paced"]["ours"]["p99_ms"] > 0
+
+
+def test_watchers_get_every_event(smoke: subprocess.CompletedProcess[str]) -> None:
+    figures = result("watchers")
     assert figures["watchers"] == 50
-    assert figures["events_delivered"] >= 50 * 2, "each watcher gets each change's events"
+    for side in ("ours", "bare"):
+        got = figures[side]
+        assert got["events_per_watcher"] >= 2 * 2, "each change makes several events"
+        assert got["events_delivered"] == 50 * got["events_per_watcher"], side
 
 
-def test_builds_benchmark_smoke() -> None:
-    done = smoke("builds.py")
-    assert "cache hit p50 s" in done.stdout
-    figures = result("builds.json")
+def test_records_pages_see_every_record(smoke: subprocess.CompletedProcess[str]) -> None:
+    figures = result("records")
+    assert figures["deployments"] == 200 * 9 + 1000
+    assert figures["list_deployments_big"]["records"] == 1000, "paging saw every record once"
+
+
+def test_builds_rebuilds_are_cache_hits(smoke: subprocess.CompletedProcess[str]) -> None:
+    figures = result("builds")
     assert figures["rebuilds"] == 3, "every rebuild was checked to be a cache hit"
     assert figures["hit_p50_s"] < figures["cold_build_s"]
 
 
-def test_rpc_benchmark_smoke() -> None:
-    done = smoke("rpc.py")
-    assert "ours/s" in done.stdout
-    points = result("rpc.json")["points"]
-    assert [p["callers"] for p in points] == [1, 10, 100]
-    assert all(p["ours"]["calls_per_s"] > 0 and p["bare"]["calls_per_s"] > 0 for p in points)
+def test_serve_beside_raw_serve(smoke: subprocess.CompletedProcess[str]) -> None:
+    figures = result("serve")
+    assert figures["smoke"] is True and figures["rounds"] == 1
+    for side in ("ours", "anchor"):
+        for key in ("deploy_s", "scale_s", "restart_s"):
+            assert figures["medians"][side][key] > 0, (side, key)
+    assert figures["scale_kept_replica"] is True, "scaling in place restarted a replica"
+    assert figures["restart_replaced_all"] is True
+    assert figures["leftover_ray_processes"] == 0
 
 
-def test_records_benchmark_smoke() -> None:
-    done = smoke("records.py")
-    assert "ListDeployments (big model)" in done.stdout
-    figures = result("records.json")
-    assert figures["deployments"] == 200 * 9 + 1000
-    assert figures["list_deployments_big"]["records"] == 1000, "paging saw every record once"
+def test_no_request_fails_during_any_change(smoke: subprocess.CompletedProcess[str]) -> None:
+    failures = result("serve")["failures"]
+    ours = failures["ours"]
+    assert tuple(ours) == OUR_CHANGES
+    for change, counts in ours.items():
+        assert counts["sent"] > 0, change
+        assert counts["failed"] == 0, (change, counts["examples"])
+    assert ours["new_build"]["versions"][-1] == 2, "the new build answered"
+    assert 1 in ours["rollback"]["versions"], "the rolled-back build answered"
+    assert set(failures["anchor"]) == {"scale", "rolling"}
