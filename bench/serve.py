@@ -34,7 +34,7 @@ restart; the anchor during its scale and its rolling replacement. Figures are me
 over rounds. Targets: deploy and scale <= 1.10x the anchor, restart <= 1.0x, 0 failed
 requests during every change of ours. Writes bench/results/serve.json.
 
-    .venv/bin/python bench/serve.py [--rounds 3] [--smoke]
+    .venv/bin/python bench/serve.py [--rounds 4] [--smoke]
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ from controlplane.domain import states as st
 from controlplane.domain import types as t
 from workers.archive import zip_directory
 
+PHASE_GAP_S = 5.0  # between one side's phase and the other's
 TARGET_DEPLOY = TARGET_SCALE = 1.10
 TARGET_RESTART = 1.0
 TIMED = ("deploy_s", "scale_s", "restart_s")
@@ -251,6 +252,8 @@ async def phases(run: Run, address: str, anchor_args: dict[str, Any], tmp: Path)
         for r in range(run.rounds):
             order = ("anchor", "ours") if r % 2 == 0 else ("ours", "anchor")
             for side in order:
+                # The other side's last replicas may still be exiting: let them go first.
+                await asyncio.sleep(PHASE_GAP_S)
                 print(f"round {r + 1}/{run.rounds}: {side}", flush=True)
                 if side == "ours":
                     got = await our_round(o, run.settle_s)
@@ -390,7 +393,7 @@ def show(result: dict[str, Any]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=4, help="even: each side goes first as often")
     p.add_argument("--smoke", action="store_true", help="one round, a short load (minutes)")
     args = p.parse_args()
     result = run(1, 0.2) if args.smoke else run(args.rounds, 2.0)
