@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from serverproc import Row, Stub, save_result, start_process, start_server
+from serverproc import Row, Stub, save_result, serve_bare, start_process, start_server
 
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
@@ -47,15 +47,6 @@ class Bare(service_pb2_grpc.ModelLifecycleServicer):
 
     async def GetModel(self, request: rpc.GetModelRequest, context: Any) -> pb.Model:
         return self.model
-
-
-async def serve_bare(model: pb.Model) -> None:
-    server = grpc.aio.server()
-    service_pb2_grpc.add_ModelLifecycleServicer_to_server(Bare(model), server)  # type: ignore[abstract]
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    print(f"ready grpc=127.0.0.1:{port}", flush=True)
-    await server.wait_for_termination()
 
 
 def start_bare(model_file: Path) -> tuple[subprocess.Popen[str], str]:
@@ -200,7 +191,8 @@ def main() -> None:
     p.add_argument("--bare-server", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.bare_server:
-        asyncio.run(serve_bare(pb.Model.FromString(args.bare_server.read_bytes())))
+        bare = Bare(pb.Model.FromString(args.bare_server.read_bytes()))  # type: ignore[abstract]  # answers only what it is asked
+        asyncio.run(serve_bare(bare))
         return
     result = asyncio.run(run(0.3 if args.smoke else args.seconds, args.database_url))
     print(

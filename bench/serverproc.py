@@ -50,6 +50,18 @@ def start_server(
     )
 
 
+async def serve_bare(servicer: service_pb2_grpc.ModelLifecycleServicer) -> None:
+    """An anchor: ``servicer`` alone on a grpc.aio server; prints the ready line."""
+    import grpc
+
+    server = grpc.aio.server()
+    service_pb2_grpc.add_ModelLifecycleServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"ready grpc=127.0.0.1:{port}", flush=True)
+    await server.wait_for_termination()
+
+
 def save_result(name: str, result: dict[str, Any]) -> None:
     """bench/results/<name>.json, read by the suite's smoke tests."""
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from serverproc import Row, Stub, save_result, start_process, start_server
+from serverproc import Row, Stub, save_result, serve_bare, start_process, start_server
 
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
@@ -122,15 +122,6 @@ class Bare(service_pb2_grpc.ModelLifecycleServicer):
 
     async def WaitOperation(self, request: rpc.WaitOperationRequest, context: Any) -> pb.Operation:
         return pb.Operation(name=request.name, done=True)
-
-
-async def serve_bare(change: list[tuple[float, bytes]]) -> None:
-    server = grpc.aio.server()
-    service_pb2_grpc.add_ModelLifecycleServicer_to_server(Bare(change), server)  # type: ignore[abstract]
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    print(f"ready grpc=127.0.0.1:{port}", flush=True)
-    await server.wait_for_termination()
 
 
 async def run(n: int, changes: int) -> dict[str, Any]:
@@ -268,7 +259,8 @@ def main() -> None:
     args = p.parse_args()
     if args.bare_server:
         change = json.loads(args.bare_server.read_text())
-        asyncio.run(serve_bare([(float(o), bytes.fromhex(h)) for o, h in change]))
+        bare = Bare([(float(o), bytes.fromhex(h)) for o, h in change])  # type: ignore[abstract]  # answers only what it is asked
+        asyncio.run(serve_bare(bare))
         return
     n, k = (50, 2) if args.smoke else (args.watchers, args.changes)
     result = asyncio.run(run(n, k))
