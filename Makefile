@@ -35,8 +35,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint:
-	$(BIN)/ruff check src tests scripts bench
-	$(BIN)/ruff format --check src tests scripts bench
+	$(BIN)/ruff check src tests scripts bench examples
+	$(BIN)/ruff format --check src tests scripts bench examples
 
 typecheck:
 	$(BIN)/mypy

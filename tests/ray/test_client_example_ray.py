@@ -1,0 +1,39 @@
+"""examples/python-client/workflow.py, as its docs say to run it, against a control plane
+on the session's real Ray cluster: the example a newcomer copies keeps working."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import EXAMPLES
+from tests.ray.conftest import ray_server
+from workers.backend import Backend
+
+pytestmark = pytest.mark.ray
+
+
+async def test_the_python_client_example_runs_the_whole_workflow(
+    ray_backend: Backend, tmp_path: Path
+) -> None:
+    async with ray_server(ray_backend, tmp_path / "data") as server:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(EXAMPLES / "python-client" / "workflow.py"),
+            "--server",
+            server.grpc_address,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 240)
+    out = stdout.decode()
+    assert proc.returncode == 0, stderr.decode()[-3000:]
+    assert "bad request -> INVALID_ARGUMENT (('model_id'," in out, out
+    assert "create_build: deployed (done)" in out, out
+    assert "-> 200 {'classes': ['setosa'], 'version': 1}" in out, out
+    assert "scaled: DEPLOYED with 3 replicas" in out, out
+    assert "stopped: STOPPED" in out, out
+    assert "UPDATED Model DEPLOYING" in out, "the watch followed the changes"
