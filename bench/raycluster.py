@@ -39,6 +39,11 @@ class Cluster:
 def start_cluster(temp_dir: Path, log: Path) -> Cluster:
     """A head node in a process group of its own; every port chosen here (another
     cluster on this machine keeps its defaults, 10001 and 52365 included)."""
+    # Once an auth token exists in ~/.ray (an earlier `ray start` writes one), Ray 2.60
+    # starts heads with token auth, and drivers without the token cannot join. This is a
+    # cluster of our own on 127.0.0.1: off, for it and every process started after it
+    # (the control plane, the raw Serve driver), as tests/ray does for its own head.
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     port = free_port()
     ports = {
         "--port": port,

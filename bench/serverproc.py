@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +24,18 @@ MODELCTL = str(Path(sys.executable).with_name("modelctl"))
 
 
 def start_process(cmd: Sequence[str]) -> tuple[subprocess.Popen[str], str]:
-    """Starts a server that prints ``ready grpc=ADDRESS ...``; returns it and ADDRESS."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    """Starts a server that prints ``ready grpc=ADDRESS ...``; returns it and ADDRESS.
+
+    Its log goes to a temporary file, shown if it does not start."""
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (lives as long as the process)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline().strip()
     if not line.startswith("ready grpc="):
         proc.kill()
-        raise SystemExit(f"{cmd[0]} did not start: {line!r}")
+        proc.wait()
+        log.seek(0)
+        raise SystemExit(f"{cmd[0]} did not start: {line!r}\n{log.read()[-4000:]}")
     return proc, line.split()[1].removeprefix("grpc=")
 
 
