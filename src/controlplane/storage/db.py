@@ -63,7 +63,6 @@ class Database:
         self.engine = self._make_engine(url, echo)
         self._write_lock = threading.Lock()
         self._listeners: list[Callable[[int], None]] = []
-        self._write_listeners: list[Callable[[], None]] = []
         # Sessions open right now (worker threads may outlive a cancelled task).
         self._open = 0
         self._closed = False
@@ -109,11 +108,6 @@ class Database:
         """Calls ``listener(last_revision)`` after every write that emitted events: this
         process's own writes and, on PostgreSQL once ``listen()`` ran, other servers'."""
         self._listeners.append(listener)
-
-    def on_write(self, listener: Callable[[], None]) -> None:
-        """Calls ``listener()`` after every committed write of this process, in the writing
-        thread, before ``write()`` returns (events or not)."""
-        self._write_listeners.append(listener)
 
     def listen(self) -> None:
         """On PostgreSQL, starts hearing other servers' commits (no-op on SQLite)."""
@@ -162,8 +156,6 @@ class Database:
             except BaseException:
                 s.rollback()
                 raise
-            for wrote in self._write_listeners:
-                wrote()
         if tx.last_revision:
             self._changed(tx.last_revision)
 

@@ -1,6 +1,7 @@
 """GetModel from memory when this process makes every write: SQLite, one server.
 
-Any committed write clears the whole cache, in the writer's thread, before its RPC
+A write that changes anything a client can see of a model commits an event with it;
+every such commit clears the whole cache, in the writer's thread, before its RPC
 answers, so a client always reads its own writes. A read that raced a write never
 stores what it read (the generation moved on). With PostgreSQL other servers write
 too and their commits are only heard later, so the cache stays off there and every
@@ -21,7 +22,7 @@ class ModelCache:
         self._models: dict[str, t.Model] = {}
         self._generation = 0
         self._lock = threading.Lock()
-        db.on_write(self.clear)
+        db.on_commit(lambda _revision: self.clear())
 
     def get(self, name: str) -> t.Model | None:
         return self._models.get(name)
