@@ -5,6 +5,8 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+TS      := clients/typescript
+NODE_STAMP := $(TS)/node_modules/.installed
 
 .PHONY: demo test bench bench-smoke setup system-packages lint typecheck contract generate check-generated pytest clean
 
@@ -21,7 +23,7 @@ bench: setup
 bench-smoke: setup
 	$(BIN)/python bench/run.py --smoke
 
-setup: system-packages $(STAMP)
+setup: system-packages $(STAMP) $(NODE_STAMP)
 
 # buildah and skopeo (Debian packages) for `modelctl build export --oci`; a no-op when
 # present, a warning (and skipped export tests) where they cannot be installed.
@@ -33,6 +35,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+# The TypeScript client's packages, exactly as package-lock.json pins them (npm registry).
+$(NODE_STAMP): $(TS)/package.json $(TS)/package-lock.json
+	cd $(TS) && npm ci --no-audit --no-fund --loglevel=error
+	touch $(NODE_STAMP)
 
 lint:
 	$(BIN)/ruff check src tests scripts bench examples

@@ -1,25 +1,35 @@
 #!/usr/bin/env bash
-# Installs the system packages that exporting a build as an OCI image needs
-# (workers/oci.py): buildah builds the image, skopeo inspects it in the tests.
+# Installs the Debian packages the project needs beyond Python:
+#   buildah, skopeo        export a build as an OCI image (workers/oci.py; tests inspect it)
+#   golang-go and Debian's Go protobuf/gRPC packages
+#                          build and run the Go client (clients/go, GOPATH mode: there is
+#                          no Go module proxy here) and generate its code (make generate)
 #
 # Debian/Ubuntu, best effort: without root, without apt-get, or when the install
-# fails, it warns on stderr and exits 0; the OCI export tests then skip.
+# fails, it warns on stderr and exits 0; the tests that need a missing tool then skip
+# (make check-generated, which needs the Go plugins, says what is missing).
 set -euo pipefail
 
-packages=(buildah skopeo)  # each package installs the command of the same name
+packages=(
+  buildah skopeo
+  golang-go protoc-gen-go protoc-gen-go-grpc
+  golang-google-protobuf-dev golang-google-grpc-dev golang-google-genproto-dev
+)
 
 warn() { echo "system_packages.sh: warning: $*" >&2; }
 
+installed() { dpkg-query -W -f '${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+
 missing=()
-for tool in "${packages[@]}"; do
-  command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+for pkg in "${packages[@]}"; do
+  installed "$pkg" || missing+=("$pkg")
 done
 if [ "${#missing[@]}" -eq 0 ]; then
   echo "system_packages.sh: ${packages[*]} already installed"
   exit 0
 fi
 
-skipping="the OCI export tests will skip"
+skipping="the tests that need them will skip"
 if [ "$(id -u)" -ne 0 ]; then
   warn "not root: cannot install ${missing[*]}; $skipping" \
     "(as root: apt-get install -y --no-install-recommends ${missing[*]})"
