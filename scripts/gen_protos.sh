@@ -25,6 +25,9 @@ if [ "$out" = . ]; then
   rm -rf src/modellifecycle/v1 clients/typescript/src/gen clients/go/src/modellifecycle/v1
 fi
 buf generate --template buf.gen.yaml --output "$out"
+# google.rpc is generated for TypeScript only; Python and Go import the published
+# packages (two copies of one .proto in a process would clash when registered).
+rm -rf "$out/src/google" "$out/clients/go/src/google.golang.org"
 : > "$out/src/modellifecycle/__init__.py"
 : > "$out/src/modellifecycle/v1/__init__.py"
 : > "$out/src/modellifecycle/py.typed"
