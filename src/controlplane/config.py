@@ -48,6 +48,11 @@ class Settings:
     event_retention_s: float = 3600.0
     grace_s: float = 10.0
     server_id: str = field(default="")
+    # Prometheus metrics at http://metrics_host:metrics_port/metrics (None: off; 0: any port).
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    # OTLP/HTTP traces endpoint, e.g. http://collector:4318/v1/traces ("": no tracing).
+    otlp_endpoint: str = ""
 
     @property
     def db_url(self) -> str:

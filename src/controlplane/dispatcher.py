@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 from sqlmodel import Session, col, select
 
-from controlplane import desired, failpoints, rollouts
+from controlplane import desired, failpoints, logs, rollouts, tracing
 from controlplane.config import Settings
 from controlplane.domain import states as st
 from controlplane.domain import types as t
@@ -42,6 +44,17 @@ APPLY_TIMEOUT_S = 60.0  # an apply that hangs (a cluster that stopped answering)
 # the builder's): it also covers a build task that never starts (the cluster has no free
 # CPU for it) or that never ends.
 BUILD_DEADLINE_MARGIN_S = 10.0
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A job this server claimed: what it runs, and what its logs and trace name."""
+
+    id: int
+    kind: str
+    model: str
+    operation: str
+    trace_parent: str
 
 
 class Dispatcher:
@@ -150,10 +163,10 @@ class Dispatcher:
                 jobs = await asyncio.to_thread(self._claim, free) if free > 0 else []
                 if jobs:
                     failpoints.hit("job.claimed")
-                for job_id, kind in jobs:
-                    task = asyncio.create_task(self._execute(job_id, kind), name=f"job-{job_id}")
+                for job in jobs:
+                    task = asyncio.create_task(self._execute(job), name=f"job-{job.id}")
                     self._running.add(task)
-                    self._by_job[job_id] = task
+                    self._by_job[job.id] = task
                     task.add_done_callback(self._finished)
                 if self._by_job:
                     await self._cancel_requested()
@@ -200,7 +213,7 @@ class Dispatcher:
         for job in s.exec(query).all():
             self._requeue(s, job)
 
-    def _claim(self, limit: int) -> list[tuple[int, str]]:
+    def _claim(self, limit: int) -> list[Claimed]:
         with self.db.write() as tx:
             self._requeue_expired(tx.session)
             query = (
@@ -220,10 +233,28 @@ class Dispatcher:
                 job.update_time = now()
                 tx.session.add(job)
                 assert job.id is not None
-                out.append((job.id, job.kind))
+                out.append(Claimed(job.id, job.kind, job.model, job.operation, job.trace_parent))
             return out
 
-    async def _execute(self, job_id: int, kind: str) -> None:
+    async def _execute(self, job: Claimed) -> None:
+        # Its log lines name the model and operation; its span continues the RPC's trace.
+        with (
+            logs.about(model=job.model, operation=job.operation),
+            tracing.span(
+                f"job {job.kind}", job.trace_parent, job_id=job.id, model=job.model
+            ) as span,
+        ):
+            log.info("job %s (%s) started", job.id, job.kind)
+            start = time.monotonic()
+            error = await self._run_job(job.id, job.kind)
+            took = time.monotonic() - start
+            if error:
+                span.set_status(tracing.error_status(error))
+                log.warning("job %s (%s) ended in %.2f s: %s", job.id, job.kind, took, error)
+            else:
+                log.info("job %s (%s) done in %.2f s", job.id, job.kind, took)
+
+    async def _run_job(self, job_id: int, kind: str) -> str:
         error = ""
         try:
             if kind == JOB_BUILD:
@@ -244,6 +275,7 @@ class Dispatcher:
             await asyncio.to_thread(self._fail_job_operation, job_id, error)
         failpoints.hit("job.done")
         await asyncio.to_thread(self._complete, job_id, error)
+        return error
 
     def _complete(self, job_id: int, error: str) -> None:
         with self.db.write() as tx:
@@ -318,7 +350,7 @@ class Dispatcher:
             outcome = (
                 cached
                 if cached is not None
-                else await asyncio.wait_for(self.backend.build(spec), limit)
+                else await asyncio.wait_for(self._backend_build(spec), limit)
             )
         except TimeoutError:  # the build task was stopped (as a cancelled one is)
             outcome = BuildOutcome(
@@ -329,6 +361,12 @@ class Dispatcher:
         failpoints.hit("build.finished")
         await asyncio.to_thread(self._finish_build, job, outcome)
         failpoints.hit("build.recorded")
+
+    async def _backend_build(self, spec: BuildSpec) -> BuildOutcome:
+        with tracing.span("backend build", build=spec.build_name) as span:
+            outcome = await self.backend.build(spec)
+            span.set_attribute("ok", outcome.ok)
+            return outcome
 
     async def _cached(self, spec: BuildSpec) -> BuildOutcome | None:
         """An earlier build's result for the same inputs on the cluster's runtime: an
@@ -429,7 +467,8 @@ class Dispatcher:
                     specs = await asyncio.to_thread(self._desired_apps)
                     failpoints.hit("apply.prepared")
                     try:
-                        await asyncio.wait_for(self.backend.apply(specs), APPLY_TIMEOUT_S)
+                        with tracing.span("backend apply", apps=len(specs), attempt=attempt + 1):
+                            await asyncio.wait_for(self.backend.apply(specs), APPLY_TIMEOUT_S)
                         break
                     except Exception as e:
                         if pause is None or self._stopping:

@@ -6,9 +6,10 @@ import argparse
 import asyncio
 import logging
 import signal
-import sys
+import uuid
 from pathlib import Path
 
+from controlplane import logs, tracing
 from controlplane.config import Settings
 
 
@@ -105,6 +106,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds a running job's lease lasts without renewal before another server "
         "takes it over",
     )
+    o = p.add_argument_group("observability (docs/operators.md)")
+    o.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port; "
+        "default: off)",
+    )
+    o.add_argument(
+        "--otlp-endpoint",
+        default=tracing.endpoint_from_env(),
+        help="send OpenTelemetry traces (OTLP over HTTP) here, e.g. "
+        "http://127.0.0.1:4318/v1/traces (default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or "
+        "OTEL_EXPORTER_OTLP_ENDPOINT if set; else no tracing)",
+    )
+    o.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="json: one object per line, with the model, operation, RPC and trace id",
+    )
     p.add_argument(
         "--backend", choices=("ray", "fake"), default="ray", help=argparse.SUPPRESS
     )  # fake: development and fast tests only
@@ -131,8 +153,11 @@ def settings_from(args: argparse.Namespace) -> Settings:
         gc_keep_builds=args.gc_keep_builds,
         gc_min_age_s=args.gc_min_age,
         max_source_bytes=args.max_source_mib * 1024 * 1024,
-        server_id=args.server_id,
+        server_id=args.server_id or f"cp-{uuid.uuid4().hex[:12]}",
         job_lease_s=args.job_lease,
+        metrics_port=args.metrics_port,
+        metrics_host=args.host,
+        otlp_endpoint=args.otlp_endpoint,
     )
 
 
@@ -147,7 +172,8 @@ async def serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"ready grpc={server.grpc_address} http={server.http_address}", flush=True)
+    metrics = f" metrics={server.metrics_address}" if server.metrics_address else ""
+    print(f"ready grpc={server.grpc_address} http={server.http_address}{metrics}", flush=True)
     await stop.wait()
     logging.getLogger(__name__).info("shutting down: draining in-flight RPCs")
     await server.stop()
@@ -155,10 +181,6 @@ async def serve(settings: Settings) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    return asyncio.run(serve(settings_from(args)))
+    settings = settings_from(args)
+    logs.setup(args.log_format, settings.server_id)
+    return asyncio.run(serve(settings))

@@ -5,24 +5,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health
 
+from controlplane import logs, tracing
 from controlplane.api import wiring
+from controlplane.api.interceptor import TelemetryInterceptor
 from controlplane.api.servicer import ModelLifecycleServicer
 from controlplane.config import Settings
 from controlplane.dispatcher import Dispatcher, SourcePath
 from controlplane.exports import Exporter
 from controlplane.gc import Collector
 from controlplane.jobs import JOB_APPLY
+from controlplane.metrics import Figures, Metrics, MetricsEndpoint
 from controlplane.reconciler import Reconciler
 from controlplane.service import Service
 from controlplane.sources import SourceStore
+from controlplane.storage import repo
 from controlplane.storage.changes import now
-from controlplane.storage.db import Database
+from controlplane.storage.db import Database, FinishedOperation
 from controlplane.storage.tables import JobRow
 from controlplane.watch import EventHub
 from workers.backend import Backend
@@ -74,6 +79,9 @@ class Server:
         self.dispatcher: Dispatcher | None = None
         self.reconciler: Reconciler | None = None
         self.collector: Collector | None = None
+        self.metrics: Metrics | None = None
+        self._metrics_endpoint: MetricsEndpoint | None = None
+        self._stop_tracing: Callable[[], None] | None = None
 
     @property
     def grpc_address(self) -> str:
@@ -83,10 +91,23 @@ class Server:
     def http_address(self) -> str:
         return self.backend.http_base.removeprefix("http://")
 
+    @property
+    def metrics_address(self) -> str:
+        """host:port of /metrics ("" when metrics are off)."""
+        return self._metrics_endpoint.address if self._metrics_endpoint else ""
+
     async def start(self) -> None:
         s = self.settings
         for d in (s.data_dir, s.sources_dir, s.artifacts_dir, s.logs_dir):
             d.mkdir(parents=True, exist_ok=True)
+        if s.otlp_endpoint:
+            self._stop_tracing = tracing.configure(
+                tracing.otlp_exporter(s.otlp_endpoint), server_id=s.server_id
+            )
+            log.info("tracing: spans go to %s", s.otlp_endpoint)
+        if s.metrics_port is not None:
+            self.metrics = Metrics()
+        self.db.on_operation_finished(self._operation_finished)
         await asyncio.to_thread(self.db.migrate)
         await asyncio.to_thread(self.db.listen)
         await self.backend.start()
@@ -118,11 +139,12 @@ class Server:
         await self.collector.start()
 
         server = grpc.aio.server(
+            interceptors=[TelemetryInterceptor(self.metrics)],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE),
                 ("grpc.max_send_message_length", MAX_MESSAGE),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         checker = wiring.register(
             server,
@@ -136,7 +158,29 @@ class Server:
             raise OSError(f"cannot listen on {s.grpc_host}:{s.grpc_port}")
         await server.start()
         self._grpc = server
+        if self.metrics is not None and s.metrics_port is not None:
+            self.metrics.read_state_from(self._figures)
+            self._metrics_endpoint = MetricsEndpoint(self.metrics, s.metrics_host, s.metrics_port)
+            await asyncio.to_thread(self._metrics_endpoint.start)
         await wiring.set_serving(checker, True)
+
+    def _operation_finished(self, op: FinishedOperation) -> None:
+        with logs.about(model=op.model, operation=op.name):
+            if op.error_code:
+                log.info("%s ended %s after %.2f s", op.kind, op.error_code, op.seconds)
+            else:
+                log.info("%s succeeded in %.2f s", op.kind, op.seconds)
+        if self.metrics is not None:
+            self.metrics.operation_finished(op.kind, op.error_code, op.seconds)
+
+    def _figures(self) -> Figures:
+        """Read at each scrape, in the metrics endpoint's thread."""
+        with self.db.read() as s:
+            models = repo.models_by_state(s)
+            replicas = repo.replicas_by_model(s)
+            jobs = repo.jobs_by_state(s)
+        watchers = self.hub.watchers if self.hub is not None else 0
+        return Figures(models=models, replicas=replicas, jobs=jobs, watchers=watchers)
 
     def _enqueue_sync(self) -> None:
         """At start, bring the backend to what the records ask for (e.g. after a Ray restart)."""
@@ -153,9 +197,13 @@ class Server:
         for part in (self.collector, self.reconciler, self.dispatcher, self.hub):
             if part is not None:
                 await part.stop()
+        if self._metrics_endpoint is not None:
+            await asyncio.to_thread(self._metrics_endpoint.stop)
         if self.owns_backend:
             await self.backend.close()
         await asyncio.to_thread(self.db.close)
+        if self._stop_tracing is not None:
+            await asyncio.to_thread(self._stop_tracing)
 
     async def __aenter__(self) -> Server:
         await self.start()

@@ -87,6 +87,7 @@ class EventHub:
         self._bookmarker: asyncio.Task[None] | None = None
         self._last = 0
         self._stopping = False
+        self._watchers = 0
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -112,17 +113,20 @@ class EventHub:
 
     @property
     def watchers(self) -> int:
-        return sum(len(s) for s in self._subs.values())
+        """Subscriptions open now (a plain int: metrics read it from another thread)."""
+        return self._watchers
 
     def subscribe(self, key: str, wanted: WatchFilter | None = None) -> Subscription:
         sub = Subscription(key, self.queue_size, wanted)
         self._subs[key].add(sub)
+        self._watchers += 1
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
         subs = self._subs.get(sub.key)
-        if subs is not None:
+        if subs is not None and sub in subs:
             subs.discard(sub)
+            self._watchers -= 1
             if not subs:
                 del self._subs[sub.key]
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from controlplane import tracing
 from controlplane.domain import states as st
 from controlplane.domain import transitions
 from controlplane.domain import types as t
 from controlplane.storage import codec, repo
-from controlplane.storage.db import WriteTx
+from controlplane.storage.db import FinishedOperation, WriteTx
 from controlplane.storage.tables import (
     BuildRow,
     DeploymentRow,
@@ -142,6 +143,15 @@ class Changes:
                 error_code=error.code, error_message=error.message, error_reason=error.reason
             )
         self._update(row, fields)
+        self.tx.finished_operations.append(
+            FinishedOperation(
+                row.name,
+                row.model,
+                row.kind,
+                error.code if error is not None else "",
+                (now() - codec.utc(row.create_time)).total_seconds(),
+            )
+        )
         if model.running_operation == row.name:
             self._update(model, {"running_operation": ""})
 
@@ -171,6 +181,7 @@ class Changes:
                 model=model,
                 operation=operation,
                 target=target,
+                trace_parent=tracing.traceparent(),
                 create_time=ts,
                 update_time=ts,
             )

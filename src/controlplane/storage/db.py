@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,17 @@ class DatabaseClosed(RuntimeError):
     """A worker thread outlived the server's stop; its work is redone at the next start."""
 
 
+@dataclass(frozen=True)
+class FinishedOperation:
+    """An operation a transaction finished, reported once it commits (metrics)."""
+
+    name: str
+    model: str
+    kind: str
+    error_code: str  # empty: it succeeded
+    seconds: float  # from its creation
+
+
 class WriteTx:
     """One write transaction: a session plus revision assignment."""
 
@@ -36,6 +48,7 @@ class WriteTx:
         self.session = session
         self._revision: int | None = None
         self.last_revision = 0
+        self.finished_operations: list[FinishedOperation] = []
 
     def _counter(self) -> CounterRow:
         row = self.session.exec(  # type: ignore[call-overload]
@@ -63,6 +76,7 @@ class Database:
         self.engine = self._make_engine(url, echo)
         self._write_lock = threading.Lock()
         self._listeners: list[Callable[[int], None]] = []
+        self._finished_listeners: list[Callable[[FinishedOperation], None]] = []
         # Sessions open right now (worker threads may outlive a cancelled task).
         self._open = 0
         self._closed = False
@@ -108,6 +122,11 @@ class Database:
         """Calls ``listener(last_revision)`` after every write that emitted events: this
         process's own writes and, on PostgreSQL once ``listen()`` ran, other servers'."""
         self._listeners.append(listener)
+
+    def on_operation_finished(self, listener: Callable[[FinishedOperation], None]) -> None:
+        """Calls ``listener`` for each operation this process's writes finished, after they
+        commit (once per operation: other servers' commits are theirs to count)."""
+        self._finished_listeners.append(listener)
 
     def listen(self) -> None:
         """On PostgreSQL, starts hearing other servers' commits (no-op on SQLite)."""
@@ -158,6 +177,9 @@ class Database:
                 raise
         if tx.last_revision:
             self._changed(tx.last_revision)
+        for finished in tx.finished_operations:
+            for listener in self._finished_listeners:
+                listener(finished)
 
     def try_lock(self, key: int) -> Callable[[], None] | None:
         """Takes the cluster-wide lock ``key`` if free: its release, or None if held.

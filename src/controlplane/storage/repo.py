@@ -19,6 +19,7 @@ from controlplane.storage.tables import (
     BuildRow,
     DeploymentRow,
     EventRow,
+    JobRow,
     ModelRow,
     OperationRow,
     SourceRow,
@@ -269,3 +270,40 @@ def events_after(
 def oldest_event_revision(s: Session) -> int | None:
     value = s.exec(select(func.min(EventRow.revision))).first()
     return int(value) if value is not None else None
+
+
+# ---- figures for metrics --------------------------------------------------------------------
+
+
+def models_by_state(s: Session) -> dict[st.ModelState, int]:
+    """How many models are in each state (every state present, zeros included)."""
+    counts = {state: 0 for state in st.ModelState}
+    query = select(ModelRow.state, func.count()).group_by(ModelRow.state)
+    for state, n in s.exec(query).all():
+        counts[st.ModelState(state)] = int(n)
+    return counts
+
+
+def replicas_by_model(s: Session) -> dict[str, tuple[int, int]]:
+    """Each model with an active deployment: (replicas it asks for, replicas RUNNING)."""
+    query = select(ModelRow.name, DeploymentRow).join(
+        DeploymentRow, col(DeploymentRow.name) == col(ModelRow.active_deployment)
+    )
+    out: dict[str, tuple[int, int]] = {}
+    for name, dep in s.exec(query).all():
+        running = sum(1 for r in replicas_of(dep) if r.state is st.ReplicaState.RUNNING)
+        out[name] = (dep.replicas, running)
+    return out
+
+
+def jobs_by_state(s: Session) -> dict[str, int]:
+    """The dispatcher's queue, every server's: jobs pending and running."""
+    counts = {"pending": 0, "running": 0}
+    query = (
+        select(JobRow.state, func.count())
+        .where(col(JobRow.state).in_(tuple(counts)))
+        .group_by(JobRow.state)
+    )
+    for state, n in s.exec(query).all():
+        counts[state] = int(n)
+    return counts

@@ -158,6 +158,8 @@ class JobRow(SQLModel, table=True):
     claimed_by: str = Field(default="", max_length=100)
     lease_until: datetime | None = _time(nullable=True)
     error: str = _text()
+    # The W3C traceparent of the RPC or job that made it: its run continues that trace.
+    trace_parent: str = Field(default="", max_length=64)
     create_time: datetime = _time()
     update_time: datetime = _time()
 

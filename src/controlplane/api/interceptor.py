@@ -1,0 +1,171 @@
+"""Every RPC, observed: a server span, Prometheus counts and latency, and log context.
+
+One grpc.aio interceptor of our own wraps each method's handler, so a streaming RPC is
+observed for its whole life and its status code is the one the client sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from controlplane import logs, tracing
+from controlplane.metrics import Metrics
+
+Continuation = Callable[
+    [grpc.HandlerCallDetails], Awaitable["grpc.RpcMethodHandler[Any, Any] | None"]
+]
+
+
+def about(request: Any) -> dict[str, str]:
+    """The model and operation a request names (its ``name`` or ``parent``), for logs."""
+    out: dict[str, str] = {}
+    for field in ("name", "parent"):
+        value = getattr(request, field, "")
+        if not isinstance(value, str) or not value:
+            continue
+        parts = value.split("/")
+        if parts[0] == "operations":
+            out["operation"] = value
+        elif len(parts) >= 4 and parts[0] == "projects" and parts[2] == "models":
+            out["model"] = "/".join(parts[:4])
+    return out
+
+
+def code_of(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException | None) -> str:
+    if isinstance(exc, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED.name  # the client went away
+    code = context.code()
+    if code is None or isinstance(code, int):  # not set by the handler
+        if exc is not None and not isinstance(exc, grpc.aio.AbortError):
+            return grpc.StatusCode.UNKNOWN.name
+        return grpc.StatusCode.OK.name
+    return str(code.name)
+
+
+class TelemetryInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, metrics: Metrics | None) -> None:
+        self.metrics = metrics
+
+    async def intercept_service(
+        self, continuation: Continuation, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method  # /package.Service/Method
+        service, _, name = method.lstrip("/").rpartition("/")
+        kind = _rpc_type(handler)
+        observe = _Observer(self.metrics, method.lstrip("/"), service, name, kind)
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                observe.unary(handler.unary_unary),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                observe.stream(handler.unary_stream),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                observe.unary(handler.stream_unary),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        assert handler.stream_stream is not None
+        return grpc.stream_stream_rpc_method_handler(
+            observe.stream(handler.stream_stream),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
+
+
+def _rpc_type(handler: grpc.RpcMethodHandler[Any, Any]) -> str:
+    if handler.unary_unary:
+        return "unary"
+    if handler.unary_stream:
+        return "server_stream"
+    if handler.stream_unary:
+        return "client_stream"
+    return "bidi_stream"
+
+
+class _Observer:
+    def __init__(
+        self, metrics: Metrics | None, full: str, service: str, method: str, kind: str
+    ) -> None:
+        self.metrics = metrics
+        self.full = full
+        self.labels = (service, method, kind)
+
+    def _start(self) -> float:
+        if self.metrics is not None:
+            self.metrics.rpc_started.labels(*self.labels).inc()
+        return time.perf_counter()
+
+    def _end(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        start: float,
+        exc: BaseException | None,
+        span: Any,
+    ) -> None:
+        code = code_of(context, exc)
+        if self.metrics is not None:
+            self.metrics.rpc_handled.labels(*self.labels, code).inc()
+            self.metrics.rpc_seconds.labels(*self.labels).observe(time.perf_counter() - start)
+        span.set_attribute("rpc.grpc.status_code", code)
+        if code != "OK":
+            span.set_status(Status(StatusCode.ERROR, code))
+
+    def unary(self, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            start = self._start()
+            exc: BaseException | None = None
+            with (
+                logs.about(rpc=self.full, **about(request)),
+                tracing.span(self.full, kind=SpanKind.SERVER, **{"rpc.system": "grpc"}) as span,
+            ):
+                try:
+                    return await behavior(request, context)
+                except BaseException as e:
+                    exc = e
+                    raise
+                finally:
+                    self._end(context, start, exc, span)
+
+        return observed
+
+    def stream(self, behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
+        async def observed(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            start = self._start()
+            exc: BaseException | None = None
+            with (
+                logs.about(rpc=self.full, **about(request)),
+                tracing.span(self.full, kind=SpanKind.SERVER, **{"rpc.system": "grpc"}) as span,
+            ):
+                try:
+                    result = behavior(request, context)
+                    if inspect.isasyncgen(result):
+                        async for item in result:
+                            yield item
+                    else:  # a handler that writes with context.write()
+                        await result
+                except BaseException as e:
+                    exc = e
+                    raise
+                finally:
+                    self._end(context, start, exc, span)
+
+        return observed
