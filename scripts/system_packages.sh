@@ -3,7 +3,9 @@
 #   buildah, skopeo        export a build as an OCI image (workers/oci.py; tests inspect it)
 #   golang-go and Debian's Go protobuf/gRPC packages
 #                          build and run the Go client (clients/go, GOPATH mode: there is
-#                          no Go module proxy here) and generate its code (make generate)
+#                          no Go module proxy here) and generate its code (make generate);
+#                          golang/protobuf 1.5 replaces Debian's default 1.3, which predates
+#                          the generated code and makes gRPC's codec panic
 #
 # Debian/Ubuntu, best effort: without root, without apt-get, or when the install
 # fails, it warns on stderr and exits 0; the tests that need a missing tool then skip
@@ -14,6 +16,7 @@ packages=(
   buildah skopeo
   golang-go protoc-gen-go protoc-gen-go-grpc
   golang-google-protobuf-dev golang-google-grpc-dev golang-google-genproto-dev
+  golang-github-golang-protobuf-1-5-dev
 )
 
 warn() { echo "system_packages.sh: warning: $*" >&2; }
