@@ -116,7 +116,8 @@ class _StateCollector(Collector):
         yield models
         desired = GaugeMetricFamily(
             "modelctl_model_replicas_desired",
-            "Replicas the active deployment of each model asks for.",
+            "Replicas each model's active deployment asks for while the model is DEPLOYING "
+            "or DEPLOYED (0 once it stops).",
             labels=["model"],
         )
         running = GaugeMetricFamily(

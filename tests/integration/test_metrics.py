@@ -134,6 +134,7 @@ async def test_metrics_show_a_workflow(metered: Server, project: str) -> None:
     assert value(m, "modelctl_models", state="STOPPED") == 1
     assert value(m, "modelctl_models", state="DEPLOYED") == 0
     assert value(m, "modelctl_model_replicas_running", model=model) == 0
+    assert value(m, "modelctl_model_replicas_desired", model=model) == 0, "a stopped model"
     assert value(m, "modelctl_watchers") == 0
     assert value(m, "modelctl_dispatcher_queue_depth") == 0
     assert value(m, "process_resident_memory_bytes") > 0

@@ -284,15 +284,19 @@ def models_by_state(s: Session) -> dict[st.ModelState, int]:
     return counts
 
 
+SERVING_STATES = (st.ModelState.DEPLOYING.value, st.ModelState.DEPLOYED.value)
+
+
 def replicas_by_model(s: Session) -> dict[str, tuple[int, int]]:
-    """Each model with an active deployment: (replicas it asks for, replicas RUNNING)."""
-    query = select(ModelRow.name, DeploymentRow).join(
+    """Each model with an active deployment: (replicas wanted, replicas RUNNING). Only a
+    DEPLOYING or DEPLOYED model wants replicas: a stopped one wants none."""
+    query = select(ModelRow.name, ModelRow.state, DeploymentRow).join(
         DeploymentRow, col(DeploymentRow.name) == col(ModelRow.active_deployment)
     )
     out: dict[str, tuple[int, int]] = {}
-    for name, dep in s.exec(query).all():
+    for name, state, dep in s.exec(query).all():
         running = sum(1 for r in replicas_of(dep) if r.state is st.ReplicaState.RUNNING)
-        out[name] = (dep.replicas, running)
+        out[name] = (dep.replicas if state in SERVING_STATES else 0, running)
     return out
 
 
