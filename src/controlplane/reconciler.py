@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlmodel import col, select
 
-from controlplane import failpoints
+from controlplane import failpoints, logs
 from controlplane.config import Settings
 from controlplane.domain import names
 from controlplane.domain import states as st
@@ -126,14 +126,16 @@ class Reconciler:
         observed = await self._observe()
         watched = await asyncio.to_thread(self._watched_models)
         self._busy = any(state in CHANGING or operation for _, state, operation in watched)
-        for model_name, _, _ in watched:
+        for model_name, _, operation in watched:
             n = names.parse_model(model_name)
             obs = observed.get(app_name_for(n.project, n.model))
-            try:
-                await asyncio.to_thread(self.reconcile, model_name, obs)
-            except Exception as e:
-                log.exception("reconciler: model %s", model_name)
-                await asyncio.to_thread(self._record_error, model_name, f"{type(e).__name__}: {e}")
+            with logs.about(model=model_name, operation=operation):
+                try:
+                    await asyncio.to_thread(self.reconcile, model_name, obs)
+                except Exception as e:
+                    log.exception("reconciler: model %s", model_name)
+                    why = f"{type(e).__name__}: {e}"
+                    await asyncio.to_thread(self._record_error, model_name, why)
 
     async def _observe(self) -> Mapping[str, AppObservation]:
         """The backend's view. A look that hangs (a cluster that stopped answering) fails
