@@ -7,9 +7,10 @@ observed for its whole life and its status code is the one the client sees.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -107,41 +108,38 @@ class _Observer:
         self.full = full
         self.labels = (service, method, kind)
 
-    def _start(self) -> float:
+    @contextlib.contextmanager
+    def _observing(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Iterator[None]:
+        """Around one call: its log context and span; its count, code and time at the end."""
         if self.metrics is not None:
             self.metrics.rpc_started.labels(*self.labels).inc()
-        return time.perf_counter()
-
-    def _end(
-        self,
-        context: grpc.aio.ServicerContext[Any, Any],
-        start: float,
-        exc: BaseException | None,
-        span: Any,
-    ) -> None:
-        code = code_of(context, exc)
-        if self.metrics is not None:
-            self.metrics.rpc_handled.labels(*self.labels, code).inc()
-            self.metrics.rpc_seconds.labels(*self.labels).observe(time.perf_counter() - start)
-        span.set_attribute("rpc.grpc.status_code", code)
-        if code != "OK":
-            span.set_status(Status(StatusCode.ERROR, code))
+        start = time.perf_counter()
+        exc: BaseException | None = None
+        with (
+            logs.about(rpc=self.full, **about(request)),
+            tracing.span(self.full, kind=SpanKind.SERVER, **{"rpc.system": "grpc"}) as span,
+        ):
+            try:
+                yield
+            except BaseException as e:
+                exc = e
+                raise
+            finally:
+                code = code_of(context, exc)
+                if self.metrics is not None:
+                    self.metrics.rpc_handled.labels(*self.labels, code).inc()
+                    elapsed = time.perf_counter() - start
+                    self.metrics.rpc_seconds.labels(*self.labels).observe(elapsed)
+                span.set_attribute("rpc.grpc.status_code", code)
+                if code != "OK":
+                    span.set_status(Status(StatusCode.ERROR, code))
 
     def unary(self, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            start = self._start()
-            exc: BaseException | None = None
-            with (
-                logs.about(rpc=self.full, **about(request)),
-                tracing.span(self.full, kind=SpanKind.SERVER, **{"rpc.system": "grpc"}) as span,
-            ):
-                try:
-                    return await behavior(request, context)
-                except BaseException as e:
-                    exc = e
-                    raise
-                finally:
-                    self._end(context, start, exc, span)
+            with self._observing(request, context):
+                return await behavior(request, context)
 
         return observed
 
@@ -149,23 +147,12 @@ class _Observer:
         async def observed(
             request: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
-            start = self._start()
-            exc: BaseException | None = None
-            with (
-                logs.about(rpc=self.full, **about(request)),
-                tracing.span(self.full, kind=SpanKind.SERVER, **{"rpc.system": "grpc"}) as span,
-            ):
-                try:
-                    result = behavior(request, context)
-                    if inspect.isasyncgen(result):
-                        async for item in result:
-                            yield item
-                    else:  # a handler that writes with context.write()
-                        await result
-                except BaseException as e:
-                    exc = e
-                    raise
-                finally:
-                    self._end(context, start, exc, span)
+            with self._observing(request, context):
+                result = behavior(request, context)
+                if inspect.isasyncgen(result):
+                    async for item in result:
+                        yield item
+                else:  # a handler that writes with context.write()
+                    await result
 
         return observed
