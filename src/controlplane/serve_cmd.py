@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import sys
 import uuid
 from pathlib import Path
 
@@ -106,6 +107,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds a running job's lease lasts without renewal before another server "
         "takes it over",
     )
+    t = p.add_argument_group("transport security")
+    t.add_argument("--tls-cert", type=Path, help="serve gRPC over TLS with this certificate (PEM)")
+    t.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
+    t.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        help="mutual TLS: accept only clients whose certificate this CA (PEM) signed",
+    )
     o = p.add_argument_group("observability (docs/operators.md)")
     o.add_argument(
         "--metrics-port",
@@ -130,6 +139,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backend", choices=("ray", "fake"), default="ray", help=argparse.SUPPRESS
     )  # fake: development and fast tests only
+
+
+def tls_problem(args: argparse.Namespace) -> str:
+    """What is wrong with the TLS flags ("" when nothing)."""
+    if (args.tls_cert is None) != (args.tls_key is None):
+        return "--tls-cert and --tls-key go together"
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        return "--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)"
+    for flag in ("tls_cert", "tls_key", "tls_client_ca"):
+        path = getattr(args, flag)
+        if path is not None and not path.is_file():
+            return f"--{flag.replace('_', '-')} {path}: no such file"
+    return ""
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -158,6 +180,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         metrics_port=args.metrics_port,
         metrics_host=args.host,
         otlp_endpoint=args.otlp_endpoint,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
     )
 
 
@@ -181,6 +206,10 @@ async def serve(settings: Settings) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    problem = tls_problem(args)
+    if problem:
+        print(f"modelctl serve: error: {problem}", file=sys.stderr)
+        return 2
     settings = settings_from(args)
     logs.setup(args.log_format, settings.server_id)
     return asyncio.run(serve(settings))

@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health
 
 from controlplane import logs, tracing
-from controlplane.api import wiring
+from controlplane.api import transport, wiring
 from controlplane.api.interceptor import TelemetryInterceptor
 from controlplane.api.servicer import ModelLifecycleServicer
 from controlplane.config import Settings
@@ -153,7 +153,12 @@ class Server:
             ),
         )
         self._health = checker
-        self.grpc_port = server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
+        address = f"{s.grpc_host}:{s.grpc_port}"
+        if s.tls_cert is not None and s.tls_key is not None:
+            creds = transport.server_credentials(s.tls_cert, s.tls_key, s.tls_client_ca)
+            self.grpc_port = server.add_secure_port(address, creds)
+        else:
+            self.grpc_port = server.add_insecure_port(address)
         if self.grpc_port == 0:
             raise OSError(f"cannot listen on {s.grpc_host}:{s.grpc_port}")
         await server.start()

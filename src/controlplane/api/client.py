@@ -28,7 +28,7 @@ from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from controlplane.api import convert
+from controlplane.api import convert, transport
 from controlplane.build_logs import LogLine
 from controlplane.domain import types as t
 from modellifecycle.v1 import resources_pb2 as pb
@@ -99,16 +99,27 @@ def _same(msg: R) -> R:
 
 
 class Client:
-    def __init__(self, target: str, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        target: str,
+        timeout_s: float = 30.0,
+        tls: tuple[str | None, str | None, str | None] | None = None,
+    ) -> None:
+        """``tls``: (CA file, client certificate, client key), PEM paths, each may be
+        empty: TLS trusting that CA (the system's roots when empty), with a client
+        certificate for servers that want one. None: plaintext."""
         self.target = target
         self.timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_send_message_length", 8 * 1024 * 1024),
-                ("grpc.max_receive_message_length", 8 * 1024 * 1024),
-            ],
-        )
+        options = [
+            ("grpc.max_send_message_length", 8 * 1024 * 1024),
+            ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+        ]
+        if tls is None:
+            self._channel = grpc.aio.insecure_channel(target, options=options)
+        else:
+            ca, cert, key = (value or None for value in tls)
+            creds = transport.channel_credentials(ca, cert, key)
+            self._channel = grpc.aio.secure_channel(target, creds, options=options)
         self._stub = service_pb2_grpc.ModelLifecycleStub(self._channel)
 
     async def __aenter__(self) -> Client:

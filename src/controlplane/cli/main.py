@@ -53,6 +53,13 @@ def _common(defaults: bool) -> argparse.ArgumentParser:
         help="project of bare model ids (env MODELCTL_PROJECT; default 'default')",
     )
     p.add_argument("--output", "-o", choices=("table", "json"), default=default("table"))
+    tls = (
+        ("--ca-file", "MODELCTL_CA_FILE", "use TLS, trusting this CA (PEM)"),
+        ("--client-cert", "MODELCTL_CLIENT_CERT", "mutual TLS: this client's certificate"),
+        ("--client-key", "MODELCTL_CLIENT_KEY", "mutual TLS: the certificate's key"),
+    )
+    for flag, env, text in tls:
+        p.add_argument(flag, default=default(os.environ.get(env, "")), help=f"{text} (env {env})")
     return p
 
 
@@ -196,8 +203,14 @@ async def run(argv: Sequence[str]) -> int:
     """Runs one client command (not `serve`) in the running event loop; returns the exit code."""
     args = parser().parse_args(_aliases(list(argv)))
     handler: Handler = args.handler
+    tls = (args.ca_file, args.client_cert, args.client_key)
     try:
-        async with Client(args.server) as client:
+        client = Client(args.server, tls=tls if any(tls) else None)
+    except ValueError as e:  # an unreadable CA, certificate or key file
+        print(f"modelctl: {e}", file=sys.stderr)
+        return cmd.EXIT_USAGE
+    try:
+        async with client:
             return await handler(client, args, Printer(args.output))
     except UsageError as e:
         print(f"modelctl: {e}", file=sys.stderr)

@@ -1,0 +1,44 @@
+"""TLS for gRPC: the server's credentials (mutual TLS when given a client CA) and the
+client's, from PEM files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+
+
+def _read(path: Path | str | None, what: str) -> bytes | None:
+    if path is None or path == "":
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read the {what} {path}: {e.strerror}") from e
+
+
+def server_credentials(
+    cert: Path | str, key: Path | str, client_ca: Path | str | None = None
+) -> grpc.ServerCredentials:
+    """TLS with ``cert``/``key`` (PEM); with ``client_ca``, every client must present a
+    certificate that CA signed (mutual TLS)."""
+    chain, private = _read(cert, "TLS certificate"), _read(key, "TLS key")
+    assert chain is not None and private is not None
+    roots = _read(client_ca, "client CA")
+    return grpc.ssl_server_credentials(
+        [(private, chain)], root_certificates=roots, require_client_auth=roots is not None
+    )
+
+
+def channel_credentials(
+    ca: Path | str | None = None, cert: Path | str | None = None, key: Path | str | None = None
+) -> grpc.ChannelCredentials:
+    """TLS that trusts ``ca`` (PEM; the system's roots when None); ``cert``/``key``: this
+    client's certificate, for servers that want one (mutual TLS)."""
+    if (cert is None) != (key is None):
+        raise ValueError("a client certificate needs its key, and a key its certificate")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(ca, "CA file"),
+        private_key=_read(key, "client key"),
+        certificate_chain=_read(cert, "client certificate"),
+    )
