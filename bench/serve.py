@@ -268,6 +268,7 @@ def on_cluster(run: Run, cluster: Cluster, tmp: Path) -> None:
         [
             MODELCTL,
             "serve",
+            "--insecure-no-auth",
             f"--ray-address={cluster.address}",
             "--grpc-port=0",
             f"--http-port={http_port}",

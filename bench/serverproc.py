@@ -47,6 +47,7 @@ def start_server(
         [
             MODELCTL,
             "serve",
+            "--insecure-no-auth",
             "--grpc-port=0",
             f"--http-port={http_port}",
             f"--data-dir={data}",

@@ -65,6 +65,10 @@ def start_server() -> tuple[subprocess.Popen[str], str, str]:
     if not line.startswith("ready "):
         raise SystemExit(f"demo: the server did not start; see {DATA / 'server.log'}")
     print(line, flush=True)
+    # Its first start wrote an admin token; the CLI reads it from MODELCTL_TOKEN_FILE.
+    token_file = DATA / "admin.token"
+    os.environ["MODELCTL_TOKEN_FILE"] = str(token_file)
+    print(f"$ export MODELCTL_TOKEN_FILE={token_file}   # the admin token serve wrote", flush=True)
     fields = dict(part.split("=", 1) for part in line.split()[1:])
     return proc, fields["grpc"], fields["http"]
 
@@ -109,7 +113,8 @@ async def show(c: Client, before: dict[str, int], endpoint: str) -> dict[str, in
 
 async def workflow(server: str) -> None:
     examples = ROOT / "examples"
-    async with Client(server) as c:
+    token = (DATA / "admin.token").read_text().strip()
+    async with Client(server, token=token) as c:
         step("1. Create a model")
         modelctl(server, "models", "create", "iris", "--display-name", "Iris classifier")
         endpoint = (await c.get_model(MODEL)).endpoint

@@ -53,6 +53,8 @@ class Settings:
     metrics_host: str = "127.0.0.1"
     # OTLP/HTTP traces endpoint, e.g. http://collector:4318/v1/traces ("": no tracing).
     otlp_endpoint: str = ""
+    # Every RPC but health wants a token (docs/security.md); True: none does (demos only).
+    insecure_no_auth: bool = False
     # gRPC over TLS with this certificate and key (PEM); with a client CA, mutual TLS.
     tls_cert: Path | None = None
     tls_key: Path | None = None

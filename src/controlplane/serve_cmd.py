@@ -107,7 +107,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds a running job's lease lasts without renewal before another server "
         "takes it over",
     )
-    t = p.add_argument_group("transport security")
+    t = p.add_argument_group("security (docs/security.md)")
+    t.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="no tokens for RPCs and no keys for model endpoints: anyone who reaches the "
+        "ports is an admin (local demos only)",
+    )
     t.add_argument("--tls-cert", type=Path, help="serve gRPC over TLS with this certificate (PEM)")
     t.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
     t.add_argument(
@@ -180,6 +186,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         metrics_port=args.metrics_port,
         metrics_host=args.host,
         otlp_endpoint=args.otlp_endpoint,
+        insecure_no_auth=args.insecure_no_auth,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,

@@ -13,7 +13,9 @@ import grpc
 from grpc_health.v1 import health
 
 from controlplane import logs, tracing
+from controlplane.access import ADMIN_TOKEN_FILE, Access
 from controlplane.api import transport, wiring
+from controlplane.api.auth import AuthInterceptor
 from controlplane.api.interceptor import TelemetryInterceptor
 from controlplane.api.servicer import ModelLifecycleServicer
 from controlplane.config import Settings
@@ -80,6 +82,7 @@ class Server:
         self.reconciler: Reconciler | None = None
         self.collector: Collector | None = None
         self.metrics: Metrics | None = None
+        self.admin_token_file: Path | None = None  # where the first admin token was written
         self._metrics_endpoint: MetricsEndpoint | None = None
         self._stop_tracing: Callable[[], None] | None = None
 
@@ -138,8 +141,20 @@ class Server:
         self.collector = Collector(self.db, s)
         await self.collector.start()
 
+        access = Access(self.db)
+        if s.insecure_no_auth:
+            log.warning(
+                "--insecure-no-auth: every caller is an admin and model endpoints need no key; "
+                "for local demos only, never on a network others can reach"
+            )
+        else:
+            written = await asyncio.to_thread(access.ensure_admin_token, s.data_dir)
+            self.admin_token_file = written or s.data_dir / ADMIN_TOKEN_FILE
         server = grpc.aio.server(
-            interceptors=[TelemetryInterceptor(self.metrics)],
+            interceptors=[
+                TelemetryInterceptor(self.metrics),
+                AuthInterceptor(access, enabled=not s.insecure_no_auth),
+            ],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE),
                 ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -149,7 +164,12 @@ class Server:
         checker = wiring.register(
             server,
             ModelLifecycleServicer(
-                service, sources, self.hub, s.wait_operation_max_s, Exporter(s.data_dir / "exports")
+                service,
+                sources,
+                self.hub,
+                s.wait_operation_max_s,
+                Exporter(s.data_dir / "exports"),
+                access,
             ),
         )
         self._health = checker

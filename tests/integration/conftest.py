@@ -41,6 +41,7 @@ def fake_settings(database_url: str, tmp_path: Path, **overrides: Any) -> Settin
         "reconcile_interval_s": 0.05,
         "max_source_bytes": 256 * 1024,
         "grace_s": 1.0,
+        "insecure_no_auth": True,  # tests/integration/test_auth.py turns tokens on
     }
     return Settings(**{**base, **overrides})
 

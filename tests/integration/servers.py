@@ -51,6 +51,7 @@ class Cluster:
             [
                 MODELCTL,
                 "serve",
+                "--insecure-no-auth",
                 "--grpc-port=0",
                 "--http-port=18998",
                 f"--data-dir={self.data}",

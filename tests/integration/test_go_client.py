@@ -170,6 +170,8 @@ def test_the_go_client_example_runs_the_whole_workflow(tmp_path: Path) -> None:
                     str(EXAMPLES / "iris-v1"),
                     "-timeout",
                     "4m",
+                    "-token-file",
+                    str(tmp_path / "data" / "admin.token"),
                 ],
                 capture_output=True,
                 text=True,

@@ -36,6 +36,7 @@ def serve(tmp_path: Path, database_url: str) -> Iterator[Proc]:
         [
             MODELCTL,
             "serve",
+            "--insecure-no-auth",
             "--grpc-port",
             "0",
             "--http-port",

@@ -114,6 +114,7 @@ async def test_the_cli_speaks_mutual_tls_to_modelctl_serve(pki: Pki, tmp_path: P
     server = await asyncio.create_subprocess_exec(
         MODELCTL,
         "serve",
+        "--insecure-no-auth",
         "--grpc-port=0",
         "--http-port=0",
         f"--data-dir={tmp_path / 'data'}",

@@ -95,6 +95,7 @@ async def test_one_trace_per_request_and_json_logs_about_the_model(
         server = await asyncio.create_subprocess_exec(
             MODELCTL,
             "serve",
+            "--insecure-no-auth",
             "--grpc-port=0",
             "--http-port=0",
             f"--data-dir={tmp_path / 'data'}",

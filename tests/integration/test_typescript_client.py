@@ -22,6 +22,7 @@ pytestmark = pytest.mark.ray
 
 # What the workflow suite must report as passed, by name (node's spec reporter: "✔ name").
 EXPECTED = (
+    "without a token every call is UNAUTHENTICATED",
     "a bad model id is INVALID_ARGUMENT with reason INVALID_ID and a field violation",
     "an unknown model is NOT_FOUND with reason MODEL_NOT_FOUND",
     "create, upload, build and deploy 2 replicas",

@@ -54,6 +54,7 @@ async def ray_server(backend: Backend, data_dir: Path, **overrides: Any) -> Asyn
         "deploy_timeout_s": 120.0,
         "num_gpus": 2,
         "grace_s": 2.0,
+        "insecure_no_auth": True,
     }
     server = Server(Settings(**{**base, **overrides}), backend=backend, owns_backend=False)
     await server.start()

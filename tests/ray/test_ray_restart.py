@@ -33,6 +33,7 @@ class Serve:
             [
                 MODELCTL,
                 "serve",
+                "--insecure-no-auth",
                 "--grpc-port=0",
                 "--http-port=0",
                 f"--data-dir={self.data}",

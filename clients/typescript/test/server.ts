@@ -7,7 +7,7 @@
  */
 
 import { spawn, type ChildProcess } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { createInterface } from "node:readline";
@@ -28,6 +28,8 @@ const STDERR_TAIL = 8000;
 
 export class ServerProcess {
   grpcAddress = "";
+  /** The admin token `modelctl serve` wrote at its first start (DATA_DIR/admin.token). */
+  adminToken = "";
   httpAddress = "";
   private proc: ChildProcess | undefined;
   private exited: Promise<number | null> | undefined;
@@ -95,6 +97,7 @@ export class ServerProcess {
       if (!this.grpcAddress || !this.httpAddress) {
         throw new Error(`unexpected ready line: ${JSON.stringify(line)}`);
       }
+      this.adminToken = readFileSync(join(this.dataDir, "admin.token"), "utf8").trim();
     } catch (e) {
       await this.stop();
       throw new Error(`${(e as Error).message}\n--- modelctl serve stderr ---\n${this.log()}`);

@@ -106,7 +106,7 @@ describe("the TypeScript client against modelctl serve", () => {
   before(
     async () => {
       await server.start();
-      c = new Client(server.grpcAddress);
+      c = new Client(server.grpcAddress, { token: server.adminToken });
     },
     { timeout: 150_000 },
   );
@@ -122,6 +122,19 @@ describe("the TypeScript client against modelctl serve", () => {
     },
     { timeout: 120_000 },
   );
+
+  test("without a token every call is UNAUTHENTICATED", async () => {
+    const anonymous = new Client(server.grpcAddress);
+    try {
+      await assert.rejects(anonymous.listModels(PROJECT), (e: unknown) => {
+        assert.ok(e instanceof ClientError, `a ClientError, got ${String(e)}`);
+        assert.equal(e.code, "UNAUTHENTICATED");
+        return true;
+      });
+    } finally {
+      anonymous.close();
+    }
+  });
 
   test("a bad model id is INVALID_ARGUMENT with reason INVALID_ID and a field violation", async () => {
     await assert.rejects(c.createModel(PROJECT, "Not A Valid Id"), (e: unknown) => {

@@ -19,7 +19,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -28,8 +28,10 @@ from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from controlplane import access
 from controlplane.api import convert, transport
 from controlplane.build_logs import LogLine
+from controlplane.domain import access as ac
 from controlplane.domain import types as t
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
@@ -104,22 +106,29 @@ class Client:
         target: str,
         timeout_s: float = 30.0,
         tls: tuple[str | None, str | None, str | None] | None = None,
+        token: str = "",
     ) -> None:
         """``tls``: (CA file, client certificate, client key), PEM paths, each may be
         empty: TLS trusting that CA (the system's roots when empty), with a client
-        certificate for servers that want one. None: plaintext."""
+        certificate for servers that want one. None: plaintext. ``token``: sent as
+        ``authorization: Bearer <token>`` with every call."""
         self.target = target
         self.timeout_s = timeout_s
         options = [
             ("grpc.max_send_message_length", 8 * 1024 * 1024),
             ("grpc.max_receive_message_length", 8 * 1024 * 1024),
         ]
+        interceptors = transport.bearer_interceptors(token) if token else None
         if tls is None:
-            self._channel = grpc.aio.insecure_channel(target, options=options)
+            self._channel = grpc.aio.insecure_channel(
+                target, options=options, interceptors=interceptors
+            )
         else:
             ca, cert, key = (value or None for value in tls)
             creds = transport.channel_credentials(ca, cert, key)
-            self._channel = grpc.aio.secure_channel(target, creds, options=options)
+            self._channel = grpc.aio.secure_channel(
+                target, creds, options=options, interceptors=interceptors
+            )
         self._stub = service_pb2_grpc.ModelLifecycleStub(self._channel)
 
     async def __aenter__(self) -> Client:
@@ -300,6 +309,43 @@ class Client:
             rpc.ListOperationsRequest(parent=model, page_size=page_size, page_token=page_token),
         )
         return t.Page([convert.operation_from_pb(o) for o in r.operations], r.next_page_token)
+
+    # ---- tokens and audit --------------------------------------------------------------
+
+    async def create_token(
+        self, parent: str, role: ac.Role, description: str = "", ttl_s: float | None = None
+    ) -> tuple[access.Token, str]:
+        """A new token of ``parent`` (projects/P, or projects/- for every project) and its
+        secret, which the server never shows again."""
+        request = rpc.CreateTokenRequest(
+            parent=parent, role=pb.Role.ValueType(int(role)), description=description
+        )
+        if ttl_s is not None:
+            request.ttl.FromTimedelta(timedelta(seconds=ttl_s))
+        r = await self._call(self._stub.CreateToken, request)
+        return convert.token_from_pb(r.token), r.secret
+
+    async def list_tokens(
+        self, parent: str, page_size: int = 0, page_token: str = ""
+    ) -> t.Page[access.Token]:
+        r = await self._call(
+            self._stub.ListTokens,
+            rpc.ListTokensRequest(parent=parent, page_size=page_size, page_token=page_token),
+        )
+        return t.Page([convert.token_from_pb(x) for x in r.tokens], r.next_page_token)
+
+    async def revoke_token(self, name: str) -> access.Token:
+        r = await self._call(self._stub.RevokeToken, rpc.RevokeTokenRequest(name=name))
+        return convert.token_from_pb(r)
+
+    async def list_audit_records(
+        self, parent: str, page_size: int = 0, page_token: str = ""
+    ) -> t.Page[access.AuditRecord]:
+        r = await self._call(
+            self._stub.ListAuditRecords,
+            rpc.ListAuditRecordsRequest(parent=parent, page_size=page_size, page_token=page_token),
+        )
+        return t.Page([convert.audit_from_pb(x) for x in r.records], r.next_page_token)
 
     async def wait_operation(self, name: str, timeout_s: float) -> t.Operation:
         """One WaitOperation call: returns when done or after at most ``timeout_s``."""

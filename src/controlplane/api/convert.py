@@ -8,6 +8,8 @@ from typing import TypeVar
 from google.protobuf import any_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+from controlplane import access
+from controlplane.domain import access as ac
 from controlplane.domain import states as st
 from controlplane.domain import types as t
 from modellifecycle.v1 import resources_pb2 as pb
@@ -314,3 +316,55 @@ def _reason(status: status_pb2.Status) -> str:
             detail.Unpack(info)
             return str(info.reason)
     return ""
+
+
+def token_to_pb(tok: access.Token) -> pb.Token:
+    return pb.Token(
+        name=tok.name,
+        role=pb.Role.ValueType(int(tok.role)),
+        description=tok.description,
+        create_time=timestamp(tok.create_time),
+        expire_time=timestamp(tok.expire_time),
+        revoked=tok.revoked,
+        creator=tok.creator,
+    )
+
+
+def audit_to_pb(r: access.AuditRecord) -> pb.AuditRecord:
+    return pb.AuditRecord(
+        id=r.id,
+        time=timestamp(r.time),
+        principal=r.principal,
+        method=r.method,
+        resource=r.resource,
+        project=r.project,
+        code=r.code,
+        peer=r.peer,
+        operation=r.operation,
+    )
+
+
+def token_from_pb(tok: pb.Token) -> access.Token:
+    return access.Token(
+        name=tok.name,
+        role=ac.Role(int(tok.role)),
+        description=tok.description,
+        create_time=from_timestamp(tok.create_time),
+        expire_time=from_timestamp(tok.expire_time) if tok.HasField("expire_time") else None,
+        revoked=tok.revoked,
+        creator=tok.creator,
+    )
+
+
+def audit_from_pb(r: pb.AuditRecord) -> access.AuditRecord:
+    return access.AuditRecord(
+        id=r.id,
+        time=from_timestamp(r.time),
+        principal=r.principal,
+        method=r.method,
+        resource=r.resource,
+        project=r.project,
+        code=r.code,
+        peer=r.peer,
+        operation=r.operation,
+    )

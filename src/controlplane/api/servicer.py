@@ -13,7 +13,9 @@ import grpc
 from google.protobuf import empty_pb2
 
 from controlplane import build_logs
+from controlplane.access import Access
 from controlplane.api import convert
+from controlplane.api.auth import current_principal
 from controlplane.api.status import stream, unary
 from controlplane.domain import names
 from controlplane.domain import states as st
@@ -50,8 +52,10 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
         hub: EventHub,
         wait_max_s: float,
         exporter: Exporter,
+        access: Access,
     ) -> None:
         self.svc = service
+        self.access = access
         self.sources = sources
         self.hub = hub
         self.exporter = exporter
@@ -313,3 +317,44 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
         op = await _run(lambda: self.svc.cancel_operation(request.name))
         # A running build stops at its server's next look (within a second or so).
         return convert.operation_to_pb(await self._until_done(op, min(30.0, self.wait_max_s)))
+
+    # ---- tokens and audit --------------------------------------------------------------------
+
+    @unary
+    async def CreateToken(
+        self, request: rpc.CreateTokenRequest, context: Ctx
+    ) -> rpc.CreateTokenResponse:
+        ttl = request.ttl.ToTimedelta().total_seconds() if request.HasField("ttl") else None
+        creator = current_principal()
+        token, secret = await _run(
+            lambda: self.access.create_token(
+                request.parent, request.role, request.description, ttl, creator
+            )
+        )
+        return rpc.CreateTokenResponse(token=convert.token_to_pb(token), secret=secret)
+
+    @unary
+    async def ListTokens(
+        self, request: rpc.ListTokensRequest, context: Ctx
+    ) -> rpc.ListTokensResponse:
+        tokens, nxt = await _run(
+            lambda: self.access.list_tokens(request.parent, request.page_size, request.page_token)
+        )
+        return rpc.ListTokensResponse(
+            tokens=[convert.token_to_pb(tok) for tok in tokens], next_page_token=nxt
+        )
+
+    @unary
+    async def RevokeToken(self, request: rpc.RevokeTokenRequest, context: Ctx) -> pb.Token:
+        return convert.token_to_pb(await _run(lambda: self.access.revoke_token(request.name)))
+
+    @unary
+    async def ListAuditRecords(
+        self, request: rpc.ListAuditRecordsRequest, context: Ctx
+    ) -> rpc.ListAuditRecordsResponse:
+        records, nxt = await _run(
+            lambda: self.access.list_audit(request.parent, request.page_size, request.page_token)
+        )
+        return rpc.ListAuditRecordsResponse(
+            records=[convert.audit_to_pb(r) for r in records], next_page_token=nxt
+        )

@@ -11,6 +11,7 @@ from pathlib import Path
 from controlplane.api.client import Client
 from controlplane.cli import inputs
 from controlplane.cli.output import Printer, resources, short, when
+from controlplane.domain import access as ac
 from controlplane.domain import types as t
 
 EXIT_OK = 0
@@ -285,4 +286,33 @@ async def watch(c: Client, args: argparse.Namespace, p: Printer) -> int:
         seen += 1
         if args.count and seen >= args.count:
             break
+    return EXIT_OK
+
+
+def _scope(args: argparse.Namespace) -> str:
+    return "projects/-" if args.all_projects else inputs.project_name(args.project)
+
+
+async def tokens_create(c: Client, args: argparse.Namespace, p: Printer) -> int:
+    role = ac.Role[args.role.upper()]
+    token, secret = await c.create_token(
+        _scope(args), role, args.description, inputs.ttl_seconds(args.ttl)
+    )
+    p.progress(f"created {token.name} ({role.label}); its secret is shown once, here:")
+    print(secret, file=p.out)  # stdout holds the secret alone, for scripts
+    return EXIT_OK
+
+
+async def tokens_list(c: Client, args: argparse.Namespace, p: Printer) -> int:
+    p.result((await c.list_tokens(_scope(args), args.limit)).items)
+    return EXIT_OK
+
+
+async def tokens_revoke(c: Client, args: argparse.Namespace, p: Printer) -> int:
+    p.result(await c.revoke_token(args.name))
+    return EXIT_OK
+
+
+async def audit_list(c: Client, args: argparse.Namespace, p: Printer) -> int:
+    p.result((await c.list_audit_records(_scope(args), args.limit)).items)
     return EXIT_OK

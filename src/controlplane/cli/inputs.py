@@ -85,3 +85,32 @@ def empty_directory(path: str) -> Path:
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise UsageError(f"{dest} exists and is not an empty directory")
     return dest
+
+
+DEFAULT_TOKEN_FILE = Path(".modelctl") / "admin.token"
+_TTL = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_TTL_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def token(explicit: str, file: str) -> str:
+    """The token to send: --token, else the contents of --token-file, else the admin
+    token `modelctl serve` wrote in ./.modelctl at its first start, if there is one."""
+    if explicit:
+        return explicit.strip()
+    path = Path(file) if file else DEFAULT_TOKEN_FILE
+    if not file and not path.is_file():
+        return ""
+    try:
+        return path.read_text().strip()
+    except OSError as e:
+        raise UsageError(f"cannot read the token file {path}: {e.strerror}") from e
+
+
+def ttl_seconds(text: str) -> float | None:
+    """'90m' -> 5400; '' -> None (never expires)."""
+    if not text:
+        return None
+    found = _TTL.match(text.strip())
+    if found is None:
+        raise UsageError(f"--ttl {text!r}: use a number and a unit, e.g. 3600s, 90m, 12h, 30d")
+    return float(found.group(1)) * _TTL_UNIT[found.group(2)]

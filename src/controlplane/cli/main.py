@@ -15,8 +15,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from controlplane import serve_cmd
 from controlplane.api.client import Client, ClientError
 from controlplane.cli import commands as cmd
+from controlplane.cli import inputs
 from controlplane.cli.inputs import UsageError
 from controlplane.cli.output import Printer
+from controlplane.domain import access as ac
 
 EXIT_UNREACHABLE = 3
 Handler = Callable[[Client, argparse.Namespace, Printer], Awaitable[int]]
@@ -53,6 +55,17 @@ def _common(defaults: bool) -> argparse.ArgumentParser:
         help="project of bare model ids (env MODELCTL_PROJECT; default 'default')",
     )
     p.add_argument("--output", "-o", choices=("table", "json"), default=default("table"))
+    p.add_argument(
+        "--token",
+        default=default(os.environ.get("MODELCTL_TOKEN", "")),
+        help="bearer token (env MODELCTL_TOKEN; else --token-file)",
+    )
+    p.add_argument(
+        "--token-file",
+        default=default(os.environ.get("MODELCTL_TOKEN_FILE", "")),
+        help="file holding the token (env MODELCTL_TOKEN_FILE; default .modelctl/admin.token, "
+        "what `modelctl serve` writes at its first start, when it exists)",
+    )
     tls = (
         ("--ca-file", "MODELCTL_CA_FILE", "use TLS, trusting this CA (PEM)"),
         ("--client-cert", "MODELCTL_CLIENT_CERT", "mutual TLS: this client's certificate"),
@@ -183,6 +196,25 @@ def parser() -> argparse.ArgumentParser:
     ls.add_argument("--limit", type=int, default=50)
     _sub(verbs, "get", cmd.operations_get, "one operation").add_argument("name")
 
+    tok = _sub(sub, "tokens", None, "access tokens (admins): create, list, revoke")
+    verbs = tok.add_subparsers(dest="verb", required=True, metavar="{create,list,revoke}")
+    create = _sub(verbs, "create", cmd.tokens_create, "a new token; its secret is shown once")
+    create.add_argument(
+        "--role", required=True, choices=[r.label for r in ac.Role], help="what it may do"
+    )
+    create.add_argument(
+        "--all-projects", action="store_true", help="valid in every project, not --project's"
+    )
+    create.add_argument("--ttl", default="", help="expires after e.g. 3600s, 90m, 12h, 30d")
+    create.add_argument("--description", default="")
+    ls = _sub(verbs, "list", cmd.tokens_list, "--project's tokens (never their secrets)")
+    ls.add_argument("--all-projects", action="store_true", help="the every-project tokens")
+    ls.add_argument("--limit", type=int, default=50)
+    _sub(verbs, "revoke", cmd.tokens_revoke, "stop a token working").add_argument("name")
+    audit = _sub(sub, "audit", cmd.audit_list, "who changed what (admins), newest first")
+    audit.add_argument("--all-projects", action="store_true", help="every project's records")
+    audit.add_argument("--limit", type=int, default=50)
+
     w = _sub(
         sub,
         "watch",
@@ -205,8 +237,9 @@ async def run(argv: Sequence[str]) -> int:
     handler: Handler = args.handler
     tls = (args.ca_file, args.client_cert, args.client_key)
     try:
-        client = Client(args.server, tls=tls if any(tls) else None)
-    except ValueError as e:  # an unreadable CA, certificate or key file
+        token = inputs.token(args.token, args.token_file)
+        client = Client(args.server, tls=tls if any(tls) else None, token=token)
+    except (ValueError, UsageError) as e:  # unreadable CA, certificate, key or token file
         print(f"modelctl: {e}", file=sys.stderr)
         return cmd.EXIT_USAGE
     try:

@@ -10,6 +10,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Any, TextIO
 
+from controlplane import access
 from controlplane.domain import types as t
 
 
@@ -121,7 +122,37 @@ def _build_details(b: t.Build) -> str:
     return head + "\n\n" + table(["package", "version", "requested", "sha256"], rows)
 
 
+def _token_rows(items: Sequence[access.Token]) -> tuple[list[str], list[list[str]]]:
+    return ["name", "role", "expires", "revoked", "created", "description"], [
+        [
+            tok.name,
+            tok.role.label,
+            when(tok.expire_time) if tok.expire_time else "never",
+            "yes" if tok.revoked else "",
+            when(tok.create_time),
+            tok.description,
+        ]
+        for tok in items
+    ]
+
+
+def _audit_rows(items: Sequence[access.AuditRecord]) -> tuple[list[str], list[list[str]]]:
+    return ["time", "who", "what", "resource", "result", "from"], [
+        [
+            when(r.time),
+            r.principal,
+            r.method.rsplit("/", 1)[-1],
+            r.resource or r.operation,
+            r.code,
+            r.peer,
+        ]
+        for r in items
+    ]
+
+
 _ROWS: dict[type, Any] = {
+    access.Token: _token_rows,
+    access.AuditRecord: _audit_rows,
     t.Model: _model_rows,
     t.Build: _build_rows,
     t.Deployment: _deployment_rows,

@@ -56,6 +56,14 @@ class ResourceExhausted(DomainError):
     """gRPC RESOURCE_EXHAUSTED (e.g. an upload over the size limit)."""
 
 
+class Unauthenticated(DomainError):
+    """No valid token (gRPC UNAUTHENTICATED); never says why, so nothing helps a guess."""
+
+
+class PermissionDenied(DomainError):
+    """A known resource, a role too weak for the call (gRPC PERMISSION_DENIED)."""
+
+
 class InvalidTransition(Exception):
     """A state change not in domain/transitions.py: a bug, never a client error."""
 

@@ -182,3 +182,36 @@ class RequestRow(SQLModel, table=True):
     result: str = Field(max_length=250)
     fingerprint: str = Field(max_length=64)
     create_time: datetime = _time()
+
+
+class TokenRow(SQLModel, table=True):
+    """An access token: only the SHA-256 of its secret is kept."""
+
+    __tablename__ = "tokens"
+
+    id: int | None = Field(default=None, primary_key=True)
+    token_id: str = Field(unique=True, index=True, max_length=32)
+    project: str = Field(index=True, max_length=63)  # "-": every project
+    role: int
+    secret_hash: str = Field(max_length=64)
+    description: str = _text()
+    creator: str = Field(default="", max_length=120)
+    revoked: bool = False
+    create_time: datetime = _time()
+    expire_time: datetime | None = _time(nullable=True)
+
+
+class AuditRow(SQLModel, table=True):
+    """One mutation: who, what, when, from where, and how it ended."""
+
+    __tablename__ = "audit_records"
+
+    id: int | None = Field(default=None, primary_key=True)
+    time: datetime = _time(index=True)
+    principal: str = Field(max_length=120)
+    project: str = Field(index=True, max_length=63)
+    method: str = Field(max_length=120)
+    resource: str = Field(default="", max_length=250)
+    code: str = Field(max_length=40)
+    peer: str = Field(default="", max_length=120)
+    operation: str = Field(default="", max_length=80)

@@ -188,6 +188,32 @@ EVENT_TYPE_BOOKMARK: EventType.ValueType  # 5
 """Carries only the latest revision, no resource."""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
+class _Role:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Role.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROLE_UNSPECIFIED: _Role.ValueType  # 0
+    ROLE_VIEWER: _Role.ValueType  # 1
+    """Read and watch."""
+    ROLE_DEPLOYER: _Role.ValueType  # 2
+    """Also create models, upload, build, deploy, stop, restart, cancel, export."""
+    ROLE_ADMIN: _Role.ValueType  # 3
+    """Also delete models, manage tokens, read the audit records."""
+
+class Role(_Role, metaclass=_RoleEnumTypeWrapper):
+    """What a token may do in its project; each role includes the ones before it."""
+
+ROLE_UNSPECIFIED: Role.ValueType  # 0
+ROLE_VIEWER: Role.ValueType  # 1
+"""Read and watch."""
+ROLE_DEPLOYER: Role.ValueType  # 2
+"""Also create models, upload, build, deploy, stop, restart, cancel, export."""
+ROLE_ADMIN: Role.ValueType  # 3
+"""Also delete models, manage tokens, read the audit records."""
+Global___Role: _TypeAlias = Role  # noqa: Y015
+
 @_typing.final
 class Model(_message.Message):
     """projects/{project}/models/{model}"""
@@ -641,3 +667,98 @@ class ModelEvent(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_resource) -> _WhichOneofReturnType_resource | None: ...
 
 Global___ModelEvent: _TypeAlias = ModelEvent  # noqa: Y015
+
+@_typing.final
+class Token(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    REVOKED_FIELD_NUMBER: _builtins.int
+    CREATOR_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """projects/{project}/tokens/{id} (projects/-/tokens/{id}: every project)."""
+    role: Global___Role.ValueType
+    description: _builtins.str
+    revoked: _builtins.bool
+    creator: _builtins.str
+    """The token that created it ("" for the server's first admin token)."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """Unset: it never expires."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        role: Global___Role.ValueType = ...,
+        description: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        revoked: _builtins.bool = ...,
+        creator: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "creator", b"creator", "description", b"description", "expire_time", b"expire_time", "name", b"name", "revoked", b"revoked", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Token: _TypeAlias = Token  # noqa: Y015
+
+@_typing.final
+class AuditRecord(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    RESOURCE_FIELD_NUMBER: _builtins.int
+    PROJECT_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    PEER_FIELD_NUMBER: _builtins.int
+    OPERATION_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Increasing, in the order the records were written."""
+    principal: _builtins.str
+    """Who: the token's name ("anonymous" with --insecure-no-auth)."""
+    method: _builtins.str
+    """What: the RPC's full method, e.g. /modellifecycle.v1.ModelLifecycle/StopModel,
+    and the resource it named.
+    """
+    resource: _builtins.str
+    project: _builtins.str
+    code: _builtins.str
+    """How it ended: the gRPC code name (OK, PERMISSION_DENIED, ...)."""
+    peer: _builtins.str
+    """From where: the client's address as the server saw it."""
+    operation: _builtins.str
+    """The operation it started, if any."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        principal: _builtins.str = ...,
+        method: _builtins.str = ...,
+        resource: _builtins.str = ...,
+        project: _builtins.str = ...,
+        code: _builtins.str = ...,
+        peer: _builtins.str = ...,
+        operation: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "id", b"id", "method", b"method", "operation", b"operation", "peer", b"peer", "principal", b"principal", "project", b"project", "resource", b"resource", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditRecord: _TypeAlias = AuditRecord  # noqa: Y015

@@ -144,6 +144,26 @@ class ModelLifecycleStub:
                 request_serializer=modellifecycle_dot_v1_dot_service__pb2.ExportBuildRequest.SerializeToString,
                 response_deserializer=modellifecycle_dot_v1_dot_service__pb2.ExportBuildChunk.FromString,
                 _registered_method=True)
+        self.CreateToken = channel.unary_unary(
+                '/modellifecycle.v1.ModelLifecycle/CreateToken',
+                request_serializer=modellifecycle_dot_v1_dot_service__pb2.CreateTokenRequest.SerializeToString,
+                response_deserializer=modellifecycle_dot_v1_dot_service__pb2.CreateTokenResponse.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/modellifecycle.v1.ModelLifecycle/ListTokens',
+                request_serializer=modellifecycle_dot_v1_dot_service__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=modellifecycle_dot_v1_dot_service__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/modellifecycle.v1.ModelLifecycle/RevokeToken',
+                request_serializer=modellifecycle_dot_v1_dot_service__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=modellifecycle_dot_v1_dot_resources__pb2.Token.FromString,
+                _registered_method=True)
+        self.ListAuditRecords = channel.unary_unary(
+                '/modellifecycle.v1.ModelLifecycle/ListAuditRecords',
+                request_serializer=modellifecycle_dot_v1_dot_service__pb2.ListAuditRecordsRequest.SerializeToString,
+                response_deserializer=modellifecycle_dot_v1_dot_service__pb2.ListAuditRecordsResponse.FromString,
+                _registered_method=True)
 
 
 class ModelLifecycleServicer:
@@ -299,6 +319,36 @@ class ModelLifecycleServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateToken(self, request, context):
+        """Access tokens (docs/security.md). `parent` is projects/{project}, or projects/- for
+        tokens valid in every project (cluster admins). The token's secret is returned
+        once, by CreateToken; only its hash is stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """The token stops working at once on this server, within seconds on the others.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAuditRecords(self, request, context):
+        """Who changed what, when, from where, and how it ended: one record per mutation,
+        newest first. Admins only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelLifecycleServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -406,6 +456,26 @@ def add_ModelLifecycleServicer_to_server(servicer, server):
                     servicer.ExportBuild,
                     request_deserializer=modellifecycle_dot_v1_dot_service__pb2.ExportBuildRequest.FromString,
                     response_serializer=modellifecycle_dot_v1_dot_service__pb2.ExportBuildChunk.SerializeToString,
+            ),
+            'CreateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateToken,
+                    request_deserializer=modellifecycle_dot_v1_dot_service__pb2.CreateTokenRequest.FromString,
+                    response_serializer=modellifecycle_dot_v1_dot_service__pb2.CreateTokenResponse.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=modellifecycle_dot_v1_dot_service__pb2.ListTokensRequest.FromString,
+                    response_serializer=modellifecycle_dot_v1_dot_service__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=modellifecycle_dot_v1_dot_service__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=modellifecycle_dot_v1_dot_resources__pb2.Token.SerializeToString,
+            ),
+            'ListAuditRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditRecords,
+                    request_deserializer=modellifecycle_dot_v1_dot_service__pb2.ListAuditRecordsRequest.FromString,
+                    response_serializer=modellifecycle_dot_v1_dot_service__pb2.ListAuditRecordsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -978,6 +1048,114 @@ class ModelLifecycle:
             '/modellifecycle.v1.ModelLifecycle/ExportBuild',
             modellifecycle_dot_v1_dot_service__pb2.ExportBuildRequest.SerializeToString,
             modellifecycle_dot_v1_dot_service__pb2.ExportBuildChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modellifecycle.v1.ModelLifecycle/CreateToken',
+            modellifecycle_dot_v1_dot_service__pb2.CreateTokenRequest.SerializeToString,
+            modellifecycle_dot_v1_dot_service__pb2.CreateTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modellifecycle.v1.ModelLifecycle/ListTokens',
+            modellifecycle_dot_v1_dot_service__pb2.ListTokensRequest.SerializeToString,
+            modellifecycle_dot_v1_dot_service__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modellifecycle.v1.ModelLifecycle/RevokeToken',
+            modellifecycle_dot_v1_dot_service__pb2.RevokeTokenRequest.SerializeToString,
+            modellifecycle_dot_v1_dot_resources__pb2.Token.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modellifecycle.v1.ModelLifecycle/ListAuditRecords',
+            modellifecycle_dot_v1_dot_service__pb2.ListAuditRecordsRequest.SerializeToString,
+            modellifecycle_dot_v1_dot_service__pb2.ListAuditRecordsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -87,6 +87,18 @@ class ModelLifecycleStub:
     """Writes a BUILT build as a standard OCI image layout (built with buildah from a
     generated Containerfile on `base_image`) and streams it as a tar archive.
     """
+    CreateToken: _grpc.UnaryUnaryMultiCallable[_service_pb2.CreateTokenRequest, _service_pb2.CreateTokenResponse]
+    """Access tokens (docs/security.md). `parent` is projects/{project}, or projects/- for
+    tokens valid in every project (cluster admins). The token's secret is returned
+    once, by CreateToken; only its hash is stored.
+    """
+    ListTokens: _grpc.UnaryUnaryMultiCallable[_service_pb2.ListTokensRequest, _service_pb2.ListTokensResponse]
+    RevokeToken: _grpc.UnaryUnaryMultiCallable[_service_pb2.RevokeTokenRequest, _resources_pb2.Token]
+    """The token stops working at once on this server, within seconds on the others."""
+    ListAuditRecords: _grpc.UnaryUnaryMultiCallable[_service_pb2.ListAuditRecordsRequest, _service_pb2.ListAuditRecordsResponse]
+    """Who changed what, when, from where, and how it ended: one record per mutation,
+    newest first. Admins only.
+    """
 
 @_typing.type_check_only
 class ModelLifecycleAsyncStub(ModelLifecycleStub):
@@ -144,6 +156,18 @@ class ModelLifecycleAsyncStub(ModelLifecycleStub):
     ExportBuild: _aio.UnaryStreamMultiCallable[_service_pb2.ExportBuildRequest, _service_pb2.ExportBuildChunk]  # type: ignore[assignment]
     """Writes a BUILT build as a standard OCI image layout (built with buildah from a
     generated Containerfile on `base_image`) and streams it as a tar archive.
+    """
+    CreateToken: _aio.UnaryUnaryMultiCallable[_service_pb2.CreateTokenRequest, _service_pb2.CreateTokenResponse]  # type: ignore[assignment]
+    """Access tokens (docs/security.md). `parent` is projects/{project}, or projects/- for
+    tokens valid in every project (cluster admins). The token's secret is returned
+    once, by CreateToken; only its hash is stored.
+    """
+    ListTokens: _aio.UnaryUnaryMultiCallable[_service_pb2.ListTokensRequest, _service_pb2.ListTokensResponse]  # type: ignore[assignment]
+    RevokeToken: _aio.UnaryUnaryMultiCallable[_service_pb2.RevokeTokenRequest, _resources_pb2.Token]  # type: ignore[assignment]
+    """The token stops working at once on this server, within seconds on the others."""
+    ListAuditRecords: _aio.UnaryUnaryMultiCallable[_service_pb2.ListAuditRecordsRequest, _service_pb2.ListAuditRecordsResponse]  # type: ignore[assignment]
+    """Who changed what, when, from where, and how it ended: one record per mutation,
+    newest first. Admins only.
     """
 
 class ModelLifecycleServicer(metaclass=_abc_1.ABCMeta):
@@ -325,6 +349,42 @@ class ModelLifecycleServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_service_pb2.ExportBuildChunk], _abc.AsyncIterator[_service_pb2.ExportBuildChunk]]:
         """Writes a BUILT build as a standard OCI image layout (built with buildah from a
         generated Containerfile on `base_image`) and streams it as a tar archive.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateToken(
+        self,
+        request: _service_pb2.CreateTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_service_pb2.CreateTokenResponse, _abc.Awaitable[_service_pb2.CreateTokenResponse]]:
+        """Access tokens (docs/security.md). `parent` is projects/{project}, or projects/- for
+        tokens valid in every project (cluster admins). The token's secret is returned
+        once, by CreateToken; only its hash is stored.
+        """
+
+    @_abc_1.abstractmethod
+    def ListTokens(
+        self,
+        request: _service_pb2.ListTokensRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_service_pb2.ListTokensResponse, _abc.Awaitable[_service_pb2.ListTokensResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeToken(
+        self,
+        request: _service_pb2.RevokeTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_resources_pb2.Token, _abc.Awaitable[_resources_pb2.Token]]:
+        """The token stops working at once on this server, within seconds on the others."""
+
+    @_abc_1.abstractmethod
+    def ListAuditRecords(
+        self,
+        request: _service_pb2.ListAuditRecordsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_service_pb2.ListAuditRecordsResponse, _abc.Awaitable[_service_pb2.ListAuditRecordsResponse]]:
+        """Who changed what, when, from where, and how it ended: one record per mutation,
+        newest first. Admins only.
         """
 
 def add_ModelLifecycleServicer_to_server(servicer: ModelLifecycleServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -60,6 +60,16 @@ type ModelLifecycleClient interface {
 	// Writes a BUILT build as a standard OCI image layout (built with buildah from a
 	// generated Containerfile on `base_image`) and streams it as a tar archive.
 	ExportBuild(ctx context.Context, in *ExportBuildRequest, opts ...grpc.CallOption) (ModelLifecycle_ExportBuildClient, error)
+	// Access tokens (docs/security.md). `parent` is projects/{project}, or projects/- for
+	// tokens valid in every project (cluster admins). The token's secret is returned
+	// once, by CreateToken; only its hash is stored.
+	CreateToken(ctx context.Context, in *CreateTokenRequest, opts ...grpc.CallOption) (*CreateTokenResponse, error)
+	ListTokens(ctx context.Context, in *ListTokensRequest, opts ...grpc.CallOption) (*ListTokensResponse, error)
+	// The token stops working at once on this server, within seconds on the others.
+	RevokeToken(ctx context.Context, in *RevokeTokenRequest, opts ...grpc.CallOption) (*Token, error)
+	// Who changed what, when, from where, and how it ended: one record per mutation,
+	// newest first. Admins only.
+	ListAuditRecords(ctx context.Context, in *ListAuditRecordsRequest, opts ...grpc.CallOption) (*ListAuditRecordsResponse, error)
 }
 
 type modelLifecycleClient struct {
@@ -376,6 +386,42 @@ func (x *modelLifecycleExportBuildClient) Recv() (*ExportBuildChunk, error) {
 	return m, nil
 }
 
+func (c *modelLifecycleClient) CreateToken(ctx context.Context, in *CreateTokenRequest, opts ...grpc.CallOption) (*CreateTokenResponse, error) {
+	out := new(CreateTokenResponse)
+	err := c.cc.Invoke(ctx, "/modellifecycle.v1.ModelLifecycle/CreateToken", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *modelLifecycleClient) ListTokens(ctx context.Context, in *ListTokensRequest, opts ...grpc.CallOption) (*ListTokensResponse, error) {
+	out := new(ListTokensResponse)
+	err := c.cc.Invoke(ctx, "/modellifecycle.v1.ModelLifecycle/ListTokens", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *modelLifecycleClient) RevokeToken(ctx context.Context, in *RevokeTokenRequest, opts ...grpc.CallOption) (*Token, error) {
+	out := new(Token)
+	err := c.cc.Invoke(ctx, "/modellifecycle.v1.ModelLifecycle/RevokeToken", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *modelLifecycleClient) ListAuditRecords(ctx context.Context, in *ListAuditRecordsRequest, opts ...grpc.CallOption) (*ListAuditRecordsResponse, error) {
+	out := new(ListAuditRecordsResponse)
+	err := c.cc.Invoke(ctx, "/modellifecycle.v1.ModelLifecycle/ListAuditRecords", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ModelLifecycleServer is the server API for ModelLifecycle service.
 // All implementations must embed UnimplementedModelLifecycleServer
 // for forward compatibility
@@ -422,6 +468,16 @@ type ModelLifecycleServer interface {
 	// Writes a BUILT build as a standard OCI image layout (built with buildah from a
 	// generated Containerfile on `base_image`) and streams it as a tar archive.
 	ExportBuild(*ExportBuildRequest, ModelLifecycle_ExportBuildServer) error
+	// Access tokens (docs/security.md). `parent` is projects/{project}, or projects/- for
+	// tokens valid in every project (cluster admins). The token's secret is returned
+	// once, by CreateToken; only its hash is stored.
+	CreateToken(context.Context, *CreateTokenRequest) (*CreateTokenResponse, error)
+	ListTokens(context.Context, *ListTokensRequest) (*ListTokensResponse, error)
+	// The token stops working at once on this server, within seconds on the others.
+	RevokeToken(context.Context, *RevokeTokenRequest) (*Token, error)
+	// Who changed what, when, from where, and how it ended: one record per mutation,
+	// newest first. Admins only.
+	ListAuditRecords(context.Context, *ListAuditRecordsRequest) (*ListAuditRecordsResponse, error)
 	mustEmbedUnimplementedModelLifecycleServer()
 }
 
@@ -491,6 +547,18 @@ func (UnimplementedModelLifecycleServer) StreamBuildLogs(*StreamBuildLogsRequest
 }
 func (UnimplementedModelLifecycleServer) ExportBuild(*ExportBuildRequest, ModelLifecycle_ExportBuildServer) error {
 	return status.Errorf(codes.Unimplemented, "method ExportBuild not implemented")
+}
+func (UnimplementedModelLifecycleServer) CreateToken(context.Context, *CreateTokenRequest) (*CreateTokenResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method CreateToken not implemented")
+}
+func (UnimplementedModelLifecycleServer) ListTokens(context.Context, *ListTokensRequest) (*ListTokensResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ListTokens not implemented")
+}
+func (UnimplementedModelLifecycleServer) RevokeToken(context.Context, *RevokeTokenRequest) (*Token, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method RevokeToken not implemented")
+}
+func (UnimplementedModelLifecycleServer) ListAuditRecords(context.Context, *ListAuditRecordsRequest) (*ListAuditRecordsResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ListAuditRecords not implemented")
 }
 func (UnimplementedModelLifecycleServer) mustEmbedUnimplementedModelLifecycleServer() {}
 
@@ -903,6 +971,78 @@ func (x *modelLifecycleExportBuildServer) Send(m *ExportBuildChunk) error {
 	return x.ServerStream.SendMsg(m)
 }
 
+func _ModelLifecycle_CreateToken_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CreateTokenRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ModelLifecycleServer).CreateToken(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/modellifecycle.v1.ModelLifecycle/CreateToken",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ModelLifecycleServer).CreateToken(ctx, req.(*CreateTokenRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ModelLifecycle_ListTokens_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListTokensRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ModelLifecycleServer).ListTokens(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/modellifecycle.v1.ModelLifecycle/ListTokens",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ModelLifecycleServer).ListTokens(ctx, req.(*ListTokensRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ModelLifecycle_RevokeToken_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RevokeTokenRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ModelLifecycleServer).RevokeToken(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/modellifecycle.v1.ModelLifecycle/RevokeToken",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ModelLifecycleServer).RevokeToken(ctx, req.(*RevokeTokenRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ModelLifecycle_ListAuditRecords_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListAuditRecordsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ModelLifecycleServer).ListAuditRecords(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/modellifecycle.v1.ModelLifecycle/ListAuditRecords",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ModelLifecycleServer).ListAuditRecords(ctx, req.(*ListAuditRecordsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 var _ModelLifecycle_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "modellifecycle.v1.ModelLifecycle",
 	HandlerType: (*ModelLifecycleServer)(nil),
@@ -970,6 +1110,22 @@ var _ModelLifecycle_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "CancelOperation",
 			Handler:    _ModelLifecycle_CancelOperation_Handler,
+		},
+		{
+			MethodName: "CreateToken",
+			Handler:    _ModelLifecycle_CreateToken_Handler,
+		},
+		{
+			MethodName: "ListTokens",
+			Handler:    _ModelLifecycle_ListTokens_Handler,
+		},
+		{
+			MethodName: "RevokeToken",
+			Handler:    _ModelLifecycle_RevokeToken_Handler,
+		},
+		{
+			MethodName: "ListAuditRecords",
+			Handler:    _ModelLifecycle_ListAuditRecords_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

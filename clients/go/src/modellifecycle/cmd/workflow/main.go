@@ -24,6 +24,8 @@ import (
 	"sync"
 	"time"
 
+	"google.golang.org/grpc"
+
 	"modellifecycle/client"
 	pb "modellifecycle/v1"
 )
@@ -34,10 +36,20 @@ func main() {
 	modelID := flag.String("model-id", "iris-from-go", "the new model's id")
 	source := flag.String("source", "examples/iris-v1", "folder with the model's code (model.py, function predict)")
 	timeout := flag.Duration("timeout", 10*time.Minute, "give up after this long")
+	tokenFile := flag.String("token-file", "", "file holding the token (e.g. DATA_DIR/admin.token); none: no token")
 	flag.Parse()
 
+	var opts []grpc.DialOption
+	if *tokenFile != "" {
+		token, err := client.ReadToken(*tokenFile)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "workflow failed:", err)
+			os.Exit(1)
+		}
+		opts = append(opts, client.WithToken(token))
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
-	err := run(ctx, *server, *project, *modelID, *source)
+	err := run(ctx, *server, *project, *modelID, *source, opts...)
 	cancel()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "workflow failed:", err)
@@ -45,8 +57,8 @@ func main() {
 	}
 }
 
-func run(ctx context.Context, server, project, modelID, source string) error {
-	c, err := client.Dial(server)
+func run(ctx context.Context, server, project, modelID, source string, opts ...grpc.DialOption) error {
+	c, err := client.Dial(server, opts...)
 	if err != nil {
 		return err
 	}

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file modellifecycle/v1/resources.proto.
  */
 export const file_modellifecycle_v1_resources: GenFile = /*@__PURE__*/
-  fileDesc("CiFtb2RlbGxpZmVjeWNsZS92MS9yZXNvdXJjZXMucHJvdG8SEW1vZGVsbGlmZWN5Y2xlLnYxIrcCCgVNb2RlbBIMCgRuYW1lGAEgASgJEhQKDGRpc3BsYXlfbmFtZRgCIAEoCRITCgtkZXNjcmlwdGlvbhgDIAEoCRIsCgVzdGF0ZRgEIAEoDjIdLm1vZGVsbGlmZWN5Y2xlLnYxLk1vZGVsU3RhdGUSGQoRYWN0aXZlX2RlcGxveW1lbnQYBSABKAkSEAoIZW5kcG9pbnQYBiABKAkSLwoLY3JlYXRlX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIMCgRldGFnGAkgASgJEg8KB21lc3NhZ2UYCiABKAkSGQoRcnVubmluZ19vcGVyYXRpb24YCyABKAkitgMKBUJ1aWxkEgwKBG5hbWUYASABKAkSDwoHdmVyc2lvbhgCIAEoAxIVCg1zb3VyY2Vfc2hhMjU2GAMgASgJEhEKCWZpbGVfcGF0aBgEIAEoCRIVCg1mdW5jdGlvbl9uYW1lGAUgASgJEg8KB2NvbW1lbnQYBiABKAkSLAoFc3RhdGUYByABKA4yHS5tb2RlbGxpZmVjeWNsZS52MS5CdWlsZFN0YXRlEg0KBWltYWdlGAggASgJEg0KBWVycm9yGAkgASgJEi8KC2NyZWF0ZV90aW1lGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtmaW5pc2hfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASKwoHcnVudGltZRgMIAEoCzIaLm1vZGVsbGlmZWN5Y2xlLnYxLlJ1bnRpbWUSNAoIcGFja2FnZXMYDSADKAsyIi5tb2RlbGxpZmVjeWNsZS52MS5SZXNvbHZlZFBhY2thZ2USEQoJY2FjaGVfaGl0GA4gASgIEhgKEGltYWdlX3NpemVfYnl0ZXMYDyABKAMiSwoHUnVudGltZRIWCg5pbXBsZW1lbnRhdGlvbhgBIAEoCRIWCg5weXRob25fdmVyc2lvbhgCIAEoCRIQCghwbGF0Zm9ybRgDIAEoCSJTCg9SZXNvbHZlZFBhY2thZ2USDAoEbmFtZRgBIAEoCRIPCgd2ZXJzaW9uGAIgASgJEg4KBnNoYTI1NhgDIAEoCRIRCglyZXF1ZXN0ZWQYBCABKAgiTQoJUmVzb3VyY2VzEhAKCHJlcGxpY2FzGAEgASgFEgwKBGNwdXMYAiABKAESEgoKbWVtb3J5X21pYhgDIAEoAxIMCgRncHVzGAQgASgBIpABCgdSZXBsaWNhEgoKAmlkGAEgASgJEi4KBXN0YXRlGAIgASgOMh8ubW9kZWxsaWZlY3ljbGUudjEuUmVwbGljYVN0YXRlEgsKA3BpZBgDIAEoAxIMCgRub2RlGAQgASgJEi4KCnN0YXJ0X3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIqcDCgpEZXBsb3ltZW50EgwKBG5hbWUYASABKAkSDQoFYnVpbGQYAiABKAkSLwoJcmVzb3VyY2VzGAMgASgLMhwubW9kZWxsaWZlY3ljbGUudjEuUmVzb3VyY2VzEkMKC2Vudmlyb25tZW50GAQgAygLMi4ubW9kZWxsaWZlY3ljbGUudjEuRGVwbG95bWVudC5FbnZpcm9ubWVudEVudHJ5EjEKBXN0YXRlGAUgASgOMiIubW9kZWxsaWZlY3ljbGUudjEuRGVwbG95bWVudFN0YXRlEiwKCHJlcGxpY2FzGAYgAygLMhoubW9kZWxsaWZlY3ljbGUudjEuUmVwbGljYRIPCgdtZXNzYWdlGAcgASgJEi8KC2NyZWF0ZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAaMgoQRW52aXJvbm1lbnRFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIqECCglPcGVyYXRpb24SDAoEbmFtZRgBIAEoCRIuCgRraW5kGAIgASgOMiAubW9kZWxsaWZlY3ljbGUudjEuT3BlcmF0aW9uS2luZBIOCgZ0YXJnZXQYAyABKAkSDAoEZG9uZRgEIAEoCBIhCgVlcnJvchgFIAEoCzISLmdvb2dsZS5ycGMuU3RhdHVzEi8KC2NyZWF0ZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDQoFbW9kZWwYCCABKAkSEAoIcHJvZ3Jlc3MYCSABKAkSEgoKZGVwbG95bWVudBgKIAEoCSIsCgZTb3VyY2USDgoGc2hhMjU2GAEgASgJEhIKCnNpemVfYnl0ZXMYAiABKAMivgIKCk1vZGVsRXZlbnQSEAoIcmV2aXNpb24YASABKAMSKAoEdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASKgoEdHlwZRgDIAEoDjIcLm1vZGVsbGlmZWN5Y2xlLnYxLkV2ZW50VHlwZRIpCgVtb2RlbBgEIAEoCzIYLm1vZGVsbGlmZWN5Y2xlLnYxLk1vZGVsSAASKQoFYnVpbGQYBSABKAsyGC5tb2RlbGxpZmVjeWNsZS52MS5CdWlsZEgAEjMKCmRlcGxveW1lbnQYBiABKAsyHS5tb2RlbGxpZmVjeWNsZS52MS5EZXBsb3ltZW50SAASMQoJb3BlcmF0aW9uGAcgASgLMhwubW9kZWxsaWZlY3ljbGUudjEuT3BlcmF0aW9uSABCCgoIcmVzb3VyY2Uq4AEKCk1vZGVsU3RhdGUSGwoXTU9ERUxfU1RBVEVfVU5TUEVDSUZJRUQQABIcChhNT0RFTF9TVEFURV9OT1RfREVQTE9ZRUQQARIXChNNT0RFTF9TVEFURV9QRU5ESU5HEAISGQoVTU9ERUxfU1RBVEVfREVQTE9ZSU5HEAMSGAoUTU9ERUxfU1RBVEVfREVQTE9ZRUQQBBIYChRNT0RFTF9TVEFURV9TVE9QUElORxAFEhcKE01PREVMX1NUQVRFX1NUT1BQRUQQBhIWChJNT0RFTF9TVEFURV9GQUlMRUQQByqKAQoKQnVpbGRTdGF0ZRIbChdCVUlMRF9TVEFURV9VTlNQRUNJRklFRBAAEhYKEkJVSUxEX1NUQVRFX1FVRVVFRBABEhgKFEJVSUxEX1NUQVRFX0JVSUxESU5HEAISFQoRQlVJTERfU1RBVEVfQlVJTFQQAxIWChJCVUlMRF9TVEFURV9GQUlMRUQQBCqJAgoPRGVwbG95bWVudFN0YXRlEiAKHERFUExPWU1FTlRfU1RBVEVfVU5TUEVDSUZJRUQQABIcChhERVBMT1lNRU5UX1NUQVRFX1BFTkRJTkcQARIeChpERVBMT1lNRU5UX1NUQVRFX0RFUExPWUlORxACEh0KGURFUExPWU1FTlRfU1RBVEVfREVQTE9ZRUQQAxIdChlERVBMT1lNRU5UX1NUQVRFX1NUT1BQSU5HEAQSHAoYREVQTE9ZTUVOVF9TVEFURV9TVE9QUEVEEAUSGwoXREVQTE9ZTUVOVF9TVEFURV9GQUlMRUQQBhIdChlERVBMT1lNRU5UX1NUQVRFX1JFUExBQ0VEEAcqmgEKDFJlcGxpY2FTdGF0ZRIdChlSRVBMSUNBX1NUQVRFX1VOU1BFQ0lGSUVEEAASGgoWUkVQTElDQV9TVEFURV9TVEFSVElORxABEhkKFVJFUExJQ0FfU1RBVEVfUlVOTklORxACEhoKFlJFUExJQ0FfU1RBVEVfU1RPUFBJTkcQAxIYChRSRVBMSUNBX1NUQVRFX0ZBSUxFRBAEKrcBCg1PcGVyYXRpb25LaW5kEh4KGk9QRVJBVElPTl9LSU5EX1VOU1BFQ0lGSUVEEAASHwobT1BFUkFUSU9OX0tJTkRfQ1JFQVRFX0JVSUxEEAESJAogT1BFUkFUSU9OX0tJTkRfQ1JFQVRFX0RFUExPWU1FTlQQAhIdChlPUEVSQVRJT05fS0lORF9TVE9QX01PREVMEAMSIAocT1BFUkFUSU9OX0tJTkRfUkVTVEFSVF9NT0RFTBAEKqABCglFdmVudFR5cGUSGgoWRVZFTlRfVFlQRV9VTlNQRUNJRklFRBAAEhYKEkVWRU5UX1RZUEVfQ1VSUkVOVBABEhYKEkVWRU5UX1RZUEVfQ1JFQVRFRBACEhYKEkVWRU5UX1RZUEVfVVBEQVRFRBADEhYKEkVWRU5UX1RZUEVfREVMRVRFRBAEEhcKE0VWRU5UX1RZUEVfQk9PS01BUksQBUIkWiJtb2RlbGxpZmVjeWNsZS92MTttb2RlbGxpZmVjeWNsZXYxYgZwcm90bzM", [file_google_protobuf_timestamp, file_google_rpc_status]);
+  fileDesc("CiFtb2RlbGxpZmVjeWNsZS92MS9yZXNvdXJjZXMucHJvdG8SEW1vZGVsbGlmZWN5Y2xlLnYxIrcCCgVNb2RlbBIMCgRuYW1lGAEgASgJEhQKDGRpc3BsYXlfbmFtZRgCIAEoCRITCgtkZXNjcmlwdGlvbhgDIAEoCRIsCgVzdGF0ZRgEIAEoDjIdLm1vZGVsbGlmZWN5Y2xlLnYxLk1vZGVsU3RhdGUSGQoRYWN0aXZlX2RlcGxveW1lbnQYBSABKAkSEAoIZW5kcG9pbnQYBiABKAkSLwoLY3JlYXRlX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIMCgRldGFnGAkgASgJEg8KB21lc3NhZ2UYCiABKAkSGQoRcnVubmluZ19vcGVyYXRpb24YCyABKAkitgMKBUJ1aWxkEgwKBG5hbWUYASABKAkSDwoHdmVyc2lvbhgCIAEoAxIVCg1zb3VyY2Vfc2hhMjU2GAMgASgJEhEKCWZpbGVfcGF0aBgEIAEoCRIVCg1mdW5jdGlvbl9uYW1lGAUgASgJEg8KB2NvbW1lbnQYBiABKAkSLAoFc3RhdGUYByABKA4yHS5tb2RlbGxpZmVjeWNsZS52MS5CdWlsZFN0YXRlEg0KBWltYWdlGAggASgJEg0KBWVycm9yGAkgASgJEi8KC2NyZWF0ZV90aW1lGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtmaW5pc2hfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASKwoHcnVudGltZRgMIAEoCzIaLm1vZGVsbGlmZWN5Y2xlLnYxLlJ1bnRpbWUSNAoIcGFja2FnZXMYDSADKAsyIi5tb2RlbGxpZmVjeWNsZS52MS5SZXNvbHZlZFBhY2thZ2USEQoJY2FjaGVfaGl0GA4gASgIEhgKEGltYWdlX3NpemVfYnl0ZXMYDyABKAMiSwoHUnVudGltZRIWCg5pbXBsZW1lbnRhdGlvbhgBIAEoCRIWCg5weXRob25fdmVyc2lvbhgCIAEoCRIQCghwbGF0Zm9ybRgDIAEoCSJTCg9SZXNvbHZlZFBhY2thZ2USDAoEbmFtZRgBIAEoCRIPCgd2ZXJzaW9uGAIgASgJEg4KBnNoYTI1NhgDIAEoCRIRCglyZXF1ZXN0ZWQYBCABKAgiTQoJUmVzb3VyY2VzEhAKCHJlcGxpY2FzGAEgASgFEgwKBGNwdXMYAiABKAESEgoKbWVtb3J5X21pYhgDIAEoAxIMCgRncHVzGAQgASgBIpABCgdSZXBsaWNhEgoKAmlkGAEgASgJEi4KBXN0YXRlGAIgASgOMh8ubW9kZWxsaWZlY3ljbGUudjEuUmVwbGljYVN0YXRlEgsKA3BpZBgDIAEoAxIMCgRub2RlGAQgASgJEi4KCnN0YXJ0X3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIqcDCgpEZXBsb3ltZW50EgwKBG5hbWUYASABKAkSDQoFYnVpbGQYAiABKAkSLwoJcmVzb3VyY2VzGAMgASgLMhwubW9kZWxsaWZlY3ljbGUudjEuUmVzb3VyY2VzEkMKC2Vudmlyb25tZW50GAQgAygLMi4ubW9kZWxsaWZlY3ljbGUudjEuRGVwbG95bWVudC5FbnZpcm9ubWVudEVudHJ5EjEKBXN0YXRlGAUgASgOMiIubW9kZWxsaWZlY3ljbGUudjEuRGVwbG95bWVudFN0YXRlEiwKCHJlcGxpY2FzGAYgAygLMhoubW9kZWxsaWZlY3ljbGUudjEuUmVwbGljYRIPCgdtZXNzYWdlGAcgASgJEi8KC2NyZWF0ZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAaMgoQRW52aXJvbm1lbnRFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIqECCglPcGVyYXRpb24SDAoEbmFtZRgBIAEoCRIuCgRraW5kGAIgASgOMiAubW9kZWxsaWZlY3ljbGUudjEuT3BlcmF0aW9uS2luZBIOCgZ0YXJnZXQYAyABKAkSDAoEZG9uZRgEIAEoCBIhCgVlcnJvchgFIAEoCzISLmdvb2dsZS5ycGMuU3RhdHVzEi8KC2NyZWF0ZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDQoFbW9kZWwYCCABKAkSEAoIcHJvZ3Jlc3MYCSABKAkSEgoKZGVwbG95bWVudBgKIAEoCSIsCgZTb3VyY2USDgoGc2hhMjU2GAEgASgJEhIKCnNpemVfYnl0ZXMYAiABKAMivgIKCk1vZGVsRXZlbnQSEAoIcmV2aXNpb24YASABKAMSKAoEdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASKgoEdHlwZRgDIAEoDjIcLm1vZGVsbGlmZWN5Y2xlLnYxLkV2ZW50VHlwZRIpCgVtb2RlbBgEIAEoCzIYLm1vZGVsbGlmZWN5Y2xlLnYxLk1vZGVsSAASKQoFYnVpbGQYBSABKAsyGC5tb2RlbGxpZmVjeWNsZS52MS5CdWlsZEgAEjMKCmRlcGxveW1lbnQYBiABKAsyHS5tb2RlbGxpZmVjeWNsZS52MS5EZXBsb3ltZW50SAASMQoJb3BlcmF0aW9uGAcgASgLMhwubW9kZWxsaWZlY3ljbGUudjEuT3BlcmF0aW9uSABCCgoIcmVzb3VyY2Ui1QEKBVRva2VuEgwKBG5hbWUYASABKAkSJQoEcm9sZRgCIAEoDjIXLm1vZGVsbGlmZWN5Y2xlLnYxLlJvbGUSEwoLZGVzY3JpcHRpb24YAyABKAkSLwoLY3JlYXRlX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2V4cGlyZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdyZXZva2VkGAYgASgIEg8KB2NyZWF0b3IYByABKAkiuAEKC0F1ZGl0UmVjb3JkEgoKAmlkGAEgASgDEigKBHRpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhEKCXByaW5jaXBhbBgDIAEoCRIOCgZtZXRob2QYBCABKAkSEAoIcmVzb3VyY2UYBSABKAkSDwoHcHJvamVjdBgGIAEoCRIMCgRjb2RlGAcgASgJEgwKBHBlZXIYCCABKAkSEQoJb3BlcmF0aW9uGAkgASgJKuABCgpNb2RlbFN0YXRlEhsKF01PREVMX1NUQVRFX1VOU1BFQ0lGSUVEEAASHAoYTU9ERUxfU1RBVEVfTk9UX0RFUExPWUVEEAESFwoTTU9ERUxfU1RBVEVfUEVORElORxACEhkKFU1PREVMX1NUQVRFX0RFUExPWUlORxADEhgKFE1PREVMX1NUQVRFX0RFUExPWUVEEAQSGAoUTU9ERUxfU1RBVEVfU1RPUFBJTkcQBRIXChNNT0RFTF9TVEFURV9TVE9QUEVEEAYSFgoSTU9ERUxfU1RBVEVfRkFJTEVEEAcqigEKCkJ1aWxkU3RhdGUSGwoXQlVJTERfU1RBVEVfVU5TUEVDSUZJRUQQABIWChJCVUlMRF9TVEFURV9RVUVVRUQQARIYChRCVUlMRF9TVEFURV9CVUlMRElORxACEhUKEUJVSUxEX1NUQVRFX0JVSUxUEAMSFgoSQlVJTERfU1RBVEVfRkFJTEVEEAQqiQIKD0RlcGxveW1lbnRTdGF0ZRIgChxERVBMT1lNRU5UX1NUQVRFX1VOU1BFQ0lGSUVEEAASHAoYREVQTE9ZTUVOVF9TVEFURV9QRU5ESU5HEAESHgoaREVQTE9ZTUVOVF9TVEFURV9ERVBMT1lJTkcQAhIdChlERVBMT1lNRU5UX1NUQVRFX0RFUExPWUVEEAMSHQoZREVQTE9ZTUVOVF9TVEFURV9TVE9QUElORxAEEhwKGERFUExPWU1FTlRfU1RBVEVfU1RPUFBFRBAFEhsKF0RFUExPWU1FTlRfU1RBVEVfRkFJTEVEEAYSHQoZREVQTE9ZTUVOVF9TVEFURV9SRVBMQUNFRBAHKpoBCgxSZXBsaWNhU3RhdGUSHQoZUkVQTElDQV9TVEFURV9VTlNQRUNJRklFRBAAEhoKFlJFUExJQ0FfU1RBVEVfU1RBUlRJTkcQARIZChVSRVBMSUNBX1NUQVRFX1JVTk5JTkcQAhIaChZSRVBMSUNBX1NUQVRFX1NUT1BQSU5HEAMSGAoUUkVQTElDQV9TVEFURV9GQUlMRUQQBCq3AQoNT3BlcmF0aW9uS2luZBIeChpPUEVSQVRJT05fS0lORF9VTlNQRUNJRklFRBAAEh8KG09QRVJBVElPTl9LSU5EX0NSRUFURV9CVUlMRBABEiQKIE9QRVJBVElPTl9LSU5EX0NSRUFURV9ERVBMT1lNRU5UEAISHQoZT1BFUkFUSU9OX0tJTkRfU1RPUF9NT0RFTBADEiAKHE9QRVJBVElPTl9LSU5EX1JFU1RBUlRfTU9ERUwQBCqgAQoJRXZlbnRUeXBlEhoKFkVWRU5UX1RZUEVfVU5TUEVDSUZJRUQQABIWChJFVkVOVF9UWVBFX0NVUlJFTlQQARIWChJFVkVOVF9UWVBFX0NSRUFURUQQAhIWChJFVkVOVF9UWVBFX1VQREFURUQQAxIWChJFVkVOVF9UWVBFX0RFTEVURUQQBBIXChNFVkVOVF9UWVBFX0JPT0tNQVJLEAUqUAoEUm9sZRIUChBST0xFX1VOU1BFQ0lGSUVEEAASDwoLUk9MRV9WSUVXRVIQARIRCg1ST0xFX0RFUExPWUVSEAISDgoKUk9MRV9BRE1JThADQiRaIm1vZGVsbGlmZWN5Y2xlL3YxO21vZGVsbGlmZWN5Y2xldjFiBnByb3RvMw", [file_google_protobuf_timestamp, file_google_rpc_status]);
 
 /**
  * projects/{project}/models/{model}
@@ -560,6 +560,129 @@ export const ModelEventSchema: GenMessage<ModelEvent> = /*@__PURE__*/
   messageDesc(file_modellifecycle_v1_resources, 9);
 
 /**
+ * @generated from message modellifecycle.v1.Token
+ */
+export type Token = Message<"modellifecycle.v1.Token"> & {
+  /**
+   * projects/{project}/tokens/{id} (projects/-/tokens/{id}: every project).
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * @generated from field: modellifecycle.v1.Role role = 2;
+   */
+  role: Role;
+
+  /**
+   * @generated from field: string description = 3;
+   */
+  description: string;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp create_time = 4;
+   */
+  createTime?: Timestamp | undefined;
+
+  /**
+   * Unset: it never expires.
+   *
+   * @generated from field: google.protobuf.Timestamp expire_time = 5;
+   */
+  expireTime?: Timestamp | undefined;
+
+  /**
+   * @generated from field: bool revoked = 6;
+   */
+  revoked: boolean;
+
+  /**
+   * The token that created it ("" for the server's first admin token).
+   *
+   * @generated from field: string creator = 7;
+   */
+  creator: string;
+};
+
+/**
+ * Describes the message modellifecycle.v1.Token.
+ * Use `create(TokenSchema)` to create a new message.
+ */
+export const TokenSchema: GenMessage<Token> = /*@__PURE__*/
+  messageDesc(file_modellifecycle_v1_resources, 10);
+
+/**
+ * @generated from message modellifecycle.v1.AuditRecord
+ */
+export type AuditRecord = Message<"modellifecycle.v1.AuditRecord"> & {
+  /**
+   * Increasing, in the order the records were written.
+   *
+   * @generated from field: int64 id = 1;
+   */
+  id: bigint;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp time = 2;
+   */
+  time?: Timestamp | undefined;
+
+  /**
+   * Who: the token's name ("anonymous" with --insecure-no-auth).
+   *
+   * @generated from field: string principal = 3;
+   */
+  principal: string;
+
+  /**
+   * What: the RPC's full method, e.g. /modellifecycle.v1.ModelLifecycle/StopModel,
+   * and the resource it named.
+   *
+   * @generated from field: string method = 4;
+   */
+  method: string;
+
+  /**
+   * @generated from field: string resource = 5;
+   */
+  resource: string;
+
+  /**
+   * @generated from field: string project = 6;
+   */
+  project: string;
+
+  /**
+   * How it ended: the gRPC code name (OK, PERMISSION_DENIED, ...).
+   *
+   * @generated from field: string code = 7;
+   */
+  code: string;
+
+  /**
+   * From where: the client's address as the server saw it.
+   *
+   * @generated from field: string peer = 8;
+   */
+  peer: string;
+
+  /**
+   * The operation it started, if any.
+   *
+   * @generated from field: string operation = 9;
+   */
+  operation: string;
+};
+
+/**
+ * Describes the message modellifecycle.v1.AuditRecord.
+ * Use `create(AuditRecordSchema)` to create a new message.
+ */
+export const AuditRecordSchema: GenMessage<AuditRecord> = /*@__PURE__*/
+  messageDesc(file_modellifecycle_v1_resources, 11);
+
+/**
  * The serving lifecycle of a model. A model is *active* while it is
  * DEPLOYING, DEPLOYED or STOPPING.
  *
@@ -836,4 +959,43 @@ export enum EventType {
  */
 export const EventTypeSchema: GenEnum<EventType> = /*@__PURE__*/
   enumDesc(file_modellifecycle_v1_resources, 5);
+
+/**
+ * What a token may do in its project; each role includes the ones before it.
+ *
+ * @generated from enum modellifecycle.v1.Role
+ */
+export enum Role {
+  /**
+   * @generated from enum value: ROLE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Read and watch.
+   *
+   * @generated from enum value: ROLE_VIEWER = 1;
+   */
+  VIEWER = 1,
+
+  /**
+   * Also create models, upload, build, deploy, stop, restart, cancel, export.
+   *
+   * @generated from enum value: ROLE_DEPLOYER = 2;
+   */
+  DEPLOYER = 2,
+
+  /**
+   * Also delete models, manage tokens, read the audit records.
+   *
+   * @generated from enum value: ROLE_ADMIN = 3;
+   */
+  ADMIN = 3,
+}
+
+/**
+ * Describes the enum modellifecycle.v1.Role.
+ */
+export const RoleSchema: GenEnum<Role> = /*@__PURE__*/
+  enumDesc(file_modellifecycle_v1_resources, 6);
 

@@ -6,7 +6,7 @@ import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegen
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Duration, EmptySchema, Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_duration, file_google_protobuf_empty, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
-import type { Build, BuildSchema, Deployment, DeploymentSchema, Model, ModelEventSchema, ModelSchema, Operation, OperationSchema, Resources, SourceSchema } from "./resources_pb.js";
+import type { AuditRecord, Build, BuildSchema, Deployment, DeploymentSchema, Model, ModelEventSchema, ModelSchema, Operation, OperationSchema, Resources, Role, SourceSchema, Token, TokenSchema } from "./resources_pb.js";
 import { file_modellifecycle_v1_resources } from "./resources_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file modellifecycle/v1/service.proto.
  */
 export const file_modellifecycle_v1_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch9tb2RlbGxpZmVjeWNsZS92MS9zZXJ2aWNlLnByb3RvEhFtb2RlbGxpZmVjeWNsZS52MSJzChJDcmVhdGVNb2RlbFJlcXVlc3QSDgoGcGFyZW50GAEgASgJEhAKCG1vZGVsX2lkGAIgASgJEicKBW1vZGVsGAMgASgLMhgubW9kZWxsaWZlY3ljbGUudjEuTW9kZWwSEgoKcmVxdWVzdF9pZBgEIAEoCSIfCg9HZXRNb2RlbFJlcXVlc3QSDAoEbmFtZRgBIAEoCSJKChFMaXN0TW9kZWxzUmVxdWVzdBIOCgZwYXJlbnQYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiVwoSTGlzdE1vZGVsc1Jlc3BvbnNlEigKBm1vZGVscxgBIAMoCzIYLm1vZGVsbGlmZWN5Y2xlLnYxLk1vZGVsEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIiChJEZWxldGVNb2RlbFJlcXVlc3QSDAoEbmFtZRgBIAEoCSI0ChNVcGxvYWRTb3VyY2VSZXF1ZXN0Eg4KBnBhcmVudBgBIAEoCRINCgVjaHVuaxgCIAEoDCK8AQoNRGVwbG95T3B0aW9ucxIvCglyZXNvdXJjZXMYASABKAsyHC5tb2RlbGxpZmVjeWNsZS52MS5SZXNvdXJjZXMSRgoLZW52aXJvbm1lbnQYAiADKAsyMS5tb2RlbGxpZmVjeWNsZS52MS5EZXBsb3lPcHRpb25zLkVudmlyb25tZW50RW50cnkaMgoQRW52aXJvbm1lbnRFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIs4BChJDcmVhdGVCdWlsZFJlcXVlc3QSDgoGcGFyZW50GAEgASgJEhUKDXNvdXJjZV9zaGEyNTYYAiABKAkSEQoJZmlsZV9wYXRoGAMgASgJEhUKDWZ1bmN0aW9uX25hbWUYBCABKAkSDwoHY29tbWVudBgFIAEoCRIwCgZkZXBsb3kYBiABKAsyIC5tb2RlbGxpZmVjeWNsZS52MS5EZXBsb3lPcHRpb25zEhIKCnJlcXVlc3RfaWQYByABKAkSEAoIbm9fY2FjaGUYCCABKAgiHwoPR2V0QnVpbGRSZXF1ZXN0EgwKBG5hbWUYASABKAkiSgoRTGlzdEJ1aWxkc1JlcXVlc3QSDgoGcGFyZW50GAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIlcKEkxpc3RCdWlsZHNSZXNwb25zZRIoCgZidWlsZHMYASADKAsyGC5tb2RlbGxpZmVjeWNsZS52MS5CdWlsZBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkigwIKF0NyZWF0ZURlcGxveW1lbnRSZXF1ZXN0Eg4KBnBhcmVudBgBIAEoCRINCgVidWlsZBgCIAEoCRIvCglyZXNvdXJjZXMYAyABKAsyHC5tb2RlbGxpZmVjeWNsZS52MS5SZXNvdXJjZXMSUAoLZW52aXJvbm1lbnQYBCADKAsyOy5tb2RlbGxpZmVjeWNsZS52MS5DcmVhdGVEZXBsb3ltZW50UmVxdWVzdC5FbnZpcm9ubWVudEVudHJ5EhIKCnJlcXVlc3RfaWQYBSABKAkaMgoQRW52aXJvbm1lbnRFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIiQKFEdldERlcGxveW1lbnRSZXF1ZXN0EgwKBG5hbWUYASABKAkiTwoWTGlzdERlcGxveW1lbnRzUmVxdWVzdBIOCgZwYXJlbnQYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiZgoXTGlzdERlcGxveW1lbnRzUmVzcG9uc2USMgoLZGVwbG95bWVudHMYASADKAsyHS5tb2RlbGxpZmVjeWNsZS52MS5EZXBsb3ltZW50EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSI0ChBTdG9wTW9kZWxSZXF1ZXN0EgwKBG5hbWUYASABKAkSEgoKcmVxdWVzdF9pZBgCIAEoCSI3ChNSZXN0YXJ0TW9kZWxSZXF1ZXN0EgwKBG5hbWUYASABKAkSEgoKcmVxdWVzdF9pZBgCIAEoCSIjChNHZXRPcGVyYXRpb25SZXF1ZXN0EgwKBG5hbWUYASABKAkiTgoVTGlzdE9wZXJhdGlvbnNSZXF1ZXN0Eg4KBnBhcmVudBgBIAEoCRIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSJjChZMaXN0T3BlcmF0aW9uc1Jlc3BvbnNlEjAKCm9wZXJhdGlvbnMYASADKAsyHC5tb2RlbGxpZmVjeWNsZS52MS5PcGVyYXRpb24SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIlAKFFdhaXRPcGVyYXRpb25SZXF1ZXN0EgwKBG5hbWUYASABKAkSKgoHdGltZW91dBgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiI5ChFXYXRjaE1vZGVsUmVxdWVzdBIMCgRuYW1lGAEgASgJEhYKDnNpbmNlX3JldmlzaW9uGAIgASgDIkwKEldhdGNoTW9kZWxzUmVxdWVzdBIOCgZwYXJlbnQYASABKAkSDgoGZmlsdGVyGAIgASgJEhYKDnNpbmNlX3JldmlzaW9uGAMgASgDIiYKFkNhbmNlbE9wZXJhdGlvblJlcXVlc3QSDAoEbmFtZRgBIAEoCSI2ChZTdHJlYW1CdWlsZExvZ3NSZXF1ZXN0EgwKBG5hbWUYASABKAkSDgoGZm9sbG93GAIgASgIIlYKDEJ1aWxkTG9nTGluZRIOCgZudW1iZXIYASABKAMSKAoEdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEdGV4dBgDIAEoCSJDChJFeHBvcnRCdWlsZFJlcXVlc3QSDAoEbmFtZRgBIAEoCRISCgpiYXNlX2ltYWdlGAIgASgJEgsKA3RhZxgDIAEoCSI5ChBFeHBvcnRCdWlsZENodW5rEgwKBGRhdGEYASABKAwSFwoPbWFuaWZlc3RfZGlnZXN0GAIgASgJMsMOCg5Nb2RlbExpZmVjeWNsZRJOCgtDcmVhdGVNb2RlbBIlLm1vZGVsbGlmZWN5Y2xlLnYxLkNyZWF0ZU1vZGVsUmVxdWVzdBoYLm1vZGVsbGlmZWN5Y2xlLnYxLk1vZGVsEkgKCEdldE1vZGVsEiIubW9kZWxsaWZlY3ljbGUudjEuR2V0TW9kZWxSZXF1ZXN0GhgubW9kZWxsaWZlY3ljbGUudjEuTW9kZWwSWQoKTGlzdE1vZGVscxIkLm1vZGVsbGlmZWN5Y2xlLnYxLkxpc3RNb2RlbHNSZXF1ZXN0GiUubW9kZWxsaWZlY3ljbGUudjEuTGlzdE1vZGVsc1Jlc3BvbnNlEkwKC0RlbGV0ZU1vZGVsEiUubW9kZWxsaWZlY3ljbGUudjEuRGVsZXRlTW9kZWxSZXF1ZXN0GhYuZ29vZ2xlLnByb3RvYnVmLkVtcHR5ElMKDFVwbG9hZFNvdXJjZRImLm1vZGVsbGlmZWN5Y2xlLnYxLlVwbG9hZFNvdXJjZVJlcXVlc3QaGS5tb2RlbGxpZmVjeWNsZS52MS5Tb3VyY2UoARJSCgtDcmVhdGVCdWlsZBIlLm1vZGVsbGlmZWN5Y2xlLnYxLkNyZWF0ZUJ1aWxkUmVxdWVzdBocLm1vZGVsbGlmZWN5Y2xlLnYxLk9wZXJhdGlvbhJICghHZXRCdWlsZBIiLm1vZGVsbGlmZWN5Y2xlLnYxLkdldEJ1aWxkUmVxdWVzdBoYLm1vZGVsbGlmZWN5Y2xlLnYxLkJ1aWxkElkKCkxpc3RCdWlsZHMSJC5tb2RlbGxpZmVjeWNsZS52MS5MaXN0QnVpbGRzUmVxdWVzdBolLm1vZGVsbGlmZWN5Y2xlLnYxLkxpc3RCdWlsZHNSZXNwb25zZRJcChBDcmVhdGVEZXBsb3ltZW50EioubW9kZWxsaWZlY3ljbGUudjEuQ3JlYXRlRGVwbG95bWVudFJlcXVlc3QaHC5tb2RlbGxpZmVjeWNsZS52MS5PcGVyYXRpb24SVwoNR2V0RGVwbG95bWVudBInLm1vZGVsbGlmZWN5Y2xlLnYxLkdldERlcGxveW1lbnRSZXF1ZXN0Gh0ubW9kZWxsaWZlY3ljbGUudjEuRGVwbG95bWVudBJoCg9MaXN0RGVwbG95bWVudHMSKS5tb2RlbGxpZmVjeWNsZS52MS5MaXN0RGVwbG95bWVudHNSZXF1ZXN0GioubW9kZWxsaWZlY3ljbGUudjEuTGlzdERlcGxveW1lbnRzUmVzcG9uc2USTgoJU3RvcE1vZGVsEiMubW9kZWxsaWZlY3ljbGUudjEuU3RvcE1vZGVsUmVxdWVzdBocLm1vZGVsbGlmZWN5Y2xlLnYxLk9wZXJhdGlvbhJUCgxSZXN0YXJ0TW9kZWwSJi5tb2RlbGxpZmVjeWNsZS52MS5SZXN0YXJ0TW9kZWxSZXF1ZXN0GhwubW9kZWxsaWZlY3ljbGUudjEuT3BlcmF0aW9uElQKDEdldE9wZXJhdGlvbhImLm1vZGVsbGlmZWN5Y2xlLnYxLkdldE9wZXJhdGlvblJlcXVlc3QaHC5tb2RlbGxpZmVjeWNsZS52MS5PcGVyYXRpb24SZQoOTGlzdE9wZXJhdGlvbnMSKC5tb2RlbGxpZmVjeWNsZS52MS5MaXN0T3BlcmF0aW9uc1JlcXVlc3QaKS5tb2RlbGxpZmVjeWNsZS52MS5MaXN0T3BlcmF0aW9uc1Jlc3BvbnNlElYKDVdhaXRPcGVyYXRpb24SJy5tb2RlbGxpZmVjeWNsZS52MS5XYWl0T3BlcmF0aW9uUmVxdWVzdBocLm1vZGVsbGlmZWN5Y2xlLnYxLk9wZXJhdGlvbhJTCgpXYXRjaE1vZGVsEiQubW9kZWxsaWZlY3ljbGUudjEuV2F0Y2hNb2RlbFJlcXVlc3QaHS5tb2RlbGxpZmVjeWNsZS52MS5Nb2RlbEV2ZW50MAESVQoLV2F0Y2hNb2RlbHMSJS5tb2RlbGxpZmVjeWNsZS52MS5XYXRjaE1vZGVsc1JlcXVlc3QaHS5tb2RlbGxpZmVjeWNsZS52MS5Nb2RlbEV2ZW50MAESWgoPQ2FuY2VsT3BlcmF0aW9uEikubW9kZWxsaWZlY3ljbGUudjEuQ2FuY2VsT3BlcmF0aW9uUmVxdWVzdBocLm1vZGVsbGlmZWN5Y2xlLnYxLk9wZXJhdGlvbhJfCg9TdHJlYW1CdWlsZExvZ3MSKS5tb2RlbGxpZmVjeWNsZS52MS5TdHJlYW1CdWlsZExvZ3NSZXF1ZXN0Gh8ubW9kZWxsaWZlY3ljbGUudjEuQnVpbGRMb2dMaW5lMAESWwoLRXhwb3J0QnVpbGQSJS5tb2RlbGxpZmVjeWNsZS52MS5FeHBvcnRCdWlsZFJlcXVlc3QaIy5tb2RlbGxpZmVjeWNsZS52MS5FeHBvcnRCdWlsZENodW5rMAFCJFoibW9kZWxsaWZlY3ljbGUvdjE7bW9kZWxsaWZlY3ljbGV2MWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_empty, file_google_protobuf_timestamp, file_modellifecycle_v1_resources]);
+  fileDesc("Ch9tb2RlbGxpZmVjeWNsZS92MS9zZXJ2aWNlLnByb3RvEhFtb2RlbGxpZmVjeWNsZS52MSJzChJDcmVhdGVNb2RlbFJlcXVlc3QSDgoGcGFyZW50GAEgASgJEhAKCG1vZGVsX2lkGAIgASgJEicKBW1vZGVsGAMgASgLMhgubW9kZWxsaWZlY3ljbGUudjEuTW9kZWwSEgoKcmVxdWVzdF9pZBgEIAEoCSIfCg9HZXRNb2RlbFJlcXVlc3QSDAoEbmFtZRgBIAEoCSJKChFMaXN0TW9kZWxzUmVxdWVzdBIOCgZwYXJlbnQYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiVwoSTGlzdE1vZGVsc1Jlc3BvbnNlEigKBm1vZGVscxgBIAMoCzIYLm1vZGVsbGlmZWN5Y2xlLnYxLk1vZGVsEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIiChJEZWxldGVNb2RlbFJlcXVlc3QSDAoEbmFtZRgBIAEoCSI0ChNVcGxvYWRTb3VyY2VSZXF1ZXN0Eg4KBnBhcmVudBgBIAEoCRINCgVjaHVuaxgCIAEoDCK8AQoNRGVwbG95T3B0aW9ucxIvCglyZXNvdXJjZXMYASABKAsyHC5tb2RlbGxpZmVjeWNsZS52MS5SZXNvdXJjZXMSRgoLZW52aXJvbm1lbnQYAiADKAsyMS5tb2RlbGxpZmVjeWNsZS52MS5EZXBsb3lPcHRpb25zLkVudmlyb25tZW50RW50cnkaMgoQRW52aXJvbm1lbnRFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIs4BChJDcmVhdGVCdWlsZFJlcXVlc3QSDgoGcGFyZW50GAEgASgJEhUKDXNvdXJjZV9zaGEyNTYYAiABKAkSEQoJZmlsZV9wYXRoGAMgASgJEhUKDWZ1bmN0aW9uX25hbWUYBCABKAkSDwoHY29tbWVudBgFIAEoCRIwCgZkZXBsb3kYBiABKAsyIC5tb2RlbGxpZmVjeWNsZS52MS5EZXBsb3lPcHRpb25zEhIKCnJlcXVlc3RfaWQYByABKAkSEAoIbm9fY2FjaGUYCCABKAgiHwoPR2V0QnVpbGRSZXF1ZXN0EgwKBG5hbWUYASABKAkiSgoRTGlzdEJ1aWxkc1JlcXVlc3QSDgoGcGFyZW50GAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIlcKEkxpc3RCdWlsZHNSZXNwb25zZRIoCgZidWlsZHMYASADKAsyGC5tb2RlbGxpZmVjeWNsZS52MS5CdWlsZBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkigwIKF0NyZWF0ZURlcGxveW1lbnRSZXF1ZXN0Eg4KBnBhcmVudBgBIAEoCRINCgVidWlsZBgCIAEoCRIvCglyZXNvdXJjZXMYAyABKAsyHC5tb2RlbGxpZmVjeWNsZS52MS5SZXNvdXJjZXMSUAoLZW52aXJvbm1lbnQYBCADKAsyOy5tb2RlbGxpZmVjeWNsZS52MS5DcmVhdGVEZXBsb3ltZW50UmVxdWVzdC5FbnZpcm9ubWVudEVudHJ5EhIKCnJlcXVlc3RfaWQYBSABKAkaMgoQRW52aXJvbm1lbnRFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIiQKFEdldERlcGxveW1lbnRSZXF1ZXN0EgwKBG5hbWUYASABKAkiTwoWTGlzdERlcGxveW1lbnRzUmVxdWVzdBIOCgZwYXJlbnQYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiZgoXTGlzdERlcGxveW1lbnRzUmVzcG9uc2USMgoLZGVwbG95bWVudHMYASADKAsyHS5tb2RlbGxpZmVjeWNsZS52MS5EZXBsb3ltZW50EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSI0ChBTdG9wTW9kZWxSZXF1ZXN0EgwKBG5hbWUYASABKAkSEgoKcmVxdWVzdF9pZBgCIAEoCSI3ChNSZXN0YXJ0TW9kZWxSZXF1ZXN0EgwKBG5hbWUYASABKAkSEgoKcmVxdWVzdF9pZBgCIAEoCSIjChNHZXRPcGVyYXRpb25SZXF1ZXN0EgwKBG5hbWUYASABKAkiTgoVTGlzdE9wZXJhdGlvbnNSZXF1ZXN0Eg4KBnBhcmVudBgBIAEoCRIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSJjChZMaXN0T3BlcmF0aW9uc1Jlc3BvbnNlEjAKCm9wZXJhdGlvbnMYASADKAsyHC5tb2RlbGxpZmVjeWNsZS52MS5PcGVyYXRpb24SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIlAKFFdhaXRPcGVyYXRpb25SZXF1ZXN0EgwKBG5hbWUYASABKAkSKgoHdGltZW91dBgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiI5ChFXYXRjaE1vZGVsUmVxdWVzdBIMCgRuYW1lGAEgASgJEhYKDnNpbmNlX3JldmlzaW9uGAIgASgDIkwKEldhdGNoTW9kZWxzUmVxdWVzdBIOCgZwYXJlbnQYASABKAkSDgoGZmlsdGVyGAIgASgJEhYKDnNpbmNlX3JldmlzaW9uGAMgASgDIiYKFkNhbmNlbE9wZXJhdGlvblJlcXVlc3QSDAoEbmFtZRgBIAEoCSI2ChZTdHJlYW1CdWlsZExvZ3NSZXF1ZXN0EgwKBG5hbWUYASABKAkSDgoGZm9sbG93GAIgASgIIlYKDEJ1aWxkTG9nTGluZRIOCgZudW1iZXIYASABKAMSKAoEdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEdGV4dBgDIAEoCSJDChJFeHBvcnRCdWlsZFJlcXVlc3QSDAoEbmFtZRgBIAEoCRISCgpiYXNlX2ltYWdlGAIgASgJEgsKA3RhZxgDIAEoCSI5ChBFeHBvcnRCdWlsZENodW5rEgwKBGRhdGEYASABKAwSFwoPbWFuaWZlc3RfZGlnZXN0GAIgASgJIogBChJDcmVhdGVUb2tlblJlcXVlc3QSDgoGcGFyZW50GAEgASgJEiUKBHJvbGUYAiABKA4yFy5tb2RlbGxpZmVjeWNsZS52MS5Sb2xlEhMKC2Rlc2NyaXB0aW9uGAMgASgJEiYKA3R0bBgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiJOChNDcmVhdGVUb2tlblJlc3BvbnNlEicKBXRva2VuGAEgASgLMhgubW9kZWxsaWZlY3ljbGUudjEuVG9rZW4SDgoGc2VjcmV0GAIgASgJIkoKEUxpc3RUb2tlbnNSZXF1ZXN0Eg4KBnBhcmVudBgBIAEoCRIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSJXChJMaXN0VG9rZW5zUmVzcG9uc2USKAoGdG9rZW5zGAEgAygLMhgubW9kZWxsaWZlY3ljbGUudjEuVG9rZW4SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIiIKElJldm9rZVRva2VuUmVxdWVzdBIMCgRuYW1lGAEgASgJIlAKF0xpc3RBdWRpdFJlY29yZHNSZXF1ZXN0Eg4KBnBhcmVudBgBIAEoCRIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSJkChhMaXN0QXVkaXRSZWNvcmRzUmVzcG9uc2USLwoHcmVjb3JkcxgBIAMoCzIeLm1vZGVsbGlmZWN5Y2xlLnYxLkF1ZGl0UmVjb3JkEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCTK5EQoOTW9kZWxMaWZlY3ljbGUSTgoLQ3JlYXRlTW9kZWwSJS5tb2RlbGxpZmVjeWNsZS52MS5DcmVhdGVNb2RlbFJlcXVlc3QaGC5tb2RlbGxpZmVjeWNsZS52MS5Nb2RlbBJICghHZXRNb2RlbBIiLm1vZGVsbGlmZWN5Y2xlLnYxLkdldE1vZGVsUmVxdWVzdBoYLm1vZGVsbGlmZWN5Y2xlLnYxLk1vZGVsElkKCkxpc3RNb2RlbHMSJC5tb2RlbGxpZmVjeWNsZS52MS5MaXN0TW9kZWxzUmVxdWVzdBolLm1vZGVsbGlmZWN5Y2xlLnYxLkxpc3RNb2RlbHNSZXNwb25zZRJMCgtEZWxldGVNb2RlbBIlLm1vZGVsbGlmZWN5Y2xlLnYxLkRlbGV0ZU1vZGVsUmVxdWVzdBoWLmdvb2dsZS5wcm90b2J1Zi5FbXB0eRJTCgxVcGxvYWRTb3VyY2USJi5tb2RlbGxpZmVjeWNsZS52MS5VcGxvYWRTb3VyY2VSZXF1ZXN0GhkubW9kZWxsaWZlY3ljbGUudjEuU291cmNlKAESUgoLQ3JlYXRlQnVpbGQSJS5tb2RlbGxpZmVjeWNsZS52MS5DcmVhdGVCdWlsZFJlcXVlc3QaHC5tb2RlbGxpZmVjeWNsZS52MS5PcGVyYXRpb24SSAoIR2V0QnVpbGQSIi5tb2RlbGxpZmVjeWNsZS52MS5HZXRCdWlsZFJlcXVlc3QaGC5tb2RlbGxpZmVjeWNsZS52MS5CdWlsZBJZCgpMaXN0QnVpbGRzEiQubW9kZWxsaWZlY3ljbGUudjEuTGlzdEJ1aWxkc1JlcXVlc3QaJS5tb2RlbGxpZmVjeWNsZS52MS5MaXN0QnVpbGRzUmVzcG9uc2USXAoQQ3JlYXRlRGVwbG95bWVudBIqLm1vZGVsbGlmZWN5Y2xlLnYxLkNyZWF0ZURlcGxveW1lbnRSZXF1ZXN0GhwubW9kZWxsaWZlY3ljbGUudjEuT3BlcmF0aW9uElcKDUdldERlcGxveW1lbnQSJy5tb2RlbGxpZmVjeWNsZS52MS5HZXREZXBsb3ltZW50UmVxdWVzdBodLm1vZGVsbGlmZWN5Y2xlLnYxLkRlcGxveW1lbnQSaAoPTGlzdERlcGxveW1lbnRzEikubW9kZWxsaWZlY3ljbGUudjEuTGlzdERlcGxveW1lbnRzUmVxdWVzdBoqLm1vZGVsbGlmZWN5Y2xlLnYxLkxpc3REZXBsb3ltZW50c1Jlc3BvbnNlEk4KCVN0b3BNb2RlbBIjLm1vZGVsbGlmZWN5Y2xlLnYxLlN0b3BNb2RlbFJlcXVlc3QaHC5tb2RlbGxpZmVjeWNsZS52MS5PcGVyYXRpb24SVAoMUmVzdGFydE1vZGVsEiYubW9kZWxsaWZlY3ljbGUudjEuUmVzdGFydE1vZGVsUmVxdWVzdBocLm1vZGVsbGlmZWN5Y2xlLnYxLk9wZXJhdGlvbhJUCgxHZXRPcGVyYXRpb24SJi5tb2RlbGxpZmVjeWNsZS52MS5HZXRPcGVyYXRpb25SZXF1ZXN0GhwubW9kZWxsaWZlY3ljbGUudjEuT3BlcmF0aW9uEmUKDkxpc3RPcGVyYXRpb25zEigubW9kZWxsaWZlY3ljbGUudjEuTGlzdE9wZXJhdGlvbnNSZXF1ZXN0GikubW9kZWxsaWZlY3ljbGUudjEuTGlzdE9wZXJhdGlvbnNSZXNwb25zZRJWCg1XYWl0T3BlcmF0aW9uEicubW9kZWxsaWZlY3ljbGUudjEuV2FpdE9wZXJhdGlvblJlcXVlc3QaHC5tb2RlbGxpZmVjeWNsZS52MS5PcGVyYXRpb24SUwoKV2F0Y2hNb2RlbBIkLm1vZGVsbGlmZWN5Y2xlLnYxLldhdGNoTW9kZWxSZXF1ZXN0Gh0ubW9kZWxsaWZlY3ljbGUudjEuTW9kZWxFdmVudDABElUKC1dhdGNoTW9kZWxzEiUubW9kZWxsaWZlY3ljbGUudjEuV2F0Y2hNb2RlbHNSZXF1ZXN0Gh0ubW9kZWxsaWZlY3ljbGUudjEuTW9kZWxFdmVudDABEloKD0NhbmNlbE9wZXJhdGlvbhIpLm1vZGVsbGlmZWN5Y2xlLnYxLkNhbmNlbE9wZXJhdGlvblJlcXVlc3QaHC5tb2RlbGxpZmVjeWNsZS52MS5PcGVyYXRpb24SXwoPU3RyZWFtQnVpbGRMb2dzEikubW9kZWxsaWZlY3ljbGUudjEuU3RyZWFtQnVpbGRMb2dzUmVxdWVzdBofLm1vZGVsbGlmZWN5Y2xlLnYxLkJ1aWxkTG9nTGluZTABElsKC0V4cG9ydEJ1aWxkEiUubW9kZWxsaWZlY3ljbGUudjEuRXhwb3J0QnVpbGRSZXF1ZXN0GiMubW9kZWxsaWZlY3ljbGUudjEuRXhwb3J0QnVpbGRDaHVuazABElwKC0NyZWF0ZVRva2VuEiUubW9kZWxsaWZlY3ljbGUudjEuQ3JlYXRlVG9rZW5SZXF1ZXN0GiYubW9kZWxsaWZlY3ljbGUudjEuQ3JlYXRlVG9rZW5SZXNwb25zZRJZCgpMaXN0VG9rZW5zEiQubW9kZWxsaWZlY3ljbGUudjEuTGlzdFRva2Vuc1JlcXVlc3QaJS5tb2RlbGxpZmVjeWNsZS52MS5MaXN0VG9rZW5zUmVzcG9uc2USTgoLUmV2b2tlVG9rZW4SJS5tb2RlbGxpZmVjeWNsZS52MS5SZXZva2VUb2tlblJlcXVlc3QaGC5tb2RlbGxpZmVjeWNsZS52MS5Ub2tlbhJrChBMaXN0QXVkaXRSZWNvcmRzEioubW9kZWxsaWZlY3ljbGUudjEuTGlzdEF1ZGl0UmVjb3Jkc1JlcXVlc3QaKy5tb2RlbGxpZmVjeWNsZS52MS5MaXN0QXVkaXRSZWNvcmRzUmVzcG9uc2VCJFoibW9kZWxsaWZlY3ljbGUvdjE7bW9kZWxsaWZlY3ljbGV2MWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_empty, file_google_protobuf_timestamp, file_modellifecycle_v1_resources]);
 
 /**
  * @generated from message modellifecycle.v1.CreateModelRequest
@@ -743,6 +743,183 @@ export const ExportBuildChunkSchema: GenMessage<ExportBuildChunk> = /*@__PURE__*
   messageDesc(file_modellifecycle_v1_service, 27);
 
 /**
+ * @generated from message modellifecycle.v1.CreateTokenRequest
+ */
+export type CreateTokenRequest = Message<"modellifecycle.v1.CreateTokenRequest"> & {
+  /**
+   * projects/{project}, or projects/- (every project; only such an admin may ask).
+   *
+   * @generated from field: string parent = 1;
+   */
+  parent: string;
+
+  /**
+   * @generated from field: modellifecycle.v1.Role role = 2;
+   */
+  role: Role;
+
+  /**
+   * @generated from field: string description = 3;
+   */
+  description: string;
+
+  /**
+   * The token expires this long after its creation; unset: never.
+   *
+   * @generated from field: google.protobuf.Duration ttl = 4;
+   */
+  ttl?: Duration | undefined;
+};
+
+/**
+ * Describes the message modellifecycle.v1.CreateTokenRequest.
+ * Use `create(CreateTokenRequestSchema)` to create a new message.
+ */
+export const CreateTokenRequestSchema: GenMessage<CreateTokenRequest> = /*@__PURE__*/
+  messageDesc(file_modellifecycle_v1_service, 28);
+
+/**
+ * @generated from message modellifecycle.v1.CreateTokenResponse
+ */
+export type CreateTokenResponse = Message<"modellifecycle.v1.CreateTokenResponse"> & {
+  /**
+   * @generated from field: modellifecycle.v1.Token token = 1;
+   */
+  token?: Token | undefined;
+
+  /**
+   * `authorization: Bearer <secret>`. Shown once: it cannot be read again.
+   *
+   * @generated from field: string secret = 2;
+   */
+  secret: string;
+};
+
+/**
+ * Describes the message modellifecycle.v1.CreateTokenResponse.
+ * Use `create(CreateTokenResponseSchema)` to create a new message.
+ */
+export const CreateTokenResponseSchema: GenMessage<CreateTokenResponse> = /*@__PURE__*/
+  messageDesc(file_modellifecycle_v1_service, 29);
+
+/**
+ * @generated from message modellifecycle.v1.ListTokensRequest
+ */
+export type ListTokensRequest = Message<"modellifecycle.v1.ListTokensRequest"> & {
+  /**
+   * @generated from field: string parent = 1;
+   */
+  parent: string;
+
+  /**
+   * @generated from field: int32 page_size = 2;
+   */
+  pageSize: number;
+
+  /**
+   * @generated from field: string page_token = 3;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message modellifecycle.v1.ListTokensRequest.
+ * Use `create(ListTokensRequestSchema)` to create a new message.
+ */
+export const ListTokensRequestSchema: GenMessage<ListTokensRequest> = /*@__PURE__*/
+  messageDesc(file_modellifecycle_v1_service, 30);
+
+/**
+ * @generated from message modellifecycle.v1.ListTokensResponse
+ */
+export type ListTokensResponse = Message<"modellifecycle.v1.ListTokensResponse"> & {
+  /**
+   * @generated from field: repeated modellifecycle.v1.Token tokens = 1;
+   */
+  tokens: Token[];
+
+  /**
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message modellifecycle.v1.ListTokensResponse.
+ * Use `create(ListTokensResponseSchema)` to create a new message.
+ */
+export const ListTokensResponseSchema: GenMessage<ListTokensResponse> = /*@__PURE__*/
+  messageDesc(file_modellifecycle_v1_service, 31);
+
+/**
+ * @generated from message modellifecycle.v1.RevokeTokenRequest
+ */
+export type RevokeTokenRequest = Message<"modellifecycle.v1.RevokeTokenRequest"> & {
+  /**
+   * @generated from field: string name = 1;
+   */
+  name: string;
+};
+
+/**
+ * Describes the message modellifecycle.v1.RevokeTokenRequest.
+ * Use `create(RevokeTokenRequestSchema)` to create a new message.
+ */
+export const RevokeTokenRequestSchema: GenMessage<RevokeTokenRequest> = /*@__PURE__*/
+  messageDesc(file_modellifecycle_v1_service, 32);
+
+/**
+ * @generated from message modellifecycle.v1.ListAuditRecordsRequest
+ */
+export type ListAuditRecordsRequest = Message<"modellifecycle.v1.ListAuditRecordsRequest"> & {
+  /**
+   * projects/{project}, or projects/- (every project).
+   *
+   * @generated from field: string parent = 1;
+   */
+  parent: string;
+
+  /**
+   * @generated from field: int32 page_size = 2;
+   */
+  pageSize: number;
+
+  /**
+   * @generated from field: string page_token = 3;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message modellifecycle.v1.ListAuditRecordsRequest.
+ * Use `create(ListAuditRecordsRequestSchema)` to create a new message.
+ */
+export const ListAuditRecordsRequestSchema: GenMessage<ListAuditRecordsRequest> = /*@__PURE__*/
+  messageDesc(file_modellifecycle_v1_service, 33);
+
+/**
+ * @generated from message modellifecycle.v1.ListAuditRecordsResponse
+ */
+export type ListAuditRecordsResponse = Message<"modellifecycle.v1.ListAuditRecordsResponse"> & {
+  /**
+   * @generated from field: repeated modellifecycle.v1.AuditRecord records = 1;
+   */
+  records: AuditRecord[];
+
+  /**
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message modellifecycle.v1.ListAuditRecordsResponse.
+ * Use `create(ListAuditRecordsResponseSchema)` to create a new message.
+ */
+export const ListAuditRecordsResponseSchema: GenMessage<ListAuditRecordsResponse> = /*@__PURE__*/
+  messageDesc(file_modellifecycle_v1_service, 34);
+
+/**
  * The lifecycle of deployed models: build, deploy, re-deploy, stop, restart, watch.
  * Errors carry a google.rpc.ErrorInfo detail (reason in UPPER_SNAKE_CASE) and, for
  * bad fields, google.rpc.BadRequest field violations.
@@ -951,6 +1128,47 @@ export const ModelLifecycle: GenService<{
     methodKind: "server_streaming";
     input: typeof ExportBuildRequestSchema;
     output: typeof ExportBuildChunkSchema;
+  },
+  /**
+   * Access tokens (docs/security.md). `parent` is projects/{project}, or projects/- for
+   * tokens valid in every project (cluster admins). The token's secret is returned
+   * once, by CreateToken; only its hash is stored.
+   *
+   * @generated from rpc modellifecycle.v1.ModelLifecycle.CreateToken
+   */
+  createToken: {
+    methodKind: "unary";
+    input: typeof CreateTokenRequestSchema;
+    output: typeof CreateTokenResponseSchema;
+  },
+  /**
+   * @generated from rpc modellifecycle.v1.ModelLifecycle.ListTokens
+   */
+  listTokens: {
+    methodKind: "unary";
+    input: typeof ListTokensRequestSchema;
+    output: typeof ListTokensResponseSchema;
+  },
+  /**
+   * The token stops working at once on this server, within seconds on the others.
+   *
+   * @generated from rpc modellifecycle.v1.ModelLifecycle.RevokeToken
+   */
+  revokeToken: {
+    methodKind: "unary";
+    input: typeof RevokeTokenRequestSchema;
+    output: typeof TokenSchema;
+  },
+  /**
+   * Who changed what, when, from where, and how it ended: one record per mutation,
+   * newest first. Admins only.
+   *
+   * @generated from rpc modellifecycle.v1.ModelLifecycle.ListAuditRecords
+   */
+  listAuditRecords: {
+    methodKind: "unary";
+    input: typeof ListAuditRecordsRequestSchema;
+    output: typeof ListAuditRecordsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_modellifecycle_v1_service, 0);

@@ -1,0 +1,265 @@
+"""Tokens and audit records: create, list, revoke, verify (with a short cache), the
+server's first admin token, and one audit record per mutation."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlmodel import col, select
+
+from controlplane.domain import access as ac
+from controlplane.domain import names
+from controlplane.domain.errors import invalid_field, not_found
+from controlplane.storage import codec, repo
+from controlplane.storage.changes import now
+from controlplane.storage.db import Database
+from controlplane.storage.tables import AuditRow, OperationRow, TokenRow
+
+log = logging.getLogger(__name__)
+
+ADMIN_TOKEN_FILE = "admin.token"
+VERIFY_CACHE_S = 2.0  # a revoked token stops working within this long on other servers
+
+
+@dataclass(frozen=True)
+class Token:
+    name: str
+    role: ac.Role
+    description: str
+    create_time: datetime
+    expire_time: datetime | None
+    revoked: bool
+    creator: str
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    id: int
+    time: datetime
+    principal: str
+    method: str
+    resource: str
+    project: str
+    code: str
+    peer: str
+    operation: str
+
+
+def token_name(project: str, token_id: str) -> str:
+    return f"projects/{project}/tokens/{token_id}"
+
+
+def _to_token(row: TokenRow) -> Token:
+    return Token(
+        name=token_name(row.project, row.token_id),
+        role=ac.Role(row.role),
+        description=row.description,
+        create_time=codec.utc(row.create_time),
+        expire_time=codec.utc(row.expire_time) if row.expire_time else None,
+        revoked=row.revoked,
+        creator=row.creator,
+    )
+
+
+def _parent_project(parent: str) -> str:
+    """projects/{p} or projects/- ."""
+    parts = parent.split("/")
+    if len(parts) == 2 and parts[0] == "projects" and parts[1] == ac.ALL_PROJECTS:
+        return ac.ALL_PROJECTS
+    return names.parse_project(parent, "parent").project
+
+
+class Access:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._cache: dict[str, tuple[float, ac.Principal | None, str]] = {}
+        self._lock = threading.Lock()
+
+    # ---- tokens ---------------------------------------------------------------------------
+
+    def create_token(
+        self,
+        parent: str,
+        role: int,
+        description: str,
+        ttl_s: float | None,
+        creator: ac.Principal,
+    ) -> tuple[Token, str]:
+        project = _parent_project(parent)
+        if role not in ac.Role.__members__.values():
+            raise invalid_field("role", "one of ROLE_VIEWER, ROLE_DEPLOYER, ROLE_ADMIN")
+        if ttl_s is not None and ttl_s <= 0:
+            raise invalid_field("ttl", f"must be positive, got {ttl_s:g} s")
+        if len(description) > 1000:
+            raise invalid_field("description", "at most 1000 characters")
+        if project == ac.ALL_PROJECTS and creator.project != ac.ALL_PROJECTS:
+            raise ac.hidden(parent)
+        token_id, secret = ac.new_secret()
+        created = now()
+        row = TokenRow(
+            token_id=token_id,
+            project=project,
+            role=int(role),
+            secret_hash=ac.hash_secret(secret),
+            description=description,
+            creator=creator.name if creator.name != ac.ANONYMOUS else "",
+            create_time=created,
+            expire_time=created + timedelta(seconds=ttl_s) if ttl_s is not None else None,
+        )
+        with self.db.write() as tx:
+            tx.session.add(row)
+        return _to_token(row), secret
+
+    def list_tokens(self, parent: str, size: int, page_token: str) -> tuple[list[Token], str]:
+        project = _parent_project(parent)
+        with self.db.read() as s:
+            rows, nxt = repo.page(
+                s,
+                TokenRow,
+                [TokenRow.project == project],
+                f"tokens:{project}",
+                repo.page_size(size),
+                page_token,
+                newest_first=True,
+            )
+            return [_to_token(r) for r in rows], nxt
+
+    def revoke_token(self, name: str) -> Token:
+        parts = name.split("/")
+        if len(parts) != 4 or parts[0] != "projects" or parts[2] != "tokens":
+            raise invalid_field("name", f"{name!r} is not projects/{{project}}/tokens/{{id}}")
+        with self.db.write() as tx:
+            row = tx.session.exec(
+                select(TokenRow).where(TokenRow.token_id == parts[3], TokenRow.project == parts[1])
+            ).first()
+            if row is None:
+                raise not_found("token", name)
+            row.revoked = True
+            tx.session.add(row)
+            token = _to_token(row)
+        with self._lock:
+            self._cache.clear()
+        return token
+
+    def cached(self, secret: str) -> ac.Principal | bool | None:
+        """What ``verify`` said of this secret within the last seconds (no query, no
+        thread): the principal, None (not a live token), or False when it must ask."""
+        token_id = ac.id_of(secret)
+        if token_id is None:
+            return None
+        with self._lock:
+            hit = self._cache.get(token_id)
+        if hit is not None and hit[0] > time.monotonic() and hit[2] == ac.hash_secret(secret):
+            return hit[1]
+        return False
+
+    def verify(self, secret: str) -> ac.Principal | None:
+        """The principal a presented secret stands for; None when it is not a live token."""
+        known = self.cached(secret)
+        if known is not False:
+            return known if isinstance(known, ac.Principal) else None
+        token_id = ac.id_of(secret)
+        assert token_id is not None
+        hashed = ac.hash_secret(secret)
+        with self.db.read() as s:
+            row = s.exec(select(TokenRow).where(TokenRow.token_id == token_id)).first()
+        principal: ac.Principal | None = None
+        live = (
+            row is not None
+            and not row.revoked
+            and (row.expire_time is None or codec.utc(row.expire_time) > now())
+        )
+        if row is not None and live and ac.matches(secret, row.secret_hash):
+            principal = ac.Principal(
+                token_name(row.project, row.token_id), row.project, ac.Role(row.role)
+            )
+        expires = time.monotonic() + VERIFY_CACHE_S
+        if row is not None and row.expire_time is not None:  # never cached past expiry
+            left = (codec.utc(row.expire_time) - now()).total_seconds()
+            expires = min(expires, time.monotonic() + max(left, 0.0))
+        with self._lock:
+            if len(self._cache) > 10_000:
+                self._cache.clear()
+            self._cache[token_id] = (expires, principal, hashed)
+        return principal
+
+    def ensure_admin_token(self, data_dir: Path) -> Path | None:
+        """At the first start (no token at all): an admin token of every project, written
+        to DATA_DIR/admin.token (mode 0600). Returns the file when it wrote one."""
+        with self.db.read() as s:
+            if s.exec(select(TokenRow.id).limit(1)).first() is not None:
+                return None
+        token, secret = self.create_token(
+            f"projects/{ac.ALL_PROJECTS}",
+            ac.Role.ADMIN,
+            "the server's first admin token",
+            None,
+            ac.Principal("", ac.ALL_PROJECTS, ac.Role.ADMIN),
+        )
+        path = data_dir / ADMIN_TOKEN_FILE
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secret + "\n")
+        os.chmod(path, 0o600)
+        log.info("first start: an admin token (%s) was written to %s", token.name, path)
+        return path
+
+    def operation_project(self, name: str) -> str | None:
+        """The project of operations/{id} (None if there is no such operation)."""
+        with self.db.read() as s:
+            model = s.exec(select(OperationRow.model).where(OperationRow.name == name)).first()
+        return ac.project_of(model) if model else None
+
+    # ---- audit ----------------------------------------------------------------------------
+
+    def audit(
+        self,
+        principal: ac.Principal,
+        method: str,
+        resource: str,
+        project: str,
+        code: str,
+        peer: str,
+        operation: str = "",
+    ) -> None:
+        with self.db.write() as tx:
+            tx.session.add(
+                AuditRow(
+                    time=now(),
+                    principal=principal.name,
+                    project=project,
+                    method=method,
+                    resource=resource[:250],
+                    code=code,
+                    peer=peer[:120],
+                    operation=operation,
+                )
+            )
+
+    def list_audit(self, parent: str, size: int, page_token: str) -> tuple[list[AuditRecord], str]:
+        project = _parent_project(parent)
+        where = [] if project == ac.ALL_PROJECTS else [col(AuditRow.project) == project]
+        with self.db.read() as s:
+            rows, nxt = repo.page(
+                s, AuditRow, where, f"audit:{project}", repo.page_size(size), page_token, True
+            )
+        return [
+            AuditRecord(
+                id=r.id or 0,
+                time=codec.utc(r.time),
+                principal=r.principal,
+                method=r.method,
+                resource=r.resource,
+                project=r.project,
+                code=r.code,
+                peer=r.peer,
+                operation=r.operation,
+            )
+            for r in rows
+        ], nxt

@@ -1,0 +1,236 @@
+"""Every RPC but health: the bearer token is checked, the call's project and role are
+checked against it (domain/access.py), and every mutation leaves an audit record.
+
+With ``--insecure-no-auth`` every call is made by an anonymous admin (still audited).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from controlplane.access import Access
+from controlplane.api import status
+from controlplane.api.interceptor import Continuation, code_of
+from controlplane.domain import access as ac
+from controlplane.domain.errors import DomainError
+
+log = logging.getLogger(__name__)
+
+OPEN_SERVICES = frozenset({"grpc.health.v1.Health"})
+LIFECYCLE = "modellifecycle.v1.ModelLifecycle"
+_principal: contextvars.ContextVar[ac.Principal] = contextvars.ContextVar("principal")
+
+
+def current_principal() -> ac.Principal:
+    """Who makes the RPC being served (set by the interceptor before the handler runs)."""
+    return _principal.get(ac.INSECURE)
+
+
+def bearer(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, secret = value.partition(" ")
+            return secret.strip() if scheme.lower() == "bearer" else ""
+    return ""
+
+
+def resource_of(method: str, request: Any) -> str:
+    """The resource a request names, as its rule says (CreateModel: the model to be)."""
+    rule = ac.RULES.get(method)
+    if rule is None or request is None:
+        return ""
+    value = getattr(request, rule.field, "")
+    if method == "CreateModel" and value and getattr(request, "model_id", ""):
+        return f"{value}/models/{request.model_id}"
+    return value if isinstance(value, str) else ""
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, access: Access, enabled: bool) -> None:
+        self.access = access
+        self.enabled = enabled
+
+    async def intercept_service(
+        self, continuation: Continuation, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        service, _, method = details.method.lstrip("/").rpartition("/")
+        if service in OPEN_SERVICES:
+            return handler
+        guard = _Guard(self, details.method, method if service == LIFECYCLE else "")
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                guard.unary(handler.unary_unary),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                guard.stream(handler.unary_stream),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                guard.upload(handler.stream_unary),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        assert handler.stream_stream is not None
+        return grpc.stream_stream_rpc_method_handler(
+            guard.bidi(handler.stream_stream),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
+
+
+class _Guard:
+    """One method's checks. ``method`` is empty for services other than ours (reflection):
+    they need a valid token and nothing more."""
+
+    def __init__(self, owner: AuthInterceptor, full: str, method: str) -> None:
+        self.access = owner.access
+        self.enabled = owner.enabled
+        self.full = full
+        self.method = method
+
+    async def _admit(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> tuple[ac.Principal, str, str]:
+        """The caller, the resource and its project; aborts the call if it may not (a
+        refused mutation is audited too, with whoever the token said it was)."""
+        principal = ac.INSECURE if not self.enabled else _anonymous()
+        resource = resource_of(self.method, request)
+        project = ac.project_of(resource)
+        try:
+            if self.enabled:
+                principal = await self._authenticate(context)
+                if project is None and resource.startswith("operations/"):
+                    project = await asyncio.to_thread(self.access.operation_project, resource)
+            if self.method:
+                ac.check(principal, self.method, resource, project)
+        except DomainError as e:
+            await self._audit(principal, resource, project or "", context, e)
+            await context.abort_with_status(status.to_status(e))
+        _principal.set(principal)
+        return principal, resource, project or ""
+
+    async def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> ac.Principal:
+        secret = bearer(context)
+        known = self.access.cached(secret) if secret else None
+        if known is False:  # not seen lately: ask the database, in a thread
+            known = await asyncio.to_thread(self.access.verify, secret)
+        if not isinstance(known, ac.Principal):
+            raise ac.unauthenticated()
+        return known
+
+    async def _audit(
+        self,
+        principal: ac.Principal,
+        resource: str,
+        project: str,
+        context: grpc.aio.ServicerContext[Any, Any],
+        exc: BaseException | None,
+        result: Any = None,
+    ) -> None:
+        if self.method not in ac.MUTATIONS:
+            return
+        code = code_of(context, exc)
+        if isinstance(exc, DomainError):
+            code = status.code_of(exc).name
+        operation = getattr(result, "name", "") if type(result).__name__ == "Operation" else ""
+        try:
+            await asyncio.to_thread(
+                self.access.audit,
+                principal,
+                self.full,
+                resource,
+                project,
+                code,
+                context.peer() or "",
+                operation,
+            )
+        except Exception:  # the call's outcome stands; the record is what is lost
+            log.exception("audit record of %s not written", self.full)
+
+    def unary(self, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            principal, resource, project = await self._admit(request, context)
+            exc: BaseException | None = None
+            result = None
+            try:
+                result = await behavior(request, context)
+                return result
+            except BaseException as e:
+                exc = e
+                raise
+            finally:
+                await self._audit(principal, resource, project, context, exc, result)
+
+        return guarded
+
+    def stream(self, behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
+        async def guarded(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            principal, resource, project = await self._admit(request, context)
+            exc: BaseException | None = None
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            except BaseException as e:
+                exc = e
+                raise
+            finally:
+                await self._audit(principal, resource, project, context, exc)
+
+        return guarded
+
+    def upload(self, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        """Client streaming: the first message names the resource; it is checked before
+        the handler sees any byte, then handed on with the rest."""
+
+        async def guarded(
+            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+        ) -> Any:
+            first = await anext(aiter(requests), None)
+            principal, resource, project = await self._admit(first, context)
+
+            async def replay() -> AsyncIterator[Any]:
+                if first is not None:
+                    yield first
+                async for message in requests:
+                    yield message
+
+            exc: BaseException | None = None
+            try:
+                return await behavior(replay(), context)
+            except BaseException as e:
+                exc = e
+                raise
+            finally:
+                await self._audit(principal, resource, project, context, exc)
+
+        return guarded
+
+    def bidi(self, behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
+        async def guarded(
+            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            await self._admit(None, context)
+            async for item in behavior(requests, context):
+                yield item
+
+        return guarded
+
+
+def _anonymous() -> ac.Principal:
+    return ac.Principal(ac.ANONYMOUS, "", ac.Role.VIEWER)

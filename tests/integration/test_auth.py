@@ -1,0 +1,533 @@
+"""Who gets in, on SQLite and PostgreSQL: every principal (none, a bad token, expired,
+revoked, viewer/deployer/admin of the project, admin of another project) x every RPC,
+each with the code it must get; the first admin token; audit records; health stays open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from controlplane.domain import access as ac
+from controlplane.server import Server
+from modellifecycle.v1 import resources_pb2 as pb
+from modellifecycle.v1 import service_pb2 as rpc
+from tests.integration.conftest import (
+    MODEL_V1,
+    Stub,
+    error_info,
+    fake_settings,
+    resources,
+    running,
+    zip_bytes,
+)
+
+A, B = "projects/team-a", "projects/team-b"
+MODELCTL = str(Path(sys.executable).with_name("modelctl"))
+OK = "OK"
+Md = tuple[tuple[str, str], ...]
+
+
+def md(secret: str) -> Md:
+    return (("authorization", f"Bearer {secret}"),) if secret else ()
+
+
+@dataclass
+class World:
+    """Project A's model ``live`` (built and deployed: build 1, deployment 1, a done
+    operation) and ``idle`` (never deployed), a token to revoke, and every principal."""
+
+    stub: Stub
+    server: Server
+    admin: str
+    live: str
+    idle: str
+    build: str
+    deployment: str
+    operation: str
+    throwaway: str
+    secrets: dict[str, str]
+    counter: int = 0
+
+    def fresh(self) -> str:
+        self.counter += 1
+        return f"m{self.counter}"
+
+
+async def new_token(stub: Stub, admin: str, parent: str, role: int, ttl: float = 0) -> str:
+    req = rpc.CreateTokenRequest(parent=parent, role=role, description="test")  # type: ignore[arg-type]
+    if ttl:
+        req.ttl.CopyFrom(duration_pb2.Duration(nanos=int(ttl * 1e9)))
+    r: rpc.CreateTokenResponse = await stub.CreateToken(req, metadata=md(admin))
+    return str(r.secret)
+
+
+@pytest.fixture
+async def secured(fresh_db: str, tmp_path: Path) -> AsyncIterator[Server]:
+    async with running(fake_settings(fresh_db, tmp_path, insecure_no_auth=False)) as srv:
+        yield srv
+
+
+@pytest.fixture
+async def world(secured: Server) -> AsyncIterator[World]:
+    admin = (secured.settings.data_dir / "admin.token").read_text().strip()
+    async with grpc.aio.insecure_channel(secured.grpc_address) as channel:
+        stub = Stub(channel)
+        auth = md(admin)
+        for parent, model_id in ((A, "live"), (A, "idle"), (B, "other")):
+            await stub.CreateModel(
+                rpc.CreateModelRequest(parent=parent, model_id=model_id), metadata=auth
+            )
+        live = f"{A}/models/live"
+        op = await build_with(stub, admin, live)
+        model = await stub.GetModel(rpc.GetModelRequest(name=live), metadata=auth)
+        secrets = {
+            "none": "",
+            "garbage": "not-a-token",
+            "forged": "mlc_0123456789abcdef_guessed",
+            "viewer of A": await new_token(stub, admin, A, pb.ROLE_VIEWER),
+            "deployer of A": await new_token(stub, admin, A, pb.ROLE_DEPLOYER),
+            "admin of A": await new_token(stub, admin, A, pb.ROLE_ADMIN),
+            "admin of B": await new_token(stub, admin, B, pb.ROLE_ADMIN),
+            "expired": await new_token(stub, admin, A, pb.ROLE_ADMIN, ttl=0.001),
+            "revoked": await new_token(stub, admin, A, pb.ROLE_ADMIN),
+        }
+        tokens = await stub.ListTokens(rpc.ListTokensRequest(parent=A), metadata=auth)
+        revoked_id = ac.id_of(secrets["revoked"])
+        (revoked,) = [t.name for t in tokens.tokens if t.name.endswith(f"/{revoked_id}")]
+        await stub.RevokeToken(rpc.RevokeTokenRequest(name=revoked), metadata=auth)
+        throwaway = (
+            await stub.CreateToken(
+                rpc.CreateTokenRequest(parent=A, role=pb.ROLE_VIEWER), metadata=auth
+            )
+        ).token.name
+        yield World(
+            stub,
+            secured,
+            admin,
+            live,
+            f"{A}/models/idle",
+            op.target,
+            model.active_deployment,
+            op.name,
+            throwaway,
+            secrets,
+        )
+
+
+async def build_with(stub: Stub, admin: str, model: str) -> pb.Operation:
+    async def chunks() -> AsyncIterator[rpc.UploadSourceRequest]:
+        yield rpc.UploadSourceRequest(parent=model, chunk=zip_bytes({"model.py": MODEL_V1}))
+
+    src = await stub.UploadSource(chunks(), metadata=md(admin))
+    op = await stub.CreateBuild(
+        rpc.CreateBuildRequest(
+            parent=model,
+            source_sha256=src.sha256,
+            file_path="model.py",
+            function_name="predict",
+            deploy=rpc.DeployOptions(resources=resources(1)),
+        ),
+        metadata=md(admin),
+    )
+    for _ in range(60):
+        op = await stub.GetOperation(rpc.GetOperationRequest(name=op.name), metadata=md(admin))
+        if op.done:
+            return op
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"not done: {op}")
+
+
+async def first(call: Any) -> None:
+    """Reads one message of a server stream (auth is checked before the first), then
+    cancels it."""
+    try:
+        await call.read()
+    finally:
+        call.cancel()
+
+
+async def upload(w: World, m: Md) -> None:
+    async def chunks() -> AsyncIterator[rpc.UploadSourceRequest]:
+        yield rpc.UploadSourceRequest(parent=w.live, chunk=zip_bytes({"model.py": MODEL_V1}))
+
+    await w.stub.UploadSource(chunks(), metadata=m)
+
+
+Call = Callable[[World, Md], Awaitable[Any]]
+# Each RPC: the least role it needs, the call (aimed at project A), and the code it gets
+# once let in (chosen so that no call changes what the next one sees).
+RPCS: dict[str, tuple[ac.Role, Call, str]] = {
+    "GetModel": (
+        ac.Role.VIEWER,
+        lambda w, m: w.stub.GetModel(rpc.GetModelRequest(name=w.live), metadata=m),
+        OK,
+    ),
+    "ListModels": (
+        ac.Role.VIEWER,
+        lambda w, m: w.stub.ListModels(rpc.ListModelsRequest(parent=A), metadata=m),
+        OK,
+    ),
+    "GetBuild": (
+        ac.Role.VIEWER,
+        lambda w, m: w.stub.GetBuild(rpc.GetBuildRequest(name=w.build), metadata=m),
+        OK,
+    ),
+    "ListBuilds": (
+        ac.Role.VIEWER,
+        lambda w, m: w.stub.ListBuilds(rpc.ListBuildsRequest(parent=w.live), metadata=m),
+        OK,
+    ),
+    "GetDeployment": (
+        ac.Role.VIEWER,
+        lambda w, m: w.stub.GetDeployment(rpc.GetDeploymentRequest(name=w.deployment), metadata=m),
+        OK,
+    ),
+    "ListDeployments": (
+        ac.Role.VIEWER,
+        lambda w, m: w.stub.ListDeployments(rpc.ListDeploymentsRequest(parent=w.live), metadata=m),
+        OK,
+    ),
+    "GetOperation": (
+        ac.Role.VIEWER,
+        lambda w, m: w.stub.GetOperation(rpc.GetOperationRequest(name=w.operation), metadata=m),
+        OK,
+    ),
+    "ListOperations": (
+        ac.Role.VIEWER,
+        lambda w, m: w.stub.ListOperations(rpc.ListOperationsRequest(parent=w.live), metadata=m),
+        OK,
+    ),
+    "WaitOperation": (
+        ac.Role.VIEWER,
+        lambda w, m: w.stub.WaitOperation(rpc.WaitOperationRequest(name=w.operation), metadata=m),
+        OK,
+    ),
+    "WatchModel": (
+        ac.Role.VIEWER,
+        lambda w, m: first(w.stub.WatchModel(rpc.WatchModelRequest(name=w.live), metadata=m)),
+        OK,
+    ),
+    "WatchModels": (
+        ac.Role.VIEWER,
+        lambda w, m: first(w.stub.WatchModels(rpc.WatchModelsRequest(parent=A), metadata=m)),
+        OK,
+    ),
+    "StreamBuildLogs": (
+        ac.Role.VIEWER,
+        lambda w, m: first(
+            w.stub.StreamBuildLogs(rpc.StreamBuildLogsRequest(name=w.build), metadata=m)
+        ),
+        OK,
+    ),
+    "CreateModel": (
+        ac.Role.DEPLOYER,
+        lambda w, m: w.stub.CreateModel(
+            rpc.CreateModelRequest(parent=A, model_id=w.fresh()), metadata=m
+        ),
+        OK,
+    ),
+    "UploadSource": (ac.Role.DEPLOYER, upload, OK),
+    "CreateBuild": (
+        ac.Role.DEPLOYER,
+        lambda w, m: w.stub.CreateBuild(
+            rpc.CreateBuildRequest(
+                parent=w.live, source_sha256="0" * 64, file_path="../x.py", function_name="f"
+            ),
+            metadata=m,
+        ),
+        "INVALID_ARGUMENT",
+    ),
+    "CreateDeployment": (
+        ac.Role.DEPLOYER,
+        lambda w, m: w.stub.CreateDeployment(
+            rpc.CreateDeploymentRequest(parent=w.live, build=w.build, resources=resources(-1)),
+            metadata=m,
+        ),
+        "INVALID_ARGUMENT",
+    ),
+    "StopModel": (
+        ac.Role.DEPLOYER,
+        lambda w, m: w.stub.StopModel(rpc.StopModelRequest(name=w.idle), metadata=m),
+        "FAILED_PRECONDITION",
+    ),
+    "RestartModel": (
+        ac.Role.DEPLOYER,
+        lambda w, m: w.stub.RestartModel(rpc.RestartModelRequest(name=w.idle), metadata=m),
+        "FAILED_PRECONDITION",
+    ),
+    "CancelOperation": (
+        ac.Role.DEPLOYER,
+        lambda w, m: w.stub.CancelOperation(
+            rpc.CancelOperationRequest(name=w.operation), metadata=m
+        ),
+        "FAILED_PRECONDITION",
+    ),
+    "ExportBuild": (
+        ac.Role.DEPLOYER,
+        lambda w, m: first(
+            w.stub.ExportBuild(rpc.ExportBuildRequest(name=w.build, tag="no tag!"), metadata=m)
+        ),
+        "INVALID_ARGUMENT",
+    ),
+    "DeleteModel": (
+        ac.Role.ADMIN,
+        lambda w, m: w.stub.DeleteModel(rpc.DeleteModelRequest(name=w.live), metadata=m),
+        "FAILED_PRECONDITION",
+    ),
+    "CreateToken": (
+        ac.Role.ADMIN,
+        lambda w, m: w.stub.CreateToken(
+            rpc.CreateTokenRequest(parent=A, role=pb.ROLE_VIEWER), metadata=m
+        ),
+        OK,
+    ),
+    "ListTokens": (
+        ac.Role.ADMIN,
+        lambda w, m: w.stub.ListTokens(rpc.ListTokensRequest(parent=A), metadata=m),
+        OK,
+    ),
+    "RevokeToken": (
+        ac.Role.ADMIN,
+        lambda w, m: w.stub.RevokeToken(rpc.RevokeTokenRequest(name=w.throwaway), metadata=m),
+        OK,
+    ),
+    "ListAuditRecords": (
+        ac.Role.ADMIN,
+        lambda w, m: w.stub.ListAuditRecords(rpc.ListAuditRecordsRequest(parent=A), metadata=m),
+        OK,
+    ),
+}
+
+PRINCIPALS = {
+    "none": None,
+    "garbage": None,
+    "forged": None,
+    "expired": None,
+    "revoked": None,
+    "viewer of A": ac.Role.VIEWER,
+    "deployer of A": ac.Role.DEPLOYER,
+    "admin of A": ac.Role.ADMIN,
+    "admin of B": "elsewhere",
+}
+
+
+def expected(principal: str, rpc_name: str) -> str:
+    needed, _, allowed = RPCS[rpc_name]
+    role = PRINCIPALS[principal]
+    if role is None:
+        return "UNAUTHENTICATED"
+    if role == "elsewhere":
+        return "NOT_FOUND"
+    assert isinstance(role, ac.Role)
+    return allowed if role >= needed else "PERMISSION_DENIED"
+
+
+async def outcome(w: World, principal: str, rpc_name: str) -> str:
+    try:
+        await RPCS[rpc_name][1](w, md(w.secrets[principal]))
+    except grpc.aio.AioRpcError as e:
+        return e.code().name
+    return OK
+
+
+def test_every_rpc_of_the_service_is_in_the_matrix_and_has_a_rule() -> None:
+    names = set(rpc.DESCRIPTOR.services_by_name["ModelLifecycle"].methods_by_name)
+    assert names == set(RPCS), "a new RPC needs a row in RPCS (and a rule)"
+    assert names == set(ac.RULES)
+
+
+async def test_the_matrix_of_principals_and_rpcs(world: World) -> None:
+    got = {(p, r): await outcome(world, p, r) for p in PRINCIPALS for r in RPCS}
+    want = {(p, r): expected(p, r) for p in PRINCIPALS for r in RPCS}
+    wrong = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
+    assert wrong == {}, "(principal, rpc): (got, expected)"
+
+
+async def test_refusals_say_nothing_that_helps_a_guess(world: World) -> None:
+    messages = set()
+    for principal in ("none", "garbage", "forged", "expired", "revoked"):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await world.stub.GetModel(
+                rpc.GetModelRequest(name=world.live), metadata=md(world.secrets[principal])
+            )
+        messages.add((e.value.details(), error_info(e.value)[0]))
+    assert len(messages) == 1, "every bad token gets the very same answer"
+    hidden: list[str] = []
+    missing: list[str] = []
+    for name, into in ((world.live, hidden), (f"{A}/models/nope", missing)):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await world.stub.GetModel(
+                rpc.GetModelRequest(name=name), metadata=md(world.secrets["admin of B"])
+            )
+        into.append(error_info(e.value)[0])
+    assert hidden == missing == ["MODEL_NOT_FOUND"], "another project's model: as if absent"
+
+
+async def test_too_weak_a_role_is_told_which_role_it_needs(world: World) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await world.stub.StopModel(
+            rpc.StopModelRequest(name=world.live), metadata=md(world.secrets["viewer of A"])
+        )
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    reason, metadata, _ = error_info(e.value)
+    assert reason == "ROLE_TOO_WEAK" and metadata == {"needed": "deployer", "role": "viewer"}
+
+
+async def test_the_first_admin_token_is_written_once_for_its_owner_only(
+    world: World, tmp_path: Path
+) -> None:
+    path = world.server.settings.data_dir / "admin.token"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert world.admin.startswith("mlc_")
+    tokens = await world.stub.ListTokens(
+        rpc.ListTokensRequest(parent="projects/-"), metadata=md(world.admin)
+    )
+    assert [t.role for t in tokens.tokens] == [pb.ROLE_ADMIN]
+    # Project tokens never see the every-project ones.
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await world.stub.ListTokens(
+            rpc.ListTokensRequest(parent="projects/-"), metadata=md(world.secrets["admin of A"])
+        )
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_revoked_token_stops_at_once_and_secrets_are_never_listed(world: World) -> None:
+    secret = await new_token(world.stub, world.admin, A, pb.ROLE_VIEWER)
+    auth = md(secret)
+    await world.stub.ListModels(rpc.ListModelsRequest(parent=A), metadata=auth)
+    tokens = await world.stub.ListTokens(rpc.ListTokensRequest(parent=A), metadata=md(world.admin))
+    assert secret not in str(tokens)
+    name = next(t.name for t in tokens.tokens if t.name.endswith(f"/{ac.id_of(secret)}"))
+    revoked = await world.stub.RevokeToken(
+        rpc.RevokeTokenRequest(name=name), metadata=md(world.admin)
+    )
+    assert revoked.revoked
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await world.stub.ListModels(rpc.ListModelsRequest(parent=A), metadata=auth)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_every_mutation_leaves_an_audit_record(world: World) -> None:
+    deployer, viewer = world.secrets["deployer of A"], world.secrets["viewer of A"]
+    await world.stub.CreateModel(
+        rpc.CreateModelRequest(parent=A, model_id="audited"), metadata=md(deployer)
+    )
+    with pytest.raises(grpc.aio.AioRpcError):
+        await world.stub.StopModel(rpc.StopModelRequest(name=world.live), metadata=md(viewer))
+    await world.stub.GetModel(rpc.GetModelRequest(name=world.live), metadata=md(viewer))
+    records = (
+        await world.stub.ListAuditRecords(
+            rpc.ListAuditRecordsRequest(parent=A), metadata=md(world.admin)
+        )
+    ).records
+    tokens = {
+        t.name.rsplit("/", 1)[-1]: t.name
+        for t in (
+            await world.stub.ListTokens(rpc.ListTokensRequest(parent=A), metadata=md(world.admin))
+        ).tokens
+    }
+    newest = [(r.principal, r.method.rsplit("/", 1)[-1], r.resource, r.code) for r in records[:2]]
+    assert newest == [
+        (tokens[str(ac.id_of(viewer))], "StopModel", world.live, "PERMISSION_DENIED"),
+        (tokens[str(ac.id_of(deployer))], "CreateModel", f"{A}/models/audited", "OK"),
+    ], "reads are not audited; a refused mutation is"
+    assert all(r.peer and r.time.seconds > 0 and r.project == "team-a" for r in records)
+    built = [r for r in records if r.method.endswith("/CreateBuild") and r.code == "OK"]
+    assert built and built[-1].operation == world.operation
+
+
+async def test_health_needs_no_token(secured: Server) -> None:
+    async with grpc.aio.insecure_channel(secured.grpc_address) as channel:
+        answer = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_insecure_no_auth_says_so_loudly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = fake_settings(f"sqlite:///{tmp_path / 'cp.db'}", tmp_path)
+    with caplog.at_level("WARNING"):
+        async with running(settings) as srv, grpc.aio.insecure_channel(srv.grpc_address) as ch:
+            await Stub(ch).ListModels(rpc.ListModelsRequest(parent=A))
+    assert any("--insecure-no-auth" in r.getMessage() for r in caplog.records)
+    assert not (settings.data_dir / "admin.token").exists()
+
+
+async def test_a_restarted_server_keeps_its_tokens(fresh_db: str, tmp_path: Path) -> None:
+    settings = fake_settings(fresh_db, tmp_path, insecure_no_auth=False)
+    async with running(settings):
+        admin = (settings.data_dir / "admin.token").read_text()
+    async with running(settings) as srv, grpc.aio.insecure_channel(srv.grpc_address) as ch:
+        assert (settings.data_dir / "admin.token").read_text() == admin, "not written again"
+        await Stub(ch).ListModels(rpc.ListModelsRequest(parent=A), metadata=md(admin.strip()))
+
+
+async def cli(cwd: Path, *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        MODELCTL,
+        *args,
+        cwd=cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={k: v for k, v in os.environ.items() if not k.startswith("MODELCTL_")},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_the_cli_finds_the_admin_token_and_manages_tokens(tmp_path: Path) -> None:
+    """`modelctl serve` in a folder, the CLI in the same folder: no flag needed."""
+    server = await asyncio.create_subprocess_exec(
+        MODELCTL,
+        "serve",
+        "--grpc-port=0",
+        "--http-port=0",
+        "--backend=fake",
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        assert server.stdout is not None
+        ready = (await asyncio.wait_for(server.stdout.readline(), 60)).decode()
+        at = f"--server={ready.split()[1].removeprefix('grpc=')}"
+        code, _, err = await cli(tmp_path, "models", "create", "iris", at, "--project=team-a")
+        assert code == 0, err
+        code, secret, err = await cli(
+            tmp_path, "tokens", "create", "--role=viewer", at, "--project=team-a", "--ttl=1h"
+        )
+        assert code == 0 and secret.startswith("mlc_") and "shown once" in err, err
+        name = err.split()[1]
+        viewer = f"--token={secret.strip()}"
+        code, out, _ = await cli(tmp_path, "models", "list", at, "--project=team-a", viewer)
+        assert code == 0 and "iris" in out
+        code, _, err = await cli(tmp_path, "models", "create", "x", at, "--project=team-a", viewer)
+        assert code == 1 and "PERMISSION_DENIED" in err and "ROLE_TOO_WEAK" in err, err
+        code, out, _ = await cli(tmp_path, "audit", at, "--project=team-a")
+        assert code == 0 and "PERMISSION_DENIED" in out and name in out, out
+        code, out, _ = await cli(tmp_path, "tokens", "list", at, "--project=team-a")
+        assert code == 0 and name in out and secret.strip() not in out
+        code, _, _ = await cli(tmp_path, "tokens", "revoke", name, at)
+        assert code == 0
+        code, _, err = await cli(tmp_path, "models", "list", at, "--project=team-a", viewer)
+        assert code == 1 and "UNAUTHENTICATED" in err, err
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        code, _, err = await cli(elsewhere, "models", "list", at, "--project=team-a")
+        assert code == 1 and "UNAUTHENTICATED" in err, "no token file here"
+    finally:
+        server.terminate()
+        assert await asyncio.wait_for(server.wait(), 30) == 0
