@@ -19,6 +19,7 @@ import pytest
 from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from controlplane.api.client import Client, ClientError
 from controlplane.domain import access as ac
 from controlplane.server import Server
 from modellifecycle.v1 import resources_pb2 as pb
@@ -531,3 +532,21 @@ async def test_the_cli_finds_the_admin_token_and_manages_tokens(tmp_path: Path) 
     finally:
         server.terminate()
         assert await asyncio.wait_for(server.wait(), 30) == 0
+
+
+async def test_the_python_client_sends_its_token_with_every_kind_of_call(world: World) -> None:
+    """Unary, server streaming (a watch) and client streaming (an upload)."""
+    async with Client(world.server.grpc_address, token=world.secrets["deployer of A"]) as c:
+        assert [m.name for m in (await c.list_models(A)).items][:1] == [world.live]
+        source = await c.upload_source(world.live, zip_bytes({"model.py": MODEL_V1}))
+        assert len(source.sha256) == 64
+        async for event in c.watch_model(world.live):
+            assert event.resource is not None and event.resource.name.startswith(world.live)
+            break
+        with pytest.raises(ClientError) as e:
+            await c.delete_model(world.idle)
+        assert e.value.code == "PERMISSION_DENIED"
+    async with Client(world.server.grpc_address) as anonymous:
+        with pytest.raises(ClientError) as e:
+            await anonymous.upload_source(world.live, zip_bytes({"model.py": MODEL_V1}))
+        assert e.value.code == "UNAUTHENTICATED"
