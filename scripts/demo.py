@@ -90,16 +90,20 @@ def changes(before: dict[str, int], after: dict[str, int]) -> str:
     )
 
 
-async def call(endpoint: str) -> dict[str, Any]:
+def key_header(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+async def call(endpoint: str, key: str) -> dict[str, Any]:
     async with httpx.AsyncClient(timeout=30) as http:
-        r = await http.post(endpoint, json=FLOWERS)
+        r = await http.post(endpoint, json=FLOWERS, headers=key_header(key))
     body: dict[str, Any] = r.json()
     print(f"  POST {endpoint} -> {r.status_code}")
     print(f"  build {body['build']}, replica {body['replica_id']}: {body['response']}")
     return body
 
 
-async def show(c: Client, before: dict[str, int], endpoint: str) -> dict[str, int]:
+async def show(c: Client, before: dict[str, int], endpoint: str, key: str) -> dict[str, int]:
     dep, now = await replicas(c)
     r = dep.resources
     print(
@@ -107,7 +111,7 @@ async def show(c: Client, before: dict[str, int], endpoint: str) -> dict[str, in
         f"{r.replicas} replicas x (cpu {r.cpus:g}, gpu {r.gpus:g})"
     )
     print(changes(before, now))
-    await call(endpoint)
+    await call(endpoint, key)
     return now
 
 
@@ -118,36 +122,43 @@ async def workflow(server: str) -> None:
         step("1. Create a model")
         modelctl(server, "models", "create", "iris", "--display-name", "Iris classifier")
         endpoint = (await c.get_model(MODEL)).endpoint
+        # The endpoint takes only requests with one of the model's invocation keys.
+        made, key = await c.create_invocation_key(MODEL, "demo")
+        print(f"  invocation key {made.name}: requests send 'Authorization: Bearer mlk_…'")
 
         step("2. Build examples/iris-v1 (function `predict`) and deploy it: 2 replicas")
         modelctl(server, "build", str(examples / "iris-v1"), "--model", "iris",
                  "--file", "model.py", "--function", "predict", "--deploy",
                  "--replicas", "2", "--cpus", "0.5", "--gpus", "0.5")  # fmt: skip
-        seen = await show(c, {}, endpoint)
+        seen = await show(c, {}, endpoint, key)
+        async with httpx.AsyncClient(timeout=30) as http:
+            refused = (await http.post(endpoint, json=FLOWERS)).status_code
+        print(f"  POST {endpoint} without a key -> {refused}")
 
         step("3. Re-deploy the same build with 3 replicas: scales in place")
         modelctl(server, "deploy", "iris", "--build", "1", "--replicas", "3")
-        seen = await show(c, seen, endpoint)
+        seen = await show(c, seen, endpoint, key)
 
         step("4. Deploy a new build: examples/iris-v2, entry function renamed to `classify`")
         modelctl(server, "build", str(examples / "iris-v2"), "--model", "iris",
                  "--file", "model.py", "--function", "classify", "--deploy",
                  "--replicas", "2", "--gpus", "0")  # fmt: skip
-        seen = await show(c, seen, endpoint)
+        seen = await show(c, seen, endpoint, key)
 
         step("5. Roll back to build 1")
         modelctl(server, "deploy", "iris", "--build", "1")
-        seen = await show(c, seen, endpoint)
+        seen = await show(c, seen, endpoint, key)
 
         step("6. Restart: every replica re-initialized, same build and resources")
         modelctl(server, "restart", "iris", "--yes")
-        seen = await show(c, seen, endpoint)
+        seen = await show(c, seen, endpoint, key)
 
         step("7. Stop: no replica left, the endpoint stops answering; history stays")
         modelctl(server, "stop", "iris", "--yes")
         async with httpx.AsyncClient(timeout=10) as http:
             try:
-                status = str((await http.post(endpoint, json=FLOWERS)).status_code)
+                answer = await http.post(endpoint, json=FLOWERS, headers=key_header(key))
+                status = str(answer.status_code)
             except httpx.HTTPError as e:
                 status = type(e).__name__
         print(f"  POST {endpoint} -> {status}")

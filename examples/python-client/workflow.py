@@ -1,6 +1,7 @@
 """The active-model workflow from Python, with the client library `modelctl` itself uses.
 
-    .venv/bin/python examples/python-client/workflow.py --server 127.0.0.1:50051
+    .venv/bin/python examples/python-client/workflow.py --server 127.0.0.1:50051 \
+        --token-file .modelctl/admin.token
 
 Against a running `modelctl serve`: creates a model, uploads and builds examples/iris-v1
 and deploys it with 2 replicas (progress printed as it goes), follows the model's
@@ -45,8 +46,23 @@ async def done(c: Client, op: t.Operation) -> t.Operation:
     return op
 
 
-async def workflow(server: str, project: str, model_id: str) -> None:
-    async with Client(server) as c:
+async def call(endpoint: str, key: str) -> httpx.Response:
+    """POSTs one flower with the model's invocation key (live within seconds)."""
+    async with httpx.AsyncClient(timeout=30) as http:
+        for _ in range(100):
+            answer = await http.post(
+                endpoint,
+                json={"features": [[5.1, 3.5, 1.4, 0.2]]},
+                headers={"authorization": f"Bearer {key}"},
+            )
+            if answer.status_code != 401:
+                break
+            await asyncio.sleep(0.1)
+    return answer
+
+
+async def workflow(server: str, project: str, model_id: str, token: str) -> None:
+    async with Client(server, token=token) as c:
         try:  # a bad request: the error carries the gRPC code, the reason and the field
             await c.create_model(project, "Not A Valid Id")
         except ClientError as e:
@@ -61,8 +77,9 @@ async def workflow(server: str, project: str, model_id: str) -> None:
         op = await c.create_build(model, source.sha256, "model.py", "predict", deploy=deploy)
         build = (await done(c, op)).target
         endpoint = (await c.get_model(model)).endpoint
-        async with httpx.AsyncClient(timeout=30) as http:
-            answer = await http.post(endpoint, json={"features": [[5.1, 3.5, 1.4, 0.2]]})
+        key_info, key = await c.create_invocation_key(model, "python example")
+        print(f"invocation key {key_info.name}")
+        answer = await call(endpoint, key)
         print(f"POST {endpoint} -> {answer.status_code} {answer.json()['response']}")
         await done(c, await c.create_deployment(model, build, t.Resources(replicas=3)))
         print(f"scaled: {(await c.get_model(model)).state.value} with 3 replicas")
@@ -79,8 +96,15 @@ def main() -> None:
     p.add_argument("--server", default="127.0.0.1:50051", help="modelctl serve's gRPC address")
     p.add_argument("--project", default="projects/default")
     p.add_argument("--model-id", default="iris-from-python")
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        default=Path(".modelctl/admin.token"),
+        help="the API token (default: the admin token `modelctl serve` wrote in ./.modelctl)",
+    )
     args = p.parse_args()
-    asyncio.run(workflow(args.server, args.project, args.model_id))
+    token = args.token_file.read_text().strip() if args.token_file.is_file() else ""
+    asyncio.run(workflow(args.server, args.project, args.model_id, token))
 
 
 if __name__ == "__main__":

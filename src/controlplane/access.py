@@ -1,5 +1,5 @@
-"""Tokens and audit records: create, list, revoke, verify (with a short cache), the
-server's first admin token, and one audit record per mutation."""
+"""Tokens, invocation keys and audit records: create, list, revoke, verify tokens (with
+a short cache), the server's first admin token, one audit record per mutation."""
 
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ from sqlmodel import col, select
 from controlplane.domain import access as ac
 from controlplane.domain import names
 from controlplane.domain.errors import invalid_field, not_found
+from controlplane.jobs import JOB_APPLY
 from controlplane.storage import codec, repo
-from controlplane.storage.changes import now
-from controlplane.storage.db import Database
-from controlplane.storage.tables import AuditRow, OperationRow, TokenRow
+from controlplane.storage.changes import Changes, now
+from controlplane.storage.db import Database, WriteTx
+from controlplane.storage.tables import AuditRow, InvocationKeyRow, OperationRow, TokenRow
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,30 @@ def _to_token(row: TokenRow) -> Token:
         revoked=row.revoked,
         creator=row.creator,
     )
+
+
+@dataclass(frozen=True)
+class InvocationKey:
+    name: str
+    description: str
+    create_time: datetime
+    revoked: bool
+    creator: str
+
+
+def _to_key(row: InvocationKeyRow) -> InvocationKey:
+    return InvocationKey(
+        name=f"{row.model}/keys/{row.key_id}",
+        description=row.description,
+        create_time=codec.utc(row.create_time),
+        revoked=row.revoked,
+        creator=row.creator,
+    )
+
+
+def _apply_keys(tx: WriteTx) -> None:
+    """The replicas learn the model's keys from the next apply of the desired set."""
+    Changes(tx, "").enqueue(JOB_APPLY, "")
 
 
 def _parent_project(parent: str) -> str:
@@ -215,6 +240,65 @@ class Access:
         with self.db.read() as s:
             model = s.exec(select(OperationRow.model).where(OperationRow.name == name)).first()
         return ac.project_of(model) if model else None
+
+    # ---- invocation keys ------------------------------------------------------------------
+
+    def create_key(
+        self, parent: str, description: str, creator: ac.Principal
+    ) -> tuple[InvocationKey, str]:
+        model = str(names.parse_model(parent, "parent"))
+        if len(description) > 1000:
+            raise invalid_field("description", "at most 1000 characters")
+        key_id, secret = ac.new_secret(ac.KEY_PREFIX)
+        row = InvocationKeyRow(
+            key_id=key_id,
+            model=model,
+            secret_hash=ac.hash_secret(secret),
+            description=description,
+            creator=creator.name,
+            create_time=now(),
+        )
+        with self.db.write() as tx:
+            repo.model_row(tx.session, model)  # NOT_FOUND for a model that is not there
+            tx.session.add(row)
+            _apply_keys(tx)
+        return _to_key(row), secret
+
+    def list_keys(self, parent: str, size: int, page_token: str) -> tuple[list[InvocationKey], str]:
+        model = str(names.parse_model(parent, "parent"))
+        with self.db.read() as s:
+            repo.model_row(s, model)
+            rows, nxt = repo.page(
+                s,
+                InvocationKeyRow,
+                [InvocationKeyRow.model == model],
+                f"keys:{model}",
+                repo.page_size(size),
+                page_token,
+                newest_first=True,
+            )
+            return [_to_key(r) for r in rows], nxt
+
+    def revoke_key(self, name: str) -> InvocationKey:
+        model, sep, key_id = name.rpartition("/keys/")
+        if not sep or not key_id:
+            raise invalid_field(
+                "name", f"{name!r} is not projects/{{project}}/models/{{model}}/keys/{{id}}"
+            )
+        model = str(names.parse_model(model, "name"))
+        with self.db.write() as tx:
+            row = tx.session.exec(
+                select(InvocationKeyRow).where(
+                    InvocationKeyRow.key_id == key_id, InvocationKeyRow.model == model
+                )
+            ).first()
+            if row is None:
+                raise not_found("key", name)
+            if not row.revoked:
+                row.revoked = True
+                tx.session.add(row)
+                _apply_keys(tx)
+            return _to_key(row)
 
     # ---- audit ----------------------------------------------------------------------------
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from sqlmodel import Session, col, select
 
 from controlplane.domain import names
 from controlplane.domain import states as st
 from controlplane.storage import repo
-from controlplane.storage.tables import BuildRow, DeploymentRow, ModelRow
-from workers.backend import AppSpec, app_name_for
+from controlplane.storage.tables import BuildRow, DeploymentRow, InvocationKeyRow, ModelRow
+from workers.backend import AppSpec, EndpointAccess, app_name_for
 
 # A model whose active deployment is in one of these states should be running.
 SERVING = (st.DeploymentState.DEPLOYING.value, st.DeploymentState.DEPLOYED.value)
@@ -29,12 +31,26 @@ def app_spec(model: ModelRow, dep: DeploymentRow, build: BuildRow) -> AppSpec:
         cpus=dep.cpus,
         memory_mib=dep.memory_mib,
         gpus=dep.gpus,
-        environment=repo.environment_of(dep),
+        environment={**repo.environment_of(dep), **repo.secrets_of(dep)},
         restart_generation=dep.restart_generation,
     )
 
 
-def desired_apps(s: Session) -> list[AppSpec]:
+def endpoint_keys(s: Session) -> dict[str, tuple[str, ...]]:
+    """Each model's live invocation keys (their hashes)."""
+    keys: dict[str, list[str]] = {}
+    query = select(InvocationKeyRow.model, InvocationKeyRow.secret_hash).where(
+        col(InvocationKeyRow.revoked).is_(False)
+    )
+    for model, hashed in s.exec(query.order_by(col(InvocationKeyRow.id))).all():
+        keys.setdefault(model, []).append(hashed)
+    return {model: tuple(hashes) for model, hashes in keys.items()}
+
+
+def desired_apps(s: Session, open_endpoints: bool = False) -> list[AppSpec]:
+    """Every application that should run; ``open_endpoints`` (--insecure-no-auth): their
+    endpoints take requests without an invocation key."""
+    keys = {} if open_endpoints else endpoint_keys(s)
     rows = s.exec(
         select(ModelRow, DeploymentRow, BuildRow)
         .join(DeploymentRow, col(DeploymentRow.name) == col(ModelRow.active_deployment))
@@ -43,4 +59,10 @@ def desired_apps(s: Session) -> list[AppSpec]:
         .where(BuildRow.state == st.BuildState.BUILT.value)
         .order_by(col(ModelRow.id))
     ).all()
-    return [app_spec(m, d, b) for m, d, b in rows]
+    return [
+        replace(
+            app_spec(m, d, b),
+            access=EndpointAccess(open=open_endpoints, key_hashes=keys.get(m.name, ())),
+        )
+        for m, d, b in rows
+    ]

@@ -498,7 +498,7 @@ class Dispatcher:
         """The whole desired set, read fresh under the apply lock (what a rollout replaces
         was recorded when it started: ``service.start_deploying``)."""
         with self.db.read() as s:
-            return desired.desired_apps(s)
+            return desired.desired_apps(s, open_endpoints=self.settings.insecure_no_auth)
 
     def _mark_applied(self, job: JobRow) -> None:
         with self.db.write() as tx:

@@ -11,7 +11,7 @@ import json
 import keyword
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -107,6 +107,16 @@ def _check_text(value: str, field_name: str, limit: int) -> str:
     if len(value) > limit:
         raise invalid_field(field_name, f"at most {limit} characters, got {len(value)}")
     return value
+
+
+def _check_secrets(env: Mapping[str, str], secrets: Mapping[str, str], prefix: str = "") -> None:
+    t.validate_environment(secrets, f"{prefix}secret_environment")
+    both = sorted(set(env) & set(secrets))
+    if both:
+        raise invalid_field(
+            f"{prefix}secret_environment",
+            f"{', '.join(both)} also in environment: a name is secret or not",
+        )
 
 
 def _check_built(b: BuildRow, verb: str) -> None:
@@ -223,12 +233,15 @@ class Service:
         build: str,
         resources: t.Resources,
         environment: dict[str, str],
+        secrets: dict[str, str],
         state: st.DeploymentState,
     ) -> DeploymentRow:
         ts = now()
         number = model.next_deployment_number
         # Keep the restart generation: a new deployment that only scales stays in place.
         current = repo.maybe_deployment_row(c.s, model.active_deployment)
+        if not secrets and current is not None:  # cannot be read back to be sent again
+            secrets = repo.secrets_of(current)
         row = DeploymentRow(
             name=str(names.parse_model(model.name).deployment(number)),
             model=model.name,
@@ -239,6 +252,7 @@ class Service:
             memory_mib=resources.memory_mib,
             gpus=resources.gpus,
             environment=json.dumps(environment, sort_keys=True),
+            secret_environment=json.dumps(secrets, sort_keys=True),
             state=state.value,
             restart_generation=current.restart_generation if current else 0,
             create_time=ts,
@@ -351,6 +365,7 @@ class Service:
         if deploy is not None:
             deploy.resources.validate("deploy.resources")
             t.validate_environment(deploy.environment, "deploy.environment")
+            _check_secrets(deploy.environment, deploy.secret_environment, "deploy.")
 
     def create_build(self, req: NewBuild) -> t.Operation:
         model_name = str(names.parse_model(req.parent, "parent"))
@@ -369,7 +384,9 @@ class Service:
             file_path,
             req.function_name,
             req.comment,
-            None if deploy is None else (deploy.resources, dict(deploy.environment)),
+            None
+            if deploy is None
+            else (deploy.resources, dict(deploy.environment), dict(deploy.secret_environment)),
             *(["no_cache"] if req.no_cache else []),  # earlier requests' fingerprints hold
         )
         with self.db.write() as tx:
@@ -416,6 +433,7 @@ class Service:
                     build_name,
                     deploy.resources,
                     dict(deploy.environment),
+                    dict(deploy.secret_environment),
                     st.DeploymentState.PENDING,
                 )
                 deployment = dep.name
@@ -486,7 +504,9 @@ class Service:
         resources: t.Resources | None,
         environment: dict[str, str],
         request_id: str,
+        secrets: dict[str, str] | None = None,
     ) -> t.Operation:
+        secrets = secrets or {}
         model_name = str(names.parse_model(parent, "parent"))
         build_name = names.parse_build(build, "build")
         if str(build_name.parent) != model_name:
@@ -496,8 +516,10 @@ class Service:
         if resources is not None:
             resources.validate("resources")
         t.validate_environment(environment, "environment")
+        _check_secrets(environment, secrets)
         _check_request_id(request_id)
-        fp = _fingerprint(build, resources, environment)
+        # A request without secrets keeps its old fingerprint (earlier ids still match).
+        fp = _fingerprint(build, resources, environment, *([secrets] if secrets else []))
         with self.db.write() as tx:
             c = self._changes(tx)
             first = self._replay(c, "CreateDeployment", model_name, request_id, fp)
@@ -513,7 +535,7 @@ class Service:
             if resources is None:
                 resources = repo.resources_of(current) if current else t.Resources()
             dep = self._deployment_row(
-                c, model, build, resources, environment, st.DeploymentState.PENDING
+                c, model, build, resources, environment, secrets, st.DeploymentState.PENDING
             )
             op = self._operation(
                 c,

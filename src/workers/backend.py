@@ -59,6 +59,15 @@ class BuildOutcome:
 
 
 @dataclass(frozen=True)
+class EndpointAccess:
+    """Who may call a model's endpoint: anyone (``open``), or a request whose
+    ``Authorization: Bearer <key>`` hashes (SHA-256) to one of ``key_hashes``."""
+
+    open: bool = True
+    key_hashes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class AppSpec:
     """One model's Serve application as the control plane wants it."""
 
@@ -77,6 +86,8 @@ class AppSpec:
     environment: Mapping[str, str] = field(default_factory=dict)
     # Bumped by RestartModel: a change here replaces every replica.
     restart_generation: int = 0
+    # Updated on the running replicas, never a reason to replace them.
+    access: EndpointAccess = field(default_factory=EndpointAccess)
 
 
 class AppStatus(StrEnum):
@@ -154,6 +165,5 @@ def rolls(before: AppSpec, after: AppSpec) -> bool:
     environment, restart generation) rolls. The deployment record's name is
     bookkeeping and never reaches the replicas.
     """
-    return replace(before, replicas=0, deployment_name="") != replace(
-        after, replicas=0, deployment_name=""
-    )
+    same = {"replicas": 0, "deployment_name": "", "access": EndpointAccess()}
+    return replace(before, **same) != replace(after, **same)  # type: ignore[arg-type]

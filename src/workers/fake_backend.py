@@ -32,6 +32,7 @@ from workers.backend import (
     AppStatus,
     BuildOutcome,
     BuildSpec,
+    EndpointAccess,
     ReplicaObservation,
     ReplicaStatus,
     rolls,
@@ -248,12 +249,22 @@ def _load(path: Path) -> dict[str, _App]:
     for name, app in data.items():
         retiring_spec = app.get("retiring_spec")
         apps[name] = _App(
-            spec=AppSpec(**app["spec"]),
+            spec=_load_spec(app["spec"]),
             replicas=[_load_replica(r) for r in app["replicas"]],
-            retiring_spec=AppSpec(**retiring_spec) if retiring_spec else None,
+            retiring_spec=_load_spec(retiring_spec) if retiring_spec else None,
             retiring=[_load_replica(r) for r in app.get("retiring", [])],
         )
     return apps
+
+
+def _load_spec(spec: Mapping[str, Any]) -> AppSpec:
+    access = spec.get("access") or {}
+    return AppSpec(
+        **{
+            **spec,
+            "access": EndpointAccess(access.get("open", True), tuple(access.get("key_hashes", ()))),
+        }
+    )
 
 
 def _load_replica(r: Mapping[str, Any]) -> _Replica:

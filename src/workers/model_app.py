@@ -9,12 +9,14 @@ tests call it directly. The wire format is the contract's:
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import importlib.util
 import json
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,3 +98,38 @@ def invoke(fn: ModelFunction, raw_body: bytes, replica_id: str, build: str) -> R
                 "build": build,
             },
         )
+
+
+class KeyCheck:
+    """The endpoint's door: open, or a request whose ``Authorization: Bearer <key>`` is a
+    live invocation key of this model (compared by SHA-256; the replica never sees a key
+    it did not get in a request)."""
+
+    def __init__(self) -> None:
+        self.open = False  # closed until the control plane says otherwise
+        self._hashes: frozenset[str] = frozenset()
+
+    def configure(self, config: Mapping[str, Any] | None) -> None:
+        config = config or {}
+        self.open = bool(config.get("open", False))
+        self._hashes = frozenset(str(h) for h in config.get("keys", ()))
+
+    def allows(self, authorization: str | None) -> bool:
+        if self.open:
+            return True
+        scheme, _, key = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            return False
+        hashed = hashlib.sha256(key.strip().encode()).hexdigest()
+        return any(hmac.compare_digest(hashed, h) for h in self._hashes)
+
+
+UNAUTHORIZED = Reply(
+    401,
+    json.dumps(
+        {
+            "success": False,
+            "error": "a live invocation key of this model is needed: Authorization: Bearer <key>",
+        }
+    ).encode(),
+)

@@ -43,7 +43,7 @@ from workers.backend import (
     ReplicaStatus,
 )
 from workers.builder import run_build
-from workers.model_app import ModelFunction, invoke, load_function
+from workers.model_app import UNAUTHORIZED, KeyCheck, ModelFunction, invoke, load_function
 from workers.runtime import Runtime
 from workers.runtime import current as current_runtime
 
@@ -80,8 +80,20 @@ class ModelServer:
         self._fn: ModelFunction = load_function(artifact_path, file_path, function_name)
         self._build = build
         self._replica_id = serve.get_replica_context().replica_id.unique_id
+        self._keys = KeyCheck()
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Serve calls it at start and whenever the keys change (no restart)."""
+        self._keys.configure(config)
 
     async def __call__(self, request: Request) -> Response:
+        if not self._keys.allows(request.headers.get("authorization")):
+            return Response(
+                UNAUTHORIZED.body,
+                status_code=UNAUTHORIZED.status,
+                media_type="application/json",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         raw = await request.body()
         # The user's function may block (NumPy, I/O): keep the replica's loop free.
         reply = await asyncio.to_thread(invoke, self._fn, raw, self._replica_id, self._build)
@@ -118,6 +130,10 @@ def _app_config(spec: AppSpec) -> dict[str, Any]:
                 "name": DEPLOYMENT,
                 "num_replicas": spec.replicas,
                 "ray_actor_options": actor_options,
+                "user_config": {
+                    "open": spec.access.open,
+                    "keys": list(spec.access.key_hashes),
+                },
                 "max_surge_percent": 100,
                 "graceful_shutdown_timeout_s": 10,
                 "graceful_shutdown_wait_loop_s": 0.5,

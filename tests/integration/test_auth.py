@@ -58,6 +58,7 @@ class World:
     deployment: str
     operation: str
     throwaway: str
+    throwaway_key: str
     secrets: dict[str, str]
     counter: int = 0
 
@@ -113,6 +114,11 @@ async def world(secured: Server) -> AsyncIterator[World]:
                 rpc.CreateTokenRequest(parent=A, role=pb.ROLE_VIEWER), metadata=auth
             )
         ).token.name
+        throwaway_key = (
+            await stub.CreateInvocationKey(
+                rpc.CreateInvocationKeyRequest(parent=live), metadata=auth
+            )
+        ).key.name
         yield World(
             stub,
             secured,
@@ -123,6 +129,7 @@ async def world(secured: Server) -> AsyncIterator[World]:
             model.active_deployment,
             op.name,
             throwaway,
+            throwaway_key,
             secrets,
         )
 
@@ -302,6 +309,27 @@ RPCS: dict[str, tuple[ac.Role, Call, str]] = {
     "RevokeToken": (
         ac.Role.ADMIN,
         lambda w, m: w.stub.RevokeToken(rpc.RevokeTokenRequest(name=w.throwaway), metadata=m),
+        OK,
+    ),
+    "CreateInvocationKey": (
+        ac.Role.DEPLOYER,
+        lambda w, m: w.stub.CreateInvocationKey(
+            rpc.CreateInvocationKeyRequest(parent=w.live), metadata=m
+        ),
+        OK,
+    ),
+    "ListInvocationKeys": (
+        ac.Role.VIEWER,
+        lambda w, m: w.stub.ListInvocationKeys(
+            rpc.ListInvocationKeysRequest(parent=w.live), metadata=m
+        ),
+        OK,
+    ),
+    "RevokeInvocationKey": (
+        ac.Role.DEPLOYER,
+        lambda w, m: w.stub.RevokeInvocationKey(
+            rpc.RevokeInvocationKeyRequest(name=w.throwaway_key), metadata=m
+        ),
         OK,
     ),
     "ListAuditRecords": (
@@ -550,3 +578,39 @@ async def test_the_python_client_sends_its_token_with_every_kind_of_call(world: 
         with pytest.raises(ClientError) as e:
             await anonymous.upload_source(world.live, zip_bytes({"model.py": MODEL_V1}))
         assert e.value.code == "UNAUTHENTICATED"
+
+
+async def test_invocation_keys_reach_the_desired_apps_hashed_and_leave_when_revoked(
+    world: World,
+) -> None:
+    """What the replicas get (their Serve user_config): the hashes of the model's live
+    keys, never a secret; a revoked key is gone from the next apply."""
+    auth = md(world.admin)
+    made = await world.stub.CreateInvocationKey(
+        rpc.CreateInvocationKeyRequest(parent=world.live, description="rotation"), metadata=auth
+    )
+    assert made.secret.startswith("mlk_") and made.key.name.startswith(f"{world.live}/keys/")
+    backend = world.server.backend
+    hashed = ac.hash_secret(made.secret)
+
+    async def applied_hashes() -> tuple[str, ...]:
+        for _ in range(100):
+            apps = {a.spec.model_name: a.spec for a in backend.apps.values()}  # type: ignore[attr-defined]
+            spec = apps.get(world.live)
+            if spec is not None and (hashed in spec.access.key_hashes) == wanted:
+                return tuple(spec.access.key_hashes)
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"the apply never had the key {'in' if wanted else 'out'}")
+
+    wanted = True
+    hashes = await applied_hashes()
+    assert made.secret not in str(hashes) and len(hashes) == 2, "throwaway's and this one"
+    listed = await world.stub.ListInvocationKeys(
+        rpc.ListInvocationKeysRequest(parent=world.live), metadata=auth
+    )
+    assert made.secret not in str(listed)
+    await world.stub.RevokeInvocationKey(
+        rpc.RevokeInvocationKeyRequest(name=made.key.name), metadata=auth
+    )
+    wanted = False
+    assert hashed not in await applied_hashes()

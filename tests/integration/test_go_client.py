@@ -80,6 +80,8 @@ def test_go_client_is_formatted_vetted_and_its_unit_tests_pass(tmp_path: Path) -
     output = go(tmp_path, "test", "-count=1", "-v", PACKAGES[0])
     assert "--- PASS: TestErrorFromStatusWithDetails" in output, tail(output)
     assert "--- PASS: TestZipDirectoryStoresSourcesAndLeavesCachesOut" in output, tail(output)
+    assert "--- PASS: TestMutualTLSWithTheCAAndAClientCertificateSendsTheToken" in output
+    assert "--- PASS: TestTLSHandshakesThatMustFail" in output, tail(output)
     assert "--- FAIL" not in output, tail(output)
 
 
@@ -187,7 +189,8 @@ def test_the_go_client_example_runs_the_whole_workflow(tmp_path: Path) -> None:
     assert "bad request -> INVALID_ARGUMENT INVALID_ID [model_id: " in out, failure
     assert "created projects/default/models/iris-from-go" in out, failure
     assert "create_build: deployed (done)" in out, failure
-    assert '-> 200 {"classes":["setosa"],"version":1}' in out, failure
+    assert "without a key -> 401" in out, "the endpoint wants a key: " + failure
+    assert 'with the key -> 200 {"classes":["setosa"],"version":1}' in out, failure
     assert "2 of 2 replicas kept their id" in out, "scaling kept the replicas: " + failure
     assert "scaled: DEPLOYED with 3 replicas" in out, failure
     assert "restarted: DEPLOYED, 3 of 3 replicas new" in out, failure

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.certs import Authority
 from tests.conftest import ROOT
 
 PACKAGE = ROOT / "clients" / "typescript"
@@ -26,10 +27,12 @@ EXPECTED = (
     "a bad model id is INVALID_ARGUMENT with reason INVALID_ID and a field violation",
     "an unknown model is NOT_FOUND with reason MODEL_NOT_FOUND",
     "create, upload, build and deploy 2 replicas",
-    "the endpoint answers a POST with the model's prediction",
+    "the endpoint answers a POST with an invocation key, and 401 without",
     "scaling to 3 replicas with the same build is in place",
     "restart replaces every replica",
     "stop: a watch started before sees STOPPING then STOPPED",
+    "mutual TLS with the CA and a client certificate gets in",
+    "without a client certificate the handshake fails",
 )
 
 
@@ -49,9 +52,14 @@ def summary(out: str, key: str) -> int:
 
 
 @pytest.mark.timeout(600)
-def test_the_typescript_client_passes_its_suite_against_a_real_server() -> None:
+def test_the_typescript_client_passes_its_suite_against_a_real_server(tmp_path: Path) -> None:
+    certs = tmp_path / "certs"  # for test/tls.test.ts: a CA, a server and a client
+    ca = Authority(certs, "ca")
+    ca.issue("server", server=True)
+    ca.issue("client", server=False)
     env = {
         **os.environ,
+        "TLS_CERTS_DIR": str(certs),
         "MODELCTL": str(MODELCTL),
         "RAY_AUTH_MODE": "disabled",
         "NO_COLOR": "1",

@@ -21,12 +21,15 @@ pytestmark = pytest.mark.ray
 async def test_the_python_client_example_runs_the_whole_workflow(
     ray_backend: Backend, tmp_path: Path
 ) -> None:
-    async with ray_server(ray_backend, tmp_path / "data", metrics_port=0) as server:
+    data = tmp_path / "data"
+    async with ray_server(ray_backend, data, metrics_port=0, insecure_no_auth=False) as server:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             str(EXAMPLES / "python-client" / "workflow.py"),
             "--server",
             server.grpc_address,
+            "--token-file",
+            str(data / "admin.token"),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )

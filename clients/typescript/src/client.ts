@@ -23,6 +23,7 @@ import {
   ResourcesSchema,
   type Build,
   type Deployment,
+  type InvocationKey,
   type Model,
   type ModelEvent,
   type Operation,
@@ -35,6 +36,8 @@ import {
   type ListDeploymentsResponse,
   type ListModelsResponse,
   type BuildLogLine,
+  type CreateInvocationKeyResponse,
+  type ListInvocationKeysResponse,
   type ListOperationsResponse,
   type UploadSourceRequestSchema,
 } from "./gen/modellifecycle/v1/service_pb.js";
@@ -49,6 +52,12 @@ export interface ClientOptions {
   uploadTimeoutMs?: number;
   /** Sent as `authorization: Bearer <token>` on every call, when the server wants one. */
   token?: string;
+  /**
+   * TLS (the address becomes https://): the CA to trust, as PEM (read it with
+   * readFileSync); without it, Node's own roots. `cert` and `key`: this client's
+   * certificate and key (PEM), for servers that want mutual TLS.
+   */
+  tls?: { ca?: string | Buffer; cert?: string | Buffer; key?: string | Buffer };
 }
 
 /** Resources per replica; fields left out are 0 (replicas: the server's rules apply). */
@@ -159,10 +168,11 @@ export class Client {
 
   /** `address`: "host:port" (plain HTTP/2) or a URL such as "https://cp.example.com". */
   constructor(address: string, options: ClientOptions = {}) {
-    this.baseUrl = address.includes("://") ? address : `http://${address}`;
+    const scheme = options.tls ? "https" : "http";
+    this.baseUrl = address.includes("://") ? address : `${scheme}://${address}`;
     this.timeoutMs = options.timeoutMs ?? 30_000;
     this.uploadTimeoutMs = options.uploadTimeoutMs ?? 300_000;
-    this.session = new Http2SessionManager(this.baseUrl);
+    this.session = new Http2SessionManager(this.baseUrl, undefined, options.tls ?? {});
     const interceptors: Interceptor[] = [];
     const token = options.token;
     if (token) {
@@ -343,6 +353,23 @@ export class Client {
   /** Stops a running build or deploy; returns the operation, done with a CANCELLED error. */
   cancelOperation(name: string): Promise<Operation> {
     return this.call((o) => this.raw.cancelOperation({ name }, o));
+  }
+
+  /**
+   * A new invocation key for `model`'s endpoint: `secret` is shown once, and goes in
+   * `Authorization: Bearer <secret>` on requests to the endpoint. The replicas take a new
+   * key (or a revocation) within seconds.
+   */
+  createInvocationKey(model: string, description = ""): Promise<CreateInvocationKeyResponse> {
+    return this.call((o) => this.raw.createInvocationKey({ parent: model, description }, o));
+  }
+
+  listInvocationKeys(model: string, page: PageOptions = {}): Promise<ListInvocationKeysResponse> {
+    return this.call((o) => this.raw.listInvocationKeys({ parent: model, ...page }, o));
+  }
+
+  revokeInvocationKey(name: string): Promise<InvocationKey> {
+    return this.call((o) => this.raw.revokeInvocationKey({ name }, o));
   }
 
   /** One WaitOperation call: the operation once done, or as it is after `timeoutMs`. */

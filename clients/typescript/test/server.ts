@@ -42,6 +42,9 @@ export class ServerProcess {
     return this.stderr.slice(-STDERR_TAIL);
   }
 
+  /** `extra`: more `modelctl serve` flags (e.g. TLS, or --backend=fake for a quick one). */
+  constructor(private readonly extra: readonly string[] = []) {}
+
   async start(readyTimeoutMs = 120_000): Promise<void> {
     const args = [
       "serve",
@@ -50,6 +53,7 @@ export class ServerProcess {
       `--data-dir=${this.dataDir}`,
       "--num-cpus=4",
       "--num-gpus=1",
+      ...this.extra,
     ];
     const rayAddress = process.env["RAY_ADDRESS"];
     if (rayAddress) {

@@ -102,6 +102,7 @@ describe("the TypeScript client against modelctl serve", () => {
   let buildName = "";
   let endpoint = "";
   let replicasBefore: string[] = [];
+  let invocationKey = "";
 
   before(
     async () => {
@@ -238,14 +239,27 @@ describe("the TypeScript client against modelctl serve", () => {
     replicasBefore = replicaIds(deployment);
   });
 
-  test("the endpoint answers a POST with the model's prediction", async () => {
+  test("the endpoint answers a POST with an invocation key, and 401 without", async () => {
     assert.ok(endpoint, "deployed by the previous test");
-    const answer = await fetch(endpoint, {
-      method: "POST",
-      headers: { "content-type": "application/json" },
-      body: JSON.stringify({ features: [SETOSA] }),
-      signal: AbortSignal.timeout(30_000),
-    });
+    const post = (key: string): Promise<Response> =>
+      fetch(endpoint, {
+        method: "POST",
+        headers: {
+          "content-type": "application/json",
+          ...(key ? { authorization: `Bearer ${key}` } : {}),
+        },
+        body: JSON.stringify({ features: [SETOSA] }),
+        signal: AbortSignal.timeout(30_000),
+      });
+    assert.equal((await post("")).status, 401, "no key: refused by the replica");
+    const { key, secret } = await c.createInvocationKey(modelName, "ts test");
+    assert.ok(key?.name.startsWith(`${modelName}/keys/`), key?.name);
+    invocationKey = secret;
+    let answer = await post(secret);
+    for (let i = 0; answer.status === 401 && i < 100; i++) {
+      await new Promise((r) => setTimeout(r, 100)); // the replicas take the key within seconds
+      answer = await post(secret);
+    }
     const text = await answer.text();
     assert.equal(answer.status, 200, text);
     const body = JSON.parse(text) as {
@@ -331,7 +345,7 @@ describe("the TypeScript client against modelctl serve", () => {
     assert.notEqual(model.activeDeployment, "", "a stopped model keeps its deployment");
     const answer = await fetch(endpoint, {
       method: "POST",
-      headers: { "content-type": "application/json" },
+      headers: { "content-type": "application/json", authorization: `Bearer ${invocationKey}` },
       body: JSON.stringify({ features: [SETOSA] }),
       signal: AbortSignal.timeout(30_000),
     }).catch((e: unknown) => (e instanceof Error ? e : new Error(String(e))));

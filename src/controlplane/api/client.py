@@ -81,6 +81,7 @@ def _deploy_options(options: t.DeployOptions) -> rpc.DeployOptions:
     return rpc.DeployOptions(
         resources=convert.resources_to_pb(options.resources),
         environment=dict(options.environment),
+        secret_environment=dict(options.secret_environment),
     )
 
 
@@ -255,10 +256,16 @@ class Client:
         resources: t.Resources | None = None,
         environment: Mapping[str, str] | None = None,
         request_id: str = "",
+        secret_environment: Mapping[str, str] | None = None,
     ) -> t.Operation:
-        """Deploys ``build``; ``resources`` None keeps the active deployment's."""
+        """Deploys ``build``; ``resources`` None keeps the active deployment's, and no
+        ``secret_environment`` keeps its secrets."""
         request = rpc.CreateDeploymentRequest(
-            parent=model, build=build, environment=dict(environment or {}), request_id=request_id
+            parent=model,
+            build=build,
+            environment=dict(environment or {}),
+            request_id=request_id,
+            secret_environment=dict(secret_environment or {}),
         )
         if resources is not None:
             request.resources.CopyFrom(convert.resources_to_pb(resources))
@@ -337,6 +344,32 @@ class Client:
     async def revoke_token(self, name: str) -> access.Token:
         r = await self._call(self._stub.RevokeToken, rpc.RevokeTokenRequest(name=name))
         return convert.token_from_pb(r)
+
+    async def create_invocation_key(
+        self, model: str, description: str = ""
+    ) -> tuple[access.InvocationKey, str]:
+        """A new key for ``model``'s endpoint and its secret (shown once). The replicas
+        take it within seconds."""
+        r = await self._call(
+            self._stub.CreateInvocationKey,
+            rpc.CreateInvocationKeyRequest(parent=model, description=description),
+        )
+        return convert.key_from_pb(r.key), r.secret
+
+    async def list_invocation_keys(
+        self, model: str, page_size: int = 0, page_token: str = ""
+    ) -> t.Page[access.InvocationKey]:
+        r = await self._call(
+            self._stub.ListInvocationKeys,
+            rpc.ListInvocationKeysRequest(parent=model, page_size=page_size, page_token=page_token),
+        )
+        return t.Page([convert.key_from_pb(k) for k in r.keys], r.next_page_token)
+
+    async def revoke_invocation_key(self, name: str) -> access.InvocationKey:
+        r = await self._call(
+            self._stub.RevokeInvocationKey, rpc.RevokeInvocationKeyRequest(name=name)
+        )
+        return convert.key_from_pb(r)
 
     async def list_audit_records(
         self, parent: str, page_size: int = 0, page_token: str = ""

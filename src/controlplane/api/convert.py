@@ -137,6 +137,7 @@ def deployment_to_pb(d: t.Deployment) -> pb.Deployment:
         message=d.message,
         create_time=timestamp(d.create_time),
         update_time=timestamp(d.update_time),
+        secret_environment_keys=list(d.secret_environment_keys),
     )
 
 
@@ -256,6 +257,7 @@ def deployment_from_pb(d: pb.Deployment) -> t.Deployment:
         message=d.message,
         create_time=_required_time(d, "create_time"),
         update_time=_required_time(d, "update_time"),
+        secret_environment_keys=tuple(d.secret_environment_keys),
     )
 
 
@@ -367,4 +369,24 @@ def audit_from_pb(r: pb.AuditRecord) -> access.AuditRecord:
         code=r.code,
         peer=r.peer,
         operation=r.operation,
+    )
+
+
+def key_to_pb(k: access.InvocationKey) -> pb.InvocationKey:
+    return pb.InvocationKey(
+        name=k.name,
+        description=k.description,
+        create_time=timestamp(k.create_time),
+        revoked=k.revoked,
+        creator=k.creator,
+    )
+
+
+def key_from_pb(k: pb.InvocationKey) -> access.InvocationKey:
+    return access.InvocationKey(
+        name=k.name,
+        description=k.description,
+        create_time=from_timestamp(k.create_time),
+        revoked=k.revoked,
+        creator=k.creator,
     )

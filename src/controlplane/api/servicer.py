@@ -40,7 +40,9 @@ async def _run(fn: Callable[[], T]) -> T:
 
 def _deploy_options(msg: rpc.DeployOptions) -> t.DeployOptions:
     return t.DeployOptions(
-        resources=convert.resources_from_pb(msg.resources), environment=dict(msg.environment)
+        resources=convert.resources_from_pb(msg.resources),
+        environment=dict(msg.environment),
+        secret_environment=dict(msg.secret_environment),
     )
 
 
@@ -170,6 +172,7 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
                 resources,
                 dict(request.environment),
                 request.request_id,
+                dict(request.secret_environment),
             )
         )
         return convert.operation_to_pb(op)
@@ -347,6 +350,33 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
     @unary
     async def RevokeToken(self, request: rpc.RevokeTokenRequest, context: Ctx) -> pb.Token:
         return convert.token_to_pb(await _run(lambda: self.access.revoke_token(request.name)))
+
+    @unary
+    async def CreateInvocationKey(
+        self, request: rpc.CreateInvocationKeyRequest, context: Ctx
+    ) -> rpc.CreateInvocationKeyResponse:
+        creator = current_principal()
+        key, secret = await _run(
+            lambda: self.access.create_key(request.parent, request.description, creator)
+        )
+        return rpc.CreateInvocationKeyResponse(key=convert.key_to_pb(key), secret=secret)
+
+    @unary
+    async def ListInvocationKeys(
+        self, request: rpc.ListInvocationKeysRequest, context: Ctx
+    ) -> rpc.ListInvocationKeysResponse:
+        keys, nxt = await _run(
+            lambda: self.access.list_keys(request.parent, request.page_size, request.page_token)
+        )
+        return rpc.ListInvocationKeysResponse(
+            keys=[convert.key_to_pb(k) for k in keys], next_page_token=nxt
+        )
+
+    @unary
+    async def RevokeInvocationKey(
+        self, request: rpc.RevokeInvocationKeyRequest, context: Ctx
+    ) -> pb.InvocationKey:
+        return convert.key_to_pb(await _run(lambda: self.access.revoke_key(request.name)))
 
     @unary
     async def ListAuditRecords(

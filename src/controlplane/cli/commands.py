@@ -23,6 +23,16 @@ def _model(args: argparse.Namespace) -> str:
     return inputs.model_name(args.project, args.model)
 
 
+def _environments(
+    active: dict[str, str], args: argparse.Namespace
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The active deployment's environment with --env over it, and the --secret-env
+    (a name made secret leaves the plain environment)."""
+    secrets = inputs.environment(args.secret_env)
+    env = {**active, **inputs.environment(args.env)}
+    return {k: v for k, v in env.items() if k not in secrets}, secrets
+
+
 def _resources(args: argparse.Namespace, base: t.Resources | None) -> t.Resources | None:
     """The flags given, over ``base`` (the active deployment's); None when no flag is given."""
     given = {
@@ -138,9 +148,12 @@ async def build(c: Client, args: argparse.Namespace, p: Printer) -> int:
     if args.deploy:
         base, env = await _active(c, current)
         res = _resources(args, base) or base or t.Resources()
-        env = {**env, **inputs.environment(args.env)}
-        deploy = t.DeployOptions(resources=res, environment=env)
-    elif any(v is not None for v in (args.replicas, args.cpus, args.memory, args.gpus, args.env)):
+        env, secrets = _environments(env, args)
+        deploy = t.DeployOptions(resources=res, environment=env, secret_environment=secrets)
+    elif any(
+        v is not None
+        for v in (args.replicas, args.cpus, args.memory, args.gpus, args.env, args.secret_env)
+    ):
         raise inputs.UsageError("resources and --env apply to a deploy: add --deploy")
 
     def uploaded(sent: int, total: int) -> None:
@@ -187,7 +200,8 @@ async def deploy(c: Client, args: argparse.Namespace, p: Printer) -> int:
     build_name = inputs.child_name(model, "builds", args.build)
     base, env = await _active(c, await c.get_model(model))
     res = _resources(args, base)
-    op = await c.create_deployment(model, build_name, res, {**env, **inputs.environment(args.env)})
+    env, secrets = _environments(env, args)
+    op = await c.create_deployment(model, build_name, res, env, secret_environment=secrets)
     return await _finish(c, await _follow(c, op, p, args.wait), p)
 
 
@@ -315,4 +329,24 @@ async def tokens_revoke(c: Client, args: argparse.Namespace, p: Printer) -> int:
 
 async def audit_list(c: Client, args: argparse.Namespace, p: Printer) -> int:
     p.result((await c.list_audit_records(_scope(args), args.limit)).items)
+    return EXIT_OK
+
+
+async def keys_create(c: Client, args: argparse.Namespace, p: Printer) -> int:
+    key, secret = await c.create_invocation_key(_model(args), args.description)
+    p.progress(
+        f"created {key.name}; its secret is shown once, here (the endpoint takes it "
+        "within seconds, as Authorization: Bearer <key>):"
+    )
+    print(secret, file=p.out)
+    return EXIT_OK
+
+
+async def keys_list(c: Client, args: argparse.Namespace, p: Printer) -> int:
+    p.result((await c.list_invocation_keys(_model(args), args.limit)).items)
+    return EXIT_OK
+
+
+async def keys_revoke(c: Client, args: argparse.Namespace, p: Printer) -> int:
+    p.result(await c.revoke_invocation_key(args.name))
     return EXIT_OK

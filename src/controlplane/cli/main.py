@@ -31,6 +31,13 @@ def _add_resources(p: argparse.ArgumentParser) -> None:
     g.add_argument("--memory", help="memory per replica (e.g. 512MiB, 2GiB)")
     g.add_argument("--gpus", type=float, help="GPUs per replica (fractions allowed)")
     g.add_argument("--env", action="append", metavar="NAME=VALUE", help="environment (repeat)")
+    g.add_argument(
+        "--secret-env",
+        action="append",
+        metavar="NAME=VALUE",
+        help="environment for the replicas only, never shown again (repeat; re-deploys keep "
+        "the active deployment's secrets when none is given)",
+    )
 
 
 def _add_wait(p: argparse.ArgumentParser) -> None:
@@ -211,6 +218,15 @@ def parser() -> argparse.ArgumentParser:
     ls.add_argument("--all-projects", action="store_true", help="the every-project tokens")
     ls.add_argument("--limit", type=int, default=50)
     _sub(verbs, "revoke", cmd.tokens_revoke, "stop a token working").add_argument("name")
+    keys = _sub(sub, "keys", None, "invocation keys of a model's endpoint")
+    verbs = keys.add_subparsers(dest="verb", required=True, metavar="{create,list,revoke}")
+    create = _sub(verbs, "create", cmd.keys_create, "a new key; its secret is shown once")
+    create.add_argument("model")
+    create.add_argument("--description", default="")
+    ls = _sub(verbs, "list", cmd.keys_list, "a model's keys (never their secrets)")
+    ls.add_argument("model")
+    ls.add_argument("--limit", type=int, default=50)
+    _sub(verbs, "revoke", cmd.keys_revoke, "stop a key working").add_argument("name")
     audit = _sub(sub, "audit", cmd.audit_list, "who changed what (admins), newest first")
     audit.add_argument("--all-projects", action="store_true", help="every project's records")
     audit.add_argument("--limit", type=int, default=50)

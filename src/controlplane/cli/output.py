@@ -150,7 +150,15 @@ def _audit_rows(items: Sequence[access.AuditRecord]) -> tuple[list[str], list[li
     ]
 
 
+def _key_rows(items: Sequence[access.InvocationKey]) -> tuple[list[str], list[list[str]]]:
+    return ["name", "revoked", "created", "creator", "description"], [
+        [k.name, "yes" if k.revoked else "", when(k.create_time), k.creator, k.description]
+        for k in items
+    ]
+
+
 _ROWS: dict[type, Any] = {
+    access.InvocationKey: _key_rows,
     access.Token: _token_rows,
     access.AuditRecord: _audit_rows,
     t.Model: _model_rows,

@@ -19,6 +19,7 @@ from controlplane.domain import errors
 
 ALL_PROJECTS = "-"
 TOKEN_PREFIX = "mlc"
+KEY_PREFIX = "mlk"  # invocation keys: told apart from API tokens at a glance
 ANONYMOUS = "anonymous"  # the principal of every call with --insecure-no-auth
 
 
@@ -50,10 +51,11 @@ INSECURE = Principal(ANONYMOUS, ALL_PROJECTS, Role.ADMIN)
 # ---- token secrets ------------------------------------------------------------------------
 
 
-def new_secret() -> tuple[str, str]:
-    """A new token's id and secret: ``mlc_<id>_<random>``; only its hash is kept."""
+def new_secret(prefix: str = TOKEN_PREFIX) -> tuple[str, str]:
+    """A new token's (or key's) id and secret, ``<prefix>_<id>_<random>``; only its hash
+    is kept."""
     token_id = secrets.token_hex(8)
-    return token_id, f"{TOKEN_PREFIX}_{token_id}_{secrets.token_urlsafe(32)}"
+    return token_id, f"{prefix}_{token_id}_{secrets.token_urlsafe(32)}"
 
 
 def hash_secret(secret: str) -> str:
@@ -84,17 +86,36 @@ class Rule:
 
 
 _VIEW = ("GetModel", "GetBuild", "GetDeployment", "GetOperation", "WaitOperation")
-_VIEW_LISTS = ("ListModels", "ListBuilds", "ListDeployments", "ListOperations", "WatchModels")
+_VIEW_LISTS = (
+    "ListModels",
+    "ListBuilds",
+    "ListDeployments",
+    "ListOperations",
+    "WatchModels",
+    "ListInvocationKeys",
+)
 RULES: dict[str, Rule] = {
     **{m: Rule(Role.VIEWER, "name") for m in (*_VIEW, "WatchModel", "StreamBuildLogs")},
     **{m: Rule(Role.VIEWER, "parent") for m in _VIEW_LISTS},
     **{
         m: Rule(Role.DEPLOYER, "parent")
-        for m in ("CreateModel", "UploadSource", "CreateBuild", "CreateDeployment")
+        for m in (
+            "CreateModel",
+            "UploadSource",
+            "CreateBuild",
+            "CreateDeployment",
+            "CreateInvocationKey",
+        )
     },
     **{
         m: Rule(Role.DEPLOYER, "name")
-        for m in ("StopModel", "RestartModel", "CancelOperation", "ExportBuild")
+        for m in (
+            "StopModel",
+            "RestartModel",
+            "CancelOperation",
+            "ExportBuild",
+            "RevokeInvocationKey",
+        )
     },
     **{m: Rule(Role.ADMIN, "name") for m in ("DeleteModel", "RevokeToken")},
     **{m: Rule(Role.ADMIN, "parent") for m in ("CreateToken", "ListTokens", "ListAuditRecords")},
@@ -113,10 +134,18 @@ MUTATIONS = frozenset(
         "ExportBuild",
         "CreateToken",
         "RevokeToken",
+        "CreateInvocationKey",
+        "RevokeInvocationKey",
     }
 )
 
-_KINDS = {"models": "model", "builds": "build", "deployments": "deployment", "tokens": "token"}
+_KINDS = {
+    "models": "model",
+    "builds": "build",
+    "deployments": "deployment",
+    "tokens": "token",
+    "keys": "key",
+}
 
 
 def project_of(resource: str) -> str | None:

@@ -151,6 +151,8 @@ class Deployment:
     message: str
     create_time: datetime
     update_time: datetime
+    # Names only: the values of a deployment's secret environment are never returned.
+    secret_environment_keys: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -206,3 +208,5 @@ class Page(Generic[T]):
 class DeployOptions:
     resources: Resources
     environment: Mapping[str, str] = field(default_factory=dict)
+    # For the replicas only; empty: the active deployment's secrets are kept.
+    secret_environment: Mapping[str, str] = field(default_factory=dict)

@@ -78,6 +78,7 @@ def loads(kind: st.ResourceKind, body: str) -> t.Resource:
                 "state": st.DeploymentState(d["state"]),
                 "resources": t.Resources(**d["resources"]),
                 "replicas": tuple(replica_from_dict(r) for r in d["replicas"]),
+                "secret_environment_keys": tuple(d.get("secret_environment_keys", ())),
                 "create_time": _req_time(d["create_time"]),
                 "update_time": _req_time(d["update_time"]),
             }

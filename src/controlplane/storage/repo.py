@@ -113,7 +113,14 @@ def to_deployment(row: DeploymentRow) -> t.Deployment:
         message=row.message,
         create_time=codec.utc(row.create_time),
         update_time=codec.utc(row.update_time),
+        secret_environment_keys=tuple(sorted(secrets_of(row))),
     )
+
+
+def secrets_of(row: DeploymentRow) -> dict[str, str]:
+    """For the replicas' environment only (desired.py); never in a resource."""
+    secrets: dict[str, str] = json.loads(row.secret_environment)
+    return secrets
 
 
 def to_operation(row: OperationRow) -> t.Operation:

@@ -90,6 +90,8 @@ class DeploymentRow(SQLModel, table=True):
     memory_mib: int = Field(sa_type=BigInteger)
     gpus: float
     environment: str = _text("{}")  # JSON object
+    # JSON object given to the replicas only: no API returns it, no log shows it.
+    secret_environment: str = _text("{}")
     state: str = Field(max_length=20)
     observed_replicas: str = _text("[]")  # JSON list of replicas as Serve reports them
     message: str = _text()
@@ -215,3 +217,18 @@ class AuditRow(SQLModel, table=True):
     code: str = Field(max_length=40)
     peer: str = Field(default="", max_length=120)
     operation: str = Field(default="", max_length=80)
+
+
+class InvocationKeyRow(SQLModel, table=True):
+    """A key that calls one model's endpoint: only the SHA-256 of its secret is kept."""
+
+    __tablename__ = "invocation_keys"
+
+    id: int | None = Field(default=None, primary_key=True)
+    key_id: str = Field(unique=True, index=True, max_length=32)
+    model: str = Field(index=True, max_length=200)
+    secret_hash: str = Field(max_length=64)
+    description: str = _text()
+    creator: str = Field(default="", max_length=120)
+    revoked: bool = False
+    create_time: datetime = _time()

@@ -508,6 +508,7 @@ class Deployment(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    SECRET_ENVIRONMENT_KEYS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     build: _builtins.str
     """Build name."""
@@ -523,6 +524,10 @@ class Deployment(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def secret_environment_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The names of its secret environment variables (their values are never returned)."""
+
     def __init__(
         self,
         *,
@@ -535,10 +540,11 @@ class Deployment(_message.Message):
         message: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        secret_environment_keys: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "resources", b"resources", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["build", b"build", "create_time", b"create_time", "environment", b"environment", "message", b"message", "name", b"name", "replicas", b"replicas", "resources", b"resources", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["build", b"build", "create_time", b"create_time", "environment", b"environment", "message", b"message", "name", b"name", "replicas", b"replicas", "resources", b"resources", "secret_environment_keys", b"secret_environment_keys", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -762,3 +768,39 @@ class AuditRecord(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AuditRecord: _TypeAlias = AuditRecord  # noqa: Y015
+
+@_typing.final
+class InvocationKey(_message.Message):
+    """A key that calls one model's endpoint, and no other."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    REVOKED_FIELD_NUMBER: _builtins.int
+    CREATOR_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """projects/{project}/models/{model}/keys/{id}"""
+    description: _builtins.str
+    revoked: _builtins.bool
+    creator: _builtins.str
+    """The token that created it."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        revoked: _builtins.bool = ...,
+        creator: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "creator", b"creator", "description", b"description", "name", b"name", "revoked", b"revoked"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InvocationKey: _TypeAlias = InvocationKey  # noqa: Y015

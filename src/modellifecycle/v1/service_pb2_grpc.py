@@ -159,6 +159,21 @@ class ModelLifecycleStub:
                 request_serializer=modellifecycle_dot_v1_dot_service__pb2.RevokeTokenRequest.SerializeToString,
                 response_deserializer=modellifecycle_dot_v1_dot_resources__pb2.Token.FromString,
                 _registered_method=True)
+        self.CreateInvocationKey = channel.unary_unary(
+                '/modellifecycle.v1.ModelLifecycle/CreateInvocationKey',
+                request_serializer=modellifecycle_dot_v1_dot_service__pb2.CreateInvocationKeyRequest.SerializeToString,
+                response_deserializer=modellifecycle_dot_v1_dot_service__pb2.CreateInvocationKeyResponse.FromString,
+                _registered_method=True)
+        self.ListInvocationKeys = channel.unary_unary(
+                '/modellifecycle.v1.ModelLifecycle/ListInvocationKeys',
+                request_serializer=modellifecycle_dot_v1_dot_service__pb2.ListInvocationKeysRequest.SerializeToString,
+                response_deserializer=modellifecycle_dot_v1_dot_service__pb2.ListInvocationKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeInvocationKey = channel.unary_unary(
+                '/modellifecycle.v1.ModelLifecycle/RevokeInvocationKey',
+                request_serializer=modellifecycle_dot_v1_dot_service__pb2.RevokeInvocationKeyRequest.SerializeToString,
+                response_deserializer=modellifecycle_dot_v1_dot_resources__pb2.InvocationKey.FromString,
+                _registered_method=True)
         self.ListAuditRecords = channel.unary_unary(
                 '/modellifecycle.v1.ModelLifecycle/ListAuditRecords',
                 request_serializer=modellifecycle_dot_v1_dot_service__pb2.ListAuditRecordsRequest.SerializeToString,
@@ -341,6 +356,29 @@ class ModelLifecycleServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateInvocationKey(self, request, context):
+        """Invocation keys of a model's endpoint (`parent`: the model): a request to the
+        endpoint needs `Authorization: Bearer <key>` with a live key of that model, or gets
+        401. Several keys may be live at once, so keys can rotate. The secret is returned
+        once, by CreateInvocationKey; only its hash is stored. A new or revoked key takes
+        effect on the replicas within seconds (no replica restarts).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListInvocationKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeInvocationKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListAuditRecords(self, request, context):
         """Who changed what, when, from where, and how it ended: one record per mutation,
         newest first. Admins only.
@@ -471,6 +509,21 @@ def add_ModelLifecycleServicer_to_server(servicer, server):
                     servicer.RevokeToken,
                     request_deserializer=modellifecycle_dot_v1_dot_service__pb2.RevokeTokenRequest.FromString,
                     response_serializer=modellifecycle_dot_v1_dot_resources__pb2.Token.SerializeToString,
+            ),
+            'CreateInvocationKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateInvocationKey,
+                    request_deserializer=modellifecycle_dot_v1_dot_service__pb2.CreateInvocationKeyRequest.FromString,
+                    response_serializer=modellifecycle_dot_v1_dot_service__pb2.CreateInvocationKeyResponse.SerializeToString,
+            ),
+            'ListInvocationKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListInvocationKeys,
+                    request_deserializer=modellifecycle_dot_v1_dot_service__pb2.ListInvocationKeysRequest.FromString,
+                    response_serializer=modellifecycle_dot_v1_dot_service__pb2.ListInvocationKeysResponse.SerializeToString,
+            ),
+            'RevokeInvocationKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeInvocationKey,
+                    request_deserializer=modellifecycle_dot_v1_dot_service__pb2.RevokeInvocationKeyRequest.FromString,
+                    response_serializer=modellifecycle_dot_v1_dot_resources__pb2.InvocationKey.SerializeToString,
             ),
             'ListAuditRecords': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAuditRecords,
@@ -1129,6 +1182,87 @@ class ModelLifecycle:
             '/modellifecycle.v1.ModelLifecycle/RevokeToken',
             modellifecycle_dot_v1_dot_service__pb2.RevokeTokenRequest.SerializeToString,
             modellifecycle_dot_v1_dot_resources__pb2.Token.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateInvocationKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modellifecycle.v1.ModelLifecycle/CreateInvocationKey',
+            modellifecycle_dot_v1_dot_service__pb2.CreateInvocationKeyRequest.SerializeToString,
+            modellifecycle_dot_v1_dot_service__pb2.CreateInvocationKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListInvocationKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modellifecycle.v1.ModelLifecycle/ListInvocationKeys',
+            modellifecycle_dot_v1_dot_service__pb2.ListInvocationKeysRequest.SerializeToString,
+            modellifecycle_dot_v1_dot_service__pb2.ListInvocationKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeInvocationKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modellifecycle.v1.ModelLifecycle/RevokeInvocationKey',
+            modellifecycle_dot_v1_dot_service__pb2.RevokeInvocationKeyRequest.SerializeToString,
+            modellifecycle_dot_v1_dot_resources__pb2.InvocationKey.FromString,
             options,
             channel_credentials,
             insecure,

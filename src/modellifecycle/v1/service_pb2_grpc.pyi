@@ -95,6 +95,15 @@ class ModelLifecycleStub:
     ListTokens: _grpc.UnaryUnaryMultiCallable[_service_pb2.ListTokensRequest, _service_pb2.ListTokensResponse]
     RevokeToken: _grpc.UnaryUnaryMultiCallable[_service_pb2.RevokeTokenRequest, _resources_pb2.Token]
     """The token stops working at once on this server, within seconds on the others."""
+    CreateInvocationKey: _grpc.UnaryUnaryMultiCallable[_service_pb2.CreateInvocationKeyRequest, _service_pb2.CreateInvocationKeyResponse]
+    """Invocation keys of a model's endpoint (`parent`: the model): a request to the
+    endpoint needs `Authorization: Bearer <key>` with a live key of that model, or gets
+    401. Several keys may be live at once, so keys can rotate. The secret is returned
+    once, by CreateInvocationKey; only its hash is stored. A new or revoked key takes
+    effect on the replicas within seconds (no replica restarts).
+    """
+    ListInvocationKeys: _grpc.UnaryUnaryMultiCallable[_service_pb2.ListInvocationKeysRequest, _service_pb2.ListInvocationKeysResponse]
+    RevokeInvocationKey: _grpc.UnaryUnaryMultiCallable[_service_pb2.RevokeInvocationKeyRequest, _resources_pb2.InvocationKey]
     ListAuditRecords: _grpc.UnaryUnaryMultiCallable[_service_pb2.ListAuditRecordsRequest, _service_pb2.ListAuditRecordsResponse]
     """Who changed what, when, from where, and how it ended: one record per mutation,
     newest first. Admins only.
@@ -165,6 +174,15 @@ class ModelLifecycleAsyncStub(ModelLifecycleStub):
     ListTokens: _aio.UnaryUnaryMultiCallable[_service_pb2.ListTokensRequest, _service_pb2.ListTokensResponse]  # type: ignore[assignment]
     RevokeToken: _aio.UnaryUnaryMultiCallable[_service_pb2.RevokeTokenRequest, _resources_pb2.Token]  # type: ignore[assignment]
     """The token stops working at once on this server, within seconds on the others."""
+    CreateInvocationKey: _aio.UnaryUnaryMultiCallable[_service_pb2.CreateInvocationKeyRequest, _service_pb2.CreateInvocationKeyResponse]  # type: ignore[assignment]
+    """Invocation keys of a model's endpoint (`parent`: the model): a request to the
+    endpoint needs `Authorization: Bearer <key>` with a live key of that model, or gets
+    401. Several keys may be live at once, so keys can rotate. The secret is returned
+    once, by CreateInvocationKey; only its hash is stored. A new or revoked key takes
+    effect on the replicas within seconds (no replica restarts).
+    """
+    ListInvocationKeys: _aio.UnaryUnaryMultiCallable[_service_pb2.ListInvocationKeysRequest, _service_pb2.ListInvocationKeysResponse]  # type: ignore[assignment]
+    RevokeInvocationKey: _aio.UnaryUnaryMultiCallable[_service_pb2.RevokeInvocationKeyRequest, _resources_pb2.InvocationKey]  # type: ignore[assignment]
     ListAuditRecords: _aio.UnaryUnaryMultiCallable[_service_pb2.ListAuditRecordsRequest, _service_pb2.ListAuditRecordsResponse]  # type: ignore[assignment]
     """Who changed what, when, from where, and how it ended: one record per mutation,
     newest first. Admins only.
@@ -376,6 +394,33 @@ class ModelLifecycleServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_resources_pb2.Token, _abc.Awaitable[_resources_pb2.Token]]:
         """The token stops working at once on this server, within seconds on the others."""
+
+    @_abc_1.abstractmethod
+    def CreateInvocationKey(
+        self,
+        request: _service_pb2.CreateInvocationKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_service_pb2.CreateInvocationKeyResponse, _abc.Awaitable[_service_pb2.CreateInvocationKeyResponse]]:
+        """Invocation keys of a model's endpoint (`parent`: the model): a request to the
+        endpoint needs `Authorization: Bearer <key>` with a live key of that model, or gets
+        401. Several keys may be live at once, so keys can rotate. The secret is returned
+        once, by CreateInvocationKey; only its hash is stored. A new or revoked key takes
+        effect on the replicas within seconds (no replica restarts).
+        """
+
+    @_abc_1.abstractmethod
+    def ListInvocationKeys(
+        self,
+        request: _service_pb2.ListInvocationKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_service_pb2.ListInvocationKeysResponse, _abc.Awaitable[_service_pb2.ListInvocationKeysResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeInvocationKey(
+        self,
+        request: _service_pb2.RevokeInvocationKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_resources_pb2.InvocationKey, _abc.Awaitable[_resources_pb2.InvocationKey]]: ...
 
     @_abc_1.abstractmethod
     def ListAuditRecords(

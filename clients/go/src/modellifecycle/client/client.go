@@ -280,3 +280,17 @@ func (c *Client) WatchModel(ctx context.Context, name string, sinceRevision int6
 	}
 	return &Watch{stream: stream, cancel: cancel}, nil
 }
+
+// CreateInvocationKey makes a new key for model's endpoint. The secret (in the response,
+// shown once) goes in `Authorization: Bearer <secret>` on requests to the endpoint; the
+// replicas take a new key, or a revocation, within seconds.
+func (c *Client) CreateInvocationKey(ctx context.Context, model, description string) (*pb.CreateInvocationKeyResponse, error) {
+	r, err := c.rpc.CreateInvocationKey(ctx, &pb.CreateInvocationKeyRequest{Parent: model, Description: description})
+	return r, FromError(err)
+}
+
+// RevokeInvocationKey stops a key working (name: projects/P/models/M/keys/ID).
+func (c *Client) RevokeInvocationKey(ctx context.Context, name string) (*pb.InvocationKey, error) {
+	k, err := c.rpc.RevokeInvocationKey(ctx, &pb.RevokeInvocationKeyRequest{Name: name})
+	return k, FromError(err)
+}

@@ -67,6 +67,14 @@ type ModelLifecycleClient interface {
 	ListTokens(ctx context.Context, in *ListTokensRequest, opts ...grpc.CallOption) (*ListTokensResponse, error)
 	// The token stops working at once on this server, within seconds on the others.
 	RevokeToken(ctx context.Context, in *RevokeTokenRequest, opts ...grpc.CallOption) (*Token, error)
+	// Invocation keys of a model's endpoint (`parent`: the model): a request to the
+	// endpoint needs `Authorization: Bearer <key>` with a live key of that model, or gets
+	// 401. Several keys may be live at once, so keys can rotate. The secret is returned
+	// once, by CreateInvocationKey; only its hash is stored. A new or revoked key takes
+	// effect on the replicas within seconds (no replica restarts).
+	CreateInvocationKey(ctx context.Context, in *CreateInvocationKeyRequest, opts ...grpc.CallOption) (*CreateInvocationKeyResponse, error)
+	ListInvocationKeys(ctx context.Context, in *ListInvocationKeysRequest, opts ...grpc.CallOption) (*ListInvocationKeysResponse, error)
+	RevokeInvocationKey(ctx context.Context, in *RevokeInvocationKeyRequest, opts ...grpc.CallOption) (*InvocationKey, error)
 	// Who changed what, when, from where, and how it ended: one record per mutation,
 	// newest first. Admins only.
 	ListAuditRecords(ctx context.Context, in *ListAuditRecordsRequest, opts ...grpc.CallOption) (*ListAuditRecordsResponse, error)
@@ -413,6 +421,33 @@ func (c *modelLifecycleClient) RevokeToken(ctx context.Context, in *RevokeTokenR
 	return out, nil
 }
 
+func (c *modelLifecycleClient) CreateInvocationKey(ctx context.Context, in *CreateInvocationKeyRequest, opts ...grpc.CallOption) (*CreateInvocationKeyResponse, error) {
+	out := new(CreateInvocationKeyResponse)
+	err := c.cc.Invoke(ctx, "/modellifecycle.v1.ModelLifecycle/CreateInvocationKey", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *modelLifecycleClient) ListInvocationKeys(ctx context.Context, in *ListInvocationKeysRequest, opts ...grpc.CallOption) (*ListInvocationKeysResponse, error) {
+	out := new(ListInvocationKeysResponse)
+	err := c.cc.Invoke(ctx, "/modellifecycle.v1.ModelLifecycle/ListInvocationKeys", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *modelLifecycleClient) RevokeInvocationKey(ctx context.Context, in *RevokeInvocationKeyRequest, opts ...grpc.CallOption) (*InvocationKey, error) {
+	out := new(InvocationKey)
+	err := c.cc.Invoke(ctx, "/modellifecycle.v1.ModelLifecycle/RevokeInvocationKey", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *modelLifecycleClient) ListAuditRecords(ctx context.Context, in *ListAuditRecordsRequest, opts ...grpc.CallOption) (*ListAuditRecordsResponse, error) {
 	out := new(ListAuditRecordsResponse)
 	err := c.cc.Invoke(ctx, "/modellifecycle.v1.ModelLifecycle/ListAuditRecords", in, out, opts...)
@@ -475,6 +510,14 @@ type ModelLifecycleServer interface {
 	ListTokens(context.Context, *ListTokensRequest) (*ListTokensResponse, error)
 	// The token stops working at once on this server, within seconds on the others.
 	RevokeToken(context.Context, *RevokeTokenRequest) (*Token, error)
+	// Invocation keys of a model's endpoint (`parent`: the model): a request to the
+	// endpoint needs `Authorization: Bearer <key>` with a live key of that model, or gets
+	// 401. Several keys may be live at once, so keys can rotate. The secret is returned
+	// once, by CreateInvocationKey; only its hash is stored. A new or revoked key takes
+	// effect on the replicas within seconds (no replica restarts).
+	CreateInvocationKey(context.Context, *CreateInvocationKeyRequest) (*CreateInvocationKeyResponse, error)
+	ListInvocationKeys(context.Context, *ListInvocationKeysRequest) (*ListInvocationKeysResponse, error)
+	RevokeInvocationKey(context.Context, *RevokeInvocationKeyRequest) (*InvocationKey, error)
 	// Who changed what, when, from where, and how it ended: one record per mutation,
 	// newest first. Admins only.
 	ListAuditRecords(context.Context, *ListAuditRecordsRequest) (*ListAuditRecordsResponse, error)
@@ -556,6 +599,15 @@ func (UnimplementedModelLifecycleServer) ListTokens(context.Context, *ListTokens
 }
 func (UnimplementedModelLifecycleServer) RevokeToken(context.Context, *RevokeTokenRequest) (*Token, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method RevokeToken not implemented")
+}
+func (UnimplementedModelLifecycleServer) CreateInvocationKey(context.Context, *CreateInvocationKeyRequest) (*CreateInvocationKeyResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method CreateInvocationKey not implemented")
+}
+func (UnimplementedModelLifecycleServer) ListInvocationKeys(context.Context, *ListInvocationKeysRequest) (*ListInvocationKeysResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ListInvocationKeys not implemented")
+}
+func (UnimplementedModelLifecycleServer) RevokeInvocationKey(context.Context, *RevokeInvocationKeyRequest) (*InvocationKey, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method RevokeInvocationKey not implemented")
 }
 func (UnimplementedModelLifecycleServer) ListAuditRecords(context.Context, *ListAuditRecordsRequest) (*ListAuditRecordsResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method ListAuditRecords not implemented")
@@ -1025,6 +1077,60 @@ func _ModelLifecycle_RevokeToken_Handler(srv interface{}, ctx context.Context, d
 	return interceptor(ctx, in, info, handler)
 }
 
+func _ModelLifecycle_CreateInvocationKey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CreateInvocationKeyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ModelLifecycleServer).CreateInvocationKey(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/modellifecycle.v1.ModelLifecycle/CreateInvocationKey",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ModelLifecycleServer).CreateInvocationKey(ctx, req.(*CreateInvocationKeyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ModelLifecycle_ListInvocationKeys_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListInvocationKeysRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ModelLifecycleServer).ListInvocationKeys(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/modellifecycle.v1.ModelLifecycle/ListInvocationKeys",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ModelLifecycleServer).ListInvocationKeys(ctx, req.(*ListInvocationKeysRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ModelLifecycle_RevokeInvocationKey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RevokeInvocationKeyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ModelLifecycleServer).RevokeInvocationKey(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/modellifecycle.v1.ModelLifecycle/RevokeInvocationKey",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ModelLifecycleServer).RevokeInvocationKey(ctx, req.(*RevokeInvocationKeyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _ModelLifecycle_ListAuditRecords_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(ListAuditRecordsRequest)
 	if err := dec(in); err != nil {
@@ -1122,6 +1228,18 @@ var _ModelLifecycle_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "RevokeToken",
 			Handler:    _ModelLifecycle_RevokeToken_Handler,
+		},
+		{
+			MethodName: "CreateInvocationKey",
+			Handler:    _ModelLifecycle_CreateInvocationKey_Handler,
+		},
+		{
+			MethodName: "ListInvocationKeys",
+			Handler:    _ModelLifecycle_ListInvocationKeys_Handler,
+		},
+		{
+			MethodName: "RevokeInvocationKey",
+			Handler:    _ModelLifecycle_RevokeInvocationKey_Handler,
 		},
 		{
 			MethodName: "ListAuditRecords",

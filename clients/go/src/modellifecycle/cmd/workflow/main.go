@@ -116,7 +116,7 @@ func run(ctx context.Context, server, project, modelID, source string, opts ...g
 	if err != nil {
 		return err
 	}
-	if err := call(ctx, model.GetEndpoint()); err != nil {
+	if err := call(ctx, c, name, model.GetEndpoint()); err != nil {
 		return err
 	}
 
@@ -214,37 +214,67 @@ func follow(w *client.Watch) {
 	}
 }
 
-// call POSTs one iris flower to the model's endpoint and prints the answer.
-func call(ctx context.Context, endpoint string) error {
-	if endpoint == "" {
-		return errors.New("the deployed model has no endpoint")
-	}
+// post POSTs one iris flower to the model's endpoint, with an invocation key if given.
+func post(ctx context.Context, endpoint, key string) (int, []byte, error) {
 	body := []byte(`{"features": [[5.1, 3.5, 1.4, 0.2]]}`)
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, endpoint, bytes.NewReader(body))
 	if err != nil {
-		return err
+		return 0, nil, err
 	}
 	req.Header.Set("Content-Type", "application/json")
+	if key != "" {
+		req.Header.Set("Authorization", "Bearer "+key)
+	}
 	resp, err := (&http.Client{Timeout: 30 * time.Second}).Do(req)
 	if err != nil {
-		return fmt.Errorf("POST %s: %w", endpoint, err)
+		return 0, nil, fmt.Errorf("POST %s: %w", endpoint, err)
 	}
 	defer resp.Body.Close()
 	raw, err := io.ReadAll(resp.Body)
 	if err != nil {
-		return fmt.Errorf("POST %s: %w", endpoint, err)
+		return 0, nil, fmt.Errorf("POST %s: %w", endpoint, err)
+	}
+	return resp.StatusCode, raw, nil
+}
+
+// call makes an invocation key for the model, then POSTs one iris flower with it (the
+// replicas take a new key within seconds) and prints the answer; first it shows what a
+// request without a key gets (401 unless the server runs with --insecure-no-auth).
+func call(ctx context.Context, c *client.Client, model, endpoint string) error {
+	if endpoint == "" {
+		return errors.New("the deployed model has no endpoint")
+	}
+	status, _, err := post(ctx, endpoint, "")
+	if err != nil {
+		return err
+	}
+	fmt.Printf("POST %s without a key -> %d\n", endpoint, status)
+	key, err := c.CreateInvocationKey(ctx, model, "go example")
+	if err != nil {
+		return err
+	}
+	fmt.Printf("created invocation key %s\n", key.GetKey().GetName())
+	var raw []byte
+	for i := 0; i < 100; i++ {
+		if status, raw, err = post(ctx, endpoint, key.GetSecret()); err != nil || status != http.StatusUnauthorized {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if err != nil {
+		return err
 	}
 	var answer struct {
 		Response json.RawMessage `json:"response"`
 	}
-	if resp.StatusCode != http.StatusOK || json.Unmarshal(raw, &answer) != nil || answer.Response == nil {
-		return fmt.Errorf("POST %s -> %d %s", endpoint, resp.StatusCode, raw)
+	if status != http.StatusOK || json.Unmarshal(raw, &answer) != nil || answer.Response == nil {
+		return fmt.Errorf("POST %s -> %d %s", endpoint, status, raw)
 	}
 	var compact bytes.Buffer
 	if err := json.Compact(&compact, answer.Response); err != nil {
 		return err
 	}
-	fmt.Printf("POST %s -> %d %s\n", endpoint, resp.StatusCode, compact.String())
+	fmt.Printf("POST %s with the key -> %d %s\n", endpoint, status, compact.String())
 	return nil
 }
 
