@@ -16,7 +16,7 @@ import grpc
 
 from controlplane.access import Access
 from controlplane.api import status
-from controlplane.api.interceptor import Continuation, code_of
+from controlplane.api.interceptor import Continuation, code_of, rewrap
 from controlplane.domain import access as ac
 from controlplane.domain.errors import DomainError
 
@@ -66,30 +66,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if service in OPEN_SERVICES:
             return handler
         guard = _Guard(self, details.method, method if service == LIFECYCLE else "")
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                guard.unary(handler.unary_unary),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                guard.stream(handler.unary_stream),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                guard.upload(handler.stream_unary),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        assert handler.stream_stream is not None
-        return grpc.stream_stream_rpc_method_handler(
-            guard.bidi(handler.stream_stream),
-            handler.request_deserializer,
-            handler.response_serializer,
-        )
+        return rewrap(handler, guard.unary, guard.stream, guard.upload, guard.bidi)
 
 
 class _Guard:

@@ -62,32 +62,30 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
             return None
         method = details.method  # /package.Service/Method
         service, _, name = method.lstrip("/").rpartition("/")
-        kind = _rpc_type(handler)
-        observe = _Observer(self.metrics, method.lstrip("/"), service, name, kind)
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                observe.unary(handler.unary_unary),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                observe.stream(handler.unary_stream),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                observe.unary(handler.stream_unary),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        assert handler.stream_stream is not None
-        return grpc.stream_stream_rpc_method_handler(
-            observe.stream(handler.stream_stream),
-            handler.request_deserializer,
-            handler.response_serializer,
-        )
+        observe = _Observer(self.metrics, method.lstrip("/"), service, name, _rpc_type(handler))
+        return rewrap(handler, observe.unary, observe.stream, observe.unary, observe.stream)
+
+
+Wrap = Callable[[Any], Any]
+
+
+def rewrap(
+    handler: grpc.RpcMethodHandler[Any, Any],
+    unary_unary: Wrap,
+    unary_stream: Wrap,
+    stream_unary: Wrap,
+    stream_stream: Wrap,
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """The same method, its behavior wrapped by the function for its kind of call."""
+    codec = (handler.request_deserializer, handler.response_serializer)
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary_unary(handler.unary_unary), *codec)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(unary_stream(handler.unary_stream), *codec)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(stream_unary(handler.stream_unary), *codec)
+    assert handler.stream_stream is not None
+    return grpc.stream_stream_rpc_method_handler(stream_stream(handler.stream_stream), *codec)
 
 
 def _rpc_type(handler: grpc.RpcMethodHandler[Any, Any]) -> str:
