@@ -549,6 +549,8 @@ async def test_the_cli_finds_the_admin_token_and_manages_tokens(tmp_path: Path) 
         assert code == 0 and "PERMISSION_DENIED" in out and name in out, out
         code, out, _ = await cli(tmp_path, "tokens", "list", at, "--project=team-a")
         assert code == 0 and name in out and secret.strip() not in out
+        code, out, _ = await cli(tmp_path, "tokens", "list", at, "--project=team-a", "-o", "json")
+        assert code == 0 and '"role": "viewer"' in out, out
         code, _, _ = await cli(tmp_path, "tokens", "revoke", name, at)
         assert code == 0
         code, _, err = await cli(tmp_path, "models", "list", at, "--project=team-a", viewer)

@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 from datetime import datetime
-from enum import Enum
+from enum import Enum, IntEnum
 from typing import Any, TextIO
 
 from controlplane import access
@@ -18,6 +18,8 @@ def plain(value: Any) -> Any:
     """Domain dataclasses -> JSON-ready dicts (enums as their names, times as ISO 8601)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, IntEnum):  # ordered names, e.g. a token's role: "deployer"
+        return value.name.lower()
     if isinstance(value, Enum):
         return value.value
     if isinstance(value, datetime):
