@@ -28,6 +28,10 @@ ADMIN_TOKEN_FILE = "admin.token"
 VERIFY_CACHE_S = 2.0  # a revoked token stops working within this long on other servers
 
 
+class _NotFirst(Exception):
+    """A token exists already: the first admin token was made by an earlier start."""
+
+
 @dataclass(frozen=True)
 class Token:
     name: str
@@ -115,7 +119,11 @@ class Access:
         description: str,
         ttl_s: float | None,
         creator: ac.Principal,
+        first: bool = False,
     ) -> tuple[Token, str]:
+        """``first``: only if there is no token at all yet (ensure_admin_token); checked
+        and written in one transaction, which writers take in turn, so servers starting
+        together on one database make a single first token."""
         project = _parent_project(parent)
         if role not in ac.Role.__members__.values():
             raise invalid_field("role", "one of ROLE_VIEWER, ROLE_DEPLOYER, ROLE_ADMIN")
@@ -138,6 +146,8 @@ class Access:
             expire_time=created + timedelta(seconds=ttl_s) if ttl_s is not None else None,
         )
         with self.db.write() as tx:
+            if first and tx.session.exec(select(TokenRow.id).limit(1)).first() is not None:
+                raise _NotFirst
             tx.session.add(row)
         return _to_token(row), secret
 
@@ -217,16 +227,17 @@ class Access:
     def ensure_admin_token(self, data_dir: Path) -> Path | None:
         """At the first start (no token at all): an admin token of every project, written
         to DATA_DIR/admin.token (mode 0600). Returns the file when it wrote one."""
-        with self.db.read() as s:
-            if s.exec(select(TokenRow.id).limit(1)).first() is not None:
-                return None
-        token, secret = self.create_token(
-            f"projects/{ac.ALL_PROJECTS}",
-            ac.Role.ADMIN,
-            "the server's first admin token",
-            None,
-            ac.Principal("", ac.ALL_PROJECTS, ac.Role.ADMIN),
-        )
+        try:
+            token, secret = self.create_token(
+                f"projects/{ac.ALL_PROJECTS}",
+                ac.Role.ADMIN,
+                "the server's first admin token",
+                None,
+                ac.Principal("", ac.ALL_PROJECTS, ac.Role.ADMIN),
+                first=True,
+            )
+        except _NotFirst:
+            return None
         path = data_dir / ADMIN_TOKEN_FILE
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:

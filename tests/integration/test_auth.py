@@ -9,7 +9,9 @@ import asyncio
 import os
 import stat
 import sys
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,10 +20,14 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlmodel import select
 
+from controlplane.access import Access
 from controlplane.api.client import Client, ClientError
 from controlplane.domain import access as ac
 from controlplane.server import Server
+from controlplane.storage.db import Database
+from controlplane.storage.tables import TokenRow
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
 from tests.integration.conftest import (
@@ -616,3 +622,29 @@ async def test_invocation_keys_reach_the_desired_apps_hashed_and_leave_when_revo
     )
     wanted = False
     assert hashed not in await applied_hashes()
+
+
+def test_servers_starting_together_make_one_first_admin_token(
+    fresh_postgres: str, tmp_path: Path
+) -> None:
+    """Eight servers' first start at the same instant, each with its own connection."""
+    dbs = [Database(fresh_postgres) for _ in range(8)]
+    dbs[0].migrate()
+    dirs = [tmp_path / f"server-{i}" for i in range(len(dbs))]
+    start = threading.Barrier(len(dbs))
+
+    def first_start(i: int) -> Path | None:
+        dirs[i].mkdir()
+        start.wait()
+        return Access(dbs[i]).ensure_admin_token(dirs[i])
+
+    try:
+        with ThreadPoolExecutor(len(dbs)) as pool:
+            written = [p for p in pool.map(first_start, range(len(dbs))) if p is not None]
+        with dbs[0].read() as s:
+            tokens = s.exec(select(TokenRow)).all()
+    finally:
+        for db in dbs:
+            db.close()
+    assert len(tokens) == 1 and len(written) == 1
+    assert ac.matches(written[0].read_text().strip(), tokens[0].secret_hash)
