@@ -39,6 +39,7 @@ from controlplane.storage.model_cache import ModelCache
 from controlplane.storage.tables import (
     BuildRow,
     DeploymentRow,
+    InvocationKeyRow,
     JobRow,
     ModelRow,
     OperationRow,
@@ -339,7 +340,9 @@ class Service:
                     reason="MODEL_ACTIVE",
                     metadata={"name": name, "state": state.value},
                 )
-            for table in (BuildRow, DeploymentRow, OperationRow, SourceRow, JobRow):
+            # Its invocation keys go too: a model made again under the name starts keyless.
+            tables = (BuildRow, DeploymentRow, OperationRow, SourceRow, JobRow, InvocationKeyRow)
+            for table in tables:
                 for row in c.s.exec(select(table).where(col(table.model) == name)).all():
                     c.s.delete(row)
             c.model_deleted(model)

@@ -648,3 +648,32 @@ def test_servers_starting_together_make_one_first_admin_token(
             db.close()
     assert len(tokens) == 1 and len(written) == 1
     assert ac.matches(written[0].read_text().strip(), tokens[0].secret_hash)
+
+
+async def test_anonymous_refusals_leave_no_audit_record(world: World) -> None:
+    async def count() -> int:
+        records = await world.stub.ListAuditRecords(
+            rpc.ListAuditRecordsRequest(parent=A, page_size=1000), metadata=md(world.admin)
+        )
+        return len(records.records)
+
+    before = await count()
+    for secret in ("", "forged-token"):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await world.stub.StopModel(rpc.StopModelRequest(name=world.live), metadata=md(secret))
+    assert await count() == before, "no one without a token can fill the audit table"
+
+
+async def test_a_model_made_again_under_a_deleted_name_has_no_keys(world: World) -> None:
+    auth = md(world.admin)
+    create = rpc.CreateModelRequest(parent=A, model_id="again")
+    model = (await world.stub.CreateModel(create, metadata=auth)).name
+    await world.stub.CreateInvocationKey(
+        rpc.CreateInvocationKeyRequest(parent=model), metadata=auth
+    )
+    await world.stub.DeleteModel(rpc.DeleteModelRequest(name=model), metadata=auth)
+    await world.stub.CreateModel(create, metadata=auth)
+    keys = await world.stub.ListInvocationKeys(
+        rpc.ListInvocationKeysRequest(parent=model), metadata=auth
+    )
+    assert list(keys.keys) == []

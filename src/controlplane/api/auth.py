@@ -18,6 +18,7 @@ from controlplane.access import Access
 from controlplane.api import status
 from controlplane.api.interceptor import Continuation, code_of, rewrap
 from controlplane.domain import access as ac
+from controlplane.domain import errors
 from controlplane.domain.errors import DomainError
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,10 @@ class _Guard:
             if self.method:
                 ac.check(principal, self.method, resource, project)
         except DomainError as e:
-            await self._audit(principal, resource, project or "", context, e)
+            # Refusals of a known caller are audited; anonymous ones are not, or anyone
+            # who reaches the port could fill the audit table.
+            if not isinstance(e, errors.Unauthenticated):
+                await self._audit(principal, resource, project or "", context, e)
             await context.abort_with_status(status.to_status(e))
         _principal.set(principal)
         return principal, resource, project or ""
