@@ -40,6 +40,9 @@ def anchor_config(args: dict[str, Any], replicas: int, generation: int) -> dict[
                         "name": "model",
                         "num_replicas": replicas,
                         "ray_actor_options": {"num_cpus": 0.0, "num_gpus": 0.0},
+                        # Endpoint open to all, as ours is under --insecure-no-auth (the
+                        # replicas turn requests away until told who may call).
+                        "user_config": {"open": True, "keys": []},
                     }
                 ],
             }
