@@ -15,7 +15,7 @@ from sqlmodel import col, select
 
 from controlplane.domain import access as ac
 from controlplane.domain import names
-from controlplane.domain.errors import invalid_field, not_found
+from controlplane.domain.errors import check_text, invalid_field, not_found
 from controlplane.jobs import JOB_APPLY
 from controlplane.storage import codec, repo
 from controlplane.storage.changes import Changes, now
@@ -25,6 +25,7 @@ from controlplane.storage.tables import AuditRow, InvocationKeyRow, OperationRow
 log = logging.getLogger(__name__)
 
 ADMIN_TOKEN_FILE = "admin.token"
+MAX_DESCRIPTION = 1000  # of a token or an invocation key
 VERIFY_CACHE_S = 2.0  # a revoked token stops working within this long on other servers
 
 
@@ -129,8 +130,7 @@ class Access:
             raise invalid_field("role", "one of ROLE_VIEWER, ROLE_DEPLOYER, ROLE_ADMIN")
         if ttl_s is not None and ttl_s <= 0:
             raise invalid_field("ttl", f"must be positive, got {ttl_s:g} s")
-        if len(description) > 1000:
-            raise invalid_field("description", "at most 1000 characters")
+        check_text(description, "description", MAX_DESCRIPTION)
         if project == ac.ALL_PROJECTS and creator.project != ac.ALL_PROJECTS:
             raise ac.hidden(parent)
         token_id, secret = ac.new_secret()
@@ -258,8 +258,7 @@ class Access:
         self, parent: str, description: str, creator: ac.Principal
     ) -> tuple[InvocationKey, str]:
         model = str(names.parse_model(parent, "parent"))
-        if len(description) > 1000:
-            raise invalid_field("description", "at most 1000 characters")
+        check_text(description, "description", MAX_DESCRIPTION)
         key_id, secret = ac.new_secret(ac.KEY_PREFIX)
         row = InvocationKeyRow(
             key_id=key_id,

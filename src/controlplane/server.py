@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health
 
 from controlplane import logs, tracing
-from controlplane.access import ADMIN_TOKEN_FILE, Access
+from controlplane.access import Access
 from controlplane.api import transport, wiring
 from controlplane.api.auth import AuthInterceptor
 from controlplane.api.interceptor import TelemetryInterceptor
@@ -82,7 +82,6 @@ class Server:
         self.reconciler: Reconciler | None = None
         self.collector: Collector | None = None
         self.metrics: Metrics | None = None
-        self.admin_token_file: Path | None = None  # where the first admin token was written
         self._metrics_endpoint: MetricsEndpoint | None = None
         self._stop_tracing: Callable[[], None] | None = None
 
@@ -148,8 +147,7 @@ class Server:
                 "for local demos only, never on a network others can reach"
             )
         else:
-            written = await asyncio.to_thread(access.ensure_admin_token, s.data_dir)
-            self.admin_token_file = written or s.data_dir / ADMIN_TOKEN_FILE
+            await asyncio.to_thread(access.ensure_admin_token, s.data_dir)
         server = grpc.aio.server(
             interceptors=[
                 TelemetryInterceptor(self.metrics),
@@ -183,7 +181,8 @@ class Server:
             raise OSError(f"cannot listen on {s.grpc_host}:{s.grpc_port}")
         await server.start()
         self._grpc = server
-        if self.metrics is not None and s.metrics_port is not None:
+        if self.metrics is not None:
+            assert s.metrics_port is not None  # metrics exist only with a port
             self.metrics.read_state_from(self._figures)
             self._metrics_endpoint = MetricsEndpoint(self.metrics, s.metrics_host, s.metrics_port)
             await asyncio.to_thread(self._metrics_endpoint.start)

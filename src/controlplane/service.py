@@ -28,6 +28,7 @@ from controlplane.domain.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    check_text,
     invalid_field,
 )
 from controlplane.jobs import JOB_APPLY, JOB_BUILD
@@ -101,12 +102,6 @@ def _check_sha(value: str) -> str:
             if value
             else "required: the sha256 UploadSource returned",
         )
-    return value
-
-
-def _check_text(value: str, field_name: str, limit: int) -> str:
-    if len(value) > limit:
-        raise invalid_field(field_name, f"at most {limit} characters, got {len(value)}")
     return value
 
 
@@ -276,8 +271,8 @@ class Service:
     ) -> t.Model:
         project = names.parse_project(parent, "parent")
         names.check_id(model_id, "model_id")
-        _check_text(display_name, "model.display_name", MAX_DISPLAY_NAME)
-        _check_text(description, "model.description", MAX_DESCRIPTION)
+        check_text(display_name, "model.display_name", MAX_DISPLAY_NAME)
+        check_text(description, "model.description", MAX_DESCRIPTION)
         _check_request_id(request_id)
         name = str(names.ModelName(project.project, model_id))
         fp = _fingerprint(model_id, display_name, description)
@@ -378,7 +373,7 @@ class Service:
         except ValueError as e:
             raise invalid_field("file_path", str(e), reason="INVALID_FILE_PATH") from None
         _check_function_name(req.function_name)
-        _check_text(req.comment, "comment", MAX_COMMENT)
+        check_text(req.comment, "comment", MAX_COMMENT)
         _check_request_id(req.request_id)
         self._validate_deploy(req.deploy)
         deploy = req.deploy
@@ -458,7 +453,7 @@ class Service:
     def export_of(self, name: str, base_image: str, tag: str) -> OciExport:
         """What ExportBuild builds for ``name``: a BUILT build whose image is still there."""
         names.parse_build(name)
-        _check_text(base_image, "base_image", 500)
+        check_text(base_image, "base_image", 500)
         if tag and not _TAG.fullmatch(tag):
             raise invalid_field("tag", f"{tag!r} is not a valid image tag", reason="INVALID_TAG")
         with self.db.read() as s:

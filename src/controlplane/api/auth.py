@@ -20,6 +20,7 @@ from controlplane.api.interceptor import Continuation, code_of, rewrap
 from controlplane.domain import access as ac
 from controlplane.domain import errors
 from controlplane.domain.errors import DomainError
+from modellifecycle.v1 import resources_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ class _Guard:
         code = code_of(context, exc)
         if isinstance(exc, DomainError):
             code = status.code_of(exc).name
-        operation = getattr(result, "name", "") if type(result).__name__ == "Operation" else ""
+        operation = result.name if isinstance(result, pb.Operation) else ""
         try:
             await asyncio.to_thread(
                 self.access.audit,

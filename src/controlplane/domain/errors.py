@@ -79,6 +79,13 @@ def invalid_field(
     )
 
 
+def check_text(value: str, field_name: str, limit: int) -> str:
+    """``value`` if it is at most ``limit`` characters, else INVALID_ARGUMENT."""
+    if len(value) > limit:
+        raise invalid_field(field_name, f"at most {limit} characters, got {len(value)}")
+    return value
+
+
 def not_found(kind: str, name: str) -> NotFound:
     return NotFound(
         message=f"{kind} {name!r} not found",
