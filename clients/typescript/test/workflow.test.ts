@@ -90,8 +90,23 @@ async function eventually(check: () => boolean, what: string, timeoutMs = 10_000
   }
 }
 
-function replicaIds(d: Deployment): string[] {
-  return d.replicas.map((r) => r.id).sort();
+/** A replica as the contract tells them apart: its id and its process. */
+interface ReplicaKey {
+  id: string;
+  pid: bigint;
+}
+
+/** The deployment's replicas as (id, pid) pairs, sorted by id; each has a real process. */
+function replicaKeys(d: Deployment): ReplicaKey[] {
+  const keys = d.replicas.map((r) => ({ id: r.id, pid: r.pid }));
+  for (const k of keys) {
+    assert.ok(k.id !== "" && k.pid > 0n, `a replica with an id and a pid: ${showKeys(keys)}`);
+  }
+  return keys.sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
+}
+
+function showKeys(keys: readonly ReplicaKey[]): string {
+  return keys.map((k) => `${k.id} (pid ${k.pid})`).join(", ");
 }
 
 describe("the TypeScript client against modelctl serve", () => {
@@ -101,7 +116,7 @@ describe("the TypeScript client against modelctl serve", () => {
   const modelName = `${PROJECT}/models/${modelId}`;
   let buildName = "";
   let endpoint = "";
-  let replicasBefore: string[] = [];
+  let replicasBefore: ReplicaKey[] = [];
   let invocationKey = "";
 
   before(
@@ -236,7 +251,7 @@ describe("the TypeScript client against modelctl serve", () => {
     assert.equal(deployment.resources?.replicas, 2);
     assert.equal(deployment.replicas.length, 2);
     assert.ok(deployment.replicas.every((r) => r.state === ReplicaState.RUNNING));
-    replicasBefore = replicaIds(deployment);
+    replicasBefore = replicaKeys(deployment);
   });
 
   test("the endpoint answers a POST with an invocation key, and 401 without", async () => {
@@ -271,7 +286,10 @@ describe("the TypeScript client against modelctl serve", () => {
     assert.equal(body.success, true, text);
     assert.deepEqual(body.response, { classes: ["setosa"], version: 1 });
     assert.equal(body.build, buildName);
-    assert.ok(replicasBefore.includes(body.replica_id ?? ""), `served by a replica: ${text}`);
+    assert.ok(
+      replicasBefore.some((r) => r.id === body.replica_id),
+      `served by a replica (${showKeys(replicasBefore)}): ${text}`,
+    );
   });
 
   test("scaling to 3 replicas with the same build is in place", async () => {
@@ -287,11 +305,16 @@ describe("the TypeScript client against modelctl serve", () => {
     assert.equal(deployment.resources?.replicas, 3);
     assert.equal(deployment.replicas.length, 3);
     assert.ok(deployment.replicas.every((r) => r.state === ReplicaState.RUNNING));
-    const ids = replicaIds(deployment);
+    // In place: each of the 2 replicas is still there, same id AND same process.
+    const after = replicaKeys(deployment);
     for (const kept of replicasBefore) {
-      assert.ok(ids.includes(kept), `replica ${kept} kept its id (in place): ${ids.join(", ")}`);
+      assert.ok(
+        after.some((r) => r.id === kept.id && r.pid === kept.pid),
+        `replica ${kept.id} (pid ${kept.pid}) kept its id and pid (in place): ` +
+          `before ${showKeys(replicasBefore)}, after ${showKeys(after)}`,
+      );
     }
-    replicasBefore = ids;
+    replicasBefore = after;
   });
 
   test("restart replaces every replica, same build and resources", async () => {
@@ -305,11 +328,18 @@ describe("the TypeScript client against modelctl serve", () => {
     assert.equal(deployment.build, buildName);
     assert.equal(deployment.resources?.replicas, 3);
     assert.equal(deployment.replicas.length, 3);
-    const ids = replicaIds(deployment);
+    // Every replica is new: no id and no pid of before is left.
+    const after = replicaKeys(deployment);
+    const seen = `before ${showKeys(replicasBefore)}, after ${showKeys(after)}`;
     assert.deepEqual(
-      ids.filter((id) => replicasBefore.includes(id)),
+      after.filter((r) => replicasBefore.some((b) => b.id === r.id)).map((r) => r.id),
       [],
-      `every replica is new: before ${replicasBefore.join(", ")}, after ${ids.join(", ")}`,
+      `every replica has a new id: ${seen}`,
+    );
+    assert.deepEqual(
+      after.filter((r) => replicasBefore.some((b) => b.pid === r.pid)).map((r) => r.id),
+      [],
+      `every replica has a new pid: ${seen}`,
     );
   });
 
