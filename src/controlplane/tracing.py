@@ -1,6 +1,8 @@
 """OpenTelemetry traces: RPC -> job -> backend (Ray) call, one trace. Off unless configured.
 
-The RPC's span (api/interceptor.py) is current while the RPC writes its job, and the job
+The RPC's span (api/interceptor.py) continues the caller's trace when the call's metadata
+carries a valid W3C ``traceparent`` (and ``tracestate``), and is a root otherwise. It is
+current while the RPC writes its job, and the job
 row keeps it as a W3C ``traceparent``; the dispatcher that runs the job, maybe later and
 on another server, continues that trace, and every backend call is a span of the job.
 Jobs a job enqueues (a build's deploy) carry the job's span in turn.
@@ -73,19 +75,25 @@ def span(
     name: str,
     parent: str = "",
     kind: SpanKind = SpanKind.INTERNAL,
+    tracestate: str = "",
     **attributes: str | int | float | bool,
 ) -> Iterator[Span]:
-    """A span, current inside the block; a child of ``parent`` (a traceparent) if given,
-    else of the current span. Exceptions are recorded on it and re-raised."""
-    context = context_of(parent) if parent else None
+    """A span, current inside the block; a child of ``parent`` (a traceparent, with its
+    ``tracestate``) if given, else of the current span; a root when ``parent`` is given
+    but not a valid traceparent. Exceptions are recorded on it and re-raised."""
+    context = context_of(parent, tracestate) if parent else None
     with _tracer.start_as_current_span(
         name, context=context, kind=kind, attributes=attributes
     ) as current:
         yield current
 
 
-def context_of(traceparent: str) -> Context:
-    return _propagator.extract({"traceparent": traceparent})
+def context_of(traceparent: str, tracestate: str = "") -> Context:
+    """The context of a remote parent span; an empty one when ``traceparent`` is not valid."""
+    carrier = {"traceparent": traceparent}
+    if tracestate:
+        carrier["tracestate"] = tracestate
+    return _propagator.extract(carrier, context=Context())
 
 
 def traceparent() -> str:

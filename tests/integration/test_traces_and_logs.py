@@ -1,7 +1,8 @@
 """`modelctl serve --otlp-endpoint URL --log-format json`, as an operator runs it: the
 spans arrive at an OTLP/HTTP receiver of the test's own as one trace per request
-(RPC -> job -> backend call, the deploy job included), and every log line is a JSON
-object that names the model and the operation it is about."""
+(RPC -> job -> backend call, the deploy job included), a call that sends a W3C
+traceparent has its spans in the caller's trace, and every log line is a JSON object
+that names the model and the operation it is about."""
 
 from __future__ import annotations
 
@@ -20,10 +21,23 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from modellifecycle.v1 import service_pb2 as rpc
-from tests.integration.conftest import MODEL_V1, Stub, build, create_model, resources
+from tests.integration.conftest import (
+    MODEL_V1,
+    MODEL_V2,
+    Stub,
+    build,
+    create_model,
+    resources,
+    upload,
+    wait,
+    zip_bytes,
+)
 from tests.integration.servers import MODELCTL
 
 SERVICE = "modellifecycle.v1.ModelLifecycle"
+# The calling platform service's trace and span, as it sends them in the call's metadata.
+CALLER_TRACE = "0af7651916cd43dd8448eb211c80319c"
+CALLER_SPAN = "b7ad6b7169203331"
 
 
 class Receiver:
@@ -113,18 +127,46 @@ async def test_one_trace_per_request_and_json_logs_about_the_model(
         async with grpc.aio.insecure_channel(address) as channel:
             stub = Stub(channel)
             with pytest.raises(grpc.aio.AioRpcError):
-                await stub.GetModel(rpc.GetModelRequest(name=f"{project}/models/missing"))
+                await stub.GetModel(
+                    rpc.GetModelRequest(name=f"{project}/models/missing"),
+                    metadata=(("traceparent", "00-not-a-valid-traceparent-01"),),
+                )
             model = (await create_model(stub, project, "traced")).name
             deploy = rpc.DeployOptions(resources=resources(replicas=1))
             op = await build(stub, model, MODEL_V1, deploy=deploy)
             assert op.done and not op.HasField("error")
+            joined = (await create_model(stub, project, "joined")).name
+            caller = (("traceparent", f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"),)
+            # Another model's source: the build is not a cache hit, so it calls the backend.
+            source = await upload(stub, joined, zip_bytes({"model.py": MODEL_V2}))
+            joined_op = await stub.CreateBuild(
+                rpc.CreateBuildRequest(
+                    parent=joined,
+                    source_sha256=source.sha256,
+                    file_path="model.py",
+                    function_name="classify",
+                ),
+                metadata=caller,
+            )
+            assert not (await wait(stub, joined_op)).HasField("error")
     finally:
         server.send_signal(signal.SIGTERM)  # flushes the spans still buffered
         assert await asyncio.wait_for(server.wait(), 30) == 0
 
     assert receiver.services == {"modelctl"}
-    (rpc_span,) = receiver.named(f"{SERVICE}/CreateBuild")
+    caller_trace = bytes.fromhex(CALLER_TRACE)
+    joined_rpc = receiver.one(f"{SERVICE}/CreateBuild", caller_trace)
+    assert joined_rpc.parent_span_id == bytes.fromhex(CALLER_SPAN), "the caller's span"
+    joined_job = receiver.one("job build", caller_trace)
+    assert joined_job.parent_span_id == joined_rpc.span_id
+    assert attribute(joined_job, "model") == joined
+    assert receiver.one("backend build", caller_trace).parent_span_id == joined_job.span_id
+
+    (rpc_span,) = [
+        s for s in receiver.named(f"{SERVICE}/CreateBuild") if s.trace_id != caller_trace
+    ]
     assert rpc_span.kind == trace_pb2.Span.SPAN_KIND_SERVER
+    assert rpc_span.parent_span_id == b"", "a call without a traceparent starts a trace"
     assert attribute(rpc_span, "rpc.grpc.status_code") == "OK"
     trace = rpc_span.trace_id
     job = receiver.one("job build", trace)
@@ -140,11 +182,14 @@ async def test_one_trace_per_request_and_json_logs_about_the_model(
     assert missing.status.code == trace_pb2.Status.STATUS_CODE_ERROR
     assert attribute(missing, "rpc.grpc.status_code") == "NOT_FOUND"
     assert missing.trace_id != trace
+    assert missing.parent_span_id == b"", "an invalid traceparent is ignored"
 
     lines = [json.loads(line) for line in log_file.read_text().splitlines()]
     assert lines, "the server logged nothing"
     for line in lines:
         assert {"time", "level", "logger", "message", "model", "operation"} <= line.keys()
+    joined_lines = [ln for ln in lines if ln["operation"] == joined_op.name]
+    assert joined_lines and all(ln["trace_id"] == CALLER_TRACE for ln in joined_lines)
     about_build = [ln for ln in lines if ln["operation"] == op.name]
     messages = [ln["message"] for ln in about_build]
     assert any(m.startswith("job ") and m.endswith(" (build) started") for m in messages)

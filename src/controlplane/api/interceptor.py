@@ -39,6 +39,16 @@ def about(request: Any) -> dict[str, str]:
     return out
 
 
+def caller_trace(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, str]:
+    """The W3C ``traceparent`` and ``tracestate`` the caller sent in the call's metadata
+    ("" for each it did not send), so that the RPC's span joins the caller's trace."""
+    found = {"traceparent": "", "tracestate": ""}
+    for key, value in context.invocation_metadata() or ():
+        if key in found and not found[key] and isinstance(value, str):
+            found[key] = value.strip()
+    return found["traceparent"], found["tracestate"]
+
+
 def code_of(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException | None) -> str:
     if isinstance(exc, asyncio.CancelledError):
         return grpc.StatusCode.CANCELLED.name  # the client went away
@@ -115,9 +125,12 @@ class _Observer:
             self.metrics.rpc_started.labels(*self.labels).inc()
         start = time.perf_counter()
         exc: BaseException | None = None
+        parent, state = caller_trace(context)
         with (
             logs.about(rpc=self.full, **about(request)),
-            tracing.span(self.full, kind=SpanKind.SERVER, **{"rpc.system": "grpc"}) as span,
+            tracing.span(
+                self.full, parent, SpanKind.SERVER, state, **{"rpc.system": "grpc"}
+            ) as span,
         ):
             try:
                 yield
