@@ -16,7 +16,6 @@ from sqlmodel import col, select
 from controlplane.domain import access as ac
 from controlplane.domain import names
 from controlplane.domain.errors import check_text, invalid_field, not_found
-from controlplane.jobs import JOB_APPLY
 from controlplane.storage import codec, repo
 from controlplane.storage.changes import Changes, now
 from controlplane.storage.db import Database, WriteTx
@@ -94,7 +93,7 @@ def _to_key(row: InvocationKeyRow) -> InvocationKey:
 
 def _apply_keys(tx: WriteTx) -> None:
     """The replicas learn the model's keys from the next apply of the desired set."""
-    Changes(tx, "").enqueue(JOB_APPLY, "")
+    Changes(tx, "").resync()
 
 
 def _parent_project(parent: str) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, or_, select
 
 from controlplane import desired, failpoints, logs, rollouts, tracing
 from controlplane.config import Settings
@@ -40,6 +40,10 @@ _IN_FLIGHT = (st.DeploymentState.DEPLOYING.value, st.DeploymentState.STOPPING.va
 # sends the whole desired set, so a repeat is harmless. Waits between attempts:
 APPLY_RETRY_S = (0.25, 0.5, 1.0, 2.0)
 APPLY_TIMEOUT_S = 60.0  # an apply that hangs (a cluster that stopped answering) fails
+# An apply that failed for good leaves the desired set (a revoked key, a last good
+# deployment to go back to) not applied: a whole-set apply is queued to try again after a
+# pause that doubles with each failure in a row, from the first to the last.
+RESYNC_AFTER_S = (5.0, 60.0)
 # The control plane's own build deadline is the builder's plus this much (at most twice
 # the builder's): it also covers a build task that never starts (the cluster has no free
 # CPU for it) or that never ends.
@@ -80,6 +84,7 @@ class Dispatcher:
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._by_job: dict[int, asyncio.Task[None]] = {}
         self._cancelling: set[int] = set()
+        self._failed_applies = 0  # in a row: how long the next retry waits
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -218,7 +223,10 @@ class Dispatcher:
             self._requeue_expired(tx.session)
             query = (
                 select(JobRow)
-                .where(JobRow.state == "pending")
+                .where(
+                    JobRow.state == "pending",
+                    or_(col(JobRow.not_before).is_(None), col(JobRow.not_before) <= now()),
+                )
                 .order_by(col(JobRow.id))
                 .limit(limit)
             )
@@ -273,6 +281,8 @@ class Dispatcher:
             log.exception("job %s (%s) failed", job_id, kind)
             error = f"{type(e).__name__}: {e}"
             await asyncio.to_thread(self._fail_job_operation, job_id, error)
+            if kind == JOB_APPLY:
+                await asyncio.to_thread(self._resync_later)
         failpoints.hit("job.done")
         await asyncio.to_thread(self._complete, job_id, error)
         return error
@@ -286,6 +296,16 @@ class Dispatcher:
                 job.error = error
                 job.update_time = now()
                 tx.session.add(job)
+
+    def _resync_later(self) -> None:
+        """After an apply that failed for good, the whole desired set is applied again
+        later (or sooner, by an apply queued already: it sends the whole set too)."""
+        self._failed_applies += 1
+        first, most = RESYNC_AFTER_S
+        delay = min(most, first * 2 ** (self._failed_applies - 1))
+        log.warning("the desired Serve config is applied again within %.0f s", delay)
+        with self.db.write() as tx:
+            Changes(tx, self.http_base).resync(delay)
 
     def _finish_cancelled(self, job_id: int) -> None:
         job = self._job(job_id)
@@ -476,6 +496,7 @@ class Dispatcher:
                         log.warning("job %s: apply attempt %d failed (%s)", job_id, attempt + 1, e)
                         await asyncio.sleep(pause)
                 failpoints.hit("apply.applied")
+                self._failed_applies = 0
                 await asyncio.to_thread(self._mark_applied, job)
                 failpoints.hit("apply.marked")
             finally:

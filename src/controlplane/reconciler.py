@@ -24,12 +24,11 @@ from controlplane.config import Settings
 from controlplane.domain import names
 from controlplane.domain import states as st
 from controlplane.domain import types as t
-from controlplane.jobs import JOB_APPLY
 from controlplane.rollouts import fail_rollout
 from controlplane.storage import codec, repo
 from controlplane.storage.changes import Changes, now
 from controlplane.storage.db import Database
-from controlplane.storage.tables import DeploymentRow, JobRow, ModelRow, OperationRow
+from controlplane.storage.tables import DeploymentRow, ModelRow, OperationRow
 from workers.backend import AppObservation, AppStatus, Backend, ReplicaStatus, app_name_for
 
 log = logging.getLogger(__name__)
@@ -111,6 +110,8 @@ class Reconciler:
             else:
                 if self._unreachable:
                     log.warning("reconciler: the backend answers again (%s)", self._unreachable)
+                    # What failed to apply meanwhile (a revoked key) is not left waiting.
+                    await asyncio.to_thread(self._resync)
                 self._unreachable = ""
             # Quick looks while a change is under way (how soon a rollout is seen to end
             # is how long a deploy takes), a slow pace when everything is settled.
@@ -158,6 +159,10 @@ class Reconciler:
         )
         with self.db.read() as s:
             return [(name, state, op) for name, state, op in s.exec(query)]
+
+    def _resync(self) -> None:
+        with self.db.write() as tx:
+            Changes(tx, self.http_base).resync()
 
     def _record_error(self, model_name: str, message: str) -> None:
         with self.db.write() as tx:
@@ -244,11 +249,7 @@ class Reconciler:
         if loop_time - since < MISSING_GRACE_S:
             return
         self._missing_since.pop(model.name, None)
-        pending = c.s.exec(
-            select(JobRow).where(JobRow.kind == JOB_APPLY, JobRow.state == "pending")
-        ).first()
-        if pending is None:
-            c.enqueue(JOB_APPLY, "", "", "")
+        c.resync()
         c.deployment(
             dep,
             message="the application was missing from Serve (deleted, or the cluster "

@@ -25,9 +25,10 @@ from sqlmodel import select
 from controlplane.access import Access
 from controlplane.api.client import Client, ClientError
 from controlplane.domain import access as ac
+from controlplane.jobs import JOB_APPLY
 from controlplane.server import Server
 from controlplane.storage.db import Database
-from controlplane.storage.tables import TokenRow
+from controlplane.storage.tables import JobRow, TokenRow
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
 from tests.integration.conftest import (
@@ -39,6 +40,7 @@ from tests.integration.conftest import (
     running,
     zip_bytes,
 )
+from workers.fake_backend import FakeBackend
 
 A, B = "projects/team-a", "projects/team-b"
 MODELCTL = str(Path(sys.executable).with_name("modelctl"))
@@ -622,6 +624,49 @@ async def test_invocation_keys_reach_the_desired_apps_hashed_and_leave_when_revo
     )
     wanted = False
     assert hashed not in await applied_hashes()
+
+
+async def test_a_key_revoked_while_the_cluster_cannot_be_reached_is_refused_once_it_can(
+    world: World,
+) -> None:
+    """The revoke's apply fails for good while the cluster is away; the key must not stay
+    live on the replicas until some unrelated change: the desired set is applied again."""
+    auth = md(world.admin)
+    made = await world.stub.CreateInvocationKey(
+        rpc.CreateInvocationKeyRequest(parent=world.live), metadata=auth
+    )
+    backend = world.server.backend
+    assert isinstance(backend, FakeBackend)
+    hashed = ac.hash_secret(made.secret)
+
+    def applied() -> tuple[str, ...]:
+        spec = next(a.spec for a in backend.apps.values() if a.spec.model_name == world.live)
+        return spec.access.key_hashes
+
+    await until_true("the new key applied", lambda: hashed in applied())
+    backend.unreachable = True
+    await world.stub.RevokeInvocationKey(
+        rpc.RevokeInvocationKeyRequest(name=made.key.name), metadata=auth
+    )
+    db = world.server.db
+
+    def apply_failed() -> bool:
+        with db.read() as s:
+            jobs = s.exec(select(JobRow).where(JobRow.kind == JOB_APPLY)).all()
+            return any(j.state == "done" and "cannot be reached" in j.error for j in jobs)
+
+    await until_true("the revoke's apply failed", apply_failed, seconds=15)
+    assert hashed in applied(), "nothing reached the cluster while it was away"
+    backend.unreachable = False
+    await until_true("the revoked key gone from the replicas", lambda: hashed not in applied())
+
+
+async def until_true(what: str, check: Callable[[], bool], seconds: float = 10) -> None:
+    for _ in range(int(seconds / 0.05)):
+        if check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out: {what}")
 
 
 def test_servers_starting_together_make_one_first_admin_token(

@@ -7,13 +7,16 @@ and the job it needs commit together or not at all.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
+
+from sqlmodel import select
 
 from controlplane import tracing
 from controlplane.domain import states as st
 from controlplane.domain import transitions
 from controlplane.domain import types as t
+from controlplane.jobs import JOB_APPLY
 from controlplane.storage import codec, repo
 from controlplane.storage.db import FinishedOperation, WriteTx
 from controlplane.storage.tables import (
@@ -173,7 +176,10 @@ class Changes:
 
     # ---- jobs --------------------------------------------------------------------------------
 
-    def enqueue(self, kind: str, model: str, operation: str = "", target: str = "") -> None:
+    def enqueue(
+        self, kind: str, model: str, operation: str = "", target: str = "", delay_s: float = 0
+    ) -> None:
+        """A job for the dispatcher; with ``delay_s``, not claimed before that long."""
         ts = now()
         self.s.add(
             JobRow(
@@ -181,8 +187,25 @@ class Changes:
                 model=model,
                 operation=operation,
                 target=target,
+                not_before=ts + timedelta(seconds=delay_s) if delay_s > 0 else None,
                 trace_parent=tracing.traceparent(),
                 create_time=ts,
                 update_time=ts,
             )
         )
+
+    def resync(self, delay_s: float = 0) -> None:
+        """The whole desired Serve config is to be applied again, at once or after
+        ``delay_s``. Every apply reads and sends the whole set when it runs, so one queued
+        apply due by then serves; a queued one due later is brought forward."""
+        due = now() + timedelta(seconds=delay_s)
+        queued = self.s.exec(
+            select(JobRow).where(JobRow.kind == JOB_APPLY, JobRow.state == "pending")
+        ).all()
+        if any(job.not_before is None or codec.utc(job.not_before) <= due for job in queued):
+            return
+        if queued:
+            queued[0].not_before = due if delay_s > 0 else None
+            self.s.add(queued[0])
+            return
+        self.enqueue(JOB_APPLY, "", delay_s=delay_s)

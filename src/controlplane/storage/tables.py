@@ -159,6 +159,8 @@ class JobRow(SQLModel, table=True):
     attempts: int = 0
     claimed_by: str = Field(default="", max_length=100)
     lease_until: datetime | None = _time(nullable=True)
+    # A pending job is not claimed before this (an apply retried after a pause).
+    not_before: datetime | None = _time(nullable=True)
     error: str = _text()
     # The W3C traceparent of the RPC or job that made it: its run continues that trace.
     trace_parent: str = Field(default="", max_length=64)
