@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import select
 import shutil
 import signal
@@ -191,9 +192,27 @@ def test_the_go_client_example_runs_the_whole_workflow(tmp_path: Path) -> None:
     assert "create_build: deployed (done)" in out, failure
     assert "without a key -> 401" in out, "the endpoint wants a key: " + failure
     assert 'with the key -> 200 {"classes":["setosa"],"version":1}' in out, failure
-    assert "2 of 2 replicas kept their id" in out, "scaling kept the replicas: " + failure
+    # Scaling with the same build keeps each replica's id and pid; restart replaces all.
+    assert "2 of 2 replicas kept their id and pid" in out, "scaled in place: " + failure
     assert "scaled: DEPLOYED with 3 replicas" in out, failure
-    assert "restarted: DEPLOYED, 3 of 3 replicas new" in out, failure
+    assert "restarted: DEPLOYED, 3 of 3 replicas new (new id and pid)" in out, failure
+    replicas = re.findall(r"^  replica (\S+) \(pid (\d+)\): (.+)$", out, re.MULTILINE)
+    assert len(replicas) == 6, failure
+    scaled, restarted = replicas[:3], replicas[3:]
+    assert sorted(what for _, _, what in scaled) == ["kept", "kept", "new"], failure
+    assert [what for _, _, what in restarted] == ["new"] * 3, failure
+    assert not {i for i, _, _ in scaled} & {i for i, _, _ in restarted}, failure
+    assert not {p for _, p, _ in scaled} & {p for _, p, _ in restarted}, failure
     assert "stopped: STOPPED" in out, failure
+    # The watch followed every change, the stop included: STOPPING, then STOPPED.
     assert "UPDATED Model DEPLOYING" in out, "the watch followed the changes: " + failure
+    saw = r"^watch saw the stop: (\S+ -> )*STOPPING( -> \S+)* -> STOPPED"
+    assert re.search(saw, out, re.MULTILINE), failure
+    events = re.findall(r"^  event \d+: UPDATED Model (\S+)$", out, re.MULTILINE)
+    assert "STOPPING" in events, failure
+    assert "STOPPED" in events[events.index("STOPPING") :], failure
+    # A stopped model's endpoint no longer answers its still valid key.
+    after_stop = re.search(r"^after stop: POST \S+ with the key -> (.+)$", out, re.MULTILINE)
+    assert after_stop is not None, failure
+    assert not after_stop.group(1).startswith("200"), "no answer after stop: " + failure
     assert "watch ended" not in err, failure

@@ -6,8 +6,10 @@
 // It shows how a bad request comes back (code, ErrorInfo reason, field violations),
 // creates a model, follows the model's events in the background, uploads and builds
 // the source and deploys it with 2 replicas (progress printed as it goes), calls the
-// endpoint, scales to 3 replicas in place, restarts, and stops. It exits non-zero at
-// the first thing that does not go as expected.
+// endpoint with an invocation key, scales to 3 replicas in place (every replica keeps
+// its id and process), restarts (every replica replaced), stops, checks that the watch
+// saw the model go STOPPING then STOPPED and that the endpoint no longer answers the
+// key. It exits non-zero at the first thing that does not go as expected.
 package main
 
 import (
@@ -84,11 +86,13 @@ func run(ctx context.Context, server, project, modelID, source string, opts ...g
 	if err != nil {
 		return fmt.Errorf("watch: %w", err)
 	}
+	seen := newModelStates()
 	var watching sync.WaitGroup
 	watching.Add(1)
 	go func() {
 		defer watching.Done()
-		follow(watch)
+		defer seen.end()
+		follow(watch, seen)
 	}()
 	defer func() {
 		watch.Close()
@@ -116,12 +120,14 @@ func run(ctx context.Context, server, project, modelID, source string, opts ...g
 	if err != nil {
 		return err
 	}
-	if err := call(ctx, c, name, model.GetEndpoint()); err != nil {
+	endpoint := model.GetEndpoint()
+	key, err := call(ctx, c, name, endpoint)
+	if err != nil {
 		return err
 	}
 
 	// Scale in place: the same build, only the replica count changes.
-	before, err := replicaIDs(ctx, c, name)
+	before, err := replicas(ctx, c, name)
 	if err != nil {
 		return err
 	}
@@ -135,14 +141,20 @@ func run(ctx context.Context, server, project, modelID, source string, opts ...g
 	if err != nil {
 		return err
 	}
-	after, err := replicaIDs(ctx, c, name)
+	after, err := replicas(ctx, c, name)
 	if err != nil {
 		return err
 	}
 	if model.GetState() != pb.ModelState_MODEL_STATE_DEPLOYED || len(after) != 3 {
 		return fmt.Errorf("after scaling to 3: %s with %d replicas", modelState(model), len(after))
 	}
-	fmt.Printf("  %d of %d replicas kept their id\n", kept(before, after), len(before))
+	// In place: each replica that was there is still there, same id and same process.
+	same := kept(before, after)
+	printReplicas(before, after)
+	fmt.Printf("  %d of %d replicas kept their id and pid\n", same, len(before))
+	if same != len(before) {
+		return fmt.Errorf("scaling with the same build replaced replicas: before %s, after %s", before, after)
+	}
 	fmt.Printf("scaled: %s with %d replicas\n", modelState(model), len(after))
 
 	if op, err = c.RestartModel(ctx, name); err != nil {
@@ -154,12 +166,19 @@ func run(ctx context.Context, server, project, modelID, source string, opts ...g
 	if model, err = c.GetModel(ctx, name); err != nil {
 		return err
 	}
-	restarted, err := replicaIDs(ctx, c, name)
+	restarted, err := replicas(ctx, c, name)
 	if err != nil {
 		return err
 	}
-	fmt.Printf("restarted: %s, %d of %d replicas new\n", modelState(model), len(restarted)-kept(after, restarted), len(restarted))
+	// Every replica replaced: none has an id or a pid from before.
+	fresh := renewed(after, restarted)
+	printReplicas(after, restarted)
+	fmt.Printf("restarted: %s, %d of %d replicas new (new id and pid)\n", modelState(model), fresh, len(restarted))
+	if model.GetState() != pb.ModelState_MODEL_STATE_DEPLOYED || len(restarted) != 3 || fresh != len(restarted) {
+		return fmt.Errorf("after restart: %s, before %s, after %s", modelState(model), after, restarted)
+	}
 
+	mark := seen.mark() // the stop's events come after this
 	if op, err = c.StopModel(ctx, name); err != nil {
 		return fmt.Errorf("stop: %w", err)
 	}
@@ -173,7 +192,102 @@ func run(ctx context.Context, server, project, modelID, source string, opts ...g
 		return fmt.Errorf("after stop: %s", modelState(model))
 	}
 	fmt.Printf("stopped: %s\n", modelState(model))
-	return nil
+
+	// The watch follows the stop: STOPPING, then STOPPED (it may lag the operation a bit).
+	select {
+	case <-seen.stopped:
+	case <-seen.ended:
+	case <-time.After(30 * time.Second):
+	case <-ctx.Done():
+	}
+	states := seen.since(mark)
+	fmt.Printf("watch saw the stop: %s\n", strings.Join(states, " -> "))
+	stopping := index(states, "STOPPING", 0)
+	if stopping < 0 || index(states, "STOPPED", stopping+1) < 0 {
+		return fmt.Errorf("the watch did not see STOPPING then STOPPED: %v", states)
+	}
+
+	return stoppedEndpoint(ctx, endpoint, key)
+}
+
+// stoppedEndpoint checks that a stopped model's endpoint no longer answers its (still
+// valid) key: anything but 200 (Ray Serve answers 404 once the app is gone), or no
+// answer at all. The proxy may take a moment to drop the route, so it asks a few times.
+func stoppedEndpoint(ctx context.Context, endpoint, key string) error {
+	status, answer := 0, ""
+	for i := 0; i < 50; i++ {
+		s, raw, err := post(ctx, endpoint, key)
+		if err != nil {
+			if ctx.Err() != nil {
+				return err
+			}
+			fmt.Printf("after stop: POST %s with the key -> no answer (%v)\n", endpoint, err)
+			return nil
+		}
+		status, answer = s, string(raw)
+		if status != http.StatusOK {
+			fmt.Printf("after stop: POST %s with the key -> %d\n", endpoint, status)
+			return nil
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	return fmt.Errorf("the endpoint of a stopped model still answers: POST %s -> %d %s", endpoint, status, answer)
+}
+
+// modelStates collects the model states of the watch's UPDATED Model events, in order.
+type modelStates struct {
+	mu      sync.Mutex
+	states  []string
+	stopped chan struct{} // closed at the first UPDATED Model STOPPED
+	ended   chan struct{} // closed when the watch ends
+}
+
+func newModelStates() *modelStates {
+	return &modelStates{stopped: make(chan struct{}), ended: make(chan struct{})}
+}
+
+func (m *modelStates) add(state string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.states = append(m.states, state)
+	if state == "STOPPED" && !closed(m.stopped) {
+		close(m.stopped)
+	}
+}
+
+func (m *modelStates) end() { close(m.ended) }
+
+// mark is how many states were seen so far, for since.
+func (m *modelStates) mark() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.states)
+}
+
+// since is the states seen after mark.
+func (m *modelStates) since(mark int) []string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return append([]string(nil), m.states[mark:]...)
+}
+
+func closed(ch chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
+}
+
+// index is the position of s in list at or after from, -1 if absent.
+func index(list []string, s string, from int) int {
+	for i := from; i < len(list); i++ {
+		if list[i] == s {
+			return i
+		}
+	}
+	return -1
 }
 
 // progress prints an operation as it goes: "  create_build: deployed (done)".
@@ -186,8 +300,9 @@ func progress(op *client.Operation) {
 	fmt.Printf("  %s: %s%s\n", kind, op.GetProgress(), done)
 }
 
-// follow prints each event until the watch ends (Close, or the server goes).
-func follow(w *client.Watch) {
+// follow prints each event until the watch ends (Close, or the server goes), and
+// records the model's state of each UPDATED Model event in seen.
+func follow(w *client.Watch, seen *modelStates) {
 	for {
 		ev, err := w.Recv()
 		if err != nil {
@@ -211,6 +326,9 @@ func follow(w *client.Watch) {
 		}
 		eventType := strings.TrimPrefix(ev.GetType().String(), "EVENT_TYPE_")
 		fmt.Printf("  event %d: %s %s %s\n", ev.GetRevision(), eventType, kind, state)
+		if kind == "Model" && ev.GetType() == pb.EventType_EVENT_TYPE_UPDATED {
+			seen.add(state)
+		}
 	}
 }
 
@@ -240,18 +358,19 @@ func post(ctx context.Context, endpoint, key string) (int, []byte, error) {
 // call makes an invocation key for the model, then POSTs one iris flower with it (the
 // replicas take a new key within seconds) and prints the answer; first it shows what a
 // request without a key gets (401 unless the server runs with --insecure-no-auth).
-func call(ctx context.Context, c *client.Client, model, endpoint string) error {
+// It returns the key's secret.
+func call(ctx context.Context, c *client.Client, model, endpoint string) (string, error) {
 	if endpoint == "" {
-		return errors.New("the deployed model has no endpoint")
+		return "", errors.New("the deployed model has no endpoint")
 	}
 	status, _, err := post(ctx, endpoint, "")
 	if err != nil {
-		return err
+		return "", err
 	}
 	fmt.Printf("POST %s without a key -> %d\n", endpoint, status)
 	key, err := c.CreateInvocationKey(ctx, model, "go example")
 	if err != nil {
-		return err
+		return "", err
 	}
 	fmt.Printf("created invocation key %s\n", key.GetKey().GetName())
 	var raw []byte
@@ -262,24 +381,32 @@ func call(ctx context.Context, c *client.Client, model, endpoint string) error {
 		time.Sleep(100 * time.Millisecond)
 	}
 	if err != nil {
-		return err
+		return "", err
 	}
 	var answer struct {
 		Response json.RawMessage `json:"response"`
 	}
 	if status != http.StatusOK || json.Unmarshal(raw, &answer) != nil || answer.Response == nil {
-		return fmt.Errorf("POST %s -> %d %s", endpoint, status, raw)
+		return "", fmt.Errorf("POST %s -> %d %s", endpoint, status, raw)
 	}
 	var compact bytes.Buffer
 	if err := json.Compact(&compact, answer.Response); err != nil {
-		return err
+		return "", err
 	}
 	fmt.Printf("POST %s with the key -> %d %s\n", endpoint, status, compact.String())
-	return nil
+	return key.GetSecret(), nil
 }
 
-// replicaIDs are the ids of the active deployment's replicas.
-func replicaIDs(ctx context.Context, c *client.Client, name string) ([]string, error) {
+// replica is what tells one replica process from another: its id and its pid.
+type replica struct {
+	id  string
+	pid int64
+}
+
+func (r replica) String() string { return fmt.Sprintf("%s (pid %d)", r.id, r.pid) }
+
+// replicas are the active deployment's replicas.
+func replicas(ctx context.Context, c *client.Client, name string) ([]replica, error) {
 	model, err := c.GetModel(ctx, name)
 	if err != nil {
 		return nil, err
@@ -291,26 +418,69 @@ func replicaIDs(ctx context.Context, c *client.Client, name string) ([]string, e
 	if err != nil {
 		return nil, err
 	}
-	ids := make([]string, 0, len(d.GetReplicas()))
+	out := make([]replica, 0, len(d.GetReplicas()))
 	for _, r := range d.GetReplicas() {
-		ids = append(ids, r.GetId())
+		if r.GetId() == "" || r.GetPid() <= 0 {
+			return nil, fmt.Errorf("%s has a replica without an id or a pid: %v", d.GetName(), r)
+		}
+		out = append(out, replica{id: r.GetId(), pid: r.GetPid()})
 	}
-	return ids, nil
+	return out, nil
 }
 
-// kept counts the ids of before that are still in after.
-func kept(before, after []string) int {
-	now := make(map[string]bool, len(after))
-	for _, id := range after {
-		now[id] = true
+// kept counts the replicas of before that are still in after: same id and same pid.
+func kept(before, after []replica) int {
+	now := make(map[replica]bool, len(after))
+	for _, r := range after {
+		now[r] = true
 	}
 	n := 0
-	for _, id := range before {
-		if now[id] {
+	for _, r := range before {
+		if now[r] {
 			n++
 		}
 	}
 	return n
+}
+
+// renewed counts the replicas of after that share neither their id nor their pid with
+// one of before.
+func renewed(before, after []replica) int {
+	ids := make(map[string]bool, len(before))
+	pids := make(map[int64]bool, len(before))
+	for _, r := range before {
+		ids[r.id], pids[r.pid] = true, true
+	}
+	n := 0
+	for _, r := range after {
+		if !ids[r.id] && !pids[r.pid] {
+			n++
+		}
+	}
+	return n
+}
+
+// printReplicas prints each replica of after as kept (the id and pid of one of before),
+// new (neither an id nor a pid of before) or mixed (one of the two from before).
+func printReplicas(before, after []replica) {
+	was := make(map[replica]bool, len(before))
+	ids := make(map[string]bool, len(before))
+	pids := make(map[int64]bool, len(before))
+	for _, r := range before {
+		was[r], ids[r.id], pids[r.pid] = true, true, true
+	}
+	for _, r := range after {
+		what := "new"
+		switch {
+		case was[r]:
+			what = "kept"
+		case ids[r.id]:
+			what = "kept its id, new pid"
+		case pids[r.pid]:
+			what = "new id, kept its pid"
+		}
+		fmt.Printf("  replica %s: %s\n", r, what)
+	}
 }
 
 func modelState(m *client.Model) string {
