@@ -4,6 +4,12 @@ Every line carries what it is about: the model and the operation (set by the RPC
 job that is running, empty otherwise), the RPC method, the trace id when tracing, and
 the server's id. The values live in context variables, so they follow the work into
 asyncio tasks and ``asyncio.to_thread`` calls.
+
+Everything the server writes to stderr goes through the root logger's one handler: the
+warnings module's (``py.warnings``), and Ray's and Serve's, whose own stderr handlers the
+Ray backend removes once ray is imported and started (workers/ray_backend.py; it does
+not import this module). Ray workers' output is not streamed to the server
+(``log_to_driver=False``): it stays in Ray's log files.
 """
 
 from __future__ import annotations
@@ -79,7 +85,7 @@ class _TextFormatter(logging.Formatter):
 
 
 def setup(fmt: str = "text", server_id: str = "", level: int = logging.INFO) -> None:
-    """The root logger writes to stderr in ``fmt`` ("text" or "json")."""
+    """The root logger writes to stderr in ``fmt`` ("text" or "json"), warnings included."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_ContextFilter(server_id))
     if fmt == "json":
@@ -92,3 +98,4 @@ def setup(fmt: str = "text", server_id: str = "", level: int = logging.INFO) -> 
     root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.captureWarnings(True)  # warnings.warn's lines too, not plain text beside them

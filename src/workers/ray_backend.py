@@ -49,6 +49,29 @@ from workers.runtime import current as current_runtime
 
 log = logging.getLogger(__name__)
 
+
+def _ray_logs_through_root() -> None:
+    """Ray's and Serve's own log lines go through the root logger's handlers, so they are
+    in the server's format (``--log-format json``: one object per line). Importing ray
+    gives the ``ray`` logger, and importing ray.serve the ``ray.serve`` logger, a
+    plain-text stderr handler of their own and stops their propagation; those console
+    handlers go (any ``ray.*`` logger's; handlers writing to files stay)."""
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if not isinstance(logger, logging.Logger) or name.partition(".")[0] != "ray":
+            continue
+        console = [
+            h
+            for h in logger.handlers
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+        ]
+        for handler in console:
+            logger.removeHandler(handler)
+        if console:
+            logger.propagate = True
+
+
+_ray_logs_through_root()  # before ray.init, which already logs (its SIGTERM warning)
+
 DEPLOYMENT = "model"  # the one Serve deployment of every model application
 RESTART_ENV = "CP_RESTART_GENERATION"
 MiB = 1024 * 1024
@@ -237,8 +260,10 @@ class RayBackend:
 
     def _start(self) -> Any:
         if not ray.is_initialized():
+            # Workers' and actors' output stays in Ray's log files (the session dir's
+            # logs/), not streamed to this process's stderr as plain text.
             if self._address:
-                ray.init(address=self._address, logging_level=logging.WARNING)
+                ray.init(address=self._address, logging_level=logging.WARNING, log_to_driver=False)
             else:
                 ray.init(
                     num_cpus=int(self._num_cpus) if self._num_cpus >= 1 else 1,
@@ -249,9 +274,11 @@ class RayBackend:
                     log_to_driver=False,
                 )
                 self._owns_ray = True
-        return serve_api.serve_start(
+        client = serve_api.serve_start(
             http_options={"host": self._http_host, "port": self._http_port},
         )
+        _ray_logs_through_root()  # and any Ray logger that got its own handler since
+        return client
 
     async def close(self) -> None:
         async with self._lock:

@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import logging
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -20,10 +21,12 @@ MODEL = "projects/p/models/iris"
 
 @pytest.fixture(autouse=True)
 def root_logger() -> Iterator[None]:
-    """logs.setup replaces the root logger's handlers: pytest's come back after."""
+    """logs.setup replaces the root logger's handlers and captures warnings: pytest's
+    handlers and warnings come back after."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     yield
+    logging.captureWarnings(False)
     root.handlers[:] = handlers
     root.setLevel(level)
 
@@ -81,6 +84,17 @@ def test_an_error_line_keeps_its_traceback_in_one_json_object(
     (line,) = lines(out)
     assert line["message"] == "loading failed"
     assert "ValueError: bad weights" in line["exception"]
+
+
+def test_a_warning_is_a_json_line_too(captured: tuple[logging.Logger, io.StringIO]) -> None:
+    _, out = captured
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("old weights format", DeprecationWarning, stacklevel=1)
+    (line,) = lines(out)
+    assert line["logger"] == "py.warnings" and line["level"] == "WARNING"
+    assert "DeprecationWarning: old weights format" in line["message"]
+    assert line["server"] == "cp-test"
 
 
 def test_text_lines_end_with_what_they_are_about() -> None:
