@@ -385,6 +385,12 @@ def test_every_rpc_of_the_service_is_in_the_matrix_and_has_a_rule() -> None:
     assert names == set(ac.RULES)
 
 
+def test_every_rpc_but_the_reads_is_audited() -> None:
+    names = set(rpc.DESCRIPTOR.services_by_name["ModelLifecycle"].methods_by_name)
+    reads = {n for n in names if n.startswith(("Get", "List", "Watch", "Wait", "Stream"))}
+    assert names - reads == ac.MUTATIONS, "a new RPC that changes something is audited"
+
+
 async def test_the_matrix_of_principals_and_rpcs(world: World) -> None:
     got = {(p, r): await outcome(world, p, r) for p in PRINCIPALS for r in RPCS}
     want = {(p, r): expected(p, r) for p in PRINCIPALS for r in RPCS}
@@ -410,6 +416,20 @@ async def test_refusals_say_nothing_that_helps_a_guess(world: World) -> None:
             )
         into.append(error_info(e.value)[0])
     assert hidden == missing == ["MODEL_NOT_FOUND"], "another project's model: as if absent"
+
+
+async def test_another_projects_operation_is_refused_like_one_that_does_not_exist(
+    world: World,
+) -> None:
+    viewer_of_b = await new_token(world.stub, world.admin, B, pb.ROLE_VIEWER)
+    answers = []
+    for name in (world.operation, "operations/00000000-0000-0000-0000-000000000000"):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await world.stub.CancelOperation(
+                rpc.CancelOperationRequest(name=name), metadata=md(viewer_of_b)
+            )
+        answers.append((e.value.code(), error_info(e.value)[0]))
+    assert answers[0] == answers[1] == (grpc.StatusCode.NOT_FOUND, "OPERATION_NOT_FOUND")
 
 
 async def test_too_weak_a_role_is_told_which_role_it_needs(world: World) -> None:
@@ -483,6 +503,28 @@ async def test_every_mutation_leaves_an_audit_record(world: World) -> None:
     assert all(r.peer and r.time.seconds > 0 and r.project == "team-a" for r in records)
     built = [r for r in records if r.method.endswith("/CreateBuild") and r.code == "OK"]
     assert built and built[-1].operation == world.operation
+    made = [r.resource for r in records if r.method.endswith("/CreateToken")]
+    assert made and all(name.startswith(f"{A}/tokens/") for name in made), "which token"
+    assert tokens[str(ac.id_of(viewer))] in made
+
+
+async def test_a_refused_attempt_on_another_project_is_audited_for_the_callers_project(
+    world: World,
+) -> None:
+    """B's token tries A's model: B's admins read of it; A's records do not name B's token."""
+    b = world.secrets["admin of B"]
+    with pytest.raises(grpc.aio.AioRpcError):
+        await world.stub.StopModel(rpc.StopModelRequest(name=world.live), metadata=md(b))
+
+    async def records(parent: str) -> list[pb.AuditRecord]:
+        got = await world.stub.ListAuditRecords(
+            rpc.ListAuditRecordsRequest(parent=parent), metadata=md(world.admin)
+        )
+        return list(got.records)
+
+    of_b = [(r.method.rsplit("/", 1)[-1], r.resource, r.code) for r in await records(B)]
+    assert ("StopModel", world.live, "NOT_FOUND") in of_b
+    assert all("team-b" not in r.principal for r in await records(A))
 
 
 async def test_health_needs_no_token(secured: Server) -> None:
@@ -659,6 +701,40 @@ async def test_a_key_revoked_while_the_cluster_cannot_be_reached_is_refused_once
     assert hashed in applied(), "nothing reached the cluster while it was away"
     backend.unreachable = False
     await until_true("the revoked key gone from the replicas", lambda: hashed not in applied())
+
+
+@pytest.mark.parametrize("ends", ["revoked", "expired"])
+async def test_an_open_watch_ends_when_its_token_is_revoked_or_expires(
+    world: World, ends: str
+) -> None:
+    """A watch is checked when it opens and again as it goes on: once its token is no
+    longer live, the next change ends it UNAUTHENTICATED instead of being delivered."""
+    auth = md(world.admin)
+    viewer = await new_token(world.stub, world.admin, A, pb.ROLE_VIEWER, ttl=2.0)
+    watch = world.stub.WatchModels(rpc.WatchModelsRequest(parent=A), metadata=md(viewer))
+
+    async def event() -> pb.ModelEvent:
+        got = await asyncio.wait_for(watch.read(), 10)
+        assert isinstance(got, pb.ModelEvent)
+        return got
+
+    while (await event()).type != pb.EVENT_TYPE_BOOKMARK:
+        pass  # the snapshot, up to its bookmark
+    if ends == "revoked":
+        tokens = await world.stub.ListTokens(rpc.ListTokensRequest(parent=A), metadata=auth)
+        (name,) = [t.name for t in tokens.tokens if t.name.endswith(f"/{ac.id_of(viewer)}")]
+        await world.stub.RevokeToken(rpc.RevokeTokenRequest(name=name), metadata=auth)
+    await asyncio.sleep(2.2)  # past the expiry, and past the stream's last check
+    created = f"{A}/models/{world.fresh()}"
+    await world.stub.CreateModel(
+        rpc.CreateModelRequest(parent=A, model_id=created.rsplit("/", 1)[1]), metadata=auth
+    )
+    seen: list[str] = []
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        while True:
+            seen.append((await event()).model.name)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert created not in seen
 
 
 async def until_true(what: str, check: Callable[[], bool], seconds: float = 10) -> None:

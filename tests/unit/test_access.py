@@ -55,3 +55,12 @@ def test_every_project_tokens_see_every_project() -> None:
     ac.check(everywhere, "GetModel", "projects/z/models/m", "z")
     assert ac.project_of("operations/x") is None
     assert ac.project_of("projects//models/m") is None
+
+
+def test_a_method_with_no_rule_is_only_for_an_admin_of_every_project() -> None:
+    admin_of_a = ac.Principal("projects/a/tokens/t", "a", ac.Role.ADMIN)
+    with pytest.raises(errors.PermissionDenied):
+        ac.check(admin_of_a, "SomeNewRpc", "", None)
+    ac.check(
+        ac.Principal("projects/-/tokens/t", ac.ALL_PROJECTS, ac.Role.ADMIN), "SomeNewRpc", "", None
+    )

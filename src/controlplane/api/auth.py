@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -27,6 +28,9 @@ log = logging.getLogger(__name__)
 OPEN_SERVICES = frozenset({"grpc.health.v1.Health"})
 LIFECYCLE = "modellifecycle.v1.ModelLifecycle"
 _principal: contextvars.ContextVar[ac.Principal] = contextvars.ContextVar("principal")
+# An open server stream checks its token again before a message once this long has gone
+# by since the last check (most checks answer from Access's cache, without a query).
+STREAM_RECHECK_S = 1.0
 
 
 def current_principal() -> ac.Principal:
@@ -94,16 +98,30 @@ class _Guard:
                 principal = await self._authenticate(context)
                 if project is None and resource.startswith("operations/"):
                     project = await asyncio.to_thread(self.access.operation_project, resource)
+                    if project is None and not principal.sees_all:
+                        # No such operation: for a project's token, the very answer an
+                        # operation of another project gets (its role is not told either).
+                        raise ac.hidden(resource)
             if self.method:
                 ac.check(principal, self.method, resource, project)
         except DomainError as e:
-            # Refusals of a known caller are audited; anonymous ones are not, or anyone
-            # who reaches the port could fill the audit table.
+            # Refusals of a known caller are audited where its own admins read them (not
+            # under a project it may not see); anonymous ones are not, or anyone who
+            # reaches the port could fill the audit table.
             if not isinstance(e, errors.Unauthenticated):
-                await self._audit(principal, resource, project or "", context, e)
+                seen = project if project and principal.sees(project) else principal.project
+                await self._audit(principal, resource, seen, context, e)
             await context.abort_with_status(status.to_status(e))
         _principal.set(principal)
         return principal, resource, project or ""
+
+    async def _still_valid(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """A stream (a watch may stay open for days) ends once its token is revoked or
+        expires: UNAUTHENTICATED, as the call would get if made now."""
+        try:
+            await self._authenticate(context)
+        except DomainError as e:
+            await context.abort_with_status(status.to_status(e))
 
     async def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> ac.Principal:
         secret = bearer(context)
@@ -129,6 +147,9 @@ class _Guard:
         if isinstance(exc, DomainError):
             code = status.code_of(exc).name
         operation = result.name if isinstance(result, pb.Operation) else ""
+        made = getattr(result, "token", None) or getattr(result, "key", None)
+        if made is not None and made.name:  # CreateToken, CreateInvocationKey: which one
+            resource = made.name
         try:
             await asyncio.to_thread(
                 self.access.audit,
@@ -165,8 +186,12 @@ class _Guard:
         ) -> AsyncIterator[Any]:
             principal, resource, project = await self._admit(request, context)
             exc: BaseException | None = None
+            recheck_at = time.monotonic() + STREAM_RECHECK_S
             try:
                 async for item in behavior(request, context):
+                    if self.enabled and time.monotonic() >= recheck_at:
+                        recheck_at = time.monotonic() + STREAM_RECHECK_S
+                        await self._still_valid(context)
                     yield item
             except BaseException as e:
                 exc = e

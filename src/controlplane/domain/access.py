@@ -44,6 +44,10 @@ class Principal:
     def sees(self, project: str) -> bool:
         return self.project in (ALL_PROJECTS, project)
 
+    @property
+    def sees_all(self) -> bool:
+        return self.project == ALL_PROJECTS
+
 
 INSECURE = Principal(ANONYMOUS, ALL_PROJECTS, Role.ADMIN)
 
@@ -170,7 +174,13 @@ def check(principal: Principal, method: str, resource: str, project: str | None)
     rule = RULES.get(method)
     if project is not None and not principal.sees(project):
         raise hidden(resource)
-    needed = rule.role if rule is not None else Role.ADMIN  # a method with no rule: admins
+    needed = rule.role if rule is not None else Role.ADMIN
+    if rule is None and not principal.sees_all:  # a method with no rule: no project's own
+        raise errors.PermissionDenied(
+            message=f"{method} needs an admin token of every project",
+            reason="ROLE_TOO_WEAK",
+            metadata={"needed": needed.label, "role": principal.role.label},
+        )
     if principal.role < needed:
         raise errors.PermissionDenied(
             message=f"{method} needs the {needed.label} role; this token is {principal.role.label}",
