@@ -3,7 +3,8 @@
  * @connectrpc/connect. Requests take plain values; responses are the generated
  * messages (src/gen); every failure is a ClientError.
  *
- *     const c = new Client("127.0.0.1:50051");
+ *     const token = readFileSync(".modelctl/admin.token", "utf8").trim();
+ *     const c = new Client("127.0.0.1:50051", { token });
  *     const model = await c.createModel("projects/default", "iris");
  *     const source = await c.uploadSource(model.name, zipDirectory("examples/iris-v1"));
  *     const op = await c.createBuild(model.name, source.sha256, "model.py", "predict", {
