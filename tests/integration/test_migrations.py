@@ -39,21 +39,27 @@ def test_migrations_make_exactly_the_tables_of_the_code(fresh_db: str) -> None:
         db.close()
 
 
-def test_servers_starting_together_migrate_once(fresh_postgres: str) -> None:
-    engines = [create_engine(fresh_postgres) for _ in range(3)]
+def upgrade_together(engines: list[Engine]) -> list[BaseException]:
+    """Servers starting at the same time: each engine's upgrade in a thread of its own."""
     errors: list[BaseException] = []
 
-    def start(i: int) -> None:
+    def start(engine: Engine) -> None:
         try:
-            upgrade(engines[i])
+            upgrade(engine)
         except BaseException as e:
             errors.append(e)
 
-    threads = [threading.Thread(target=start, args=(i,)) for i in range(3)]
+    threads = [threading.Thread(target=start, args=(engine,)) for engine in engines]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
+    return errors
+
+
+def test_servers_starting_together_migrate_once(fresh_postgres: str) -> None:
+    engines = [create_engine(fresh_postgres) for _ in range(3)]
+    errors = upgrade_together(engines)
     for engine in engines:
         engine.dispose()
     assert errors == []
@@ -151,20 +157,7 @@ def test_a_newer_column_this_binary_could_not_insert_without_stops_it(
 def test_servers_starting_together_on_a_newer_schema_all_start(fresh_postgres: str) -> None:
     migrated_by_a_newer_release(fresh_postgres, "ALTER TABLE jobs ADD COLUMN note TEXT").dispose()
     engines = [create_engine(fresh_postgres) for _ in range(3)]
-    errors: list[BaseException] = []
-
-    def start(i: int) -> None:
-        try:
-            upgrade(engines[i])
-        except BaseException as e:
-            errors.append(e)
-
-    threads = [threading.Thread(target=start, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert errors == []
+    assert upgrade_together(engines) == []
     assert schema_revision(engines[0]) == FUTURE
     for engine in engines:
         engine.dispose()
