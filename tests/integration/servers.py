@@ -1,5 +1,6 @@
-"""Server processes for the crash and two-server tests: `modelctl serve` with the fake
-backend, whose simulated cluster (a file in the data dir) outlives each process."""
+"""Server processes: `modelctl serve` for the crash and two-server tests (the fake
+backend, whose simulated cluster, a file in the data dir, outlives each process), one
+`modelctl serve` a test talks to (``serve``), and commands run to their end (``run``)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -112,3 +114,61 @@ class Cluster:
 async def channel(c: Cluster) -> AsyncIterator[Stub]:
     async with grpc.aio.insecure_channel(c.address) as ch:
         yield Stub(ch)
+
+
+async def run(
+    *argv: str, cwd: Path | None = None, env: Mapping[str, str] | None = None
+) -> tuple[int, str, str]:
+    """A command (``argv[0]`` a program: MODELCTL, buf) to its end, within a minute: its
+    exit code, stdout and stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        cwd=cwd,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    *flags: str,
+    log: Path | None = None,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    ready_s: float = 60,
+    stop_s: float = 30,
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """`modelctl serve FLAGS` (its stderr into ``log``, or dropped): the process and its
+    gRPC address, once it prints its ready line. When the block ends it gets SIGTERM and
+    must exit 0 within ``stop_s``; when the block raised, or it did not stop, it is
+    killed."""
+    with log.open("w") if log is not None else contextlib.nullcontext() as err:
+        proc = await asyncio.create_subprocess_exec(
+            MODELCTL,
+            "serve",
+            *flags,
+            cwd=cwd,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=err if err is not None else asyncio.subprocess.DEVNULL,
+        )
+
+    def tail() -> str:
+        return log.read_text()[-3000:] if log is not None else ""
+
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), ready_s)).decode().strip()
+        assert line.startswith("ready grpc="), (line, tail())
+        yield proc, line.split()[1].removeprefix("grpc=")
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(proc.wait(), stop_s)
+        assert code == 0, f"modelctl serve exited {code} on SIGTERM: {tail()}"
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
-import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -40,10 +39,10 @@ from tests.integration.conftest import (
     running,
     zip_bytes,
 )
+from tests.integration.servers import MODELCTL, run, serve
 from workers.fake_backend import FakeBackend
 
 A, B = "projects/team-a", "projects/team-b"
-MODELCTL = str(Path(sys.executable).with_name("modelctl"))
 OK = "OK"
 Md = tuple[tuple[str, str], ...]
 
@@ -554,35 +553,16 @@ async def test_a_restarted_server_keeps_its_tokens(fresh_db: str, tmp_path: Path
 
 
 async def cli(cwd: Path, *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        MODELCTL,
-        *args,
-        cwd=cwd,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={k: v for k, v in os.environ.items() if not k.startswith("MODELCTL_")},
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    """The CLI in ``cwd``, with none of the caller's MODELCTL_* settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELCTL_")}
+    return await run(MODELCTL, *args, cwd=cwd, env=env)
 
 
 async def test_the_cli_finds_the_admin_token_and_manages_tokens(tmp_path: Path) -> None:
     """`modelctl serve` in a folder, the CLI in the same folder: no flag needed."""
-    server = await asyncio.create_subprocess_exec(
-        MODELCTL,
-        "serve",
-        "--grpc-port=0",
-        "--http-port=0",
-        "--backend=fake",
-        cwd=tmp_path,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
-        assert server.stdout is not None
-        ready = (await asyncio.wait_for(server.stdout.readline(), 60)).decode()
-        at = f"--server={ready.split()[1].removeprefix('grpc=')}"
+    flags = ("--grpc-port=0", "--http-port=0", "--backend=fake")
+    async with serve(*flags, cwd=tmp_path) as (_, address):
+        at = f"--server={address}"
         code, _, err = await cli(tmp_path, "models", "create", "iris", at, "--project=team-a")
         assert code == 0, err
         code, secret, err = await cli(
@@ -609,9 +589,6 @@ async def test_the_cli_finds_the_admin_token_and_manages_tokens(tmp_path: Path) 
         elsewhere.mkdir()
         code, _, err = await cli(elsewhere, "models", "list", at, "--project=team-a")
         assert code == 1 and "UNAUTHENTICATED" in err, "no token file here"
-    finally:
-        server.terminate()
-        assert await asyncio.wait_for(server.wait(), 30) == 0
 
 
 async def test_the_python_client_sends_its_token_with_every_kind_of_call(world: World) -> None:

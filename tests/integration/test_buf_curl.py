@@ -3,7 +3,6 @@ token on its own header, calls with the token, and a call without one refused.""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from collections.abc import AsyncIterator
@@ -13,6 +12,7 @@ import pytest
 
 from controlplane.server import Server
 from tests.integration.conftest import fake_settings, running
+from tests.integration.servers import run
 
 BUF = str(Path(sys.executable).with_name("buf"))
 SERVICE = "modellifecycle.v1.ModelLifecycle"
@@ -25,41 +25,29 @@ async def secured(tmp_path: Path) -> AsyncIterator[Server]:
         yield srv
 
 
-async def buf_curl(server: Server, *args: str, token: str = "") -> tuple[int, str, str]:
+async def buf_curl(*args: str, token: str = "") -> tuple[int, str, str]:
     auth = ["-H", f"Authorization: Bearer {token}"] if token else []
     reflect = ["--reflect-header", f"Authorization: Bearer {token}"] if token else []
-    proc = await asyncio.create_subprocess_exec(
-        BUF,
-        "curl",
-        "--protocol",
-        "grpc",
-        "--http2-prior-knowledge",
-        *reflect,
-        *auth,
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    return await run(
+        BUF, "curl", "--protocol", "grpc", "--http2-prior-knowledge", *reflect, *auth, *args
     )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def test_the_readme_buf_curl_examples_work_with_a_token(secured: Server) -> None:
     token = (secured.settings.data_dir / "admin.token").read_text().strip()
     base = f"http://{secured.grpc_address}"
 
-    rc, out, err = await buf_curl(secured, "--list-methods", base, token=token)
+    rc, out, err = await buf_curl("--list-methods", base, token=token)
     assert rc == 0, err
     assert f"{SERVICE}/WatchModel" in out.split() and f"{SERVICE}/CreateToken" in out.split()
 
     body = json.dumps({"parent": "projects/default", "model_id": "iris"})
-    rc, out, err = await buf_curl(secured, "-d", body, f"{base}/{SERVICE}/CreateModel", token=token)
+    rc, out, err = await buf_curl("-d", body, f"{base}/{SERVICE}/CreateModel", token=token)
     assert rc == 0, err
     assert json.loads(out)["name"] == "projects/default/models/iris"
 
     body = json.dumps({"parent": "projects/default"})
-    rc, out, err = await buf_curl(secured, "-d", body, f"{base}/{SERVICE}/ListModels", token=token)
+    rc, out, err = await buf_curl("-d", body, f"{base}/{SERVICE}/ListModels", token=token)
     assert rc == 0, err
     assert [m["name"] for m in json.loads(out)["models"]] == ["projects/default/models/iris"]
 
@@ -67,5 +55,5 @@ async def test_the_readme_buf_curl_examples_work_with_a_token(secured: Server) -
 async def test_buf_curl_without_a_token_is_refused(secured: Server) -> None:
     """buf words the reflection's UNAUTHENTICATED as its own registry's login failure
     (the README says so)."""
-    rc, _, err = await buf_curl(secured, "--list-methods", f"http://{secured.grpc_address}")
+    rc, _, err = await buf_curl("--list-methods", f"http://{secured.grpc_address}")
     assert rc != 0 and "you are not authenticated" in err, err

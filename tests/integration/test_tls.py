@@ -4,8 +4,6 @@ certificate) fail; the CLI takes a CA file and a client certificate."""
 
 from __future__ import annotations
 
-import asyncio
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +14,8 @@ from controlplane.api.client import Client, ClientError
 from controlplane.server import Server
 from tests.certs import Authority, Issued
 from tests.integration.conftest import fake_settings, running
+from tests.integration.servers import MODELCTL, run, serve
 
-MODELCTL = str(Path(sys.executable).with_name("modelctl"))
 PROJECT = "projects/tls"
 
 
@@ -101,19 +99,8 @@ def test_a_certificate_without_its_key_is_refused_before_connecting(pki: Pki) ->
         Client("127.0.0.1:1", tls=(str(pki.ca) + ".missing", None, None))
 
 
-async def run(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        MODELCTL, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
 async def test_the_cli_speaks_mutual_tls_to_modelctl_serve(pki: Pki, tmp_path: Path) -> None:
-    server = await asyncio.create_subprocess_exec(
-        MODELCTL,
-        "serve",
+    async with serve(
         "--insecure-no-auth",
         "--grpc-port=0",
         "--http-port=0",
@@ -122,26 +109,17 @@ async def test_the_cli_speaks_mutual_tls_to_modelctl_serve(pki: Pki, tmp_path: P
         f"--tls-cert={pki.server.cert}",
         f"--tls-key={pki.server.key}",
         f"--tls-client-ca={pki.ca}",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
-        assert server.stdout is not None
-        ready = (await asyncio.wait_for(server.stdout.readline(), 60)).decode()
-        address = ready.split()[1].removeprefix("grpc=")
+    ) as (_, address):
         tls = [f"--ca-file={pki.ca}", f"--client-cert={pki.client.cert}"]
-        key = f"--client-key={pki.client.key}"
-        code, out, err = await run("models", "create", "iris", f"--server={address}", *tls, key)
+        key, at = f"--client-key={pki.client.key}", f"--server={address}"
+        code, out, err = await run(MODELCTL, "models", "create", "iris", at, *tls, key)
         assert code == 0, err
-        code, out, err = await run("models", "list", f"--server={address}", *tls, key)
+        code, out, err = await run(MODELCTL, "models", "list", at, *tls, key)
         assert code == 0 and "iris" in out, err
-        code, _, err = await run("models", "list", f"--server={address}", f"--ca-file={pki.ca}")
+        code, _, err = await run(MODELCTL, "models", "list", at, f"--ca-file={pki.ca}")
         assert code == 3 and "cannot reach" in err, "no client certificate: refused"
-        code, _, err = await run("models", "list", f"--server={address}", *tls)
+        code, _, err = await run(MODELCTL, "models", "list", at, *tls)
         assert code == 2 and "needs its key" in err
-    finally:
-        server.terminate()
-        assert await asyncio.wait_for(server.wait(), 30) == 0
 
 
 @pytest.mark.parametrize(
@@ -155,5 +133,5 @@ async def test_the_cli_speaks_mutual_tls_to_modelctl_serve(pki: Pki, tmp_path: P
 async def test_serve_refuses_incomplete_tls_flags(
     flags: list[str], error: str, tmp_path: Path
 ) -> None:
-    code, _, err = await run("serve", f"--data-dir={tmp_path}", "--backend=fake", *flags)
+    code, _, err = await run(MODELCTL, "serve", f"--data-dir={tmp_path}", "--backend=fake", *flags)
     assert code == 2 and error in err, err

@@ -6,9 +6,7 @@ that names the model and the operation it is about."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import signal
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,7 +30,7 @@ from tests.integration.conftest import (
     wait,
     zip_bytes,
 )
-from tests.integration.servers import MODELCTL
+from tests.integration.servers import serve
 
 SERVICE = "modellifecycle.v1.ModelLifecycle"
 # The calling platform service's trace and span, as it sends them in the call's metadata.
@@ -105,10 +103,9 @@ async def test_one_trace_per_request_and_json_logs_about_the_model(
     receiver: Receiver, tmp_path: Path, project: str
 ) -> None:
     log_file = tmp_path / "server.log"
-    with log_file.open("w") as err:
-        server = await asyncio.create_subprocess_exec(
-            MODELCTL,
-            "serve",
+    # Its SIGTERM at the end of the block flushes the spans still buffered.
+    async with (
+        serve(
             "--insecure-no-auth",
             "--grpc-port=0",
             "--http-port=0",
@@ -116,42 +113,34 @@ async def test_one_trace_per_request_and_json_logs_about_the_model(
             "--backend=fake",
             "--log-format=json",
             f"--otlp-endpoint={receiver.url}",
-            stdout=asyncio.subprocess.PIPE,
-            stderr=err,
-        )
-    try:
-        assert server.stdout is not None
-        ready = (await asyncio.wait_for(server.stdout.readline(), 60)).decode()
-        assert ready.startswith("ready grpc="), log_file.read_text()[-3000:]
-        address = ready.split()[1].removeprefix("grpc=")
-        async with grpc.aio.insecure_channel(address) as channel:
-            stub = Stub(channel)
-            with pytest.raises(grpc.aio.AioRpcError):
-                await stub.GetModel(
-                    rpc.GetModelRequest(name=f"{project}/models/missing"),
-                    metadata=(("traceparent", "00-not-a-valid-traceparent-01"),),
-                )
-            model = (await create_model(stub, project, "traced")).name
-            deploy = rpc.DeployOptions(resources=resources(replicas=1))
-            op = await build(stub, model, MODEL_V1, deploy=deploy)
-            assert op.done and not op.HasField("error")
-            joined = (await create_model(stub, project, "joined")).name
-            caller = (("traceparent", f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"),)
-            # Another model's source: the build is not a cache hit, so it calls the backend.
-            source = await upload(stub, joined, zip_bytes({"model.py": MODEL_V2}))
-            joined_op = await stub.CreateBuild(
-                rpc.CreateBuildRequest(
-                    parent=joined,
-                    source_sha256=source.sha256,
-                    file_path="model.py",
-                    function_name="classify",
-                ),
-                metadata=caller,
+            log=log_file,
+        ) as (_, address),
+        grpc.aio.insecure_channel(address) as channel,
+    ):
+        stub = Stub(channel)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.GetModel(
+                rpc.GetModelRequest(name=f"{project}/models/missing"),
+                metadata=(("traceparent", "00-not-a-valid-traceparent-01"),),
             )
-            assert not (await wait(stub, joined_op)).HasField("error")
-    finally:
-        server.send_signal(signal.SIGTERM)  # flushes the spans still buffered
-        assert await asyncio.wait_for(server.wait(), 30) == 0
+        model = (await create_model(stub, project, "traced")).name
+        deploy = rpc.DeployOptions(resources=resources(replicas=1))
+        op = await build(stub, model, MODEL_V1, deploy=deploy)
+        assert op.done and not op.HasField("error")
+        joined = (await create_model(stub, project, "joined")).name
+        caller = (("traceparent", f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"),)
+        # Another model's source: the build is not a cache hit, so it calls the backend.
+        source = await upload(stub, joined, zip_bytes({"model.py": MODEL_V2}))
+        joined_op = await stub.CreateBuild(
+            rpc.CreateBuildRequest(
+                parent=joined,
+                source_sha256=source.sha256,
+                file_path="model.py",
+                function_name="classify",
+            ),
+            metadata=caller,
+        )
+        assert not (await wait(stub, joined_op)).HasField("error")
 
     assert receiver.services == {"modelctl"}
     caller_trace = bytes.fromhex(CALLER_TRACE)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -18,7 +17,7 @@ import pytest
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
 from tests.integration.conftest import Stub, build, resources, wait
-from tests.integration.test_serve_process import MODELCTL
+from tests.integration.servers import serve
 from tests.ray.conftest import free_port
 from workers.backend import Backend
 
@@ -68,10 +67,8 @@ async def test_every_stderr_line_the_server_writes_is_json(
     else:
         ray = [f"--http-port={free_port()}", "--num-cpus=2"]
     stderr_path = tmp_path / "stderr.log"
-    with stderr_path.open("w") as stderr:
-        proc = await asyncio.create_subprocess_exec(
-            MODELCTL,
-            "serve",
+    async with (
+        serve(
             "--log-format=json",
             "--insecure-no-auth",
             "--grpc-port=0",
@@ -79,38 +76,29 @@ async def test_every_stderr_line_the_server_writes_is_json(
             f"--data-dir={tmp_path / 'data'}",
             "--server-id=json-logs",
             *ray,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=stderr,
+            log=stderr_path,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},  # the session cluster's token auth
+            ready_s=120,
+            stop_s=120,
+        ) as (_, address),
+        grpc.aio.insecure_channel(address) as channel,
+    ):
+        stub = Stub(channel)
+        model = await stub.CreateModel(
+            rpc.CreateModelRequest(parent="projects/jsonlogs", model_id="noisy")
         )
-    try:
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 120)).decode().strip()
-        assert line.startswith("ready grpc="), (line, stderr_path.read_text()[-3000:])
-        address = line.split()[1].removeprefix("grpc=")
-        async with grpc.aio.insecure_channel(address) as channel:
-            stub = Stub(channel)
-            model = await stub.CreateModel(
-                rpc.CreateModelRequest(parent="projects/jsonlogs", model_id="noisy")
-            )
-            deploy = rpc.DeployOptions(resources=resources(1, cpus=0.25))
-            op = await build(stub, model.name, NOISY, deploy=deploy, seconds=240)
-            assert not op.HasField("error"), op.error
-            model = await stub.GetModel(rpc.GetModelRequest(name=model.name))
-            assert model.state == pb.MODEL_STATE_DEPLOYED
-            async with httpx.AsyncClient(timeout=30) as http:
-                reply = await http.post(model.endpoint, json={"x": 1})
-            assert reply.status_code == 200, reply.text
-            op = await stub.StopModel(rpc.StopModelRequest(name=model.name))
-            op = await wait(stub, op, 120)
-            assert not op.HasField("error"), op.error
-            await asyncio.sleep(2)  # what the workers printed last has had time to arrive
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 120) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        deploy = rpc.DeployOptions(resources=resources(1, cpus=0.25))
+        op = await build(stub, model.name, NOISY, deploy=deploy, seconds=240)
+        assert not op.HasField("error"), op.error
+        model = await stub.GetModel(rpc.GetModelRequest(name=model.name))
+        assert model.state == pb.MODEL_STATE_DEPLOYED
+        async with httpx.AsyncClient(timeout=30) as http:
+            reply = await http.post(model.endpoint, json={"x": 1})
+        assert reply.status_code == 200, reply.text
+        op = await stub.StopModel(rpc.StopModelRequest(name=model.name))
+        op = await wait(stub, op, 120)
+        assert not op.HasField("error"), op.error
+        await asyncio.sleep(2)  # what the workers printed last has had time to arrive
     text = stderr_path.read_text()
     bad = not_json(text)
     assert not bad, "lines on stderr that are not JSON:\n" + "\n".join(bad[:40])
