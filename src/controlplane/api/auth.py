@@ -111,7 +111,9 @@ class _Guard:
             if not isinstance(e, errors.Unauthenticated):
                 seen = project if project and principal.sees(project) else principal.project
                 await self._audit(principal, resource, seen, context, e)
-            await context.abort_with_status(status.to_status(e))
+            await status.abort(context, e, self.full)
+        except Exception as e:  # e.g. the database: INTERNAL, as from a handler
+            await status.abort(context, e, self.full)
         _principal.set(principal)
         return principal, resource, project or ""
 
@@ -120,8 +122,8 @@ class _Guard:
         expires: UNAUTHENTICATED, as the call would get if made now."""
         try:
             await self._authenticate(context)
-        except DomainError as e:
-            await context.abort_with_status(status.to_status(e))
+        except Exception as e:
+            await status.abort(context, e, self.full)
 
     async def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> ac.Principal:
         secret = bearer(context)

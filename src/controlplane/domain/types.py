@@ -25,6 +25,7 @@ MAX_MEMORY_MIB = 4 * 1024 * 1024  # 4 TiB
 MAX_GPUS = 64.0
 MAX_ENV_VARS = 200
 MAX_ENV_VALUE = 32 * 1024
+MAX_ENV_NAME = 256
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,9 @@ def validate_environment(env: Mapping[str, str], prefix: str = "environment") ->
     if len(env) > MAX_ENV_VARS:
         found.append(FieldViolation(prefix, f"at most {MAX_ENV_VARS} variables"))
     for key, value in env.items():
-        if (
+        if len(key) > MAX_ENV_NAME:
+            found.append(FieldViolation(prefix, f"a name over {MAX_ENV_NAME} characters"))
+        elif (
             not key
             or not (key[0].isalpha() or key[0] == "_")
             or not all(c.isalnum() or c == "_" for c in key)
