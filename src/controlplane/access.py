@@ -7,14 +7,14 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 from sqlmodel import col, select
 
 from controlplane.domain import access as ac
 from controlplane.domain import names
+from controlplane.domain.access import AuditRecord, InvocationKey, Token
 from controlplane.domain.errors import check_text, invalid_field, not_found
 from controlplane.storage import codec, repo
 from controlplane.storage.changes import Changes, now
@@ -30,30 +30,6 @@ VERIFY_CACHE_S = 2.0  # a revoked token stops working within this long on other 
 
 class _NotFirst(Exception):
     """A token exists already: the first admin token was made by an earlier start."""
-
-
-@dataclass(frozen=True)
-class Token:
-    name: str
-    role: ac.Role
-    description: str
-    create_time: datetime
-    expire_time: datetime | None
-    revoked: bool
-    creator: str
-
-
-@dataclass(frozen=True)
-class AuditRecord:
-    id: int
-    time: datetime
-    principal: str
-    method: str
-    resource: str
-    project: str
-    code: str
-    peer: str
-    operation: str
 
 
 def token_name(project: str, token_id: str) -> str:
@@ -72,15 +48,6 @@ def _to_token(row: TokenRow) -> Token:
     )
 
 
-@dataclass(frozen=True)
-class InvocationKey:
-    name: str
-    description: str
-    create_time: datetime
-    revoked: bool
-    creator: str
-
-
 def _to_key(row: InvocationKeyRow) -> InvocationKey:
     return InvocationKey(
         name=f"{row.model}/keys/{row.key_id}",
@@ -88,6 +55,20 @@ def _to_key(row: InvocationKeyRow) -> InvocationKey:
         create_time=codec.utc(row.create_time),
         revoked=row.revoked,
         creator=row.creator,
+    )
+
+
+def _to_audit(row: AuditRow) -> AuditRecord:
+    return AuditRecord(
+        id=row.id or 0,
+        time=codec.utc(row.time),
+        principal=row.principal,
+        method=row.method,
+        resource=row.resource,
+        project=row.project,
+        code=row.code,
+        peer=row.peer,
+        operation=row.operation,
     )
 
 
@@ -153,16 +134,17 @@ class Access:
     def list_tokens(self, parent: str, size: int, page_token: str) -> tuple[list[Token], str]:
         project = _parent_project(parent)
         with self.db.read() as s:
-            rows, nxt = repo.page(
+            page = repo.list_page(
                 s,
                 TokenRow,
                 [TokenRow.project == project],
                 f"tokens:{project}",
-                repo.page_size(size),
+                size,
                 page_token,
+                _to_token,
                 newest_first=True,
             )
-            return [_to_token(r) for r in rows], nxt
+        return page.items, page.next_page_token
 
     def revoke_token(self, name: str) -> Token:
         parts = name.split("/")
@@ -277,16 +259,17 @@ class Access:
         model = str(names.parse_model(parent, "parent"))
         with self.db.read() as s:
             repo.model_row(s, model)
-            rows, nxt = repo.page(
+            page = repo.list_page(
                 s,
                 InvocationKeyRow,
                 [InvocationKeyRow.model == model],
                 f"keys:{model}",
-                repo.page_size(size),
+                size,
                 page_token,
+                _to_key,
                 newest_first=True,
             )
-            return [_to_key(r) for r in rows], nxt
+        return page.items, page.next_page_token
 
     def revoke_key(self, name: str) -> InvocationKey:
         model, sep, key_id = name.rpartition("/keys/")
@@ -326,7 +309,7 @@ class Access:
                 AuditRow(
                     time=now(),
                     principal=principal.name,
-                    project=project,
+                    project=project[:63],  # the column's size
                     method=method,
                     resource=resource[:250],
                     code=code,
@@ -339,20 +322,7 @@ class Access:
         project = _parent_project(parent)
         where = [] if project == ac.ALL_PROJECTS else [col(AuditRow.project) == project]
         with self.db.read() as s:
-            rows, nxt = repo.page(
-                s, AuditRow, where, f"audit:{project}", repo.page_size(size), page_token, True
+            page = repo.list_page(
+                s, AuditRow, where, f"audit:{project}", size, page_token, _to_audit, True
             )
-        return [
-            AuditRecord(
-                id=r.id or 0,
-                time=codec.utc(r.time),
-                principal=r.principal,
-                method=r.method,
-                resource=r.resource,
-                project=r.project,
-                code=r.code,
-                peer=r.peer,
-                operation=r.operation,
-            )
-            for r in rows
-        ], nxt
+        return page.items, page.next_page_token

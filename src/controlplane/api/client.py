@@ -28,7 +28,6 @@ from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from controlplane import access
 from controlplane.api import convert, transport
 from controlplane.build_logs import LogLine
 from controlplane.domain import access as ac
@@ -321,7 +320,7 @@ class Client:
 
     async def create_token(
         self, parent: str, role: ac.Role, description: str = "", ttl_s: float | None = None
-    ) -> tuple[access.Token, str]:
+    ) -> tuple[ac.Token, str]:
         """A new token of ``parent`` (projects/P, or projects/- for every project) and its
         secret, which the server never shows again."""
         request = rpc.CreateTokenRequest(
@@ -334,20 +333,20 @@ class Client:
 
     async def list_tokens(
         self, parent: str, page_size: int = 0, page_token: str = ""
-    ) -> t.Page[access.Token]:
+    ) -> t.Page[ac.Token]:
         r = await self._call(
             self._stub.ListTokens,
             rpc.ListTokensRequest(parent=parent, page_size=page_size, page_token=page_token),
         )
         return t.Page([convert.token_from_pb(x) for x in r.tokens], r.next_page_token)
 
-    async def revoke_token(self, name: str) -> access.Token:
+    async def revoke_token(self, name: str) -> ac.Token:
         r = await self._call(self._stub.RevokeToken, rpc.RevokeTokenRequest(name=name))
         return convert.token_from_pb(r)
 
     async def create_invocation_key(
         self, model: str, description: str = ""
-    ) -> tuple[access.InvocationKey, str]:
+    ) -> tuple[ac.InvocationKey, str]:
         """A new key for ``model``'s endpoint and its secret (shown once). The replicas
         take it within seconds."""
         r = await self._call(
@@ -358,14 +357,14 @@ class Client:
 
     async def list_invocation_keys(
         self, model: str, page_size: int = 0, page_token: str = ""
-    ) -> t.Page[access.InvocationKey]:
+    ) -> t.Page[ac.InvocationKey]:
         r = await self._call(
             self._stub.ListInvocationKeys,
             rpc.ListInvocationKeysRequest(parent=model, page_size=page_size, page_token=page_token),
         )
         return t.Page([convert.key_from_pb(k) for k in r.keys], r.next_page_token)
 
-    async def revoke_invocation_key(self, name: str) -> access.InvocationKey:
+    async def revoke_invocation_key(self, name: str) -> ac.InvocationKey:
         r = await self._call(
             self._stub.RevokeInvocationKey, rpc.RevokeInvocationKeyRequest(name=name)
         )
@@ -373,7 +372,7 @@ class Client:
 
     async def list_audit_records(
         self, parent: str, page_size: int = 0, page_token: str = ""
-    ) -> t.Page[access.AuditRecord]:
+    ) -> t.Page[ac.AuditRecord]:
         r = await self._call(
             self._stub.ListAuditRecords,
             rpc.ListAuditRecordsRequest(parent=parent, page_size=page_size, page_token=page_token),

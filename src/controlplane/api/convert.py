@@ -8,7 +8,6 @@ from typing import TypeVar
 from google.protobuf import any_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from controlplane import access
 from controlplane.domain import access as ac
 from controlplane.domain import states as st
 from controlplane.domain import types as t
@@ -320,7 +319,7 @@ def _reason(status: status_pb2.Status) -> str:
     return ""
 
 
-def token_to_pb(tok: access.Token) -> pb.Token:
+def token_to_pb(tok: ac.Token) -> pb.Token:
     return pb.Token(
         name=tok.name,
         role=pb.Role.ValueType(int(tok.role)),
@@ -332,7 +331,7 @@ def token_to_pb(tok: access.Token) -> pb.Token:
     )
 
 
-def audit_to_pb(r: access.AuditRecord) -> pb.AuditRecord:
+def audit_to_pb(r: ac.AuditRecord) -> pb.AuditRecord:
     return pb.AuditRecord(
         id=r.id,
         time=timestamp(r.time),
@@ -346,8 +345,8 @@ def audit_to_pb(r: access.AuditRecord) -> pb.AuditRecord:
     )
 
 
-def token_from_pb(tok: pb.Token) -> access.Token:
-    return access.Token(
+def token_from_pb(tok: pb.Token) -> ac.Token:
+    return ac.Token(
         name=tok.name,
         role=ac.Role(int(tok.role)),
         description=tok.description,
@@ -358,8 +357,8 @@ def token_from_pb(tok: pb.Token) -> access.Token:
     )
 
 
-def audit_from_pb(r: pb.AuditRecord) -> access.AuditRecord:
-    return access.AuditRecord(
+def audit_from_pb(r: pb.AuditRecord) -> ac.AuditRecord:
+    return ac.AuditRecord(
         id=r.id,
         time=from_timestamp(r.time),
         principal=r.principal,
@@ -372,7 +371,7 @@ def audit_from_pb(r: pb.AuditRecord) -> access.AuditRecord:
     )
 
 
-def key_to_pb(k: access.InvocationKey) -> pb.InvocationKey:
+def key_to_pb(k: ac.InvocationKey) -> pb.InvocationKey:
     return pb.InvocationKey(
         name=k.name,
         description=k.description,
@@ -382,8 +381,8 @@ def key_to_pb(k: access.InvocationKey) -> pb.InvocationKey:
     )
 
 
-def key_from_pb(k: pb.InvocationKey) -> access.InvocationKey:
-    return access.InvocationKey(
+def key_from_pb(k: pb.InvocationKey) -> ac.InvocationKey:
+    return ac.InvocationKey(
         name=k.name,
         description=k.description,
         create_time=from_timestamp(k.create_time),

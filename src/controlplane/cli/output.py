@@ -10,7 +10,7 @@ from datetime import datetime
 from enum import Enum, IntEnum
 from typing import Any, TextIO
 
-from controlplane import access
+from controlplane.domain import access as ac
 from controlplane.domain import types as t
 
 
@@ -124,7 +124,7 @@ def _build_details(b: t.Build) -> str:
     return head + "\n\n" + table(["package", "version", "requested", "sha256"], rows)
 
 
-def _token_rows(items: Sequence[access.Token]) -> tuple[list[str], list[list[str]]]:
+def _token_rows(items: Sequence[ac.Token]) -> tuple[list[str], list[list[str]]]:
     return ["name", "role", "expires", "revoked", "created", "description"], [
         [
             tok.name,
@@ -138,7 +138,7 @@ def _token_rows(items: Sequence[access.Token]) -> tuple[list[str], list[list[str
     ]
 
 
-def _audit_rows(items: Sequence[access.AuditRecord]) -> tuple[list[str], list[list[str]]]:
+def _audit_rows(items: Sequence[ac.AuditRecord]) -> tuple[list[str], list[list[str]]]:
     return ["time", "who", "what", "resource", "result", "from"], [
         [
             when(r.time),
@@ -152,7 +152,7 @@ def _audit_rows(items: Sequence[access.AuditRecord]) -> tuple[list[str], list[li
     ]
 
 
-def _key_rows(items: Sequence[access.InvocationKey]) -> tuple[list[str], list[list[str]]]:
+def _key_rows(items: Sequence[ac.InvocationKey]) -> tuple[list[str], list[list[str]]]:
     return ["name", "revoked", "created", "creator", "description"], [
         [k.name, "yes" if k.revoked else "", when(k.create_time), k.creator, k.description]
         for k in items
@@ -160,9 +160,9 @@ def _key_rows(items: Sequence[access.InvocationKey]) -> tuple[list[str], list[li
 
 
 _ROWS: dict[type, Any] = {
-    access.InvocationKey: _key_rows,
-    access.Token: _token_rows,
-    access.AuditRecord: _audit_rows,
+    ac.InvocationKey: _key_rows,
+    ac.Token: _token_rows,
+    ac.AuditRecord: _audit_rows,
     t.Model: _model_rows,
     t.Build: _build_rows,
     t.Deployment: _deployment_rows,

@@ -4,7 +4,8 @@ A token belongs to a project (or to every project: ``-``) and has a role; each r
 includes the ones below it. A call names its project through the resource it names
 (``parent`` or ``name``). Another project's resources do not exist for a token (NOT_FOUND,
 the same answer as for a name that really does not exist); in its own project, a role
-too weak for the call is PERMISSION_DENIED.
+too weak for the call is PERMISSION_DENIED. Tokens, invocation keys and audit records,
+as plain data (the client's too: this module is standard library only).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
+from datetime import datetime
 from enum import IntEnum
 
 from controlplane.domain import errors
@@ -50,6 +52,42 @@ class Principal:
 
 
 INSECURE = Principal(ANONYMOUS, ALL_PROJECTS, Role.ADMIN)
+
+
+# ---- tokens, invocation keys and audit records, as the API returns them ------------------
+
+
+@dataclass(frozen=True)
+class Token:
+    name: str  # projects/{project}/tokens/{id}
+    role: Role
+    description: str
+    create_time: datetime
+    expire_time: datetime | None
+    revoked: bool
+    creator: str
+
+
+@dataclass(frozen=True)
+class InvocationKey:
+    name: str  # projects/{project}/models/{model}/keys/{id}
+    description: str
+    create_time: datetime
+    revoked: bool
+    creator: str
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    id: int
+    time: datetime
+    principal: str
+    method: str
+    resource: str
+    project: str
+    code: str
+    peer: str
+    operation: str
 
 
 # ---- token secrets ------------------------------------------------------------------------
