@@ -10,15 +10,14 @@ import hashlib
 import json
 import keyword
 import re
-import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from sqlmodel import col, select
+from sqlmodel import Session, SQLModel, col, select
 
-from controlplane import desired, rollouts
+from controlplane import lifecycle
 from controlplane.domain import names
 from controlplane.domain import states as st
 from controlplane.domain import types as t
@@ -31,7 +30,7 @@ from controlplane.domain.errors import (
     check_text,
     invalid_field,
 )
-from controlplane.jobs import JOB_APPLY, JOB_BUILD
+from controlplane.domain.transitions import Verb, check_verb
 from controlplane.sources import SourceStore
 from controlplane.storage import repo
 from controlplane.storage.changes import Changes, now
@@ -48,7 +47,6 @@ from controlplane.storage.tables import (
     SourceRow,
 )
 from workers.archive import check_member_path
-from workers.backend import rolls
 from workers.oci import OciExport
 from workers.runtime import Runtime
 from workers.runtime import mismatch as runtime_mismatch
@@ -58,11 +56,13 @@ MAX_DISPLAY_NAME = 200
 MAX_DESCRIPTION = 10_000
 MAX_COMMENT = 10_000
 MAX_REQUEST_ID = 200
+MAX_FUNCTION_NAME = 200  # the column's size
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")  # an OCI reference name
 DEFAULT_PYTHON = "3.11"  # base image of builds made before runtimes were recorded
 
 
 T = TypeVar("T")
+R = TypeVar("R", bound=SQLModel)
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,8 @@ def _check_request_id(request_id: str) -> None:
 
 
 def _check_function_name(value: str) -> str:
+    if len(value) > MAX_FUNCTION_NAME:
+        raise invalid_field("function_name", f"at most {MAX_FUNCTION_NAME} characters")
     if not value.isidentifier() or keyword.iskeyword(value):
         raise invalid_field(
             "function_name", f"{value!r} is not a Python identifier" if value else "required"
@@ -135,10 +137,6 @@ def _check_image(b: BuildRow) -> None:
         )
 
 
-def _new_operation_name() -> str:
-    return f"operations/{uuid.uuid4()}"
-
-
 class Service:
     def __init__(
         self,
@@ -157,36 +155,57 @@ class Service:
 
     # ---- helpers ---------------------------------------------------------------------------
 
-    def _replay(
-        self, c: Changes, method: str, scope: str, request_id: str, fingerprint: str
-    ) -> str | None:
-        """The first call's result for a repeated request_id, or None."""
-        if not request_id:
-            return None
-        row = c.s.get(RequestRow, f"{method}:{scope}:{request_id}")
-        if row is None:
-            return None
-        if row.fingerprint != fingerprint:
-            raise InvalidArgument(
-                message=f"request_id {request_id!r} was already used for a different request",
-                reason="REQUEST_ID_REUSED",
-                metadata={"request_id": request_id},
-            )
-        return row.result
+    def _idempotent(
+        self,
+        method: str,
+        scope: str,
+        request_id: str,
+        fingerprint: str,
+        replay: Callable[[Session, str], T],
+        change: Callable[[Changes], tuple[T, str]],
+    ) -> T:
+        """Runs ``change`` in one write transaction, once per ``request_id`` (AIP-155).
 
-    @staticmethod
-    def _remember(
-        c: Changes, method: str, scope: str, request_id: str, fingerprint: str, result: str
-    ) -> None:
-        if request_id:
-            c.s.add(
-                RequestRow(
-                    key=f"{method}:{scope}:{request_id}",
-                    result=result,
-                    fingerprint=fingerprint,
-                    create_time=now(),
+        A repeated request_id returns the first call's result (``replay`` turns the name
+        that call recorded back into it); the same id with a different request is
+        INVALID_ARGUMENT. ``change`` returns its result and the name to record."""
+        with self.db.write() as tx:
+            c = Changes(tx, self.http_base)
+            key = f"{method}:{scope}:{request_id}"
+            first = c.session.get(RequestRow, key) if request_id else None
+            if first is not None:
+                if first.fingerprint != fingerprint:
+                    raise InvalidArgument(
+                        message=f"request_id {request_id!r} was already used for a "
+                        "different request",
+                        reason="REQUEST_ID_REUSED",
+                        metadata={"request_id": request_id},
+                    )
+                return replay(c.session, first.result)
+            result, recorded = change(c)
+            if request_id:
+                c.session.add(
+                    RequestRow(key=key, result=recorded, fingerprint=fingerprint, create_time=now())
                 )
-            )
+            return result
+
+    def _list(
+        self,
+        parent: str | None,
+        table: type[R],
+        where: Sequence[Any],
+        scope: str,
+        size: int,
+        token: str,
+        convert: Callable[[R], T],
+        newest_first: bool = True,
+    ) -> t.Page[T]:
+        """One page of a list; ``parent`` (a model) must exist."""
+        size = repo.page_size(size)  # a bad size is refused before anything is read
+        with self.db.read() as s:
+            if parent is not None:
+                repo.model_row(s, parent)
+            return repo.list_page(s, table, where, scope, size, token, convert, newest_first)
 
     @staticmethod
     def _ensure_idle(model: ModelRow) -> None:
@@ -198,30 +217,6 @@ class Service:
                 metadata={"operation": model.running_operation, "model": model.name},
             )
 
-    def _operation(
-        self,
-        c: Changes,
-        model: ModelRow,
-        kind: st.OperationKind,
-        target: str,
-        deployment: str = "",
-        progress: str = "queued",
-    ) -> OperationRow:
-        ts = now()
-        op = OperationRow(
-            name=_new_operation_name(),
-            model=model.name,
-            kind=kind.value,
-            target=target,
-            deployment=deployment,
-            progress=progress,
-            create_time=ts,
-            update_time=ts,
-        )
-        c.created(op)
-        c.model(model, running_operation=op.name)
-        return op
-
     def _deployment_row(
         self,
         c: Changes,
@@ -230,12 +225,12 @@ class Service:
         resources: t.Resources,
         environment: dict[str, str],
         secrets: dict[str, str],
-        state: st.DeploymentState,
     ) -> DeploymentRow:
+        """A new PENDING deployment record of ``model`` (its history keeps every one)."""
         ts = now()
         number = model.next_deployment_number
         # Keep the restart generation: a new deployment that only scales stays in place.
-        current = repo.maybe_deployment_row(c.s, model.active_deployment)
+        current = repo.maybe_deployment_row(c.session, model.active_deployment)
         if not secrets and current is not None:  # cannot be read back to be sent again
             secrets = repo.secrets_of(current)
         row = DeploymentRow(
@@ -249,7 +244,7 @@ class Service:
             gpus=resources.gpus,
             environment=json.dumps(environment, sort_keys=True),
             secret_environment=json.dumps(secrets, sort_keys=True),
-            state=state.value,
+            state=st.DeploymentState.PENDING.value,
             restart_generation=current.restart_generation if current else 0,
             create_time=ts,
             update_time=ts,
@@ -257,12 +252,6 @@ class Service:
         model.next_deployment_number = number + 1
         c.created(row)
         return row
-
-    def _changes(self, tx: object) -> Changes:
-        from controlplane.storage.db import WriteTx
-
-        assert isinstance(tx, WriteTx)
-        return Changes(tx, self.http_base)
 
     # ---- models ----------------------------------------------------------------------------
 
@@ -275,13 +264,9 @@ class Service:
         check_text(description, "model.description", MAX_DESCRIPTION)
         _check_request_id(request_id)
         name = str(names.ModelName(project.project, model_id))
-        fp = _fingerprint(model_id, display_name, description)
-        with self.db.write() as tx:
-            c = self._changes(tx)
-            first = self._replay(c, "CreateModel", parent, request_id, fp)
-            if first is not None:
-                return repo.to_model(repo.model_row(c.s, first), self.http_base)
-            if c.s.exec(select(ModelRow).where(ModelRow.name == name)).first() is not None:
+
+        def create(c: Changes) -> tuple[t.Model, str]:
+            if c.session.exec(select(ModelRow).where(ModelRow.name == name)).first():
                 raise AlreadyExists(
                     message=f"model {name!r} already exists",
                     reason="MODEL_EXISTS",
@@ -298,8 +283,16 @@ class Service:
                 update_time=ts,
             )
             c.created(row)
-            self._remember(c, "CreateModel", parent, request_id, fp, name)
-            return repo.to_model(row, self.http_base)
+            return repo.to_model(row, self.http_base), name
+
+        return self._idempotent(
+            "CreateModel",
+            parent,
+            request_id,
+            _fingerprint(model_id, display_name, description),
+            lambda s, first: repo.to_model(repo.model_row(s, first), self.http_base),
+            create,
+        )
 
     def cached_model(self, name: str) -> t.Model | None:
         """The model if it is in memory (no thread, no database): else call get_model."""
@@ -314,32 +307,30 @@ class Service:
         return model
 
     def list_models(self, parent: str, size: int, token: str) -> t.Page[t.Model]:
-        project = names.parse_project(parent, "parent")
-        n = repo.page_size(size)
-        with self.db.read() as s:
-            rows, nxt = repo.page(
-                s, ModelRow, [ModelRow.project == project.project], f"models:{parent}", n, token
-            )
-            return t.Page([repo.to_model(r, self.http_base) for r in rows], nxt)
+        project = names.parse_project(parent, "parent").project
+        return self._list(
+            None,
+            ModelRow,
+            [ModelRow.project == project],
+            f"models:{parent}",
+            size,
+            token,
+            lambda row: repo.to_model(row, self.http_base),
+            newest_first=False,
+        )
 
     def delete_model(self, name: str) -> None:
         names.parse_model(name)
         with self.db.write() as tx:
-            c = self._changes(tx)
-            model = repo.model_row(c.s, name)
+            c = Changes(tx, self.http_base)
+            model = repo.model_row(c.session, name)
             self._ensure_idle(model)
-            state = st.ModelState(model.state)
-            if state.active or state is st.ModelState.PENDING:
-                raise FailedPrecondition(
-                    message=f"model {name} is {state.value}: stop it before deleting it",
-                    reason="MODEL_ACTIVE",
-                    metadata={"name": name, "state": state.value},
-                )
+            check_verb(Verb.DELETE, name, st.ModelState(model.state))
             # Its invocation keys go too: a model made again under the name starts keyless.
             tables = (BuildRow, DeploymentRow, OperationRow, SourceRow, JobRow, InvocationKeyRow)
             for table in tables:
-                for row in c.s.exec(select(table).where(col(table.model) == name)).all():
-                    c.s.delete(row)
+                for row in c.session.exec(select(table).where(col(table.model) == name)).all():
+                    c.session.delete(row)
             c.model_deleted(model)
 
     # ---- sources ---------------------------------------------------------------------------
@@ -387,13 +378,10 @@ class Service:
             else (deploy.resources, dict(deploy.environment), dict(deploy.secret_environment)),
             *(["no_cache"] if req.no_cache else []),  # earlier requests' fingerprints hold
         )
-        with self.db.write() as tx:
-            c = self._changes(tx)
-            first = self._replay(c, "CreateBuild", model_name, req.request_id, fp)
-            if first is not None:
-                return repo.to_operation(repo.operation_row(c.s, first))
-            model = repo.model_row(c.s, model_name)
-            if repo.source_row(c.s, model_name, req.source_sha256) is None:
+
+        def create(c: Changes) -> tuple[t.Operation, str]:
+            model = repo.model_row(c.session, model_name)
+            if repo.source_row(c.session, model_name, req.source_sha256) is None:
                 raise NotFound(
                     message=f"no source {req.source_sha256} was uploaded for {model_name}",
                     reason="SOURCE_NOT_FOUND",
@@ -408,9 +396,8 @@ class Service:
             self._ensure_idle(model)
             version = model.next_build_version
             model.next_build_version = version + 1
-            build_name = str(names.parse_model(model_name).build(version))
             build = BuildRow(
-                name=build_name,
+                name=str(names.parse_model(model_name).build(version)),
                 model=model_name,
                 version=version,
                 source_sha256=req.source_sha256,
@@ -423,27 +410,22 @@ class Service:
                 no_cache=req.no_cache,
             )
             c.created(build)
-            deployment = ""
+            dep = None
             if deploy is not None:
                 dep = self._deployment_row(
                     c,
                     model,
-                    build_name,
+                    build.name,
                     deploy.resources,
                     dict(deploy.environment),
                     dict(deploy.secret_environment),
-                    st.DeploymentState.PENDING,
                 )
-                deployment = dep.name
-                state = st.ModelState(model.state)
-                if not state.active:
-                    c.model(model, st.ModelState.PENDING)
-            op = self._operation(
-                c, model, st.OperationKind.CREATE_BUILD, build_name, deployment=deployment
-            )
-            c.enqueue(JOB_BUILD, model_name, op.name, build_name)
-            self._remember(c, "CreateBuild", model_name, req.request_id, fp, op.name)
-            return repo.to_operation(op)
+            op = lifecycle.begin_build(c, model, build, dep)
+            return repo.to_operation(op), op.name
+
+        return self._idempotent(
+            "CreateBuild", model_name, req.request_id, fp, _replay_operation, create
+        )
 
     def get_build(self, name: str) -> t.Build:
         names.parse_build(name)
@@ -479,19 +461,15 @@ class Service:
 
     def list_builds(self, parent: str, size: int, token: str) -> t.Page[t.Build]:
         model = str(names.parse_model(parent, "parent"))
-        n = repo.page_size(size)
-        with self.db.read() as s:
-            repo.model_row(s, model)
-            rows, nxt = repo.page(
-                s,
-                BuildRow,
-                [BuildRow.model == model],
-                f"builds:{model}",
-                n,
-                token,
-                newest_first=True,
-            )
-            return t.Page([repo.to_build(r) for r in rows], nxt)
+        return self._list(
+            model,
+            BuildRow,
+            [BuildRow.model == model],
+            f"builds:{model}",
+            size,
+            token,
+            repo.to_build,
+        )
 
     # ---- deployments -----------------------------------------------------------------------
 
@@ -518,35 +496,25 @@ class Service:
         _check_request_id(request_id)
         # A request without secrets keeps its old fingerprint (earlier ids still match).
         fp = _fingerprint(build, resources, environment, *([secrets] if secrets else []))
-        with self.db.write() as tx:
-            c = self._changes(tx)
-            first = self._replay(c, "CreateDeployment", model_name, request_id, fp)
-            if first is not None:
-                return repo.to_operation(repo.operation_row(c.s, first))
-            model = repo.model_row(c.s, model_name)
-            b = repo.build_row(c.s, build)
+
+        def create(c: Changes) -> tuple[t.Operation, str]:
+            model = repo.model_row(c.session, model_name)
+            b = repo.build_row(c.session, build)
             _check_built(b, "deployed")
             self._check_runtime(b)
             _check_image(b)
             self._ensure_idle(model)
-            current = repo.maybe_deployment_row(c.s, model.active_deployment)
-            if resources is None:
-                resources = repo.resources_of(current) if current else t.Resources()
-            dep = self._deployment_row(
-                c, model, build, resources, environment, secrets, st.DeploymentState.PENDING
-            )
-            op = self._operation(
-                c,
-                model,
-                st.OperationKind.CREATE_DEPLOYMENT,
-                dep.name,
-                deployment=dep.name,
-                progress="deploying",
-            )
-            start_deploying(c, model, dep)
-            c.enqueue(JOB_APPLY, model_name, op.name, dep.name)
-            self._remember(c, "CreateDeployment", model_name, request_id, fp, op.name)
-            return repo.to_operation(op)
+            current = repo.maybe_deployment_row(c.session, model.active_deployment)
+            wanted = resources
+            if wanted is None:
+                wanted = repo.resources_of(current) if current else t.Resources()
+            dep = self._deployment_row(c, model, build, wanted, environment, secrets)
+            op = lifecycle.begin_deploy(c, model, dep)
+            return repo.to_operation(op), op.name
+
+        return self._idempotent(
+            "CreateDeployment", model_name, request_id, fp, _replay_operation, create
+        )
 
     def _check_runtime(self, b: BuildRow) -> None:
         """A build deploys only on a cluster that runs its Python (major.minor, platform)."""
@@ -571,156 +539,58 @@ class Service:
 
     def list_deployments(self, parent: str, size: int, token: str) -> t.Page[t.Deployment]:
         model = str(names.parse_model(parent, "parent"))
-        n = repo.page_size(size)
-        with self.db.read() as s:
-            repo.model_row(s, model)
-            rows, nxt = repo.page(
-                s,
-                DeploymentRow,
-                [DeploymentRow.model == model],
-                f"deployments:{model}",
-                n,
-                token,
-                newest_first=True,
-            )
-            return t.Page([repo.to_deployment(r) for r in rows], nxt)
+        return self._list(
+            model,
+            DeploymentRow,
+            [DeploymentRow.model == model],
+            f"deployments:{model}",
+            size,
+            token,
+            repo.to_deployment,
+        )
 
     # ---- stop and restart ------------------------------------------------------------------
 
     def stop_model(self, name: str, request_id: str) -> t.Operation:
         names.parse_model(name)
         _check_request_id(request_id)
-        with self.db.write() as tx:
-            c = self._changes(tx)
-            first = self._replay(c, "StopModel", name, request_id, "")
-            if first is not None:
-                return repo.to_operation(repo.operation_row(c.s, first))
-            model = repo.model_row(c.s, name)
+
+        def stop(c: Changes) -> tuple[t.Operation, str]:
+            model = repo.model_row(c.session, name)
             self._ensure_idle(model)
-            state = st.ModelState(model.state)
-            if state not in (st.ModelState.DEPLOYED, st.ModelState.FAILED):
-                raise FailedPrecondition(
-                    message=f"model {name} is {state.value}; only a DEPLOYED or FAILED model "
-                    "can be stopped",
-                    reason="MODEL_NOT_RUNNING",
-                    metadata={"name": name, "state": state.value},
-                )
-            dep = repo.maybe_deployment_row(c.s, model.active_deployment)
-            op = self._operation(
-                c,
-                model,
-                st.OperationKind.STOP_MODEL,
-                name,
-                deployment=model.active_deployment,
-                progress="stopping",
-            )
-            self._remember(c, "StopModel", name, request_id, "", op.name)
-            if dep is None:  # its first deploy failed before anything ran: nothing to stop
-                c.model(model, st.ModelState.STOPPED)
-                c.operation_done(op, model, "stopped")
-                return repo.to_operation(op)
-            c.model(model, st.ModelState.STOPPING)
-            if dep is not None and dep.state != st.DeploymentState.STOPPED.value:
-                c.deployment(dep, st.DeploymentState.STOPPING, applied=False)
-            c.enqueue(JOB_APPLY, name, op.name, name)
-            return repo.to_operation(op)
+            op = lifecycle.begin_stop(c, model)
+            return repo.to_operation(op), op.name
+
+        return self._idempotent("StopModel", name, request_id, "", _replay_operation, stop)
 
     def restart_model(self, name: str, request_id: str) -> t.Operation:
         names.parse_model(name)
         _check_request_id(request_id)
-        with self.db.write() as tx:
-            c = self._changes(tx)
-            first = self._replay(c, "RestartModel", name, request_id, "")
-            if first is not None:
-                return repo.to_operation(repo.operation_row(c.s, first))
-            model = repo.model_row(c.s, name)
+
+        def restart(c: Changes) -> tuple[t.Operation, str]:
+            model = repo.model_row(c.session, name)
             self._ensure_idle(model)
-            dep = repo.maybe_deployment_row(c.s, model.active_deployment)
+            dep = repo.maybe_deployment_row(c.session, model.active_deployment)
             if dep is None:
                 raise FailedPrecondition(
                     message=f"model {name} was never deployed: there is nothing to restart",
                     reason="MODEL_NEVER_DEPLOYED",
                     metadata={"name": name},
                 )
-            state = st.ModelState(model.state)
-            if state not in (st.ModelState.DEPLOYED, st.ModelState.STOPPED, st.ModelState.FAILED):
-                raise FailedPrecondition(
-                    message=f"model {name} is {state.value} and cannot be restarted now",
-                    reason="MODEL_NOT_RESTARTABLE",
-                    metadata={"name": name, "state": state.value},
-                )
-            op = self._operation(
-                c,
-                model,
-                st.OperationKind.RESTART_MODEL,
-                name,
-                deployment=dep.name,
-                progress="restarting",
-            )
-            c.deployment(dep, restart_generation=dep.restart_generation + 1)
-            start_deploying(c, model, dep)
-            c.enqueue(JOB_APPLY, name, op.name, dep.name)
-            self._remember(c, "RestartModel", name, request_id, "", op.name)
-            return repo.to_operation(op)
+            op = lifecycle.begin_restart(c, model, dep)
+            return repo.to_operation(op), op.name
+
+        return self._idempotent("RestartModel", name, request_id, "", _replay_operation, restart)
 
     # ---- operations ------------------------------------------------------------------------
 
     def cancel_operation(self, name: str) -> t.Operation:
-        """Stops a build or a deploy cleanly. A queued build ends at once; a running build
-        is marked, and the server running its job stops it; a rollout ends at once and
-        the model goes back to its last good deployment."""
+        """Stops a build or a deploy cleanly (``lifecycle.cancel``)."""
         names.parse_operation(name)
         with self.db.write() as tx:
-            c = self._changes(tx)
-            op = repo.operation_row(c.s, name)
-            if op.done:
-                raise FailedPrecondition(
-                    message=f"operation {name} is already done",
-                    reason="OPERATION_DONE",
-                    metadata={"operation": name},
-                )
-            if op.kind == st.OperationKind.STOP_MODEL.value:
-                raise FailedPrecondition(
-                    message=f"operation {name} stops a model, which cannot be undone halfway; "
-                    "restart the model once it is STOPPED",
-                    reason="NOT_CANCELLABLE",
-                    metadata={"operation": name, "kind": op.kind},
-                )
-            model = repo.model_row(c.s, op.model)
-            build = c.s.exec(select(BuildRow).where(BuildRow.name == op.target)).first()
-            unfinished = (st.BuildState.QUEUED.value, st.BuildState.BUILDING.value)
-            pending = c.s.exec(
-                select(JobRow).where(
-                    JobRow.operation == name, JobRow.kind == JOB_BUILD, JobRow.state == "pending"
-                )
-            ).all()
-            if build is not None and build.state in unfinished and pending:
-                # No server runs it now (queued, or handed back by a server that stopped).
-                for job in pending:
-                    job.state, job.error = "done", "cancelled before it ran"
-                    c.s.add(job)
-                started = build.state == st.BuildState.BUILDING.value
-                why = "cancelled while building" if started else "cancelled before it started"
-                rollouts.end_build_without_result(c, model, op, build, f"{why} ({name})")
-            elif build is not None and build.state in unfinished:
-                c.cancel_requested(op)  # the server running its job stops it
-            else:
-                dep = repo.maybe_deployment_row(c.s, op.deployment)
-                if dep is None or dep.state != st.DeploymentState.DEPLOYING.value:
-                    raise FailedPrecondition(
-                        message=f"operation {name} has nothing running to cancel right now",
-                        reason="NOTHING_TO_CANCEL",
-                        metadata={"operation": name},
-                    )
-                rollouts.fail_rollout(
-                    c,
-                    model,
-                    dep,
-                    op,
-                    f"cancelled on request ({name})",
-                    "CANCELLED",
-                    rollouts.CANCELLED_REASON,
-                )
+            c = Changes(tx, self.http_base)
+            op = repo.operation_row(c.session, name)
+            lifecycle.cancel(c, repo.model_row(c.session, op.model), op)
             return repo.to_operation(op)
 
     def get_operation(self, name: str) -> t.Operation:
@@ -730,45 +600,16 @@ class Service:
 
     def list_operations(self, parent: str, size: int, token: str) -> t.Page[t.Operation]:
         model = str(names.parse_model(parent, "parent"))
-        n = repo.page_size(size)
-        with self.db.read() as s:
-            repo.model_row(s, model)
-            rows, nxt = repo.page(
-                s,
-                OperationRow,
-                [OperationRow.model == model],
-                f"operations:{model}",
-                n,
-                token,
-                newest_first=True,
-            )
-            return t.Page([repo.to_operation(r) for r in rows], nxt)
-
-
-def start_deploying(c: Changes, model: ModelRow, dep: DeploymentRow) -> None:
-    """The deployment and its model go DEPLOYING at once; the job applies it.
-
-    What the rollout must replace is fixed here, from the records, not at apply time:
-    any apply (another job's, a repair, another server's) may put the new spec on Serve
-    before this rollout's own job runs, and replicas of the new spec must never count
-    as the old ones. Replaced: the replicas last observed for the deployment serving
-    now, when the change rolls (another build, resources, environment, or a restart).
-    """
-    before = repo.maybe_deployment_row(c.s, model.active_deployment)
-    previous: list[str] = []
-    roll = False
-    if before is not None and before.state == st.DeploymentState.DEPLOYED.value:
-        previous = [r["id"] for r in json.loads(before.observed_replicas)]
-        after_spec = desired.app_spec(model, dep, repo.build_row(c.s, dep.build))
-        roll = before is dep or rolls(
-            desired.app_spec(model, before, repo.build_row(c.s, before.build)), after_spec
+        return self._list(
+            model,
+            OperationRow,
+            [OperationRow.model == model],
+            f"operations:{model}",
+            size,
+            token,
+            repo.to_operation,
         )
-    c.deployment(
-        dep,
-        st.DeploymentState.DEPLOYING,
-        applied=False,
-        message="",
-        expect_roll=bool(previous) and roll,
-        previous_replica_ids=json.dumps(previous if roll else []),
-    )
-    c.model(model, st.ModelState.DEPLOYING, active_deployment=dep.name, message="")
+
+
+def _replay_operation(s: Session, name: str) -> t.Operation:
+    return repo.to_operation(repo.operation_row(s, name))

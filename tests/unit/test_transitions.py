@@ -9,7 +9,7 @@ from itertools import product
 import pytest
 
 from controlplane.domain import transitions as tr
-from controlplane.domain.errors import InvalidTransition
+from controlplane.domain.errors import FailedPrecondition, InvalidTransition
 from controlplane.domain.states import BuildState, DeploymentState, ModelState
 
 M, B, D = ModelState, BuildState, DeploymentState
@@ -98,3 +98,32 @@ def test_terminal_states_have_no_exit() -> None:
 
 def test_active_states() -> None:
     assert {s for s in ModelState if s.active} == {M.DEPLOYING, M.DEPLOYED, M.STOPPING}
+
+
+# Which verbs each model state allows, written out independently of the implementation.
+ALLOWED_VERBS = {
+    tr.Verb.BUILD: set(M),
+    tr.Verb.DEPLOY: set(M),
+    tr.Verb.STOP: {M.DEPLOYED, M.FAILED},
+    tr.Verb.RESTART: {M.DEPLOYED, M.STOPPED, M.FAILED},
+    tr.Verb.DELETE: {M.NOT_DEPLOYED, M.STOPPED, M.FAILED},
+}
+
+
+@pytest.mark.parametrize(("verb", "state"), list(product(tr.Verb, M)))
+def test_every_verb_in_every_model_state(verb: tr.Verb, state: ModelState) -> None:
+    if state in ALLOWED_VERBS[verb]:
+        tr.check_verb(verb, "projects/p/models/m", state)
+        return
+    with pytest.raises(FailedPrecondition) as refused:
+        tr.check_verb(verb, "projects/p/models/m", state)
+    assert refused.value.reason == tr.VERBS[verb].reason
+    assert refused.value.metadata == {"name": "projects/p/models/m", "state": state.value}
+    assert f"model projects/p/models/m is {state.value}" in refused.value.message
+
+
+def test_refusals_say_what_to_do() -> None:
+    with pytest.raises(FailedPrecondition, match="stop it before deleting it"):
+        tr.check_verb(tr.Verb.DELETE, "m", M.DEPLOYED)
+    with pytest.raises(FailedPrecondition, match="only a DEPLOYED or FAILED model can be stopped"):
+        tr.check_verb(tr.Verb.STOP, "m", M.STOPPED)

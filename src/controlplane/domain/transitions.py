@@ -8,10 +8,11 @@ field such as the replica list changed); everything else must be listed here.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import TypeVar
 
-from controlplane.domain.errors import InvalidTransition
+from controlplane.domain.errors import FailedPrecondition, InvalidTransition
 from controlplane.domain.states import BuildState, DeploymentState, ModelState
 
 M = ModelState
@@ -62,3 +63,58 @@ def check(table: Mapping[S, frozenset[S]], what: str, current: S, new: S) -> Non
     """Raises InvalidTransition unless ``current -> new`` is in ``table``."""
     if not allowed(table, current, new):
         raise InvalidTransition(f"{what}: {current.value} -> {new.value} is not allowed")
+
+
+# ---- which verbs each model state allows ------------------------------------------------------
+
+
+class Verb(StrEnum):
+    """What a client asks of a model (one operation at a time is checked apart)."""
+
+    BUILD = "build"  # CreateBuild, with or without deploy
+    DEPLOY = "deploy"  # CreateDeployment: scale, change resources, roll back
+    STOP = "stop"
+    RESTART = "restart"
+    DELETE = "delete"
+
+
+@dataclass(frozen=True)
+class VerbRule:
+    allowed: frozenset[ModelState]
+    reason: str = ""  # the ErrorInfo reason of a refusal
+    refusal: str = ""  # its message; {name} and {state} are filled in
+
+
+VERBS: Mapping[Verb, VerbRule] = {
+    # A build (and a deploy of it) or a re-deploy may start from any state.
+    Verb.BUILD: VerbRule(frozenset(M)),
+    Verb.DEPLOY: VerbRule(frozenset(M)),
+    Verb.STOP: VerbRule(
+        frozenset({M.DEPLOYED, M.FAILED}),
+        "MODEL_NOT_RUNNING",
+        "model {name} is {state}; only a DEPLOYED or FAILED model can be stopped",
+    ),
+    # A stopped model starts again with its last deployment.
+    Verb.RESTART: VerbRule(
+        frozenset({M.DEPLOYED, M.STOPPED, M.FAILED}),
+        "MODEL_NOT_RESTARTABLE",
+        "model {name} is {state} and cannot be restarted now",
+    ),
+    # Never an active model, nor one waiting for its build to deploy.
+    Verb.DELETE: VerbRule(
+        frozenset({M.NOT_DEPLOYED, M.STOPPED, M.FAILED}),
+        "MODEL_ACTIVE",
+        "model {name} is {state}: stop it before deleting it",
+    ),
+}
+
+
+def check_verb(verb: Verb, name: str, state: ModelState) -> None:
+    """Raises FailedPrecondition (with the rule's reason) unless ``state`` allows ``verb``."""
+    rule = VERBS[verb]
+    if state not in rule.allowed:
+        raise FailedPrecondition(
+            message=rule.refusal.format(name=name, state=state.value),
+            reason=rule.reason,
+            metadata={"name": name, "state": state.value},
+        )

@@ -7,23 +7,19 @@ and the job it needs commit together or not at all.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
-
-from sqlmodel import select
 
 from controlplane import tracing
 from controlplane.domain import states as st
 from controlplane.domain import transitions
 from controlplane.domain import types as t
-from controlplane.jobs import JOB_APPLY
-from controlplane.storage import codec, repo
+from controlplane.storage import codec, jobs, repo
 from controlplane.storage.db import FinishedOperation, WriteTx
 from controlplane.storage.tables import (
     BuildRow,
     DeploymentRow,
     EventRow,
-    JobRow,
     ModelRow,
     OperationRow,
 )
@@ -40,7 +36,7 @@ def project_of(model_name: str) -> str:
 class Changes:
     def __init__(self, tx: WriteTx, http_base: str) -> None:
         self.tx = tx
-        self.s = tx.session
+        self.session = tx.session
         self.http_base = http_base
 
     # ---- events ------------------------------------------------------------------------------
@@ -49,7 +45,7 @@ class Changes:
         self, model: str, type_: st.EventType, resource: t.Resource, revision: int | None = None
     ) -> int:
         revision = revision or self.tx.next_revision()
-        self.s.add(
+        self.session.add(
             EventRow(
                 revision=revision,
                 model=model,
@@ -69,7 +65,7 @@ class Changes:
         row.revision = self.tx.next_revision()
         if not isinstance(row, BuildRow):
             row.update_time = now()
-        self.s.add(row)
+        self.session.add(row)
         model_name = row.name if isinstance(row, ModelRow) else row.model
         self._emit(model_name, type_, self.resource(row), row.revision)
 
@@ -90,7 +86,7 @@ class Changes:
     def model_deleted(self, row: ModelRow) -> None:
         resource = repo.to_model(row, self.http_base)
         self._emit(row.name, st.EventType.DELETED, resource)
-        self.s.delete(row)
+        self.session.delete(row)
 
     # ---- state changes -----------------------------------------------------------------------
 
@@ -170,42 +166,27 @@ class Changes:
                 raise AttributeError(f"{type(row).__name__} has no field {key}")
             setattr(row, key, value)
         if self.resource(row) == before:
-            self.s.add(row)
+            self.session.add(row)
             return
         self._record(row, st.EventType.UPDATED)
 
-    # ---- jobs --------------------------------------------------------------------------------
+    # ---- jobs ------------------------------------------------------------------------------
 
     def enqueue(
-        self, kind: str, model: str, operation: str = "", target: str = "", delay_s: float = 0
+        self,
+        kind: jobs.JobKind,
+        model: str,
+        operation: str = "",
+        target: str = "",
+        delay_s: float = 0,
     ) -> None:
-        """A job for the dispatcher; with ``delay_s``, not claimed before that long."""
-        ts = now()
-        self.s.add(
-            JobRow(
-                kind=kind,
-                model=model,
-                operation=operation,
-                target=target,
-                not_before=ts + timedelta(seconds=delay_s) if delay_s > 0 else None,
-                trace_parent=tracing.traceparent(),
-                create_time=ts,
-                update_time=ts,
-            )
-        )
+        """A job for the dispatcher, committed with the change that needs it; its run
+        continues this call's trace."""
+        jobs.enqueue(self.session, kind, model, operation, target, delay_s, tracing.traceparent())
 
     def resync(self, delay_s: float = 0) -> None:
-        """The whole desired Serve config is to be applied again, at once or after
-        ``delay_s``. Every apply reads and sends the whole set when it runs, so one queued
-        apply due by then serves; a queued one due later is brought forward."""
-        due = now() + timedelta(seconds=delay_s)
-        queued = self.s.exec(
-            select(JobRow).where(JobRow.kind == JOB_APPLY, JobRow.state == "pending")
-        ).all()
-        if any(job.not_before is None or codec.utc(job.not_before) <= due for job in queued):
-            return
-        if queued:
-            queued[0].not_before = due if delay_s > 0 else None
-            self.s.add(queued[0])
-            return
-        self.enqueue(JOB_APPLY, "", delay_s=delay_s)
+        """The whole desired Serve config is to be applied again (``jobs.resync``)."""
+        jobs.resync(self.session, delay_s, tracing.traceparent())
+
+    def cancel_pending_builds(self, operation: str) -> int:
+        return jobs.cancel_pending_builds(self.session, operation)

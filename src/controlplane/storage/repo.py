@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Protocol, TypeVar, cast
 
@@ -13,13 +13,13 @@ from sqlmodel import Session, SQLModel, col, select
 
 from controlplane.domain import states as st
 from controlplane.domain import types as t
+from controlplane.domain.decisions import compose_message
 from controlplane.domain.errors import invalid_field, not_found
 from controlplane.storage import codec
 from controlplane.storage.tables import (
     BuildRow,
     DeploymentRow,
     EventRow,
-    JobRow,
     ModelRow,
     OperationRow,
     SourceRow,
@@ -110,7 +110,7 @@ def to_deployment(row: DeploymentRow) -> t.Deployment:
         environment=environment_of(row),
         state=st.DeploymentState(row.state),
         replicas=replicas_of(row),
-        message=row.message,
+        message=compose_message(row.message, row.serve_health),
         create_time=codec.utc(row.create_time),
         update_time=codec.utc(row.update_time),
         secret_environment_keys=tuple(sorted(secrets_of(row))),
@@ -259,6 +259,28 @@ def page(
     return rows, next_token
 
 
+T = TypeVar("T")
+
+
+def list_page(
+    s: Session,
+    table: type[R],
+    where: Sequence[Any],
+    scope: str,
+    size: int,
+    token: str,
+    convert: Callable[[R], T],
+    newest_first: bool = False,
+) -> t.Page[T]:
+    """One page of a List call: ``size`` as the request gave it (0: the default; checked
+    and capped here), ``token`` as the request gave it (checked against ``scope``), each
+    row converted to what the call returns."""
+    rows, next_token = page(
+        s, table, where, scope, page_size(size), token, newest_first=newest_first
+    )
+    return t.Page([convert(r) for r in rows], next_token)
+
+
 # ---- events ---------------------------------------------------------------------------------
 
 
@@ -272,11 +294,6 @@ def events_after(
     if project is not None:
         query = query.where(EventRow.project == project)
     return list(s.exec(query.order_by(col(EventRow.revision)).limit(limit)).all())
-
-
-def oldest_event_revision(s: Session) -> int | None:
-    value = s.exec(select(func.min(EventRow.revision))).first()
-    return int(value) if value is not None else None
 
 
 # ---- figures for metrics --------------------------------------------------------------------
@@ -305,16 +322,3 @@ def replicas_by_model(s: Session) -> dict[str, tuple[int, int]]:
         running = sum(1 for r in replicas_of(dep) if r.state is st.ReplicaState.RUNNING)
         out[name] = (dep.replicas if state in SERVING_STATES else 0, running)
     return out
-
-
-def jobs_by_state(s: Session) -> dict[str, int]:
-    """The dispatcher's queue, every server's: jobs pending and running."""
-    counts = {"pending": 0, "running": 0}
-    query = (
-        select(JobRow.state, func.count())
-        .where(col(JobRow.state).in_(tuple(counts)))
-        .group_by(JobRow.state)
-    )
-    for state, n in s.exec(query).all():
-        counts[state] = int(n)
-    return counts

@@ -94,7 +94,12 @@ class DeploymentRow(SQLModel, table=True):
     secret_environment: str = _text("{}")
     state: str = Field(max_length=20)
     observed_replicas: str = _text("[]")  # JSON list of replicas as Serve reports them
-    message: str = _text()
+    ran_replica_ids: str = _text("[]")  # JSON list: those of them seen RUNNING
+    # JSON list of replicas that stopped unexpectedly; Serve has not listed their
+    # replacement yet.
+    awaiting_replacement: str = _text("[]")
+    message: str = _text()  # for people: what happened last
+    serve_health: str = _text()  # for people: Serve's report while the app is unhealthy
     # Bumped by RestartModel: replaces every replica.
     restart_generation: int = 0
     # Set when the job applies the deployment: the rollout is judged from then on.
