@@ -23,13 +23,13 @@ from pathlib import Path
 from serverproc import ROOT, Row, save_result, start_server
 
 from controlplane.api.client import Client
-from controlplane.domain import types as t
+from controlplane.domain.types import Build
 from workers.archive import zip_directory
 
 TARGET_HIT_S = 0.5
 
 
-async def timed_build(c: Client, model: str, sha: str) -> tuple[float, t.Build]:
+async def timed_build(c: Client, model: str, sha: str) -> tuple[float, Build]:
     started = time.perf_counter()
     op = await c.create_build(model, sha, "model.py", "predict")
     op = await c.wait(op.name, timeout_s=900)

@@ -58,8 +58,8 @@ from serverproc import MODELCTL, ROOT, Row, save_result, start_process
 
 from controlplane.api.client import Client
 from controlplane.config import Settings
-from controlplane.domain import states as st
-from controlplane.domain import types as t
+from controlplane.domain.states import ModelState
+from controlplane.domain.types import Build, Operation, Resources
 from workers.archive import zip_directory
 
 PHASE_GAP_S = 5.0  # between one side's phase and the other's
@@ -106,7 +106,7 @@ class Ours:
     v1: str  # build names
     v2: str
 
-    async def done(self, op: t.Operation, want: st.ModelState) -> None:
+    async def done(self, op: Operation, want: ModelState) -> None:
         op = await self.c.wait(op.name, timeout_s=300)
         if op.error is not None:
             raise SystemExit(f"{op.kind} failed: {op.error.message}")
@@ -114,7 +114,7 @@ class Ours:
         if m.state != want:
             raise SystemExit(f"{op.name} done, but the model is {m.state}: {m.message}")
 
-    async def deploy(self, build: str, resources: t.Resources | None = None) -> float:
+    async def deploy(self, build: str, resources: Resources | None = None) -> float:
         started = time.perf_counter()
         await self.done(await self.c.create_deployment(self.model, build, resources), DEPLOYED)
         return time.perf_counter() - started
@@ -125,7 +125,7 @@ class Ours:
         return time.perf_counter() - started
 
     async def stop(self) -> None:
-        await self.done(await self.c.stop_model(self.model), st.ModelState.STOPPED)
+        await self.done(await self.c.stop_model(self.model), ModelState.STOPPED)
 
     async def replicas(self) -> dict[str, int]:
         m = await self.c.get_model(self.model)
@@ -136,11 +136,11 @@ class Ours:
         return (await self.c.get_model(self.model)).endpoint
 
 
-DEPLOYED = st.ModelState.DEPLOYED
+DEPLOYED = ModelState.DEPLOYED
 
 
-def replicas(n: int, cpus: float = 0.0) -> t.Resources:
-    return t.Resources(replicas=n, cpus=cpus)
+def replicas(n: int, cpus: float = 0.0) -> Resources:
+    return Resources(replicas=n, cpus=cpus)
 
 
 async def our_trials(o: Ours) -> dict[str, Any]:
@@ -202,7 +202,7 @@ async def our_round(o: Ours, settle_s: float) -> dict[str, Any]:
     return trials
 
 
-async def build(c: Client, model: str, example: Path, function: str, tmp: Path) -> t.Build:
+async def build(c: Client, model: str, example: Path, function: str, tmp: Path) -> Build:
     zip_path = tmp / f"{example.name}.zip"
     zip_directory(example, zip_path)
     source = await c.upload_source(model, zip_path.read_bytes())

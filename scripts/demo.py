@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 
 from controlplane.api.client import Client
-from controlplane.domain import types as t
+from controlplane.domain.types import Deployment
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / ".demo"
@@ -73,7 +73,7 @@ def start_server() -> tuple[subprocess.Popen[str], str, str]:
     return proc, fields["grpc"], fields["http"]
 
 
-async def replicas(c: Client) -> tuple[t.Deployment, dict[str, int]]:
+async def replicas(c: Client) -> tuple[Deployment, dict[str, int]]:
     model = await c.get_model(MODEL)
     dep = await c.get_deployment(model.active_deployment)
     return dep, {r.id: r.pid for r in dep.replicas}

@@ -20,13 +20,13 @@ from pathlib import Path
 import httpx
 
 from controlplane.api.client import Client, ClientError
-from controlplane.domain import types as t
+from controlplane.domain.types import DeployOptions, Operation, Resources
 from workers.archive import zip_directory
 
 IRIS = Path(__file__).resolve().parent.parent / "iris-v1"
 
 
-def progress(op: t.Operation) -> None:
+def progress(op: Operation) -> None:
     print(f"  {op.kind.value.lower()}: {op.progress}{' (done)' if op.done else ''}", flush=True)
 
 
@@ -39,7 +39,7 @@ async def follow(c: Client, model: str) -> None:
             print(f"  event {event.revision}: {event.type.value} {kind} {state}", flush=True)
 
 
-async def done(c: Client, op: t.Operation) -> t.Operation:
+async def done(c: Client, op: Operation) -> Operation:
     op = await c.wait(op.name, timeout_s=600, on_progress=progress)
     if op.error is not None:
         raise SystemExit(f"{op.kind.value} failed: {op.error.code} {op.error.message}")
@@ -73,7 +73,7 @@ async def workflow(server: str, project: str, model_id: str, token: str) -> None
         with tempfile.TemporaryDirectory() as tmp:
             zip_directory(IRIS, Path(tmp) / "iris.zip")
             source = await c.upload_source(model, (Path(tmp) / "iris.zip").read_bytes())
-        deploy = t.DeployOptions(t.Resources(replicas=2))
+        deploy = DeployOptions(Resources(replicas=2))
         op = await c.create_build(model, source.sha256, "model.py", "predict", deploy=deploy)
         build = (await done(c, op)).target
         endpoint = (await c.get_model(model)).endpoint
@@ -81,7 +81,7 @@ async def workflow(server: str, project: str, model_id: str, token: str) -> None
         print(f"invocation key {key_info.name}")
         answer = await call(endpoint, key)
         print(f"POST {endpoint} -> {answer.status_code} {answer.json()['response']}")
-        await done(c, await c.create_deployment(model, build, t.Resources(replicas=3)))
+        await done(c, await c.create_deployment(model, build, Resources(replicas=3)))
         print(f"scaled: {(await c.get_model(model)).state.value} with 3 replicas")
         await done(c, await c.restart_model(model))
         await done(c, await c.stop_model(model))

@@ -12,9 +12,23 @@ from pathlib import Path
 
 from sqlmodel import col, select
 
-from controlplane.domain import access as ac
 from controlplane.domain import names
-from controlplane.domain.access import AuditRecord, InvocationKey, Token
+from controlplane.domain.access import (
+    ALL_PROJECTS,
+    ANONYMOUS,
+    KEY_PREFIX,
+    AuditRecord,
+    InvocationKey,
+    Principal,
+    Role,
+    Token,
+    hash_secret,
+    hidden,
+    id_of,
+    matches,
+    new_secret,
+    project_of,
+)
 from controlplane.domain.errors import check_text, invalid_field, not_found
 from controlplane.storage import codec, repo
 from controlplane.storage.changes import Changes, now
@@ -39,7 +53,7 @@ def token_name(project: str, token_id: str) -> str:
 def _to_token(row: TokenRow) -> Token:
     return Token(
         name=token_name(row.project, row.token_id),
-        role=ac.Role(row.role),
+        role=Role(row.role),
         description=row.description,
         create_time=codec.utc(row.create_time),
         expire_time=codec.utc(row.expire_time) if row.expire_time else None,
@@ -80,15 +94,15 @@ def _apply_keys(tx: WriteTx) -> None:
 def _parent_project(parent: str) -> str:
     """projects/{p} or projects/- ."""
     parts = parent.split("/")
-    if len(parts) == 2 and parts[0] == "projects" and parts[1] == ac.ALL_PROJECTS:
-        return ac.ALL_PROJECTS
+    if len(parts) == 2 and parts[0] == "projects" and parts[1] == ALL_PROJECTS:
+        return ALL_PROJECTS
     return names.parse_project(parent, "parent").project
 
 
 class Access:
     def __init__(self, db: Database) -> None:
         self.db = db
-        self._cache: dict[str, tuple[float, ac.Principal | None, str]] = {}
+        self._cache: dict[str, tuple[float, Principal | None, str]] = {}
         self._lock = threading.Lock()
 
     # ---- tokens ---------------------------------------------------------------------------
@@ -99,29 +113,29 @@ class Access:
         role: int,
         description: str,
         ttl_s: float | None,
-        creator: ac.Principal,
+        creator: Principal,
         first: bool = False,
     ) -> tuple[Token, str]:
         """``first``: only if there is no token at all yet (ensure_admin_token); checked
         and written in one transaction, which writers take in turn, so servers starting
         together on one database make a single first token."""
         project = _parent_project(parent)
-        if role not in ac.Role.__members__.values():
+        if role not in Role.__members__.values():
             raise invalid_field("role", "one of ROLE_VIEWER, ROLE_DEPLOYER, ROLE_ADMIN")
         if ttl_s is not None and ttl_s <= 0:
             raise invalid_field("ttl", f"must be positive, got {ttl_s:g} s")
         check_text(description, "description", MAX_DESCRIPTION)
-        if project == ac.ALL_PROJECTS and creator.project != ac.ALL_PROJECTS:
-            raise ac.hidden(parent)
-        token_id, secret = ac.new_secret()
+        if project == ALL_PROJECTS and creator.project != ALL_PROJECTS:
+            raise hidden(parent)
+        token_id, secret = new_secret()
         created = now()
         row = TokenRow(
             token_id=token_id,
             project=project,
             role=int(role),
-            secret_hash=ac.hash_secret(secret),
+            secret_hash=hash_secret(secret),
             description=description,
-            creator=creator.name if creator.name != ac.ANONYMOUS else "",
+            creator=creator.name if creator.name != ANONYMOUS else "",
             create_time=created,
             expire_time=created + timedelta(seconds=ttl_s) if ttl_s is not None else None,
         )
@@ -163,37 +177,37 @@ class Access:
             self._cache.clear()
         return token
 
-    def cached(self, secret: str) -> ac.Principal | bool | None:
+    def cached(self, secret: str) -> Principal | bool | None:
         """What ``verify`` said of this secret within the last seconds (no query, no
         thread): the principal, None (not a live token), or False when it must ask."""
-        token_id = ac.id_of(secret)
+        token_id = id_of(secret)
         if token_id is None:
             return None
         with self._lock:
             hit = self._cache.get(token_id)
-        if hit is not None and hit[0] > time.monotonic() and hit[2] == ac.hash_secret(secret):
+        if hit is not None and hit[0] > time.monotonic() and hit[2] == hash_secret(secret):
             return hit[1]
         return False
 
-    def verify(self, secret: str) -> ac.Principal | None:
+    def verify(self, secret: str) -> Principal | None:
         """The principal a presented secret stands for; None when it is not a live token."""
         known = self.cached(secret)
         if known is not False:
-            return known if isinstance(known, ac.Principal) else None
-        token_id = ac.id_of(secret)
+            return known if isinstance(known, Principal) else None
+        token_id = id_of(secret)
         assert token_id is not None
-        hashed = ac.hash_secret(secret)
+        hashed = hash_secret(secret)
         with self.db.read() as s:
             row = s.exec(select(TokenRow).where(TokenRow.token_id == token_id)).first()
-        principal: ac.Principal | None = None
+        principal: Principal | None = None
         live = (
             row is not None
             and not row.revoked
             and (row.expire_time is None or codec.utc(row.expire_time) > now())
         )
-        if row is not None and live and ac.matches(secret, row.secret_hash):
-            principal = ac.Principal(
-                token_name(row.project, row.token_id), row.project, ac.Role(row.role)
+        if row is not None and live and matches(secret, row.secret_hash):
+            principal = Principal(
+                token_name(row.project, row.token_id), row.project, Role(row.role)
             )
         expires = time.monotonic() + VERIFY_CACHE_S
         if row is not None and row.expire_time is not None:  # never cached past expiry
@@ -210,11 +224,11 @@ class Access:
         to DATA_DIR/admin.token (mode 0600). Returns the file when it wrote one."""
         try:
             token, secret = self.create_token(
-                f"projects/{ac.ALL_PROJECTS}",
-                ac.Role.ADMIN,
+                f"projects/{ALL_PROJECTS}",
+                Role.ADMIN,
                 "the server's first admin token",
                 None,
-                ac.Principal("", ac.ALL_PROJECTS, ac.Role.ADMIN),
+                Principal("", ALL_PROJECTS, Role.ADMIN),
                 first=True,
             )
         except _NotFirst:
@@ -231,20 +245,20 @@ class Access:
         """The project of operations/{id} (None if there is no such operation)."""
         with self.db.read() as s:
             model = s.exec(select(OperationRow.model).where(OperationRow.name == name)).first()
-        return ac.project_of(model) if model else None
+        return project_of(model) if model else None
 
     # ---- invocation keys ------------------------------------------------------------------
 
     def create_key(
-        self, parent: str, description: str, creator: ac.Principal
+        self, parent: str, description: str, creator: Principal
     ) -> tuple[InvocationKey, str]:
         model = str(names.parse_model(parent, "parent"))
         check_text(description, "description", MAX_DESCRIPTION)
-        key_id, secret = ac.new_secret(ac.KEY_PREFIX)
+        key_id, secret = new_secret(KEY_PREFIX)
         row = InvocationKeyRow(
             key_id=key_id,
             model=model,
-            secret_hash=ac.hash_secret(secret),
+            secret_hash=hash_secret(secret),
             description=description,
             creator=creator.name,
             create_time=now(),
@@ -296,7 +310,7 @@ class Access:
 
     def audit(
         self,
-        principal: ac.Principal,
+        principal: Principal,
         method: str,
         resource: str,
         project: str,
@@ -320,7 +334,7 @@ class Access:
 
     def list_audit(self, parent: str, size: int, page_token: str) -> tuple[list[AuditRecord], str]:
         project = _parent_project(parent)
-        where = [] if project == ac.ALL_PROJECTS else [col(AuditRow.project) == project]
+        where = [] if project == ALL_PROJECTS else [col(AuditRow.project) == project]
         with self.db.read() as s:
             page = repo.list_page(
                 s, AuditRow, where, f"audit:{project}", size, page_token, _to_audit, True

@@ -7,13 +7,13 @@ from dataclasses import replace
 from sqlmodel import Session, col, select
 
 from controlplane.domain import names
-from controlplane.domain import states as st
+from controlplane.domain.states import BuildState, DeploymentState
 from controlplane.storage import repo
 from controlplane.storage.tables import BuildRow, DeploymentRow, InvocationKeyRow, ModelRow
 from workers.backend import AppSpec, EndpointAccess, app_name_for
 
 # A model whose active deployment is in one of these states should be running.
-SERVING = (st.DeploymentState.DEPLOYING.value, st.DeploymentState.DEPLOYED.value)
+SERVING = (DeploymentState.DEPLOYING.value, DeploymentState.DEPLOYED.value)
 
 
 def app_spec(model: ModelRow, dep: DeploymentRow, build: BuildRow) -> AppSpec:
@@ -56,7 +56,7 @@ def desired_apps(s: Session, open_endpoints: bool = False) -> list[AppSpec]:
         .join(DeploymentRow, col(DeploymentRow.name) == col(ModelRow.active_deployment))
         .join(BuildRow, col(BuildRow.name) == col(DeploymentRow.build))
         .where(col(DeploymentRow.state).in_(SERVING))
-        .where(BuildRow.state == st.BuildState.BUILT.value)
+        .where(BuildRow.state == BuildState.BUILT.value)
         .order_by(col(ModelRow.id))
     ).all()
     return [

@@ -27,7 +27,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from controlplane.domain import states as st
+from controlplane.domain.states import ModelState
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ RPC_LABELS = ("grpc_service", "grpc_method", "grpc_type")
 class Figures:
     """What the server's state looks like right now (read at each scrape)."""
 
-    models: dict[st.ModelState, int] = field(default_factory=dict)
+    models: dict[ModelState, int] = field(default_factory=dict)
     replicas: dict[str, tuple[int, int]] = field(default_factory=dict)  # desired, running
     jobs: dict[str, int] = field(default_factory=dict)  # pending, running
     watchers: int = 0

@@ -19,8 +19,6 @@ from sqlmodel import Session, SQLModel, col, select
 
 from controlplane import lifecycle
 from controlplane.domain import names
-from controlplane.domain import states as st
-from controlplane.domain import types as t
 from controlplane.domain.errors import (
     Aborted,
     AlreadyExists,
@@ -30,7 +28,19 @@ from controlplane.domain.errors import (
     check_text,
     invalid_field,
 )
+from controlplane.domain.states import BuildState, DeploymentState, ModelState
 from controlplane.domain.transitions import Verb, check_verb
+from controlplane.domain.types import (
+    Build,
+    Deployment,
+    DeployOptions,
+    Model,
+    Operation,
+    Page,
+    Resources,
+    Source,
+    validate_environment,
+)
 from controlplane.sources import SourceStore
 from controlplane.storage import repo
 from controlplane.storage.changes import Changes, now
@@ -72,7 +82,7 @@ class NewBuild:
     file_path: str
     function_name: str
     comment: str = ""
-    deploy: t.DeployOptions | None = None
+    deploy: DeployOptions | None = None
     request_id: str = ""
     no_cache: bool = False
 
@@ -108,7 +118,7 @@ def _check_sha(value: str) -> str:
 
 
 def _check_secrets(env: Mapping[str, str], secrets: Mapping[str, str], prefix: str = "") -> None:
-    t.validate_environment(secrets, f"{prefix}secret_environment")
+    validate_environment(secrets, f"{prefix}secret_environment")
     both = sorted(set(env) & set(secrets))
     if both:
         raise invalid_field(
@@ -118,7 +128,7 @@ def _check_secrets(env: Mapping[str, str], secrets: Mapping[str, str], prefix: s
 
 
 def _check_built(b: BuildRow, verb: str) -> None:
-    if b.state != st.BuildState.BUILT.value:
+    if b.state != BuildState.BUILT.value:
         raise FailedPrecondition(
             message=f"build {b.name} is {b.state}; only a BUILT build can be {verb}",
             reason="BUILD_NOT_BUILT",
@@ -199,7 +209,7 @@ class Service:
         token: str,
         convert: Callable[[R], T],
         newest_first: bool = True,
-    ) -> t.Page[T]:
+    ) -> Page[T]:
         """One page of a list; ``parent`` (a model) must exist."""
         size = repo.page_size(size)  # a bad size is refused before anything is read
         with self.db.read() as s:
@@ -222,7 +232,7 @@ class Service:
         c: Changes,
         model: ModelRow,
         build: str,
-        resources: t.Resources,
+        resources: Resources,
         environment: dict[str, str],
         secrets: dict[str, str],
     ) -> DeploymentRow:
@@ -244,7 +254,7 @@ class Service:
             gpus=resources.gpus,
             environment=json.dumps(environment, sort_keys=True),
             secret_environment=json.dumps(secrets, sort_keys=True),
-            state=st.DeploymentState.PENDING.value,
+            state=DeploymentState.PENDING.value,
             restart_generation=current.restart_generation if current else 0,
             create_time=ts,
             update_time=ts,
@@ -257,7 +267,7 @@ class Service:
 
     def create_model(
         self, parent: str, model_id: str, display_name: str, description: str, request_id: str
-    ) -> t.Model:
+    ) -> Model:
         project = names.parse_project(parent, "parent")
         names.check_id(model_id, "model_id")
         check_text(display_name, "model.display_name", MAX_DISPLAY_NAME)
@@ -265,7 +275,7 @@ class Service:
         _check_request_id(request_id)
         name = str(names.ModelName(project.project, model_id))
 
-        def create(c: Changes) -> tuple[t.Model, str]:
+        def create(c: Changes) -> tuple[Model, str]:
             if c.session.exec(select(ModelRow).where(ModelRow.name == name)).first():
                 raise AlreadyExists(
                     message=f"model {name!r} already exists",
@@ -278,7 +288,7 @@ class Service:
                 project=project.project,
                 display_name=display_name or model_id,
                 description=description,
-                state=st.ModelState.NOT_DEPLOYED.value,
+                state=ModelState.NOT_DEPLOYED.value,
                 create_time=ts,
                 update_time=ts,
             )
@@ -294,11 +304,11 @@ class Service:
             create,
         )
 
-    def cached_model(self, name: str) -> t.Model | None:
+    def cached_model(self, name: str) -> Model | None:
         """The model if it is in memory (no thread, no database): else call get_model."""
         return self.models.get(name)
 
-    def get_model(self, name: str) -> t.Model:
+    def get_model(self, name: str) -> Model:
         names.parse_model(name)
         generation = self.models.generation
         with self.db.read() as s:
@@ -306,7 +316,7 @@ class Service:
         self.models.put(model, generation)
         return model
 
-    def list_models(self, parent: str, size: int, token: str) -> t.Page[t.Model]:
+    def list_models(self, parent: str, size: int, token: str) -> Page[Model]:
         project = names.parse_project(parent, "parent").project
         return self._list(
             None,
@@ -325,7 +335,7 @@ class Service:
             c = Changes(tx, self.http_base)
             model = repo.model_row(c.session, name)
             self._ensure_idle(model)
-            check_verb(Verb.DELETE, name, st.ModelState(model.state))
+            check_verb(Verb.DELETE, name, ModelState(model.state))
             # Its invocation keys go too: a model made again under the name starts keyless.
             tables = (BuildRow, DeploymentRow, OperationRow, SourceRow, JobRow, InvocationKeyRow)
             for table in tables:
@@ -340,23 +350,23 @@ class Service:
         with self.db.read() as s:
             repo.model_row(s, name)
 
-    def record_source(self, model: str, sha256: str, size: int) -> t.Source:
+    def record_source(self, model: str, sha256: str, size: int) -> Source:
         with self.db.write() as tx:
             s = tx.session
             repo.model_row(s, model)
             if repo.source_row(s, model, sha256) is None:
                 s.add(SourceRow(model=model, sha256=sha256, size_bytes=size, create_time=now()))
-            return t.Source(sha256=sha256, size_bytes=size)
+            return Source(sha256=sha256, size_bytes=size)
 
     # ---- builds ----------------------------------------------------------------------------
 
-    def _validate_deploy(self, deploy: t.DeployOptions | None) -> None:
+    def _validate_deploy(self, deploy: DeployOptions | None) -> None:
         if deploy is not None:
             deploy.resources.validate("deploy.resources")
-            t.validate_environment(deploy.environment, "deploy.environment")
+            validate_environment(deploy.environment, "deploy.environment")
             _check_secrets(deploy.environment, deploy.secret_environment, "deploy.")
 
-    def create_build(self, req: NewBuild) -> t.Operation:
+    def create_build(self, req: NewBuild) -> Operation:
         model_name = str(names.parse_model(req.parent, "parent"))
         _check_sha(req.source_sha256)
         try:
@@ -379,7 +389,7 @@ class Service:
             *(["no_cache"] if req.no_cache else []),  # earlier requests' fingerprints hold
         )
 
-        def create(c: Changes) -> tuple[t.Operation, str]:
+        def create(c: Changes) -> tuple[Operation, str]:
             model = repo.model_row(c.session, model_name)
             if repo.source_row(c.session, model_name, req.source_sha256) is None:
                 raise NotFound(
@@ -404,7 +414,7 @@ class Service:
                 file_path=file_path,
                 function_name=req.function_name,
                 comment=req.comment,
-                state=st.BuildState.QUEUED.value,
+                state=BuildState.QUEUED.value,
                 log_path=self._log_path(model_name, version),
                 create_time=now(),
                 no_cache=req.no_cache,
@@ -427,7 +437,7 @@ class Service:
             "CreateBuild", model_name, req.request_id, fp, _replay_operation, create
         )
 
-    def get_build(self, name: str) -> t.Build:
+    def get_build(self, name: str) -> Build:
         names.parse_build(name)
         with self.db.read() as s:
             return repo.to_build(repo.build_row(s, name))
@@ -459,7 +469,7 @@ class Service:
         with self.db.read() as s:
             return repo.build_row(s, name).log_path
 
-    def list_builds(self, parent: str, size: int, token: str) -> t.Page[t.Build]:
+    def list_builds(self, parent: str, size: int, token: str) -> Page[Build]:
         model = str(names.parse_model(parent, "parent"))
         return self._list(
             model,
@@ -477,11 +487,11 @@ class Service:
         self,
         parent: str,
         build: str,
-        resources: t.Resources | None,
+        resources: Resources | None,
         environment: dict[str, str],
         request_id: str,
         secrets: dict[str, str] | None = None,
-    ) -> t.Operation:
+    ) -> Operation:
         secrets = secrets or {}
         model_name = str(names.parse_model(parent, "parent"))
         build_name = names.parse_build(build, "build")
@@ -491,13 +501,13 @@ class Service:
             )
         if resources is not None:
             resources.validate("resources")
-        t.validate_environment(environment, "environment")
+        validate_environment(environment, "environment")
         _check_secrets(environment, secrets)
         _check_request_id(request_id)
         # A request without secrets keeps its old fingerprint (earlier ids still match).
         fp = _fingerprint(build, resources, environment, *([secrets] if secrets else []))
 
-        def create(c: Changes) -> tuple[t.Operation, str]:
+        def create(c: Changes) -> tuple[Operation, str]:
             model = repo.model_row(c.session, model_name)
             b = repo.build_row(c.session, build)
             _check_built(b, "deployed")
@@ -507,7 +517,7 @@ class Service:
             current = repo.maybe_deployment_row(c.session, model.active_deployment)
             wanted = resources
             if wanted is None:
-                wanted = repo.resources_of(current) if current else t.Resources()
+                wanted = repo.resources_of(current) if current else Resources()
             dep = self._deployment_row(c, model, build, wanted, environment, secrets)
             op = lifecycle.begin_deploy(c, model, dep)
             return repo.to_operation(op), op.name
@@ -532,12 +542,12 @@ class Service:
                     },
                 )
 
-    def get_deployment(self, name: str) -> t.Deployment:
+    def get_deployment(self, name: str) -> Deployment:
         names.parse_deployment(name)
         with self.db.read() as s:
             return repo.to_deployment(repo.deployment_row(s, name))
 
-    def list_deployments(self, parent: str, size: int, token: str) -> t.Page[t.Deployment]:
+    def list_deployments(self, parent: str, size: int, token: str) -> Page[Deployment]:
         model = str(names.parse_model(parent, "parent"))
         return self._list(
             model,
@@ -551,11 +561,11 @@ class Service:
 
     # ---- stop and restart ------------------------------------------------------------------
 
-    def stop_model(self, name: str, request_id: str) -> t.Operation:
+    def stop_model(self, name: str, request_id: str) -> Operation:
         names.parse_model(name)
         _check_request_id(request_id)
 
-        def stop(c: Changes) -> tuple[t.Operation, str]:
+        def stop(c: Changes) -> tuple[Operation, str]:
             model = repo.model_row(c.session, name)
             self._ensure_idle(model)
             op = lifecycle.begin_stop(c, model)
@@ -563,11 +573,11 @@ class Service:
 
         return self._idempotent("StopModel", name, request_id, "", _replay_operation, stop)
 
-    def restart_model(self, name: str, request_id: str) -> t.Operation:
+    def restart_model(self, name: str, request_id: str) -> Operation:
         names.parse_model(name)
         _check_request_id(request_id)
 
-        def restart(c: Changes) -> tuple[t.Operation, str]:
+        def restart(c: Changes) -> tuple[Operation, str]:
             model = repo.model_row(c.session, name)
             self._ensure_idle(model)
             dep = repo.maybe_deployment_row(c.session, model.active_deployment)
@@ -584,7 +594,7 @@ class Service:
 
     # ---- operations ------------------------------------------------------------------------
 
-    def cancel_operation(self, name: str) -> t.Operation:
+    def cancel_operation(self, name: str) -> Operation:
         """Stops a build or a deploy cleanly (``lifecycle.cancel``)."""
         names.parse_operation(name)
         with self.db.write() as tx:
@@ -593,12 +603,12 @@ class Service:
             lifecycle.cancel(c, repo.model_row(c.session, op.model), op)
             return repo.to_operation(op)
 
-    def get_operation(self, name: str) -> t.Operation:
+    def get_operation(self, name: str) -> Operation:
         names.parse_operation(name)
         with self.db.read() as s:
             return repo.to_operation(repo.operation_row(s, name))
 
-    def list_operations(self, parent: str, size: int, token: str) -> t.Page[t.Operation]:
+    def list_operations(self, parent: str, size: int, token: str) -> Page[Operation]:
         model = str(names.parse_model(parent, "parent"))
         return self._list(
             model,
@@ -611,5 +621,5 @@ class Service:
         )
 
 
-def _replay_operation(s: Session, name: str) -> t.Operation:
+def _replay_operation(s: Session, name: str) -> Operation:
     return repo.to_operation(repo.operation_row(s, name))

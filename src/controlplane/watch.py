@@ -20,9 +20,9 @@ from datetime import timedelta
 from sqlmodel import col, delete, select
 
 from controlplane.domain import names, watch_filter
-from controlplane.domain import states as st
-from controlplane.domain import types as t
 from controlplane.domain.errors import OutOfRange, ResourceExhausted, invalid_field
+from controlplane.domain.states import EventType
+from controlplane.domain.types import Event, Model, Resource
 from controlplane.domain.watch_filter import WatchFilter
 from controlplane.storage import repo
 from controlplane.storage.changes import now
@@ -42,11 +42,11 @@ class Subscription:
     def __init__(self, key: str, size: int, wanted: WatchFilter | None = None) -> None:
         self.key = key
         self.wanted = wanted
-        self.queue: asyncio.Queue[t.Event] = asyncio.Queue(maxsize=size)
+        self.queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=size)
         self.overflowed = False
         self.last_offer = time.monotonic()  # when the watcher last got something to send
 
-    def offer(self, event: t.Event) -> None:
+    def offer(self, event: Event) -> None:
         if self.overflowed or (self.wanted is not None and not self.wanted.matches(event)):
             return
         try:
@@ -59,7 +59,7 @@ class Subscription:
     def offer_bookmark(self, revision: int) -> None:
         """Wakes an idle watcher to send a BOOKMARK (never into a queue with work)."""
         if self.queue.empty():
-            self.offer(t.Event(revision=revision, time=now(), type=st.EventType.BOOKMARK))
+            self.offer(Event(revision=revision, time=now(), type=EventType.BOOKMARK))
 
 
 class EventHub:
@@ -172,7 +172,7 @@ class EventHub:
             if len(rows) < 1000:
                 return
 
-    def _read_after(self, revision: int) -> list[t.Event]:
+    def _read_after(self, revision: int) -> list[Event]:
         with self.db.read() as s:
             return [repo.to_event(r) for r in repo.events_after(s, None, revision, 1000)]
 
@@ -199,7 +199,7 @@ class EventHub:
 
     # ---- one watch -------------------------------------------------------------------------
 
-    async def watch(self, name: str, since_revision: int) -> AsyncIterator[t.Event]:
+    async def watch(self, name: str, since_revision: int) -> AsyncIterator[Event]:
         """One model: its current state (since_revision 0) or the events after a revision,
         then every change, live."""
         names.parse_model(name)
@@ -208,7 +208,7 @@ class EventHub:
 
     async def watch_project(
         self, parent: str, filter_text: str, since_revision: int
-    ) -> AsyncIterator[t.Event]:
+    ) -> AsyncIterator[Event]:
         """Every model of a project, with the same ordering and resume rules."""
         key = str(names.parse_project(parent))
         wanted = watch_filter.parse(filter_text)
@@ -217,7 +217,7 @@ class EventHub:
 
     async def _stream(
         self, key: str, since_revision: int, wanted: WatchFilter | None
-    ) -> AsyncIterator[t.Event]:
+    ) -> AsyncIterator[Event]:
         if since_revision < 0:
             raise invalid_field("since_revision", f"must be >= 0, got {since_revision}")
         # Subscribe first: nothing committed after the snapshot's head can be missed.
@@ -230,7 +230,7 @@ class EventHub:
                     if wanted is None or wanted.matches(event):
                         yield event
                 last = head
-                yield t.Event(revision=head, time=now(), type=st.EventType.BOOKMARK, model=key)
+                yield Event(revision=head, time=now(), type=EventType.BOOKMARK, model=key)
             else:
                 async for event in self._replay(key, since_revision, head):
                     last = event.revision
@@ -265,7 +265,7 @@ class EventHub:
                 )
             return head
 
-    def _snapshot(self, key: str) -> list[t.Event]:
+    def _snapshot(self, key: str) -> list[Event]:
         """CURRENT events, in revision order: each model, its active deployment and its
         running operation (one model, or every model of a project)."""
         with self.db.read() as s:
@@ -275,7 +275,7 @@ class EventHub:
                 project = key.removeprefix("projects/")
                 query = select(ModelRow).where(ModelRow.project == project)
                 models = list(s.exec(query.order_by(col(ModelRow.id))).all())
-            items: list[tuple[int, str, t.Resource]] = []
+            items: list[tuple[int, str, Resource]] = []
             for model in models:
                 items.append((model.revision, model.name, repo.to_model(model, self.http_base)))
                 dep = repo.maybe_deployment_row(s, model.active_deployment)
@@ -290,11 +290,11 @@ class EventHub:
             items.sort(key=lambda i: i[0])
             ts = now()
             return [
-                t.Event(revision=rev, time=ts, type=st.EventType.CURRENT, resource=r, model=m)
+                Event(revision=rev, time=ts, type=EventType.CURRENT, resource=r, model=m)
                 for rev, m, r in items
             ]
 
-    async def _replay(self, key: str, after: int, head: int) -> AsyncIterator[t.Event]:
+    async def _replay(self, key: str, after: int, head: int) -> AsyncIterator[Event]:
         last = after
         while last < head:
             rows = await asyncio.to_thread(self._read_scope_after, key, last)
@@ -305,7 +305,7 @@ class EventHub:
                 yield event
             last = rows[-1].revision
 
-    def _read_scope_after(self, key: str, revision: int) -> list[t.Event]:
+    def _read_scope_after(self, key: str, revision: int) -> list[Event]:
         with self.db.read() as s:
             if "/models/" in key:
                 rows = repo.events_after(s, key, revision, 500)
@@ -313,7 +313,7 @@ class EventHub:
                 rows = repo.events_after(s, None, revision, 500, key.removeprefix("projects/"))
             return [repo.to_event(r) for r in rows]
 
-    async def _live(self, sub: Subscription, last: int) -> AsyncIterator[t.Event]:
+    async def _live(self, sub: Subscription, last: int) -> AsyncIterator[Event]:
         while True:
             if sub.overflowed:
                 raise ResourceExhausted(
@@ -323,11 +323,11 @@ class EventHub:
                     metadata={"last_revision": str(last)},
                 )
             event = await sub.queue.get()
-            if event.type is st.EventType.BOOKMARK:
-                yield t.Event(
+            if event.type is EventType.BOOKMARK:
+                yield Event(
                     revision=max(last, event.revision),
                     time=event.time,
-                    type=st.EventType.BOOKMARK,
+                    type=EventType.BOOKMARK,
                     model=sub.key,
                 )
                 continue
@@ -336,8 +336,8 @@ class EventHub:
             last = event.revision
             yield event
             if (
-                event.type is st.EventType.DELETED
-                and isinstance(event.resource, t.Model)
+                event.type is EventType.DELETED
+                and isinstance(event.resource, Model)
                 and event.model == sub.key
             ):
                 return  # the watched model is gone

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sqlmodel import select
 
-from controlplane.domain import states as st
+from controlplane.domain.states import ModelState
 from controlplane.service import Service
 from controlplane.sources import SourceStore
 from controlplane.storage.changes import Changes
@@ -74,7 +74,7 @@ def test_only_a_visible_change_makes_an_event(tmp_path: Path) -> None:
     assert len(events(svc.db)) == before
     with svc.db.write() as tx:
         row = tx.session.exec(select(ModelRow).where(ModelRow.name == MODEL)).one()
-        Changes(tx, svc.http_base).model(row, st.ModelState.PENDING)
+        Changes(tx, svc.http_base).model(row, ModelState.PENDING)
     after = events(svc.db)
     assert len(after) == before + 1
     assert '"PENDING"' in after[-1].body

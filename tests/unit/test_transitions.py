@@ -8,7 +8,7 @@ from itertools import product
 
 import pytest
 
-from controlplane.domain import transitions as tr
+from controlplane.domain import transitions
 from controlplane.domain.errors import FailedPrecondition, InvalidTransition
 from controlplane.domain.states import BuildState, DeploymentState, ModelState
 
@@ -67,9 +67,9 @@ EXPECTED_DEPLOYMENT = {
 CASES: list[
     tuple[Mapping[StrEnum, frozenset[StrEnum]], type[StrEnum], set[tuple[StrEnum, StrEnum]]]
 ] = [
-    (tr.MODEL_TRANSITIONS, ModelState, EXPECTED_MODEL),  # type: ignore[list-item]
-    (tr.BUILD_TRANSITIONS, BuildState, EXPECTED_BUILD),  # type: ignore[list-item]
-    (tr.DEPLOYMENT_TRANSITIONS, DeploymentState, EXPECTED_DEPLOYMENT),  # type: ignore[list-item]
+    (transitions.MODEL_TRANSITIONS, ModelState, EXPECTED_MODEL),  # type: ignore[list-item]
+    (transitions.BUILD_TRANSITIONS, BuildState, EXPECTED_BUILD),  # type: ignore[list-item]
+    (transitions.DEPLOYMENT_TRANSITIONS, DeploymentState, EXPECTED_DEPLOYMENT),  # type: ignore[list-item]
 ]
 
 
@@ -82,18 +82,18 @@ def test_every_pair(
     assert set(table) == set(enum), "every state has a row"
     for a, b in product(enum, enum):
         ok = a == b or (a, b) in expected
-        assert tr.allowed(table, a, b) is ok, f"{a} -> {b}"
+        assert transitions.allowed(table, a, b) is ok, f"{a} -> {b}"
         if ok:
-            tr.check(table, "x", a, b)
+            transitions.check(table, "x", a, b)
         else:
             with pytest.raises(InvalidTransition, match=f"{a.value} -> {b.value}"):
-                tr.check(table, "x", a, b)
+                transitions.check(table, "x", a, b)
 
 
 def test_terminal_states_have_no_exit() -> None:
-    assert tr.BUILD_TRANSITIONS[B.BUILT] == frozenset()
-    assert tr.BUILD_TRANSITIONS[B.FAILED] == frozenset()
-    assert tr.DEPLOYMENT_TRANSITIONS[D.REPLACED] == frozenset()
+    assert transitions.BUILD_TRANSITIONS[B.BUILT] == frozenset()
+    assert transitions.BUILD_TRANSITIONS[B.FAILED] == frozenset()
+    assert transitions.DEPLOYMENT_TRANSITIONS[D.REPLACED] == frozenset()
 
 
 def test_active_states() -> None:
@@ -102,28 +102,28 @@ def test_active_states() -> None:
 
 # Which verbs each model state allows, written out independently of the implementation.
 ALLOWED_VERBS = {
-    tr.Verb.BUILD: set(M),
-    tr.Verb.DEPLOY: set(M),
-    tr.Verb.STOP: {M.DEPLOYED, M.FAILED},
-    tr.Verb.RESTART: {M.DEPLOYED, M.STOPPED, M.FAILED},
-    tr.Verb.DELETE: {M.NOT_DEPLOYED, M.STOPPED, M.FAILED},
+    transitions.Verb.BUILD: set(M),
+    transitions.Verb.DEPLOY: set(M),
+    transitions.Verb.STOP: {M.DEPLOYED, M.FAILED},
+    transitions.Verb.RESTART: {M.DEPLOYED, M.STOPPED, M.FAILED},
+    transitions.Verb.DELETE: {M.NOT_DEPLOYED, M.STOPPED, M.FAILED},
 }
 
 
-@pytest.mark.parametrize(("verb", "state"), list(product(tr.Verb, M)))
-def test_every_verb_in_every_model_state(verb: tr.Verb, state: ModelState) -> None:
+@pytest.mark.parametrize(("verb", "state"), list(product(transitions.Verb, M)))
+def test_every_verb_in_every_model_state(verb: transitions.Verb, state: ModelState) -> None:
     if state in ALLOWED_VERBS[verb]:
-        tr.check_verb(verb, "projects/p/models/m", state)
+        transitions.check_verb(verb, "projects/p/models/m", state)
         return
     with pytest.raises(FailedPrecondition) as refused:
-        tr.check_verb(verb, "projects/p/models/m", state)
-    assert refused.value.reason == tr.VERBS[verb].reason
+        transitions.check_verb(verb, "projects/p/models/m", state)
+    assert refused.value.reason == transitions.VERBS[verb].reason
     assert refused.value.metadata == {"name": "projects/p/models/m", "state": state.value}
     assert f"model projects/p/models/m is {state.value}" in refused.value.message
 
 
 def test_refusals_say_what_to_do() -> None:
     with pytest.raises(FailedPrecondition, match="stop it before deleting it"):
-        tr.check_verb(tr.Verb.DELETE, "m", M.DEPLOYED)
+        transitions.check_verb(transitions.Verb.DELETE, "m", M.DEPLOYED)
     with pytest.raises(FailedPrecondition, match="only a DEPLOYED or FAILED model can be stopped"):
-        tr.check_verb(tr.Verb.STOP, "m", M.STOPPED)
+        transitions.check_verb(transitions.Verb.STOP, "m", M.STOPPED)

@@ -18,8 +18,19 @@ import grpc
 from controlplane.access import Access
 from controlplane.api import status
 from controlplane.api.interceptor import Continuation, code_of, rewrap
-from controlplane.domain import access as ac
 from controlplane.domain import errors
+from controlplane.domain.access import (
+    ANONYMOUS,
+    INSECURE,
+    MUTATIONS,
+    RULES,
+    Principal,
+    Role,
+    check,
+    hidden,
+    project_of,
+    unauthenticated,
+)
 from controlplane.domain.errors import DomainError
 from modellifecycle.v1 import resources_pb2 as pb
 
@@ -27,15 +38,15 @@ log = logging.getLogger(__name__)
 
 OPEN_SERVICES = frozenset({"grpc.health.v1.Health"})
 LIFECYCLE = "modellifecycle.v1.ModelLifecycle"
-_principal: contextvars.ContextVar[ac.Principal] = contextvars.ContextVar("principal")
+_principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("principal")
 # An open server stream checks its token again before a message once this long has gone
 # by since the last check (most checks answer from Access's cache, without a query).
 STREAM_RECHECK_S = 1.0
 
 
-def current_principal() -> ac.Principal:
+def current_principal() -> Principal:
     """Who makes the RPC being served (set by the interceptor before the handler runs)."""
-    return _principal.get(ac.INSECURE)
+    return _principal.get(INSECURE)
 
 
 def bearer(context: grpc.aio.ServicerContext[Any, Any]) -> str:
@@ -48,7 +59,7 @@ def bearer(context: grpc.aio.ServicerContext[Any, Any]) -> str:
 
 def resource_of(method: str, request: Any) -> str:
     """The resource a request names, as its rule says (CreateModel: the model to be)."""
-    rule = ac.RULES.get(method)
+    rule = RULES.get(method)
     if rule is None or request is None:
         return ""
     value = getattr(request, rule.field, "")
@@ -87,12 +98,12 @@ class _Guard:
 
     async def _admit(
         self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> tuple[ac.Principal, str, str]:
+    ) -> tuple[Principal, str, str]:
         """The caller, the resource and its project; aborts the call if it may not (a
         refused mutation is audited too, with whoever the token said it was)."""
-        principal = ac.INSECURE if not self.enabled else _anonymous()
+        principal = INSECURE if not self.enabled else _anonymous()
         resource = resource_of(self.method, request)
-        project = ac.project_of(resource)
+        project = project_of(resource)
         try:
             if self.enabled:
                 principal = await self._authenticate(context)
@@ -101,9 +112,9 @@ class _Guard:
                     if project is None and not principal.sees_all:
                         # No such operation: for a project's token, the very answer an
                         # operation of another project gets (its role is not told either).
-                        raise ac.hidden(resource)
+                        raise hidden(resource)
             if self.method:
-                ac.check(principal, self.method, resource, project)
+                check(principal, self.method, resource, project)
         except DomainError as e:
             # Refusals of a known caller are audited where its own admins read them (not
             # under a project it may not see); anonymous ones are not, or anyone who
@@ -125,25 +136,25 @@ class _Guard:
         except Exception as e:
             await status.abort(context, e, self.full)
 
-    async def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> ac.Principal:
+    async def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
         secret = bearer(context)
         known = self.access.cached(secret) if secret else None
         if known is False:  # not seen lately: ask the database, in a thread
             known = await asyncio.to_thread(self.access.verify, secret)
-        if not isinstance(known, ac.Principal):
-            raise ac.unauthenticated()
+        if not isinstance(known, Principal):
+            raise unauthenticated()
         return known
 
     async def _audit(
         self,
-        principal: ac.Principal,
+        principal: Principal,
         resource: str,
         project: str,
         context: grpc.aio.ServicerContext[Any, Any],
         exc: BaseException | None,
         result: Any = None,
     ) -> None:
-        if self.method not in ac.MUTATIONS:
+        if self.method not in MUTATIONS:
             return
         code = code_of(context, exc)
         if isinstance(exc, DomainError):
@@ -241,5 +252,5 @@ class _Guard:
         return guarded
 
 
-def _anonymous() -> ac.Principal:
-    return ac.Principal(ac.ANONYMOUS, "", ac.Role.VIEWER)
+def _anonymous() -> Principal:
+    return Principal(ANONYMOUS, "", Role.VIEWER)

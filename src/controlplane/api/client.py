@@ -30,8 +30,18 @@ from grpc_status import rpc_status
 
 from controlplane.api import convert, transport
 from controlplane.build_logs import LogLine
-from controlplane.domain import access as ac
-from controlplane.domain import types as t
+from controlplane.domain.access import AuditRecord, InvocationKey, Role, Token
+from controlplane.domain.types import (
+    Build,
+    Deployment,
+    DeployOptions,
+    Event,
+    Model,
+    Operation,
+    Page,
+    Resources,
+    Source,
+)
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
 from modellifecycle.v1 import service_pb2_grpc
@@ -76,7 +86,7 @@ def _error(e: grpc.aio.AioRpcError) -> ClientError:
     )
 
 
-def _deploy_options(options: t.DeployOptions) -> rpc.DeployOptions:
+def _deploy_options(options: DeployOptions) -> rpc.DeployOptions:
     return rpc.DeployOptions(
         resources=convert.resources_to_pb(options.resources),
         environment=dict(options.environment),
@@ -155,7 +165,7 @@ class Client:
         display_name: str = "",
         description: str = "",
         request_id: str = "",
-    ) -> t.Model:
+    ) -> Model:
         msg = await self._call(
             self._stub.CreateModel,
             rpc.CreateModelRequest(
@@ -167,19 +177,19 @@ class Client:
         )
         return convert.model_from_pb(msg)
 
-    async def get_model(self, name: str) -> t.Model:
+    async def get_model(self, name: str) -> Model:
         return convert.model_from_pb(
             await self._call(self._stub.GetModel, rpc.GetModelRequest(name=name))
         )
 
     async def list_models(
         self, parent: str, page_size: int = 0, page_token: str = ""
-    ) -> t.Page[t.Model]:
+    ) -> Page[Model]:
         r = await self._call(
             self._stub.ListModels,
             rpc.ListModelsRequest(parent=parent, page_size=page_size, page_token=page_token),
         )
-        return t.Page([convert.model_from_pb(m) for m in r.models], r.next_page_token)
+        return Page([convert.model_from_pb(m) for m in r.models], r.next_page_token)
 
     async def delete_model(self, name: str) -> None:
         await self._call(self._stub.DeleteModel, rpc.DeleteModelRequest(name=name))
@@ -191,7 +201,7 @@ class Client:
         model: str,
         data: bytes,
         on_progress: Callable[[int, int], None] | None = None,
-    ) -> t.Source:
+    ) -> Source:
         """Streams ``data`` (a zip) in chunks; ``on_progress(sent, total)`` after each."""
 
         async def chunks() -> AsyncIterator[rpc.UploadSourceRequest]:
@@ -215,10 +225,10 @@ class Client:
         file_path: str,
         function_name: str,
         comment: str = "",
-        deploy: t.DeployOptions | None = None,
+        deploy: DeployOptions | None = None,
         request_id: str = "",
         no_cache: bool = False,
-    ) -> t.Operation:
+    ) -> Operation:
         request = rpc.CreateBuildRequest(
             parent=model,
             source_sha256=source_sha256,
@@ -232,19 +242,19 @@ class Client:
             request.deploy.CopyFrom(_deploy_options(deploy))
         return convert.operation_from_pb(await self._call(self._stub.CreateBuild, request))
 
-    async def get_build(self, name: str) -> t.Build:
+    async def get_build(self, name: str) -> Build:
         return convert.build_from_pb(
             await self._call(self._stub.GetBuild, rpc.GetBuildRequest(name=name))
         )
 
     async def list_builds(
         self, model: str, page_size: int = 0, page_token: str = ""
-    ) -> t.Page[t.Build]:
+    ) -> Page[Build]:
         r = await self._call(
             self._stub.ListBuilds,
             rpc.ListBuildsRequest(parent=model, page_size=page_size, page_token=page_token),
         )
-        return t.Page([convert.build_from_pb(b) for b in r.builds], r.next_page_token)
+        return Page([convert.build_from_pb(b) for b in r.builds], r.next_page_token)
 
     # ---- deployments ------------------------------------------------------------------------
 
@@ -252,11 +262,11 @@ class Client:
         self,
         model: str,
         build: str,
-        resources: t.Resources | None = None,
+        resources: Resources | None = None,
         environment: Mapping[str, str] | None = None,
         request_id: str = "",
         secret_environment: Mapping[str, str] | None = None,
-    ) -> t.Operation:
+    ) -> Operation:
         """Deploys ``build``; ``resources`` None keeps the active deployment's, and no
         ``secret_environment`` keeps its secrets."""
         request = rpc.CreateDeploymentRequest(
@@ -270,30 +280,30 @@ class Client:
             request.resources.CopyFrom(convert.resources_to_pb(resources))
         return convert.operation_from_pb(await self._call(self._stub.CreateDeployment, request))
 
-    async def get_deployment(self, name: str) -> t.Deployment:
+    async def get_deployment(self, name: str) -> Deployment:
         return convert.deployment_from_pb(
             await self._call(self._stub.GetDeployment, rpc.GetDeploymentRequest(name=name))
         )
 
     async def list_deployments(
         self, model: str, page_size: int = 0, page_token: str = ""
-    ) -> t.Page[t.Deployment]:
+    ) -> Page[Deployment]:
         r = await self._call(
             self._stub.ListDeployments,
             rpc.ListDeploymentsRequest(parent=model, page_size=page_size, page_token=page_token),
         )
-        return t.Page([convert.deployment_from_pb(d) for d in r.deployments], r.next_page_token)
+        return Page([convert.deployment_from_pb(d) for d in r.deployments], r.next_page_token)
 
     # ---- stop, restart ----------------------------------------------------------------------
 
-    async def stop_model(self, name: str, request_id: str = "") -> t.Operation:
+    async def stop_model(self, name: str, request_id: str = "") -> Operation:
         return convert.operation_from_pb(
             await self._call(
                 self._stub.StopModel, rpc.StopModelRequest(name=name, request_id=request_id)
             )
         )
 
-    async def restart_model(self, name: str, request_id: str = "") -> t.Operation:
+    async def restart_model(self, name: str, request_id: str = "") -> Operation:
         return convert.operation_from_pb(
             await self._call(
                 self._stub.RestartModel, rpc.RestartModelRequest(name=name, request_id=request_id)
@@ -302,25 +312,25 @@ class Client:
 
     # ---- operations -------------------------------------------------------------------------
 
-    async def get_operation(self, name: str) -> t.Operation:
+    async def get_operation(self, name: str) -> Operation:
         return convert.operation_from_pb(
             await self._call(self._stub.GetOperation, rpc.GetOperationRequest(name=name))
         )
 
     async def list_operations(
         self, model: str, page_size: int = 0, page_token: str = ""
-    ) -> t.Page[t.Operation]:
+    ) -> Page[Operation]:
         r = await self._call(
             self._stub.ListOperations,
             rpc.ListOperationsRequest(parent=model, page_size=page_size, page_token=page_token),
         )
-        return t.Page([convert.operation_from_pb(o) for o in r.operations], r.next_page_token)
+        return Page([convert.operation_from_pb(o) for o in r.operations], r.next_page_token)
 
     # ---- tokens and audit --------------------------------------------------------------
 
     async def create_token(
-        self, parent: str, role: ac.Role, description: str = "", ttl_s: float | None = None
-    ) -> tuple[ac.Token, str]:
+        self, parent: str, role: Role, description: str = "", ttl_s: float | None = None
+    ) -> tuple[Token, str]:
         """A new token of ``parent`` (projects/P, or projects/- for every project) and its
         secret, which the server never shows again."""
         request = rpc.CreateTokenRequest(
@@ -333,20 +343,20 @@ class Client:
 
     async def list_tokens(
         self, parent: str, page_size: int = 0, page_token: str = ""
-    ) -> t.Page[ac.Token]:
+    ) -> Page[Token]:
         r = await self._call(
             self._stub.ListTokens,
             rpc.ListTokensRequest(parent=parent, page_size=page_size, page_token=page_token),
         )
-        return t.Page([convert.token_from_pb(x) for x in r.tokens], r.next_page_token)
+        return Page([convert.token_from_pb(x) for x in r.tokens], r.next_page_token)
 
-    async def revoke_token(self, name: str) -> ac.Token:
+    async def revoke_token(self, name: str) -> Token:
         r = await self._call(self._stub.RevokeToken, rpc.RevokeTokenRequest(name=name))
         return convert.token_from_pb(r)
 
     async def create_invocation_key(
         self, model: str, description: str = ""
-    ) -> tuple[ac.InvocationKey, str]:
+    ) -> tuple[InvocationKey, str]:
         """A new key for ``model``'s endpoint and its secret (shown once). The replicas
         take it within seconds."""
         r = await self._call(
@@ -357,14 +367,14 @@ class Client:
 
     async def list_invocation_keys(
         self, model: str, page_size: int = 0, page_token: str = ""
-    ) -> t.Page[ac.InvocationKey]:
+    ) -> Page[InvocationKey]:
         r = await self._call(
             self._stub.ListInvocationKeys,
             rpc.ListInvocationKeysRequest(parent=model, page_size=page_size, page_token=page_token),
         )
-        return t.Page([convert.key_from_pb(k) for k in r.keys], r.next_page_token)
+        return Page([convert.key_from_pb(k) for k in r.keys], r.next_page_token)
 
-    async def revoke_invocation_key(self, name: str) -> ac.InvocationKey:
+    async def revoke_invocation_key(self, name: str) -> InvocationKey:
         r = await self._call(
             self._stub.RevokeInvocationKey, rpc.RevokeInvocationKeyRequest(name=name)
         )
@@ -372,14 +382,14 @@ class Client:
 
     async def list_audit_records(
         self, parent: str, page_size: int = 0, page_token: str = ""
-    ) -> t.Page[ac.AuditRecord]:
+    ) -> Page[AuditRecord]:
         r = await self._call(
             self._stub.ListAuditRecords,
             rpc.ListAuditRecordsRequest(parent=parent, page_size=page_size, page_token=page_token),
         )
-        return t.Page([convert.audit_from_pb(x) for x in r.records], r.next_page_token)
+        return Page([convert.audit_from_pb(x) for x in r.records], r.next_page_token)
 
-    async def wait_operation(self, name: str, timeout_s: float) -> t.Operation:
+    async def wait_operation(self, name: str, timeout_s: float) -> Operation:
         """One WaitOperation call: returns when done or after at most ``timeout_s``."""
         timeout = duration_pb2.Duration()
         timeout.FromNanoseconds(int(max(timeout_s, 0) * 1e9))
@@ -391,9 +401,9 @@ class Client:
         self,
         name: str,
         timeout_s: float = 900.0,
-        on_progress: Callable[[t.Operation], None] | None = None,
+        on_progress: Callable[[Operation], None] | None = None,
         progress_every_s: float = 0.5,
-    ) -> t.Operation:
+    ) -> Operation:
         """Follows an operation until done, calling ``on_progress`` whenever it changes.
 
         Uses WaitOperation in slices of ``progress_every_s``: the end is seen the moment
@@ -451,7 +461,7 @@ class Client:
 
     # ---- watch ------------------------------------------------------------------------------
 
-    async def watch_model(self, name: str, since_revision: int = 0) -> AsyncIterator[t.Event]:
+    async def watch_model(self, name: str, since_revision: int = 0) -> AsyncIterator[Event]:
         """The model's events: its current state first (when ``since_revision`` is 0),
         then every change as it happens, until the caller stops iterating."""
         call = self._stub.WatchModel(
@@ -462,7 +472,7 @@ class Client:
 
     async def watch_models(
         self, parent: str, filter: str = "", since_revision: int = 0
-    ) -> AsyncIterator[t.Event]:
+    ) -> AsyncIterator[Event]:
         """Every model of project ``parent`` (``projects/p``), as watch_model does for one;
         ``filter``: e.g. ``"kind=model model=iris"``. BOOKMARKs carry the latest revision:
         resume from the last revision seen after a disconnect."""

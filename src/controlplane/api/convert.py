@@ -8,20 +8,39 @@ from typing import TypeVar
 from google.protobuf import any_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from controlplane.domain import access as ac
-from controlplane.domain import states as st
-from controlplane.domain import types as t
+from controlplane.domain.access import AuditRecord, InvocationKey, Role, Token
+from controlplane.domain.states import (
+    BuildState,
+    DeploymentState,
+    EventType,
+    ModelState,
+    OperationKind,
+    ReplicaState,
+)
+from controlplane.domain.types import (
+    Build,
+    Deployment,
+    Event,
+    Model,
+    Operation,
+    OperationError,
+    Package,
+    Replica,
+    Resource,
+    Resources,
+    Source,
+)
 from modellifecycle.v1 import resources_pb2 as pb
 from workers import runtime
 
 ERROR_DOMAIN = "modellifecycle.v1"
 
-_MODEL_STATE = {s: getattr(pb, f"MODEL_STATE_{s.value}") for s in st.ModelState}
-_BUILD_STATE = {s: getattr(pb, f"BUILD_STATE_{s.value}") for s in st.BuildState}
-_DEPLOYMENT_STATE = {s: getattr(pb, f"DEPLOYMENT_STATE_{s.value}") for s in st.DeploymentState}
-_REPLICA_STATE = {s: getattr(pb, f"REPLICA_STATE_{s.value}") for s in st.ReplicaState}
-_OPERATION_KIND = {s: getattr(pb, f"OPERATION_KIND_{s.value}") for s in st.OperationKind}
-_EVENT_TYPE = {s: getattr(pb, f"EVENT_TYPE_{s.value}") for s in st.EventType}
+_MODEL_STATE = {s: getattr(pb, f"MODEL_STATE_{s.value}") for s in ModelState}
+_BUILD_STATE = {s: getattr(pb, f"BUILD_STATE_{s.value}") for s in BuildState}
+_DEPLOYMENT_STATE = {s: getattr(pb, f"DEPLOYMENT_STATE_{s.value}") for s in DeploymentState}
+_REPLICA_STATE = {s: getattr(pb, f"REPLICA_STATE_{s.value}") for s in ReplicaState}
+_OPERATION_KIND = {s: getattr(pb, f"OPERATION_KIND_{s.value}") for s in OperationKind}
+_EVENT_TYPE = {s: getattr(pb, f"EVENT_TYPE_{s.value}") for s in EventType}
 
 
 K = TypeVar("K")
@@ -55,7 +74,7 @@ def from_timestamp(ts: timestamp_pb2.Timestamp) -> datetime:
 # ---- domain -> protobuf -------------------------------------------------------------------
 
 
-def model_to_pb(m: t.Model) -> pb.Model:
+def model_to_pb(m: Model) -> pb.Model:
     return pb.Model(
         name=m.name,
         display_name=m.display_name,
@@ -71,7 +90,7 @@ def model_to_pb(m: t.Model) -> pb.Model:
     )
 
 
-def build_to_pb(b: t.Build) -> pb.Build:
+def build_to_pb(b: Build) -> pb.Build:
     return pb.Build(
         name=b.name,
         version=b.version,
@@ -111,11 +130,11 @@ def runtime_from_pb(r: pb.Runtime) -> str:
     return runtime.Runtime(r.implementation, r.python_version, r.platform).text()
 
 
-def resources_to_pb(r: t.Resources) -> pb.Resources:
+def resources_to_pb(r: Resources) -> pb.Resources:
     return pb.Resources(replicas=r.replicas, cpus=r.cpus, memory_mib=r.memory_mib, gpus=r.gpus)
 
 
-def replica_to_pb(r: t.Replica) -> pb.Replica:
+def replica_to_pb(r: Replica) -> pb.Replica:
     return pb.Replica(
         id=r.id,
         state=_REPLICA_STATE[r.state],
@@ -125,7 +144,7 @@ def replica_to_pb(r: t.Replica) -> pb.Replica:
     )
 
 
-def deployment_to_pb(d: t.Deployment) -> pb.Deployment:
+def deployment_to_pb(d: Deployment) -> pb.Deployment:
     return pb.Deployment(
         name=d.name,
         build=d.build,
@@ -140,7 +159,7 @@ def deployment_to_pb(d: t.Deployment) -> pb.Deployment:
     )
 
 
-def operation_to_pb(o: t.Operation) -> pb.Operation:
+def operation_to_pb(o: Operation) -> pb.Operation:
     error = None
     if o.error is not None:
         error = status_pb2.Status(code=code_pb2.Code.Value(o.error.code), message=o.error.message)
@@ -162,20 +181,20 @@ def operation_to_pb(o: t.Operation) -> pb.Operation:
     )
 
 
-def source_to_pb(s: t.Source) -> pb.Source:
+def source_to_pb(s: Source) -> pb.Source:
     return pb.Source(sha256=s.sha256, size_bytes=s.size_bytes)
 
 
-def event_to_pb(e: t.Event) -> pb.ModelEvent:
+def event_to_pb(e: Event) -> pb.ModelEvent:
     out = pb.ModelEvent(revision=e.revision, time=timestamp(e.time), type=_EVENT_TYPE[e.type])
     r = e.resource
-    if isinstance(r, t.Model):
+    if isinstance(r, Model):
         out.model.CopyFrom(model_to_pb(r))
-    elif isinstance(r, t.Build):
+    elif isinstance(r, Build):
         out.build.CopyFrom(build_to_pb(r))
-    elif isinstance(r, t.Deployment):
+    elif isinstance(r, Deployment):
         out.deployment.CopyFrom(deployment_to_pb(r))
-    elif isinstance(r, t.Operation):
+    elif isinstance(r, Operation):
         out.operation.CopyFrom(operation_to_pb(r))
     return out
 
@@ -183,8 +202,8 @@ def event_to_pb(e: t.Event) -> pb.ModelEvent:
 # ---- protobuf -> domain (clients, and request fields) --------------------------------------
 
 
-def resources_from_pb(r: pb.Resources) -> t.Resources:
-    return t.Resources(replicas=r.replicas, cpus=r.cpus, memory_mib=r.memory_mib, gpus=r.gpus)
+def resources_from_pb(r: pb.Resources) -> Resources:
+    return Resources(replicas=r.replicas, cpus=r.cpus, memory_mib=r.memory_mib, gpus=r.gpus)
 
 
 def _time(
@@ -199,12 +218,12 @@ def _required_time(msg: pb.Model | pb.Build | pb.Deployment | pb.Operation, fiel
     return _time(msg, field) or datetime.fromtimestamp(0, UTC)
 
 
-def model_from_pb(m: pb.Model) -> t.Model:
-    return t.Model(
+def model_from_pb(m: pb.Model) -> Model:
+    return Model(
         name=m.name,
         display_name=m.display_name,
         description=m.description,
-        state=_MODEL_STATE_IN.get(m.state, st.ModelState.NOT_DEPLOYED),
+        state=_MODEL_STATE_IN.get(m.state, ModelState.NOT_DEPLOYED),
         active_deployment=m.active_deployment,
         endpoint=m.endpoint,
         create_time=_required_time(m, "create_time"),
@@ -215,43 +234,43 @@ def model_from_pb(m: pb.Model) -> t.Model:
     )
 
 
-def build_from_pb(b: pb.Build) -> t.Build:
-    return t.Build(
+def build_from_pb(b: pb.Build) -> Build:
+    return Build(
         name=b.name,
         version=b.version,
         source_sha256=b.source_sha256,
         file_path=b.file_path,
         function_name=b.function_name,
         comment=b.comment,
-        state=_BUILD_STATE_IN.get(b.state, st.BuildState.QUEUED),
+        state=_BUILD_STATE_IN.get(b.state, BuildState.QUEUED),
         image=b.image,
         error=b.error,
         create_time=_required_time(b, "create_time"),
         finish_time=_time(b, "finish_time"),
         runtime=runtime_from_pb(b.runtime),
-        packages=tuple(t.Package(p.name, p.version, p.sha256, p.requested) for p in b.packages),
+        packages=tuple(Package(p.name, p.version, p.sha256, p.requested) for p in b.packages),
         cache_hit=b.cache_hit,
         size_bytes=b.image_size_bytes,
     )
 
 
-def replica_from_pb(r: pb.Replica) -> t.Replica:
-    return t.Replica(
+def replica_from_pb(r: pb.Replica) -> Replica:
+    return Replica(
         id=r.id,
-        state=_REPLICA_STATE_IN.get(r.state, st.ReplicaState.STARTING),
+        state=_REPLICA_STATE_IN.get(r.state, ReplicaState.STARTING),
         pid=r.pid,
         node=r.node,
         start_time=_time(r, "start_time"),
     )
 
 
-def deployment_from_pb(d: pb.Deployment) -> t.Deployment:
-    return t.Deployment(
+def deployment_from_pb(d: pb.Deployment) -> Deployment:
+    return Deployment(
         name=d.name,
         build=d.build,
         resources=resources_from_pb(d.resources),
         environment=dict(d.environment),
-        state=_DEPLOYMENT_STATE_IN.get(d.state, st.DeploymentState.PENDING),
+        state=_DEPLOYMENT_STATE_IN.get(d.state, DeploymentState.PENDING),
         replicas=tuple(replica_from_pb(r) for r in d.replicas),
         message=d.message,
         create_time=_required_time(d, "create_time"),
@@ -260,17 +279,17 @@ def deployment_from_pb(d: pb.Deployment) -> t.Deployment:
     )
 
 
-def operation_from_pb(o: pb.Operation) -> t.Operation:
+def operation_from_pb(o: pb.Operation) -> Operation:
     error = None
     if o.HasField("error"):
-        error = t.OperationError(
+        error = OperationError(
             code=code_pb2.Code.Name(o.error.code),
             message=o.error.message,
             reason=_reason(o.error),
         )
-    return t.Operation(
+    return Operation(
         name=o.name,
-        kind=_OPERATION_KIND_IN.get(o.kind, st.OperationKind.CREATE_BUILD),
+        kind=_OPERATION_KIND_IN.get(o.kind, OperationKind.CREATE_BUILD),
         target=o.target,
         done=o.done,
         error=error,
@@ -282,13 +301,13 @@ def operation_from_pb(o: pb.Operation) -> t.Operation:
     )
 
 
-def source_from_pb(s: pb.Source) -> t.Source:
-    return t.Source(sha256=s.sha256, size_bytes=s.size_bytes)
+def source_from_pb(s: pb.Source) -> Source:
+    return Source(sha256=s.sha256, size_bytes=s.size_bytes)
 
 
-def event_from_pb(e: pb.ModelEvent) -> t.Event:
+def event_from_pb(e: pb.ModelEvent) -> Event:
     which = e.WhichOneof("resource")
-    resource: t.Resource | None = None
+    resource: Resource | None = None
     if which == "model":
         resource = model_from_pb(e.model)
     elif which == "build":
@@ -297,12 +316,12 @@ def event_from_pb(e: pb.ModelEvent) -> t.Event:
         resource = deployment_from_pb(e.deployment)
     elif which == "operation":
         resource = operation_from_pb(e.operation)
-    return t.Event(
+    return Event(
         revision=e.revision,
         time=_required_time_event(e),
-        type=_EVENT_TYPE_IN.get(e.type, st.EventType.UPDATED),
+        type=_EVENT_TYPE_IN.get(e.type, EventType.UPDATED),
         resource=resource,
-        model=getattr(resource, "model", "") if isinstance(resource, t.Operation) else "",
+        model=getattr(resource, "model", "") if isinstance(resource, Operation) else "",
     )
 
 
@@ -319,7 +338,7 @@ def _reason(status: status_pb2.Status) -> str:
     return ""
 
 
-def token_to_pb(tok: ac.Token) -> pb.Token:
+def token_to_pb(tok: Token) -> pb.Token:
     return pb.Token(
         name=tok.name,
         role=pb.Role.ValueType(int(tok.role)),
@@ -331,7 +350,7 @@ def token_to_pb(tok: ac.Token) -> pb.Token:
     )
 
 
-def audit_to_pb(r: ac.AuditRecord) -> pb.AuditRecord:
+def audit_to_pb(r: AuditRecord) -> pb.AuditRecord:
     return pb.AuditRecord(
         id=r.id,
         time=timestamp(r.time),
@@ -345,10 +364,10 @@ def audit_to_pb(r: ac.AuditRecord) -> pb.AuditRecord:
     )
 
 
-def token_from_pb(tok: pb.Token) -> ac.Token:
-    return ac.Token(
+def token_from_pb(tok: pb.Token) -> Token:
+    return Token(
         name=tok.name,
-        role=ac.Role(int(tok.role)),
+        role=Role(int(tok.role)),
         description=tok.description,
         create_time=from_timestamp(tok.create_time),
         expire_time=from_timestamp(tok.expire_time) if tok.HasField("expire_time") else None,
@@ -357,8 +376,8 @@ def token_from_pb(tok: pb.Token) -> ac.Token:
     )
 
 
-def audit_from_pb(r: pb.AuditRecord) -> ac.AuditRecord:
-    return ac.AuditRecord(
+def audit_from_pb(r: pb.AuditRecord) -> AuditRecord:
+    return AuditRecord(
         id=r.id,
         time=from_timestamp(r.time),
         principal=r.principal,
@@ -371,7 +390,7 @@ def audit_from_pb(r: pb.AuditRecord) -> ac.AuditRecord:
     )
 
 
-def key_to_pb(k: ac.InvocationKey) -> pb.InvocationKey:
+def key_to_pb(k: InvocationKey) -> pb.InvocationKey:
     return pb.InvocationKey(
         name=k.name,
         description=k.description,
@@ -381,8 +400,8 @@ def key_to_pb(k: ac.InvocationKey) -> pb.InvocationKey:
     )
 
 
-def key_from_pb(k: pb.InvocationKey) -> ac.InvocationKey:
-    return ac.InvocationKey(
+def key_from_pb(k: pb.InvocationKey) -> InvocationKey:
+    return InvocationKey(
         name=k.name,
         description=k.description,
         create_time=from_timestamp(k.create_time),

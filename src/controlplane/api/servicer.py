@@ -18,9 +18,9 @@ from controlplane.api import convert
 from controlplane.api.auth import current_principal
 from controlplane.api.status import stream, unary
 from controlplane.domain import names
-from controlplane.domain import states as st
-from controlplane.domain import types as t
 from controlplane.domain.errors import invalid_field
+from controlplane.domain.states import BuildState, EventType
+from controlplane.domain.types import DeployOptions, Event, Operation
 from controlplane.exports import Exporter
 from controlplane.service import NewBuild, Service
 from controlplane.sources import SourceStore
@@ -38,8 +38,8 @@ async def _run(fn: Callable[[], T]) -> T:
     return await asyncio.to_thread(fn)
 
 
-def _deploy_options(msg: rpc.DeployOptions) -> t.DeployOptions:
-    return t.DeployOptions(
+def _deploy_options(msg: rpc.DeployOptions) -> DeployOptions:
+    return DeployOptions(
         resources=convert.resources_from_pb(msg.resources),
         environment=dict(msg.environment),
         secret_environment=dict(msg.secret_environment),
@@ -234,7 +234,7 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
         op = await _run(lambda: self.svc.get_operation(request.name))
         return convert.operation_to_pb(await self._until_done(op, timeout))
 
-    async def _until_done(self, op: t.Operation, wait_s: float) -> t.Operation:
+    async def _until_done(self, op: Operation, wait_s: float) -> Operation:
         """The operation once done, or as it is after ``wait_s`` seconds."""
         if op.done or wait_s == 0:
             return op
@@ -282,7 +282,7 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
 
         async def finished() -> bool:
             build = await _run(lambda: self.svc.get_build(request.name))
-            return build.state in (st.BuildState.BUILT, st.BuildState.FAILED)
+            return build.state in (BuildState.BUILT, BuildState.FAILED)
 
         async for line in build_logs.follow(Path(path), request.follow, finished):
             yield rpc.BuildLogLine(
@@ -299,9 +299,9 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
         async for data, digest in self.exporter.layout_tar(export):
             yield rpc.ExportBuildChunk(data=data, manifest_digest=digest)
 
-    def _event_pb(self, event: t.Event) -> pb.ModelEvent:
+    def _event_pb(self, event: Event) -> pb.ModelEvent:
         """Converts a change once for all its watchers (they share the hub's event)."""
-        if event.type in (st.EventType.BOOKMARK, st.EventType.CURRENT):
+        if event.type in (EventType.BOOKMARK, EventType.CURRENT):
             return convert.event_to_pb(event)
         cached = self._converted.get(event.revision)
         if cached is None:

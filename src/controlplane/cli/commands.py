@@ -11,8 +11,8 @@ from pathlib import Path
 from controlplane.api.client import Client
 from controlplane.cli import inputs
 from controlplane.cli.output import Printer, resources, short, when
-from controlplane.domain import access as ac
-from controlplane.domain import types as t
+from controlplane.domain.access import Role
+from controlplane.domain.types import DeployOptions, Model, Operation, Resources
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the operation ended with an error, or the server refused the request
@@ -33,7 +33,7 @@ def _environments(
     return {k: v for k, v in env.items() if k not in secrets}, secrets
 
 
-def _resources(args: argparse.Namespace, base: t.Resources | None) -> t.Resources | None:
+def _resources(args: argparse.Namespace, base: Resources | None) -> Resources | None:
     """The flags given, over ``base`` (the active deployment's); None when no flag is given."""
     given = {
         "replicas": args.replicas,
@@ -43,8 +43,8 @@ def _resources(args: argparse.Namespace, base: t.Resources | None) -> t.Resource
     }
     if all(v is None for v in given.values()) and base is not None:
         return None
-    start = base or t.Resources()
-    return t.Resources(
+    start = base or Resources()
+    return Resources(
         replicas=args.replicas if args.replicas is not None else start.replicas,
         cpus=args.cpus if args.cpus is not None else start.cpus,
         memory_mib=given["memory_mib"] if given["memory_mib"] is not None else start.memory_mib,
@@ -52,7 +52,7 @@ def _resources(args: argparse.Namespace, base: t.Resources | None) -> t.Resource
     )
 
 
-async def _active(c: Client, model: t.Model) -> tuple[t.Resources | None, dict[str, str]]:
+async def _active(c: Client, model: Model) -> tuple[Resources | None, dict[str, str]]:
     """The active deployment's resources and environment: what a new deploy keeps."""
     if not model.active_deployment:
         return None, {}
@@ -67,19 +67,19 @@ class Follower:
         self.printer = printer
         self.start = time.monotonic()
 
-    def __call__(self, op: t.Operation) -> None:
+    def __call__(self, op: Operation) -> None:
         status = "done" if op.done and op.error is None else op.progress or "queued"
         if op.error is not None:
             status = f"failed: {op.error.message}"
         self.printer.progress(f"[{time.monotonic() - self.start:6.1f}s] {op.kind.value}: {status}")
 
 
-async def _follow(c: Client, op: t.Operation, p: Printer, wait_s: float) -> t.Operation:
+async def _follow(c: Client, op: Operation, p: Printer, wait_s: float) -> Operation:
     p.progress(f"operation {op.name} ({op.kind.value} {short(op.target)})")
     return await c.wait(op.name, timeout_s=wait_s, on_progress=Follower(p))
 
 
-async def _finish(c: Client, op: t.Operation, p: Printer) -> int:
+async def _finish(c: Client, op: Operation, p: Printer) -> int:
     """After an operation: the model as it is now, and an exit code that says how it went."""
     model = await c.get_model(op.model)
     if op.error is not None:
@@ -111,7 +111,7 @@ async def models_create(c: Client, args: argparse.Namespace, p: Printer) -> int:
 
 
 async def models_list(c: Client, args: argparse.Namespace, p: Printer) -> int:
-    items: list[t.Model] = []
+    items: list[Model] = []
     token = ""
     while True:
         page = await c.list_models(inputs.project_name(args.project), 100, token)
@@ -147,9 +147,9 @@ async def build(c: Client, args: argparse.Namespace, p: Printer) -> int:
     deploy = None
     if args.deploy:
         base, env = await _active(c, current)
-        res = _resources(args, base) or base or t.Resources()
+        res = _resources(args, base) or base or Resources()
         env, secrets = _environments(env, args)
-        deploy = t.DeployOptions(resources=res, environment=env, secret_environment=secrets)
+        deploy = DeployOptions(resources=res, environment=env, secret_environment=secrets)
     elif any(
         v is not None
         for v in (args.replicas, args.cpus, args.memory, args.gpus, args.env, args.secret_env)
@@ -308,7 +308,7 @@ def _scope(args: argparse.Namespace) -> str:
 
 
 async def tokens_create(c: Client, args: argparse.Namespace, p: Printer) -> int:
-    role = ac.Role[args.role.upper()]
+    role = Role[args.role.upper()]
     token, secret = await c.create_token(
         _scope(args), role, args.description, inputs.ttl_seconds(args.ttl)
     )

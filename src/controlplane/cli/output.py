@@ -10,8 +10,8 @@ from datetime import datetime
 from enum import Enum, IntEnum
 from typing import Any, TextIO
 
-from controlplane.domain import access as ac
-from controlplane.domain import types as t
+from controlplane.domain.access import AuditRecord, InvocationKey, Token
+from controlplane.domain.types import Build, Deployment, Event, Model, Operation, Resources
 
 
 def plain(value: Any) -> Any:
@@ -37,7 +37,7 @@ def when(value: datetime | None) -> str:
     return value.astimezone().strftime("%Y-%m-%d %H:%M:%S") if value else "-"
 
 
-def resources(r: t.Resources) -> str:
+def resources(r: Resources) -> str:
     mem = f"{r.memory_mib}MiB" if r.memory_mib else "-"
     return f"{r.replicas}x cpu={r.cpus:g} mem={mem} gpu={r.gpus:g}"
 
@@ -57,14 +57,14 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def _model_rows(items: Sequence[t.Model]) -> tuple[list[str], list[list[str]]]:
+def _model_rows(items: Sequence[Model]) -> tuple[list[str], list[list[str]]]:
     return ["name", "state", "active deployment", "endpoint", "updated"], [
         [m.name, m.state.value, short(m.active_deployment) or "-", m.endpoint, when(m.update_time)]
         for m in items
     ]
 
 
-def _build_rows(items: Sequence[t.Build]) -> tuple[list[str], list[list[str]]]:
+def _build_rows(items: Sequence[Build]) -> tuple[list[str], list[list[str]]]:
     return ["build", "state", "file", "function", "image", "created", "error"], [
         [
             short(b.name),
@@ -79,7 +79,7 @@ def _build_rows(items: Sequence[t.Build]) -> tuple[list[str], list[list[str]]]:
     ]
 
 
-def _deployment_rows(items: Sequence[t.Deployment]) -> tuple[list[str], list[list[str]]]:
+def _deployment_rows(items: Sequence[Deployment]) -> tuple[list[str], list[list[str]]]:
     return ["deployment", "state", "build", "resources", "replicas", "updated", "message"], [
         [
             short(d.name),
@@ -94,7 +94,7 @@ def _deployment_rows(items: Sequence[t.Deployment]) -> tuple[list[str], list[lis
     ]
 
 
-def _operation_rows(items: Sequence[t.Operation]) -> tuple[list[str], list[list[str]]]:
+def _operation_rows(items: Sequence[Operation]) -> tuple[list[str], list[list[str]]]:
     return ["operation", "kind", "target", "done", "progress", "error"], [
         [
             o.name,
@@ -108,14 +108,14 @@ def _operation_rows(items: Sequence[t.Operation]) -> tuple[list[str], list[list[
     ]
 
 
-def _replica_rows(d: t.Deployment) -> str:
+def _replica_rows(d: Deployment) -> str:
     return table(
         ["replica", "state", "pid", "node", "started"],
         [[r.id, r.state.value, str(r.pid), r.node, when(r.start_time)] for r in d.replicas],
     )
 
 
-def _build_details(b: t.Build) -> str:
+def _build_details(b: Build) -> str:
     size = f"{b.size_bytes / 1024 / 1024:,.1f} MiB"
     head = f"runtime {b.runtime}, {size}" + (", cache hit" if b.cache_hit else "")
     if not b.packages:
@@ -124,7 +124,7 @@ def _build_details(b: t.Build) -> str:
     return head + "\n\n" + table(["package", "version", "requested", "sha256"], rows)
 
 
-def _token_rows(items: Sequence[ac.Token]) -> tuple[list[str], list[list[str]]]:
+def _token_rows(items: Sequence[Token]) -> tuple[list[str], list[list[str]]]:
     return ["name", "role", "expires", "revoked", "created", "description"], [
         [
             tok.name,
@@ -138,7 +138,7 @@ def _token_rows(items: Sequence[ac.Token]) -> tuple[list[str], list[list[str]]]:
     ]
 
 
-def _audit_rows(items: Sequence[ac.AuditRecord]) -> tuple[list[str], list[list[str]]]:
+def _audit_rows(items: Sequence[AuditRecord]) -> tuple[list[str], list[list[str]]]:
     return ["time", "who", "what", "resource", "result", "from"], [
         [
             when(r.time),
@@ -152,7 +152,7 @@ def _audit_rows(items: Sequence[ac.AuditRecord]) -> tuple[list[str], list[list[s
     ]
 
 
-def _key_rows(items: Sequence[ac.InvocationKey]) -> tuple[list[str], list[list[str]]]:
+def _key_rows(items: Sequence[InvocationKey]) -> tuple[list[str], list[list[str]]]:
     return ["name", "revoked", "created", "creator", "description"], [
         [k.name, "yes" if k.revoked else "", when(k.create_time), k.creator, k.description]
         for k in items
@@ -160,13 +160,13 @@ def _key_rows(items: Sequence[ac.InvocationKey]) -> tuple[list[str], list[list[s
 
 
 _ROWS: dict[type, Any] = {
-    ac.InvocationKey: _key_rows,
-    ac.Token: _token_rows,
-    ac.AuditRecord: _audit_rows,
-    t.Model: _model_rows,
-    t.Build: _build_rows,
-    t.Deployment: _deployment_rows,
-    t.Operation: _operation_rows,
+    InvocationKey: _key_rows,
+    Token: _token_rows,
+    AuditRecord: _audit_rows,
+    Model: _model_rows,
+    Build: _build_rows,
+    Deployment: _deployment_rows,
+    Operation: _operation_rows,
 }
 
 
@@ -187,16 +187,16 @@ class Printer:
             return
         headers, rows = _ROWS[type(items[0])](items)
         print(table(headers, rows), file=self.out)
-        if not isinstance(value, list) and isinstance(value, t.Deployment) and value.replicas:
+        if not isinstance(value, list) and isinstance(value, Deployment) and value.replicas:
             print("\n" + _replica_rows(value), file=self.out)
-        if not isinstance(value, list) and isinstance(value, t.Build) and value.runtime:
+        if not isinstance(value, list) and isinstance(value, Build) and value.runtime:
             print("\n" + _build_details(value), file=self.out)
 
     def progress(self, text: str) -> None:
         """Live progress goes to stderr, so stdout stays the result alone."""
         print(text, file=self.err, flush=True)
 
-    def event(self, e: t.Event) -> None:
+    def event(self, e: Event) -> None:
         if self.json:
             print(json.dumps(plain(e), sort_keys=True), file=self.out, flush=True)
             return
@@ -204,11 +204,11 @@ class Printer:
         what = "-" if r is None else f"{type(r).__name__.lower()} {r.name}"
         state = getattr(r, "state", None)
         detail = ""
-        if isinstance(r, t.Operation):
+        if isinstance(r, Operation):
             detail = ("done" if r.done else r.progress) + (
                 f" error={r.error.message}" if r.error else ""
             )
-        elif isinstance(r, t.Deployment | t.Model):
+        elif isinstance(r, Deployment | Model):
             detail = r.message
         print(
             f"{e.revision:>6}  {when(e.time)}  {e.type.value:<8} {what}"

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from controlplane.domain import states as st
-from controlplane.domain import types as t
 from controlplane.domain.errors import invalid_field
 from controlplane.domain.names import check_id
+from controlplane.domain.states import EventType
+from controlplane.domain.types import Build, Deployment, Event, Model, Operation
 
-KINDS: dict[str, type[t.Model | t.Build | t.Deployment | t.Operation]] = {
-    "model": t.Model,
-    "build": t.Build,
-    "deployment": t.Deployment,
-    "operation": t.Operation,
+KINDS: dict[str, type[Model | Build | Deployment | Operation]] = {
+    "model": Model,
+    "build": Build,
+    "deployment": Deployment,
+    "operation": Operation,
 }
 MAX_FILTER = 2000
 
@@ -28,8 +28,8 @@ class WatchFilter:
     kinds: frozenset[str] = frozenset()  # empty: every kind
     models: frozenset[str] = frozenset()  # model ids; empty: every model
 
-    def matches(self, event: t.Event) -> bool:
-        if event.type is st.EventType.BOOKMARK:
+    def matches(self, event: Event) -> bool:
+        if event.type is EventType.BOOKMARK:
             return True
         if self.models and event.model.rsplit("/", 1)[-1] not in self.models:
             return False

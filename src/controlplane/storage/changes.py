@@ -11,9 +11,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from controlplane import tracing
-from controlplane.domain import states as st
 from controlplane.domain import transitions
-from controlplane.domain import types as t
+from controlplane.domain.states import BuildState, DeploymentState, EventType, ModelState
+from controlplane.domain.types import OperationError, Resource
 from controlplane.storage import codec, jobs, repo
 from controlplane.storage.db import FinishedOperation, WriteTx
 from controlplane.storage.tables import (
@@ -42,7 +42,7 @@ class Changes:
     # ---- events ------------------------------------------------------------------------------
 
     def _emit(
-        self, model: str, type_: st.EventType, resource: t.Resource, revision: int | None = None
+        self, model: str, type_: EventType, resource: Resource, revision: int | None = None
     ) -> int:
         revision = revision or self.tx.next_revision()
         self.session.add(
@@ -59,7 +59,7 @@ class Changes:
         return revision
 
     def _record(
-        self, row: ModelRow | BuildRow | DeploymentRow | OperationRow, type_: st.EventType
+        self, row: ModelRow | BuildRow | DeploymentRow | OperationRow, type_: EventType
     ) -> None:
         """Writes the row with a new revision (its resource version) and emits its event."""
         row.revision = self.tx.next_revision()
@@ -69,7 +69,7 @@ class Changes:
         model_name = row.name if isinstance(row, ModelRow) else row.model
         self._emit(model_name, type_, self.resource(row), row.revision)
 
-    def resource(self, row: ModelRow | BuildRow | DeploymentRow | OperationRow) -> t.Resource:
+    def resource(self, row: ModelRow | BuildRow | DeploymentRow | OperationRow) -> Resource:
         if isinstance(row, ModelRow):
             return repo.to_model(row, self.http_base)
         if isinstance(row, BuildRow):
@@ -81,37 +81,33 @@ class Changes:
     # ---- creation and deletion ---------------------------------------------------------------
 
     def created(self, row: ModelRow | BuildRow | DeploymentRow | OperationRow) -> None:
-        self._record(row, st.EventType.CREATED)
+        self._record(row, EventType.CREATED)
 
     def model_deleted(self, row: ModelRow) -> None:
         resource = repo.to_model(row, self.http_base)
-        self._emit(row.name, st.EventType.DELETED, resource)
+        self._emit(row.name, EventType.DELETED, resource)
         self.session.delete(row)
 
     # ---- state changes -----------------------------------------------------------------------
 
-    def model(self, row: ModelRow, state: st.ModelState | None = None, **fields: Any) -> None:
+    def model(self, row: ModelRow, state: ModelState | None = None, **fields: Any) -> None:
         if state is not None:
-            transitions.check(
-                transitions.MODEL_TRANSITIONS, row.name, st.ModelState(row.state), state
-            )
+            transitions.check(transitions.MODEL_TRANSITIONS, row.name, ModelState(row.state), state)
             fields["state"] = state.value
         self._update(row, fields)
 
-    def build(self, row: BuildRow, state: st.BuildState | None = None, **fields: Any) -> None:
+    def build(self, row: BuildRow, state: BuildState | None = None, **fields: Any) -> None:
         if state is not None:
-            transitions.check(
-                transitions.BUILD_TRANSITIONS, row.name, st.BuildState(row.state), state
-            )
+            transitions.check(transitions.BUILD_TRANSITIONS, row.name, BuildState(row.state), state)
             fields["state"] = state.value
         self._update(row, fields)
 
     def deployment(
-        self, row: DeploymentRow, state: st.DeploymentState | None = None, **fields: Any
+        self, row: DeploymentRow, state: DeploymentState | None = None, **fields: Any
     ) -> None:
         if state is not None:
             transitions.check(
-                transitions.DEPLOYMENT_TRANSITIONS, row.name, st.DeploymentState(row.state), state
+                transitions.DEPLOYMENT_TRANSITIONS, row.name, DeploymentState(row.state), state
             )
             fields["state"] = state.value
         self._update(row, fields)
@@ -131,7 +127,7 @@ class Changes:
         row: OperationRow,
         model: ModelRow,
         progress: str = "done",
-        error: t.OperationError | None = None,
+        error: OperationError | None = None,
     ) -> None:
         """Finishes an operation and releases its model for the next one."""
         if row.done:
@@ -168,7 +164,7 @@ class Changes:
         if self.resource(row) == before:
             self.session.add(row)
             return
-        self._record(row, st.EventType.UPDATED)
+        self._record(row, EventType.UPDATED)
 
     # ---- jobs ------------------------------------------------------------------------------
 

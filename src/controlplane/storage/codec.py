@@ -8,8 +8,25 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
-from controlplane.domain import states as st
-from controlplane.domain import types as t
+from controlplane.domain.states import (
+    BuildState,
+    DeploymentState,
+    ModelState,
+    OperationKind,
+    ReplicaState,
+    ResourceKind,
+)
+from controlplane.domain.types import (
+    Build,
+    Deployment,
+    Model,
+    Operation,
+    OperationError,
+    Package,
+    Replica,
+    Resource,
+    Resources,
+)
 
 
 def utc(value: datetime) -> datetime:
@@ -33,50 +50,50 @@ def _req_time(value: str) -> datetime:
     return out
 
 
-def kind_of(resource: t.Resource) -> st.ResourceKind:
-    if isinstance(resource, t.Model):
-        return st.ResourceKind.MODEL
-    if isinstance(resource, t.Build):
-        return st.ResourceKind.BUILD
-    if isinstance(resource, t.Deployment):
-        return st.ResourceKind.DEPLOYMENT
-    return st.ResourceKind.OPERATION
+def kind_of(resource: Resource) -> ResourceKind:
+    if isinstance(resource, Model):
+        return ResourceKind.MODEL
+    if isinstance(resource, Build):
+        return ResourceKind.BUILD
+    if isinstance(resource, Deployment):
+        return ResourceKind.DEPLOYMENT
+    return ResourceKind.OPERATION
 
 
-def dumps(resource: t.Resource) -> str:
+def dumps(resource: Resource) -> str:
     data = asdict(resource)
-    if isinstance(resource, t.Deployment):
+    if isinstance(resource, Deployment):
         data["environment"] = dict(resource.environment)
     return json.dumps(data, default=_default, separators=(",", ":"), sort_keys=True)
 
 
-def loads(kind: st.ResourceKind, body: str) -> t.Resource:
+def loads(kind: ResourceKind, body: str) -> Resource:
     d = json.loads(body)
-    if kind is st.ResourceKind.MODEL:
-        return t.Model(
+    if kind is ResourceKind.MODEL:
+        return Model(
             **{
                 **d,
-                "state": st.ModelState(d["state"]),
+                "state": ModelState(d["state"]),
                 "create_time": _req_time(d["create_time"]),
                 "update_time": _req_time(d["update_time"]),
             }
         )
-    if kind is st.ResourceKind.BUILD:
-        return t.Build(
+    if kind is ResourceKind.BUILD:
+        return Build(
             **{
                 **d,
-                "state": st.BuildState(d["state"]),
+                "state": BuildState(d["state"]),
                 "create_time": _req_time(d["create_time"]),
                 "finish_time": _time(d["finish_time"]),
-                "packages": tuple(t.Package(**p) for p in d.get("packages", ())),
+                "packages": tuple(Package(**p) for p in d.get("packages", ())),
             }
         )
-    if kind is st.ResourceKind.DEPLOYMENT:
-        return t.Deployment(
+    if kind is ResourceKind.DEPLOYMENT:
+        return Deployment(
             **{
                 **d,
-                "state": st.DeploymentState(d["state"]),
-                "resources": t.Resources(**d["resources"]),
+                "state": DeploymentState(d["state"]),
+                "resources": Resources(**d["resources"]),
                 "replicas": tuple(replica_from_dict(r) for r in d["replicas"]),
                 "secret_environment_keys": tuple(d.get("secret_environment_keys", ())),
                 "create_time": _req_time(d["create_time"]),
@@ -84,18 +101,18 @@ def loads(kind: st.ResourceKind, body: str) -> t.Resource:
             }
         )
     error = d.get("error")
-    return t.Operation(
+    return Operation(
         **{
             **d,
-            "kind": st.OperationKind(d["kind"]),
-            "error": t.OperationError(**error) if error else None,
+            "kind": OperationKind(d["kind"]),
+            "error": OperationError(**error) if error else None,
             "create_time": _req_time(d["create_time"]),
             "update_time": _req_time(d["update_time"]),
         }
     )
 
 
-def replica_to_dict(r: t.Replica) -> dict[str, Any]:
+def replica_to_dict(r: Replica) -> dict[str, Any]:
     return {
         "id": r.id,
         "state": r.state.value,
@@ -105,19 +122,19 @@ def replica_to_dict(r: t.Replica) -> dict[str, Any]:
     }
 
 
-def replica_from_dict(d: dict[str, Any]) -> t.Replica:
-    return t.Replica(
+def replica_from_dict(d: dict[str, Any]) -> Replica:
+    return Replica(
         id=d["id"],
-        state=st.ReplicaState(d["state"]),
+        state=ReplicaState(d["state"]),
         pid=int(d["pid"]),
         node=d["node"],
         start_time=_time(d.get("start_time")),
     )
 
 
-def packages_to_json(packages: Iterable[t.Package]) -> str:
+def packages_to_json(packages: Iterable[Package]) -> str:
     return json.dumps([asdict(p) for p in packages], sort_keys=True)
 
 
-def packages_from_json(text: str) -> tuple[t.Package, ...]:
-    return tuple(t.Package(**p) for p in json.loads(text or "[]"))
+def packages_from_json(text: str) -> tuple[Package, ...]:
+    return tuple(Package(**p) for p in json.loads(text or "[]"))

@@ -12,19 +12,19 @@ from __future__ import annotations
 
 import threading
 
-from controlplane.domain import types as t
+from controlplane.domain.types import Model
 from controlplane.storage.db import Database
 
 
 class ModelCache:
     def __init__(self, db: Database) -> None:
         self.enabled = db.is_sqlite
-        self._models: dict[str, t.Model] = {}
+        self._models: dict[str, Model] = {}
         self._generation = 0
         self._lock = threading.Lock()
         db.on_commit(lambda _revision: self.clear())
 
-    def get(self, name: str) -> t.Model | None:
+    def get(self, name: str) -> Model | None:
         return self._models.get(name)
 
     @property
@@ -32,7 +32,7 @@ class ModelCache:
         """Read before the database is: ``put`` takes it back."""
         return self._generation
 
-    def put(self, model: t.Model, generation: int) -> None:
+    def put(self, model: Model, generation: int) -> None:
         if not self.enabled:
             return
         with self._lock:

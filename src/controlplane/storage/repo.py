@@ -11,10 +11,28 @@ from typing import Any, Protocol, TypeVar, cast
 from sqlalchemy import func
 from sqlmodel import Session, SQLModel, col, select
 
-from controlplane.domain import states as st
-from controlplane.domain import types as t
 from controlplane.domain.decisions import compose_message
 from controlplane.domain.errors import invalid_field, not_found
+from controlplane.domain.states import (
+    BuildState,
+    DeploymentState,
+    EventType,
+    ModelState,
+    OperationKind,
+    ReplicaState,
+    ResourceKind,
+)
+from controlplane.domain.types import (
+    Build,
+    Deployment,
+    Event,
+    Model,
+    Operation,
+    OperationError,
+    Page,
+    Replica,
+    Resources,
+)
 from controlplane.storage import codec
 from controlplane.storage.tables import (
     BuildRow,
@@ -51,12 +69,12 @@ class ModelColumns(Protocol):
     update_time: datetime
 
 
-def to_model(row: ModelColumns, http_base: str) -> t.Model:
-    return t.Model(
+def to_model(row: ModelColumns, http_base: str) -> Model:
+    return Model(
         name=row.name,
         display_name=row.display_name,
         description=row.description,
-        state=st.ModelState(row.state),
+        state=ModelState(row.state),
         active_deployment=row.active_deployment,
         endpoint=endpoint_for(http_base, row.name),
         create_time=codec.utc(row.create_time),
@@ -67,15 +85,15 @@ def to_model(row: ModelColumns, http_base: str) -> t.Model:
     )
 
 
-def to_build(row: BuildRow) -> t.Build:
-    return t.Build(
+def to_build(row: BuildRow) -> Build:
+    return Build(
         name=row.name,
         version=row.version,
         source_sha256=row.source_sha256,
         file_path=row.file_path,
         function_name=row.function_name,
         comment=row.comment,
-        state=st.BuildState(row.state),
+        state=BuildState(row.state),
         image=row.image,
         error=row.error,
         create_time=codec.utc(row.create_time),
@@ -87,10 +105,8 @@ def to_build(row: BuildRow) -> t.Build:
     )
 
 
-def resources_of(row: DeploymentRow) -> t.Resources:
-    return t.Resources(
-        replicas=row.replicas, cpus=row.cpus, memory_mib=row.memory_mib, gpus=row.gpus
-    )
+def resources_of(row: DeploymentRow) -> Resources:
+    return Resources(replicas=row.replicas, cpus=row.cpus, memory_mib=row.memory_mib, gpus=row.gpus)
 
 
 def environment_of(row: DeploymentRow) -> dict[str, str]:
@@ -98,17 +114,17 @@ def environment_of(row: DeploymentRow) -> dict[str, str]:
     return env
 
 
-def replicas_of(row: DeploymentRow) -> tuple[t.Replica, ...]:
+def replicas_of(row: DeploymentRow) -> tuple[Replica, ...]:
     return tuple(codec.replica_from_dict(r) for r in json.loads(row.observed_replicas))
 
 
-def to_deployment(row: DeploymentRow) -> t.Deployment:
-    return t.Deployment(
+def to_deployment(row: DeploymentRow) -> Deployment:
+    return Deployment(
         name=row.name,
         build=row.build,
         resources=resources_of(row),
         environment=environment_of(row),
-        state=st.DeploymentState(row.state),
+        state=DeploymentState(row.state),
         replicas=replicas_of(row),
         message=compose_message(row.message, row.serve_health),
         create_time=codec.utc(row.create_time),
@@ -123,15 +139,15 @@ def secrets_of(row: DeploymentRow) -> dict[str, str]:
     return secrets
 
 
-def to_operation(row: OperationRow) -> t.Operation:
+def to_operation(row: OperationRow) -> Operation:
     error = None
     if row.error_code:
-        error = t.OperationError(
+        error = OperationError(
             code=row.error_code, message=row.error_message, reason=row.error_reason
         )
-    return t.Operation(
+    return Operation(
         name=row.name,
-        kind=st.OperationKind(row.kind),
+        kind=OperationKind(row.kind),
         target=row.target,
         done=row.done,
         error=error,
@@ -143,12 +159,12 @@ def to_operation(row: OperationRow) -> t.Operation:
     )
 
 
-def to_event(row: EventRow) -> t.Event:
-    kind = st.ResourceKind(row.kind)
-    return t.Event(
+def to_event(row: EventRow) -> Event:
+    kind = ResourceKind(row.kind)
+    return Event(
         revision=row.revision,
         time=codec.utc(row.time),
-        type=st.EventType(row.type),
+        type=EventType(row.type),
         resource=codec.loads(kind, row.body),
         model=row.model,
     )
@@ -161,7 +177,7 @@ def _one(s: Session, table: type[R], name: str) -> R | None:
     return s.exec(select(table).where(col(table.name) == name)).first()  # type: ignore[attr-defined]
 
 
-def model(s: Session, name: str, http_base: str) -> t.Model:
+def model(s: Session, name: str, http_base: str) -> Model:
     """One model, read with a Core select: no ORM instance to build (GetModel's path)."""
     table = ModelRow.__table__  # type: ignore[attr-defined]
     row = s.connection().execute(select(table).where(table.c.name == name)).first()
@@ -271,14 +287,14 @@ def list_page(
     token: str,
     convert: Callable[[R], T],
     newest_first: bool = False,
-) -> t.Page[T]:
+) -> Page[T]:
     """One page of a List call: ``size`` as the request gave it (0: the default; checked
     and capped here), ``token`` as the request gave it (checked against ``scope``), each
     row converted to what the call returns."""
     rows, next_token = page(
         s, table, where, scope, page_size(size), token, newest_first=newest_first
     )
-    return t.Page([convert(r) for r in rows], next_token)
+    return Page([convert(r) for r in rows], next_token)
 
 
 # ---- events ---------------------------------------------------------------------------------
@@ -299,16 +315,16 @@ def events_after(
 # ---- figures for metrics --------------------------------------------------------------------
 
 
-def models_by_state(s: Session) -> dict[st.ModelState, int]:
+def models_by_state(s: Session) -> dict[ModelState, int]:
     """How many models are in each state (every state present, zeros included)."""
-    counts = {state: 0 for state in st.ModelState}
+    counts = {state: 0 for state in ModelState}
     query = select(ModelRow.state, func.count()).group_by(ModelRow.state)
     for state, n in s.exec(query).all():
-        counts[st.ModelState(state)] = int(n)
+        counts[ModelState(state)] = int(n)
     return counts
 
 
-SERVING_STATES = (st.ModelState.DEPLOYING.value, st.ModelState.DEPLOYED.value)
+SERVING_STATES = (ModelState.DEPLOYING.value, ModelState.DEPLOYED.value)
 
 
 def replicas_by_model(s: Session) -> dict[str, tuple[int, int]]:
@@ -319,6 +335,6 @@ def replicas_by_model(s: Session) -> dict[str, tuple[int, int]]:
     )
     out: dict[str, tuple[int, int]] = {}
     for name, state, dep in s.exec(query).all():
-        running = sum(1 for r in replicas_of(dep) if r.state is st.ReplicaState.RUNNING)
+        running = sum(1 for r in replicas_of(dep) if r.state is ReplicaState.RUNNING)
         out[name] = (dep.replicas if state in SERVING_STATES else 0, running)
     return out
