@@ -6,8 +6,8 @@ filesystem), installs ``requirements.txt`` into ``<staging>/.cp_site`` with this
 very interpreter, imports ``file_path`` in a clean subprocess to check that
 ``function_name`` is callable, and renames staging to ``<artifacts_dir>/<hex>``.
 
-Serving loads the artifact the same way the check does: ``sys.path`` starts
-with ``[<artifact>, <artifact>/.cp_site]`` and the module is imported by path.
+The check (``workers.import_check``), a replica and the exported image all load the
+model with ``workers.loader``, so what passes the check loads the same way when served.
 A failed build never raises: it returns ``BuildOutcome(ok=False, error=...)``
 with one line naming the cause, and leaves nothing behind but its log.
 """
@@ -19,86 +19,28 @@ import hashlib
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from workers import build_cache, requirements, runtime
+from workers import build_cache, import_check, loader, process, requirements, runtime
 from workers.archive import UnsafeArchive, check_member_path, safe_extract
 from workers.backend import BuildOutcome, BuildSpec, ResolvedPackage
 
-SITE_DIR = ".cp_site"  # where requirements are installed, inside the artifact
+SITE_DIR = loader.SITE_DIR  # where requirements are installed, inside the artifact
 MANIFEST = ".cp_artifact.json"  # what the artifact's digest was computed from
 STAGING_DIR = ".staging"  # under artifacts_dir; content-addressed names are hex, no clash
 PIP_REPORT = ".cp_pip_report.json"  # pip's --report, read into the manifest, not kept
 MiB = 1024 * 1024
 MAX_ERROR_CHARS = 500
-_KILL_GRACE_S = 5.0
 _KEEP_LINES = 1000  # of a step's output, for its error message (the log has them all)
-
-# Run with ``python -I -B -c``: imports the model by path, reports one JSON object
-# on the original stdout; everything the model prints goes to stderr (the log).
-_CHECK_SCRIPT = r"""
-import importlib.util, json, os, sys, traceback
-result = os.fdopen(os.dup(1), "w")
-os.dup2(2, 1)
-root, rel, func = sys.argv[1:4]
-sys.path[:0] = [root, os.path.join(root, ".cp_site")]
-
-def own(path):
-    # A path of the model's own code, relative to the root; None for anything else.
-    full = os.path.abspath(path)
-    site = os.path.join(root, ".cp_site") + os.sep
-    if full.startswith(root + os.sep) and not full.startswith(site):
-        return os.path.relpath(full, root)
-    return None
-
-def where(exc):
-    # The deepest frame in the model's own code.
-    tb, line, path = exc.__traceback__, 0, ""
-    while tb is not None:
-        mine = own(tb.tb_frame.f_code.co_filename)
-        if mine:
-            line, path = tb.tb_lineno, mine
-        tb = tb.tb_next
-    return path, line
-
-def report(**kw):
-    result.write(json.dumps(kw))
-    result.flush()
-
-name = rel[:-3].replace("/", ".")
-try:
-    spec = importlib.util.spec_from_file_location(name, os.path.join(root, rel))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-except SyntaxError as e:
-    path = (own(e.filename) or e.filename) if e.filename else rel
-    report(ok=False, kind=type(e).__name__, file=path, line=e.lineno or 0, msg=e.msg or str(e))
-except BaseException as e:
-    traceback.print_exc()
-    path, line = where(e)
-    kind = "ImportError" if isinstance(e, ImportError) else type(e).__name__
-    report(ok=False, kind=kind, file=path, line=line, msg=str(e))
-else:
-    target = getattr(module, func, None)
-    if target is None:
-        report(ok=False, kind="missing")
-    elif not callable(target):
-        report(ok=False, kind="not_callable", type=type(target).__name__)
-    else:
-        report(ok=True)
-"""
 
 
 class BuildFailed(Exception):
@@ -130,31 +72,10 @@ class BuildLog:
 
 
 @dataclass
-class _Deadline:
-    at: float
-    timeout_s: float
-    cancel: threading.Event | None = None
-
-    def left(self) -> float:
-        return self.at - time.monotonic()
-
-    def check(self, during: str) -> None:
-        if self.cancel is not None and self.cancel.is_set():
-            raise BuildFailed(f"build cancelled while {during}")
-        if self.left() <= 0:
-            raise BuildFailed(f"build timed out after {self.timeout_s:g} s while {during}")
-
-
-@dataclass
 class _Finished:
     returncode: int
     stdout: str
     lines: list[str] = field(default_factory=list)  # what went to the log
-
-
-def _pump(stream: IO[str], sink: Callable[[str], None]) -> None:
-    for raw in stream:
-        sink(raw.rstrip("\n"))
 
 
 def _run_logged(
@@ -164,14 +85,12 @@ def _run_logged(
     env: dict[str, str],
     log: BuildLog,
     prefix: str,
-    deadline: _Deadline,
+    deadline: process.Deadline,
     during: str,
     capture_stdout: bool = False,
 ) -> _Finished:
-    """Runs ``cmd``, streaming its output into the log; stdout is kept when ``capture_stdout``.
-
-    Kills the whole process group at the deadline (or on cancel) and raises BuildFailed.
-    """
+    """Runs ``cmd`` (``workers.process``: killed with its group at the deadline or on
+    cancel), streaming its output into the log; stdout is kept when ``capture_stdout``."""
     lines: deque[str] = deque(maxlen=_KEEP_LINES)
     captured: list[str] = []
 
@@ -179,69 +98,16 @@ def _run_logged(
         lines.append(text)
         log.line(f"{prefix} | {text}")
 
-    proc = subprocess.Popen(
+    returncode = process.run(
         cmd,
         cwd=cwd,
         env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE if capture_stdout else subprocess.STDOUT,
-        text=True,
-        encoding="utf-8",
-        errors="replace",
-        start_new_session=True,
+        output=to_log,
+        stdout=captured.append if capture_stdout else None,
+        deadline=deadline,
+        during=during,
     )
-    assert proc.stdout is not None
-    streams = [proc.stdout]
-    pumps = [_start_pump(proc.stdout, captured.append if capture_stdout else to_log)]
-    if capture_stdout:
-        assert proc.stderr is not None
-        streams.append(proc.stderr)
-        pumps.append(_start_pump(proc.stderr, to_log))
-    try:
-        _wait(proc, deadline, during)
-    finally:
-        _drain(proc, pumps, streams)
-    return _Finished(proc.returncode, "\n".join(captured), list(lines))
-
-
-def _start_pump(stream: IO[str], sink: Callable[[str], None]) -> threading.Thread:
-    thread = threading.Thread(target=_pump, args=(stream, sink), daemon=True)
-    thread.start()
-    return thread
-
-
-def _wait(proc: subprocess.Popen[str], deadline: _Deadline, during: str) -> None:
-    try:
-        while proc.poll() is None:
-            deadline.check(during)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=min(0.1, max(deadline.left(), 0.001)))
-    except BaseException:  # failed, timed out, cancelled, or interrupted (Ray cancel)
-        _kill_group(proc)
-        raise
-
-
-def _drain(
-    proc: subprocess.Popen[str], pumps: list[threading.Thread], streams: list[IO[str]]
-) -> None:
-    """Waits for the output's end; kills what the process left holding it (its group)."""
-    for pump in pumps:
-        pump.join(timeout=1.0)
-    if any(pump.is_alive() for pump in pumps):
-        _kill_group(proc)
-        for pump in pumps:
-            pump.join(timeout=_KILL_GRACE_S)
-    if not any(pump.is_alive() for pump in pumps):  # closing under a reader would block
-        for stream in streams:
-            stream.close()
-    proc.wait()
-
-
-def _kill_group(proc: subprocess.Popen[str]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=_KILL_GRACE_S)
+    return _Finished(returncode, "\n".join(captured), list(lines))
 
 
 def _clean_env() -> dict[str, str]:
@@ -292,7 +158,7 @@ def _extract(spec: BuildSpec, staging: Path, log: BuildLog) -> str:
 
 
 def _install_requirements(
-    staging: Path, log: BuildLog, deadline: _Deadline
+    staging: Path, log: BuildLog, deadline: process.Deadline
 ) -> tuple[ResolvedPackage, ...]:
     """Installs the model's requirements into the artifact; returns what pip resolved."""
     req = requirements.find(staging)
@@ -340,12 +206,13 @@ def _pip_error(lines: Iterable[str], returncode: int) -> str:
 
 
 def _check_import(
-    staging: Path, file_path: str, function_name: str, log: BuildLog, deadline: _Deadline
+    staging: Path, file_path: str, function_name: str, log: BuildLog, deadline: process.Deadline
 ) -> None:
+    """Loads the model in a fresh interpreter, as a replica will (``workers.import_check``)."""
     root = str(staging.resolve())
-    cmd = [sys.executable, "-I", "-B", "-c", _CHECK_SCRIPT, root, file_path, function_name]
+    check = ["-m", import_check.__name__, root, file_path, function_name]
     done = _run_logged(
-        cmd,
+        [sys.executable, "-I", "-B", *check],
         cwd=staging,
         env=_clean_env(),
         log=log,
@@ -362,25 +229,7 @@ def _check_import(
             f"importing {file_path} ended with status {done.returncode} and no result: {last}"
         ) from None
     if not report.get("ok"):
-        raise BuildFailed(_import_error(report, file_path, function_name))
-
-
-def _import_error(report: dict[str, Any], file_path: str, function_name: str) -> str:
-    kind = str(report.get("kind", ""))
-    if kind == "missing":
-        return f"function {function_name!r} not found in {file_path}"
-    if kind == "not_callable":
-        return (
-            f"{function_name!r} in {file_path} is not callable "
-            f"(it is a {report.get('type', 'value')})"
-        )
-    msg, where, line = report.get("msg", ""), report.get("file") or file_path, report.get("line")
-    if kind.endswith(("SyntaxError", "IndentationError", "TabError")):
-        return f"{kind} in {where} line {line}: {msg}"
-    if kind == "ImportError":
-        return f"ImportError in {file_path}: {msg}"
-    at = f" ({where} line {line})" if line else ""
-    return f"{kind} while importing {file_path}{at}" + (f": {msg}" if msg else "")
+        raise BuildFailed(str(report.get("error") or f"importing {file_path} failed"))
 
 
 def _site_files(site: Path) -> list[tuple[str, str]]:
@@ -508,7 +357,7 @@ def cached_build(spec: BuildSpec, rt: runtime.Runtime) -> BuildOutcome | None:
 def run_build(spec: BuildSpec, cancel: threading.Event | None = None) -> BuildOutcome:
     """Builds ``spec``; never raises for a failed build. ``cancel`` stops it cleanly."""
     started = time.monotonic()
-    deadline = _Deadline(started + spec.timeout_s, spec.timeout_s, cancel)
+    deadline = process.Deadline(started + spec.timeout_s, spec.timeout_s, cancel)
     try:
         log = BuildLog(spec.log_path)
     except OSError as e:
@@ -520,7 +369,7 @@ def run_build(spec: BuildSpec, cancel: threading.Event | None = None) -> BuildOu
 
 
 def _build_logged(
-    spec: BuildSpec, log: BuildLog, deadline: _Deadline, started: float
+    spec: BuildSpec, log: BuildLog, deadline: process.Deadline, started: float
 ) -> BuildOutcome:
     log.line(f"build {spec.build_name}: {spec.file_path}:{spec.function_name}")
     staging: Path | None = None
@@ -534,6 +383,8 @@ def _build_logged(
         return outcome
     except BuildFailed as e:
         error = _one_line(str(e))
+    except process.Stopped as e:  # "timed out after 2 s while ...", "cancelled while ..."
+        error = _one_line(f"build {e}")
     except Exception as e:  # a bug or the disk, never the model: still a failed build
         error = _one_line(f"internal build error: {type(e).__name__}: {e}")
     finally:
@@ -543,7 +394,9 @@ def _build_logged(
     return BuildOutcome(ok=False, error=error)
 
 
-def _steps(spec: BuildSpec, staging: Path, log: BuildLog, deadline: _Deadline) -> BuildOutcome:
+def _steps(
+    spec: BuildSpec, staging: Path, log: BuildLog, deadline: process.Deadline
+) -> BuildOutcome:
     rt = runtime.current()
     log.line(f"step 1/4: extract source {spec.source_zip.name}")
     source_sha256 = _sha256_file(spec.source_zip)

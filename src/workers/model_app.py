@@ -11,48 +11,36 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import importlib.util
 import json
-import os
-import sys
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from workers.builder import SITE_DIR
+from workers import loader
 
 ModelFunction = Callable[[Any], Any]
 
 
 class LoadError(RuntimeError):
-    """The artifact cannot be loaded: Serve reports this message as the deploy failure."""
+    """The artifact cannot be loaded. Its message is one marked line (``loader.MARK``
+    and the reason): Serve reports it inside a long deployment message, from which
+    ``loader.reason_in`` takes that line back."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(loader.MARK + reason)
+        self.reason = reason
 
 
 def load_function(artifact_path: str, file_path: str, function_name: str) -> ModelFunction:
-    """Imports ``file_path`` from the artifact (its dependencies first on sys.path) and
-    returns ``function_name``. The replica's working directory becomes the artifact,
-    so the model finds files it ships beside its code by relative path."""
-    root = Path(artifact_path)
-    module_file = root / file_path
-    if not module_file.is_file():
-        raise LoadError(f"{file_path} is not in the artifact {artifact_path}")
-    for entry in (str(root / SITE_DIR), str(module_file.parent), str(root)):
-        if entry not in sys.path:
-            sys.path.insert(0, entry)
-    os.chdir(root)
-    module_name = "_cp_model_" + Path(file_path).with_suffix("").as_posix().replace("/", "_")
-    spec = importlib.util.spec_from_file_location(module_name, module_file)
-    if spec is None or spec.loader is None:
-        raise LoadError(f"cannot import {file_path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)  # the user's import-time errors propagate as they are
-    fn = getattr(module, function_name, None)
-    if not callable(fn):
-        raise LoadError(f"{file_path} has no callable {function_name!r}")
-    return fn  # type: ignore[no-any-return]
+    """Loads ``function_name`` from the artifact as the build's check did (``workers.loader``:
+    the module's folder, the artifact and its requirements on sys.path, the artifact as
+    the working directory). Raises LoadError, caused by the model's own exception."""
+    try:
+        return loader.load(artifact_path, file_path, function_name)
+    except loader.LoadFailed as e:
+        raise LoadError(e.reason) from e.__cause__
 
 
 def _plain(value: Any) -> Any:

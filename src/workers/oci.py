@@ -3,18 +3,20 @@
 The image is the artifact as it is, plus a tiny server: ``FROM <base>`` (by default
 ``python:<version>-slim``; ``scratch`` and local bases such as ``oci:/path:tag`` work
 offline), the artifact copied to ``/opt/model`` (its code at the root, its installed
-requirements in ``.cp_site``), and ``.cp_serve.py`` (``SERVE_SCRIPT``, stdlib only) as
-the command. The server loads ``file_path:function_name`` the way a replica does
-(``workers.model_app``) and answers POST with the same JSON wire format, so the image
-behaves like the model's deployment outside the cluster. The Containerfile has no
+requirements in ``.cp_site``), and the server as the command: ``workers/image_server.py``
+as ``.cp_serve.py``, with ``workers/loader.py`` beside it as ``.cp_loader.py`` (both
+stdlib only). The server loads ``file_path:function_name`` with the very loader of the
+build's check and of a replica, and answers POST with the same JSON wire format, so the
+image behaves like the model's deployment outside the cluster. The Containerfile has no
 ``RUN``: the base may have no shell, and the build needs no network beyond pulling it.
 
 ``export_oci`` works in a throwaway folder under ``work_dir``: a build context (the
 artifact hard-linked, or copied across filesystems; the artifact is never changed),
 a buildah storage of its own (``vfs``: no mounts, no privileges beyond the user's),
 and the pushed layout, which is moved to ``dest`` only once complete. That folder is
-removed afterwards whatever happens (failure, timeout, interrupt). buildah runs in
-its own process group, killed at the deadline; its output streams to ``log``.
+removed afterwards whatever happens (failure, timeout, interrupt). buildah runs with
+``workers.process``: its own process group, killed at the deadline; its output streams
+to ``log``.
 
 Images are reproducible: ``--timestamp 0`` zeroes the creation time and the files'
 times, ``--layers=false`` gives one layer for the model, so the same artifact and
@@ -24,27 +26,27 @@ base give the same manifest digest. Pure Python and subprocess: no ray, no proto
 from __future__ import annotations
 
 import contextlib
+import importlib.resources
 import json
 import os
 import re
 import shutil
-import signal
 import stat
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from workers.builder import SITE_DIR
+from workers import process
+from workers.loader import SITE_DIR
 
 MODEL_DIR = "/opt/model"  # where the artifact lands in the image
-SERVE_FILE = ".cp_serve.py"  # the server, beside the model's code
+SERVE_FILE = ".cp_serve.py"  # the server (workers/image_server.py), beside the model's code
+LOADER_FILE = ".cp_loader.py"  # workers/loader.py, which the server loads from beside it
 PORT = 8080
 SCRATCH = "scratch"
 MAX_ERROR_CHARS = 500
@@ -52,132 +54,14 @@ _LOCAL_NAME = "localhost/modelctl-export:latest"  # the image's name in the thro
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _KEEP_LINES = 200  # of buildah's output, to find its error (the log has them all)
-_KILL_GRACE_S = 5.0
-
-# The image's command. Stdlib only, and Python 3.8+ syntax: it runs on the base's
-# Python. Configured by the environment the Containerfile sets (CP_MODEL_FILE,
-# CP_MODEL_FUNCTION, CP_BUILD, PORT); CP_MODEL_ROOT defaults to its own folder.
-SERVE_SCRIPT = r'''"""Serves one model function over HTTP, as a modelctl replica does."""
-import importlib.util
-import json
-import os
-import signal
-import socket
-import sys
-import traceback
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-ROOT = os.path.abspath(os.environ.get("CP_MODEL_ROOT") or os.path.dirname(__file__))
-FILE = os.environ.get("CP_MODEL_FILE", "model.py")
-FUNCTION = os.environ.get("CP_MODEL_FUNCTION", "predict")
-BUILD = os.environ.get("CP_BUILD", "")
-REPLICA = socket.gethostname()
 
 
-def load():
-    """Imports FILE by path, its dependencies and folder on sys.path as in model_app."""
-    module_file = os.path.join(ROOT, FILE)
-    for entry in (os.path.join(ROOT, ".cp_site"), os.path.dirname(module_file), ROOT):
-        while entry in sys.path:
-            sys.path.remove(entry)
-        sys.path.insert(0, entry)
-    os.chdir(ROOT)
-    name = "_cp_model_" + os.path.splitext(FILE)[0].replace("/", "_")
-    spec = importlib.util.spec_from_file_location(name, module_file)
-    if spec is None or spec.loader is None:
-        raise ImportError("cannot import " + FILE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    fn = getattr(module, FUNCTION, None)
-    if not callable(fn):
-        raise ImportError("%s has no callable %r" % (FILE, FUNCTION))
-    return fn
-
-
-def plain(value):
-    for attr in ("tolist", "item"):
-        method = getattr(value, attr, None)
-        if callable(method):
-            return method()
-    raise TypeError("the model returned a %s, which is not JSON" % type(value).__name__)
-
-
-def invoke(fn, raw):
-    """(status, body bytes) for one request body: model_app.invoke's wire format."""
-    try:
-        body = json.loads(raw) if raw else None
-    except (ValueError, UnicodeDecodeError) as e:
-        error = "the request body is not JSON: %s" % e
-        return 400, json.dumps({"success": False, "error": error}).encode()
-    try:
-        reply = {"success": True, "response": fn(body), "replica_id": REPLICA, "build": BUILD}
-        return 200, json.dumps(reply, default=plain).encode()
-    except Exception as e:
-        last = traceback.extract_tb(e.__traceback__)[-1:]
-        where = " (%s:%s)" % (os.path.basename(last[0].filename), last[0].lineno) if last else ""
-        error = "%s: %s%s" % (type(e).__name__, e, where)
-        reply = {"success": False, "error": error, "replica_id": REPLICA, "build": BUILD}
-        return 500, json.dumps(reply).encode()
-
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "modelctl-serve"
-    fn = None
-
-    def do_POST(self):
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            self.send(400, json.dumps({"success": False, "error": "bad Content-Length"}).encode())
-            return
-        raw = self.rfile.read(length) if length > 0 else b""
-        self.send(*invoke(type(self).fn, raw))
-
-    def do_GET(self):
-        if self.path.split("?")[0] == "/healthz":
-            self.send(200, json.dumps({"status": "ok", "build": BUILD}).encode())
-        else:
-            error = "POST a JSON body to call the model"
-            self.send(404, json.dumps({"success": False, "error": error}).encode())
-
-    def send(self, status, body):
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-
-def stop(signum, frame):
-    raise SystemExit(0)
-
-
-def main():
-    try:
-        Handler.fn = staticmethod(load())
-    except BaseException as e:
-        traceback.print_exc()
-        sys.stderr.write("cannot load %s:%s: %s: %s\n" % (FILE, FUNCTION, type(e).__name__, e))
-        return 1
-    signal.signal(signal.SIGTERM, stop)  # as PID 1, SIGTERM is ignored without a handler
-    host = os.environ.get("CP_HOST", "0.0.0.0")
-    server = ThreadingHTTPServer((host, int(os.environ.get("PORT", "8080"))), Handler)
-    server.daemon_threads = True
-    print("serving %s:%s on http://%s:%d" % (FILE, FUNCTION, host, server.server_port), flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-'''
+def server_files() -> dict[str, str]:
+    """The image's own files, by their name in MODEL_DIR: the server and the loader it
+    uses, read from this package's source (nothing is fetched: exports work offline)."""
+    package = importlib.resources.files("workers")
+    sources = {SERVE_FILE: "image_server.py", LOADER_FILE: "loader.py"}
+    return {name: package.joinpath(source).read_text("utf-8") for name, source in sources.items()}
 
 
 class ExportFailed(Exception):
@@ -256,7 +140,7 @@ def containerfile(export: OciExport) -> str:
             "# Generated by modelctl (workers/oci.py).",
             f"FROM {export.base}",
             f"COPY model/ {MODEL_DIR}/",
-            f"COPY {SERVE_FILE} {MODEL_DIR}/{SERVE_FILE}",
+            f"COPY {SERVE_FILE} {LOADER_FILE} {MODEL_DIR}/",
             _pairs("ENV", _environment(export)),
             _pairs("LABEL", labels(export)),
             f"WORKDIR {MODEL_DIR}",
@@ -284,15 +168,6 @@ def _check_names(export: OciExport) -> None:
 # --------------------------------------------------------------------------- processes
 
 
-@dataclass(frozen=True)
-class _Deadline:
-    at: float
-    timeout_s: float
-
-    def left(self) -> float:
-        return self.at - time.monotonic()
-
-
 def _one_line(text: str) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= MAX_ERROR_CHARS else flat[: MAX_ERROR_CHARS - 3] + "..."
@@ -310,40 +185,16 @@ def _last_error(lines: list[str], returncode: int) -> str:
     return rest[-1] if rest else f"exit status {returncode}"
 
 
-def _pump(stream: IO[str], sink: Callable[[str], None]) -> None:
-    for raw in stream:
-        sink(raw.rstrip("\n"))
-
-
-def _kill_group(proc: subprocess.Popen[str]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=_KILL_GRACE_S)
-
-
-def _wait(proc: subprocess.Popen[str], deadline: _Deadline, during: str) -> None:
-    """Waits for ``proc``; kills its group at the deadline (or on an interrupt)."""
-    try:
-        while proc.poll() is None:
-            if deadline.left() <= 0:
-                raise ExportFailed(f"timed out after {deadline.timeout_s:g} s while {during}")
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=min(0.1, max(deadline.left(), 0.001)))
-    except BaseException:
-        _kill_group(proc)
-        raise
-
-
 def _run(
     cmd: list[str],
     *,
     env: dict[str, str],
     log: Callable[[str], None],
-    deadline: _Deadline,
+    deadline: process.Deadline,
     during: str,
 ) -> None:
-    """Runs ``cmd`` in its own process group, its output to ``log``; raises ExportFailed."""
+    """Runs ``cmd`` (``workers.process``: its own group, killed at the deadline), its
+    output to ``log``; raises ExportFailed, or process.Stopped at the deadline."""
     log(f"running: {' '.join(cmd)}")
     lines: deque[str] = deque(maxlen=_KEEP_LINES)
 
@@ -352,33 +203,11 @@ def _run(
         log(f"buildah | {text}")
 
     try:
-        proc = subprocess.Popen(
-            cmd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-            start_new_session=True,
-        )
+        returncode = process.run(cmd, env=env, output=sink, deadline=deadline, during=during)
     except OSError as e:
         raise ExportFailed(f"cannot run {cmd[0]}: {e}") from None
-    assert proc.stdout is not None
-    pump = threading.Thread(target=_pump, args=(proc.stdout, sink), daemon=True)
-    pump.start()
-    try:
-        _wait(proc, deadline, during)
-    finally:
-        pump.join(timeout=1.0)
-        if pump.is_alive():  # something of its group still holds the pipe
-            _kill_group(proc)
-            pump.join(timeout=_KILL_GRACE_S)
-        if not pump.is_alive():
-            proc.stdout.close()
-    if proc.returncode != 0:
-        raise ExportFailed(f"{during} failed: {_last_error(list(lines), proc.returncode)}")
+    if returncode != 0:
+        raise ExportFailed(f"{during} failed: {_last_error(list(lines), returncode)}")
 
 
 # --------------------------------------------------------------------------- work folders
@@ -459,7 +288,8 @@ def _make_context(export: OciExport, scratch: _Scratch) -> None:
     shutil.copytree(
         export.artifact_path, scratch.context / "model", symlinks=True, copy_function=_link_or_copy
     )
-    (scratch.context / SERVE_FILE).write_text(SERVE_SCRIPT)
+    for name, text in server_files().items():
+        (scratch.context / name).write_text(text)
     scratch.containerfile.write_text(containerfile(export))
 
 
@@ -534,7 +364,7 @@ def export_oci(
 ) -> str:
     """Writes an OCI image layout at ``dest`` (must not exist or be empty); returns the
     manifest digest ``"sha256:..."``. Raises ExportFailed with a one-line cause."""
-    deadline = _Deadline(time.monotonic() + timeout_s, timeout_s)
+    deadline = process.Deadline.after(timeout_s)
     try:
         buildah = _check_inputs(export, dest)
         work_dir.mkdir(parents=True, exist_ok=True)
@@ -545,7 +375,7 @@ def export_oci(
         return _export_in(export, dest, scratch, buildah, log, deadline)
     except OSError as e:
         raise ExportFailed(_one_line(f"export failed: {type(e).__name__}: {e}")) from None
-    except ExportFailed as e:
+    except (ExportFailed, process.Stopped) as e:  # Stopped: "timed out after 2 s while ..."
         raise ExportFailed(_one_line(str(e))) from None
     finally:
         remove_tree(scratch.root, buildah)
@@ -557,7 +387,7 @@ def _export_in(
     scratch: _Scratch,
     buildah: str,
     log: Callable[[str], None],
-    deadline: _Deadline,
+    deadline: process.Deadline,
 ) -> str:
     log(f"exporting {export.image} ({export.build_name}) FROM {export.base} to {dest}")
     _make_context(export, scratch)

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers.model_cases import CASES, FUNCTION, Case, source_files, zip_source
 from workers.archive import zip_directory
 from workers.backend import BuildOutcome, BuildSpec
 from workers.builder import MANIFEST, SITE_DIR, STAGING_DIR, cached_build, run_build
@@ -149,6 +150,24 @@ def test_syntax_error_in_an_imported_module(tmp_path: Path) -> None:
     outcome = build(tmp_path, files, file_path="app/model.py")
     assert outcome.error.startswith("SyntaxError in app/helper.py line 1: ")
     assert_failed_cleanly(tmp_path, outcome)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_the_check_loads_as_a_replica_will(tmp_path: Path, case: Case) -> None:
+    """workers.loader's cases: a sibling import, a data file and a requirement (installed
+    from requirements.txt into .cp_site) build; a package-relative import fails the build
+    in one line, as it would fail every replica."""
+    source = tmp_path / "src.zip"
+    source.write_bytes(zip_source(source_files(case)))
+    outcome = run_build(spec_for(tmp_path, source, case.file_path, FUNCTION))
+    if case.error:
+        assert outcome.error == case.error
+        assert_failed_cleanly(tmp_path, outcome)
+        return
+    assert outcome.ok, outcome.error
+    if case.site:
+        assert [(p.name, p.version) for p in outcome.packages] == [("tinypkg", "1.0")]
+        assert (Path(outcome.artifact_path) / SITE_DIR / "tinypkg" / "__init__.py").is_file()
 
 
 def test_import_error(tmp_path: Path) -> None:

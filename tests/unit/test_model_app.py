@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EXAMPLES
+from tests.helpers import EXAMPLES
+from workers import loader
 from workers.model_app import LoadError, invoke, load_function
 
 
@@ -53,7 +54,20 @@ def test_user_errors_are_500_with_the_cause_and_bad_json_is_400(tmp_path: Path) 
 
 def test_loading_a_missing_function_or_file_says_which(tmp_path: Path) -> None:
     (tmp_path / "model.py").write_text("VALUE = 1\n")
-    with pytest.raises(LoadError, match="no callable 'predict'"):
+    with pytest.raises(LoadError) as failed:
         load_function(str(tmp_path), "model.py", "predict")
+    assert failed.value.reason == "function 'predict' not found in model.py"
     with pytest.raises(LoadError, match=r"other\.py"):
         load_function(str(tmp_path), "other.py", "predict")
+
+
+def test_a_load_error_is_one_marked_line_caused_by_the_models_exception(tmp_path: Path) -> None:
+    """Serve shows the replica's exception inside a long message: the marked line is what
+    the deployment's message keeps (loader.reason_in); the cause goes to the replica's log."""
+    (tmp_path / "model.py").write_text("x = 1\nraise RuntimeError('cannot reach the store')\n")
+    with pytest.raises(LoadError) as failed:
+        load_function(str(tmp_path), "model.py", "predict")
+    reason = "RuntimeError while importing model.py (model.py line 2): cannot reach the store"
+    assert str(failed.value) == loader.MARK + reason
+    assert isinstance(failed.value.__cause__, RuntimeError)
+    assert loader.reason_in(f"Error:\nTraceback ...\nLoadError: {failed.value}\n") == reason

@@ -27,13 +27,16 @@ from typing import Any
 
 import pytest
 
+from tests.helpers.model_cases import write_image_server
 from workers.oci import (
-    SERVE_SCRIPT,
+    LOADER_FILE,
+    SERVE_FILE,
     ExportFailed,
     OciExport,
     containerfile,
     export_oci,
     remove_tree,
+    server_files,
 )
 
 needs_buildah = pytest.mark.skipif(
@@ -97,7 +100,7 @@ def test_containerfile_copies_the_model_and_runs_the_server_without_run(artifact
     lines = text.splitlines()
     assert "FROM docker.io/library/python:3.11-slim" in lines
     assert "COPY model/ /opt/model/" in lines
-    assert "COPY .cp_serve.py /opt/model/.cp_serve.py" in lines
+    assert "COPY .cp_serve.py .cp_loader.py /opt/model/" in lines
     assert 'ENV PYTHONPATH="/opt/model:/opt/model/.cp_site" \\' in lines
     assert '    CP_MODEL_FILE="model.py" \\' in lines
     assert '    CP_MODEL_FUNCTION="predict" \\' in lines
@@ -133,15 +136,18 @@ def test_containerfile_quotes_values_and_refuses_what_cannot_go_in(artifact: Pat
         containerfile(export_for(artifact, function_name="predict; x"))
 
 
-def test_the_server_script_is_python_3_8_syntax_for_older_bases() -> None:
-    ast.parse(SERVE_SCRIPT, feature_version=(3, 8))
+def test_the_server_and_its_loader_are_python_3_8_syntax_for_older_bases() -> None:
+    files = server_files()
+    assert sorted(files) == [LOADER_FILE, SERVE_FILE]
+    for name, text in files.items():
+        ast.parse(text, filename=name, feature_version=(3, 8))
 
 
 # --------------------------------------------------------------------------- the server
 
 
 class Server:
-    """The image's server script, run here on 127.0.0.1 with only the stdlib (-I -S)."""
+    """The image's server, run here on 127.0.0.1 with only the stdlib (-I -S)."""
 
     def __init__(self, proc: subprocess.Popen[str], port: int) -> None:
         self.proc, self.port = proc, port
@@ -158,8 +164,7 @@ class Server:
 
 
 def start_server(tmp_path: Path, artifact: Path, function: str) -> subprocess.Popen[str]:
-    script = tmp_path / "serve.py"  # outside the artifact, which stays untouched
-    script.write_text(SERVE_SCRIPT)
+    script = write_image_server(tmp_path / "image")  # outside the artifact, which stays untouched
     env = {
         "PATH": os.environ.get("PATH", ""),
         "CP_MODEL_ROOT": str(artifact),
@@ -227,7 +232,9 @@ def test_the_server_exits_when_the_function_cannot_be_loaded(
     with start_server(tmp_path, artifact, "missing") as proc:
         _out, err = proc.communicate(timeout=30)
     assert proc.returncode == 1
-    assert "cannot load model.py:missing: ImportError: model.py has no callable 'missing'" in err
+    assert err.splitlines()[-1] == (
+        "cannot load model.py:missing: function 'missing' not found in model.py"
+    )
 
 
 # --------------------------------------------------------------------------- buildah
@@ -304,8 +311,9 @@ def test_export_from_scratch_writes_a_reproducible_oci_layout(
     assert members["opt/model/model.py"].isfile()
     assert members["opt/model/.cp_site/tinypkg/__init__.py"].isfile()
     assert members["opt/model/.cp_artifact.json"].isfile()
-    serve = members["opt/model/.cp_serve.py"]
-    assert serve.isfile() and serve.size == len(SERVE_SCRIPT.encode())
+    for name, text in server_files().items():
+        member = members[f"opt/model/{name}"]
+        assert member.isfile() and member.size == len(text.encode())
     assert all(m.mtime == 0 and m.uid == 0 for m in members.values())
 
     assert any("STEP 1/8: FROM scratch" in line for line in lines)  # buildah's output
