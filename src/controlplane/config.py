@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from controlplane.storage.db import Database
 
 MiB = 1024 * 1024
+# `modelctl serve`'s data dir unless --data-dir says otherwise (relative: to the working dir).
+DEFAULT_DATA_DIR = Path(".modelctl")
 
 
 @dataclass(frozen=True)
@@ -75,3 +78,12 @@ class Settings:
     @property
     def logs_dir(self) -> Path:
         return self.data_dir / "logs"
+
+
+def default(name: str) -> Any:
+    """The default of a ``Settings`` field: the CLI's flags take theirs from here, so that
+    each default is written once."""
+    value = next(f.default for f in fields(Settings) if f.name == name)
+    if value is MISSING:
+        raise KeyError(f"Settings.{name} has no default")
+    return value

@@ -11,101 +11,135 @@ import uuid
 from pathlib import Path
 
 from controlplane import logs, tracing
-from controlplane.config import Settings
+from controlplane.config import DEFAULT_DATA_DIR, MiB, Settings, default
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (0: any free port)")
-    p.add_argument("--http-port", type=int, default=8000, help="HTTP port of the model endpoints")
+    """Every default is Settings' own (config.default), shown by --help."""
+    p.add_argument(
+        "--grpc-port",
+        type=int,
+        default=default("grpc_port"),
+        help="gRPC port (0: any free port; default: %(default)s)",
+    )
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=default("http_port"),
+        help="HTTP port of the model endpoints (default: %(default)s)",
+    )
     p.add_argument(
         "--data-dir",
         type=Path,
-        default=Path(".modelctl"),
-        help="records (SQLite), sources, artifacts, logs, Ray's temp dir",
+        default=DEFAULT_DATA_DIR,
+        help="this server's files: the SQLite database (without --database-url), uploaded "
+        "sources, build artifacts (replicas load them from here), build logs, the first "
+        "admin token (admin.token) and exports' scratch folders. Ray's own files are not "
+        "in it: they stay in Ray's temp dir (default: %(default)s)",
     )
     p.add_argument(
         "--database-url",
-        default="",
+        default=default("database_url"),
         help="e.g. postgresql+psycopg://user@host:5432/db (default: SQLite in DIR)",
     )
     p.add_argument(
-        "--ray-address", default=None, help="an existing Ray cluster (default: start a local one)"
+        "--ray-address",
+        default=default("ray_address"),
+        help="an existing Ray cluster (default: start a local one)",
     )
-    p.add_argument("--num-cpus", type=float, default=4, help="logical CPUs of the local Ray")
+    p.add_argument(
+        "--num-cpus",
+        type=float,
+        default=default("num_cpus"),
+        help="logical CPUs of the local Ray (default: %(default)s)",
+    )
     p.add_argument(
         "--num-gpus",
         type=float,
-        default=0,
-        help="logical GPUs of the local Ray (GPU placement works without GPUs)",
+        default=default("num_gpus"),
+        help="logical GPUs of the local Ray (GPU placement works without GPUs; "
+        "default: %(default)s)",
     )
-    p.add_argument("--host", default="127.0.0.1", help="address gRPC and HTTP listen on")
+    p.add_argument(
+        "--host",
+        default=default("grpc_host"),
+        help="address gRPC and HTTP listen on (default: %(default)s)",
+    )
     p.add_argument(
         "--deploy-timeout",
         "--startup-timeout",
         dest="deploy_timeout",
         type=float,
-        default=300.0,
+        default=default("deploy_timeout_s"),
         help="seconds a rollout's replicas may take to all run (placed but never healthy) "
         "before it FAILS (STARTUP_TIMEOUT) and the model goes back to its last good "
-        "deployment",
+        "deployment (default: %(default)s)",
     )
     p.add_argument(
         "--placement-timeout",
         type=float,
-        default=120.0,
+        default=default("placement_timeout_s"),
         help="seconds a rollout may wait for replicas that cannot be placed (more GPUs or "
-        "CPUs than the cluster has) before it FAILS (PLACEMENT_TIMEOUT)",
+        "CPUs than the cluster has) before it FAILS (PLACEMENT_TIMEOUT) (default: %(default)s)",
     )
     p.add_argument(
         "--build-timeout",
         type=float,
-        default=900.0,
-        help="seconds a build may take, waiting for the cluster included",
+        default=default("build_timeout_s"),
+        help="seconds a build may take, waiting for the cluster included (default: %(default)s)",
     )
     p.add_argument(
         "--build-cpus",
         type=float,
-        default=0.25,
+        default=default("build_cpus"),
         help="CPUs a build task reserves on the cluster (builds of different models run "
-        "at once while CPUs are free)",
+        "at once while CPUs are free; default: %(default)s)",
     )
     p.add_argument(
         "--build-max-mib",
         type=int,
-        default=4096,
-        help="size limit of a build: its code and installed requirements",
+        default=default("build_max_bytes") // MiB,
+        help="size limit of a build: its code and installed requirements (default: %(default)s)",
     )
-    p.add_argument("--max-source-mib", type=int, default=256, help="upload size limit")
+    p.add_argument(
+        "--max-source-mib",
+        type=int,
+        default=default("max_source_bytes") // MiB,
+        help="upload size limit (default: %(default)s)",
+    )
     p.add_argument(
         "--gc-interval",
         type=float,
-        default=3600.0,
-        help="seconds between collections of unused build artifacts (0: never)",
+        default=default("gc_interval_s"),
+        help="seconds between collections of unused build artifacts (0: never; "
+        "default: %(default)s)",
     )
     p.add_argument(
         "--gc-keep-builds",
         type=int,
-        default=5,
-        help="artifacts of each model's newest N builds are kept (and of every deployed build)",
+        default=default("gc_keep_builds"),
+        help="artifacts of each model's newest N builds are kept (and of every deployed "
+        "build; default: %(default)s)",
     )
     p.add_argument(
         "--gc-min-age",
         type=float,
-        default=3600.0,
-        help="an artifact is removed only after it was unused this many seconds",
+        default=default("gc_min_age_s"),
+        help="an artifact is removed only after it was unused this many seconds "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--server-id",
-        default="",
+        default=default("server_id"),
         help="stable name of this server (e.g. its pod): restarted with the same id it takes "
         "its unfinished jobs back at once; others wait for their lease (default: random)",
     )
     p.add_argument(
         "--job-lease",
         type=float,
-        default=15.0,
+        default=default("job_lease_s"),
         help="seconds a running job's lease lasts without renewal before another server "
-        "takes it over",
+        "takes it over (default: %(default)s)",
     )
     t = p.add_argument_group("security (docs/security.md)")
     t.add_argument(
@@ -125,7 +159,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument(
         "--metrics-port",
         type=int,
-        default=None,
+        default=default("metrics_port"),
         help="serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port; "
         "default: off)",
     )
@@ -143,7 +177,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="json: one object per line, with the model, operation, RPC and trace id",
     )
     p.add_argument(
-        "--backend", choices=("ray", "fake"), default="ray", help=argparse.SUPPRESS
+        "--backend", choices=("ray", "fake"), default=default("backend"), help=argparse.SUPPRESS
     )  # fake: development and fast tests only
 
 
@@ -175,12 +209,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
         deploy_timeout_s=args.deploy_timeout,
         placement_timeout_s=args.placement_timeout,
         build_timeout_s=args.build_timeout,
-        build_max_bytes=args.build_max_mib * 1024 * 1024,
+        build_max_bytes=args.build_max_mib * MiB,
         build_cpus=args.build_cpus,
         gc_interval_s=args.gc_interval,
         gc_keep_builds=args.gc_keep_builds,
         gc_min_age_s=args.gc_min_age,
-        max_source_bytes=args.max_source_mib * 1024 * 1024,
+        max_source_bytes=args.max_source_mib * MiB,
         server_id=args.server_id or f"cp-{uuid.uuid4().hex[:12]}",
         job_lease_s=args.job_lease,
         metrics_port=args.metrics_port,

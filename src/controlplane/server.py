@@ -7,7 +7,6 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health
@@ -22,15 +21,12 @@ from controlplane.config import Settings
 from controlplane.dispatcher import Dispatcher, SourcePath
 from controlplane.exports import Exporter
 from controlplane.gc import Collector
-from controlplane.jobs import JOB_APPLY
 from controlplane.metrics import Figures, Metrics, MetricsEndpoint
 from controlplane.reconciler import Reconciler
 from controlplane.service import Service
 from controlplane.sources import SourceStore
-from controlplane.storage import repo
-from controlplane.storage.changes import now
+from controlplane.storage import jobs, repo
 from controlplane.storage.db import Database, FinishedOperation
-from controlplane.storage.tables import JobRow
 from controlplane.watch import EventHub
 from workers.backend import Backend
 
@@ -57,7 +53,6 @@ def make_backend(settings: Settings) -> Backend:
         http_port=settings.http_port,
         num_cpus=settings.num_cpus,
         num_gpus=settings.num_gpus,
-        data_dir=settings.data_dir,
         build_cpus=settings.build_cpus,
     )
 
@@ -202,15 +197,14 @@ class Server:
         with self.db.read() as s:
             models = repo.models_by_state(s)
             replicas = repo.replicas_by_model(s)
-            jobs = repo.jobs_by_state(s)
+            queue = {state.value: n for state, n in jobs.counts(s).items()}
         watchers = self.hub.watchers if self.hub is not None else 0
-        return Figures(models=models, replicas=replicas, jobs=jobs, watchers=watchers)
+        return Figures(models=models, replicas=replicas, jobs=queue, watchers=watchers)
 
     def _enqueue_sync(self) -> None:
         """At start, bring the backend to what the records ask for (e.g. after a Ray restart)."""
         with self.db.write() as tx:
-            ts = now()
-            tx.session.add(JobRow(kind=JOB_APPLY, model="", create_time=ts, update_time=ts))
+            jobs.enqueue(tx.session, jobs.JobKind.APPLY, "")
 
     async def stop(self, grace: float | None = None) -> None:
         grace = self.settings.grace_s if grace is None else grace
@@ -235,7 +229,3 @@ class Server:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
-
-
-def default_data_dir() -> Path:
-    return Path.cwd() / ".modelctl"

@@ -20,14 +20,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray.serve._private import api as serve_api
-from ray.serve.schema import ServeDeploySchema
+from ray.serve.schema import (
+    ApplicationDetails,
+    ReplicaDetails,
+    ServeDeploySchema,
+    ServeInstanceDetails,
+)
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -43,9 +47,13 @@ from workers.backend import (
     ReplicaStatus,
 )
 from workers.builder import run_build
+from workers.loader import reason_in
 from workers.model_app import UNAUTHORIZED, KeyCheck, ModelFunction, invoke, load_function
 from workers.runtime import Runtime
 from workers.runtime import current as current_runtime
+
+if TYPE_CHECKING:
+    from ray.serve._private.client import ServeControllerClient
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +83,7 @@ _ray_logs_through_root()  # before ray.init, which already logs (its SIGTERM war
 DEPLOYMENT = "model"  # the one Serve deployment of every model application
 RESTART_ENV = "CP_RESTART_GENERATION"
 MiB = 1024 * 1024
+OBJECT_STORE_MIB = 256  # of a local cluster this backend starts (Ray's default: 30% of memory)
 
 _APP_STATUS = {
     "NOT_STARTED": AppStatus.DEPLOYING,
@@ -100,7 +109,15 @@ class ModelServer:
     """One replica: loads the build's function once, answers POST with JSON."""
 
     def __init__(self, artifact_path: str, file_path: str, function_name: str, build: str):
-        self._fn: ModelFunction = load_function(artifact_path, file_path, function_name)
+        try:
+            self._fn: ModelFunction = load_function(artifact_path, file_path, function_name)
+        except Exception:
+            # The whole traceback stays in the replica's log (Serve's user logger); the
+            # deployment's message shows only the LoadError's one line (_observation).
+            logging.getLogger("ray.serve").exception(
+                "cannot load %s:%s from %s", file_path, function_name, artifact_path
+            )
+            raise
         self._build = build
         self._replica_id = serve.get_replica_context().replica_id.unique_id
         self._keys = KeyCheck()
@@ -165,19 +182,13 @@ def _app_config(spec: AppSpec) -> dict[str, Any]:
     }
 
 
-def _enum(value: Any) -> str:
-    """Serve's details hold ``(str, Enum)`` members, whose str() is 'Class.MEMBER'."""
-    return str(getattr(value, "value", value))
-
-
-def _replica(r: Mapping[str, Any]) -> ReplicaObservation:
-    started = r.get("start_time_s")
+def _replica(r: ReplicaDetails) -> ReplicaObservation:
     return ReplicaObservation(
-        id=str(r["replica_id"]),
-        state=_REPLICA_STATUS.get(_enum(r.get("state")), ReplicaStatus.STARTING),
-        pid=int(r.get("pid") or 0),
-        node=str(r.get("node_ip") or r.get("node_id") or ""),
-        start_time=datetime.fromtimestamp(float(started), UTC) if started else None,
+        id=r.replica_id,
+        state=_REPLICA_STATUS.get(r.state.value, ReplicaStatus.STARTING),
+        pid=r.pid or 0,
+        node=r.node_ip or r.node_id or "",
+        start_time=datetime.fromtimestamp(r.start_time_s, UTC) if r.start_time_s else None,
     )
 
 
@@ -191,24 +202,25 @@ def _unplaceable(required: Mapping[str, Any], cluster: Mapping[str, float]) -> s
     return f"replicas cannot be placed: each needs {need}; the cluster has {have} in all"
 
 
-def _observation(name: str, app: Mapping[str, Any], cluster: Mapping[str, float]) -> AppObservation:
-    deployments: Mapping[str, Any] = app.get("deployments") or {}
+def _observation(
+    name: str, app: ApplicationDetails, cluster: Mapping[str, float]
+) -> AppObservation:
     replicas: list[ReplicaObservation] = []
     messages: list[str] = []
     unplaceable: list[str] = []
-    for d in deployments.values():
-        replicas.extend(_replica(r) for r in d.get("replicas") or ())
-        why = _unplaceable(d.get("required_resources") or {}, cluster) if cluster else ""
+    for d in app.deployments.values():
+        replicas.extend(_replica(r) for r in d.replicas)
+        why = _unplaceable(d.required_resources, cluster) if cluster else ""
         if why:
             unplaceable.append(why)
-        if d.get("message"):
-            messages.append(str(d["message"]))
+        if d.message:
+            messages.append(d.message)
         elif why:
             messages.append(why)
-    status = _APP_STATUS.get(_enum(app.get("status")), AppStatus.DEPLOYING)
+    status = _APP_STATUS.get(app.status.value, AppStatus.DEPLOYING)
     # The deployment's message carries the cause (the user's exception, what could
     # not be scheduled); the application's only says which deployment failed.
-    message = " ".join(messages) or str(app.get("message") or "")
+    message = reason_in(" ".join(messages) or app.message)  # a failed load: its one line
     return AppObservation(
         app_name=name,
         status=status,
@@ -216,6 +228,31 @@ def _observation(name: str, app: Mapping[str, Any], cluster: Mapping[str, float]
         replicas=tuple(replicas),
         unplaceable=" ".join(unplaceable),
     )
+
+
+class _Serve:
+    """The three private Ray Serve calls this backend makes, and only here. Serve's public
+    API deploys a whole multi-application config only through the dashboard's REST API
+    (``serve deploy``), and its ``serve.status()`` leaves out the replicas (ids, pids,
+    nodes) and the resources each needs; the controller's client does both, and the
+    private ``serve_start`` (unlike ``serve.start``) returns it. The details come back
+    parsed into Serve's public schema, ``ServeInstanceDetails``."""
+
+    def __init__(self, client: ServeControllerClient) -> None:
+        self._client = client
+
+    @classmethod
+    def start(cls, http_host: str, http_port: int) -> _Serve:
+        """Starts Serve on the connected cluster, or connects to the Serve running there."""
+        return cls(serve_api.serve_start(http_options={"host": http_host, "port": http_port}))
+
+    def deploy(self, config: ServeDeploySchema) -> None:
+        """Hands the controller the whole config, as ``serve deploy`` does (returns at once)."""
+        self._client.deploy_apps(config)
+
+    def details(self) -> ServeInstanceDetails:
+        # A dict of Serve's own schema (dumped with exclude_unset; enums as members).
+        return ServeInstanceDetails.model_validate(self._client.get_serve_details())
 
 
 def _free_port(host: str) -> int:
@@ -233,9 +270,7 @@ class RayBackend:
         http_port: int,
         num_cpus: float,
         num_gpus: float,
-        data_dir: os.PathLike[str] | str,
         build_cpus: float = 0.25,
-        object_store_mib: int = 256,
     ) -> None:
         self._address = address
         self._http_host = http_host
@@ -243,9 +278,8 @@ class RayBackend:
         self._num_cpus = num_cpus
         self._num_gpus = num_gpus
         self._build_cpus = build_cpus
-        self._object_store_mib = object_store_mib
         self._owns_ray = False
-        self._client: Any = None
+        self._serve: _Serve | None = None
         self._lock = asyncio.Lock()
         self._runtime: Runtime | None = None
 
@@ -253,12 +287,17 @@ class RayBackend:
     def http_base(self) -> str:
         return f"http://{self._http_host}:{self._http_port}"
 
+    def _started(self) -> _Serve:
+        if self._serve is None:
+            raise RuntimeError("the Ray backend is not started")
+        return self._serve
+
     async def start(self) -> None:
         async with self._lock:
-            if self._client is None:
-                self._client = await asyncio.to_thread(self._start)
+            if self._serve is None:
+                self._serve = await asyncio.to_thread(self._start)
 
-    def _start(self) -> Any:
+    def _start(self) -> _Serve:
         if not ray.is_initialized():
             # Workers' and actors' output stays in Ray's log files (the session dir's
             # logs/), not streamed to this process's stderr as plain text.
@@ -269,22 +308,20 @@ class RayBackend:
                     num_cpus=int(self._num_cpus) if self._num_cpus >= 1 else 1,
                     num_gpus=int(self._num_gpus),
                     include_dashboard=False,
-                    object_store_memory=self._object_store_mib * MiB,
+                    object_store_memory=OBJECT_STORE_MIB * MiB,
                     logging_level=logging.WARNING,
                     log_to_driver=False,
                 )
                 self._owns_ray = True
-        client = serve_api.serve_start(
-            http_options={"host": self._http_host, "port": self._http_port},
-        )
+        started = _Serve.start(self._http_host, self._http_port)
         _ray_logs_through_root()  # and any Ray logger that got its own handler since
-        return client
+        return started
 
     async def close(self) -> None:
         async with self._lock:
-            if self._client is None:
+            if self._serve is None:
                 return
-            self._client = None
+            self._serve = None
             if self._owns_ray:
                 await asyncio.to_thread(self._shutdown)
 
@@ -329,11 +366,11 @@ class RayBackend:
                 "applications": [_app_config(a) for a in apps],
             }
         )
-        await asyncio.to_thread(self._client.deploy_apps, config)
+        await asyncio.to_thread(self._started().deploy, config)
 
     async def observe(self) -> Mapping[str, AppObservation]:
-        details: Mapping[str, Any] = await asyncio.to_thread(self._client.get_serve_details)
-        apps: Mapping[str, Any] = details.get("applications") or {}
+        details = await asyncio.to_thread(self._started().details)
+        apps = details.applications
         cluster: Mapping[str, float] = (
             await asyncio.to_thread(ray.cluster_resources) if apps else {}
         )

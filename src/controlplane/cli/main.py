@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 
-from controlplane import serve_cmd
+from controlplane import config, serve_cmd
 from controlplane.api.client import Client, ClientError
 from controlplane.cli import commands as cmd
 from controlplane.cli import inputs
@@ -21,6 +21,8 @@ from controlplane.cli.output import Printer
 from controlplane.domain import access as ac
 
 EXIT_UNREACHABLE = 3
+# `modelctl serve`'s gRPC address when started without --host and --grpc-port.
+SERVE_ADDRESS = f"{config.default('grpc_host')}:{config.default('grpc_port')}"
 Handler = Callable[[Client, argparse.Namespace, Printer], Awaitable[int]]
 
 
@@ -53,8 +55,8 @@ def _common(defaults: bool) -> argparse.ArgumentParser:
 
     p.add_argument(
         "--server",
-        default=default(os.environ.get("MODELCTL_SERVER", "127.0.0.1:50051")),
-        help="gRPC address of `modelctl serve` (env MODELCTL_SERVER; default 127.0.0.1:50051)",
+        default=default(os.environ.get("MODELCTL_SERVER", SERVE_ADDRESS)),
+        help=f"gRPC address of `modelctl serve` (env MODELCTL_SERVER; default {SERVE_ADDRESS})",
     )
     p.add_argument(
         "--project",

@@ -219,10 +219,6 @@ class Database:
             row = s.get(CounterRow, REVISION)
             return row.value if row else 0
 
-    def ping(self) -> None:
-        with self.engine.connect() as c:
-            c.execute(text("SELECT 1"))
-
     def close(self, wait_s: float = 10.0) -> None:
         """Waits for sessions still open in worker threads, then closes every connection."""
         if self._listener is not None:
