@@ -160,6 +160,8 @@ class JobQueue:
                 .where(
                     JobRow.state == JobState.PENDING.value,
                     or_(col(JobRow.not_before).is_(None), col(JobRow.not_before) <= _now()),
+                    # A kind a newer server wrote (a rolling upgrade) waits for one.
+                    col(JobRow.kind).in_([kind.value for kind in JobKind]),
                 )
                 .order_by(col(JobRow.id))
                 .limit(limit)
