@@ -8,12 +8,20 @@ STAMP   := $(VENV)/.installed
 TS      := clients/typescript
 NODE_STAMP := $(TS)/node_modules/.installed
 
-.PHONY: demo test bench bench-smoke setup system-packages lint typecheck contract generate check-generated pytest clean
+.PHONY: demo test test-fast bench bench-smoke setup system-packages lint typecheck contract generate check-generated pytest clean
 
 demo: setup
 	$(BIN)/python scripts/demo.py
 
 test: setup lint typecheck contract check-generated pytest
+
+# The edit-test loop, under a minute: the unit tests and the integration tests on SQLite
+# alone (no PostgreSQL, no Ray, no Node or Go, nothing marked slow). `make test` runs all.
+# The test deselected by name is buildah retrying a pull for 6 s (its file has no slow
+# marker yet).
+test-fast: $(STAMP)
+	CP_TEST_DATABASES=sqlite CP_NO_SKIPS=$(CP_NO_SKIPS) $(BIN)/python -m pytest \
+		-p no:cacheprovider -rs -q -m "not ray and not slow" tests/unit tests/integration
 
 # Every benchmark beside its anchor, one table (bench/README.md); needs the PostgreSQL
 # server at 127.0.0.1:5432 and a package index. bench-smoke: tiny sizes, as CI runs them.

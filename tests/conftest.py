@@ -1,23 +1,52 @@
-"""Shared fixtures: databases (SQLite and PostgreSQL, both always), example models."""
+"""Shared fixtures: databases (SQLite and PostgreSQL, both unless CP_TEST_DATABASES says
+otherwise). The helpers the tests call are in tests/helpers/."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = ROOT / "examples"
-PG_ADMIN = os.environ.get("CP_TEST_PG", "postgresql://root@127.0.0.1:5432/test")
+from tests.helpers.databases import new_postgres_database
+
 # `make test` sets it: a test skipped for a missing tool (Go, Node, buildah) fails the
 # run, so CI never passes without building and running every client.
 NO_SKIPS = os.environ.get("CP_NO_SKIPS") == "1"
+
+# The databases the tests run on, comma-separated: both by default (`make test`);
+# `make test-fast` sets CP_TEST_DATABASES=sqlite: database_url and fresh_db are SQLite
+# only, and the tests that need PostgreSQL itself (postgres_url, fresh_postgres, or a
+# parameter whose id names postgresql) are deselected.
+KNOWN_DATABASES = ("sqlite", "postgresql")
+DATABASES = [d.strip() for d in os.environ.get("CP_TEST_DATABASES", "sqlite,postgresql").split(",")]
+NEEDS_POSTGRESQL = {"postgres_url", "fresh_postgres"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    unknown = [d for d in DATABASES if d not in KNOWN_DATABASES]
+    if unknown:
+        raise pytest.UsageError(
+            f"CP_TEST_DATABASES={os.environ.get('CP_TEST_DATABASES')!r}: a comma-separated "
+            f"list of {', '.join(KNOWN_DATABASES)}"
+        )
+
+
+def needs_postgresql(item: pytest.Item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    named = callspec is not None and "postgresql" in callspec.id.replace("_", "-").split("-")
+    return named or bool(NEEDS_POSTGRESQL & set(getattr(item, "fixturenames", ())))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if "postgresql" in DATABASES:
+        return
+    deselected = [item for item in items if needs_postgresql(item)]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not needs_postgresql(item)]
 
 
 def _skipped(config: pytest.Config) -> int:
@@ -42,16 +71,11 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A fresh PostgreSQL database for this test session, dropped at the end."""
-    name = f"cp_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN.rsplit("/", 1)[0]
-    yield f"{base.replace('postgresql://', 'postgresql+psycopg://')}/{name}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with new_postgres_database("cp_test") as url:
+        yield url
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=DATABASES)
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'cp.db'}"
@@ -59,7 +83,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return url
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=DATABASES)
 def fresh_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A database of this test's own: other tests' leftover jobs never run here."""
     if request.param == "sqlite":
@@ -73,16 +97,3 @@ def fresh_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 def fresh_postgres() -> Iterator[str]:
     with new_postgres_database() as url:
         yield url
-
-
-@contextlib.contextmanager
-def new_postgres_database() -> Iterator[str]:
-    name = f"cp_own_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-    try:
-        yield f"{base}/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

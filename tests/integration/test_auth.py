@@ -24,13 +24,14 @@ from sqlmodel import select
 from controlplane.access import Access
 from controlplane.api.client import Client, ClientError
 from controlplane.domain import access as ac
-from controlplane.jobs import JOB_APPLY
 from controlplane.server import Server
 from controlplane.storage.db import Database
+from controlplane.storage.jobs import JobKind
 from controlplane.storage.tables import JobRow, TokenRow
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
-from tests.integration.conftest import (
+from tests.helpers import eventually
+from tests.helpers.api import (
     MODEL_V1,
     Stub,
     error_info,
@@ -39,7 +40,7 @@ from tests.integration.conftest import (
     running,
     zip_bytes,
 )
-from tests.integration.servers import MODELCTL, run, serve
+from tests.helpers.servers import MODELCTL, run, serve
 from workers.fake_backend import FakeBackend
 
 A, B = "projects/team-a", "projects/team-b"
@@ -156,12 +157,13 @@ async def build_with(stub: Stub, admin: str, model: str) -> pb.Operation:
         ),
         metadata=md(admin),
     )
-    for _ in range(60):
-        op = await stub.GetOperation(rpc.GetOperationRequest(name=op.name), metadata=md(admin))
-        if op.done:
-            return op
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"not done: {op}")
+
+    async def done() -> pb.Operation:
+        got = await stub.GetOperation(rpc.GetOperationRequest(name=op.name), metadata=md(admin))
+        assert got.done, f"not done yet: {got}"
+        return got
+
+    return await eventually(f"operation {op.name} done", done)
 
 
 async def first(call: Any) -> None:
@@ -558,6 +560,7 @@ async def cli(cwd: Path, *args: str) -> tuple[int, str, str]:
     return await run(MODELCTL, *args, cwd=cwd, env=env)
 
 
+@pytest.mark.slow
 async def test_the_cli_finds_the_admin_token_and_manages_tokens(tmp_path: Path) -> None:
     """`modelctl serve` in a folder, the CLI in the same folder: no flag needed."""
     flags = ("--grpc-port=0", "--http-port=0", "--backend=fake")
@@ -609,6 +612,7 @@ async def test_the_python_client_sends_its_token_with_every_kind_of_call(world: 
         assert e.value.code == "UNAUTHENTICATED"
 
 
+@pytest.mark.slow
 async def test_invocation_keys_reach_the_desired_apps_hashed_and_leave_when_revoked(
     world: World,
 ) -> None:
@@ -622,17 +626,15 @@ async def test_invocation_keys_reach_the_desired_apps_hashed_and_leave_when_revo
     backend = world.server.backend
     hashed = ac.hash_secret(made.secret)
 
-    async def applied_hashes() -> tuple[str, ...]:
-        for _ in range(100):
-            apps = {a.spec.model_name: a.spec for a in backend.apps.values()}  # type: ignore[attr-defined]
-            spec = apps.get(world.live)
-            if spec is not None and (hashed in spec.access.key_hashes) == wanted:
-                return tuple(spec.access.key_hashes)
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"the apply never had the key {'in' if wanted else 'out'}")
+    def applied_hashes() -> list[tuple[str, ...]]:
+        apps = {a.spec.model_name: a.spec for a in backend.apps.values()}  # type: ignore[attr-defined]
+        spec = apps.get(world.live)
+        assert spec is not None, f"{world.live} not applied"
+        assert (hashed in spec.access.key_hashes) == wanted, spec.access.key_hashes
+        return [tuple(spec.access.key_hashes)]  # a list: truthy even when there is no key
 
     wanted = True
-    hashes = await applied_hashes()
+    (hashes,) = await eventually("the key in the applied spec", applied_hashes)
     assert made.secret not in str(hashes) and len(hashes) == 2, "throwaway's and this one"
     listed = await world.stub.ListInvocationKeys(
         rpc.ListInvocationKeysRequest(parent=world.live), metadata=auth
@@ -642,9 +644,11 @@ async def test_invocation_keys_reach_the_desired_apps_hashed_and_leave_when_revo
         rpc.RevokeInvocationKeyRequest(name=made.key.name), metadata=auth
     )
     wanted = False
-    assert hashed not in await applied_hashes()
+    (hashes,) = await eventually("the key out of the applied spec", applied_hashes)
+    assert hashed not in hashes
 
 
+@pytest.mark.slow
 async def test_a_key_revoked_while_the_cluster_cannot_be_reached_is_refused_once_it_can(
     world: World,
 ) -> None:
@@ -662,7 +666,7 @@ async def test_a_key_revoked_while_the_cluster_cannot_be_reached_is_refused_once
         spec = next(a.spec for a in backend.apps.values() if a.spec.model_name == world.live)
         return spec.access.key_hashes
 
-    await until_true("the new key applied", lambda: hashed in applied())
+    await eventually("the new key applied", lambda: hashed in applied())
     backend.unreachable = True
     await world.stub.RevokeInvocationKey(
         rpc.RevokeInvocationKeyRequest(name=made.key.name), metadata=auth
@@ -671,15 +675,16 @@ async def test_a_key_revoked_while_the_cluster_cannot_be_reached_is_refused_once
 
     def apply_failed() -> bool:
         with db.read() as s:
-            jobs = s.exec(select(JobRow).where(JobRow.kind == JOB_APPLY)).all()
+            jobs = s.exec(select(JobRow).where(JobRow.kind == JobKind.APPLY.value)).all()
             return any(j.state == "done" and "cannot be reached" in j.error for j in jobs)
 
-    await until_true("the revoke's apply failed", apply_failed, seconds=15)
+    await eventually("the revoke's apply failed", apply_failed, 15)
     assert hashed in applied(), "nothing reached the cluster while it was away"
     backend.unreachable = False
-    await until_true("the revoked key gone from the replicas", lambda: hashed not in applied())
+    await eventually("the revoked key gone from the replicas", lambda: hashed not in applied())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ends", ["revoked", "expired"])
 async def test_an_open_watch_ends_when_its_token_is_revoked_or_expires(
     world: World, ends: str
@@ -701,7 +706,9 @@ async def test_an_open_watch_ends_when_its_token_is_revoked_or_expires(
         tokens = await world.stub.ListTokens(rpc.ListTokensRequest(parent=A), metadata=auth)
         (name,) = [t.name for t in tokens.tokens if t.name.endswith(f"/{ac.id_of(viewer)}")]
         await world.stub.RevokeToken(rpc.RevokeTokenRequest(name=name), metadata=auth)
-    await asyncio.sleep(2.2)  # past the expiry, and past the stream's last check
+    # Deadlines crossed, which is what is tested: the token's expiry (ttl 2 s) and the
+    # stream's recheck interval (auth.STREAM_RECHECK_S); nothing to poll for meanwhile.
+    await asyncio.sleep(2.2)
     created = f"{A}/models/{world.fresh()}"
     await world.stub.CreateModel(
         rpc.CreateModelRequest(parent=A, model_id=created.rsplit("/", 1)[1]), metadata=auth
@@ -712,14 +719,6 @@ async def test_an_open_watch_ends_when_its_token_is_revoked_or_expires(
             seen.append((await event()).model.name)
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert created not in seen
-
-
-async def until_true(what: str, check: Callable[[], bool], seconds: float = 10) -> None:
-    for _ in range(int(seconds / 0.05)):
-        if check():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out: {what}")
 
 
 def test_servers_starting_together_make_one_first_admin_token(

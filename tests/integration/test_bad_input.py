@@ -14,7 +14,7 @@ from google.protobuf import duration_pb2
 
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
-from tests.integration.conftest import (
+from tests.helpers.api import (
     MODEL_V1,
     Stub,
     build,

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from controlplane.server import Server
-from tests.integration.conftest import fake_settings, running
-from tests.integration.servers import run
+from tests.helpers.api import fake_settings, running
+from tests.helpers.servers import run
 
 BUF = str(Path(sys.executable).with_name("buf"))
 SERVICE = "modellifecycle.v1.ModelLifecycle"

@@ -13,7 +13,7 @@ from controlplane.gc import collect_once
 from controlplane.server import Server
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
-from tests.integration.conftest import (
+from tests.helpers.api import (
     MODEL_V1,
     Stub,
     build,
@@ -28,6 +28,7 @@ from tests.integration.conftest import (
 from workers.fake_backend import FakeBackend
 from workers.runtime import Runtime, current
 
+# An import that takes a while (what is tested: its lines arrive while it runs).
 SLOW_IMPORT = (
     "import sys, time\n"
     "print('loading weights', flush=True)\n"
@@ -72,6 +73,7 @@ async def test_build_records_runtime_and_an_unchanged_rebuild_hits_the_cache(
     assert not forced.cache_hit and forced.image == first.image, "same inputs, same digest"
 
 
+@pytest.mark.slow
 async def test_logs_stream_live_while_the_build_runs_and_replay_after(
     stub: Stub, project: str
 ) -> None:
@@ -93,6 +95,7 @@ async def test_logs_stream_live_while_the_build_runs_and_replay_after(
     assert all(line.HasField("time") for line in replay)
 
 
+@pytest.mark.slow
 async def test_logs_of_a_queued_build_wait_for_it(stub: Stub, project: str, server: Server) -> None:
     backend = server.backend
     assert isinstance(backend, FakeBackend)
@@ -100,6 +103,8 @@ async def test_logs_of_a_queued_build_wait_for_it(stub: Stub, project: str, serv
     model = (await create_model(stub, project)).name
     op = await start_build(stub, model, {"model.py": MODEL_V1})
     follower = asyncio.create_task(log_lines(stub, op.target, follow=True))
+    # What is tested is that nothing happens: no condition to wait for, only a window
+    # (several of the log's polls) in which the follower must not end.
     await asyncio.sleep(0.5)
     assert not follower.done(), "following a build that has not started waits"
     backend.builds_may_start.set()
@@ -162,6 +167,7 @@ async def test_build_logs_of_what_does_not_exist(stub: Stub, project: str) -> No
     assert error_info(e.value)[2] == ["name"]
 
 
+@pytest.mark.slow
 async def test_builds_of_different_models_run_at_once(stub: Stub, project: str) -> None:
     models = [(await create_model(stub, project, f"m{i}")).name for i in range(2)]
     ops = [await start_build(stub, m, {"model.py": SLOW_IMPORT}) for m in models]

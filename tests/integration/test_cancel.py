@@ -12,7 +12,8 @@ from sqlalchemy import text
 from controlplane.server import Server
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
-from tests.integration.conftest import (
+from tests.helpers import eventually
+from tests.helpers.api import (
     MODEL_V2,
     Stub,
     build,
@@ -24,10 +25,15 @@ from tests.integration.conftest import (
     running,
     wait,
 )
-from tests.integration.conftest import start_build as build_started
+from tests.helpers.api import start_build as build_started
 from workers.fake_backend import FakeBackend
 
-SLOW = "import time\ntime.sleep(60)\ndef predict(body):\n    return body\n"
+# The build's import check prints IMPORTING, then sleeps: a cancel must interrupt it.
+IMPORTING = "slow model: importing"
+SLOW = (
+    f"import time\nprint({IMPORTING!r}, flush=True)\ntime.sleep(60)\n"
+    "def predict(body):\n    return body\n"
+)
 
 
 async def start_build(stub: Stub, model: str, source: str, deploy: bool) -> pb.Operation:
@@ -39,17 +45,23 @@ def leftovers(artifacts: Path) -> list[Path]:
     return [p for p in artifacts.rglob("*") if p.name != ".staging"]
 
 
+async def importing(stub: Stub, build_name: str) -> None:
+    """Returns once the build's import check runs SLOW (which sleeps there)."""
+
+    async def printed() -> bool:
+        req = rpc.StreamBuildLogsRequest(name=build_name)
+        lines = [line.text async for line in stub.StreamBuildLogs(req)]
+        return any(IMPORTING in text for text in lines)
+
+    await eventually("the build importing its slow module", printed, 30)
+
+
 async def test_cancelling_a_running_build_stops_it_and_leaves_nothing(
     stub: Stub, project: str, server: Server
 ) -> None:
     model = await create_model(stub, project)
     op = await start_build(stub, model.name, SLOW, deploy=True)
-    for _ in range(200):  # until its import check runs (the module sleeps there)
-        b = await stub.GetBuild(rpc.GetBuildRequest(name=op.target))
-        if b.state == pb.BUILD_STATE_BUILDING:
-            break
-        await asyncio.sleep(0.05)
-    await asyncio.sleep(0.5)
+    await importing(stub, op.target)
     loop = asyncio.get_running_loop()
     started = loop.time()
     done = await stub.CancelOperation(rpc.CancelOperationRequest(name=op.name))
@@ -112,7 +124,12 @@ async def test_cancelling_a_rollout_goes_back_to_the_last_good_deployment(
             parent=model.name, build=f"{model.name}/builds/1", resources=resources(2, cpus=1)
         )
     )
-    await asyncio.sleep(0.3)
+
+    async def rolling_out() -> bool:
+        dep = await stub.GetDeployment(rpc.GetDeploymentRequest(name=op.deployment))
+        return dep.state == pb.DEPLOYMENT_STATE_DEPLOYING
+
+    await eventually("the rollout under way", rolling_out)
     done = await stub.CancelOperation(rpc.CancelOperationRequest(name=op.name))
     server.backend.start_delay_s = 0.05
     assert done.done and op_reason(done) == "OPERATION_CANCELLED"
@@ -140,11 +157,12 @@ async def test_cancelling_a_new_build_deploying_or_a_restart_keeps_the_replicas_
         op = await stub.RestartModel(rpc.RestartModelRequest(name=model.name))
     else:
         op = await start_build(stub, model.name, MODEL_V2.replace("classify", "predict"), True)
-    for _ in range(200):  # past its build: the rollout has started
+
+    async def rolling_out() -> bool:  # past its build: the rollout has started
         dep = await stub.GetDeployment(rpc.GetDeploymentRequest(name=op.deployment))
-        if dep.state == pb.DEPLOYMENT_STATE_DEPLOYING:
-            break
-        await asyncio.sleep(0.05)
+        return dep.state == pb.DEPLOYMENT_STATE_DEPLOYING
+
+    await eventually("the rollout under way", rolling_out)
     done = await stub.CancelOperation(rpc.CancelOperationRequest(name=op.name))
     server.backend.start_delay_s = 0.05
     assert done.done and done.error.code == grpc.StatusCode.CANCELLED.value[0]
@@ -152,12 +170,13 @@ async def test_cancelling_a_new_build_deploying_or_a_restart_keeps_the_replicas_
     m = await stub.GetModel(rpc.GetModelRequest(name=model.name))
     assert m.state == pb.MODEL_STATE_DEPLOYED and m.active_deployment == serving
     assert f"cancelled on request ({op.name})" in m.message, m.message
-    for _ in range(100):  # the spec from before applied again: its replicas take over
+
+    async def replicas_from_before() -> pb.Deployment:  # the spec from before applied again
         dep = await stub.GetDeployment(rpc.GetDeploymentRequest(name=serving))
-        if {r.id for r in dep.replicas} == before:
-            break
-        await asyncio.sleep(0.05)
-    assert {r.id for r in dep.replicas} == before, "the replicas from before kept serving"
+        assert {r.id for r in dep.replicas} == before, dep.replicas
+        return dep
+
+    dep = await eventually("the replicas from before serving", replicas_from_before)
     assert dep.state == pb.DEPLOYMENT_STATE_DEPLOYED
 
 
@@ -180,6 +199,7 @@ async def test_what_cannot_be_cancelled(stub: Stub, project: str, case: str) -> 
         assert error_info(err.value)[0] == why
 
 
+@pytest.mark.slow
 async def test_a_build_running_on_another_server_is_cancelled_through_this_one(
     fresh_db: str, tmp_path: Path, project: str
 ) -> None:
@@ -195,13 +215,8 @@ async def test_a_build_running_on_another_server_is_cancelled_through_this_one(
         stub = Stub(channel)
         model = await create_model(stub, project)
         op = await start_build(stub, model.name, SLOW, deploy=False)
-        for _ in range(200):
-            b = await stub.GetBuild(rpc.GetBuildRequest(name=op.target))
-            if b.state == pb.BUILD_STATE_BUILDING:
-                break
-            await asyncio.sleep(0.05)
+        await importing(stub, op.target)
         assert other.dispatcher is not None and other.dispatcher._by_job, "not running there"
-        await asyncio.sleep(0.5)
         done = await stub.CancelOperation(rpc.CancelOperationRequest(name=op.name))
         assert done.done and op_reason(done) == "OPERATION_CANCELLED"
         b = await stub.GetBuild(rpc.GetBuildRequest(name=op.target))

@@ -10,7 +10,7 @@ import pytest
 
 from controlplane.cli import main as modelctl
 from controlplane.server import Server
-from tests.conftest import EXAMPLES
+from tests.helpers import EXAMPLES
 
 Captured = tuple[int, str, str]  # exit code, stdout, stderr
 Cli = Callable[..., Awaitable[Captured]]
@@ -28,6 +28,7 @@ def cli(server: Server, project: str, capsys: pytest.CaptureFixture[str]) -> Cli
     return run
 
 
+@pytest.mark.slow
 async def test_build_deploy_scale_stop_restart_through_the_cli(cli: Cli, project: str) -> None:
     code, out, _ = await cli("models", "create", "iris")
     assert code == 0 and f"{project}/models/iris" in out

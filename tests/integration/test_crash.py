@@ -28,8 +28,11 @@ import pytest
 from controlplane import failpoints
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
-from tests.integration.conftest import Stub, resources, upload, wait, zip_bytes
-from tests.integration.servers import Cluster, channel
+from tests.helpers import eventually
+from tests.helpers.api import Stub, resources, upload, wait, zip_bytes
+from tests.helpers.servers import Cluster, channel, metric
+
+pytestmark = pytest.mark.slow  # server processes killed and started again, many times
 
 MODEL = "def predict(body):\n    return {'echo': body}\n"
 
@@ -52,7 +55,7 @@ def test_the_matrix_covers_every_fail_point() -> None:
 
 @pytest.fixture
 async def cluster(tmp_path: Path, fresh_db: str) -> AsyncIterator[Cluster]:
-    c = Cluster(tmp_path / "data", fresh_db)
+    c = Cluster(tmp_path / "data", fresh_db, extra=["--metrics-port=0"])  # its watchers
     c.start()
     yield c
     c.kill()
@@ -68,10 +71,19 @@ async def follow(stub: Stub, model: str, since: int, seen: list[pb.ModelEvent]) 
 
 async def head_revision(stub: Stub, model: str) -> int:
     """The latest revision: the BOOKMARK that ends a watch's snapshot carries it."""
-    async for event in stub.WatchModel(rpc.WatchModelRequest(name=model)):
-        if event.type == pb.EVENT_TYPE_BOOKMARK:
-            return int(event.revision)
+    call = stub.WatchModel(rpc.WatchModelRequest(name=model))
+    try:
+        async for event in call:
+            if event.type == pb.EVENT_TYPE_BOOKMARK:
+                return int(event.revision)
+    finally:
+        call.cancel()
     raise AssertionError("the watch ended before its snapshot's BOOKMARK")
+
+
+async def watchers(c: Cluster) -> float:
+    """Watch streams open on the server (its modelctl_watchers gauge)."""
+    return await metric(c.metrics, "modelctl_watchers")
 
 
 Change = Callable[[Stub, str], Awaitable[pb.Operation]]
@@ -82,9 +94,14 @@ async def crash_at(c: Cluster, model: str, step: str, change: Change) -> pb.Oper
     returns the operation once the new server has finished it."""
     async with channel(c) as stub:
         since = await head_revision(stub, model)
+
+        async def none_open() -> bool:  # the watches before this one closed
+            return await watchers(c) == 0
+
+        await eventually("every earlier watch closed", none_open)
         seen: list[pb.ModelEvent] = []
         watcher = asyncio.create_task(follow(stub, model, since, seen))
-        await asyncio.sleep(0.2)
+        await eventually("the watch open", lambda: watchers(c))
         c.arm(step)
         with contextlib.suppress(grpc.aio.AioRpcError):  # the reply may die with the server
             await change(stub, model)
@@ -100,19 +117,18 @@ async def crash_at(c: Cluster, model: str, step: str, change: Change) -> pb.Oper
         resumed: list[pb.ModelEvent] = []
         head = await head_revision(stub, model)
         rest = asyncio.create_task(follow(stub, model, last, resumed))
-        for _ in range(100):
-            if (resumed and resumed[-1].revision >= head) or last >= head:
-                break
-            await asyncio.sleep(0.05)
+        await eventually(
+            "the resumed watch up to the head",
+            lambda: last >= head or (resumed and resumed[-1].revision >= head),
+        )
         rest.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await rest
         replay: list[pb.ModelEvent] = []
         full = asyncio.create_task(follow(stub, model, since, replay))
-        for _ in range(100):
-            if replay and replay[-1].revision >= head:
-                break
-            await asyncio.sleep(0.05)
+        await eventually(
+            "the full replay up to the head", lambda: replay and replay[-1].revision >= head
+        )
         full.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await full
@@ -132,11 +148,7 @@ async def crash_at(c: Cluster, model: str, step: str, change: Change) -> pb.Oper
 
 async def settle(c: Cluster, model: str) -> pb.Model:
     async with channel(c) as stub:
-        for _ in range(200):
-            if c.unfinished_jobs() == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert c.unfinished_jobs() == 0
+        await eventually("every job finished", lambda: c.unfinished_jobs() == 0)
         m: pb.Model = await stub.GetModel(rpc.GetModelRequest(name=model))
         apps = c.running_apps()
         app = apps.get(model.split("/")[1] + "." + model.split("/")[3])

@@ -7,7 +7,6 @@ run with this machine's Python standing in for a base image's, and answer over H
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import os
@@ -16,7 +15,6 @@ import socket
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +25,16 @@ from controlplane.api.client import Client, ClientError
 from controlplane.cli.main import run as cli
 from controlplane.server import Server
 from modellifecycle.v1 import service_pb2 as rpc
-from tests.integration.conftest import Stub, create_model, start_build, wait
+from tests.helpers import eventually
+from tests.helpers.api import Stub, create_model, start_build, wait
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("buildah") is None or shutil.which("skopeo") is None,
-    reason="buildah and skopeo are not installed (make setup installs them as root)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        shutil.which("buildah") is None or shutil.which("skopeo") is None,
+        reason="buildah and skopeo are not installed (make setup installs them as root)",
+    ),
+    pytest.mark.slow,  # buildah, skopeo and an exported server process
+]
 
 MODEL = (
     "import helper\n"
@@ -124,15 +126,16 @@ async def test_export_writes_a_valid_layout_that_holds_and_serves_the_model(
 
 
 async def _post(url: str, body: Any) -> httpx.Response:
-    deadline = time.monotonic() + 20
+    """POSTs ``body`` once the server listens (it may still be starting)."""
     async with httpx.AsyncClient(timeout=10) as http:
-        while True:
+
+        async def answered() -> httpx.Response:
             try:
                 return await http.post(url, json=body)
-            except httpx.ConnectError:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.1)
+            except httpx.ConnectError as e:
+                raise AssertionError(f"nothing listens yet: {e!r}") from e
+
+        return await eventually(f"an answer from {url}", answered, 20)
 
 
 async def test_export_errors(server: Server, stub: Stub, tmp_path: Path, project: str) -> None:

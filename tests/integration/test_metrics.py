@@ -16,7 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from controlplane.server import Server
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
-from tests.integration.conftest import (
+from tests.helpers import eventually
+from tests.helpers.api import (
     MODEL_V1,
     Stub,
     build,
@@ -140,6 +141,7 @@ async def test_metrics_show_a_workflow(metered: Server, project: str) -> None:
     assert value(m, "process_resident_memory_bytes") > 0
 
 
+@pytest.mark.slow
 async def test_the_queue_depth_counts_jobs_no_server_has_taken(
     fresh_db: str, tmp_path: Path, project: str
 ) -> None:
@@ -153,15 +155,14 @@ async def test_the_queue_depth_counts_jobs_no_server_has_taken(
         for i in range(3):
             model = (await create_model(stub, project, f"queued-{i}")).name
             tasks.append(asyncio.create_task(build(stub, model, MODEL_V1)))
-        m: Samples = {}
-        for _ in range(100):
+
+        async def one_running_two_queued() -> Samples:
             m = await scrape(srv)
-            running_jobs = value(m, "modelctl_dispatcher_running_jobs")
-            if running_jobs == 1 and value(m, "modelctl_dispatcher_queue_depth") == 2:
-                break
-            await asyncio.sleep(0.05)
-        assert value(m, "modelctl_dispatcher_running_jobs") == 1
-        assert value(m, "modelctl_dispatcher_queue_depth") == 2
+            assert value(m, "modelctl_dispatcher_running_jobs") == 1
+            assert value(m, "modelctl_dispatcher_queue_depth") == 2
+            return m
+
+        await eventually("one build running and two queued", one_running_two_queued)
         backend.builds_may_start.set()  # type: ignore[attr-defined]
         await asyncio.gather(*tasks)
         assert value(await scrape(srv), "modelctl_dispatcher_queue_depth") == 0

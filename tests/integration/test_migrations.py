@@ -21,7 +21,7 @@ from sqlmodel import SQLModel
 from controlplane.storage import tables  # noqa: F401 (registers every table)
 from controlplane.storage.db import Database
 from controlplane.storage.migrate import IncompatibleSchema, alembic_config, upgrade
-from tests.integration.conftest import MODEL_V1, Stub, build, create_model, fake_settings, running
+from tests.helpers.api import MODEL_V1, Stub, build, create_model, fake_settings, running
 
 FUTURE = "9999_from_a_newer_release"
 

@@ -3,19 +3,21 @@ SQLite and PostgreSQL): what a platform engineer checks after things go wrong.""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from sqlalchemy import text
 
 from controlplane.server import Server
+from controlplane.storage import repo
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
-from tests.integration.conftest import (
+from tests.helpers import eventually
+from tests.helpers.api import (
     MODEL_V2,
     Stub,
     build,
@@ -50,12 +52,19 @@ async def redeploy(stub: Stub, model: str, build_no: int, res: pb.Resources) -> 
     return await wait(stub, op)
 
 
-async def until(what: str, check: object, seconds: float = 10) -> None:
-    for _ in range(int(seconds / 0.05)):
-        if callable(check) and await check():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out: {what}")
+async def reconciler_passes(server: Server, monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    """Returns once the reconciler has made ``n`` more passes (each a full look)."""
+    reconciler = server.reconciler
+    assert reconciler is not None
+    tick, passes = reconciler.tick, 0
+
+    async def counted() -> None:
+        nonlocal passes
+        await tick()
+        passes += 1
+
+    monkeypatch.setattr(reconciler, "tick", counted)
+    await eventually(f"{n} reconciler passes", lambda: passes >= n)
 
 
 async def test_a_failing_new_build_goes_back_to_the_last_good_deployment(
@@ -75,12 +84,13 @@ async def test_a_failing_new_build_goes_back_to_the_last_good_deployment(
     failed = await stub.GetDeployment(rpc.GetDeploymentRequest(name=op.deployment))
     assert failed.state == pb.DEPLOYMENT_STATE_FAILED
     # What runs is the last good deployment again.
-    await until(
+    await eventually(
         "the last good spec applied",
         lambda: _spec_is(server, model.name, f"{model.name}/deployments/1"),
     )
 
 
+@pytest.mark.slow
 async def test_gpus_that_cannot_be_placed_fail_at_the_placement_deadline(
     stub: Stub, project: str, server: Server
 ) -> None:
@@ -95,6 +105,7 @@ async def test_gpus_that_cannot_be_placed_fail_at_the_placement_deadline(
     assert m.active_deployment == f"{model.name}/deployments/1"
 
 
+@pytest.mark.slow
 async def test_replicas_that_never_become_healthy_fail_at_the_startup_deadline(
     stub: Stub, project: str, server: Server
 ) -> None:
@@ -110,7 +121,7 @@ async def test_replicas_that_never_become_healthy_fail_at_the_startup_deadline(
 
 
 async def test_a_failed_restart_keeps_the_replicas_from_before(
-    stub: Stub, project: str, server: Server
+    stub: Stub, project: str, server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = await create_model(stub, project)
     assert not (await build(stub, model.name, deploy=pb_deploy(2))).HasField("error")
@@ -129,13 +140,14 @@ async def test_a_failed_restart_keeps_the_replicas_from_before(
     async def settled() -> bool:  # the generation before re-applied; nothing else to do
         return fake(server).apps[app_of(model.name)].retiring == []
 
-    await until("the restart's replicas gone", settled)
-    await asyncio.sleep(0.3)  # a few reconciler ticks
+    await eventually("the restart's replicas gone", settled)
+    await reconciler_passes(server, monkeypatch, 3)  # which leave it as it is
     dep = await stub.GetDeployment(rpc.GetDeploymentRequest(name=name))
     assert dep.state == pb.DEPLOYMENT_STATE_DEPLOYED and "restart failed" in dep.message
     assert {r.id for r in dep.replicas} == before, "the replicas from before it were kept"
 
 
+@pytest.mark.slow
 async def test_an_application_deleted_behind_our_back_comes_back(
     stub: Stub, project: str, server: Server
 ) -> None:
@@ -147,7 +159,7 @@ async def test_an_application_deleted_behind_our_back_comes_back(
         dep = await stub.GetDeployment(rpc.GetDeploymentRequest(name=f"{model.name}/deployments/1"))
         return app_of(model.name) in fake(server).apps and len(dep.replicas) == 2
 
-    await until("the application re-applied", back)
+    await eventually("the application re-applied", back)
     dep = await stub.GetDeployment(rpc.GetDeploymentRequest(name=f"{model.name}/deployments/1"))
     assert "missing from Serve" in dep.message
     assert (await deployed(stub, model.name)).state == pb.MODEL_STATE_DEPLOYED
@@ -167,7 +179,7 @@ async def test_a_replica_killed_from_outside_is_replaced_and_the_event_says_so(
         dep = await stub.GetDeployment(rpc.GetDeploymentRequest(name=name))
         return victim.id not in {r.id for r in dep.replicas} and len(dep.replicas) == 2
 
-    await until("the replica replaced", replaced)
+    await eventually("the replica replaced", replaced)
     dep = await stub.GetDeployment(rpc.GetDeploymentRequest(name=name))
     assert f"{victim.id} (pid {victim.pid}) stopped unexpectedly" in dep.message
     assert before[1].id in {r.id for r in dep.replicas}, "the other replica was kept"
@@ -200,8 +212,10 @@ async def test_an_error_on_one_model_is_recorded_and_the_loop_goes_on(
         d = await stub.GetDeployment(rpc.GetDeploymentRequest(name=dep))
         return "stopped unexpectedly" in d.message
 
-    await until("the error recorded on its model", broken_recorded)
-    await until("the other model still reconciled", healthy_reconciled)
+    await eventually("the error recorded on its model", broken_recorded)
+    await eventually("the other model still reconciled", healthy_reconciled)
+    with server.db.read() as s:  # /metrics' figures still read (the broken model: none run)
+        assert repo.replicas_by_model(s)[broken.name] == (1, 0)
 
 
 async def test_a_killed_replica_whose_replacement_fails_is_explained_and_stays_deployed(
@@ -218,7 +232,7 @@ async def test_a_killed_replica_whose_replacement_fails_is_explained_and_stays_d
         d = await stub.GetDeployment(rpc.GetDeploymentRequest(name=name))
         return "Serve reports the application DEPLOY_FAILED" in d.message
 
-    await until("Serve's report on the deployment", explained)
+    await eventually("Serve's report on the deployment", explained)
     dep = await stub.GetDeployment(rpc.GetDeploymentRequest(name=name))
     assert f"{victim.id} (pid {victim.pid}) stopped unexpectedly" in dep.message
     assert "GPU driver is gone" in dep.message
@@ -232,7 +246,7 @@ async def test_a_killed_replica_whose_replacement_fails_is_explained_and_stays_d
         running = [r for r in d.replicas if r.state == pb.REPLICA_STATE_RUNNING]
         return "DEPLOY_FAILED" not in d.message and len(running) == 2
 
-    await until("the application healthy again", healthy)
+    await eventually("the application healthy again", healthy)
     dep = await stub.GetDeployment(rpc.GetDeploymentRequest(name=name))
     assert dep.message.startswith(f"replica {victim.id} (pid {victim.pid}) stopped unexpectedly")
 
@@ -248,6 +262,7 @@ async def own_server(
         yield srv, Stub(channel)
 
 
+@pytest.mark.slow
 async def test_an_application_deleted_while_it_rolls_out_comes_back(
     database_url: str, tmp_path: Path, project: str
 ) -> None:
@@ -260,7 +275,7 @@ async def test_an_application_deleted_while_it_rolls_out_comes_back(
                 parent=model.name, build=f"{model.name}/builds/1", resources=resources(2, cpus=1)
             )
         )
-        await until("the rollout applied", lambda: _spec_is(server, model.name, op.deployment))
+        await eventually("the rollout applied", lambda: _spec_is(server, model.name, op.deployment))
         fake(server).delete_app(app_of(model.name))  # mid-rollout, behind our back
         done = await wait(stub, op)
         assert not done.HasField("error"), done.error
@@ -268,6 +283,7 @@ async def test_an_application_deleted_while_it_rolls_out_comes_back(
         assert m.state == pb.MODEL_STATE_DEPLOYED and m.active_deployment == op.deployment
 
 
+@pytest.mark.slow
 async def test_the_loops_go_on_while_the_cluster_is_unreachable_and_recover(
     database_url: str, tmp_path: Path, project: str
 ) -> None:
@@ -293,11 +309,12 @@ async def test_the_loops_go_on_while_the_cluster_is_unreachable_and_recover(
             running = [r for r in dep.replicas if r.state == pb.REPLICA_STATE_RUNNING]
             return app is not None and len(running) == 2
 
-        await until("the model serving again", serving_again)
+        await eventually("the model serving again", serving_again)
         op = await wait(stub, await stub.RestartModel(rpc.RestartModelRequest(name=model.name)))
         assert not op.HasField("error"), "the dispatcher and the reconciler went on"
 
 
+@pytest.mark.slow
 async def test_a_build_that_never_starts_fails_at_the_build_deadline(
     database_url: str, tmp_path: Path, project: str
 ) -> None:

@@ -10,7 +10,7 @@ from google.protobuf import json_format
 from controlplane.server import Server
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
-from tests.integration.conftest import MODEL_V1, Stub, build, create_model, resources, wait
+from tests.helpers.api import MODEL_V1, Stub, build, create_model, resources, wait
 
 SECRET = "s3cr3t-do-not-show"
 

@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,20 +17,34 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from modellifecycle.v1 import service_pb2 as rpc
 from modellifecycle.v1 import service_pb2_grpc
-from tests.integration.conftest import build, create_model, resources
+from tests.helpers import eventually
+from tests.helpers.api import build, create_model, resources, start_build
+from tests.helpers.servers import MODELCTL, metric
 
-MODELCTL = str(Path(sys.executable).with_name("modelctl"))
+pytestmark = pytest.mark.slow  # a server process, and an RPC that waits seconds
+
+# An import that takes a minute (what is tested: an RPC waiting for it is in flight).
+SLOW_IMPORT = "import time\ntime.sleep(60)\ndef predict(body):\n    return body\n"
 
 
 class Proc:
-    def __init__(self, popen: subprocess.Popen[str], grpc_addr: str, http_addr: str) -> None:
+    def __init__(self, popen: subprocess.Popen[str], fields: dict[str, str]) -> None:
         self.popen = popen
-        self.grpc = grpc_addr
-        self.http = http_addr
+        self.grpc = fields["grpc"]
+        self.http = fields["http"]
+        self.metrics = fields["metrics"]
+
+    async def in_flight(self, method: str) -> float:
+        """RPCs of ``method`` the server has started and not finished, from its /metrics."""
+        started = await metric(self.metrics, "grpc_server_started_total", grpc_method=method)
+        handled = await metric(self.metrics, "grpc_server_handled_total", grpc_method=method)
+        return started - handled
 
 
 @pytest.fixture
-def serve(tmp_path: Path, database_url: str) -> Iterator[Proc]:
+def serve(tmp_path: Path, fresh_db: str) -> Iterator[Proc]:
+    """A database of its own: its /metrics read every record, and other tests leave theirs
+    in the shared one (test_recovery.py's corrupt deployment fails the scrape)."""
     popen = subprocess.Popen(
         [
             MODELCTL,
@@ -44,9 +57,11 @@ def serve(tmp_path: Path, database_url: str) -> Iterator[Proc]:
             "--data-dir",
             str(tmp_path / "data"),
             "--database-url",
-            database_url,
+            fresh_db,
             "--backend",
             "fake",
+            "--metrics-port",
+            "0",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -56,8 +71,7 @@ def serve(tmp_path: Path, database_url: str) -> Iterator[Proc]:
     assert popen.stdout is not None
     line = popen.stdout.readline().strip()
     assert line.startswith("ready grpc="), f"unexpected first line {line!r}"
-    fields = dict(part.split("=", 1) for part in line.split()[1:])
-    proc = Proc(popen, fields["grpc"], fields["http"])
+    proc = Proc(popen, dict(part.split("=", 1) for part in line.split()[1:]))
     yield proc
     if popen.poll() is None:
         popen.kill()
@@ -84,21 +98,20 @@ async def test_ready_line_health_reflection_and_clean_sigterm(serve: Proc) -> No
         assert "modellifecycle.v1.ModelLifecycle" in services
         assert "grpc.health.v1.Health" in services
 
-        # An RPC in flight when SIGTERM arrives completes; then the process exits 0.
+        # An RPC in flight when SIGTERM arrives completes; then the process exits 0. The
+        # RPC waits for a build whose import takes a minute: it is still waiting then.
         stub = service_pb2_grpc.ModelLifecycleStub(channel)
         model = await create_model(stub, "projects/sig")
         op = await build(stub, model.name, deploy=rpc.DeployOptions(resources=resources(1)))
-        restart = await stub.RestartModel(rpc.RestartModelRequest(name=model.name))
+        assert op.done and not op.HasField("error"), op
+        slow = await start_build(stub, model.name, {"model.py": SLOW_IMPORT})
         waiting = asyncio.ensure_future(
             stub.WaitOperation(
-                rpc.WaitOperationRequest(
-                    name=restart.name, timeout=duration_pb2.Duration(seconds=5)
-                )
+                rpc.WaitOperationRequest(name=slow.name, timeout=duration_pb2.Duration(seconds=3))
             )
         )
-        await asyncio.sleep(0.2)
+        await eventually("the WaitOperation in flight", lambda: serve.in_flight("WaitOperation"))
         serve.popen.send_signal(signal.SIGTERM)
         result = await waiting
-        assert result.name == restart.name
-        assert op.done
+        assert result.name == slow.name
     assert await asyncio.to_thread(serve.popen.wait, 30) == 0

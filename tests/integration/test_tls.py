@@ -12,9 +12,9 @@ import pytest
 
 from controlplane.api.client import Client, ClientError
 from controlplane.server import Server
-from tests.certs import Authority, Issued
-from tests.integration.conftest import fake_settings, running
-from tests.integration.servers import MODELCTL, run, serve
+from tests.helpers.api import fake_settings, running
+from tests.helpers.certs import Authority, Issued
+from tests.helpers.servers import MODELCTL, run, serve
 
 PROJECT = "projects/tls"
 
@@ -99,6 +99,7 @@ def test_a_certificate_without_its_key_is_refused_before_connecting(pki: Pki) ->
         Client("127.0.0.1:1", tls=(str(pki.ca) + ".missing", None, None))
 
 
+@pytest.mark.slow
 async def test_the_cli_speaks_mutual_tls_to_modelctl_serve(pki: Pki, tmp_path: Path) -> None:
     async with serve(
         "--insecure-no-auth",
@@ -122,6 +123,7 @@ async def test_the_cli_speaks_mutual_tls_to_modelctl_serve(pki: Pki, tmp_path: P
         assert code == 2 and "needs its key" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("flags", "error"),
     [

@@ -19,7 +19,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from modellifecycle.v1 import service_pb2 as rpc
-from tests.integration.conftest import (
+from tests.helpers.api import (
     MODEL_V1,
     MODEL_V2,
     Stub,
@@ -30,7 +30,9 @@ from tests.integration.conftest import (
     wait,
     zip_bytes,
 )
-from tests.integration.servers import serve
+from tests.helpers.servers import serve
+
+pytestmark = pytest.mark.slow  # a server process, traces and logs to collect
 
 SERVICE = "modellifecycle.v1.ModelLifecycle"
 # The calling platform service's trace and span, as it sends them in the call's metadata.

@@ -17,8 +17,9 @@ from sqlalchemy import create_engine, text
 
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
-from tests.integration.conftest import resources, start_build, upload, wait, zip_bytes
-from tests.integration.servers import Cluster, channel
+from tests.helpers import eventually
+from tests.helpers.api import resources, start_build, upload, wait, zip_bytes
+from tests.helpers.servers import Cluster, channel
 
 MODEL = "def predict(body):\n    return body\n"
 LEASE_S = 2.0
@@ -65,6 +66,7 @@ async def test_jobs_spread_over_two_servers_run_once_and_watchers_see_all(
                 seen.append(event)
 
         watcher = asyncio.create_task(follow())
+        await eventually("B's watch open (its snapshot)", lambda: seen)
         # Six models built and deployed at once, half through each server.
         names = [first.name]
         for i in range(1, 6):
@@ -89,10 +91,12 @@ async def test_jobs_spread_over_two_servers_run_once_and_watchers_see_all(
         assert len(jobs) == 12 and {(s, n) for _, s, n in jobs} == {("done", 1)}, jobs
 
         # B's watcher got first's whole story, woken by A's commits.
-        for _ in range(100):
-            if any(e.HasField("model") and e.model.state == pb.MODEL_STATE_DEPLOYED for e in seen):
-                break
-            await asyncio.sleep(0.05)
+        await eventually(
+            "B's watcher sees the model DEPLOYED",
+            lambda: any(
+                e.HasField("model") and e.model.state == pb.MODEL_STATE_DEPLOYED for e in seen
+            ),
+        )
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,8 @@ from controlplane.domain.errors import ResourceExhausted
 from controlplane.server import Server
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
-from tests.integration.conftest import (
+from tests.helpers import eventually
+from tests.helpers.api import (
     Stub,
     build,
     error_info,
@@ -61,12 +62,12 @@ class Follower:
             if e.code() != grpc.StatusCode.CANCELLED:
                 self.error = e
 
-    async def until(self, what: str, ok: object, seconds: float = 10) -> None:
-        for _ in range(int(seconds / 0.02)):
-            if callable(ok) and ok():
-                return
-            await asyncio.sleep(0.02)
-        raise AssertionError(f"timed out waiting for {what}: {self.summary()}")
+    async def until(self, what: str, ok: Callable[..., bool], seconds: float = 10) -> None:
+        def check() -> bool:
+            assert ok(), f"the events so far: {self.summary()}"
+            return True
+
+        await eventually(what, check, seconds, interval=0.02)
 
     def stop(self) -> None:
         self.stream.cancel()
@@ -249,6 +250,7 @@ async def test_a_revision_older_than_retention_is_out_of_range(
         assert error_info(err.value)[0] == "REVISION_EXPIRED"
 
 
+@pytest.mark.slow
 async def test_two_hundred_watchers_each_get_the_change(wstub: Stub, project: str) -> None:
     model = await wstub.CreateModel(rpc.CreateModelRequest(parent=project, model_id="m"))
     watchers = [

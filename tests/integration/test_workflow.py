@@ -10,7 +10,8 @@ import pytest
 from controlplane.server import Server
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
-from tests.integration.conftest import (
+from tests.helpers import eventually
+from tests.helpers.api import (
     MODEL_V2,
     Stub,
     build,
@@ -131,6 +132,7 @@ async def test_failed_build_names_the_function(stub: Stub, project: str) -> None
     assert error_info(e.value)[0] == "BUILD_NOT_BUILT"
 
 
+@pytest.mark.slow
 async def test_unplaceable_gpus_fail_after_the_deadline(stub: Stub, project: str) -> None:
     model = await create_model(stub, project)
     op = await build(stub, model.name, deploy=rpc.DeployOptions(resources=resources(2, gpus=4)))
@@ -210,7 +212,7 @@ async def test_watch_snapshot_then_every_change_and_exact_resume(stub: Stub, pro
                 return
 
     watcher = asyncio.create_task(follow())
-    await asyncio.sleep(0.2)
+    await eventually("the watch open (its snapshot's first event)", lambda: events)
     await build(stub, model.name, deploy=rpc.DeployOptions(resources=resources(1)))
     await asyncio.wait_for(watcher, 20)
     assert events[0].type == pb.EVENT_TYPE_CURRENT and events[0].model.name == model.name

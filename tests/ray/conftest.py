@@ -1,64 +1,47 @@
 """One real local Ray cluster (with Serve) for the whole session.
 
 Small logical CPUs for this 2-core machine, and two *logical* GPUs so that
-``num_gpus`` placement is exercised on machines without a GPU.
+``num_gpus`` placement is exercised on machines without a GPU. The helpers these tests
+call are in tests/helpers/ray_cluster.py and tests/helpers/servers.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from controlplane.config import Settings
-from controlplane.server import Server
+from tests.helpers.servers import free_port
 from workers.backend import Backend
 
+HERE = Path(__file__).resolve().parent
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests here that start a Ray cluster of their own (`modelctl serve` without
+    --ray-address, the clients' suites, the benchmarks) run before the session's cluster
+    starts: two clusters never share this machine's cores. Other tests keep their place."""
+    here = [i for i, item in enumerate(items) if item.path.is_relative_to(HERE)]
+    ours = sorted(
+        (items[i] for i in here),
+        key=lambda item: "ray_backend" in getattr(item, "fixturenames", ()),
+    )
+    for i, item in zip(here, ours, strict=True):
+        items[i] = item
 
 
 @pytest.fixture(scope="session")
-async def ray_backend(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Backend]:
+async def ray_backend() -> AsyncIterator[Backend]:
     from workers.ray_backend import RayBackend
 
-    data: Path = tmp_path_factory.mktemp("ray")
     backend = RayBackend(
         address=None,
         http_host="127.0.0.1",
         http_port=free_port(),
         num_cpus=4,
         num_gpus=2,
-        data_dir=data,
     )
     await backend.start()
     yield backend
     await backend.close()
-
-
-@contextlib.asynccontextmanager
-async def ray_server(backend: Backend, data_dir: Path, **overrides: Any) -> AsyncIterator[Server]:
-    """A control plane on the session's Ray cluster (which it does not own)."""
-    base: dict[str, Any] = {
-        "data_dir": data_dir,
-        "grpc_port": 0,
-        "reconcile_interval_s": 0.25,
-        "deploy_timeout_s": 120.0,
-        "num_gpus": 2,
-        "grace_s": 2.0,
-        "insecure_no_auth": True,
-    }
-    server = Server(Settings(**{**base, **overrides}), backend=backend, owns_backend=False)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()

@@ -16,8 +16,8 @@ import pytest
 from controlplane.server import Server
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
-from tests.integration.conftest import Stub, resources, start_build, upload, wait, zip_bytes
-from tests.ray.conftest import ray_server
+from tests.helpers.api import Stub, resources, start_build, upload, wait, zip_bytes
+from tests.helpers.ray_cluster import ray_server
 from workers.backend import Backend
 
 pytestmark = [pytest.mark.ray, pytest.mark.network]
@@ -84,6 +84,7 @@ async def test_requirement_resolved_at_build_time_is_used_by_the_served_model(
         assert cached.image == b.image and list(cached.packages) == list(b.packages)
 
 
+# An import that takes a while (what is tested: two builds overlap, their lines live).
 SLOW = (
     "import time\n"
     "print('loading weights', flush=True)\n"

@@ -11,12 +11,14 @@ import pytest
 
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
-from tests.integration.conftest import Stub, op_reason, start_build
-from tests.ray.conftest import ray_server
+from tests.helpers import eventually
+from tests.helpers.api import Stub, op_reason, start_build
+from tests.helpers.ray_cluster import ray_server
 from workers.backend import Backend
 
 pytestmark = pytest.mark.ray
 
+# An import that takes long (what the cancel must interrupt).
 SLOW_IMPORT = "import time\ntime.sleep(30)\ndef predict(body):\n    return body\n"
 
 
@@ -46,12 +48,9 @@ async def test_cancelling_a_running_build_interrupts_its_ray_task(
         files = {"slow_model.py": SLOW_IMPORT}
         op = await start_build(stub, model.name, files, file_path="slow_model.py")
         staging = str(server.settings.artifacts_dir / ".staging")
-        for _ in range(600):  # until the Ray task imports the module (which sleeps there)
-            if processes_mentioning(staging):
-                break
-            await asyncio.sleep(0.1)
-        else:
-            raise AssertionError("the build's import never started")
+        await eventually(  # the Ray task imports the module, which sleeps there
+            "the build's import running", lambda: processes_mentioning(staging), 60, 0.1
+        )
         loop = asyncio.get_running_loop()
         started = loop.time()
         done = await stub.CancelOperation(rpc.CancelOperationRequest(name=op.name))
@@ -61,10 +60,11 @@ async def test_cancelling_a_running_build_interrupts_its_ray_task(
         assert op_reason(done) == "OPERATION_CANCELLED"
         build = await stub.GetBuild(rpc.GetBuildRequest(name=op.target))
         assert build.state == pb.BUILD_STATE_FAILED and "cancelled" in build.error
-        for _ in range(100):  # the interrupted task cleans up as it ends
+
+        def cleaned_up() -> bool:  # the interrupted task cleans up as it ends
             left = [p for p in server.settings.artifacts_dir.rglob("*") if p.name != ".staging"]
-            if not left and not processes_mentioning(staging):
-                break
-            await asyncio.sleep(0.1)
-        assert left == [], f"a cancelled build left {left}"
-        assert processes_mentioning(staging) == [], "the import subprocess survived"
+            assert left == [], f"a cancelled build left {left}"
+            assert processes_mentioning(staging) == [], "the import subprocess survived"
+            return True
+
+        await eventually("the cancelled build cleaned up", cleaned_up, 10, 0.1)

@@ -11,8 +11,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import EXAMPLES
-from tests.ray.conftest import ray_server
+from tests.helpers import EXAMPLES
+from tests.helpers.ray_cluster import ray_server
 from workers.backend import Backend
 
 pytestmark = pytest.mark.ray

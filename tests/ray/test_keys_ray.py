@@ -4,7 +4,6 @@ two keys work at once (rotation); none of it restarts a replica."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import httpx
@@ -12,8 +11,8 @@ import pytest
 
 from controlplane.api.client import Client
 from controlplane.domain import types as t
-from tests.conftest import EXAMPLES
-from tests.ray.conftest import ray_server
+from tests.helpers import EXAMPLES, eventually
+from tests.helpers.ray_cluster import ray_server
 from workers.archive import zip_directory
 from workers.backend import Backend
 
@@ -37,13 +36,13 @@ async def status_becomes(
 ) -> int:
     """POSTs until the answer is ``wanted`` (a key takes effect within seconds)."""
     headers = {"authorization": f"Bearer {key}"} if key else {}
-    status = 0
-    for _ in range(int(seconds / 0.2)):
-        status = (await http.post(url, json=SETOSA, headers=headers)).status_code
-        if status == wanted:
-            return status
-        await asyncio.sleep(0.2)
-    return status
+
+    async def status() -> int:
+        got = (await http.post(url, json=SETOSA, headers=headers)).status_code
+        assert got == wanted, f"status {got}"
+        return got
+
+    return await eventually(f"status {wanted} from {url}", status, seconds, 0.2)
 
 
 async def test_endpoints_take_only_their_own_live_keys(

@@ -4,7 +4,6 @@ from before serving, with no failed request."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -12,9 +11,9 @@ import pytest
 
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
-from tests.integration.conftest import MODEL_V1, Stub, build, op_reason, resources, wait
-from tests.ray.conftest import ray_server
-from tests.ray.test_workflow_ray import under_load
+from tests.helpers import eventually
+from tests.helpers.api import MODEL_V1, Stub, build, op_reason, resources, wait
+from tests.helpers.ray_cluster import ray_server, under_load
 from workers.backend import Backend
 
 pytestmark = pytest.mark.ray
@@ -60,16 +59,17 @@ FIRST_RESTART_FAILS = (
 
 async def serving(stub: Stub, model: str, ids: set[str]) -> pb.Deployment:
     """The active deployment once exactly the replicas ``ids`` run (nothing else left)."""
-    for _ in range(240):
+
+    async def only_those() -> pb.Deployment:
         m = await stub.GetModel(rpc.GetModelRequest(name=model))
         dep: pb.Deployment = await stub.GetDeployment(
             rpc.GetDeploymentRequest(name=m.active_deployment)
         )
         running = {r.id for r in dep.replicas if r.state == pb.REPLICA_STATE_RUNNING}
-        if running == ids and len(dep.replicas) == len(ids):
-            return dep
-        await asyncio.sleep(0.25)
-    raise AssertionError(f"{model} is not back to the replicas {ids}: {dep}")
+        assert running == ids and len(dep.replicas) == len(ids), dep
+        return dep
+
+    return await eventually(f"{model} back to the replicas {ids}", only_those, 60, 0.25)
 
 
 async def test_failed_changes_leave_the_last_good_replicas_serving(

@@ -16,8 +16,9 @@ import pytest
 
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
-from tests.integration.conftest import MODEL_V1, Stub, build, resources
-from tests.integration.test_serve_process import MODELCTL
+from tests.helpers import eventually
+from tests.helpers.api import MODEL_V1, Stub, build, resources
+from tests.helpers.servers import MODELCTL
 
 pytestmark = pytest.mark.ray
 
@@ -72,18 +73,19 @@ def serve(tmp_path: Path) -> Iterator[Serve]:
 
 async def answers(stub: Stub, model: str, seconds: float) -> dict[str, object]:
     async with httpx.AsyncClient(timeout=10) as http:
-        for _ in range(int(seconds)):
+
+        async def answer() -> dict[str, object]:
             m = await stub.GetModel(rpc.GetModelRequest(name=model))
-            if m.state == pb.MODEL_STATE_DEPLOYED:
-                try:
-                    r = await http.post(m.endpoint, json={"x": 1})
-                    if r.status_code == 200:
-                        body: dict[str, object] = r.json()
-                        return body
-                except httpx.HTTPError:
-                    pass
-            await asyncio.sleep(1)
-    raise AssertionError(f"{model} does not answer after {seconds}s")
+            assert m.state == pb.MODEL_STATE_DEPLOYED, pb.ModelState.Name(m.state)
+            try:
+                r = await http.post(m.endpoint, json={"x": 1})
+            except httpx.HTTPError as e:
+                raise AssertionError(f"no answer: {e!r}") from e
+            assert r.status_code == 200, r.text
+            body: dict[str, object] = r.json()
+            return body
+
+        return await eventually(f"{model} answering", answer, seconds, 1)
 
 
 async def test_models_serve_again_after_the_cluster_restarts(serve: Serve) -> None:

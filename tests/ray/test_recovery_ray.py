@@ -4,20 +4,20 @@ deleted behind our back comes back."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 from collections.abc import AsyncIterator
 
 import grpc
+import httpx
 import pytest
 
 from controlplane.server import Server
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
-from tests.integration.conftest import MODEL_V1, Stub, build, resources, wait
-from tests.ray.conftest import ray_server
-from tests.ray.test_workflow_ray import call, under_load
+from tests.helpers import eventually
+from tests.helpers.api import MODEL_V1, Stub, build, resources, wait
+from tests.helpers.ray_cluster import call, ray_server, under_load
 from workers.backend import Backend
 
 pytestmark = pytest.mark.ray
@@ -69,39 +69,43 @@ async def test_a_failing_build_leaves_the_last_good_one_serving(stub: Stub, serv
     assert body["success"] and body["build"] == f"{model.name}/builds/1"
 
     # A replica killed from outside: Serve replaces it, the deployment says which.
-    for _ in range(240):  # the last good spec re-applied: its replicas all run
-        before = await deployment(stub, model.name)
-        running = [r for r in before.replicas if r.state == pb.REPLICA_STATE_RUNNING]
-        if len(running) == 2 and len(before.replicas) == 2:
-            break
-        await asyncio.sleep(0.5)
+
+    async def all_running() -> list[pb.Replica]:  # the last good spec re-applied
+        dep = await deployment(stub, model.name)
+        running = [r for r in dep.replicas if r.state == pb.REPLICA_STATE_RUNNING]
+        assert len(running) == 2 and len(dep.replicas) == 2, dep
+        return running
+
+    running = await eventually("its 2 replicas running", all_running, 120, 0.5)
     victim = running[0]
     os.kill(victim.pid, signal.SIGKILL)
-    for _ in range(240):
+
+    async def replaced() -> pb.Deployment:
         dep = await deployment(stub, model.name)
         ids = {r.id for r in dep.replicas if r.state == pb.REPLICA_STATE_RUNNING}
-        if victim.id not in ids and len(ids) == 2:
-            break
-        await asyncio.sleep(0.5)
-    else:
-        raise AssertionError(f"the killed replica was not replaced: {dep}")
+        assert victim.id not in ids and len(ids) == 2, dep
+        return dep
+
+    dep = await eventually("the killed replica replaced", replaced, 120, 0.5)
+    ids = {r.id for r in dep.replicas if r.state == pb.REPLICA_STATE_RUNNING}
     assert f"{victim.id} (pid {victim.pid}) stopped unexpectedly" in dep.message, dep.message
     (replacement,) = ids - {r.id for r in running}
     assert f"Serve replaced it with {replacement}" in dep.message, dep.message
 
     # The application deleted behind our back comes back.
     await server.backend.apply([])
-    for _ in range(240):
-        if "missing from Serve" in (await deployment(stub, model.name)).message:
-            break
-        await asyncio.sleep(0.25)
-    else:
-        raise AssertionError("the missing application was not noticed")
-    for _ in range(240):
+
+    async def noticed() -> bool:
+        return "missing from Serve" in (await deployment(stub, model.name)).message
+
+    await eventually("the missing application noticed", noticed, 60, 0.25)
+
+    async def answers() -> httpx.Response:
         response = await call(endpoint, {"x": 1})
-        if response.status_code == 200:
-            break
-        await asyncio.sleep(0.5)
+        assert response.status_code == 200, response.text
+        return response
+
+    response = await eventually("the application back and answering", answers, 120, 0.5)
     assert response.json()["build"] == f"{model.name}/builds/1"
     op = await stub.StopModel(rpc.StopModelRequest(name=model.name))
     op = await wait(stub, op, 120)

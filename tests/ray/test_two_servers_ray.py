@@ -18,9 +18,8 @@ import pytest
 
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
-from tests.integration.conftest import MODEL_V1, Stub, resources, upload, wait, zip_bytes
-from tests.integration.servers import Cluster
-from tests.ray.conftest import free_port
+from tests.helpers.api import MODEL_V1, Stub, resources, upload, wait, zip_bytes
+from tests.helpers.servers import Cluster, free_port
 
 pytestmark = pytest.mark.ray
 

@@ -7,28 +7,23 @@ function, roll back, restart under steady load (zero failed requests), stop.
 
 from __future__ import annotations
 
-import asyncio
 import io
 import zipfile
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import grpc
-import httpx
 import pytest
 
 from controlplane.server import Server
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
-from tests.conftest import EXAMPLES
-from tests.integration.conftest import Stub, build, resources, upload, wait
-from tests.ray.conftest import ray_server
+from tests.helpers import EXAMPLES
+from tests.helpers.api import Stub, build, resources, upload, wait
+from tests.helpers.ray_cluster import call, ray_server, under_load
 from workers.backend import Backend
 
 pytestmark = pytest.mark.ray
-
-IRIS = {"features": [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]}
 
 
 def zip_dir(path: Path) -> bytes:
@@ -52,11 +47,6 @@ async def workflow_server(
 async def rstub(workflow_server: Server) -> AsyncIterator[Stub]:
     async with grpc.aio.insecure_channel(workflow_server.grpc_address) as channel:
         yield Stub(channel)
-
-
-async def call(endpoint: str, body: Any = IRIS) -> httpx.Response:
-    async with httpx.AsyncClient(timeout=30) as http:
-        return await http.post(endpoint, json=body)
 
 
 async def replicas(stub: Stub, model: str) -> list[pb.Replica]:
@@ -189,38 +179,6 @@ async def test_whole_workflow_on_ray_serve(rstub: Stub) -> None:
     assert len(await replicas(stub, model.name)) == 2
     op = await wait(stub, await stub.StopModel(rpc.StopModelRequest(name=model.name)), 120)
     assert not op.HasField("error"), op.error
-
-
-async def under_load(
-    endpoint: str, change: Awaitable[pb.Operation]
-) -> tuple[pb.Operation, list[str], int]:
-    """Runs a bounded steady load (127.0.0.1 only) while ``change`` rolls out."""
-    failures: list[str] = []
-    total = 0
-    done = asyncio.Event()
-
-    async def worker(http: httpx.AsyncClient) -> None:
-        nonlocal total
-        for _ in range(5000):  # bounded
-            if done.is_set():
-                return
-            total += 1
-            try:
-                r = await http.post(endpoint, json=IRIS)
-                if r.status_code != 200:
-                    failures.append(f"{r.status_code} {r.text[:200]}")
-            except httpx.HTTPError as e:
-                failures.append(repr(e))
-            await asyncio.sleep(0.02)
-
-    async with httpx.AsyncClient(timeout=30) as http:
-        workers = [asyncio.create_task(worker(http)) for _ in range(4)]
-        await asyncio.sleep(0.5)
-        op = await change
-        await asyncio.sleep(0.5)
-        done.set()
-        await asyncio.gather(*workers)
-    return op, failures, total
 
 
 async def test_user_code_failing_at_start_fails_the_deployment(rstub: Stub) -> None:

@@ -339,6 +339,7 @@ def test_export_onto_a_local_base_image_adds_one_layer(tmp_path: Path, artifact:
 
 
 @needs_buildah
+@pytest.mark.slow  # buildah retries the pull for seconds
 def test_a_base_image_that_cannot_be_pulled_fails_in_one_line(
     tmp_path: Path, artifact: Path
 ) -> None:

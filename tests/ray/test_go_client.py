@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EXAMPLES, ROOT
+from tests.helpers import EXAMPLES, ROOT
 
 GO_ROOT = ROOT / "clients" / "go"
 GOCODE = Path("/usr/share/gocode")

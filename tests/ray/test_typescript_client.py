@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.certs import Authority
-from tests.conftest import ROOT
+from tests.helpers import ROOT
+from tests.helpers.certs import Authority
 
 PACKAGE = ROOT / "clients" / "typescript"
 MODELCTL = Path(sys.executable).with_name("modelctl")

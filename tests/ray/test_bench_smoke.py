@@ -1,8 +1,9 @@
 """The benchmarks never rot: `make bench-smoke` (bench/run.py --smoke) runs every one of
 them at tiny sizes, and each reports its figures beside its anchor's.
 
-bench/serve.py starts a Ray cluster of its own: this module runs before tests/ray starts
-the session's, so two clusters never share the 2 cores."""
+bench/serve.py starts a Ray cluster of its own: tests/ray/conftest.py runs this module
+(as every test with a Ray of its own) before the session's cluster starts, so two
+clusters never share the 2 cores."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 RESULTS = ROOT / "bench" / "results"
 OUR_CHANGES = ("scale", "resources", "new_build", "rollback", "restart")

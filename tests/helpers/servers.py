@@ -1,6 +1,7 @@
 """Server processes: `modelctl serve` for the crash and two-server tests (the fake
 backend, whose simulated cluster, a file in the data dir, outlives each process), one
-`modelctl serve` a test talks to (``serve``), and commands run to their end (``run``)."""
+`modelctl serve` a test talks to (``serve``), commands run to their end (``run``), what a
+server's /metrics say (``metric``), and a free port to listen on (``free_port``)."""
 
 from __future__ import annotations
 
@@ -9,18 +10,28 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 
 import grpc
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, text
 
 from controlplane import failpoints
-from tests.integration.conftest import Stub
+from tests.helpers.api import Stub
 
 MODELCTL = str(Path(sys.executable).with_name("modelctl"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 class Cluster:
@@ -46,6 +57,7 @@ class Cluster:
         self.armed = data.parent / f"failpoint-{server_id}"
         self.popen: subprocess.Popen[str] | None = None
         self.address = ""
+        self.metrics = ""
 
     def start(self) -> None:
         self.armed.write_text("")
@@ -72,7 +84,9 @@ class Cluster:
         assert self.popen.stdout is not None
         line = self.popen.stdout.readline().strip()
         assert line.startswith("ready grpc="), f"unexpected first line {line!r}"
-        self.address = line.split()[1].removeprefix("grpc=")
+        fields = dict(part.split("=", 1) for part in line.split()[1:])
+        self.address = fields["grpc"]
+        self.metrics = fields.get("metrics", "")  # with --metrics-port in ``extra``
 
     def arm(self, step: str) -> None:
         self.armed.write_text(step)
@@ -108,6 +122,20 @@ class Cluster:
                 )
         finally:
             engine.dispose()
+
+
+async def metric(address: str, name: str, **labels: str) -> float:
+    """The sum of the samples of ``name`` that have these labels (and any others) at
+    http://ADDRESS/metrics, as Prometheus would scrape them: 0 when there are none."""
+    async with httpx.AsyncClient(timeout=10) as http:
+        answer = await http.get(f"http://{address}/metrics")
+    answer.raise_for_status()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(answer.text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
 
 
 @contextlib.asynccontextmanager
