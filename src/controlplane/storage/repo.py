@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Protocol, TypeVar, cast
@@ -42,6 +43,8 @@ from controlplane.storage.tables import (
     OperationRow,
     SourceRow,
 )
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -335,6 +338,10 @@ def replicas_by_model(s: Session) -> dict[str, tuple[int, int]]:
     )
     out: dict[str, tuple[int, int]] = {}
     for name, state, dep in s.exec(query).all():
-        running = sum(1 for r in replicas_of(dep) if r.state is ReplicaState.RUNNING)
+        try:
+            running = sum(1 for r in replicas_of(dep) if r.state is ReplicaState.RUNNING)
+        except (ValueError, KeyError, TypeError):  # one unreadable row: counted as none
+            log.warning("deployment %s: its replicas cannot be read; counted as 0", dep.name)
+            running = 0
         out[name] = (dep.replicas if state in SERVING_STATES else 0, running)
     return out
