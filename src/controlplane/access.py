@@ -12,6 +12,7 @@ from pathlib import Path
 
 from sqlmodel import col, select
 
+from controlplane.config import ADMIN_TOKEN_FILE
 from controlplane.domain import names
 from controlplane.domain.access import (
     ALL_PROJECTS,
@@ -37,7 +38,6 @@ from controlplane.storage.tables import AuditRow, InvocationKeyRow, OperationRow
 
 log = logging.getLogger(__name__)
 
-ADMIN_TOKEN_FILE = "admin.token"
 MAX_DESCRIPTION = 1000  # of a token or an invocation key
 VERIFY_CACHE_S = 2.0  # a revoked token stops working within this long on other servers
 

@@ -6,11 +6,10 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from controlplane.storage.db import Database
-
 MiB = 1024 * 1024
 # `modelctl serve`'s data dir unless --data-dir says otherwise (relative: to the working dir).
 DEFAULT_DATA_DIR = Path(".modelctl")
+ADMIN_TOKEN_FILE = "admin.token"  # in the data dir: the first admin token (mode 0600)
 
 
 @dataclass(frozen=True)
@@ -65,6 +64,8 @@ class Settings:
 
     @property
     def db_url(self) -> str:
+        from controlplane.storage.db import Database  # the CLI's client commands need none
+
         return self.database_url or Database.sqlite_url(self.data_dir)
 
     @property

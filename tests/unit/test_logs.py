@@ -115,3 +115,5 @@ def test_requests_name_their_model_or_operation() -> None:
         "operation": "operations/ab12"
     }
     assert about(object()) == {}
+    # A 100 KB name names nothing: it never reaches a log line or a span.
+    assert about(rpc.GetModelRequest(name=MODEL + "x" * 100_000)) == {}

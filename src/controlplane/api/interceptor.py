@@ -24,12 +24,17 @@ Continuation = Callable[
 ]
 
 
+# Longer than any name that can exist (a build's or deployment's is at most ~170).
+MAX_NAME = 300
+
+
 def about(request: Any) -> dict[str, str]:
-    """The model and operation a request names (its ``name`` or ``parent``), for logs."""
+    """The model and operation a request names (its ``name`` or ``parent``), for logs and
+    spans; a value too long to name anything is left out (it is refused anyway)."""
     out: dict[str, str] = {}
     for field in ("name", "parent"):
         value = getattr(request, field, "")
-        if not isinstance(value, str) or not value:
+        if not isinstance(value, str) or not value or len(value) > MAX_NAME:
             continue
         parts = value.split("/")
         if parts[0] == "operations":

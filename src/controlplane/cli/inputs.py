@@ -7,6 +7,8 @@ import re
 import zipfile
 from pathlib import Path
 
+from controlplane.config import ADMIN_TOKEN_FILE, DEFAULT_DATA_DIR
+
 MAX_ZIP_ENTRIES = 10_000
 _SKIP_DIRS = {"__pycache__", ".git", ".venv", "venv", ".mypy_cache", ".pytest_cache"}
 _UNITS = {"": 1.0, "k": 1 / 1024, "m": 1.0, "g": 1024.0, "t": 1024.0 * 1024}
@@ -87,7 +89,7 @@ def empty_directory(path: str) -> Path:
     return dest
 
 
-DEFAULT_TOKEN_FILE = Path(".modelctl") / "admin.token"
+DEFAULT_TOKEN_FILE = DEFAULT_DATA_DIR / ADMIN_TOKEN_FILE
 _TTL = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _TTL_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
