@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 
 from controlplane.server import Server
@@ -20,7 +21,7 @@ from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
 from tests.helpers import EXAMPLES
 from tests.helpers.api import Stub, build, resources, upload, wait
-from tests.helpers.ray_cluster import call, ray_server, under_load
+from tests.helpers.ray_cluster import IRIS, call, ray_server, under_load
 from workers.backend import Backend
 
 pytestmark = pytest.mark.ray
@@ -94,6 +95,11 @@ async def test_whole_workflow_on_ray_serve(rstub: Stub) -> None:
     two = await replicas(stub, model.name)
     assert len(two) == 2 and body["replica_id"] in {x.id for x in two}
     assert all(x.pid > 0 and x.node for x in two)
+    # Every answer carries an X-Request-Id: the caller's when it sent one.
+    assert r.headers.get("x-request-id")
+    async with httpx.AsyncClient(timeout=30) as http:
+        mine = await http.post(m.endpoint, json=IRIS, headers={"X-Request-Id": "trace-me-42"})
+    assert mine.status_code == 200 and mine.headers["x-request-id"] == "trace-me-42"
 
     # Scale in place: 2 -> 3, the first two keep their ids and pids.
     op = await wait(
