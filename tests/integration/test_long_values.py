@@ -11,7 +11,6 @@ auth off and on (the first admin token, which may do everything).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -29,6 +28,7 @@ from grpc_status import rpc_status
 from controlplane.server import Server
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
+from tests.helpers import eventually
 from tests.helpers.api import MODEL_V1, Stub, fake_settings, resources, running, zip_bytes
 from tests.helpers.databases import new_postgres_database
 
@@ -259,12 +259,14 @@ async def _world(srv: Server, stub: Stub, auth: bool) -> World:
         ),
         metadata=m,
     )
-    for _ in range(300):
-        op = await stub.GetOperation(rpc.GetOperationRequest(name=op.name), metadata=m)
-        if op.done:
-            break
-        await asyncio.sleep(0.1)
-    assert op.done and not op.HasField("error"), op
+
+    async def done() -> pb.Operation:
+        now = await stub.GetOperation(rpc.GetOperationRequest(name=op.name), metadata=m)
+        assert now.done, now.progress
+        return now
+
+    op = await eventually("the model's first build deployed", done, timeout=30)
+    assert not op.HasField("error"), op
     model = await stub.GetModel(rpc.GetModelRequest(name=live), metadata=m)
     token = await stub.CreateToken(
         rpc.CreateTokenRequest(parent=PROJECT, role=pb.ROLE_VIEWER), metadata=m
