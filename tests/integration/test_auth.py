@@ -23,7 +23,7 @@ from sqlmodel import select
 
 from controlplane.access import Access
 from controlplane.api.client import Client, ClientError
-from controlplane.domain import access as ac
+from controlplane.domain.access import MUTATIONS, RULES, Role, hash_secret, id_of, matches
 from controlplane.server import Server
 from controlplane.storage.db import Database
 from controlplane.storage.jobs import JobKind
@@ -114,7 +114,7 @@ async def world(secured: Server) -> AsyncIterator[World]:
             "revoked": await new_token(stub, admin, A, pb.ROLE_ADMIN),
         }
         tokens = await stub.ListTokens(rpc.ListTokensRequest(parent=A), metadata=auth)
-        revoked_id = ac.id_of(secrets["revoked"])
+        revoked_id = id_of(secrets["revoked"])
         (revoked,) = [t.name for t in tokens.tokens if t.name.endswith(f"/{revoked_id}")]
         await stub.RevokeToken(rpc.RevokeTokenRequest(name=revoked), metadata=auth)
         throwaway = (
@@ -185,79 +185,79 @@ async def upload(w: World, m: Md) -> None:
 Call = Callable[[World, Md], Awaitable[Any]]
 # Each RPC: the least role it needs, the call (aimed at project A), and the code it gets
 # once let in (chosen so that no call changes what the next one sees).
-RPCS: dict[str, tuple[ac.Role, Call, str]] = {
+RPCS: dict[str, tuple[Role, Call, str]] = {
     "GetModel": (
-        ac.Role.VIEWER,
+        Role.VIEWER,
         lambda w, m: w.stub.GetModel(rpc.GetModelRequest(name=w.live), metadata=m),
         OK,
     ),
     "ListModels": (
-        ac.Role.VIEWER,
+        Role.VIEWER,
         lambda w, m: w.stub.ListModels(rpc.ListModelsRequest(parent=A), metadata=m),
         OK,
     ),
     "GetBuild": (
-        ac.Role.VIEWER,
+        Role.VIEWER,
         lambda w, m: w.stub.GetBuild(rpc.GetBuildRequest(name=w.build), metadata=m),
         OK,
     ),
     "ListBuilds": (
-        ac.Role.VIEWER,
+        Role.VIEWER,
         lambda w, m: w.stub.ListBuilds(rpc.ListBuildsRequest(parent=w.live), metadata=m),
         OK,
     ),
     "GetDeployment": (
-        ac.Role.VIEWER,
+        Role.VIEWER,
         lambda w, m: w.stub.GetDeployment(rpc.GetDeploymentRequest(name=w.deployment), metadata=m),
         OK,
     ),
     "ListDeployments": (
-        ac.Role.VIEWER,
+        Role.VIEWER,
         lambda w, m: w.stub.ListDeployments(rpc.ListDeploymentsRequest(parent=w.live), metadata=m),
         OK,
     ),
     "GetOperation": (
-        ac.Role.VIEWER,
+        Role.VIEWER,
         lambda w, m: w.stub.GetOperation(rpc.GetOperationRequest(name=w.operation), metadata=m),
         OK,
     ),
     "ListOperations": (
-        ac.Role.VIEWER,
+        Role.VIEWER,
         lambda w, m: w.stub.ListOperations(rpc.ListOperationsRequest(parent=w.live), metadata=m),
         OK,
     ),
     "WaitOperation": (
-        ac.Role.VIEWER,
+        Role.VIEWER,
         lambda w, m: w.stub.WaitOperation(rpc.WaitOperationRequest(name=w.operation), metadata=m),
         OK,
     ),
     "WatchModel": (
-        ac.Role.VIEWER,
+        Role.VIEWER,
         lambda w, m: first(w.stub.WatchModel(rpc.WatchModelRequest(name=w.live), metadata=m)),
         OK,
     ),
     "WatchModels": (
-        ac.Role.VIEWER,
+        Role.VIEWER,
         lambda w, m: first(w.stub.WatchModels(rpc.WatchModelsRequest(parent=A), metadata=m)),
         OK,
     ),
     "StreamBuildLogs": (
-        ac.Role.VIEWER,
+        Role.VIEWER,
         lambda w, m: first(
             w.stub.StreamBuildLogs(rpc.StreamBuildLogsRequest(name=w.build), metadata=m)
         ),
         OK,
     ),
     "CreateModel": (
-        ac.Role.DEPLOYER,
+        Role.DEPLOYER,
         lambda w, m: w.stub.CreateModel(
             rpc.CreateModelRequest(parent=A, model_id=w.fresh()), metadata=m
         ),
         OK,
     ),
-    "UploadSource": (ac.Role.DEPLOYER, upload, OK),
+    "UploadSource": (Role.DEPLOYER, upload, OK),
     "CreateBuild": (
-        ac.Role.DEPLOYER,
+        Role.DEPLOYER,
         lambda w, m: w.stub.CreateBuild(
             rpc.CreateBuildRequest(
                 parent=w.live, source_sha256="0" * 64, file_path="../x.py", function_name="f"
@@ -267,7 +267,7 @@ RPCS: dict[str, tuple[ac.Role, Call, str]] = {
         "INVALID_ARGUMENT",
     ),
     "CreateDeployment": (
-        ac.Role.DEPLOYER,
+        Role.DEPLOYER,
         lambda w, m: w.stub.CreateDeployment(
             rpc.CreateDeploymentRequest(parent=w.live, build=w.build, resources=resources(-1)),
             metadata=m,
@@ -275,74 +275,74 @@ RPCS: dict[str, tuple[ac.Role, Call, str]] = {
         "INVALID_ARGUMENT",
     ),
     "StopModel": (
-        ac.Role.DEPLOYER,
+        Role.DEPLOYER,
         lambda w, m: w.stub.StopModel(rpc.StopModelRequest(name=w.idle), metadata=m),
         "FAILED_PRECONDITION",
     ),
     "RestartModel": (
-        ac.Role.DEPLOYER,
+        Role.DEPLOYER,
         lambda w, m: w.stub.RestartModel(rpc.RestartModelRequest(name=w.idle), metadata=m),
         "FAILED_PRECONDITION",
     ),
     "CancelOperation": (
-        ac.Role.DEPLOYER,
+        Role.DEPLOYER,
         lambda w, m: w.stub.CancelOperation(
             rpc.CancelOperationRequest(name=w.operation), metadata=m
         ),
         "FAILED_PRECONDITION",
     ),
     "ExportBuild": (
-        ac.Role.DEPLOYER,
+        Role.DEPLOYER,
         lambda w, m: first(
             w.stub.ExportBuild(rpc.ExportBuildRequest(name=w.build, tag="no tag!"), metadata=m)
         ),
         "INVALID_ARGUMENT",
     ),
     "DeleteModel": (
-        ac.Role.ADMIN,
+        Role.ADMIN,
         lambda w, m: w.stub.DeleteModel(rpc.DeleteModelRequest(name=w.live), metadata=m),
         "FAILED_PRECONDITION",
     ),
     "CreateToken": (
-        ac.Role.ADMIN,
+        Role.ADMIN,
         lambda w, m: w.stub.CreateToken(
             rpc.CreateTokenRequest(parent=A, role=pb.ROLE_VIEWER), metadata=m
         ),
         OK,
     ),
     "ListTokens": (
-        ac.Role.ADMIN,
+        Role.ADMIN,
         lambda w, m: w.stub.ListTokens(rpc.ListTokensRequest(parent=A), metadata=m),
         OK,
     ),
     "RevokeToken": (
-        ac.Role.ADMIN,
+        Role.ADMIN,
         lambda w, m: w.stub.RevokeToken(rpc.RevokeTokenRequest(name=w.throwaway), metadata=m),
         OK,
     ),
     "CreateInvocationKey": (
-        ac.Role.DEPLOYER,
+        Role.DEPLOYER,
         lambda w, m: w.stub.CreateInvocationKey(
             rpc.CreateInvocationKeyRequest(parent=w.live), metadata=m
         ),
         OK,
     ),
     "ListInvocationKeys": (
-        ac.Role.VIEWER,
+        Role.VIEWER,
         lambda w, m: w.stub.ListInvocationKeys(
             rpc.ListInvocationKeysRequest(parent=w.live), metadata=m
         ),
         OK,
     ),
     "RevokeInvocationKey": (
-        ac.Role.DEPLOYER,
+        Role.DEPLOYER,
         lambda w, m: w.stub.RevokeInvocationKey(
             rpc.RevokeInvocationKeyRequest(name=w.throwaway_key), metadata=m
         ),
         OK,
     ),
     "ListAuditRecords": (
-        ac.Role.ADMIN,
+        Role.ADMIN,
         lambda w, m: w.stub.ListAuditRecords(rpc.ListAuditRecordsRequest(parent=A), metadata=m),
         OK,
     ),
@@ -354,9 +354,9 @@ PRINCIPALS = {
     "forged": None,
     "expired": None,
     "revoked": None,
-    "viewer of A": ac.Role.VIEWER,
-    "deployer of A": ac.Role.DEPLOYER,
-    "admin of A": ac.Role.ADMIN,
+    "viewer of A": Role.VIEWER,
+    "deployer of A": Role.DEPLOYER,
+    "admin of A": Role.ADMIN,
     "admin of B": "elsewhere",
 }
 
@@ -368,7 +368,7 @@ def expected(principal: str, rpc_name: str) -> str:
         return "UNAUTHENTICATED"
     if role == "elsewhere":
         return "NOT_FOUND"
-    assert isinstance(role, ac.Role)
+    assert isinstance(role, Role)
     return allowed if role >= needed else "PERMISSION_DENIED"
 
 
@@ -383,13 +383,13 @@ async def outcome(w: World, principal: str, rpc_name: str) -> str:
 def test_every_rpc_of_the_service_is_in_the_matrix_and_has_a_rule() -> None:
     names = set(rpc.DESCRIPTOR.services_by_name["ModelLifecycle"].methods_by_name)
     assert names == set(RPCS), "a new RPC needs a row in RPCS (and a rule)"
-    assert names == set(ac.RULES)
+    assert names == set(RULES)
 
 
 def test_every_rpc_but_the_reads_is_audited() -> None:
     names = set(rpc.DESCRIPTOR.services_by_name["ModelLifecycle"].methods_by_name)
     reads = {n for n in names if n.startswith(("Get", "List", "Watch", "Wait", "Stream"))}
-    assert names - reads == ac.MUTATIONS, "a new RPC that changes something is audited"
+    assert names - reads == MUTATIONS, "a new RPC that changes something is audited"
 
 
 async def test_the_matrix_of_principals_and_rpcs(world: World) -> None:
@@ -467,7 +467,7 @@ async def test_a_revoked_token_stops_at_once_and_secrets_are_never_listed(world:
     await world.stub.ListModels(rpc.ListModelsRequest(parent=A), metadata=auth)
     tokens = await world.stub.ListTokens(rpc.ListTokensRequest(parent=A), metadata=md(world.admin))
     assert secret not in str(tokens)
-    name = next(t.name for t in tokens.tokens if t.name.endswith(f"/{ac.id_of(secret)}"))
+    name = next(t.name for t in tokens.tokens if t.name.endswith(f"/{id_of(secret)}"))
     revoked = await world.stub.RevokeToken(
         rpc.RevokeTokenRequest(name=name), metadata=md(world.admin)
     )
@@ -498,15 +498,15 @@ async def test_every_mutation_leaves_an_audit_record(world: World) -> None:
     }
     newest = [(r.principal, r.method.rsplit("/", 1)[-1], r.resource, r.code) for r in records[:2]]
     assert newest == [
-        (tokens[str(ac.id_of(viewer))], "StopModel", world.live, "PERMISSION_DENIED"),
-        (tokens[str(ac.id_of(deployer))], "CreateModel", f"{A}/models/audited", "OK"),
+        (tokens[str(id_of(viewer))], "StopModel", world.live, "PERMISSION_DENIED"),
+        (tokens[str(id_of(deployer))], "CreateModel", f"{A}/models/audited", "OK"),
     ], "reads are not audited; a refused mutation is"
     assert all(r.peer and r.time.seconds > 0 and r.project == "team-a" for r in records)
     built = [r for r in records if r.method.endswith("/CreateBuild") and r.code == "OK"]
     assert built and built[-1].operation == world.operation
     made = [r.resource for r in records if r.method.endswith("/CreateToken")]
     assert made and all(name.startswith(f"{A}/tokens/") for name in made), "which token"
-    assert tokens[str(ac.id_of(viewer))] in made
+    assert tokens[str(id_of(viewer))] in made
 
 
 async def test_a_refused_attempt_on_another_project_is_audited_for_the_callers_project(
@@ -624,7 +624,7 @@ async def test_invocation_keys_reach_the_desired_apps_hashed_and_leave_when_revo
     )
     assert made.secret.startswith("mlk_") and made.key.name.startswith(f"{world.live}/keys/")
     backend = world.server.backend
-    hashed = ac.hash_secret(made.secret)
+    hashed = hash_secret(made.secret)
 
     def applied_hashes() -> list[tuple[str, ...]]:
         apps = {a.spec.model_name: a.spec for a in backend.apps.values()}  # type: ignore[attr-defined]
@@ -660,7 +660,7 @@ async def test_a_key_revoked_while_the_cluster_cannot_be_reached_is_refused_once
     )
     backend = world.server.backend
     assert isinstance(backend, FakeBackend)
-    hashed = ac.hash_secret(made.secret)
+    hashed = hash_secret(made.secret)
 
     def applied() -> tuple[str, ...]:
         spec = next(a.spec for a in backend.apps.values() if a.spec.model_name == world.live)
@@ -704,7 +704,7 @@ async def test_an_open_watch_ends_when_its_token_is_revoked_or_expires(
         pass  # the snapshot, up to its bookmark
     if ends == "revoked":
         tokens = await world.stub.ListTokens(rpc.ListTokensRequest(parent=A), metadata=auth)
-        (name,) = [t.name for t in tokens.tokens if t.name.endswith(f"/{ac.id_of(viewer)}")]
+        (name,) = [t.name for t in tokens.tokens if t.name.endswith(f"/{id_of(viewer)}")]
         await world.stub.RevokeToken(rpc.RevokeTokenRequest(name=name), metadata=auth)
     # Deadlines crossed, which is what is tested: the token's expiry (ttl 2 s) and the
     # stream's recheck interval (auth.STREAM_RECHECK_S); nothing to poll for meanwhile.
@@ -744,7 +744,7 @@ def test_servers_starting_together_make_one_first_admin_token(
         for db in dbs:
             db.close()
     assert len(tokens) == 1 and len(written) == 1
-    assert ac.matches(written[0].read_text().strip(), tokens[0].secret_hash)
+    assert matches(written[0].read_text().strip(), tokens[0].secret_hash)
 
 
 async def test_anonymous_refusals_leave_no_audit_record(world: World) -> None:

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from controlplane.api.client import Client
-from controlplane.domain import types as t
+from controlplane.domain.types import DeployOptions, Resources
 from tests.helpers import EXAMPLES, eventually
 from tests.helpers.ray_cluster import ray_server
 from workers.archive import zip_directory
@@ -24,7 +24,7 @@ async def deploy(c: Client, project: str, model_id: str, tmp: Path) -> str:
     model = (await c.create_model(project, model_id)).name
     zip_directory(EXAMPLES / "iris-v1", tmp / f"{model_id}.zip")
     source = await c.upload_source(model, (tmp / f"{model_id}.zip").read_bytes())
-    deploy = t.DeployOptions(t.Resources(replicas=1, cpus=0.1))
+    deploy = DeployOptions(Resources(replicas=1, cpus=0.1))
     op = await c.create_build(model, source.sha256, "model.py", "predict", deploy=deploy)
     op = await c.wait(op.name, timeout_s=240)
     assert op.error is None, op.error
@@ -111,8 +111,8 @@ async def test_a_replica_reads_its_secret_environment(ray_backend: Backend, tmp_
     ):
         model = (await c.create_model("projects/secrets", "env")).name
         source = await c.upload_source(model, (tmp_path / "env.zip").read_bytes())
-        deploy = t.DeployOptions(
-            t.Resources(replicas=1, cpus=0.1),
+        deploy = DeployOptions(
+            Resources(replicas=1, cpus=0.1),
             environment={"MODE": "fast"},
             secret_environment={"API_KEY": "s3cr3t"},
         )

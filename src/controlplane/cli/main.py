@@ -18,7 +18,7 @@ from controlplane.cli import commands as cmd
 from controlplane.cli import inputs
 from controlplane.cli.inputs import UsageError
 from controlplane.cli.output import Printer
-from controlplane.domain import access as ac
+from controlplane.domain.access import Role
 
 EXIT_UNREACHABLE = 3
 # `modelctl serve`'s gRPC address when started without --host and --grpc-port.
@@ -209,7 +209,7 @@ def parser() -> argparse.ArgumentParser:
     verbs = tok.add_subparsers(dest="verb", required=True, metavar="{create,list,revoke}")
     create = _sub(verbs, "create", cmd.tokens_create, "a new token; its secret is shown once")
     create.add_argument(
-        "--role", required=True, choices=[r.label for r in ac.Role], help="what it may do"
+        "--role", required=True, choices=[r.label for r in Role], help="what it may do"
     )
     create.add_argument(
         "--all-projects", action="store_true", help="valid in every project, not --project's"
