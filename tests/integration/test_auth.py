@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlmodel import select
 
 from controlplane.access import Access
+from controlplane.api.auth import STREAM_RECHECK_S
 from controlplane.api.client import Client, ClientError
 from controlplane.domain.access import MUTATIONS, RULES, Role, hash_secret, id_of, matches
 from controlplane.server import Server
@@ -706,9 +707,19 @@ async def test_an_open_watch_ends_when_its_token_is_revoked_or_expires(
         tokens = await world.stub.ListTokens(rpc.ListTokensRequest(parent=A), metadata=auth)
         (name,) = [t.name for t in tokens.tokens if t.name.endswith(f"/{id_of(viewer)}")]
         await world.stub.RevokeToken(rpc.RevokeTokenRequest(name=name), metadata=auth)
-    # Deadlines crossed, which is what is tested: the token's expiry (ttl 2 s) and the
-    # stream's recheck interval (auth.STREAM_RECHECK_S); nothing to poll for meanwhile.
-    await asyncio.sleep(2.2)
+
+    async def refused() -> bool:
+        try:
+            await world.stub.GetModel(
+                rpc.GetModelRequest(name=f"{A}/models/x"), metadata=md(viewer)
+            )
+        except grpc.aio.AioRpcError as e:
+            return e.code() == grpc.StatusCode.UNAUTHENTICATED
+        return False
+
+    await eventually("the token is refused (revoked, or past its expiry)", refused, timeout=10)
+    # Then the stream's recheck interval, a deadline crossed: nothing shows it meanwhile.
+    await asyncio.sleep(STREAM_RECHECK_S + 0.1)
     created = f"{A}/models/{world.fresh()}"
     await world.stub.CreateModel(
         rpc.CreateModelRequest(parent=A, model_id=created.rsplit("/", 1)[1]), metadata=auth
