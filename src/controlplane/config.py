@@ -6,6 +6,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from controlplane.domain.health import HealthRules
+
 MiB = 1024 * 1024
 # `modelctl serve`'s data dir unless --data-dir says otherwise (relative: to the working dir).
 DEFAULT_DATA_DIR = Path(".modelctl")
@@ -61,6 +63,12 @@ class Settings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    # What replicas report (controlplane/signals.py): read this often (0: never), health
+    # judged this often with these rules (docs/metrics.md), the newest log bytes kept.
+    signals_interval_s: float = 1.0
+    health_interval_s: float = 10.0
+    health_rules: HealthRules = field(default_factory=HealthRules)
+    model_log_bytes: int = 10 * MiB
 
     @property
     def db_url(self) -> str:

@@ -11,6 +11,7 @@ deployment or an operation is made here, in the order things happen to a model.
 4. The reconciler looks (``reconciler``): ``rollout_observed`` (progress, deployed, or
    failed), ``serving_observed`` (replicas Serve replaced, its health reports),
    ``stopping_observed`` (stopped once the application is gone), ``app_missing``.
+5. The signals say how it serves (``signals``): ``health_observed``.
 
 A rollout that fails or is cancelled falls back (``fail_rollout``) to what served before:
 another deployment still DEPLOYED serves again; a failed restart keeps the replicas from
@@ -425,6 +426,13 @@ def app_missing(c: Changes, dep: DeploymentRow) -> None:
     c.resync()
     why = "the application was missing from Serve (deleted, or the cluster restarted); re-applied"
     c.deployment(dep, **_note(why), **_no_replicas())
+
+
+def health_observed(c: Changes, model: ModelRow, health: str) -> None:
+    """What the model's signals say now (``domain.health``); written only when it changes,
+    so that watchers see each change once and nothing else."""
+    if model.health != health:
+        c.model(model, health=health)
 
 
 def reconcile_failed(c: Changes, model: ModelRow, why: str) -> None:

@@ -24,6 +24,7 @@ from controlplane.gc import Collector
 from controlplane.metrics import Figures, Metrics, MetricsEndpoint
 from controlplane.reconciler import Reconciler
 from controlplane.service import Service
+from controlplane.signals import Signals
 from controlplane.sources import SourceStore
 from controlplane.storage import jobs, repo
 from controlplane.storage.db import Database, FinishedOperation
@@ -76,6 +77,7 @@ class Server:
         self.dispatcher: Dispatcher | None = None
         self.reconciler: Reconciler | None = None
         self.collector: Collector | None = None
+        self.signals: Signals | None = None
         self.metrics: Metrics | None = None
         self._metrics_endpoint: MetricsEndpoint | None = None
         self._stop_tracing: Callable[[], None] | None = None
@@ -134,6 +136,8 @@ class Server:
         await self.reconciler.start()
         self.collector = Collector(self.db, s)
         await self.collector.start()
+        self.signals = Signals(self.db, self.backend, s)
+        await self.signals.start()
 
         access = Access(self.db)
         if s.insecure_no_auth:
@@ -163,6 +167,7 @@ class Server:
                 s.wait_operation_max_s,
                 Exporter(s.data_dir / "exports"),
                 access,
+                self.signals,
             ),
         )
         self._health = checker
@@ -212,7 +217,7 @@ class Server:
             await self._health.enter_graceful_shutdown()
         if self._grpc is not None:
             await self._grpc.stop(grace)  # drains in-flight RPCs
-        for part in (self.collector, self.reconciler, self.dispatcher, self.hub):
+        for part in (self.signals, self.collector, self.reconciler, self.dispatcher, self.hub):
             if part is not None:
                 await part.stop()
         if self._metrics_endpoint is not None:

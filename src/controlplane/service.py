@@ -11,7 +11,8 @@ import json
 import keyword
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,12 +29,14 @@ from controlplane.domain.errors import (
     check_text,
     invalid_field,
 )
+from controlplane.domain.redaction import redact
 from controlplane.domain.states import BuildState, DeploymentState, ModelState
 from controlplane.domain.transitions import Verb, check_verb
 from controlplane.domain.types import (
     Build,
     Deployment,
     DeployOptions,
+    LogLine,
     Model,
     Operation,
     Page,
@@ -42,7 +45,7 @@ from controlplane.domain.types import (
     validate_environment,
 )
 from controlplane.sources import SourceStore
-from controlplane.storage import repo
+from controlplane.storage import model_logs, repo
 from controlplane.storage.changes import Changes, now
 from controlplane.storage.db import Database
 from controlplane.storage.model_cache import ModelCache
@@ -67,6 +70,10 @@ MAX_DESCRIPTION = 10_000
 MAX_COMMENT = 10_000
 MAX_REQUEST_ID = 200
 MAX_FUNCTION_NAME = 200  # the column's size
+MAX_REPLICA_ID = 100  # the log table's column
+METRICS_STEP_S = 10  # GetModelMetrics' finest step (controlplane/series.py)
+METRICS_WINDOW_MAX_S = 3600  # and how far back it keeps
+_REPLICA_ID = re.compile(r"[A-Za-z0-9_-]*")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")  # an OCI reference name
 DEFAULT_PYTHON = "3.11"  # base image of builds made before runtimes were recorded
 
@@ -89,6 +96,17 @@ class NewBuild:
 
 def _fingerprint(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, default=str, sort_keys=True).encode()).hexdigest()
+
+
+def metrics_window(window_s: float, step_s: float) -> tuple[int, int]:
+    """GetModelMetrics' window and step in seconds (0: their defaults), checked."""
+    window = int(window_s) if window_s else METRICS_WINDOW_MAX_S
+    step = int(step_s) if step_s else METRICS_STEP_S
+    if window_s and not METRICS_STEP_S <= window_s <= METRICS_WINDOW_MAX_S:
+        raise invalid_field("window", "from 10s to 3600s (the last hour is kept)")
+    if step_s and (step_s % METRICS_STEP_S or step_s > window or step_s < 0):
+        raise invalid_field("step", "a multiple of 10s, at most the window")
+    return window, step
 
 
 def _check_request_id(request_id: str) -> None:
@@ -316,6 +334,34 @@ class Service:
         self.models.put(model, generation)
         return model
 
+    def log_query(
+        self,
+        name: str,
+        replica: str = "",
+        build: str = "",
+        since: datetime | None = None,
+        tail: int = 0,
+    ) -> model_logs.LogQuery:
+        """A StreamModelLogs request checked: the model exists (NOT_FOUND), the build is
+        one of its builds' names, the replica id and tail are sensible."""
+        self.get_model(name)
+        if build and str(names.parse_build(build, "build").parent) != name:
+            raise invalid_field("build", f"{build!r} is not a build of {name}")
+        if len(replica) > MAX_REPLICA_ID or not _REPLICA_ID.fullmatch(replica):
+            raise invalid_field("replica_id", "a replica id as GetDeployment lists it")
+        if tail < 0:
+            raise invalid_field("tail", "0 (every line kept) or the number of last lines")
+        return model_logs.LogQuery(name, replica, build, since, tail=tail)
+
+    def model_log_lines(self, query: model_logs.LogQuery) -> list[LogLine]:
+        """A model's log lines (storage/model_logs.py), redacted with the secret values of
+        every deployment it has now (lines are redacted when written too)."""
+        with self.db.read() as s:
+            deps = s.exec(select(DeploymentRow).where(col(DeploymentRow.model) == query.model))
+            secrets = {v for d in deps for v in repo.secrets_of(d).values() if v}
+            lines = model_logs.read(s, query)
+        return [replace(line, text=redact(line.text, secrets)) for line in lines]
+
     def list_models(self, parent: str, size: int, token: str) -> Page[Model]:
         project = names.parse_project(parent, "parent").project
         return self._list(
@@ -341,6 +387,7 @@ class Service:
             for table in tables:
                 for row in c.session.exec(select(table).where(col(table.model) == name)).all():
                     c.session.delete(row)
+            model_logs.delete_model(c.session, name)
             c.model_deleted(model)
 
     # ---- sources ---------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from workers.runtime import Runtime
+from workers.signals import Batch
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,12 @@ class Backend(Protocol):
 
     async def observe(self) -> Mapping[str, AppObservation]:
         """What runs now, by app name. An app being deleted may still appear as DELETING."""
+        ...
+
+    async def signals(self, epoch: str, cursor: int) -> Batch:
+        """What replicas reported after ``cursor`` (of collector ``epoch``; another epoch:
+        from the start): every replica's latest figures, their new lines, and requests
+        refused before a replica saw them (``workers.signals``)."""
         ...
 
 

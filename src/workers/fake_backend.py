@@ -40,6 +40,7 @@ from workers.backend import (
 from workers.builder import run_build
 from workers.runtime import Runtime
 from workers.runtime import current as current_runtime
+from workers.signals import Batch, Collector, ProxyFigures, Report
 
 
 @dataclass
@@ -85,6 +86,9 @@ class FakeBackend:
         self.builds_may_start.set()
         # Tests: the runtime the "cluster" reports (builds run here, with this Python).
         self.cluster_runtime: Runtime = current_runtime()
+        # Tests: replicas' reports and proxies' figures, as they would come from Ray.
+        self.collector = Collector()
+        self.proxies: dict[str, ProxyFigures] = {}
 
     @property
     def http_base(self) -> str:
@@ -104,6 +108,22 @@ class FakeBackend:
     def _save(self) -> None:
         if self.state_file is not None:
             _save(self.state_file, self.apps)
+
+    def report(self, *reports: Report) -> None:
+        """Tests: what replicas would push (made-up figures and lines)."""
+        self.collector.push(reports)
+
+    async def signals(self, epoch: str, cursor: int) -> Batch:
+        self._reachable()
+        batch = self.collector.read(epoch, cursor)
+        return Batch(
+            epoch=batch.epoch,
+            cursor=batch.cursor,
+            replicas=batch.replicas,
+            lines=batch.lines,
+            proxies=tuple(self.proxies.values()),
+            lines_lost=batch.lines_lost,
+        )
 
     def _reachable(self) -> None:
         if self.unreachable:

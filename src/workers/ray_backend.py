@@ -21,7 +21,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
+import urllib.request
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +54,18 @@ from workers.loader import reason_in
 from workers.model_app import UNAUTHORIZED, KeyCheck, ModelFunction, invoke, load_function
 from workers.runtime import Runtime
 from workers.runtime import current as current_runtime
+from workers.signals import (
+    Batch,
+    Collector,
+    Identity,
+    Pusher,
+    ReplicaSignals,
+    Report,
+    answered,
+    answering,
+    capture_output,
+    proxy_figures,
+)
 
 if TYPE_CHECKING:
     from ray.serve._private.client import ServeControllerClient
@@ -84,6 +99,13 @@ DEPLOYMENT = "model"  # the one Serve deployment of every model application
 RESTART_ENV = "CP_RESTART_GENERATION"
 MiB = 1024 * 1024
 OBJECT_STORE_MIB = 256  # of a local cluster this backend starts (Ray's default: 30% of memory)
+MAX_ONGOING = 16  # requests one replica takes at once; more wait in Serve's queue
+# Serve's own metrics reach each node's metrics agent this often (Ray's default: 10 s);
+# a cluster this backend joins should be started with RAY_metrics_report_interval_ms too.
+METRICS_REPORT_MS = 1000
+COLLECTOR = "modelctl-signals"  # the detached actor replicas report to
+NAMESPACE = "modelctl"
+PROXY_METRICS = ("ray_serve_num_http_requests_total", "ray_serve_deployment_queued_queries")
 
 _APP_STATUS = {
     "NOT_STARTED": AppStatus.DEPLOYING,
@@ -104,19 +126,106 @@ _REPLICA_STATUS = {
 }
 
 
-@serve.deployment(name=DEPLOYMENT, max_ongoing_requests=16)
-class ModelServer:
-    """One replica: loads the build's function once, answers POST with JSON."""
+def _collector() -> Any:
+    return ray.get_actor(COLLECTOR, namespace=NAMESPACE)
 
-    def __init__(self, artifact_path: str, file_path: str, function_name: str, build: str):
+
+class _Send:
+    """Hands a replica's report to the collector and waits for it to be taken (in the
+    pusher's thread), finding the collector again when it was started anew."""
+
+    def __init__(self) -> None:
+        self._actor: Any = None
+
+    def __call__(self, report: Report) -> None:
+        if self._actor is None:
+            self._actor = _collector()
+        try:
+            ray.get(self._actor.push.remote([report]), timeout=10)
+        except Exception:
+            self._actor = None
+            raise
+
+
+def _gpu_probe(gpu_ids: list[Any]) -> Any:
+    """GPUs' worth in use by the replica's GPUs (NVML utilisation), or None where NVML or a
+    GPU is missing (logical GPUs): then the figures say "not measured"."""
+    if not gpu_ids:
+        return None
+    try:
+        import importlib
+
+        pynvml: Any = importlib.import_module("ray._private.thirdparty.pynvml")
+        pynvml.nvmlInit()
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(int(i)) for i in gpu_ids]
+    except Exception:
+        return None
+
+    def used() -> float:
+        try:
+            return float(sum(pynvml.nvmlDeviceGetUtilizationRates(h).gpu for h in handles)) / 100
+        except Exception:
+            return -1.0
+
+    return used
+
+
+def _identity(build: str) -> Identity:
+    replica = serve.get_replica_context()
+    assigned = ray.get_runtime_context().get_assigned_resources()  # type: ignore[no-untyped-call]
+    return Identity(
+        app=replica.app_name,
+        replica=replica.replica_id.unique_id,
+        build=build,
+        node=ray.util.get_node_ip_address(),  # type: ignore[no-untyped-call]
+        busy_limit=MAX_ONGOING,
+        requested_cpus=float(assigned.get("CPU", 0.0)),
+        requested_memory_bytes=int(assigned.get("memory", 0)),
+        requested_gpus=float(assigned.get("GPU", 0.0)),
+        gpu_probe=_gpu_probe(ray.get_gpu_ids()),
+    )
+
+
+def _request_id(request: Request) -> str:
+    try:  # Serve's id of the request: the caller's X-Request-Id, or one it made
+        from ray.serve.context import _get_serve_request_context
+
+        return str(_get_serve_request_context().request_id)
+    except Exception:
+        return request.headers.get("x-request-id", "")
+
+
+@serve.deployment(name=DEPLOYMENT, max_ongoing_requests=MAX_ONGOING)
+class ModelServer:
+    """One replica: loads the build's function once, answers POST with JSON, counts each
+    request and collects its output (``workers.signals``) unless ``signals`` is False."""
+
+    def __init__(
+        self,
+        artifact_path: str,
+        file_path: str,
+        function_name: str,
+        build: str,
+        signals: bool = True,
+    ):
+        self._signals: ReplicaSignals | None = None
+        if signals:
+            self._signals = ReplicaSignals(_identity(build))
+            capture_output(self._signals)  # from the model's import on
+            self._pusher = Pusher(self._signals, _Send())
+            self._pusher.start()
         try:
             self._fn: ModelFunction = load_function(artifact_path, file_path, function_name)
-        except Exception:
+        except Exception as e:
             # The whole traceback stays in the replica's log (Serve's user logger); the
             # deployment's message shows only the LoadError's one line (_observation).
             logging.getLogger("ray.serve").exception(
                 "cannot load %s:%s from %s", file_path, function_name, artifact_path
             )
+            if self._signals is not None:  # and the model's log says why, before it goes
+                self._signals.line("stderr", f"the replica cannot start: {e}")
+                self._pusher.stop()
+                self._pusher.push_now()
             raise
         self._build = build
         self._replica_id = serve.get_replica_context().replica_id.unique_id
@@ -126,7 +235,29 @@ class ModelServer:
         """Serve calls it at start and whenever the keys change (no restart)."""
         self._keys.configure(config)
 
+    def __del__(self) -> None:
+        if self._signals is not None:
+            self._pusher.stop()
+            self._pusher.push_now()  # the last lines, when the replica stops cleanly
+
     async def __call__(self, request: Request) -> Response:
+        signals = self._signals
+        if signals is None:
+            return await self._answer(request)
+        started = time.perf_counter()
+        signals.started()
+        request_id = _request_id(request)
+        token = answering(request_id)
+        status = 500
+        try:
+            response = await self._answer(request)
+            status = response.status_code
+            return response
+        finally:
+            answered(token)
+            signals.finished(status, time.perf_counter() - started, request_id)
+
+    async def _answer(self, request: Request) -> Response:
         if not self._keys.allows(request.headers.get("authorization")):
             return Response(
                 UNAUTHORIZED.body,
@@ -140,10 +271,14 @@ class ModelServer:
         return Response(reply.body, status_code=reply.status, media_type="application/json")
 
 
-def build_app(args: dict[str, str]) -> Any:
+def build_app(args: dict[str, Any]) -> Any:
     """Serve's application builder (``import_path`` of every model application)."""
     return ModelServer.bind(  # type: ignore[attr-defined]
-        args["artifact_path"], args["file_path"], args["function_name"], args["build"]
+        args["artifact_path"],
+        args["file_path"],
+        args["function_name"],
+        args["build"],
+        bool(args.get("signals", True)),
     )
 
 
@@ -282,6 +417,9 @@ class RayBackend:
         self._serve: _Serve | None = None
         self._lock = asyncio.Lock()
         self._runtime: Runtime | None = None
+        self._collector: Any = None
+        self._metrics_ports: list[str] = []
+        self._metrics_ports_at = 0.0
 
     @property
     def http_base(self) -> str:
@@ -311,9 +449,11 @@ class RayBackend:
                     object_store_memory=OBJECT_STORE_MIB * MiB,
                     logging_level=logging.WARNING,
                     log_to_driver=False,
+                    _system_config={"metrics_report_interval_ms": METRICS_REPORT_MS},
                 )
                 self._owns_ray = True
         started = _Serve.start(self._http_host, self._http_port)
+        self._collector = _start_collector()
         _ray_logs_through_root()  # and any Ray logger that got its own handler since
         return started
 
@@ -375,3 +515,61 @@ class RayBackend:
             await asyncio.to_thread(ray.cluster_resources) if apps else {}
         )
         return {name: _observation(name, app, cluster) for name, app in apps.items()}
+
+    async def signals(self, epoch: str, cursor: int) -> Batch:
+        """The replicas' reports after ``cursor`` (workers.signals.Collector.read) and what
+        Serve's proxies on every node say of requests they refused or queue."""
+        self._started()
+        try:
+            ref = self._collector.read.remote(epoch, cursor)
+            batch: Batch = await asyncio.wrap_future(ref.future())
+        except ray.exceptions.RayActorError:  # gone with its node: a new one, a new epoch
+            self._collector = await asyncio.to_thread(_start_collector)
+            batch = Batch(epoch="", cursor=0)
+        proxies = await asyncio.to_thread(self._proxy_figures)
+        return replace(batch, proxies=tuple(proxies))
+
+    def _proxy_figures(self) -> list[Any]:
+        now = time.monotonic()
+        if now - self._metrics_ports_at > 10 or not self._metrics_ports:
+            self._metrics_ports = [
+                f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
+                for n in ray.nodes()  # type: ignore[no-untyped-call]
+                if n.get("Alive") and n.get("MetricsExportPort")
+            ]
+            self._metrics_ports_at = now
+        samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+        for url in self._metrics_ports:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    text = r.read().decode()
+            except OSError:
+                continue  # a node going away; its proxy's figures return with it or never
+            for line in text.splitlines():
+                if line.startswith(PROXY_METRICS):
+                    name, labels, value = _sample(line)
+                    samples.setdefault(name, []).append((labels, value))
+        return proxy_figures(samples)
+
+
+def _sample(line: str) -> tuple[str, dict[str, str], float]:
+    """One Prometheus text sample: ``name{a="x",b="y"} 3.0``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(line + "\n"):
+        for sample in family.samples:
+            return sample.name, dict(sample.labels), float(sample.value)
+    return "", {}, 0.0
+
+
+def _start_collector() -> Any:
+    """The cluster's collector: found where it runs, or started (detached, no CPU)."""
+    actor = ray.remote(Collector).options(
+        name=COLLECTOR,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        num_cpus=0,
+        max_restarts=-1,
+    )
+    return actor.remote()

@@ -249,6 +249,18 @@ RPCS: dict[str, tuple[Role, Call, str]] = {
         ),
         OK,
     ),
+    "GetModelMetrics": (
+        Role.VIEWER,
+        lambda w, m: w.stub.GetModelMetrics(rpc.GetModelMetricsRequest(name=w.live), metadata=m),
+        OK,
+    ),
+    "StreamModelLogs": (
+        Role.VIEWER,
+        lambda w, m: first(
+            w.stub.StreamModelLogs(rpc.StreamModelLogsRequest(name=w.live), metadata=m)
+        ),
+        OK,
+    ),
     "CreateModel": (
         Role.DEPLOYER,
         lambda w, m: w.stub.CreateModel(

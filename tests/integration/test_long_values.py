@@ -133,6 +133,10 @@ VALID: dict[str, Callable[[World], message.Message]] = {
     "ListInvocationKeys": lambda w: rpc.ListInvocationKeysRequest(parent=w.live),
     "RevokeInvocationKey": lambda w: rpc.RevokeInvocationKeyRequest(name=w.key),
     "ListAuditRecords": lambda w: rpc.ListAuditRecordsRequest(parent=PROJECT),
+    "GetModelMetrics": lambda w: rpc.GetModelMetricsRequest(name=w.live),
+    "StreamModelLogs": lambda w: rpc.StreamModelLogsRequest(
+        name=w.live, replica_id="r1", build=w.build, tail=10
+    ),
 }
 
 
@@ -346,7 +350,15 @@ EXPECTED: dict[tuple[str, str], grpc.StatusCode] = {
 # Where a long value is rightly taken: output-only fields, ignored on create (AIP-203).
 ACCEPTED = {
     ("CreateModel", f"model.{name}{how}")
-    for name in ("name", "active_deployment", "endpoint", "etag", "message", "running_operation")
+    for name in (
+        "name",
+        "active_deployment",
+        "endpoint",
+        "etag",
+        "message",
+        "running_operation",
+        "health",
+    )
     for how in ("", " (valid + long)")
 }
 

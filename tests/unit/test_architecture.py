@@ -29,6 +29,7 @@ ALLOWED: dict[str, set[str]] = {
         "metrics",
         "reconciler",
         "service",
+        "signals",
         "sources",
         "storage",
         "watch",
@@ -40,11 +41,15 @@ ALLOWED: dict[str, set[str]] = {
         "exports",
         "generated",
         "metrics",
+        "series",
         "service",
+        "signals",
         "sources",
         "watch",
         "workers",
     },
+    "signals": {"domain", "lifecycle", "series", "storage", "workers"},
+    "series": {"workers"},
     "service": {"domain", "lifecycle", "sources", "storage", "workers"},
     "access": {"domain", "storage"},
     "watch": {"domain", "storage"},
@@ -61,7 +66,7 @@ ALLOWED: dict[str, set[str]] = {
     "storage": {"domain"},
     "domain": set(),
     "workers": set(),
-    **{name: {"storage"} if name == "config" else set() for name in UTILITIES},
+    **{name: {"domain", "storage"} if name == "config" else set() for name in UTILITIES},
 }
 ALLOWED["logs"] = {"tracing"}
 

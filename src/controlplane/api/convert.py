@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import TypeVar
 
-from google.protobuf import any_pb2, timestamp_pb2
+from google.protobuf import any_pb2, duration_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from controlplane.domain.access import AuditRecord, InvocationKey, Role, Token
@@ -21,6 +21,7 @@ from controlplane.domain.types import (
     Build,
     Deployment,
     Event,
+    LogLine,
     Model,
     Operation,
     OperationError,
@@ -30,7 +31,9 @@ from controlplane.domain.types import (
     Resources,
     Source,
 )
+from controlplane.series import Figures, ModelSeries, Series
 from modellifecycle.v1 import resources_pb2 as pb
+from modellifecycle.v1 import service_pb2 as rpc
 from workers import runtime
 
 ERROR_DOMAIN = "modellifecycle.v1"
@@ -87,6 +90,7 @@ def model_to_pb(m: Model) -> pb.Model:
         etag=m.etag,
         message=m.message,
         running_operation=m.running_operation,
+        health=m.health,
     )
 
 
@@ -407,4 +411,80 @@ def key_from_pb(k: pb.InvocationKey) -> InvocationKey:
         create_time=from_timestamp(k.create_time),
         revoked=k.revoked,
         creator=k.creator,
+    )
+
+
+# ---- signals ---------------------------------------------------------------------------------
+
+
+def _figures_to_pb(f: Figures) -> rpc.MetricFigures:
+    return rpc.MetricFigures(
+        requests=f.requests,
+        model_errors=f.model_errors,
+        client_errors=f.client_errors,
+        server_errors=f.server_errors,
+        refused=f.refused,
+        in_flight=f.in_flight,
+        queued=f.queued,
+        latency_p50_ms=f.latency_p50_ms,
+        latency_p95_ms=f.latency_p95_ms,
+        latency_p99_ms=f.latency_p99_ms,
+        cpu_used=f.cpu_used,
+        cpu_requested=f.cpu_requested,
+        memory_rss_bytes=f.memory_rss_bytes,
+        memory_requested_bytes=f.memory_requested_bytes,
+        gpu_used=f.gpu_used,
+        gpu_requested=f.gpu_requested,
+        replicas=f.replicas,
+        busy_replicas=f.busy_replicas,
+    )
+
+
+def _points_to_pb(s: Series) -> list[rpc.MetricPoint]:
+    return [
+        rpc.MetricPoint(
+            time=timestamp(datetime.fromtimestamp(p.time, UTC)), figures=_figures_to_pb(p.figures)
+        )
+        for p in s.points
+    ]
+
+
+def metrics_to_pb(name: str, m: ModelSeries, health: str) -> rpc.ModelMetrics:
+    return rpc.ModelMetrics(
+        name=name,
+        start_time=timestamp(datetime.fromtimestamp(m.start, UTC)),
+        end_time=timestamp(datetime.fromtimestamp(m.end, UTC)),
+        step=duration_pb2.Duration(seconds=m.step_s),
+        totals=_figures_to_pb(m.model.totals),
+        points=_points_to_pb(m.model),
+        builds=[
+            rpc.BuildMetrics(build=b, totals=_figures_to_pb(s.totals), points=_points_to_pb(s))
+            for b, s in m.builds.items()
+        ],
+        replicas=[
+            rpc.ReplicaMetrics(
+                replica_id=r.replica,
+                build=r.build,
+                node=r.node,
+                pid=r.pid,
+                running=r.running,
+                totals=_figures_to_pb(r.series.totals),
+                points=_points_to_pb(r.series),
+            )
+            for r in m.replicas
+        ],
+        health=health,
+    )
+
+
+def log_line_to_pb(line: LogLine) -> rpc.ModelLogLine:
+    return rpc.ModelLogLine(
+        time=timestamp(line.time),
+        replica_id=line.replica,
+        build=line.build,
+        node=line.node,
+        stream=line.stream,
+        text=line.text,
+        request_id=line.request_id,
+        number=line.id,
     )

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,7 +24,8 @@ from controlplane.domain.errors import invalid_field
 from controlplane.domain.states import BuildState, EventType
 from controlplane.domain.types import DeployOptions, Event, Operation
 from controlplane.exports import Exporter
-from controlplane.service import NewBuild, Service
+from controlplane.service import NewBuild, Service, metrics_window
+from controlplane.signals import Signals
 from controlplane.sources import SourceStore
 from controlplane.watch import EventHub
 from modellifecycle.v1 import resources_pb2 as pb
@@ -32,6 +35,9 @@ from modellifecycle.v1 import service_pb2_grpc
 Ctx = grpc.aio.ServicerContext[Any, Any]
 T = TypeVar("T")
 CONVERTED_EVENTS = 4096  # recent changes kept converted, shared by every watcher
+# A log follower reads again when this server wrote lines, or after this long (another
+# server may have written them).
+LOG_FOLLOW_S = 1.0
 
 
 async def _run(fn: Callable[[], T]) -> T:
@@ -55,8 +61,10 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
         wait_max_s: float,
         exporter: Exporter,
         access: Access,
+        signals: Signals,
     ) -> None:
         self.svc = service
+        self.signals = signals
         self.access = access
         self.sources = sources
         self.hub = hub
@@ -298,6 +306,42 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
         )
         async for data, digest in self.exporter.layout_tar(export):
             yield rpc.ExportBuildChunk(data=data, manifest_digest=digest)
+
+    # ---- signals -----------------------------------------------------------------------------
+
+    @unary
+    async def GetModelMetrics(
+        self, request: rpc.GetModelMetricsRequest, context: Ctx
+    ) -> rpc.ModelMetrics:
+        window_s, step_s = metrics_window(
+            request.window.ToTimedelta().total_seconds() if request.HasField("window") else 0,
+            request.step.ToTimedelta().total_seconds() if request.HasField("step") else 0,
+        )
+        model = await _run(lambda: self.svc.get_model(request.name))
+        series = self.signals.series(model.name, window_s, step_s)
+        return convert.metrics_to_pb(model.name, series, model.health)
+
+    @stream
+    async def StreamModelLogs(
+        self, request: rpc.StreamModelLogsRequest, context: Ctx
+    ) -> AsyncIterator[rpc.ModelLogLine]:
+        since = convert.from_timestamp(request.since) if request.HasField("since") else None
+        query = await _run(
+            lambda: self.svc.log_query(
+                request.name, request.replica_id, request.build, since, request.tail
+            )
+        )
+        while True:  # what is kept (a page at a time), then, following, what comes
+            lines = await _run(functools.partial(self.svc.model_log_lines, query))
+            for line in lines:
+                yield convert.log_line_to_pb(line)
+            if lines:
+                query = replace(query, after_id=lines[-1].id, tail=0)
+            if len(lines) >= query.limit:
+                continue
+            if not request.follow:
+                return
+            await self.signals.wait_for_lines(LOG_FOLLOW_S)
 
     def _event_pb(self, event: Event) -> pb.ModelEvent:
         """Converts a change once for all its watchers (they share the hub's event)."""

@@ -137,7 +137,10 @@ _VIEW_LISTS = (
     "ListInvocationKeys",
 )
 RULES: dict[str, Rule] = {
-    **{m: Rule(Role.VIEWER, "name") for m in (*_VIEW, "WatchModel", "StreamBuildLogs")},
+    **{
+        m: Rule(Role.VIEWER, "name")
+        for m in (*_VIEW, "WatchModel", "StreamBuildLogs", "GetModelMetrics", "StreamModelLogs")
+    },
     **{m: Rule(Role.VIEWER, "parent") for m in _VIEW_LISTS},
     **{
         m: Rule(Role.DEPLOYER, "parent")

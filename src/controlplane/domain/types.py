@@ -103,6 +103,7 @@ class Model:
     etag: str
     message: str = ""
     running_operation: str = ""
+    health: str = ""  # what its signals say (domain/health.py); "" while it does not serve
 
 
 @dataclass(frozen=True)
@@ -213,3 +214,19 @@ class DeployOptions:
     environment: Mapping[str, str] = field(default_factory=dict)
     # For the replicas only; empty: the active deployment's secrets are kept.
     secret_environment: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LogLine:
+    """One line a model's replica wrote, or its access line for one request."""
+
+    id: int  # increases with each line of the model
+    model: str
+    replica: str
+    seq: int  # the replica's own line number
+    build: str
+    node: str
+    time: datetime
+    stream: str  # stdout, stderr, log, access
+    request_id: str
+    text: str

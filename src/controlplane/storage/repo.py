@@ -67,6 +67,7 @@ class ModelColumns(Protocol):
     active_deployment: str
     message: str
     running_operation: str
+    health: str
     revision: int
     create_time: datetime
     update_time: datetime
@@ -85,6 +86,7 @@ def to_model(row: ModelColumns, http_base: str) -> Model:
         etag=f'"{row.revision}"',
         message=row.message,
         running_operation=row.running_operation,
+        health=row.health,
     )
 
 

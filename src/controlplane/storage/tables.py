@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Column, DateTime, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Column, DateTime, Integer, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -31,6 +31,7 @@ class ModelRow(SQLModel, table=True):
     active_deployment: str = Field(default="", max_length=250)
     message: str = _text()
     running_operation: str = Field(default="", max_length=80)
+    health: str = _text()  # for people: what the model's signals say (domain/health.py)
     next_build_version: int = 1
     next_deployment_number: int = 1
     revision: int = Field(default=0, sa_type=BigInteger)
@@ -239,3 +240,26 @@ class InvocationKeyRow(SQLModel, table=True):
     creator: str = Field(default="", max_length=120)
     revoked: bool = False
     create_time: datetime = _time()
+
+
+class ModelLogLineRow(SQLModel, table=True):
+    """One line of a replica's output, or its access line for one request. The newest
+    ``model_log_bytes`` of each model are kept (storage/model_logs.py)."""
+
+    __tablename__ = "model_log_lines"
+    __table_args__ = (UniqueConstraint("model", "replica", "seq"),)
+
+    # 64-bit on PostgreSQL (a busy model writes many lines); SQLite's rowid is already.
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True),
+    )
+    model: str = Field(index=True, max_length=200)
+    replica: str = Field(max_length=100)
+    seq: int = Field(sa_type=BigInteger)  # the replica's own line number
+    build: str = Field(max_length=250)
+    node: str = Field(default="", max_length=100)
+    time: datetime = _time()
+    stream: str = Field(max_length=10)
+    request_id: str = Field(default="", max_length=100)
+    text: str = _text()

@@ -231,6 +231,7 @@ class Model(_message.Message):
     ETAG_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     RUNNING_OPERATION_FIELD_NUMBER: _builtins.int
+    HEALTH_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     display_name: _builtins.str
     description: _builtins.str
@@ -246,6 +247,12 @@ class Model(_message.Message):
     """Why the model is FAILED (or the last thing that went wrong); empty otherwise."""
     running_operation: _builtins.str
     """The operation running on the model, if any."""
+    health: _builtins.str
+    """What its replicas' figures say, in a few words: "ok", or e.g. "over-provisioned:
+    replicas use 6% of 2 CPUs requested for 10 min", "dropping requests: 37 refused in
+    the last 5 min at 3/3 replicas busy", "errors: 12% of requests failed on build 4
+    since 12:03" (docs/metrics.md has the rules). Empty while the model does not serve.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -264,10 +271,11 @@ class Model(_message.Message):
         etag: _builtins.str = ...,
         message: _builtins.str = ...,
         running_operation: _builtins.str = ...,
+        health: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_deployment", b"active_deployment", "create_time", b"create_time", "description", b"description", "display_name", b"display_name", "endpoint", b"endpoint", "etag", b"etag", "message", b"message", "name", b"name", "running_operation", b"running_operation", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_deployment", b"active_deployment", "create_time", b"create_time", "description", b"description", "display_name", b"display_name", "endpoint", b"endpoint", "etag", b"etag", "health", b"health", "message", b"message", "name", b"name", "running_operation", b"running_operation", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1098,3 +1098,357 @@ class RevokeInvocationKeyRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevokeInvocationKeyRequest: _TypeAlias = RevokeInvocationKeyRequest  # noqa: Y015
+
+@_typing.final
+class GetModelMetricsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """projects/{project}/models/{model}"""
+    @_builtins.property
+    def window(self) -> _duration_pb2.Duration:
+        """How far back: 10 s to 1 h; unset: 1 h."""
+
+    @_builtins.property
+    def step(self) -> _duration_pb2.Duration:
+        """The length of each point: a multiple of 10 s; unset: 10 s."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        window: _duration_pb2.Duration | None = ...,
+        step: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["step", b"step", "window", b"window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "step", b"step", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetModelMetricsRequest: _TypeAlias = GetModelMetricsRequest  # noqa: Y015
+
+@_typing.final
+class MetricFigures(_message.Message):
+    """Figures over a point or a whole window. Counts are over that time; in_flight, queued,
+    memory and what was requested are the latest, and replicas that reported.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    MODEL_ERRORS_FIELD_NUMBER: _builtins.int
+    CLIENT_ERRORS_FIELD_NUMBER: _builtins.int
+    SERVER_ERRORS_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
+    LATENCY_P50_MS_FIELD_NUMBER: _builtins.int
+    LATENCY_P95_MS_FIELD_NUMBER: _builtins.int
+    LATENCY_P99_MS_FIELD_NUMBER: _builtins.int
+    CPU_USED_FIELD_NUMBER: _builtins.int
+    CPU_REQUESTED_FIELD_NUMBER: _builtins.int
+    MEMORY_RSS_BYTES_FIELD_NUMBER: _builtins.int
+    MEMORY_REQUESTED_BYTES_FIELD_NUMBER: _builtins.int
+    GPU_USED_FIELD_NUMBER: _builtins.int
+    GPU_REQUESTED_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
+    BUSY_REPLICAS_FIELD_NUMBER: _builtins.int
+    requests: _builtins.int
+    model_errors: _builtins.int
+    """The model raised (HTTP 500)."""
+    client_errors: _builtins.int
+    """HTTP 4xx: a body that is not JSON, no invocation key."""
+    server_errors: _builtins.int
+    """Any other HTTP 5xx from a replica."""
+    refused: _builtins.int
+    """Refused or dropped for want of capacity before a replica saw them (Serve's
+    back-pressure, time-outs); counted for the model, not its builds or replicas.
+    """
+    in_flight: _builtins.int
+    queued: _builtins.int
+    latency_p50_ms: _builtins.float
+    """Latency at the replica, within 10%; 0 without requests."""
+    latency_p95_ms: _builtins.float
+    latency_p99_ms: _builtins.float
+    cpu_used: _builtins.float
+    """CPU cores used on average, beside the cores requested."""
+    cpu_requested: _builtins.float
+    memory_rss_bytes: _builtins.int
+    memory_requested_bytes: _builtins.int
+    """0: no memory was requested."""
+    gpu_used: _builtins.float
+    """GPUs' worth in use (utilisation times GPUs); -1 where it is not measured (no NVML,
+    or logical GPUs).
+    """
+    gpu_requested: _builtins.float
+    replicas: _builtins.int
+    busy_replicas: _builtins.int
+    """Replicas that took as many requests as one takes at once."""
+    def __init__(
+        self,
+        *,
+        requests: _builtins.int = ...,
+        model_errors: _builtins.int = ...,
+        client_errors: _builtins.int = ...,
+        server_errors: _builtins.int = ...,
+        refused: _builtins.int = ...,
+        in_flight: _builtins.int = ...,
+        queued: _builtins.int = ...,
+        latency_p50_ms: _builtins.float = ...,
+        latency_p95_ms: _builtins.float = ...,
+        latency_p99_ms: _builtins.float = ...,
+        cpu_used: _builtins.float = ...,
+        cpu_requested: _builtins.float = ...,
+        memory_rss_bytes: _builtins.int = ...,
+        memory_requested_bytes: _builtins.int = ...,
+        gpu_used: _builtins.float = ...,
+        gpu_requested: _builtins.float = ...,
+        replicas: _builtins.int = ...,
+        busy_replicas: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy_replicas", b"busy_replicas", "client_errors", b"client_errors", "cpu_requested", b"cpu_requested", "cpu_used", b"cpu_used", "gpu_requested", b"gpu_requested", "gpu_used", b"gpu_used", "in_flight", b"in_flight", "latency_p50_ms", b"latency_p50_ms", "latency_p95_ms", b"latency_p95_ms", "latency_p99_ms", b"latency_p99_ms", "memory_requested_bytes", b"memory_requested_bytes", "memory_rss_bytes", b"memory_rss_bytes", "model_errors", b"model_errors", "queued", b"queued", "refused", b"refused", "replicas", b"replicas", "requests", b"requests", "server_errors", b"server_errors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MetricFigures: _TypeAlias = MetricFigures  # noqa: Y015
+
+@_typing.final
+class MetricPoint(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIME_FIELD_NUMBER: _builtins.int
+    FIGURES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """The point's start; it lasts `step`."""
+
+    @_builtins.property
+    def figures(self) -> Global___MetricFigures: ...
+    def __init__(
+        self,
+        *,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        figures: Global___MetricFigures | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["figures", b"figures", "time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["figures", b"figures", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MetricPoint: _TypeAlias = MetricPoint  # noqa: Y015
+
+@_typing.final
+class BuildMetrics(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUILD_FIELD_NUMBER: _builtins.int
+    TOTALS_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    build: _builtins.str
+    """projects/{project}/models/{model}/builds/{n}"""
+    @_builtins.property
+    def totals(self) -> Global___MetricFigures: ...
+    @_builtins.property
+    def points(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricPoint]: ...
+    def __init__(
+        self,
+        *,
+        build: _builtins.str = ...,
+        totals: Global___MetricFigures | None = ...,
+        points: _abc.Iterable[Global___MetricPoint] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["totals", b"totals"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["build", b"build", "points", b"points", "totals", b"totals"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BuildMetrics: _TypeAlias = BuildMetrics  # noqa: Y015
+
+@_typing.final
+class ReplicaMetrics(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLICA_ID_FIELD_NUMBER: _builtins.int
+    BUILD_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    RUNNING_FIELD_NUMBER: _builtins.int
+    TOTALS_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    replica_id: _builtins.str
+    build: _builtins.str
+    node: _builtins.str
+    pid: _builtins.int
+    running: _builtins.bool
+    """Reported in the last 30 s; false: stopped, or gone."""
+    @_builtins.property
+    def totals(self) -> Global___MetricFigures: ...
+    @_builtins.property
+    def points(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricPoint]: ...
+    def __init__(
+        self,
+        *,
+        replica_id: _builtins.str = ...,
+        build: _builtins.str = ...,
+        node: _builtins.str = ...,
+        pid: _builtins.int = ...,
+        running: _builtins.bool = ...,
+        totals: Global___MetricFigures | None = ...,
+        points: _abc.Iterable[Global___MetricPoint] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["totals", b"totals"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["build", b"build", "node", b"node", "pid", b"pid", "points", b"points", "replica_id", b"replica_id", "running", b"running", "totals", b"totals"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicaMetrics: _TypeAlias = ReplicaMetrics  # noqa: Y015
+
+@_typing.final
+class ModelMetrics(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    TOTALS_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    BUILDS_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
+    HEALTH_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    health: _builtins.str
+    """The same words as Model.health."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def step(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def totals(self) -> Global___MetricFigures: ...
+    @_builtins.property
+    def points(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricPoint]: ...
+    @_builtins.property
+    def builds(self) -> _containers.RepeatedCompositeFieldContainer[Global___BuildMetrics]: ...
+    @_builtins.property
+    def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaMetrics]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        step: _duration_pb2.Duration | None = ...,
+        totals: Global___MetricFigures | None = ...,
+        points: _abc.Iterable[Global___MetricPoint] | None = ...,
+        builds: _abc.Iterable[Global___BuildMetrics] | None = ...,
+        replicas: _abc.Iterable[Global___ReplicaMetrics] | None = ...,
+        health: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time", "step", b"step", "totals", b"totals"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["builds", b"builds", "end_time", b"end_time", "health", b"health", "name", b"name", "points", b"points", "replicas", b"replicas", "start_time", b"start_time", "step", b"step", "totals", b"totals"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelMetrics: _TypeAlias = ModelMetrics  # noqa: Y015
+
+@_typing.final
+class StreamModelLogsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REPLICA_ID_FIELD_NUMBER: _builtins.int
+    BUILD_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    TAIL_FIELD_NUMBER: _builtins.int
+    FOLLOW_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """projects/{project}/models/{model}"""
+    replica_id: _builtins.str
+    """Only this replica's lines."""
+    build: _builtins.str
+    """Only this build's lines: projects/{project}/models/{model}/builds/{n}."""
+    tail: _builtins.int
+    """Only the last N lines so far (0: every line kept)."""
+    follow: _builtins.bool
+    """Keep the stream open for new lines."""
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """Only lines written at or after this time."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        replica_id: _builtins.str = ...,
+        build: _builtins.str = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        tail: _builtins.int = ...,
+        follow: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["build", b"build", "follow", b"follow", "name", b"name", "replica_id", b"replica_id", "since", b"since", "tail", b"tail"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamModelLogsRequest: _TypeAlias = StreamModelLogsRequest  # noqa: Y015
+
+@_typing.final
+class ModelLogLine(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIME_FIELD_NUMBER: _builtins.int
+    REPLICA_ID_FIELD_NUMBER: _builtins.int
+    BUILD_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    STREAM_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    NUMBER_FIELD_NUMBER: _builtins.int
+    replica_id: _builtins.str
+    build: _builtins.str
+    node: _builtins.str
+    stream: _builtins.str
+    """stdout, stderr, log (the model's logging records) or access (one per request:
+    "<HTTP status> <latency> ms").
+    """
+    text: _builtins.str
+    request_id: _builtins.str
+    """The request being answered when the line was written: the caller's X-Request-Id,
+    or the one Serve gave it (the endpoint's X-Request-Id response header).
+    """
+    number: _builtins.int
+    """Increases with each line of the model; a follower resumes after it."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        replica_id: _builtins.str = ...,
+        build: _builtins.str = ...,
+        node: _builtins.str = ...,
+        stream: _builtins.str = ...,
+        text: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        number: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["build", b"build", "node", b"node", "number", b"number", "replica_id", b"replica_id", "request_id", b"request_id", "stream", b"stream", "text", b"text", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelLogLine: _TypeAlias = ModelLogLine  # noqa: Y015

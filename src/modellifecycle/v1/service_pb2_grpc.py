@@ -179,6 +179,16 @@ class ModelLifecycleStub:
                 request_serializer=modellifecycle_dot_v1_dot_service__pb2.ListAuditRecordsRequest.SerializeToString,
                 response_deserializer=modellifecycle_dot_v1_dot_service__pb2.ListAuditRecordsResponse.FromString,
                 _registered_method=True)
+        self.GetModelMetrics = channel.unary_unary(
+                '/modellifecycle.v1.ModelLifecycle/GetModelMetrics',
+                request_serializer=modellifecycle_dot_v1_dot_service__pb2.GetModelMetricsRequest.SerializeToString,
+                response_deserializer=modellifecycle_dot_v1_dot_service__pb2.ModelMetrics.FromString,
+                _registered_method=True)
+        self.StreamModelLogs = channel.unary_stream(
+                '/modellifecycle.v1.ModelLifecycle/StreamModelLogs',
+                request_serializer=modellifecycle_dot_v1_dot_service__pb2.StreamModelLogsRequest.SerializeToString,
+                response_deserializer=modellifecycle_dot_v1_dot_service__pb2.ModelLogLine.FromString,
+                _registered_method=True)
 
 
 class ModelLifecycleServicer:
@@ -387,6 +397,26 @@ class ModelLifecycleServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetModelMetrics(self, request, context):
+        """What a model did over a window of the last hour: requests, errors, refused
+        requests, latency, CPU, memory and GPU use beside what was requested, for the model,
+        each build it served and each replica, as totals and a series of points. Viewers
+        may read it. Figures are kept in the server's memory (docs/metrics.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamModelLogs(self, request, context):
+        """The model's replicas' output (stdout, stderr, logging) and one access line per
+        request, from every replica on every node, including replicas that are gone: the
+        newest lines so far (at least 10 MiB per model), then with `follow` each new line.
+        Secret environment values are redacted. Viewers may read it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelLifecycleServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -529,6 +559,16 @@ def add_ModelLifecycleServicer_to_server(servicer, server):
                     servicer.ListAuditRecords,
                     request_deserializer=modellifecycle_dot_v1_dot_service__pb2.ListAuditRecordsRequest.FromString,
                     response_serializer=modellifecycle_dot_v1_dot_service__pb2.ListAuditRecordsResponse.SerializeToString,
+            ),
+            'GetModelMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModelMetrics,
+                    request_deserializer=modellifecycle_dot_v1_dot_service__pb2.GetModelMetricsRequest.FromString,
+                    response_serializer=modellifecycle_dot_v1_dot_service__pb2.ModelMetrics.SerializeToString,
+            ),
+            'StreamModelLogs': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamModelLogs,
+                    request_deserializer=modellifecycle_dot_v1_dot_service__pb2.StreamModelLogsRequest.FromString,
+                    response_serializer=modellifecycle_dot_v1_dot_service__pb2.ModelLogLine.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1290,6 +1330,60 @@ class ModelLifecycle:
             '/modellifecycle.v1.ModelLifecycle/ListAuditRecords',
             modellifecycle_dot_v1_dot_service__pb2.ListAuditRecordsRequest.SerializeToString,
             modellifecycle_dot_v1_dot_service__pb2.ListAuditRecordsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModelMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modellifecycle.v1.ModelLifecycle/GetModelMetrics',
+            modellifecycle_dot_v1_dot_service__pb2.GetModelMetricsRequest.SerializeToString,
+            modellifecycle_dot_v1_dot_service__pb2.ModelMetrics.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamModelLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/modellifecycle.v1.ModelLifecycle/StreamModelLogs',
+            modellifecycle_dot_v1_dot_service__pb2.StreamModelLogsRequest.SerializeToString,
+            modellifecycle_dot_v1_dot_service__pb2.ModelLogLine.FromString,
             options,
             channel_credentials,
             insecure,

@@ -108,6 +108,18 @@ class ModelLifecycleStub:
     """Who changed what, when, from where, and how it ended: one record per mutation,
     newest first. Admins only.
     """
+    GetModelMetrics: _grpc.UnaryUnaryMultiCallable[_service_pb2.GetModelMetricsRequest, _service_pb2.ModelMetrics]
+    """What a model did over a window of the last hour: requests, errors, refused
+    requests, latency, CPU, memory and GPU use beside what was requested, for the model,
+    each build it served and each replica, as totals and a series of points. Viewers
+    may read it. Figures are kept in the server's memory (docs/metrics.md).
+    """
+    StreamModelLogs: _grpc.UnaryStreamMultiCallable[_service_pb2.StreamModelLogsRequest, _service_pb2.ModelLogLine]
+    """The model's replicas' output (stdout, stderr, logging) and one access line per
+    request, from every replica on every node, including replicas that are gone: the
+    newest lines so far (at least 10 MiB per model), then with `follow` each new line.
+    Secret environment values are redacted. Viewers may read it.
+    """
 
 @_typing.type_check_only
 class ModelLifecycleAsyncStub(ModelLifecycleStub):
@@ -186,6 +198,18 @@ class ModelLifecycleAsyncStub(ModelLifecycleStub):
     ListAuditRecords: _aio.UnaryUnaryMultiCallable[_service_pb2.ListAuditRecordsRequest, _service_pb2.ListAuditRecordsResponse]  # type: ignore[assignment]
     """Who changed what, when, from where, and how it ended: one record per mutation,
     newest first. Admins only.
+    """
+    GetModelMetrics: _aio.UnaryUnaryMultiCallable[_service_pb2.GetModelMetricsRequest, _service_pb2.ModelMetrics]  # type: ignore[assignment]
+    """What a model did over a window of the last hour: requests, errors, refused
+    requests, latency, CPU, memory and GPU use beside what was requested, for the model,
+    each build it served and each replica, as totals and a series of points. Viewers
+    may read it. Figures are kept in the server's memory (docs/metrics.md).
+    """
+    StreamModelLogs: _aio.UnaryStreamMultiCallable[_service_pb2.StreamModelLogsRequest, _service_pb2.ModelLogLine]  # type: ignore[assignment]
+    """The model's replicas' output (stdout, stderr, logging) and one access line per
+    request, from every replica on every node, including replicas that are gone: the
+    newest lines so far (at least 10 MiB per model), then with `follow` each new line.
+    Secret environment values are redacted. Viewers may read it.
     """
 
 class ModelLifecycleServicer(metaclass=_abc_1.ABCMeta):
@@ -430,6 +454,30 @@ class ModelLifecycleServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_service_pb2.ListAuditRecordsResponse, _abc.Awaitable[_service_pb2.ListAuditRecordsResponse]]:
         """Who changed what, when, from where, and how it ended: one record per mutation,
         newest first. Admins only.
+        """
+
+    @_abc_1.abstractmethod
+    def GetModelMetrics(
+        self,
+        request: _service_pb2.GetModelMetricsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_service_pb2.ModelMetrics, _abc.Awaitable[_service_pb2.ModelMetrics]]:
+        """What a model did over a window of the last hour: requests, errors, refused
+        requests, latency, CPU, memory and GPU use beside what was requested, for the model,
+        each build it served and each replica, as totals and a series of points. Viewers
+        may read it. Figures are kept in the server's memory (docs/metrics.md).
+        """
+
+    @_abc_1.abstractmethod
+    def StreamModelLogs(
+        self,
+        request: _service_pb2.StreamModelLogsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_service_pb2.ModelLogLine], _abc.AsyncIterator[_service_pb2.ModelLogLine]]:
+        """The model's replicas' output (stdout, stderr, logging) and one access line per
+        request, from every replica on every node, including replicas that are gone: the
+        newest lines so far (at least 10 MiB per model), then with `follow` each new line.
+        Secret environment values are redacted. Viewers may read it.
         """
 
 def add_ModelLifecycleServicer_to_server(servicer: ModelLifecycleServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -78,6 +78,16 @@ type ModelLifecycleClient interface {
 	// Who changed what, when, from where, and how it ended: one record per mutation,
 	// newest first. Admins only.
 	ListAuditRecords(ctx context.Context, in *ListAuditRecordsRequest, opts ...grpc.CallOption) (*ListAuditRecordsResponse, error)
+	// What a model did over a window of the last hour: requests, errors, refused
+	// requests, latency, CPU, memory and GPU use beside what was requested, for the model,
+	// each build it served and each replica, as totals and a series of points. Viewers
+	// may read it. Figures are kept in the server's memory (docs/metrics.md).
+	GetModelMetrics(ctx context.Context, in *GetModelMetricsRequest, opts ...grpc.CallOption) (*ModelMetrics, error)
+	// The model's replicas' output (stdout, stderr, logging) and one access line per
+	// request, from every replica on every node, including replicas that are gone: the
+	// newest lines so far (at least 10 MiB per model), then with `follow` each new line.
+	// Secret environment values are redacted. Viewers may read it.
+	StreamModelLogs(ctx context.Context, in *StreamModelLogsRequest, opts ...grpc.CallOption) (ModelLifecycle_StreamModelLogsClient, error)
 }
 
 type modelLifecycleClient struct {
@@ -457,6 +467,47 @@ func (c *modelLifecycleClient) ListAuditRecords(ctx context.Context, in *ListAud
 	return out, nil
 }
 
+func (c *modelLifecycleClient) GetModelMetrics(ctx context.Context, in *GetModelMetricsRequest, opts ...grpc.CallOption) (*ModelMetrics, error) {
+	out := new(ModelMetrics)
+	err := c.cc.Invoke(ctx, "/modellifecycle.v1.ModelLifecycle/GetModelMetrics", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *modelLifecycleClient) StreamModelLogs(ctx context.Context, in *StreamModelLogsRequest, opts ...grpc.CallOption) (ModelLifecycle_StreamModelLogsClient, error) {
+	stream, err := c.cc.NewStream(ctx, &_ModelLifecycle_serviceDesc.Streams[5], "/modellifecycle.v1.ModelLifecycle/StreamModelLogs", opts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &modelLifecycleStreamModelLogsClient{stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+type ModelLifecycle_StreamModelLogsClient interface {
+	Recv() (*ModelLogLine, error)
+	grpc.ClientStream
+}
+
+type modelLifecycleStreamModelLogsClient struct {
+	grpc.ClientStream
+}
+
+func (x *modelLifecycleStreamModelLogsClient) Recv() (*ModelLogLine, error) {
+	m := new(ModelLogLine)
+	if err := x.ClientStream.RecvMsg(m); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
 // ModelLifecycleServer is the server API for ModelLifecycle service.
 // All implementations must embed UnimplementedModelLifecycleServer
 // for forward compatibility
@@ -521,6 +572,16 @@ type ModelLifecycleServer interface {
 	// Who changed what, when, from where, and how it ended: one record per mutation,
 	// newest first. Admins only.
 	ListAuditRecords(context.Context, *ListAuditRecordsRequest) (*ListAuditRecordsResponse, error)
+	// What a model did over a window of the last hour: requests, errors, refused
+	// requests, latency, CPU, memory and GPU use beside what was requested, for the model,
+	// each build it served and each replica, as totals and a series of points. Viewers
+	// may read it. Figures are kept in the server's memory (docs/metrics.md).
+	GetModelMetrics(context.Context, *GetModelMetricsRequest) (*ModelMetrics, error)
+	// The model's replicas' output (stdout, stderr, logging) and one access line per
+	// request, from every replica on every node, including replicas that are gone: the
+	// newest lines so far (at least 10 MiB per model), then with `follow` each new line.
+	// Secret environment values are redacted. Viewers may read it.
+	StreamModelLogs(*StreamModelLogsRequest, ModelLifecycle_StreamModelLogsServer) error
 	mustEmbedUnimplementedModelLifecycleServer()
 }
 
@@ -611,6 +672,12 @@ func (UnimplementedModelLifecycleServer) RevokeInvocationKey(context.Context, *R
 }
 func (UnimplementedModelLifecycleServer) ListAuditRecords(context.Context, *ListAuditRecordsRequest) (*ListAuditRecordsResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method ListAuditRecords not implemented")
+}
+func (UnimplementedModelLifecycleServer) GetModelMetrics(context.Context, *GetModelMetricsRequest) (*ModelMetrics, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method GetModelMetrics not implemented")
+}
+func (UnimplementedModelLifecycleServer) StreamModelLogs(*StreamModelLogsRequest, ModelLifecycle_StreamModelLogsServer) error {
+	return status.Errorf(codes.Unimplemented, "method StreamModelLogs not implemented")
 }
 func (UnimplementedModelLifecycleServer) mustEmbedUnimplementedModelLifecycleServer() {}
 
@@ -1149,6 +1216,45 @@ func _ModelLifecycle_ListAuditRecords_Handler(srv interface{}, ctx context.Conte
 	return interceptor(ctx, in, info, handler)
 }
 
+func _ModelLifecycle_GetModelMetrics_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetModelMetricsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ModelLifecycleServer).GetModelMetrics(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/modellifecycle.v1.ModelLifecycle/GetModelMetrics",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ModelLifecycleServer).GetModelMetrics(ctx, req.(*GetModelMetricsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ModelLifecycle_StreamModelLogs_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(StreamModelLogsRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(ModelLifecycleServer).StreamModelLogs(m, &modelLifecycleStreamModelLogsServer{stream})
+}
+
+type ModelLifecycle_StreamModelLogsServer interface {
+	Send(*ModelLogLine) error
+	grpc.ServerStream
+}
+
+type modelLifecycleStreamModelLogsServer struct {
+	grpc.ServerStream
+}
+
+func (x *modelLifecycleStreamModelLogsServer) Send(m *ModelLogLine) error {
+	return x.ServerStream.SendMsg(m)
+}
+
 var _ModelLifecycle_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "modellifecycle.v1.ModelLifecycle",
 	HandlerType: (*ModelLifecycleServer)(nil),
@@ -1245,6 +1351,10 @@ var _ModelLifecycle_serviceDesc = grpc.ServiceDesc{
 			MethodName: "ListAuditRecords",
 			Handler:    _ModelLifecycle_ListAuditRecords_Handler,
 		},
+		{
+			MethodName: "GetModelMetrics",
+			Handler:    _ModelLifecycle_GetModelMetrics_Handler,
+		},
 	},
 	Streams: []grpc.StreamDesc{
 		{
@@ -1270,6 +1380,11 @@ var _ModelLifecycle_serviceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "ExportBuild",
 			Handler:       _ModelLifecycle_ExportBuild_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "StreamModelLogs",
+			Handler:       _ModelLifecycle_StreamModelLogs_Handler,
 			ServerStreams: true,
 		},
 	},

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file modellifecycle/v1/service.proto.
  */
 export const file_modellifecycle_v1_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch9tb2RlbGxpZmVjeWNsZS92MS9zZXJ2aWNlLnByb3RvEhFtb2RlbGxpZmVjeWNsZS52MSJzChJDcmVhdGVNb2RlbFJlcXVlc3QSDgoGcGFyZW50GAEgASgJEhAKCG1vZGVsX2lkGAIgASgJEicKBW1vZGVsGAMgASgLMhgubW9kZWxsaWZlY3ljbGUudjEuTW9kZWwSEgoKcmVxdWVzdF9pZBgEIAEoCSIfCg9HZXRNb2RlbFJlcXVlc3QSDAoEbmFtZRgBIAEoCSJKChFMaXN0TW9kZWxzUmVxdWVzdBIOCgZwYXJlbnQYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiVwoSTGlzdE1vZGVsc1Jlc3BvbnNlEigKBm1vZGVscxgBIAMoCzIYLm1vZGVsbGlmZWN5Y2xlLnYxLk1vZGVsEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIiChJEZWxldGVNb2RlbFJlcXVlc3QSDAoEbmFtZRgBIAEoCSI0ChNVcGxvYWRTb3VyY2VSZXF1ZXN0Eg4KBnBhcmVudBgBIAEoCRINCgVjaHVuaxgCIAEoDCLLAgoNRGVwbG95T3B0aW9ucxIvCglyZXNvdXJjZXMYASABKAsyHC5tb2RlbGxpZmVjeWNsZS52MS5SZXNvdXJjZXMSRgoLZW52aXJvbm1lbnQYAiADKAsyMS5tb2RlbGxpZmVjeWNsZS52MS5EZXBsb3lPcHRpb25zLkVudmlyb25tZW50RW50cnkSUwoSc2VjcmV0X2Vudmlyb25tZW50GAMgAygLMjcubW9kZWxsaWZlY3ljbGUudjEuRGVwbG95T3B0aW9ucy5TZWNyZXRFbnZpcm9ubWVudEVudHJ5GjIKEEVudmlyb25tZW50RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ARo4ChZTZWNyZXRFbnZpcm9ubWVudEVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEizgEKEkNyZWF0ZUJ1aWxkUmVxdWVzdBIOCgZwYXJlbnQYASABKAkSFQoNc291cmNlX3NoYTI1NhgCIAEoCRIRCglmaWxlX3BhdGgYAyABKAkSFQoNZnVuY3Rpb25fbmFtZRgEIAEoCRIPCgdjb21tZW50GAUgASgJEjAKBmRlcGxveRgGIAEoCzIgLm1vZGVsbGlmZWN5Y2xlLnYxLkRlcGxveU9wdGlvbnMSEgoKcmVxdWVzdF9pZBgHIAEoCRIQCghub19jYWNoZRgIIAEoCCIfCg9HZXRCdWlsZFJlcXVlc3QSDAoEbmFtZRgBIAEoCSJKChFMaXN0QnVpbGRzUmVxdWVzdBIOCgZwYXJlbnQYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiVwoSTGlzdEJ1aWxkc1Jlc3BvbnNlEigKBmJ1aWxkcxgBIAMoCzIYLm1vZGVsbGlmZWN5Y2xlLnYxLkJ1aWxkEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSKcAwoXQ3JlYXRlRGVwbG95bWVudFJlcXVlc3QSDgoGcGFyZW50GAEgASgJEg0KBWJ1aWxkGAIgASgJEi8KCXJlc291cmNlcxgDIAEoCzIcLm1vZGVsbGlmZWN5Y2xlLnYxLlJlc291cmNlcxJQCgtlbnZpcm9ubWVudBgEIAMoCzI7Lm1vZGVsbGlmZWN5Y2xlLnYxLkNyZWF0ZURlcGxveW1lbnRSZXF1ZXN0LkVudmlyb25tZW50RW50cnkSEgoKcmVxdWVzdF9pZBgFIAEoCRJdChJzZWNyZXRfZW52aXJvbm1lbnQYBiADKAsyQS5tb2RlbGxpZmVjeWNsZS52MS5DcmVhdGVEZXBsb3ltZW50UmVxdWVzdC5TZWNyZXRFbnZpcm9ubWVudEVudHJ5GjIKEEVudmlyb25tZW50RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ARo4ChZTZWNyZXRFbnZpcm9ubWVudEVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiJAoUR2V0RGVwbG95bWVudFJlcXVlc3QSDAoEbmFtZRgBIAEoCSJPChZMaXN0RGVwbG95bWVudHNSZXF1ZXN0Eg4KBnBhcmVudBgBIAEoCRIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSJmChdMaXN0RGVwbG95bWVudHNSZXNwb25zZRIyCgtkZXBsb3ltZW50cxgBIAMoCzIdLm1vZGVsbGlmZWN5Y2xlLnYxLkRlcGxveW1lbnQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIjQKEFN0b3BNb2RlbFJlcXVlc3QSDAoEbmFtZRgBIAEoCRISCgpyZXF1ZXN0X2lkGAIgASgJIjcKE1Jlc3RhcnRNb2RlbFJlcXVlc3QSDAoEbmFtZRgBIAEoCRISCgpyZXF1ZXN0X2lkGAIgASgJIiMKE0dldE9wZXJhdGlvblJlcXVlc3QSDAoEbmFtZRgBIAEoCSJOChVMaXN0T3BlcmF0aW9uc1JlcXVlc3QSDgoGcGFyZW50GAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJImMKFkxpc3RPcGVyYXRpb25zUmVzcG9uc2USMAoKb3BlcmF0aW9ucxgBIAMoCzIcLm1vZGVsbGlmZWN5Y2xlLnYxLk9wZXJhdGlvbhIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiUAoUV2FpdE9wZXJhdGlvblJlcXVlc3QSDAoEbmFtZRgBIAEoCRIqCgd0aW1lb3V0GAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIjkKEVdhdGNoTW9kZWxSZXF1ZXN0EgwKBG5hbWUYASABKAkSFgoOc2luY2VfcmV2aXNpb24YAiABKAMiTAoSV2F0Y2hNb2RlbHNSZXF1ZXN0Eg4KBnBhcmVudBgBIAEoCRIOCgZmaWx0ZXIYAiABKAkSFgoOc2luY2VfcmV2aXNpb24YAyABKAMiJgoWQ2FuY2VsT3BlcmF0aW9uUmVxdWVzdBIMCgRuYW1lGAEgASgJIjYKFlN0cmVhbUJ1aWxkTG9nc1JlcXVlc3QSDAoEbmFtZRgBIAEoCRIOCgZmb2xsb3cYAiABKAgiVgoMQnVpbGRMb2dMaW5lEg4KBm51bWJlchgBIAEoAxIoCgR0aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIMCgR0ZXh0GAMgASgJIkMKEkV4cG9ydEJ1aWxkUmVxdWVzdBIMCgRuYW1lGAEgASgJEhIKCmJhc2VfaW1hZ2UYAiABKAkSCwoDdGFnGAMgASgJIjkKEEV4cG9ydEJ1aWxkQ2h1bmsSDAoEZGF0YRgBIAEoDBIXCg9tYW5pZmVzdF9kaWdlc3QYAiABKAkiiAEKEkNyZWF0ZVRva2VuUmVxdWVzdBIOCgZwYXJlbnQYASABKAkSJQoEcm9sZRgCIAEoDjIXLm1vZGVsbGlmZWN5Y2xlLnYxLlJvbGUSEwoLZGVzY3JpcHRpb24YAyABKAkSJgoDdHRsGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIk4KE0NyZWF0ZVRva2VuUmVzcG9uc2USJwoFdG9rZW4YASABKAsyGC5tb2RlbGxpZmVjeWNsZS52MS5Ub2tlbhIOCgZzZWNyZXQYAiABKAkiSgoRTGlzdFRva2Vuc1JlcXVlc3QSDgoGcGFyZW50GAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIlcKEkxpc3RUb2tlbnNSZXNwb25zZRIoCgZ0b2tlbnMYASADKAsyGC5tb2RlbGxpZmVjeWNsZS52MS5Ub2tlbhIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiIgoSUmV2b2tlVG9rZW5SZXF1ZXN0EgwKBG5hbWUYASABKAkiUAoXTGlzdEF1ZGl0UmVjb3Jkc1JlcXVlc3QSDgoGcGFyZW50GAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJImQKGExpc3RBdWRpdFJlY29yZHNSZXNwb25zZRIvCgdyZWNvcmRzGAEgAygLMh4ubW9kZWxsaWZlY3ljbGUudjEuQXVkaXRSZWNvcmQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIkEKGkNyZWF0ZUludm9jYXRpb25LZXlSZXF1ZXN0Eg4KBnBhcmVudBgBIAEoCRITCgtkZXNjcmlwdGlvbhgCIAEoCSJcChtDcmVhdGVJbnZvY2F0aW9uS2V5UmVzcG9uc2USLQoDa2V5GAEgASgLMiAubW9kZWxsaWZlY3ljbGUudjEuSW52b2NhdGlvbktleRIOCgZzZWNyZXQYAiABKAkiUgoZTGlzdEludm9jYXRpb25LZXlzUmVxdWVzdBIOCgZwYXJlbnQYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiZQoaTGlzdEludm9jYXRpb25LZXlzUmVzcG9uc2USLgoEa2V5cxgBIAMoCzIgLm1vZGVsbGlmZWN5Y2xlLnYxLkludm9jYXRpb25LZXkSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIioKGlJldm9rZUludm9jYXRpb25LZXlSZXF1ZXN0EgwKBG5hbWUYASABKAkyihQKDk1vZGVsTGlmZWN5Y2xlEk4KC0NyZWF0ZU1vZGVsEiUubW9kZWxsaWZlY3ljbGUudjEuQ3JlYXRlTW9kZWxSZXF1ZXN0GhgubW9kZWxsaWZlY3ljbGUudjEuTW9kZWwSSAoIR2V0TW9kZWwSIi5tb2RlbGxpZmVjeWNsZS52MS5HZXRNb2RlbFJlcXVlc3QaGC5tb2RlbGxpZmVjeWNsZS52MS5Nb2RlbBJZCgpMaXN0TW9kZWxzEiQubW9kZWxsaWZlY3ljbGUudjEuTGlzdE1vZGVsc1JlcXVlc3QaJS5tb2RlbGxpZmVjeWNsZS52MS5MaXN0TW9kZWxzUmVzcG9uc2USTAoLRGVsZXRlTW9kZWwSJS5tb2RlbGxpZmVjeWNsZS52MS5EZWxldGVNb2RlbFJlcXVlc3QaFi5nb29nbGUucHJvdG9idWYuRW1wdHkSUwoMVXBsb2FkU291cmNlEiYubW9kZWxsaWZlY3ljbGUudjEuVXBsb2FkU291cmNlUmVxdWVzdBoZLm1vZGVsbGlmZWN5Y2xlLnYxLlNvdXJjZSgBElIKC0NyZWF0ZUJ1aWxkEiUubW9kZWxsaWZlY3ljbGUudjEuQ3JlYXRlQnVpbGRSZXF1ZXN0GhwubW9kZWxsaWZlY3ljbGUudjEuT3BlcmF0aW9uEkgKCEdldEJ1aWxkEiIubW9kZWxsaWZlY3ljbGUudjEuR2V0QnVpbGRSZXF1ZXN0GhgubW9kZWxsaWZlY3ljbGUudjEuQnVpbGQSWQoKTGlzdEJ1aWxkcxIkLm1vZGVsbGlmZWN5Y2xlLnYxLkxpc3RCdWlsZHNSZXF1ZXN0GiUubW9kZWxsaWZlY3ljbGUudjEuTGlzdEJ1aWxkc1Jlc3BvbnNlElwKEENyZWF0ZURlcGxveW1lbnQSKi5tb2RlbGxpZmVjeWNsZS52MS5DcmVhdGVEZXBsb3ltZW50UmVxdWVzdBocLm1vZGVsbGlmZWN5Y2xlLnYxLk9wZXJhdGlvbhJXCg1HZXREZXBsb3ltZW50EicubW9kZWxsaWZlY3ljbGUudjEuR2V0RGVwbG95bWVudFJlcXVlc3QaHS5tb2RlbGxpZmVjeWNsZS52MS5EZXBsb3ltZW50EmgKD0xpc3REZXBsb3ltZW50cxIpLm1vZGVsbGlmZWN5Y2xlLnYxLkxpc3REZXBsb3ltZW50c1JlcXVlc3QaKi5tb2RlbGxpZmVjeWNsZS52MS5MaXN0RGVwbG95bWVudHNSZXNwb25zZRJOCglTdG9wTW9kZWwSIy5tb2RlbGxpZmVjeWNsZS52MS5TdG9wTW9kZWxSZXF1ZXN0GhwubW9kZWxsaWZlY3ljbGUudjEuT3BlcmF0aW9uElQKDFJlc3RhcnRNb2RlbBImLm1vZGVsbGlmZWN5Y2xlLnYxLlJlc3RhcnRNb2RlbFJlcXVlc3QaHC5tb2RlbGxpZmVjeWNsZS52MS5PcGVyYXRpb24SVAoMR2V0T3BlcmF0aW9uEiYubW9kZWxsaWZlY3ljbGUudjEuR2V0T3BlcmF0aW9uUmVxdWVzdBocLm1vZGVsbGlmZWN5Y2xlLnYxLk9wZXJhdGlvbhJlCg5MaXN0T3BlcmF0aW9ucxIoLm1vZGVsbGlmZWN5Y2xlLnYxLkxpc3RPcGVyYXRpb25zUmVxdWVzdBopLm1vZGVsbGlmZWN5Y2xlLnYxLkxpc3RPcGVyYXRpb25zUmVzcG9uc2USVgoNV2FpdE9wZXJhdGlvbhInLm1vZGVsbGlmZWN5Y2xlLnYxLldhaXRPcGVyYXRpb25SZXF1ZXN0GhwubW9kZWxsaWZlY3ljbGUudjEuT3BlcmF0aW9uElMKCldhdGNoTW9kZWwSJC5tb2RlbGxpZmVjeWNsZS52MS5XYXRjaE1vZGVsUmVxdWVzdBodLm1vZGVsbGlmZWN5Y2xlLnYxLk1vZGVsRXZlbnQwARJVCgtXYXRjaE1vZGVscxIlLm1vZGVsbGlmZWN5Y2xlLnYxLldhdGNoTW9kZWxzUmVxdWVzdBodLm1vZGVsbGlmZWN5Y2xlLnYxLk1vZGVsRXZlbnQwARJaCg9DYW5jZWxPcGVyYXRpb24SKS5tb2RlbGxpZmVjeWNsZS52MS5DYW5jZWxPcGVyYXRpb25SZXF1ZXN0GhwubW9kZWxsaWZlY3ljbGUudjEuT3BlcmF0aW9uEl8KD1N0cmVhbUJ1aWxkTG9ncxIpLm1vZGVsbGlmZWN5Y2xlLnYxLlN0cmVhbUJ1aWxkTG9nc1JlcXVlc3QaHy5tb2RlbGxpZmVjeWNsZS52MS5CdWlsZExvZ0xpbmUwARJbCgtFeHBvcnRCdWlsZBIlLm1vZGVsbGlmZWN5Y2xlLnYxLkV4cG9ydEJ1aWxkUmVxdWVzdBojLm1vZGVsbGlmZWN5Y2xlLnYxLkV4cG9ydEJ1aWxkQ2h1bmswARJcCgtDcmVhdGVUb2tlbhIlLm1vZGVsbGlmZWN5Y2xlLnYxLkNyZWF0ZVRva2VuUmVxdWVzdBomLm1vZGVsbGlmZWN5Y2xlLnYxLkNyZWF0ZVRva2VuUmVzcG9uc2USWQoKTGlzdFRva2VucxIkLm1vZGVsbGlmZWN5Y2xlLnYxLkxpc3RUb2tlbnNSZXF1ZXN0GiUubW9kZWxsaWZlY3ljbGUudjEuTGlzdFRva2Vuc1Jlc3BvbnNlEk4KC1Jldm9rZVRva2VuEiUubW9kZWxsaWZlY3ljbGUudjEuUmV2b2tlVG9rZW5SZXF1ZXN0GhgubW9kZWxsaWZlY3ljbGUudjEuVG9rZW4SdAoTQ3JlYXRlSW52b2NhdGlvbktleRItLm1vZGVsbGlmZWN5Y2xlLnYxLkNyZWF0ZUludm9jYXRpb25LZXlSZXF1ZXN0Gi4ubW9kZWxsaWZlY3ljbGUudjEuQ3JlYXRlSW52b2NhdGlvbktleVJlc3BvbnNlEnEKEkxpc3RJbnZvY2F0aW9uS2V5cxIsLm1vZGVsbGlmZWN5Y2xlLnYxLkxpc3RJbnZvY2F0aW9uS2V5c1JlcXVlc3QaLS5tb2RlbGxpZmVjeWNsZS52MS5MaXN0SW52b2NhdGlvbktleXNSZXNwb25zZRJmChNSZXZva2VJbnZvY2F0aW9uS2V5Ei0ubW9kZWxsaWZlY3ljbGUudjEuUmV2b2tlSW52b2NhdGlvbktleVJlcXVlc3QaIC5tb2RlbGxpZmVjeWNsZS52MS5JbnZvY2F0aW9uS2V5EmsKEExpc3RBdWRpdFJlY29yZHMSKi5tb2RlbGxpZmVjeWNsZS52MS5MaXN0QXVkaXRSZWNvcmRzUmVxdWVzdBorLm1vZGVsbGlmZWN5Y2xlLnYxLkxpc3RBdWRpdFJlY29yZHNSZXNwb25zZUIkWiJtb2RlbGxpZmVjeWNsZS92MTttb2RlbGxpZmVjeWNsZXYxYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_empty, file_google_protobuf_timestamp, file_modellifecycle_v1_resources]);
+  fileDesc("Ch9tb2RlbGxpZmVjeWNsZS92MS9zZXJ2aWNlLnByb3RvEhFtb2RlbGxpZmVjeWNsZS52MSJzChJDcmVhdGVNb2RlbFJlcXVlc3QSDgoGcGFyZW50GAEgASgJEhAKCG1vZGVsX2lkGAIgASgJEicKBW1vZGVsGAMgASgLMhgubW9kZWxsaWZlY3ljbGUudjEuTW9kZWwSEgoKcmVxdWVzdF9pZBgEIAEoCSIfCg9HZXRNb2RlbFJlcXVlc3QSDAoEbmFtZRgBIAEoCSJKChFMaXN0TW9kZWxzUmVxdWVzdBIOCgZwYXJlbnQYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiVwoSTGlzdE1vZGVsc1Jlc3BvbnNlEigKBm1vZGVscxgBIAMoCzIYLm1vZGVsbGlmZWN5Y2xlLnYxLk1vZGVsEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIiChJEZWxldGVNb2RlbFJlcXVlc3QSDAoEbmFtZRgBIAEoCSI0ChNVcGxvYWRTb3VyY2VSZXF1ZXN0Eg4KBnBhcmVudBgBIAEoCRINCgVjaHVuaxgCIAEoDCLLAgoNRGVwbG95T3B0aW9ucxIvCglyZXNvdXJjZXMYASABKAsyHC5tb2RlbGxpZmVjeWNsZS52MS5SZXNvdXJjZXMSRgoLZW52aXJvbm1lbnQYAiADKAsyMS5tb2RlbGxpZmVjeWNsZS52MS5EZXBsb3lPcHRpb25zLkVudmlyb25tZW50RW50cnkSUwoSc2VjcmV0X2Vudmlyb25tZW50GAMgAygLMjcubW9kZWxsaWZlY3ljbGUudjEuRGVwbG95T3B0aW9ucy5TZWNyZXRFbnZpcm9ubWVudEVudHJ5GjIKEEVudmlyb25tZW50RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ARo4ChZTZWNyZXRFbnZpcm9ubWVudEVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEizgEKEkNyZWF0ZUJ1aWxkUmVxdWVzdBIOCgZwYXJlbnQYASABKAkSFQoNc291cmNlX3NoYTI1NhgCIAEoCRIRCglmaWxlX3BhdGgYAyABKAkSFQoNZnVuY3Rpb25fbmFtZRgEIAEoCRIPCgdjb21tZW50GAUgASgJEjAKBmRlcGxveRgGIAEoCzIgLm1vZGVsbGlmZWN5Y2xlLnYxLkRlcGxveU9wdGlvbnMSEgoKcmVxdWVzdF9pZBgHIAEoCRIQCghub19jYWNoZRgIIAEoCCIfCg9HZXRCdWlsZFJlcXVlc3QSDAoEbmFtZRgBIAEoCSJKChFMaXN0QnVpbGRzUmVxdWVzdBIOCgZwYXJlbnQYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiVwoSTGlzdEJ1aWxkc1Jlc3BvbnNlEigKBmJ1aWxkcxgBIAMoCzIYLm1vZGVsbGlmZWN5Y2xlLnYxLkJ1aWxkEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSKcAwoXQ3JlYXRlRGVwbG95bWVudFJlcXVlc3QSDgoGcGFyZW50GAEgASgJEg0KBWJ1aWxkGAIgASgJEi8KCXJlc291cmNlcxgDIAEoCzIcLm1vZGVsbGlmZWN5Y2xlLnYxLlJlc291cmNlcxJQCgtlbnZpcm9ubWVudBgEIAMoCzI7Lm1vZGVsbGlmZWN5Y2xlLnYxLkNyZWF0ZURlcGxveW1lbnRSZXF1ZXN0LkVudmlyb25tZW50RW50cnkSEgoKcmVxdWVzdF9pZBgFIAEoCRJdChJzZWNyZXRfZW52aXJvbm1lbnQYBiADKAsyQS5tb2RlbGxpZmVjeWNsZS52MS5DcmVhdGVEZXBsb3ltZW50UmVxdWVzdC5TZWNyZXRFbnZpcm9ubWVudEVudHJ5GjIKEEVudmlyb25tZW50RW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ARo4ChZTZWNyZXRFbnZpcm9ubWVudEVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiJAoUR2V0RGVwbG95bWVudFJlcXVlc3QSDAoEbmFtZRgBIAEoCSJPChZMaXN0RGVwbG95bWVudHNSZXF1ZXN0Eg4KBnBhcmVudBgBIAEoCRIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSJmChdMaXN0RGVwbG95bWVudHNSZXNwb25zZRIyCgtkZXBsb3ltZW50cxgBIAMoCzIdLm1vZGVsbGlmZWN5Y2xlLnYxLkRlcGxveW1lbnQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIjQKEFN0b3BNb2RlbFJlcXVlc3QSDAoEbmFtZRgBIAEoCRISCgpyZXF1ZXN0X2lkGAIgASgJIjcKE1Jlc3RhcnRNb2RlbFJlcXVlc3QSDAoEbmFtZRgBIAEoCRISCgpyZXF1ZXN0X2lkGAIgASgJIiMKE0dldE9wZXJhdGlvblJlcXVlc3QSDAoEbmFtZRgBIAEoCSJOChVMaXN0T3BlcmF0aW9uc1JlcXVlc3QSDgoGcGFyZW50GAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJImMKFkxpc3RPcGVyYXRpb25zUmVzcG9uc2USMAoKb3BlcmF0aW9ucxgBIAMoCzIcLm1vZGVsbGlmZWN5Y2xlLnYxLk9wZXJhdGlvbhIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiUAoUV2FpdE9wZXJhdGlvblJlcXVlc3QSDAoEbmFtZRgBIAEoCRIqCgd0aW1lb3V0GAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIjkKEVdhdGNoTW9kZWxSZXF1ZXN0EgwKBG5hbWUYASABKAkSFgoOc2luY2VfcmV2aXNpb24YAiABKAMiTAoSV2F0Y2hNb2RlbHNSZXF1ZXN0Eg4KBnBhcmVudBgBIAEoCRIOCgZmaWx0ZXIYAiABKAkSFgoOc2luY2VfcmV2aXNpb24YAyABKAMiJgoWQ2FuY2VsT3BlcmF0aW9uUmVxdWVzdBIMCgRuYW1lGAEgASgJIjYKFlN0cmVhbUJ1aWxkTG9nc1JlcXVlc3QSDAoEbmFtZRgBIAEoCRIOCgZmb2xsb3cYAiABKAgiVgoMQnVpbGRMb2dMaW5lEg4KBm51bWJlchgBIAEoAxIoCgR0aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIMCgR0ZXh0GAMgASgJIkMKEkV4cG9ydEJ1aWxkUmVxdWVzdBIMCgRuYW1lGAEgASgJEhIKCmJhc2VfaW1hZ2UYAiABKAkSCwoDdGFnGAMgASgJIjkKEEV4cG9ydEJ1aWxkQ2h1bmsSDAoEZGF0YRgBIAEoDBIXCg9tYW5pZmVzdF9kaWdlc3QYAiABKAkiiAEKEkNyZWF0ZVRva2VuUmVxdWVzdBIOCgZwYXJlbnQYASABKAkSJQoEcm9sZRgCIAEoDjIXLm1vZGVsbGlmZWN5Y2xlLnYxLlJvbGUSEwoLZGVzY3JpcHRpb24YAyABKAkSJgoDdHRsGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIk4KE0NyZWF0ZVRva2VuUmVzcG9uc2USJwoFdG9rZW4YASABKAsyGC5tb2RlbGxpZmVjeWNsZS52MS5Ub2tlbhIOCgZzZWNyZXQYAiABKAkiSgoRTGlzdFRva2Vuc1JlcXVlc3QSDgoGcGFyZW50GAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIlcKEkxpc3RUb2tlbnNSZXNwb25zZRIoCgZ0b2tlbnMYASADKAsyGC5tb2RlbGxpZmVjeWNsZS52MS5Ub2tlbhIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiIgoSUmV2b2tlVG9rZW5SZXF1ZXN0EgwKBG5hbWUYASABKAkiUAoXTGlzdEF1ZGl0UmVjb3Jkc1JlcXVlc3QSDgoGcGFyZW50GAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJImQKGExpc3RBdWRpdFJlY29yZHNSZXNwb25zZRIvCgdyZWNvcmRzGAEgAygLMh4ubW9kZWxsaWZlY3ljbGUudjEuQXVkaXRSZWNvcmQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIkEKGkNyZWF0ZUludm9jYXRpb25LZXlSZXF1ZXN0Eg4KBnBhcmVudBgBIAEoCRITCgtkZXNjcmlwdGlvbhgCIAEoCSJcChtDcmVhdGVJbnZvY2F0aW9uS2V5UmVzcG9uc2USLQoDa2V5GAEgASgLMiAubW9kZWxsaWZlY3ljbGUudjEuSW52b2NhdGlvbktleRIOCgZzZWNyZXQYAiABKAkiUgoZTGlzdEludm9jYXRpb25LZXlzUmVxdWVzdBIOCgZwYXJlbnQYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiZQoaTGlzdEludm9jYXRpb25LZXlzUmVzcG9uc2USLgoEa2V5cxgBIAMoCzIgLm1vZGVsbGlmZWN5Y2xlLnYxLkludm9jYXRpb25LZXkSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIioKGlJldm9rZUludm9jYXRpb25LZXlSZXF1ZXN0EgwKBG5hbWUYASABKAkiegoWR2V0TW9kZWxNZXRyaWNzUmVxdWVzdBIMCgRuYW1lGAEgASgJEikKBndpbmRvdxgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhInCgRzdGVwGAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIpYDCg1NZXRyaWNGaWd1cmVzEhAKCHJlcXVlc3RzGAEgASgDEhQKDG1vZGVsX2Vycm9ycxgCIAEoAxIVCg1jbGllbnRfZXJyb3JzGAMgASgDEhUKDXNlcnZlcl9lcnJvcnMYBCABKAMSDwoHcmVmdXNlZBgFIAEoAxIRCglpbl9mbGlnaHQYBiABKAMSDgoGcXVldWVkGAcgASgDEhYKDmxhdGVuY3lfcDUwX21zGAggASgBEhYKDmxhdGVuY3lfcDk1X21zGAkgASgBEhYKDmxhdGVuY3lfcDk5X21zGAogASgBEhAKCGNwdV91c2VkGAsgASgBEhUKDWNwdV9yZXF1ZXN0ZWQYDCABKAESGAoQbWVtb3J5X3Jzc19ieXRlcxgNIAEoAxIeChZtZW1vcnlfcmVxdWVzdGVkX2J5dGVzGA4gASgDEhAKCGdwdV91c2VkGA8gASgBEhUKDWdwdV9yZXF1ZXN0ZWQYECABKAESEAoIcmVwbGljYXMYESABKAUSFQoNYnVzeV9yZXBsaWNhcxgSIAEoBSJqCgtNZXRyaWNQb2ludBIoCgR0aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIxCgdmaWd1cmVzGAIgASgLMiAubW9kZWxsaWZlY3ljbGUudjEuTWV0cmljRmlndXJlcyJ/CgxCdWlsZE1ldHJpY3MSDQoFYnVpbGQYASABKAkSMAoGdG90YWxzGAIgASgLMiAubW9kZWxsaWZlY3ljbGUudjEuTWV0cmljRmlndXJlcxIuCgZwb2ludHMYAyADKAsyHi5tb2RlbGxpZmVjeWNsZS52MS5NZXRyaWNQb2ludCLBAQoOUmVwbGljYU1ldHJpY3MSEgoKcmVwbGljYV9pZBgBIAEoCRINCgVidWlsZBgCIAEoCRIMCgRub2RlGAMgASgJEgsKA3BpZBgEIAEoAxIPCgdydW5uaW5nGAUgASgIEjAKBnRvdGFscxgGIAEoCzIgLm1vZGVsbGlmZWN5Y2xlLnYxLk1ldHJpY0ZpZ3VyZXMSLgoGcG9pbnRzGAcgAygLMh4ubW9kZWxsaWZlY3ljbGUudjEuTWV0cmljUG9pbnQi+wIKDE1vZGVsTWV0cmljcxIMCgRuYW1lGAEgASgJEi4KCnN0YXJ0X3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBInCgRzdGVwGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEjAKBnRvdGFscxgFIAEoCzIgLm1vZGVsbGlmZWN5Y2xlLnYxLk1ldHJpY0ZpZ3VyZXMSLgoGcG9pbnRzGAYgAygLMh4ubW9kZWxsaWZlY3ljbGUudjEuTWV0cmljUG9pbnQSLwoGYnVpbGRzGAcgAygLMh8ubW9kZWxsaWZlY3ljbGUudjEuQnVpbGRNZXRyaWNzEjMKCHJlcGxpY2FzGAggAygLMiEubW9kZWxsaWZlY3ljbGUudjEuUmVwbGljYU1ldHJpY3MSDgoGaGVhbHRoGAkgASgJIpIBChZTdHJlYW1Nb2RlbExvZ3NSZXF1ZXN0EgwKBG5hbWUYASABKAkSEgoKcmVwbGljYV9pZBgCIAEoCRINCgVidWlsZBgDIAEoCRIpCgVzaW5jZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEdGFpbBgFIAEoBRIOCgZmb2xsb3cYBiABKAgiqwEKDE1vZGVsTG9nTGluZRIoCgR0aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgpyZXBsaWNhX2lkGAIgASgJEg0KBWJ1aWxkGAMgASgJEgwKBG5vZGUYBCABKAkSDgoGc3RyZWFtGAUgASgJEgwKBHRleHQYBiABKAkSEgoKcmVxdWVzdF9pZBgHIAEoCRIOCgZudW1iZXIYCCABKAMyyhUKDk1vZGVsTGlmZWN5Y2xlEk4KC0NyZWF0ZU1vZGVsEiUubW9kZWxsaWZlY3ljbGUudjEuQ3JlYXRlTW9kZWxSZXF1ZXN0GhgubW9kZWxsaWZlY3ljbGUudjEuTW9kZWwSSAoIR2V0TW9kZWwSIi5tb2RlbGxpZmVjeWNsZS52MS5HZXRNb2RlbFJlcXVlc3QaGC5tb2RlbGxpZmVjeWNsZS52MS5Nb2RlbBJZCgpMaXN0TW9kZWxzEiQubW9kZWxsaWZlY3ljbGUudjEuTGlzdE1vZGVsc1JlcXVlc3QaJS5tb2RlbGxpZmVjeWNsZS52MS5MaXN0TW9kZWxzUmVzcG9uc2USTAoLRGVsZXRlTW9kZWwSJS5tb2RlbGxpZmVjeWNsZS52MS5EZWxldGVNb2RlbFJlcXVlc3QaFi5nb29nbGUucHJvdG9idWYuRW1wdHkSUwoMVXBsb2FkU291cmNlEiYubW9kZWxsaWZlY3ljbGUudjEuVXBsb2FkU291cmNlUmVxdWVzdBoZLm1vZGVsbGlmZWN5Y2xlLnYxLlNvdXJjZSgBElIKC0NyZWF0ZUJ1aWxkEiUubW9kZWxsaWZlY3ljbGUudjEuQ3JlYXRlQnVpbGRSZXF1ZXN0GhwubW9kZWxsaWZlY3ljbGUudjEuT3BlcmF0aW9uEkgKCEdldEJ1aWxkEiIubW9kZWxsaWZlY3ljbGUudjEuR2V0QnVpbGRSZXF1ZXN0GhgubW9kZWxsaWZlY3ljbGUudjEuQnVpbGQSWQoKTGlzdEJ1aWxkcxIkLm1vZGVsbGlmZWN5Y2xlLnYxLkxpc3RCdWlsZHNSZXF1ZXN0GiUubW9kZWxsaWZlY3ljbGUudjEuTGlzdEJ1aWxkc1Jlc3BvbnNlElwKEENyZWF0ZURlcGxveW1lbnQSKi5tb2RlbGxpZmVjeWNsZS52MS5DcmVhdGVEZXBsb3ltZW50UmVxdWVzdBocLm1vZGVsbGlmZWN5Y2xlLnYxLk9wZXJhdGlvbhJXCg1HZXREZXBsb3ltZW50EicubW9kZWxsaWZlY3ljbGUudjEuR2V0RGVwbG95bWVudFJlcXVlc3QaHS5tb2RlbGxpZmVjeWNsZS52MS5EZXBsb3ltZW50EmgKD0xpc3REZXBsb3ltZW50cxIpLm1vZGVsbGlmZWN5Y2xlLnYxLkxpc3REZXBsb3ltZW50c1JlcXVlc3QaKi5tb2RlbGxpZmVjeWNsZS52MS5MaXN0RGVwbG95bWVudHNSZXNwb25zZRJOCglTdG9wTW9kZWwSIy5tb2RlbGxpZmVjeWNsZS52MS5TdG9wTW9kZWxSZXF1ZXN0GhwubW9kZWxsaWZlY3ljbGUudjEuT3BlcmF0aW9uElQKDFJlc3RhcnRNb2RlbBImLm1vZGVsbGlmZWN5Y2xlLnYxLlJlc3RhcnRNb2RlbFJlcXVlc3QaHC5tb2RlbGxpZmVjeWNsZS52MS5PcGVyYXRpb24SVAoMR2V0T3BlcmF0aW9uEiYubW9kZWxsaWZlY3ljbGUudjEuR2V0T3BlcmF0aW9uUmVxdWVzdBocLm1vZGVsbGlmZWN5Y2xlLnYxLk9wZXJhdGlvbhJlCg5MaXN0T3BlcmF0aW9ucxIoLm1vZGVsbGlmZWN5Y2xlLnYxLkxpc3RPcGVyYXRpb25zUmVxdWVzdBopLm1vZGVsbGlmZWN5Y2xlLnYxLkxpc3RPcGVyYXRpb25zUmVzcG9uc2USVgoNV2FpdE9wZXJhdGlvbhInLm1vZGVsbGlmZWN5Y2xlLnYxLldhaXRPcGVyYXRpb25SZXF1ZXN0GhwubW9kZWxsaWZlY3ljbGUudjEuT3BlcmF0aW9uElMKCldhdGNoTW9kZWwSJC5tb2RlbGxpZmVjeWNsZS52MS5XYXRjaE1vZGVsUmVxdWVzdBodLm1vZGVsbGlmZWN5Y2xlLnYxLk1vZGVsRXZlbnQwARJVCgtXYXRjaE1vZGVscxIlLm1vZGVsbGlmZWN5Y2xlLnYxLldhdGNoTW9kZWxzUmVxdWVzdBodLm1vZGVsbGlmZWN5Y2xlLnYxLk1vZGVsRXZlbnQwARJaCg9DYW5jZWxPcGVyYXRpb24SKS5tb2RlbGxpZmVjeWNsZS52MS5DYW5jZWxPcGVyYXRpb25SZXF1ZXN0GhwubW9kZWxsaWZlY3ljbGUudjEuT3BlcmF0aW9uEl8KD1N0cmVhbUJ1aWxkTG9ncxIpLm1vZGVsbGlmZWN5Y2xlLnYxLlN0cmVhbUJ1aWxkTG9nc1JlcXVlc3QaHy5tb2RlbGxpZmVjeWNsZS52MS5CdWlsZExvZ0xpbmUwARJbCgtFeHBvcnRCdWlsZBIlLm1vZGVsbGlmZWN5Y2xlLnYxLkV4cG9ydEJ1aWxkUmVxdWVzdBojLm1vZGVsbGlmZWN5Y2xlLnYxLkV4cG9ydEJ1aWxkQ2h1bmswARJcCgtDcmVhdGVUb2tlbhIlLm1vZGVsbGlmZWN5Y2xlLnYxLkNyZWF0ZVRva2VuUmVxdWVzdBomLm1vZGVsbGlmZWN5Y2xlLnYxLkNyZWF0ZVRva2VuUmVzcG9uc2USWQoKTGlzdFRva2VucxIkLm1vZGVsbGlmZWN5Y2xlLnYxLkxpc3RUb2tlbnNSZXF1ZXN0GiUubW9kZWxsaWZlY3ljbGUudjEuTGlzdFRva2Vuc1Jlc3BvbnNlEk4KC1Jldm9rZVRva2VuEiUubW9kZWxsaWZlY3ljbGUudjEuUmV2b2tlVG9rZW5SZXF1ZXN0GhgubW9kZWxsaWZlY3ljbGUudjEuVG9rZW4SdAoTQ3JlYXRlSW52b2NhdGlvbktleRItLm1vZGVsbGlmZWN5Y2xlLnYxLkNyZWF0ZUludm9jYXRpb25LZXlSZXF1ZXN0Gi4ubW9kZWxsaWZlY3ljbGUudjEuQ3JlYXRlSW52b2NhdGlvbktleVJlc3BvbnNlEnEKEkxpc3RJbnZvY2F0aW9uS2V5cxIsLm1vZGVsbGlmZWN5Y2xlLnYxLkxpc3RJbnZvY2F0aW9uS2V5c1JlcXVlc3QaLS5tb2RlbGxpZmVjeWNsZS52MS5MaXN0SW52b2NhdGlvbktleXNSZXNwb25zZRJmChNSZXZva2VJbnZvY2F0aW9uS2V5Ei0ubW9kZWxsaWZlY3ljbGUudjEuUmV2b2tlSW52b2NhdGlvbktleVJlcXVlc3QaIC5tb2RlbGxpZmVjeWNsZS52MS5JbnZvY2F0aW9uS2V5EmsKEExpc3RBdWRpdFJlY29yZHMSKi5tb2RlbGxpZmVjeWNsZS52MS5MaXN0QXVkaXRSZWNvcmRzUmVxdWVzdBorLm1vZGVsbGlmZWN5Y2xlLnYxLkxpc3RBdWRpdFJlY29yZHNSZXNwb25zZRJdCg9HZXRNb2RlbE1ldHJpY3MSKS5tb2RlbGxpZmVjeWNsZS52MS5HZXRNb2RlbE1ldHJpY3NSZXF1ZXN0Gh8ubW9kZWxsaWZlY3ljbGUudjEuTW9kZWxNZXRyaWNzEl8KD1N0cmVhbU1vZGVsTG9ncxIpLm1vZGVsbGlmZWN5Y2xlLnYxLlN0cmVhbU1vZGVsTG9nc1JlcXVlc3QaHy5tb2RlbGxpZmVjeWNsZS52MS5Nb2RlbExvZ0xpbmUwAUIkWiJtb2RlbGxpZmVjeWNsZS92MTttb2RlbGxpZmVjeWNsZXYxYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_empty, file_google_protobuf_timestamp, file_modellifecycle_v1_resources]);
 
 /**
  * @generated from message modellifecycle.v1.CreateModelRequest
@@ -1050,6 +1050,439 @@ export const RevokeInvocationKeyRequestSchema: GenMessage<RevokeInvocationKeyReq
   messageDesc(file_modellifecycle_v1_service, 39);
 
 /**
+ * @generated from message modellifecycle.v1.GetModelMetricsRequest
+ */
+export type GetModelMetricsRequest = Message<"modellifecycle.v1.GetModelMetricsRequest"> & {
+  /**
+   * projects/{project}/models/{model}
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * How far back: 10 s to 1 h; unset: 1 h.
+   *
+   * @generated from field: google.protobuf.Duration window = 2;
+   */
+  window?: Duration | undefined;
+
+  /**
+   * The length of each point: a multiple of 10 s; unset: 10 s.
+   *
+   * @generated from field: google.protobuf.Duration step = 3;
+   */
+  step?: Duration | undefined;
+};
+
+/**
+ * Describes the message modellifecycle.v1.GetModelMetricsRequest.
+ * Use `create(GetModelMetricsRequestSchema)` to create a new message.
+ */
+export const GetModelMetricsRequestSchema: GenMessage<GetModelMetricsRequest> = /*@__PURE__*/
+  messageDesc(file_modellifecycle_v1_service, 40);
+
+/**
+ * Figures over a point or a whole window. Counts are over that time; in_flight, queued,
+ * memory and what was requested are the latest, and replicas that reported.
+ *
+ * @generated from message modellifecycle.v1.MetricFigures
+ */
+export type MetricFigures = Message<"modellifecycle.v1.MetricFigures"> & {
+  /**
+   * @generated from field: int64 requests = 1;
+   */
+  requests: bigint;
+
+  /**
+   * The model raised (HTTP 500).
+   *
+   * @generated from field: int64 model_errors = 2;
+   */
+  modelErrors: bigint;
+
+  /**
+   * HTTP 4xx: a body that is not JSON, no invocation key.
+   *
+   * @generated from field: int64 client_errors = 3;
+   */
+  clientErrors: bigint;
+
+  /**
+   * Any other HTTP 5xx from a replica.
+   *
+   * @generated from field: int64 server_errors = 4;
+   */
+  serverErrors: bigint;
+
+  /**
+   * Refused or dropped for want of capacity before a replica saw them (Serve's
+   * back-pressure, time-outs); counted for the model, not its builds or replicas.
+   *
+   * @generated from field: int64 refused = 5;
+   */
+  refused: bigint;
+
+  /**
+   * @generated from field: int64 in_flight = 6;
+   */
+  inFlight: bigint;
+
+  /**
+   * @generated from field: int64 queued = 7;
+   */
+  queued: bigint;
+
+  /**
+   * Latency at the replica, within 10%; 0 without requests.
+   *
+   * @generated from field: double latency_p50_ms = 8;
+   */
+  latencyP50Ms: number;
+
+  /**
+   * @generated from field: double latency_p95_ms = 9;
+   */
+  latencyP95Ms: number;
+
+  /**
+   * @generated from field: double latency_p99_ms = 10;
+   */
+  latencyP99Ms: number;
+
+  /**
+   * CPU cores used on average, beside the cores requested.
+   *
+   * @generated from field: double cpu_used = 11;
+   */
+  cpuUsed: number;
+
+  /**
+   * @generated from field: double cpu_requested = 12;
+   */
+  cpuRequested: number;
+
+  /**
+   * @generated from field: int64 memory_rss_bytes = 13;
+   */
+  memoryRssBytes: bigint;
+
+  /**
+   * 0: no memory was requested.
+   *
+   * @generated from field: int64 memory_requested_bytes = 14;
+   */
+  memoryRequestedBytes: bigint;
+
+  /**
+   * GPUs' worth in use (utilisation times GPUs); -1 where it is not measured (no NVML,
+   * or logical GPUs).
+   *
+   * @generated from field: double gpu_used = 15;
+   */
+  gpuUsed: number;
+
+  /**
+   * @generated from field: double gpu_requested = 16;
+   */
+  gpuRequested: number;
+
+  /**
+   * @generated from field: int32 replicas = 17;
+   */
+  replicas: number;
+
+  /**
+   * Replicas that took as many requests as one takes at once.
+   *
+   * @generated from field: int32 busy_replicas = 18;
+   */
+  busyReplicas: number;
+};
+
+/**
+ * Describes the message modellifecycle.v1.MetricFigures.
+ * Use `create(MetricFiguresSchema)` to create a new message.
+ */
+export const MetricFiguresSchema: GenMessage<MetricFigures> = /*@__PURE__*/
+  messageDesc(file_modellifecycle_v1_service, 41);
+
+/**
+ * @generated from message modellifecycle.v1.MetricPoint
+ */
+export type MetricPoint = Message<"modellifecycle.v1.MetricPoint"> & {
+  /**
+   * The point's start; it lasts `step`.
+   *
+   * @generated from field: google.protobuf.Timestamp time = 1;
+   */
+  time?: Timestamp | undefined;
+
+  /**
+   * @generated from field: modellifecycle.v1.MetricFigures figures = 2;
+   */
+  figures?: MetricFigures | undefined;
+};
+
+/**
+ * Describes the message modellifecycle.v1.MetricPoint.
+ * Use `create(MetricPointSchema)` to create a new message.
+ */
+export const MetricPointSchema: GenMessage<MetricPoint> = /*@__PURE__*/
+  messageDesc(file_modellifecycle_v1_service, 42);
+
+/**
+ * @generated from message modellifecycle.v1.BuildMetrics
+ */
+export type BuildMetrics = Message<"modellifecycle.v1.BuildMetrics"> & {
+  /**
+   * projects/{project}/models/{model}/builds/{n}
+   *
+   * @generated from field: string build = 1;
+   */
+  build: string;
+
+  /**
+   * @generated from field: modellifecycle.v1.MetricFigures totals = 2;
+   */
+  totals?: MetricFigures | undefined;
+
+  /**
+   * @generated from field: repeated modellifecycle.v1.MetricPoint points = 3;
+   */
+  points: MetricPoint[];
+};
+
+/**
+ * Describes the message modellifecycle.v1.BuildMetrics.
+ * Use `create(BuildMetricsSchema)` to create a new message.
+ */
+export const BuildMetricsSchema: GenMessage<BuildMetrics> = /*@__PURE__*/
+  messageDesc(file_modellifecycle_v1_service, 43);
+
+/**
+ * @generated from message modellifecycle.v1.ReplicaMetrics
+ */
+export type ReplicaMetrics = Message<"modellifecycle.v1.ReplicaMetrics"> & {
+  /**
+   * @generated from field: string replica_id = 1;
+   */
+  replicaId: string;
+
+  /**
+   * @generated from field: string build = 2;
+   */
+  build: string;
+
+  /**
+   * @generated from field: string node = 3;
+   */
+  node: string;
+
+  /**
+   * @generated from field: int64 pid = 4;
+   */
+  pid: bigint;
+
+  /**
+   * Reported in the last 30 s; false: stopped, or gone.
+   *
+   * @generated from field: bool running = 5;
+   */
+  running: boolean;
+
+  /**
+   * @generated from field: modellifecycle.v1.MetricFigures totals = 6;
+   */
+  totals?: MetricFigures | undefined;
+
+  /**
+   * @generated from field: repeated modellifecycle.v1.MetricPoint points = 7;
+   */
+  points: MetricPoint[];
+};
+
+/**
+ * Describes the message modellifecycle.v1.ReplicaMetrics.
+ * Use `create(ReplicaMetricsSchema)` to create a new message.
+ */
+export const ReplicaMetricsSchema: GenMessage<ReplicaMetrics> = /*@__PURE__*/
+  messageDesc(file_modellifecycle_v1_service, 44);
+
+/**
+ * @generated from message modellifecycle.v1.ModelMetrics
+ */
+export type ModelMetrics = Message<"modellifecycle.v1.ModelMetrics"> & {
+  /**
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp start_time = 2;
+   */
+  startTime?: Timestamp | undefined;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp end_time = 3;
+   */
+  endTime?: Timestamp | undefined;
+
+  /**
+   * @generated from field: google.protobuf.Duration step = 4;
+   */
+  step?: Duration | undefined;
+
+  /**
+   * @generated from field: modellifecycle.v1.MetricFigures totals = 5;
+   */
+  totals?: MetricFigures | undefined;
+
+  /**
+   * @generated from field: repeated modellifecycle.v1.MetricPoint points = 6;
+   */
+  points: MetricPoint[];
+
+  /**
+   * @generated from field: repeated modellifecycle.v1.BuildMetrics builds = 7;
+   */
+  builds: BuildMetrics[];
+
+  /**
+   * @generated from field: repeated modellifecycle.v1.ReplicaMetrics replicas = 8;
+   */
+  replicas: ReplicaMetrics[];
+
+  /**
+   * The same words as Model.health.
+   *
+   * @generated from field: string health = 9;
+   */
+  health: string;
+};
+
+/**
+ * Describes the message modellifecycle.v1.ModelMetrics.
+ * Use `create(ModelMetricsSchema)` to create a new message.
+ */
+export const ModelMetricsSchema: GenMessage<ModelMetrics> = /*@__PURE__*/
+  messageDesc(file_modellifecycle_v1_service, 45);
+
+/**
+ * @generated from message modellifecycle.v1.StreamModelLogsRequest
+ */
+export type StreamModelLogsRequest = Message<"modellifecycle.v1.StreamModelLogsRequest"> & {
+  /**
+   * projects/{project}/models/{model}
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * Only this replica's lines.
+   *
+   * @generated from field: string replica_id = 2;
+   */
+  replicaId: string;
+
+  /**
+   * Only this build's lines: projects/{project}/models/{model}/builds/{n}.
+   *
+   * @generated from field: string build = 3;
+   */
+  build: string;
+
+  /**
+   * Only lines written at or after this time.
+   *
+   * @generated from field: google.protobuf.Timestamp since = 4;
+   */
+  since?: Timestamp | undefined;
+
+  /**
+   * Only the last N lines so far (0: every line kept).
+   *
+   * @generated from field: int32 tail = 5;
+   */
+  tail: number;
+
+  /**
+   * Keep the stream open for new lines.
+   *
+   * @generated from field: bool follow = 6;
+   */
+  follow: boolean;
+};
+
+/**
+ * Describes the message modellifecycle.v1.StreamModelLogsRequest.
+ * Use `create(StreamModelLogsRequestSchema)` to create a new message.
+ */
+export const StreamModelLogsRequestSchema: GenMessage<StreamModelLogsRequest> = /*@__PURE__*/
+  messageDesc(file_modellifecycle_v1_service, 46);
+
+/**
+ * @generated from message modellifecycle.v1.ModelLogLine
+ */
+export type ModelLogLine = Message<"modellifecycle.v1.ModelLogLine"> & {
+  /**
+   * @generated from field: google.protobuf.Timestamp time = 1;
+   */
+  time?: Timestamp | undefined;
+
+  /**
+   * @generated from field: string replica_id = 2;
+   */
+  replicaId: string;
+
+  /**
+   * @generated from field: string build = 3;
+   */
+  build: string;
+
+  /**
+   * @generated from field: string node = 4;
+   */
+  node: string;
+
+  /**
+   * stdout, stderr, log (the model's logging records) or access (one per request:
+   * "<HTTP status> <latency> ms").
+   *
+   * @generated from field: string stream = 5;
+   */
+  stream: string;
+
+  /**
+   * @generated from field: string text = 6;
+   */
+  text: string;
+
+  /**
+   * The request being answered when the line was written: the caller's X-Request-Id,
+   * or the one Serve gave it (the endpoint's X-Request-Id response header).
+   *
+   * @generated from field: string request_id = 7;
+   */
+  requestId: string;
+
+  /**
+   * Increases with each line of the model; a follower resumes after it.
+   *
+   * @generated from field: int64 number = 8;
+   */
+  number: bigint;
+};
+
+/**
+ * Describes the message modellifecycle.v1.ModelLogLine.
+ * Use `create(ModelLogLineSchema)` to create a new message.
+ */
+export const ModelLogLineSchema: GenMessage<ModelLogLine> = /*@__PURE__*/
+  messageDesc(file_modellifecycle_v1_service, 47);
+
+/**
  * The lifecycle of deployed models: build, deploy, re-deploy, stop, restart, watch.
  * Errors carry a google.rpc.ErrorInfo detail (reason in UPPER_SNAKE_CASE) and, for
  * bad fields, google.rpc.BadRequest field violations.
@@ -1329,6 +1762,32 @@ export const ModelLifecycle: GenService<{
     methodKind: "unary";
     input: typeof ListAuditRecordsRequestSchema;
     output: typeof ListAuditRecordsResponseSchema;
+  },
+  /**
+   * What a model did over a window of the last hour: requests, errors, refused
+   * requests, latency, CPU, memory and GPU use beside what was requested, for the model,
+   * each build it served and each replica, as totals and a series of points. Viewers
+   * may read it. Figures are kept in the server's memory (docs/metrics.md).
+   *
+   * @generated from rpc modellifecycle.v1.ModelLifecycle.GetModelMetrics
+   */
+  getModelMetrics: {
+    methodKind: "unary";
+    input: typeof GetModelMetricsRequestSchema;
+    output: typeof ModelMetricsSchema;
+  },
+  /**
+   * The model's replicas' output (stdout, stderr, logging) and one access line per
+   * request, from every replica on every node, including replicas that are gone: the
+   * newest lines so far (at least 10 MiB per model), then with `follow` each new line.
+   * Secret environment values are redacted. Viewers may read it.
+   *
+   * @generated from rpc modellifecycle.v1.ModelLifecycle.StreamModelLogs
+   */
+  streamModelLogs: {
+    methodKind: "server_streaming";
+    input: typeof StreamModelLogsRequestSchema;
+    output: typeof ModelLogLineSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_modellifecycle_v1_service, 0);

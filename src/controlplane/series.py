@@ -1,0 +1,366 @@
+"""The last hour of every model's figures, in memory, at 10-second steps.
+
+Fed with the replicas' cumulative figures (``workers.signals.ReplicaFigures``) and the
+proxies' refused counts each time the server reads the collector; each reading adds its
+difference from the one before to the step it falls in. Queried for a model, a build or
+a replica over a window, with points of any multiple of the step. Nothing is written to
+disk: Prometheus (the server's /metrics) keeps what must outlive the hour or the server.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from workers.signals import ProxyFigures, ReplicaFigures, bucket_bound_ms
+
+STEP_S = 10
+HORIZON_S = 3600
+
+
+@dataclass
+class Step:
+    """One replica's (or one model's proxies') figures over one step."""
+
+    requests: int = 0
+    model_errors: int = 0
+    client_errors: int = 0
+    server_errors: int = 0
+    refused: int = 0
+    latency: dict[int, int] = field(default_factory=dict)
+    in_flight: int = 0  # the most seen
+    queued: int = 0  # the most seen
+    busy: bool = False  # the replica took as many requests as it takes at once
+    cpu_seconds: float = 0.0
+    rss_bytes: int = 0  # the last seen
+    gpu_used: float = -1.0
+    requested_cpus: float = 0.0
+    requested_memory_bytes: int = 0
+    requested_gpus: float = 0.0
+
+
+@dataclass(frozen=True)
+class Figures:
+    """A model's, build's or replica's figures over a point or a whole window."""
+
+    requests: int = 0
+    model_errors: int = 0
+    client_errors: int = 0
+    server_errors: int = 0
+    refused: int = 0
+    in_flight: int = 0
+    queued: int = 0
+    latency_p50_ms: float = 0.0
+    latency_p95_ms: float = 0.0
+    latency_p99_ms: float = 0.0
+    cpu_used: float = 0.0  # cores, on average
+    cpu_requested: float = 0.0
+    memory_rss_bytes: int = 0
+    memory_requested_bytes: int = 0
+    gpu_used: float = -1.0  # GPUs' worth; -1: not measured
+    gpu_requested: float = 0.0
+    replicas: int = 0  # that reported
+    busy_replicas: int = 0
+
+    @property
+    def errors(self) -> int:
+        return self.model_errors + self.server_errors
+
+
+@dataclass(frozen=True)
+class Point:
+    time: float  # start of the point, unix seconds
+    figures: Figures
+
+
+@dataclass(frozen=True)
+class Series:
+    totals: Figures
+    points: tuple[Point, ...]
+
+
+@dataclass(frozen=True)
+class ReplicaSeries:
+    replica: str
+    build: str
+    node: str
+    pid: int
+    running: bool  # reported in the last 30 s
+    series: Series
+
+
+@dataclass(frozen=True)
+class ModelSeries:
+    app: str
+    start: float
+    end: float
+    step_s: int
+    model: Series
+    builds: Mapping[str, Series]
+    replicas: tuple[ReplicaSeries, ...]
+
+
+@dataclass
+class _Track:
+    """One replica: its last cumulative figures and its steps."""
+
+    last: ReplicaFigures
+    steps: dict[int, Step] = field(default_factory=dict)
+
+
+@dataclass
+class _Proxies:
+    last_refused: int | None = None
+    steps: dict[int, Step] = field(default_factory=dict)
+
+
+def quantile(latency: Mapping[int, int], q: float) -> float:
+    """The upper bound of the bucket holding the q-quantile (within 10%), in ms."""
+    total = sum(latency.values())
+    if not total:
+        return 0.0
+    rank = q * total
+    seen = 0
+    for bucket in sorted(latency):
+        seen += latency[bucket]
+        if seen >= rank:
+            return round(bucket_bound_ms(bucket), 3)
+    return round(bucket_bound_ms(max(latency)), 3)
+
+
+def _delta(before: ReplicaFigures, after: ReplicaFigures) -> Step:
+    latency = dict(after.latency)
+    for bucket, count in before.latency:
+        latency[bucket] = latency.get(bucket, 0) - count
+    return Step(
+        requests=after.requests - before.requests,
+        model_errors=after.model_errors - before.model_errors,
+        client_errors=after.client_errors - before.client_errors,
+        server_errors=after.server_errors - before.server_errors,
+        latency={b: n for b, n in latency.items() if n > 0},
+        cpu_seconds=max(0.0, after.cpu_seconds - before.cpu_seconds),
+    )
+
+
+def _zero(f: ReplicaFigures) -> ReplicaFigures:
+    return ReplicaFigures(
+        f.app, f.replica, f.build, f.node, f.pid, f.start_time, f.start_time, cpu_seconds=0.0
+    )
+
+
+class Window:
+    def __init__(self, clock: float | None = None, horizon_s: int = HORIZON_S) -> None:
+        # Replicas that started before this server did: their counts so far are not ours
+        # to place in time (the first reading is their baseline).
+        self.started = time.time() if clock is None else clock
+        self.horizon_s = horizon_s
+        self._replicas: dict[str, dict[str, _Track]] = {}  # app -> replica -> track
+        self._proxies: dict[str, _Proxies] = {}
+
+    def apps(self) -> list[str]:
+        return sorted(set(self._replicas) | set(self._proxies))
+
+    def add(self, figures: Iterable[ReplicaFigures], proxies: Iterable[ProxyFigures]) -> None:
+        for f in figures:
+            tracks = self._replicas.setdefault(f.app, {})
+            track = tracks.get(f.replica)
+            if track is None:
+                first = _zero(f) if f.start_time >= self.started else f
+                track = tracks[f.replica] = _Track(first)
+            if f.time <= track.last.time:
+                continue  # seen already (the collector keeps each replica's newest)
+            self._place(track, f)
+        for p in proxies:
+            self._place_proxies(p)
+        self._forget(time.time() - self.horizon_s)
+
+    def _place(self, track: _Track, f: ReplicaFigures) -> None:
+        if f.requests < track.last.requests:  # cannot happen; a counter reset: a new base
+            track.last = _zero(f)
+        step = _delta(track.last, f)
+        at = int(f.time // STEP_S)
+        s = track.steps.setdefault(at, Step())
+        s.requests += step.requests
+        s.model_errors += step.model_errors
+        s.client_errors += step.client_errors
+        s.server_errors += step.server_errors
+        for b, n in step.latency.items():
+            s.latency[b] = s.latency.get(b, 0) + n
+        s.cpu_seconds += step.cpu_seconds
+        s.in_flight = max(s.in_flight, f.in_flight)
+        s.busy = s.busy or (f.busy_limit > 0 and f.in_flight >= f.busy_limit)
+        s.rss_bytes = f.rss_bytes
+        s.gpu_used = f.gpu_used
+        s.requested_cpus = f.requested_cpus
+        s.requested_memory_bytes = f.requested_memory_bytes
+        s.requested_gpus = f.requested_gpus
+        track.last = f
+
+    def _place_proxies(self, p: ProxyFigures) -> None:
+        track = self._proxies.setdefault(p.app, _Proxies())
+        at = int(time.time() // STEP_S)
+        s = track.steps.setdefault(at, Step())
+        if track.last_refused is not None and p.refused >= track.last_refused:
+            s.refused += p.refused - track.last_refused
+        track.last_refused = p.refused
+        s.queued = max(s.queued, p.queued)
+
+    def _forget(self, horizon: float) -> None:
+        oldest = int(horizon // STEP_S)
+        for app, tracks in list(self._replicas.items()):
+            for replica, track in list(tracks.items()):
+                for at in [a for a in track.steps if a < oldest]:
+                    del track.steps[at]
+                if not track.steps and track.last.time < horizon:
+                    del tracks[replica]
+            if not tracks:
+                del self._replicas[app]
+        for app, proxies in list(self._proxies.items()):
+            for at in [a for a in proxies.steps if a < oldest]:
+                del proxies.steps[at]
+            if not proxies.steps:
+                del self._proxies[app]
+
+    def query(
+        self, app: str, window_s: int = HORIZON_S, step_s: int = STEP_S, now: float | None = None
+    ) -> ModelSeries:
+        """The figures of ``app`` over the last ``window_s``, in points of ``step_s``."""
+        now = time.time() if now is None else now
+        step_s = max(STEP_S, step_s - step_s % STEP_S)
+        window_s = min(max(window_s, step_s), self.horizon_s)
+        last = int(now // STEP_S)
+        per_point = step_s // STEP_S
+        count = -(-window_s // step_s)
+        first = last - count * per_point + 1
+        tracks = self._replicas.get(app, {})
+        proxies = self._proxies.get(app, _Proxies())
+
+        def series(chosen: list[_Track], with_proxies: bool) -> Series:
+            points = []
+            for k in range(count):
+                lo = first + k * per_point
+                points.append(
+                    Point(
+                        lo * STEP_S,
+                        _sum(chosen, proxies if with_proxies else None, lo, lo + per_point, step_s),
+                    )
+                )
+            totals = _sum(chosen, proxies if with_proxies else None, first, last + 1, window_s)
+            live = [t for t in chosen if t.last.time >= now - 30]
+            current = _current(live, proxies if with_proxies else None, last)
+            totals = _with_current(totals, current)
+            return Series(totals, tuple(points))
+
+        everything = list(tracks.values())
+        builds: dict[str, list[_Track]] = {}
+        for t in everything:
+            builds.setdefault(t.last.build, []).append(t)
+        replicas = tuple(
+            ReplicaSeries(
+                replica=t.last.replica,
+                build=t.last.build,
+                node=t.last.node,
+                pid=t.last.pid,
+                running=t.last.time >= now - 30,
+                series=series([t], False),
+            )
+            for t in sorted(everything, key=lambda t: (t.last.build, t.last.start_time))
+            if any(first <= at <= last for at in t.steps) or t.last.time >= now - 30
+        )
+        return ModelSeries(
+            app=app,
+            start=first * STEP_S,
+            end=(last + 1) * STEP_S,
+            step_s=step_s,
+            model=series(everything, True),
+            builds={b: series(ts, False) for b, ts in sorted(builds.items())},
+            replicas=replicas,
+        )
+
+
+def _sum(tracks: list[_Track], proxies: _Proxies | None, lo: int, hi: int, seconds: int) -> Figures:
+    """Figures of ``tracks`` over steps [lo, hi): counts added, gauges at their most."""
+    requests = model_errors = client_errors = server_errors = refused = 0
+    latency: dict[int, int] = {}
+    cpu = 0.0
+    in_flight = queued = 0
+    last_steps: list[Step] = []
+    busy = 0
+    for t in tracks:
+        mine = [t.steps[a] for a in range(lo, hi) if a in t.steps]
+        if not mine:
+            continue
+        last_steps.append(mine[-1])
+        busy += any(s.busy for s in mine)
+        in_flight += max(s.in_flight for s in mine)
+        for s in mine:
+            requests += s.requests
+            model_errors += s.model_errors
+            client_errors += s.client_errors
+            server_errors += s.server_errors
+            cpu += s.cpu_seconds
+            for b, n in s.latency.items():
+                latency[b] = latency.get(b, 0) + n
+    if proxies is not None:
+        for a in range(lo, hi):
+            if a in proxies.steps:
+                refused += proxies.steps[a].refused
+                queued = max(queued, proxies.steps[a].queued)
+    return Figures(
+        requests=requests,
+        model_errors=model_errors,
+        client_errors=client_errors,
+        server_errors=server_errors,
+        refused=refused,
+        in_flight=in_flight,
+        queued=queued,
+        latency_p50_ms=quantile(latency, 0.50),
+        latency_p95_ms=quantile(latency, 0.95),
+        latency_p99_ms=quantile(latency, 0.99),
+        cpu_used=round(cpu / seconds, 4) if seconds else 0.0,
+        **_resources(last_steps),
+        replicas=len(last_steps),
+        busy_replicas=busy,
+    )
+
+
+def _resources(steps: list[Step]) -> dict[str, Any]:
+    measured = [s.gpu_used for s in steps if s.gpu_used >= 0]
+    return {
+        "cpu_requested": round(sum(s.requested_cpus for s in steps), 4),
+        "memory_rss_bytes": sum(s.rss_bytes for s in steps),
+        "memory_requested_bytes": sum(s.requested_memory_bytes for s in steps),
+        "gpu_used": round(sum(measured), 4) if measured else -1.0,
+        "gpu_requested": round(sum(s.requested_gpus for s in steps), 4),
+    }
+
+
+def _current(live: list[_Track], proxies: _Proxies | None, last: int) -> Figures:
+    """What holds now: requests in flight and queued, replicas' memory and requests."""
+    steps = [t.steps[max(t.steps)] for t in live if t.steps]
+    queued = 0
+    if proxies is not None and proxies.steps:
+        newest = max(proxies.steps)
+        queued = proxies.steps[newest].queued if newest >= last - 1 else 0
+    return Figures(
+        in_flight=sum(t.last.in_flight for t in live),
+        queued=queued,
+        **_resources(steps),
+        replicas=len(live),
+    )
+
+
+def _with_current(totals: Figures, now: Figures) -> Figures:
+    return replace(
+        totals,
+        in_flight=now.in_flight,
+        queued=now.queued,
+        cpu_requested=now.cpu_requested,
+        memory_rss_bytes=now.memory_rss_bytes,
+        memory_requested_bytes=now.memory_requested_bytes,
+        gpu_used=now.gpu_used if now.gpu_used >= 0 else totals.gpu_used,
+        gpu_requested=now.gpu_requested,
+        replicas=now.replicas,
+    )

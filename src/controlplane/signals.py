@@ -1,0 +1,219 @@
+"""What models do, as their replicas report it: figures, log lines and health.
+
+Once a second (``signals_interval_s``) the server reads the cluster's collector
+(``Backend.signals``, with a cursor of its own, so several servers each read it all):
+- replicas' figures and proxies' refused counts go into the in-memory ``Window``
+  (``series.py``: the last hour at 10 s steps), for GetModelMetrics and /metrics;
+- lines go into the database (``storage/model_logs.py``), secret values redacted, for
+  StreamModelLogs; each model keeps its newest ``model_log_bytes``;
+- every ``health_interval_s``, each serving model's health is judged from the window
+  (``domain/health.py``) and written when it changed (``lifecycle.health_observed``).
+Only the applications of this database's models are kept: another control plane's, or
+anyone else's, on the same cluster are not ours to read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlmodel import col, select
+
+from controlplane import lifecycle
+from controlplane.config import Settings
+from controlplane.domain.health import BuildErrors, HealthRules, Recent, Usage, judge
+from controlplane.domain.redaction import redact
+from controlplane.domain.states import ModelState
+from controlplane.series import STEP_S, ModelSeries, Window
+from controlplane.storage import model_logs, repo
+from controlplane.storage.changes import Changes, project_of
+from controlplane.storage.db import Database
+from controlplane.storage.tables import DeploymentRow, ModelRow
+from workers.backend import Backend, app_name_for
+from workers.signals import Batch, LogLine
+
+log = logging.getLogger(__name__)
+
+KNOWN_MODELS_S = 2.0  # how often the list of this database's models is read again
+TRIM_S = 30.0
+
+
+def build_label(build: str) -> str:
+    """``projects/p/models/m/builds/4`` as people say it: ``build 4``."""
+    return f"build {build.rsplit('/', 1)[-1]}" if "/builds/" in build else build or "build ?"
+
+
+@dataclass(frozen=True)
+class _Known:
+    app_to_model: Mapping[str, str]
+    secrets: Mapping[str, frozenset[str]]  # model -> secret values of all its deployments
+    serving: frozenset[str]  # models DEPLOYED now
+
+
+def _known(db: Database) -> _Known:
+    with db.read() as s:
+        models = s.exec(select(ModelRow.name, ModelRow.state)).all()
+        deps = s.exec(select(DeploymentRow)).all()
+    apps = {app_name_for(project_of(name), name.rsplit("/", 1)[-1]): name for name, _ in models}
+    secrets: dict[str, set[str]] = {}
+    for d in deps:
+        secrets.setdefault(d.model, set()).update(v for v in repo.secrets_of(d).values() if v)
+    return _Known(
+        app_to_model=apps,
+        secrets={m: frozenset(v) for m, v in secrets.items()},
+        serving=frozenset(n for n, st in models if st == ModelState.DEPLOYED.value),
+    )
+
+
+class Signals:
+    def __init__(self, db: Database, backend: Backend, settings: Settings) -> None:
+        self.db = db
+        self.backend = backend
+        self.settings = settings
+        self.rules: HealthRules = settings.health_rules
+        self.window = Window()
+        self._epoch = ""
+        self._cursor = 0
+        self._known = _Known({}, {}, frozenset())
+        self._known_at = 0.0
+        self._health_at = time.monotonic()
+        self._trim_at = time.monotonic()
+        self._grown: set[str] = set()  # models with lines written since the last trim
+        self._written = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.lines_lost = 0
+
+    async def start(self) -> None:
+        if self.settings.signals_interval_s > 0:
+            self._task = asyncio.create_task(self._run(), name="signals")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.poll()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the cluster away, the database busy: next time
+                log.warning("cannot read the replicas' signals: %s", e)
+            await asyncio.sleep(self.settings.signals_interval_s)
+
+    async def poll(self) -> None:
+        """One reading of the collector: figures, lines, and health when due."""
+        if time.monotonic() - self._known_at > KNOWN_MODELS_S:
+            self._known = await asyncio.to_thread(_known, self.db)
+            self._known_at = time.monotonic()
+        batch = await self.backend.signals(self._epoch, self._cursor)
+        await self._take(batch)
+        self._epoch, self._cursor = batch.epoch, batch.cursor
+        if time.monotonic() - self._health_at >= self.settings.health_interval_s:
+            self._health_at = time.monotonic()
+            await asyncio.to_thread(self._judge_all)
+        if time.monotonic() - self._trim_at >= TRIM_S:
+            self._trim_at = time.monotonic()
+            grown, self._grown = self._grown, set()
+            await asyncio.to_thread(self._trim, grown)
+
+    async def _take(self, batch: Batch) -> None:
+        apps = self._known.app_to_model
+        self.window.add(
+            (f for f in batch.replicas if f.app in apps),
+            (p for p in batch.proxies if p.app in apps),
+        )
+        if batch.lines_lost:
+            self.lines_lost += batch.lines_lost
+            log.warning(
+                "%d model log lines left the collector before they were read", batch.lines_lost
+            )
+        rows = [self._row(apps[line.app], line) for line in batch.lines if line.app in apps]
+        if rows:
+            await asyncio.to_thread(self._write, rows)
+            self._grown.update(str(r["model"]) for r in rows)
+            self._written.set()
+            self._written = asyncio.Event()
+
+    def _row(self, model: str, line: LogLine) -> dict[str, object]:
+        return {
+            "model": model,
+            "replica": line.replica[:100],
+            "seq": line.seq,
+            "build": line.build[:250],
+            "node": line.node[:100],
+            "time": datetime.fromtimestamp(line.time, UTC),
+            "stream": line.stream[:10],
+            "request_id": line.request_id[:100],
+            "text": redact(line.text, self._known.secrets.get(model, ())),
+        }
+
+    def _write(self, rows: list[dict[str, object]]) -> None:
+        with self.db.write() as tx:
+            model_logs.insert(tx.session, rows)
+
+    def _trim(self, models: Iterable[str]) -> None:
+        for model in models:
+            with self.db.write() as tx:
+                model_logs.trim(tx.session, model, self.settings.model_log_bytes)
+
+    async def wait_for_lines(self, seconds: float) -> None:
+        """Returns when this server wrote new lines, or after ``seconds``."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._written.wait(), seconds)
+
+    # ---- figures -------------------------------------------------------------------------
+
+    def series(self, model: str, window_s: int, step_s: int) -> ModelSeries:
+        project, name = project_of(model), model.rsplit("/", 1)[-1]
+        return self.window.query(app_name_for(project, name), window_s, step_s)
+
+    def recent(self, model: str) -> Recent:
+        """The figures the health rules look at, from the window."""
+        r = self.rules
+        usage = self.series(model, int(r.provisioning_minutes * 60), STEP_S)
+        covered = sum(1 for p in usage.model.points if p.figures.replicas) * STEP_S / 60
+        u = usage.model.totals
+        dropping = self.series(model, int(r.dropping_minutes * 60), int(r.dropping_minutes * 60))
+        errors = self.series(model, int(r.error_minutes * 60), STEP_S)
+        builds = []
+        for build, s in errors.builds.items():
+            failing = [p for p in s.points if p.figures.errors]
+            since = datetime.fromtimestamp(failing[0].time, UTC) if failing else None
+            builds.append(
+                BuildErrors(build_label(build), s.totals.requests, s.totals.errors, since)
+            )
+        d = dropping.model.totals
+        return Recent(
+            usage=Usage(covered, u.cpu_used, u.cpu_requested, u.gpu_used, u.gpu_requested),
+            refused=d.refused,
+            queued=d.queued,
+            replicas=d.replicas,
+            busy_replicas=min(d.busy_replicas, d.replicas),
+            builds=tuple(builds),
+        )
+
+    def health(self, model: str) -> str:
+        return judge(self.recent(model), self.rules)
+
+    def _judge_all(self) -> None:
+        """Each model's health now; written (one transaction) only where it changed."""
+        serving = self._known.serving
+        with self.db.read() as s:
+            current = dict(s.exec(select(ModelRow.name, ModelRow.health)).all())
+        said = {m: self.health(m) if m in serving else "" for m in current}
+        changed = [m for m, text in said.items() if text != current[m]]
+        if not changed:
+            return
+        with self.db.write() as tx:
+            c = Changes(tx, self.backend.http_base)
+            for row in c.session.exec(select(ModelRow).where(col(ModelRow.name).in_(changed))):
+                lifecycle.health_observed(c, row, said[row.name])
