@@ -24,7 +24,12 @@ from prometheus_client import (
     Histogram,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from controlplane.domain.states import ModelState
@@ -37,6 +42,34 @@ RPC_LABELS = ("grpc_service", "grpc_method", "grpc_type")
 
 
 @dataclass(frozen=True)
+class Invocations:
+    """A build's requests since this server started counting, as its replicas report them."""
+
+    model: str
+    build: str  # its version
+    outcomes: dict[str, int]  # ok, model_error, client_error, server_error
+    buckets: tuple[tuple[float, int], ...]  # (le seconds, cumulative count), +Inf last
+    sum_seconds: float  # estimated from the buckets (each request at its bucket's bound)
+
+
+@dataclass(frozen=True)
+class ModelUse:
+    """A model now: requests refused since this server started counting, and gauges."""
+
+    model: str
+    refused: int
+    in_flight: int
+    queued: int
+    cpu_used: float  # cores, over the last minute
+    cpu_requested: float
+    memory_rss_bytes: int
+    memory_requested_bytes: int
+    gpu_used: float  # -1: not measured
+    gpu_requested: float
+    replicas: int
+
+
+@dataclass(frozen=True)
 class Figures:
     """What the server's state looks like right now (read at each scrape)."""
 
@@ -44,6 +77,8 @@ class Figures:
     replicas: dict[str, tuple[int, int]] = field(default_factory=dict)  # desired, running
     jobs: dict[str, int] = field(default_factory=dict)  # pending, running
     watchers: int = 0
+    invocations: tuple[Invocations, ...] = ()
+    use: tuple[ModelUse, ...] = ()
 
 
 def outcome_of(error_code: str | None) -> str:
@@ -143,6 +178,62 @@ class _StateCollector(Collector):
             "Jobs being run (by every server).",
             value=f.jobs.get("running", 0),
         )
+        yield from _invocations(f.invocations)
+        yield from _use(f.use)
+
+
+def _invocations(invocations: tuple[Invocations, ...]) -> Iterator[Metric]:
+    requests = CounterMetricFamily(
+        "modelctl_model_requests",
+        "Requests the model's replicas answered, by build and outcome (ok; model_error: the "
+        "model raised; client_error: 4xx; server_error: other 5xx).",
+        labels=["model", "build", "outcome"],
+    )
+    latency = HistogramMetricFamily(
+        "modelctl_model_request_duration_seconds",
+        "Time a replica took to answer, by build (the sum is estimated from the buckets).",
+        labels=["model", "build"],
+    )
+    for i in invocations:
+        for outcome, n in sorted(i.outcomes.items()):
+            requests.add_metric([i.model, i.build, outcome], n)
+        buckets = [(("+Inf" if le == float("inf") else f"{le:g}"), n) for le, n in i.buckets]
+        latency.add_metric([i.model, i.build], buckets, i.sum_seconds)
+    yield requests
+    yield latency
+
+
+def _use(use: tuple[ModelUse, ...]) -> Iterator[Metric]:
+    refused = CounterMetricFamily(
+        "modelctl_model_refused_requests",
+        "Requests Serve's proxies refused or dropped for want of capacity (back-pressure, "
+        "time-outs) before a replica saw them.",
+        labels=["model"],
+    )
+    gauges = {
+        "in_flight": ("modelctl_model_requests_in_flight", "Requests the replicas are answering."),
+        "queued": ("modelctl_model_requests_queued", "Requests waiting in Serve's queues."),
+        "cpu_used": ("modelctl_model_cpu_used_cores", "CPU cores the replicas used (last minute)."),
+        "cpu_requested": (
+            "modelctl_model_cpu_requested_cores",
+            "CPU cores the replicas asked for.",
+        ),
+        "memory_rss_bytes": ("modelctl_model_memory_rss_bytes", "The replicas' resident memory."),
+        "memory_requested_bytes": (
+            "modelctl_model_memory_requested_bytes",
+            "Memory the replicas asked for (0: none asked).",
+        ),
+        "gpu_used": ("modelctl_model_gpu_used", "GPUs' worth in use (-1: not measured)."),
+        "gpu_requested": ("modelctl_model_gpu_requested", "GPUs the replicas asked for."),
+        "replicas": ("modelctl_model_replicas_reporting", "Replicas that reported lately."),
+    }
+    families = {k: GaugeMetricFamily(n, h, labels=["model"]) for k, (n, h) in gauges.items()}
+    for u in use:
+        refused.add_metric([u.model], u.refused)
+        for key, family in families.items():
+            family.add_metric([u.model], float(getattr(u, key)))
+    yield refused
+    yield from families.values()
 
 
 class MetricsEndpoint:

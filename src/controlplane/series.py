@@ -102,6 +102,15 @@ class ModelSeries:
     replicas: tuple[ReplicaSeries, ...]
 
 
+@dataclass(frozen=True)
+class ModelMetrics:
+    """GetModelMetrics' answer: a model's series and its health in words."""
+
+    name: str
+    health: str
+    series: ModelSeries
+
+
 @dataclass
 class _Track:
     """One replica: its last cumulative figures and its steps."""
@@ -145,9 +154,9 @@ def _delta(before: ReplicaFigures, after: ReplicaFigures) -> Step:
 
 
 def _zero(f: ReplicaFigures) -> ReplicaFigures:
-    return ReplicaFigures(
-        f.app, f.replica, f.build, f.node, f.pid, f.start_time, f.start_time, cpu_seconds=0.0
-    )
+    """A replica's figures when it started: nothing counted yet (read just before ``f``)."""
+    at = min(f.start_time, f.time) - 1e-6
+    return ReplicaFigures(f.app, f.replica, f.build, f.node, f.pid, f.start_time, at)
 
 
 class Window:
@@ -158,11 +167,22 @@ class Window:
         self.horizon_s = horizon_s
         self._replicas: dict[str, dict[str, _Track]] = {}  # app -> replica -> track
         self._proxies: dict[str, _Proxies] = {}
+        # Since this server started, never forgotten (Prometheus counters): by (app, build)
+        # the requests by outcome and their latency buckets; by app the refused requests.
+        self.counted: dict[tuple[str, str], Step] = {}
+        self.refused: dict[str, int] = {}
 
     def apps(self) -> list[str]:
         return sorted(set(self._replicas) | set(self._proxies))
 
-    def add(self, figures: Iterable[ReplicaFigures], proxies: Iterable[ProxyFigures]) -> None:
+    def add(
+        self,
+        figures: Iterable[ReplicaFigures],
+        proxies: Iterable[ProxyFigures],
+        now: float | None = None,
+    ) -> None:
+        """Readings of replicas (each at its own time) and of proxies (read ``now``)."""
+        now = time.time() if now is None else now
         for f in figures:
             tracks = self._replicas.setdefault(f.app, {})
             track = tracks.get(f.replica)
@@ -173,8 +193,8 @@ class Window:
                 continue  # seen already (the collector keeps each replica's newest)
             self._place(track, f)
         for p in proxies:
-            self._place_proxies(p)
-        self._forget(time.time() - self.horizon_s)
+            self._place_proxies(p, now)
+        self._forget(now - self.horizon_s)
 
     def _place(self, track: _Track, f: ReplicaFigures) -> None:
         if f.requests < track.last.requests:  # cannot happen; a counter reset: a new base
@@ -182,12 +202,13 @@ class Window:
         step = _delta(track.last, f)
         at = int(f.time // STEP_S)
         s = track.steps.setdefault(at, Step())
-        s.requests += step.requests
-        s.model_errors += step.model_errors
-        s.client_errors += step.client_errors
-        s.server_errors += step.server_errors
-        for b, n in step.latency.items():
-            s.latency[b] = s.latency.get(b, 0) + n
+        for into in (s, self.counted.setdefault((f.app, f.build), Step())):
+            into.requests += step.requests
+            into.model_errors += step.model_errors
+            into.client_errors += step.client_errors
+            into.server_errors += step.server_errors
+            for b, n in step.latency.items():
+                into.latency[b] = into.latency.get(b, 0) + n
         s.cpu_seconds += step.cpu_seconds
         s.in_flight = max(s.in_flight, f.in_flight)
         s.busy = s.busy or (f.busy_limit > 0 and f.in_flight >= f.busy_limit)
@@ -198,12 +219,13 @@ class Window:
         s.requested_gpus = f.requested_gpus
         track.last = f
 
-    def _place_proxies(self, p: ProxyFigures) -> None:
+    def _place_proxies(self, p: ProxyFigures, now: float) -> None:
         track = self._proxies.setdefault(p.app, _Proxies())
-        at = int(time.time() // STEP_S)
+        at = int(now // STEP_S)
         s = track.steps.setdefault(at, Step())
         if track.last_refused is not None and p.refused >= track.last_refused:
             s.refused += p.refused - track.last_refused
+            self.refused[p.app] = self.refused.get(p.app, 0) + p.refused - track.last_refused
         track.last_refused = p.refused
         s.queued = max(s.queued, p.queued)
 

@@ -204,7 +204,15 @@ class Server:
             replicas = repo.replicas_by_model(s)
             queue = {state.value: n for state, n in jobs.counts(s).items()}
         watchers = self.hub.watchers if self.hub is not None else 0
-        return Figures(models=models, replicas=replicas, jobs=queue, watchers=watchers)
+        invocations, use = self.signals.exported if self.signals is not None else ((), ())
+        return Figures(
+            models=models,
+            replicas=replicas,
+            jobs=queue,
+            watchers=watchers,
+            invocations=invocations,
+            use=use,
+        )
 
     def _enqueue_sync(self) -> None:
         """At start, bring the backend to what the records ask for (e.g. after a Ray restart)."""

@@ -29,13 +29,14 @@ from controlplane.config import Settings
 from controlplane.domain.health import BuildErrors, HealthRules, Recent, Usage, judge
 from controlplane.domain.redaction import redact
 from controlplane.domain.states import ModelState
-from controlplane.series import STEP_S, ModelSeries, Window
+from controlplane.metrics import Invocations, ModelUse
+from controlplane.series import STEP_S, ModelSeries, Step, Window
 from controlplane.storage import model_logs, repo
 from controlplane.storage.changes import Changes, project_of
 from controlplane.storage.db import Database
 from controlplane.storage.tables import DeploymentRow, ModelRow
 from workers.backend import Backend, app_name_for
-from workers.signals import Batch, LogLine
+from workers.signals import Batch, LogLine, bucket_bound_ms
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,8 @@ class Signals:
         self._written = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.lines_lost = 0
+        # For /metrics, made after each reading (a scrape reads it from another thread).
+        self.exported: tuple[tuple[Invocations, ...], tuple[ModelUse, ...]] = ((), ())
 
     async def start(self) -> None:
         if self.settings.signals_interval_s > 0:
@@ -111,12 +114,15 @@ class Signals:
 
     async def poll(self) -> None:
         """One reading of the collector: figures, lines, and health when due."""
-        if time.monotonic() - self._known_at > KNOWN_MODELS_S:
+        batch = await self.backend.signals(self._epoch, self._cursor)
+        apps = {f.app for f in batch.replicas} | {line.app for line in batch.lines}
+        stale = time.monotonic() - self._known_at > KNOWN_MODELS_S
+        if stale or not apps <= self._known.app_to_model.keys():  # a model new since
             self._known = await asyncio.to_thread(_known, self.db)
             self._known_at = time.monotonic()
-        batch = await self.backend.signals(self._epoch, self._cursor)
         await self._take(batch)
         self._epoch, self._cursor = batch.epoch, batch.cursor
+        self.exported = self._export()
         if time.monotonic() - self._health_at >= self.settings.health_interval_s:
             self._health_at = time.monotonic()
             await asyncio.to_thread(self._judge_all)
@@ -201,6 +207,35 @@ class Signals:
             builds=tuple(builds),
         )
 
+    def _export(self) -> tuple[tuple[Invocations, ...], tuple[ModelUse, ...]]:
+        models = self._known.app_to_model
+        invocations = tuple(
+            _invocations(models[app], build, counted)
+            for (app, build), counted in sorted(self.window.counted.items())
+            if app in models
+        )
+        use = []
+        for app in self.window.apps():
+            if app not in models:
+                continue
+            now = self.window.query(app, 60, 60).model.totals
+            use.append(
+                ModelUse(
+                    model=models[app],
+                    refused=self.window.refused.get(app, 0),
+                    in_flight=now.in_flight,
+                    queued=now.queued,
+                    cpu_used=now.cpu_used,
+                    cpu_requested=now.cpu_requested,
+                    memory_rss_bytes=now.memory_rss_bytes,
+                    memory_requested_bytes=now.memory_requested_bytes,
+                    gpu_used=now.gpu_used,
+                    gpu_requested=now.gpu_requested,
+                    replicas=now.replicas,
+                )
+            )
+        return invocations, tuple(use)
+
     def health(self, model: str) -> str:
         return judge(self.recent(model), self.rules)
 
@@ -217,3 +252,48 @@ class Signals:
             c = Changes(tx, self.backend.http_base)
             for row in c.session.exec(select(ModelRow).where(col(ModelRow.name).in_(changed))):
                 lifecycle.health_observed(c, row, said[row.name])
+
+
+PROMETHEUS_BUCKETS_S = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+)
+
+
+def _invocations(model: str, build: str, counted: Step) -> Invocations:
+    """A build's counts in Prometheus' terms: each fine bucket (within 10%) goes into the
+    first standard bucket its upper bound fits."""
+    cumulative = []
+    for le in (*PROMETHEUS_BUCKETS_S, float("inf")):
+        n = sum(c for b, c in counted.latency.items() if bucket_bound_ms(b) <= le * 1000)
+        cumulative.append((le, n))
+    return Invocations(
+        model=model,
+        build=build.rsplit("/", 1)[-1],
+        outcomes={
+            "ok": counted.requests
+            - counted.model_errors
+            - counted.client_errors
+            - counted.server_errors,
+            "model_error": counted.model_errors,
+            "client_error": counted.client_errors,
+            "server_error": counted.server_errors,
+        },
+        buckets=tuple(cumulative),
+        sum_seconds=round(
+            sum(bucket_bound_ms(b) * c for b, c in counted.latency.items()) / 1000, 6
+        ),
+    )

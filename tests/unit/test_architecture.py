@@ -48,7 +48,7 @@ ALLOWED: dict[str, set[str]] = {
         "watch",
         "workers",
     },
-    "signals": {"domain", "lifecycle", "series", "storage", "workers"},
+    "signals": {"domain", "lifecycle", "metrics", "series", "storage", "workers"},
     "series": {"workers"},
     "service": {"domain", "lifecycle", "sources", "storage", "workers"},
     "access": {"domain", "storage"},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -31,7 +32,14 @@ from controlplane.domain.types import (
     Resources,
     Source,
 )
-from controlplane.series import Figures, ModelSeries, Series
+from controlplane.series import (
+    Figures,
+    ModelMetrics,
+    ModelSeries,
+    Point,
+    ReplicaSeries,
+    Series,
+)
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
 from workers import runtime
@@ -487,4 +495,56 @@ def log_line_to_pb(line: LogLine) -> rpc.ModelLogLine:
         text=line.text,
         request_id=line.request_id,
         number=line.id,
+    )
+
+
+def _figures_from_pb(f: rpc.MetricFigures) -> Figures:
+    return Figures(**{k: getattr(f, k) for k in Figures.__dataclass_fields__})
+
+
+def _series_from_pb(totals: rpc.MetricFigures, points: Sequence[rpc.MetricPoint]) -> Series:
+    return Series(
+        _figures_from_pb(totals),
+        tuple(Point(p.time.ToSeconds(), _figures_from_pb(p.figures)) for p in points),
+    )
+
+
+def metrics_from_pb(m: rpc.ModelMetrics) -> ModelMetrics:
+    return ModelMetrics(
+        name=m.name,
+        health=m.health,
+        series=ModelSeries(
+            app="",
+            start=m.start_time.ToSeconds(),
+            end=m.end_time.ToSeconds(),
+            step_s=int(m.step.ToSeconds()),
+            model=_series_from_pb(m.totals, m.points),
+            builds={b.build: _series_from_pb(b.totals, b.points) for b in m.builds},
+            replicas=tuple(
+                ReplicaSeries(
+                    replica=r.replica_id,
+                    build=r.build,
+                    node=r.node,
+                    pid=r.pid,
+                    running=r.running,
+                    series=_series_from_pb(r.totals, r.points),
+                )
+                for r in m.replicas
+            ),
+        ),
+    )
+
+
+def log_line_from_pb(m: rpc.ModelLogLine, model: str) -> LogLine:
+    return LogLine(
+        id=m.number,
+        model=model,
+        replica=m.replica_id,
+        seq=0,
+        build=m.build,
+        node=m.node,
+        time=from_timestamp(m.time),
+        stream=m.stream,
+        request_id=m.request_id,
+        text=m.text,
     )
