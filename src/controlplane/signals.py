@@ -26,11 +26,12 @@ from sqlmodel import col, select
 
 from controlplane import lifecycle
 from controlplane.config import Settings
+from controlplane.domain.figures import ModelSeries
 from controlplane.domain.health import BuildErrors, HealthRules, Recent, Usage, judge
 from controlplane.domain.redaction import redact
 from controlplane.domain.states import ModelState
 from controlplane.metrics import Invocations, ModelUse
-from controlplane.series import STEP_S, ModelSeries, Step, Window
+from controlplane.series import STEP_S, Step, Window
 from controlplane.storage import model_logs, repo
 from controlplane.storage.changes import Changes, project_of
 from controlplane.storage.db import Database

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,31 @@ def test_zip_of_nothing_is_refused(tmp_path: Path) -> None:
         inputs.zip_directory(tmp_path)
     with pytest.raises(inputs.UsageError, match="not a directory"):
         inputs.zip_directory(tmp_path / "missing")
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30s", 30), ("10m", 600), ("1h", 3600), ("1.5h", 5400), ("2d", 172800), ("45", 45),
+     (" 2s ", 2), ("0.5", 0.5)],
+)  # fmt: skip
+def test_durations(text: str, seconds: float) -> None:
+    assert inputs.duration_s(text, "--window") == seconds
+
+
+@pytest.mark.parametrize("text", ["", "lots", "1w", "-1m", "1h30m", "m"])
+def test_bad_durations_name_the_flag_and_say_how_to_write_them(text: str) -> None:
+    with pytest.raises(inputs.UsageError, match=r"--window .*30s, 10m, 1h"):
+        inputs.duration_s(text, "--window")
+
+
+def test_since_a_duration_ago_or_a_time() -> None:
+    now = datetime(2025, 1, 31, 12, 0, tzinfo=UTC)
+    assert inputs.since("10m", now) == now - timedelta(minutes=10)
+    assert inputs.since("2025-01-31T11:00:00+00:00") == datetime(2025, 1, 31, 11, tzinfo=UTC)
+    assert inputs.since("2025-01-31T13:00:00+01:00") == now
+    local = datetime(2025, 1, 31, 12, 0).astimezone()  # no zone: local time
+    assert inputs.since("2025-01-31T12:00") == local.astimezone(UTC)
+    assert inputs.since("2025-01-31 12:00").tzinfo == UTC
+    for bad in ("yesterday", "10 minutes", "2025-13-01"):
+        with pytest.raises(inputs.UsageError, match="--since"):
+            inputs.since(bad)

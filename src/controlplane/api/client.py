@@ -19,7 +19,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -31,6 +31,7 @@ from grpc_status import rpc_status
 from controlplane.api import convert, transport
 from controlplane.build_logs import LogLine
 from controlplane.domain.access import AuditRecord, InvocationKey, Role, Token
+from controlplane.domain.figures import ModelMetrics
 from controlplane.domain.types import (
     Build,
     Deployment,
@@ -42,6 +43,7 @@ from controlplane.domain.types import (
     Resources,
     Source,
 )
+from controlplane.domain.types import LogLine as ModelLogLine
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
 from modellifecycle.v1 import service_pb2_grpc
@@ -481,6 +483,42 @@ class Client:
         )
         async for event in self._stream(call, convert.event_from_pb):
             yield event
+
+    # ---- signals ----------------------------------------------------------------------------
+
+    async def get_model_metrics(
+        self, name: str, window_s: float = 3600, step_s: float = 10
+    ) -> ModelMetrics:
+        """The model's figures over the last ``window_s`` (10 s to 1 h), in points of
+        ``step_s`` (a multiple of 10 s): totals, per build, per replica, and its health."""
+        request = rpc.GetModelMetricsRequest(name=name)
+        request.window.FromTimedelta(timedelta(seconds=window_s))
+        request.step.FromTimedelta(timedelta(seconds=step_s))
+        return convert.metrics_from_pb(await self._call(self._stub.GetModelMetrics, request))
+
+    async def model_logs(
+        self,
+        name: str,
+        replica: str = "",
+        build: str = "",
+        since: datetime | None = None,
+        tail: int = 0,
+        follow: bool = False,
+    ) -> AsyncIterator[ModelLogLine]:
+        """The model's replicas' lines kept so far (only ``replica``'s, ``build``'s, those
+        at or after ``since``, the last ``tail``, when given); with ``follow``, each new one
+        as it comes, until the caller stops iterating."""
+        request = rpc.StreamModelLogsRequest(
+            name=name,
+            replica_id=replica,
+            build=build,
+            since=convert.timestamp(since),
+            tail=tail,
+            follow=follow,
+        )
+        call = self._stub.StreamModelLogs(request)
+        async for line in self._stream(call, lambda msg: convert.log_line_from_pb(msg, name)):
+            yield line
 
     @staticmethod
     async def _stream(call: Any, one: Callable[[Any], R]) -> AsyncIterator[R]:

@@ -10,6 +10,14 @@ from google.protobuf import any_pb2, duration_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from controlplane.domain.access import AuditRecord, InvocationKey, Role, Token
+from controlplane.domain.figures import (
+    Figures,
+    ModelMetrics,
+    ModelSeries,
+    Point,
+    ReplicaSeries,
+    Series,
+)
 from controlplane.domain.states import (
     BuildState,
     DeploymentState,
@@ -31,14 +39,6 @@ from controlplane.domain.types import (
     Resource,
     Resources,
     Source,
-)
-from controlplane.series import (
-    Figures,
-    ModelMetrics,
-    ModelSeries,
-    Point,
-    ReplicaSeries,
-    Series,
 )
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
@@ -243,6 +243,7 @@ def model_from_pb(m: pb.Model) -> Model:
         etag=m.etag,
         message=m.message,
         running_operation=m.running_operation,
+        health=m.health,
     )
 
 

@@ -6,11 +6,12 @@ import argparse
 import asyncio
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
-from controlplane.api.client import Client
+from controlplane.api.client import Client, ClientError
 from controlplane.cli import inputs
-from controlplane.cli.output import Printer, resources, short, when
+from controlplane.cli.output import Printer, TopRow, resources, seconds, short, when
 from controlplane.domain.access import Role
 from controlplane.domain.types import DeployOptions, Model, Operation, Resources
 
@@ -110,16 +111,19 @@ async def models_create(c: Client, args: argparse.Namespace, p: Printer) -> int:
     return EXIT_OK
 
 
-async def models_list(c: Client, args: argparse.Namespace, p: Printer) -> int:
+async def _all_models(c: Client, project: str) -> list[Model]:
     items: list[Model] = []
     token = ""
     while True:
-        page = await c.list_models(inputs.project_name(args.project), 100, token)
+        page = await c.list_models(inputs.project_name(project), 100, token)
         items += page.items
         token = page.next_page_token
         if not token:
-            break
-    p.result(items)
+            return items
+
+
+async def models_list(c: Client, args: argparse.Namespace, p: Printer) -> int:
+    p.result(await _all_models(c, args.project))
     return EXIT_OK
 
 
@@ -264,7 +268,6 @@ async def builds_export(c: Client, args: argparse.Namespace, p: Printer) -> int:
     else:
         print(f"oci:{dest}:{args.tag} {digest}", file=p.out)
     return EXIT_OK
-    return EXIT_OK
 
 
 async def deployments_list(c: Client, args: argparse.Namespace, p: Printer) -> int:
@@ -301,6 +304,61 @@ async def watch(c: Client, args: argparse.Namespace, p: Printer) -> int:
         if args.count and seen >= args.count:
             break
     return EXIT_OK
+
+
+# ---- signals: logs, metrics, top ------------------------------------------------------------
+
+
+async def logs(c: Client, args: argparse.Namespace, p: Printer) -> int:
+    model = _model(args)
+    build = inputs.child_name(model, "builds", args.build) if args.build else ""
+    since = inputs.since(args.since) if args.since else None
+    if args.tail < 0:
+        raise inputs.UsageError(f"--tail {args.tail}: the number of last lines, or 0 for all")
+    async for line in c.model_logs(model, args.replica, build, since, args.tail, args.follow):
+        p.log_line(line)
+    return EXIT_OK
+
+
+async def metrics(c: Client, args: argparse.Namespace, p: Printer) -> int:
+    window_s = inputs.duration_s(args.window, "--window")
+    if args.step:
+        step_s = inputs.duration_s(args.step, "--step")
+    else:  # a minute, or the whole window (in 10 s steps) when it is shorter
+        step_s = max(10.0, min(60.0, window_s // 10 * 10))
+    p.result(await c.get_model_metrics(_model(args), window_s, step_s))
+    return EXIT_OK
+
+
+TOP_WINDOW_S = 60.0  # `top`'s figures: the last minute, one point
+
+
+async def _top_row(c: Client, model: Model) -> TopRow:
+    try:
+        m = await c.get_model_metrics(model.name, TOP_WINDOW_S, TOP_WINDOW_S)
+    except ClientError as e:  # deleted since it was listed, say: the others still show
+        return TopRow(model.name, model.state.value, f"({e.code})", TOP_WINDOW_S, None)
+    return TopRow(model.name, model.state.value, m.health, TOP_WINDOW_S, m.series.model.totals)
+
+
+async def top(c: Client, args: argparse.Namespace, p: Printer) -> int:
+    interval = inputs.duration_s(args.interval, "--interval")
+    if interval <= 0:
+        raise inputs.UsageError(f"--interval {args.interval!r}: more than 0s, e.g. 2s")
+    project = inputs.project_name(args.project)
+    clear = not args.once and p.out.isatty()
+    while True:
+        models = await _all_models(c, args.project)
+        rows = await asyncio.gather(*(_top_row(c, m) for m in models))
+        header = (
+            f"{project}: {len(rows)} model(s), figures of the last {seconds(TOP_WINDOW_S)}, "
+            f"at {datetime.now().strftime('%H:%M:%S')}"
+            + ("" if args.once else f" (every {seconds(interval)}; Ctrl-C to stop)")
+        )
+        p.top(rows, header, clear)
+        if args.once:
+            return EXIT_OK
+        await asyncio.sleep(interval)
 
 
 def _scope(args: argparse.Namespace) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 import zipfile
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from controlplane.config import ADMIN_TOKEN_FILE, DEFAULT_DATA_DIR
@@ -116,3 +117,28 @@ def ttl_seconds(text: str) -> float | None:
     if found is None:
         raise UsageError(f"--ttl {text!r}: use a number and a unit, e.g. 3600s, 90m, 12h, 30d")
     return float(found.group(1)) * _TTL_UNIT[found.group(2)]
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
+
+
+def duration_s(text: str, flag: str) -> float:
+    """'30s' -> 30, '10m' -> 600, '1h' -> 3600, '1.5' -> 1.5 (seconds)."""
+    found = _DURATION.match(text.strip())
+    if found is None:
+        raise UsageError(f"{flag} {text!r}: use a number and a unit, e.g. 30s, 10m, 1h")
+    return float(found.group(1)) * _TTL_UNIT[found.group(2) or "s"]
+
+
+def since(text: str, now: datetime | None = None) -> datetime:
+    """--since: a duration back from now ('10m') or a time ('2025-01-31T12:00', local time
+    unless it says its zone)."""
+    if _DURATION.match(text.strip()):
+        return (now or datetime.now(UTC)) - timedelta(seconds=duration_s(text, "--since"))
+    try:
+        value = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise UsageError(
+            f"--since {text!r}: a duration (10m, 2h) or a time (2025-01-31T12:00:00)"
+        ) from None
+    return (value if value.tzinfo else value.astimezone()).astimezone(UTC)

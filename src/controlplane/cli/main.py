@@ -246,6 +246,47 @@ def parser() -> argparse.ArgumentParser:
     )
     w.add_argument("--since", type=int, default=0, help="resume after this revision")
     w.add_argument("--count", type=int, default=0, help="stop after this many events")
+
+    lg = _sub(
+        sub,
+        "logs",
+        cmd.logs,
+        "a model's replicas' output and access lines, from every replica, gone ones too "
+        "(with --follow, live)",
+    )
+    lg.add_argument("model")
+    lg.add_argument("--replica", default="", help="only this replica's lines (its id)")
+    lg.add_argument("--build", default="", help="only this build's lines: its number or name")
+    lg.add_argument(
+        "--since", default="", help="only lines since: 10m or 2h ago, or a time 2025-01-31T12:00"
+    )
+    lg.add_argument("--tail", type=int, default=0, help="only the last N lines (0: all kept)")
+    lg.add_argument("--follow", "-f", action="store_true", help="then each new line, live")
+
+    m = _sub(
+        sub,
+        "metrics",
+        cmd.metrics,
+        "a model's requests, errors, latency, CPU, memory and GPU: in all, per build and per "
+        "replica, with its health",
+    )
+    m.add_argument("model")
+    m.add_argument("--window", default="1h", help="how far back: 10s to 1h (default 1h)")
+    m.add_argument(
+        "--step",
+        default="",
+        help="each point's length, a multiple of 10s (default 1m, or the window when shorter)",
+    )
+
+    t = _sub(
+        sub,
+        "top",
+        cmd.top,
+        "every model of --project: state, health, and the last minute's requests/s, errors, "
+        "refused, p99, CPU and replicas, refreshed until Ctrl-C",
+    )
+    t.add_argument("--interval", default="2s", help="refresh every (default 2s)")
+    t.add_argument("--once", action="store_true", help="print one table and exit")
     return root
 
 

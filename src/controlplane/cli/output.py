@@ -11,7 +11,16 @@ from enum import Enum, IntEnum
 from typing import Any, TextIO
 
 from controlplane.domain.access import AuditRecord, InvocationKey, Token
-from controlplane.domain.types import Build, Deployment, Event, Model, Operation, Resources
+from controlplane.domain.figures import Figures, ModelMetrics
+from controlplane.domain.types import (
+    Build,
+    Deployment,
+    Event,
+    LogLine,
+    Model,
+    Operation,
+    Resources,
+)
 
 
 def plain(value: Any) -> Any:
@@ -159,6 +168,161 @@ def _key_rows(items: Sequence[InvocationKey]) -> tuple[list[str], list[list[str]
     ]
 
 
+# ---- signals ---------------------------------------------------------------------------------
+
+
+def build_label(build: str) -> str:
+    """``projects/p/models/m/builds/4`` -> ``build 4``."""
+    return f"build {build.rsplit('/', 1)[-1]}" if "/builds/" in build else build or "build ?"
+
+
+def size(n: int) -> str:
+    """Bytes as people read them: 0, 900B, 12.0MiB, 1.5GiB."""
+    if n <= 0:
+        return "0"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    return f"{value:.1f}TiB"
+
+
+def seconds(s: float) -> str:
+    """3600 -> 1h, 90 -> 1m30s, 10 -> 10s, 0.5 -> 0.5s."""
+    if s != int(s) or s < 1:
+        return f"{s:g}s"
+    s = int(s)
+    h, rest = divmod(s, 3600)
+    m, sec = divmod(rest, 60)
+    text = (f"{h}h" if h else "") + (f"{m}m" if m else "") + (f"{sec}s" if sec else "")
+    return text or "0s"
+
+
+def ms(value: float) -> str:
+    """A latency: 25.2, 1,234."""
+    return f"{value:.1f}" if value < 1000 else f"{value:,.0f}"
+
+
+def _gpu(f: Figures) -> str:
+    if f.gpu_used < 0 and not f.gpu_requested:
+        return "-"
+    used = "n/m" if f.gpu_used < 0 else f"{f.gpu_used:.2f}"
+    return f"{used}/{f.gpu_requested:g}"
+
+
+def _figure_row(label: str, f: Figures, model: bool) -> list[str]:
+    return [
+        label,
+        str(f.requests),
+        f"{f.model_errors}/{f.client_errors}/{f.server_errors}",
+        str(f.refused) if model else "-",
+        str(f.in_flight),
+        str(f.queued) if model else "-",
+        f"{ms(f.latency_p50_ms)}/{ms(f.latency_p95_ms)}/{ms(f.latency_p99_ms)}",
+        f"{f.cpu_used:.2f}/{f.cpu_requested:g}",
+        f"{size(f.memory_rss_bytes)}/{size(f.memory_requested_bytes)}",
+        _gpu(f),
+    ]
+
+
+def metrics_text(m: ModelMetrics) -> str:
+    """The model's totals, a row per build and per replica, the replicas, its health."""
+    s = m.series
+    start, end = (datetime.fromtimestamp(t).strftime("%H:%M:%S") for t in (s.start, s.end))
+    head = (
+        f"{m.name}: last {seconds(s.end - s.start)} ({start} to {end}), "
+        f"steps of {seconds(s.step_s)}"
+    )
+    rows = [_figure_row("model", s.model.totals, True)]
+    rows += [_figure_row(build_label(b), series.totals, False) for b, series in s.builds.items()]
+    rows += [_figure_row(f"replica {r.replica}", r.series.totals, False) for r in s.replicas]
+    headers = ["", "requests", "errors m/4xx/5xx", "refused", "in flight", "queued",
+               "p50/p95/p99 ms", "cpu used/req", "mem rss/req", "gpu used/req"]  # fmt: skip
+    parts = [head, "", table(headers, rows)]
+    if s.replicas:
+        replicas = [
+            [
+                r.replica,
+                build_label(r.build),
+                r.node,
+                str(r.pid),
+                "running" if r.running else "gone",
+            ]
+            for r in s.replicas
+        ]
+        parts += ["", table(["replica", "build", "node", "pid", "status"], replicas)]
+    else:
+        parts += ["", "no replica reported in this window"]
+    parts += ["", f"health: {m.health or '- (not serving)'}"]
+    return "\n".join(parts)
+
+
+def log_line_text(line: LogLine) -> str:
+    """``TIME REPLICA build N STREAM [request id] TEXT``."""
+    stamp = line.time.astimezone().strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    request = f"  [{line.request_id}]" if line.request_id else ""
+    return (
+        f"{stamp}  {line.replica}  {build_label(line.build)}  {line.stream:<6}{request}  "
+        f"{line.text}"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class TopRow:
+    """One model in `modelctl top`: its state and figures over the last ``window_s``."""
+
+    name: str
+    state: str
+    health: str
+    window_s: float
+    totals: Figures | None  # None: its figures could not be read
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.totals.requests / self.window_s if self.totals and self.window_s else 0.0
+
+    @property
+    def error_percent(self) -> float:
+        if not self.totals or not self.totals.requests:
+            return 0.0
+        return 100.0 * self.totals.errors / self.totals.requests
+
+    def plain(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "state": self.state,
+            "health": self.health,
+            "window_s": self.window_s,
+            "requests_per_s": round(self.requests_per_s, 3),
+            "error_percent": round(self.error_percent, 2),
+            "totals": plain(self.totals),
+        }
+
+
+def top_text(rows: Sequence[TopRow]) -> str:
+    if not rows:
+        return "(no models)"
+    out = []
+    for r in rows:
+        f = r.totals
+        if f is None:
+            figures = ["?"] * 6
+        else:
+            figures = [
+                f"{r.requests_per_s:.2f}",
+                f"{r.error_percent:.1f}" if f.requests else "-",
+                str(f.refused),
+                ms(f.latency_p99_ms) if f.requests else "-",
+                f"{f.cpu_used:.2f}/{f.cpu_requested:g}",
+                str(f.replicas),
+            ]
+        out.append([r.name.rsplit("/", 1)[-1], r.state, *figures, r.health or "-"])
+    headers = ["model", "state", "req/s", "err %", "refused", "p99 ms", "cpu used/req",
+               "replicas", "health"]  # fmt: skip
+    return table(headers, out)
+
+
 _ROWS: dict[type, Any] = {
     InvocationKey: _key_rows,
     Token: _token_rows,
@@ -180,6 +344,9 @@ class Printer:
         """One resource or a list of them, as a table (people) or JSON (scripts)."""
         if self.json:
             print(json.dumps(plain(value), indent=2, sort_keys=True), file=self.out)
+            return
+        if isinstance(value, ModelMetrics):
+            print(metrics_text(value), file=self.out)
             return
         items = list(value) if isinstance(value, list) else [value]
         if not items:
@@ -217,3 +384,25 @@ class Printer:
             file=self.out,
             flush=True,
         )
+
+    def log_line(self, line: LogLine) -> None:
+        """One of a model's log lines: a line of text, or one JSON object per line."""
+        if self.json:
+            print(json.dumps(plain(line), sort_keys=True), file=self.out, flush=True)
+        else:
+            print(log_line_text(line), file=self.out, flush=True)
+
+    def top(self, rows: Sequence[TopRow], header: str, clear: bool) -> None:
+        """One refresh of `modelctl top`: a table (the screen cleared first on a terminal),
+        or one JSON object per line."""
+        if self.json:
+            doc = {
+                "time": datetime.now().astimezone().isoformat(),
+                "models": [r.plain() for r in rows],
+            }
+            print(json.dumps(doc, sort_keys=True), file=self.out, flush=True)
+            return
+        text = f"{header}\n\n{top_text(rows)}"
+        # On a terminal the table replaces the last; elsewhere tables follow each other.
+        text = "\x1b[H\x1b[2J" + text if clear else text + "\n"
+        print(text, file=self.out, flush=True)
