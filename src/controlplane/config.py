@@ -65,6 +65,9 @@ class Settings:
     tls_client_ca: Path | None = None
     # What replicas report (controlplane/signals.py): read this often (0: never), health
     # judged this often with these rules (docs/metrics.md), the newest log bytes kept.
+    # Requests Serve queues per model while every replica is busy; more get HTTP 503 and
+    # count as refused. -1: no limit (they wait).
+    max_queued_requests: int = -1
     signals_interval_s: float = 1.0
     health_interval_s: float = 10.0
     health_rules: HealthRules = field(default_factory=HealthRules)

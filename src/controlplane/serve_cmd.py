@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
 import uuid
+from dataclasses import fields
 from pathlib import Path
 
 from controlplane import logs, tracing
 from controlplane.config import DEFAULT_DATA_DIR, MiB, Settings, default
+from controlplane.domain.health import HealthRules
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -87,6 +90,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=default("build_timeout_s"),
         help="seconds a build may take, waiting for the cluster included (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=default("max_queued_requests"),
+        help="requests Serve queues per model (on each proxy) while every replica is busy; "
+        "more are refused with HTTP 503 and counted as refused (GetModelMetrics, health). "
+        "-1: no limit, requests wait (default: %(default)s)",
+    )
+    p.add_argument(
+        "--health-rules",
+        type=Path,
+        default=None,
+        help="a JSON file of the health rules' thresholds (docs/metrics.md), e.g. "
+        '{"error_ratio": 0.02, "idle_ratio": 0.05}; unnamed ones keep their defaults',
     )
     p.add_argument(
         "--build-cpus",
@@ -194,6 +212,23 @@ def tls_problem(args: argparse.Namespace) -> str:
     return ""
 
 
+def health_rules(path: Path | None) -> HealthRules:
+    """The rules in ``path`` (JSON), or the defaults; a bad file stops the server, saying why."""
+    if path is None:
+        return HealthRules()
+    try:
+        given = json.loads(path.read_text())
+        if not isinstance(given, dict):
+            raise ValueError("it must hold one JSON object")
+        known = {f.name for f in fields(HealthRules)}
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise ValueError(f"unknown rules {unknown}; known: {sorted(known)}")
+        return HealthRules(**given)
+    except (OSError, ValueError, TypeError) as e:
+        raise SystemExit(f"modelctl serve: --health-rules {path}: {e}") from e
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     return Settings(
         data_dir=args.data_dir.resolve(),
@@ -211,6 +246,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         build_timeout_s=args.build_timeout,
         build_max_bytes=args.build_max_mib * MiB,
         build_cpus=args.build_cpus,
+        max_queued_requests=args.max_queued_requests,
+        health_rules=health_rules(args.health_rules),
         gc_interval_s=args.gc_interval,
         gc_keep_builds=args.gc_keep_builds,
         gc_min_age_s=args.gc_min_age,

@@ -55,6 +55,7 @@ def make_backend(settings: Settings) -> Backend:
         num_cpus=settings.num_cpus,
         num_gpus=settings.num_gpus,
         build_cpus=settings.build_cpus,
+        max_queued_requests=settings.max_queued_requests,
     )
 
 

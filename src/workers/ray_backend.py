@@ -170,6 +170,17 @@ def _gpu_probe(gpu_ids: list[Any]) -> Any:
     return used
 
 
+def _node_address() -> str:
+    """The address the replica's node has in the cluster, as Serve's replica details give it
+    (``ray.util.get_node_ip_address`` guesses one from the routes instead)."""
+    try:
+        from ray._private.worker import global_worker
+
+        return str(global_worker.node_ip_address)
+    except Exception:
+        return str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+
+
 def _identity(build: str) -> Identity:
     replica = serve.get_replica_context()
     assigned = ray.get_runtime_context().get_assigned_resources()  # type: ignore[no-untyped-call]
@@ -177,7 +188,7 @@ def _identity(build: str) -> Identity:
         app=replica.app_name,
         replica=replica.replica_id.unique_id,
         build=build,
-        node=ray.util.get_node_ip_address(),  # type: ignore[no-untyped-call]
+        node=_node_address(),
         busy_limit=MAX_ONGOING,
         requested_cpus=float(assigned.get("CPU", 0.0)),
         requested_memory_bytes=int(assigned.get("memory", 0)),
@@ -282,7 +293,7 @@ def build_app(args: dict[str, Any]) -> Any:
     )
 
 
-def _app_config(spec: AppSpec) -> dict[str, Any]:
+def _app_config(spec: AppSpec, max_queued_requests: int = -1) -> dict[str, Any]:
     env = dict(spec.environment)
     env[RESTART_ENV] = str(spec.restart_generation)
     env["CP_ARTIFACT"] = spec.artifact_path
@@ -309,6 +320,7 @@ def _app_config(spec: AppSpec) -> dict[str, Any]:
                     "open": spec.access.open,
                     "keys": list(spec.access.key_hashes),
                 },
+                "max_queued_requests": max_queued_requests,
                 "max_surge_percent": 100,
                 "graceful_shutdown_timeout_s": 10,
                 "graceful_shutdown_wait_loop_s": 0.5,
@@ -406,6 +418,7 @@ class RayBackend:
         num_cpus: float,
         num_gpus: float,
         build_cpus: float = 0.25,
+        max_queued_requests: int = -1,
     ) -> None:
         self._address = address
         self._http_host = http_host
@@ -413,6 +426,7 @@ class RayBackend:
         self._num_cpus = num_cpus
         self._num_gpus = num_gpus
         self._build_cpus = build_cpus
+        self._max_queued = max_queued_requests
         self._owns_ray = False
         self._serve: _Serve | None = None
         self._lock = asyncio.Lock()
@@ -503,7 +517,7 @@ class RayBackend:
         config = ServeDeploySchema.model_validate(
             {
                 "http_options": {"host": self._http_host, "port": self._http_port},
-                "applications": [_app_config(a) for a in apps],
+                "applications": [_app_config(a, self._max_queued) for a in apps],
             }
         )
         await asyncio.to_thread(self._started().deploy, config)
