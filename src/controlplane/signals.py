@@ -104,13 +104,17 @@ class Signals:
             self._task = None
 
     async def _run(self) -> None:
+        said = ""  # the last failure logged: the same one again is not logged again
         while True:
             try:
                 await self.poll()
+                said = ""
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # the cluster away, the database busy: next time
-                log.warning("cannot read the replicas' signals: %s", e)
+                if str(e) != said:
+                    log.warning("cannot read the replicas' signals: %s", e)
+                said = str(e)
             await asyncio.sleep(self.settings.signals_interval_s)
 
     async def poll(self) -> None:

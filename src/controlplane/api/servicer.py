@@ -335,8 +335,8 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
             lines = await _run(functools.partial(self.svc.model_log_lines, query))
             for line in lines:
                 yield convert.log_line_to_pb(line)
-            if lines:
-                query = replace(query, after_id=lines[-1].id, tail=0)
+            # From now on, every line after the last one sent (all of them, if none was).
+            query = replace(query, after_id=lines[-1].id if lines else query.after_id, tail=0)
             if len(lines) >= query.limit:
                 continue
             if not request.follow:
