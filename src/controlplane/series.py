@@ -25,6 +25,7 @@ from workers.signals import ProxyFigures, ReplicaFigures, bucket_bound_ms
 
 STEP_S = 10
 HORIZON_S = 3600
+REPORTING_S = 10  # a replica that reported this recently runs (it reports every second)
 
 
 @dataclass
@@ -207,7 +208,7 @@ class Window:
                     )
                 )
             totals = _sum(chosen, proxies if with_proxies else None, first, last + 1, window_s)
-            live = [t for t in chosen if t.last.time >= now - 30]
+            live = [t for t in chosen if t.last.time >= now - REPORTING_S]
             current = _current(live, proxies if with_proxies else None, last)
             totals = _with_current(totals, current)
             return Series(totals, tuple(points))
@@ -222,11 +223,11 @@ class Window:
                 build=t.last.build,
                 node=t.last.node,
                 pid=t.last.pid,
-                running=t.last.time >= now - 30,
+                running=t.last.time >= now - REPORTING_S,
                 series=series([t], False),
             )
             for t in sorted(everything, key=lambda t: (t.last.build, t.last.start_time))
-            if any(first <= at <= last for at in t.steps) or t.last.time >= now - 30
+            if any(first <= at <= last for at in t.steps) or t.last.time >= now - REPORTING_S
         )
         return ModelSeries(
             app=app,

@@ -44,6 +44,7 @@ def test_one_table_with_every_benchmark(smoke: subprocess.CompletedProcess[str])
     assert summary["smoke"] is True
     assert {r["benchmark"] for r in summary["rows"]} == {
         "serve",
+        "signals",
         "rpc",
         "watchers",
         "records",
@@ -53,6 +54,19 @@ def test_one_table_with_every_benchmark(smoke: subprocess.CompletedProcess[str])
     assert figures and all(r["ours"] > 0 for r in figures), summary["rows"]
     assert "| benchmark | figure | ours | anchor | ratio | target | met |" in smoke.stdout
     assert summary["machine"]["cores"] >= 1 and summary["machine"]["ray"]
+
+
+def test_signals_beside_the_same_replicas_without(
+    smoke: subprocess.CompletedProcess[str],
+) -> None:
+    figures = result("signals")
+    assert figures["smoke"] is True and figures["rounds"] == 1
+    for side in ("signals", "plain"):
+        assert figures["sides"][side]["requests_per_s"] > 0, side
+        assert figures["sides"][side]["p50_ms"] > 0, side
+    check = figures["signals_check"]
+    assert check["sent"] > 0 and check["counted"] == check["sent"], "signals counted every request"
+    assert figures["leftover_ray_processes"] == 0
 
 
 def test_rpc_against_a_bare_grpc_server(smoke: subprocess.CompletedProcess[str]) -> None:

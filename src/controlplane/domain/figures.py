@@ -56,7 +56,7 @@ class ReplicaSeries:
     build: str
     node: str
     pid: int
-    running: bool  # reported in the last 30 s
+    running: bool  # reported in the last 10 s (it reports every second)
     series: Series
 
 

@@ -1288,7 +1288,7 @@ class ReplicaMetrics(_message.Message):
     node: _builtins.str
     pid: _builtins.int
     running: _builtins.bool
-    """Reported in the last 30 s; false: stopped, or gone."""
+    """Reported in the last 10 s (a replica reports every second); false: stopped, or gone."""
     @_builtins.property
     def totals(self) -> Global___MetricFigures: ...
     @_builtins.property

@@ -2787,7 +2787,7 @@ type ReplicaMetrics struct {
 	Build     string `protobuf:"bytes,2,opt,name=build,proto3" json:"build,omitempty"`
 	Node      string `protobuf:"bytes,3,opt,name=node,proto3" json:"node,omitempty"`
 	Pid       int64  `protobuf:"varint,4,opt,name=pid,proto3" json:"pid,omitempty"`
-	// Reported in the last 30 s; false: stopped, or gone.
+	// Reported in the last 10 s (a replica reports every second); false: stopped, or gone.
 	Running bool           `protobuf:"varint,5,opt,name=running,proto3" json:"running,omitempty"`
 	Totals  *MetricFigures `protobuf:"bytes,6,opt,name=totals,proto3" json:"totals,omitempty"`
 	Points  []*MetricPoint `protobuf:"bytes,7,rep,name=points,proto3" json:"points,omitempty"`

@@ -1285,7 +1285,7 @@ export type ReplicaMetrics = Message<"modellifecycle.v1.ReplicaMetrics"> & {
   pid: bigint;
 
   /**
-   * Reported in the last 30 s; false: stopped, or gone.
+   * Reported in the last 10 s (a replica reports every second); false: stopped, or gone.
    *
    * @generated from field: bool running = 5;
    */
