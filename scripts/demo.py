@@ -115,6 +115,19 @@ async def show(c: Client, before: dict[str, int], endpoint: str, key: str) -> di
     return now
 
 
+async def requests_counted(c: Client) -> int:
+    return (await c.get_model_metrics(MODEL, 3600, 3600)).series.model.totals.requests
+
+
+async def counted(c: Client, requests: int, seconds: float = 30) -> None:
+    """Waits until the replicas' reports of ``requests`` reached the server (about 1 s)."""
+    deadline = time.monotonic() + seconds
+    while await requests_counted(c) < requests:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the replicas' reports did not arrive within {seconds:g} s")
+        await asyncio.sleep(0.2)
+
+
 async def workflow(server: str) -> None:
     examples = ROOT / "examples"
     token = (DATA / "admin.token").read_text().strip()
@@ -153,7 +166,16 @@ async def workflow(server: str) -> None:
         modelctl(server, "restart", "iris", "--yes")
         seen = await show(c, seen, endpoint, key)
 
-        step("7. Stop: no replica left, the endpoint stops answering; history stays")
+        step("7. See what it does: requests, latency, CPU per build and replica; its logs")
+        before = await requests_counted(c)
+        async with httpx.AsyncClient(timeout=30) as http:
+            for _ in range(20):
+                await http.post(endpoint, json=FLOWERS, headers=key_header(key))
+        await counted(c, before + 20)
+        modelctl(server, "metrics", "iris", "--window", "5m", "--step", "1m")
+        modelctl(server, "logs", "iris", "--tail", "4")
+
+        step("8. Stop: no replica left, the endpoint stops answering; history stays")
         modelctl(server, "stop", "iris", "--yes")
         async with httpx.AsyncClient(timeout=10) as http:
             try:

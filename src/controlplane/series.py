@@ -10,7 +10,7 @@ disk: Prometheus (the server's /metrics) keeps what must outlive the hour or the
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -184,10 +184,22 @@ class Window:
                 del self._proxies[app]
 
     def query(
-        self, app: str, window_s: int = HORIZON_S, step_s: int = STEP_S, now: float | None = None
+        self,
+        app: str,
+        window_s: int = HORIZON_S,
+        step_s: int = STEP_S,
+        now: float | None = None,
+        alive: Collection[str] | None = None,
     ) -> ModelSeries:
-        """The figures of ``app`` over the last ``window_s``, in points of ``step_s``."""
+        """The figures of ``app`` over the last ``window_s``, in points of ``step_s``.
+        ``alive``: the replicas Serve lists now, when known; a replica that reported lately
+        but is not among them has stopped (its last report may be seconds old)."""
         now = time.time() if now is None else now
+
+        def running(t: _Track) -> bool:
+            recent = t.last.time >= now - REPORTING_S
+            return recent and (alive is None or t.last.replica in alive)
+
         step_s = max(STEP_S, step_s - step_s % STEP_S)
         window_s = min(max(window_s, step_s), self.horizon_s)
         last = int(now // STEP_S)
@@ -208,7 +220,7 @@ class Window:
                     )
                 )
             totals = _sum(chosen, proxies if with_proxies else None, first, last + 1, window_s)
-            live = [t for t in chosen if t.last.time >= now - REPORTING_S]
+            live = [t for t in chosen if running(t)]
             current = _current(live, proxies if with_proxies else None, last)
             totals = _with_current(totals, current)
             return Series(totals, tuple(points))
@@ -223,11 +235,11 @@ class Window:
                 build=t.last.build,
                 node=t.last.node,
                 pid=t.last.pid,
-                running=t.last.time >= now - REPORTING_S,
+                running=running(t),
                 series=series([t], False),
             )
             for t in sorted(everything, key=lambda t: (t.last.build, t.last.start_time))
-            if any(first <= at <= last for at in t.steps) or t.last.time >= now - REPORTING_S
+            if any(first <= at <= last for at in t.steps) or running(t)
         )
         return ModelSeries(
             app=app,

@@ -334,6 +334,17 @@ class Service:
         self.models.put(model, generation)
         return model
 
+    def serving_replicas(self, name: str) -> frozenset[str]:
+        """The ids of the replicas Serve lists for the model's serving deployments now."""
+        serving = (DeploymentState.DEPLOYING.value, DeploymentState.DEPLOYED.value)
+        with self.db.read() as s:
+            deps = s.exec(
+                select(DeploymentRow).where(
+                    col(DeploymentRow.model) == name, col(DeploymentRow.state).in_(serving)
+                )
+            ).all()
+            return frozenset(r.id for d in deps for r in repo.replicas_of(d))
+
     def log_query(
         self,
         name: str,

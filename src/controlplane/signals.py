@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -29,7 +29,7 @@ from controlplane.config import Settings
 from controlplane.domain.figures import ModelSeries
 from controlplane.domain.health import BuildErrors, HealthRules, Recent, Usage, judge
 from controlplane.domain.redaction import redact
-from controlplane.domain.states import ModelState
+from controlplane.domain.states import DeploymentState, ModelState
 from controlplane.metrics import Invocations, ModelUse
 from controlplane.series import STEP_S, Step, Window
 from controlplane.storage import model_logs, repo
@@ -55,20 +55,33 @@ class _Known:
     app_to_model: Mapping[str, str]
     secrets: Mapping[str, frozenset[str]]  # model -> secret values of all its deployments
     serving: frozenset[str]  # models DEPLOYED now
+    alive: Mapping[str, frozenset[str]]  # model -> ids of the replicas Serve lists now
 
 
 def _known(db: Database) -> _Known:
+    """This database's models, with what reading their signals needs: two small queries
+    (deployments with secrets, and those serving), however long a model's history."""
+    serving_states = (DeploymentState.DEPLOYING.value, DeploymentState.DEPLOYED.value)
     with db.read() as s:
         models = s.exec(select(ModelRow.name, ModelRow.state)).all()
-        deps = s.exec(select(DeploymentRow)).all()
+        with_secrets = s.exec(
+            select(DeploymentRow).where(col(DeploymentRow.secret_environment) != "{}")
+        ).all()
+        serving = s.exec(
+            select(DeploymentRow).where(col(DeploymentRow.state).in_(serving_states))
+        ).all()
     apps = {app_name_for(project_of(name), name.rsplit("/", 1)[-1]): name for name, _ in models}
     secrets: dict[str, set[str]] = {}
-    for d in deps:
+    for d in with_secrets:
         secrets.setdefault(d.model, set()).update(v for v in repo.secrets_of(d).values() if v)
+    alive: dict[str, set[str]] = {}
+    for d in serving:
+        alive.setdefault(d.model, set()).update(r.id for r in repo.replicas_of(d))
     return _Known(
         app_to_model=apps,
         secrets={m: frozenset(v) for m, v in secrets.items()},
         serving=frozenset(n for n, st in models if st == ModelState.DEPLOYED.value),
+        alive={m: frozenset(ids) for m, ids in alive.items()},
     )
 
 
@@ -81,9 +94,10 @@ class Signals:
         self.window = Window()
         self._epoch = ""
         self._cursor = 0
-        self._known = _Known({}, {}, frozenset())
+        self._known = _Known({}, {}, frozenset(), {})
         self._known_at = 0.0
         self._health_at = time.monotonic()
+        self._judged: frozenset[str] = frozenset()  # the models serving when last judged
         self._trim_at = time.monotonic()
         self._grown: set[str] = set()  # models with lines written since the last trim
         self._written = asyncio.Event()
@@ -128,8 +142,10 @@ class Signals:
         await self._take(batch)
         self._epoch, self._cursor = batch.epoch, batch.cursor
         self.exported = self._export()
-        if time.monotonic() - self._health_at >= self.settings.health_interval_s:
+        due = time.monotonic() - self._health_at >= self.settings.health_interval_s
+        if due or self._known.serving != self._judged:  # and at once when one starts or stops
             self._health_at = time.monotonic()
+            self._judged = self._known.serving
             await asyncio.to_thread(self._judge_all)
         if time.monotonic() - self._trim_at >= TRIM_S:
             self._trim_at = time.monotonic()
@@ -183,18 +199,23 @@ class Signals:
 
     # ---- figures -------------------------------------------------------------------------
 
-    def series(self, model: str, window_s: int, step_s: int) -> ModelSeries:
+    def series(
+        self, model: str, window_s: int, step_s: int, alive: Collection[str] | None = None
+    ) -> ModelSeries:
+        """``alive``: the replica ids Serve lists for the model now, when known."""
         project, name = project_of(model), model.rsplit("/", 1)[-1]
-        return self.window.query(app_name_for(project, name), window_s, step_s)
+        return self.window.query(app_name_for(project, name), window_s, step_s, alive=alive)
 
     def recent(self, model: str) -> Recent:
         """The figures the health rules look at, from the window."""
         r = self.rules
-        usage = self.series(model, int(r.provisioning_minutes * 60), STEP_S)
+        alive = self._known.alive.get(model, frozenset())
+        usage = self.series(model, int(r.provisioning_minutes * 60), STEP_S, alive)
         covered = sum(1 for p in usage.model.points if p.figures.replicas) * STEP_S / 60
         u = usage.model.totals
-        dropping = self.series(model, int(r.dropping_minutes * 60), int(r.dropping_minutes * 60))
-        errors = self.series(model, int(r.error_minutes * 60), STEP_S)
+        period = int(r.dropping_minutes * 60)
+        dropping = self.series(model, period, period, alive)
+        errors = self.series(model, int(r.error_minutes * 60), STEP_S, alive)
         builds = []
         for build, s in errors.builds.items():
             failing = [p for p in s.points if p.figures.errors]
@@ -223,7 +244,8 @@ class Signals:
         for app in self.window.apps():
             if app not in models:
                 continue
-            now = self.window.query(app, 60, 60).model.totals
+            alive = self._known.alive.get(models[app], frozenset())
+            now = self.window.query(app, 60, 60, alive=alive).model.totals
             use.append(
                 ModelUse(
                     model=models[app],

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
 import pytest
 
+from controlplane.cli import main as modelctl
 from controlplane.server import Server
 from tests.helpers.api import Stub, fake_settings, running
 
@@ -29,3 +30,21 @@ async def stub(server: Server) -> AsyncIterator[Stub]:
 @pytest.fixture
 def project() -> str:
     return f"projects/p{uuid.uuid4().hex[:8]}"
+
+
+Captured = tuple[int, str, str]  # exit code, stdout, stderr
+Cli = Callable[..., Awaitable[Captured]]
+
+
+@pytest.fixture
+def cli(server: Server, project: str, capsys: pytest.CaptureFixture[str]) -> Cli:
+    """`modelctl --server ... --project ...` run in this process: what it printed."""
+
+    async def run(*argv: str) -> Captured:
+        capsys.readouterr()
+        base = ["--server", server.grpc_address, "--project", project.removeprefix("projects/")]
+        code = await modelctl.run([*base, *argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

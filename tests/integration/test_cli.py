@@ -3,29 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
-from controlplane.cli import main as modelctl
-from controlplane.server import Server
 from tests.helpers import EXAMPLES
-
-Captured = tuple[int, str, str]  # exit code, stdout, stderr
-Cli = Callable[..., Awaitable[Captured]]
-
-
-@pytest.fixture
-def cli(server: Server, project: str, capsys: pytest.CaptureFixture[str]) -> Cli:
-    async def run(*argv: str) -> Captured:
-        capsys.readouterr()
-        base = ["--server", server.grpc_address, "--project", project.removeprefix("projects/")]
-        code = await modelctl.run([*base, *argv])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
+from tests.integration.conftest import Cli
 
 
 @pytest.mark.slow

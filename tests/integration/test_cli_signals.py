@@ -5,46 +5,32 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Awaitable, Callable
 
+import grpc
 import pytest
 
-from controlplane.cli import main as modelctl
 from controlplane.series import quantile
 from controlplane.server import Server
+from modellifecycle.v1 import service_pb2 as rpc
 from tests.helpers import eventually
+from tests.helpers.api import Stub, build, create_model, resources
+from tests.integration.conftest import Cli
 from workers.backend import app_name_for
 from workers.fake_backend import FakeBackend
 from workers.signals import LogLine, ReplicaFigures, Report, latency_bucket
 
-Captured = tuple[int, str, str]  # exit code, stdout, stderr
-Cli = Callable[..., Awaitable[Captured]]
 LATENCY = {latency_bucket(25.0): 10}  # 10 requests of about 25 ms
 P99 = f"{quantile(LATENCY, 0.99):.1f}"  # as the tables show it: 25.2
 
 
-@pytest.fixture
-def cli(server: Server, project: str, capsys: pytest.CaptureFixture[str]) -> Cli:
-    """As in test_cli.py: `modelctl --server ... --project ...` in this process."""
-
-    async def run(*argv: str) -> Captured:
-        capsys.readouterr()
-        base = ["--server", server.grpc_address, "--project", project.removeprefix("projects/")]
-        code = await modelctl.run([*base, *argv])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
-
-
-def _report(project: str, model: str, started: float) -> Report:
-    """Replica r1 of build 1: 10 requests (1 the model's error) at 25 ms, and one line."""
+def _report(project: str, model: str, started: float, replica: str) -> Report:
+    """The replica of build 1: 10 requests (1 the model's error) at 25 ms, and one line."""
     app = app_name_for(project.removeprefix("projects/"), model)
     build = f"{project}/models/{model}/builds/1"
     now = time.time()
     figures = ReplicaFigures(
         app=app,
-        replica="r1",
+        replica=replica,
         build=build,
         node="10.0.0.1",
         pid=42,
@@ -60,7 +46,7 @@ def _report(project: str, model: str, started: float) -> Report:
     )
     line = LogLine(
         app=app,
-        replica="r1",
+        replica=replica,
         build=build,
         node="10.0.0.1",
         seq=0,
@@ -73,15 +59,27 @@ def _report(project: str, model: str, started: float) -> Report:
 
 
 @pytest.fixture
-async def reported(cli: Cli, server: Server, project: str) -> str:
-    """Model ``iris`` created, and its replica's report read by the server (its log line
+async def replica(server: Server, project: str) -> str:
+    """Model ``iris`` built and deployed on the fake backend: the id of its one replica
+    (figures count for the replicas Serve lists)."""
+    async with grpc.aio.insecure_channel(server.grpc_address) as channel:
+        stub = Stub(channel)
+        model = await create_model(stub, project)
+        op = await build(stub, model.name, deploy=rpc.DeployOptions(resources=resources(1)))
+        assert not op.HasField("error"), op.error
+        model = await stub.GetModel(rpc.GetModelRequest(name=model.name))
+        dep = await stub.GetDeployment(rpc.GetDeploymentRequest(name=model.active_deployment))
+        return str(dep.replicas[0].id)
+
+
+@pytest.fixture
+async def reported(cli: Cli, server: Server, project: str, replica: str) -> str:
+    """Model ``iris`` deployed, and its replica's report read by the server (its log line
     shows): the model's name."""
-    started = time.time()
-    code, _, err = await cli("models", "create", "iris")
-    assert code == 0, err
+    started = time.time()  # after the server started: every request it reports counts
     backend = server.backend
     assert isinstance(backend, FakeBackend)
-    report = _report(project, "iris", started)
+    report = _report(project, "iris", started, replica)
 
     async def line_shows() -> str:
         # Pushed again until read: the server reads a model's lines once it knows the model
@@ -97,14 +95,14 @@ async def reported(cli: Cli, server: Server, project: str) -> str:
 
 
 async def test_logs_show_each_line_with_its_replica_build_and_request(
-    cli: Cli, reported: str
+    cli: Cli, reported: str, replica: str
 ) -> None:
     code, out, err = await cli("logs", "iris")
     assert code == 0, err
     [line] = out.splitlines()
-    assert line.endswith("r1  build 1  stdout  [req-1]  hello"), line
+    assert line.endswith(f"{replica}  build 1  stdout  [req-1]  hello"), line
 
-    code, out, _ = await cli("logs", "iris", "--replica", "r1", "--build", "1", "--since", "10m")
+    code, out, _ = await cli("logs", "iris", "--replica", replica, "--build", "1", "--since", "10m")
     assert out.splitlines() == [line]
     code, out, err = await cli("logs", "iris", "--replica", "other")
     assert code == 0 and out == "", err
@@ -112,26 +110,28 @@ async def test_logs_show_each_line_with_its_replica_build_and_request(
     assert code == 0 and out == ""
     code, out, _ = await cli("logs", reported, "--tail", "1", "-o", "json")
     [doc] = [json.loads(x) for x in out.splitlines()]
-    assert doc["replica"] == "r1" and doc["request_id"] == "req-1" and doc["text"] == "hello"
+    assert doc["replica"] == replica and doc["request_id"] == "req-1" and doc["text"] == "hello"
     assert doc["build"] == f"{reported}/builds/1" and doc["stream"] == "stdout"
 
 
-async def test_metrics_show_totals_builds_replicas_and_health(cli: Cli, reported: str) -> None:
+async def test_metrics_show_totals_builds_replicas_and_health(
+    cli: Cli, reported: str, replica: str
+) -> None:
     async def counted() -> str:
         code, out, err = await cli("metrics", "iris", "--window", "10m")
         assert code == 0, err
-        return out if "replica r1" in out else ""
+        return out if f"replica {replica}" in out else ""
 
     out = await eventually("the figures are counted", counted, timeout=5)
     rows = {line.split("  ")[0]: line.split() for line in out.splitlines() if line}
     # requests, errors model/4xx/5xx, refused, in flight, queued, p50/p95/p99
     assert rows["model"][1:7] == ["10", "1/0/0", "0", "0", "0", f"{P99}/{P99}/{P99}"]
     assert rows["build 1"][2:4] == ["10", "1/0/0"]
-    assert rows["replica r1"][2:4] == ["10", "1/0/0"]
+    assert rows[f"replica {replica}"][2:4] == ["10", "1/0/0"]
     assert rows["model"][7:] == ["0.00/1", "100.0MiB/512.0MiB", "n/m/0.5"]  # cpu, memory, gpu
-    replica = next(line for line in out.splitlines() if line.startswith("r1 "))
-    assert replica.split() == ["r1", "build", "1", "10.0.0.1", "42", "running"]
-    assert "health: - (not serving)" in out  # created, never deployed
+    row = next(line for line in out.splitlines() if line.startswith(f"{replica} "))
+    assert row.split() == [replica, "build", "1", "10.0.0.1", "42", "running"]
+    assert "\nhealth: " in out
 
     code, out, err = await cli("metrics", "iris", "--window", "10m", "--step", "1m", "-o", "json")
     assert code == 0, err
@@ -142,7 +142,7 @@ async def test_metrics_show_totals_builds_replicas_and_health(cli: Cli, reported
     assert totals["gpu_used"] == -1 and totals["gpu_requested"] == 0.5
     assert totals["cpu_requested"] == 1.0
     assert doc["series"]["step_s"] == 60 and len(doc["series"]["model"]["points"]) == 10
-    assert [r["replica"] for r in doc["series"]["replicas"]] == ["r1"]
+    assert [r["replica"] for r in doc["series"]["replicas"]] == [replica]
     assert list(doc["series"]["builds"]) == [f"{reported}/builds/1"]
 
 

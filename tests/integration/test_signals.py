@@ -28,9 +28,10 @@ from workers.signals import LogLine, ProxyFigures, ReplicaFigures, Report, laten
 
 SECRET = "s3cr3t-value-42"
 BUCKET_3MS = latency_bucket(3)
+BUCKET_4MS = latency_bucket(4)
 
 
-def figures(app: str, build: str, replica: str = "r1", **kw: object) -> ReplicaFigures:
+def figures(app: str, build: str, replica: str, **kw: object) -> ReplicaFigures:
     now = time.time()
     base = ReplicaFigures(
         app=app,
@@ -46,8 +47,8 @@ def figures(app: str, build: str, replica: str = "r1", **kw: object) -> ReplicaF
     return replace(base, **kw)  # type: ignore[arg-type]
 
 
-def line(app: str, build: str, seq: int, text_: str, **kw: object) -> LogLine:
-    base = LogLine(app, "r1", build, "10.0.0.7", seq, time.time(), "stdout", text_)
+def line(app: str, build: str, replica: str, seq: int, text_: str, **kw: object) -> LogLine:
+    base = LogLine(app, replica, build, "10.0.0.7", seq, time.time(), "stdout", text_)
     return replace(base, **kw)  # type: ignore[arg-type]
 
 
@@ -62,6 +63,14 @@ class World:
         self.build2 = f"{model.name}/builds/2"
         assert isinstance(server.backend, FakeBackend)
         self.fake: FakeBackend = server.backend
+        self.r1 = ""  # the id of the replica Serve (the fake) runs
+
+    def said(self, seq: int, text_: str) -> Report:
+        """The running replica's report of one stdout line."""
+        return Report(
+            figures(self.app, self.build1, self.r1),
+            (line(self.app, self.build1, self.r1, seq, text_),),
+        )
 
     async def logs(self, **kw: object) -> list[rpc.ModelLogLine]:
         request = rpc.StreamModelLogsRequest(name=self.model.name, **kw)  # type: ignore[arg-type]
@@ -84,7 +93,11 @@ async def world(database_url: str, tmp_path: Path, project: str) -> AsyncIterato
             )
             op = await build(stub, model.name, MODEL_V1, deploy=deploy)
             assert not op.HasField("error"), op.error
-            yield World(server, stub, model)
+            world = World(server, stub, model)
+            model = await stub.GetModel(rpc.GetModelRequest(name=model.name))
+            dep = await stub.GetDeployment(rpc.GetDeploymentRequest(name=model.active_deployment))
+            world.r1 = dep.replicas[0].id
+            yield world
     finally:
         await server.stop()
 
@@ -93,7 +106,12 @@ async def test_metrics_show_requests_errors_and_latency_per_build_and_replica(w:
     w.fake.report(
         Report(
             figures(
-                w.app, w.build1, requests=90, latency=((latency_bucket(4), 90),), cpu_seconds=0.5
+                w.app,
+                w.build1,
+                w.r1,
+                requests=90,
+                latency=((latency_bucket(4), 90),),
+                cpu_seconds=0.5,
             ),
             (),
         ),
@@ -101,7 +119,7 @@ async def test_metrics_show_requests_errors_and_latency_per_build_and_replica(w:
             figures(
                 w.app,
                 w.build2,
-                replica="r2",
+                "r2",
                 requests=30,
                 model_errors=10,
                 client_errors=2,
@@ -125,11 +143,12 @@ async def test_metrics_show_requests_errors_and_latency_per_build_and_replica(w:
     assert builds[w.build2].model_errors == 10
     assert 80 <= builds[w.build2].latency_p50_ms <= 88 and builds[w.build1].latency_p99_ms < 4.5
     replicas = {r.replica_id: r for r in m.replicas}
-    assert set(replicas) == {"r1", "r2"} and replicas["r1"].running
-    assert replicas["r1"].node == "10.0.0.7" and replicas["r1"].pid == 4242
+    assert set(replicas) == {w.r1, "r2"} and replicas[w.r1].running
+    assert not replicas["r2"].running, "r2 is none of the replicas Serve lists"
+    assert replicas[w.r1].node == "10.0.0.7" and replicas[w.r1].pid == 4242
     assert m.step.seconds == 10 and len(m.points) == 360  # an hour at 10 s steps
     assert sum(p.figures.requests for p in m.points) == 120
-    assert m.totals.cpu_requested == 2.0  # 1 CPU requested by each replica
+    assert m.totals.cpu_requested == 1.0  # 1 CPU requested by the one replica running
     assert m.totals.gpu_used == -1  # not measured
 
 
@@ -151,16 +170,16 @@ async def test_metrics_refuse_a_window_or_step_that_makes_no_sense(w: World) -> 
 async def test_logs_come_back_filtered_and_tailed_with_secrets_redacted(w: World) -> None:
     w.fake.report(
         Report(
-            figures(w.app, w.build1),
+            figures(w.app, w.build1, w.r1),
             (
-                line(w.app, w.build1, 0, "loading"),
-                line(w.app, w.build1, 1, f"my key is {SECRET}!", stream="stderr"),
-                line(w.app, w.build1, 2, "200 3.1 ms", stream="access", request_id="req-1"),
+                line(w.app, w.build1, w.r1, 0, "loading"),
+                line(w.app, w.build1, w.r1, 1, f"my key is {SECRET}!", stream="stderr"),
+                line(w.app, w.build1, w.r1, 2, "200 3.1 ms", stream="access", request_id="req-1"),
             ),
         ),
         Report(
-            figures(w.app, w.build2, replica="r2"),
-            (line(w.app, w.build2, 0, "second build", replica="r2"),),
+            figures(w.app, w.build2, "r2"),
+            (line(w.app, w.build2, "r2", 0, "second build"),),
         ),
     )
     lines = await eventually("four lines", lambda: _count(w, 4), 10)
@@ -171,7 +190,7 @@ async def test_logs_come_back_filtered_and_tailed_with_secrets_redacted(w: World
         "second build",
     ]
     access = lines[2]
-    assert (access.stream, access.request_id, access.replica_id) == ("access", "req-1", "r1")
+    assert (access.stream, access.request_id, access.replica_id) == ("access", "req-1", w.r1)
     assert access.build == w.build1 and access.node == "10.0.0.7"
     assert [m.text for m in await w.logs(replica_id="r2")] == ["second build"]
     assert [m.text for m in await w.logs(build=w.build1, tail=1)] == ["200 3.1 ms"]
@@ -180,7 +199,7 @@ async def test_logs_come_back_filtered_and_tailed_with_secrets_redacted(w: World
         stored = s.execute(text("SELECT text FROM model_log_lines")).scalars().all()
     assert stored and not any(SECRET in t for t in stored)
     # The same lines read again (another server, or this one after a restart) are kept once.
-    w.fake.report(Report(figures(w.app, w.build1), (line(w.app, w.build1, 0, "loading"),)))
+    w.fake.report(w.said(0, "loading"))
     await w.server.signals.poll() if w.server.signals else None
     assert len(await w.logs()) == 4
 
@@ -192,13 +211,13 @@ async def _count(w: World, n: int) -> list[rpc.ModelLogLine]:
 
 
 async def test_a_follower_gets_new_lines_as_they_come(w: World) -> None:
-    w.fake.report(Report(figures(w.app, w.build1), (line(w.app, w.build1, 0, "before"),)))
+    w.fake.report(w.said(0, "before"))
     await eventually("the first line", lambda: _count(w, 1), 10)
     call = w.stub.StreamModelLogs(rpc.StreamModelLogsRequest(name=w.model.name, follow=True))
     try:
         first = await asyncio.wait_for(call.read(), 10)
         assert isinstance(first, rpc.ModelLogLine) and first.text == "before"
-        w.fake.report(Report(figures(w.app, w.build1), (line(w.app, w.build1, 1, "after"),)))
+        w.fake.report(w.said(1, "after"))
         second = await asyncio.wait_for(call.read(), 10)
         assert isinstance(second, rpc.ModelLogLine)
         assert second.text == "after" and second.number > first.number
@@ -219,14 +238,14 @@ async def test_health_says_dropping_requests_and_watchers_see_it(w: World) -> No
         assert m.health.startswith(expected), m.health
         return m
 
-    w.fake.report(Report(figures(w.app, w.build1, in_flight=0), ()))
+    w.fake.report(Report(figures(w.app, w.build1, w.r1, in_flight=0), ()))
     w.fake.proxies[w.app] = ProxyFigures(w.app, refused=0, queued=0)
     before = await eventually("healthy", lambda: health("ok"), 10)
     watch = w.stub.WatchModel(
         rpc.WatchModelRequest(name=w.model.name, since_revision=int(before.etag.strip('"')))
     )
     try:
-        w.fake.report(Report(figures(w.app, w.build1, in_flight=2), ()))
+        w.fake.report(Report(figures(w.app, w.build1, w.r1, in_flight=2), ()))
         w.fake.proxies[w.app] = ProxyFigures(w.app, refused=37, queued=5)
         said = "dropping requests: 37 refused in the last 5 min at 1/1 replicas busy"
         await eventually("dropping requests", lambda: health(said), 10)
@@ -246,9 +265,12 @@ async def _event_with_health(watch: Any) -> pb.ModelEvent:
 async def test_apps_of_models_this_database_does_not_have_are_not_read(w: World) -> None:
     other = app_name_for("someone", "else")
     w.fake.report(
-        Report(figures(other, "projects/someone/models/else/builds/1"), (line(other, "b", 0, "x"),))
+        Report(
+            figures(other, "projects/someone/models/else/builds/1", "x"),
+            (line(other, "b", "x", 0, "x"),),
+        )
     )
-    w.fake.report(Report(figures(w.app, w.build1), (line(w.app, w.build1, 0, "mine"),)))
+    w.fake.report(w.said(0, "mine"))
     await eventually("my line", lambda: _count(w, 1), 10)
     assert other not in w.server.signals.window.apps() if w.server.signals else False
     with w.server.db.read() as s:
@@ -266,7 +288,7 @@ async def test_prometheus_gets_each_models_requests_latency_and_refusals(w: Worl
     w.fake.report(
         Report(
             figures(
-                w.app, w.build1, requests=40, model_errors=4, latency=((latency_bucket(3), 40),)
+                w.app, w.build1, w.r1, requests=40, model_errors=4, latency=((BUCKET_3MS, 40),)
             ),
             (),
         )

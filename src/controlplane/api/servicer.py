@@ -318,7 +318,8 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
             request.step.ToTimedelta().total_seconds() if request.HasField("step") else 0,
         )
         model = await _run(lambda: self.svc.get_model(request.name))
-        series = self.signals.series(model.name, window_s, step_s)
+        alive = await _run(lambda: self.svc.serving_replicas(model.name))
+        series = self.signals.series(model.name, window_s, step_s, alive)
         return convert.metrics_to_pb(model.name, series, model.health)
 
     @stream
