@@ -359,7 +359,7 @@ class Service:
         if build and str(names.parse_build(build, "build").parent) != name:
             raise invalid_field("build", f"{build!r} is not a build of {name}")
         if len(replica) > MAX_REPLICA_ID or not _REPLICA_ID.fullmatch(replica):
-            raise invalid_field("replica_id", "a replica id as GetDeployment lists it")
+            raise invalid_field("replica", "a replica id as GetDeployment lists it")
         if tail < 0:
             raise invalid_field("tail", "0 (every line kept) or the number of last lines")
         return model_logs.LogQuery(name, replica, build, since, tail=tail)

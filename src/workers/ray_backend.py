@@ -534,12 +534,16 @@ class RayBackend:
         """The replicas' reports after ``cursor`` (workers.signals.Collector.read) and what
         Serve's proxies on every node say of requests they refused or queue."""
         self._started()
+        if self._collector is None:
+            self._collector = await asyncio.to_thread(_start_collector)
         try:
             ref = self._collector.read.remote(epoch, cursor)
             batch: Batch = await asyncio.wrap_future(ref.future())
-        except ray.exceptions.RayActorError:  # gone with its node: a new one, a new epoch
-            self._collector = await asyncio.to_thread(_start_collector)
-            batch = Batch(epoch="", cursor=0)
+        except Exception:
+            # Gone with its node, or Ray itself restarted: found or started again (a new
+            # one has a new epoch, and readers start over) at the next reading.
+            self._collector = None
+            raise
         proxies = await asyncio.to_thread(self._proxy_figures)
         return replace(batch, proxies=tuple(proxies))
 

@@ -135,7 +135,7 @@ VALID: dict[str, Callable[[World], message.Message]] = {
     "ListAuditRecords": lambda w: rpc.ListAuditRecordsRequest(parent=PROJECT),
     "GetModelMetrics": lambda w: rpc.GetModelMetricsRequest(name=w.live),
     "StreamModelLogs": lambda w: rpc.StreamModelLogsRequest(
-        name=w.live, replica_id="r1", build=w.build, tail=10
+        name=w.live, replica="r1", build=w.build, tail=10
     ),
 }
 

@@ -192,7 +192,7 @@ async def test_logs_come_back_filtered_and_tailed_with_secrets_redacted(w: World
     access = lines[2]
     assert (access.stream, access.request_id, access.replica_id) == ("access", "req-1", w.r1)
     assert access.build == w.build1 and access.node == "10.0.0.7"
-    assert [m.text for m in await w.logs(replica_id="r2")] == ["second build"]
+    assert [m.text for m in await w.logs(replica="r2")] == ["second build"]
     assert [m.text for m in await w.logs(build=w.build1, tail=1)] == ["200 3.1 ms"]
     # Stored redacted too: the secret is nowhere in the database's lines.
     with w.server.db.read() as s:
@@ -226,7 +226,7 @@ async def test_a_follower_gets_new_lines_as_they_come(w: World) -> None:
 
 
 async def test_a_build_of_another_model_or_a_bad_replica_id_is_refused(w: World) -> None:
-    for kw in ({"build": "projects/x/models/y/builds/1"}, {"replica_id": "a b"}, {"tail": -1}):
+    for kw in ({"build": "projects/x/models/y/builds/1"}, {"replica": "a b"}, {"tail": -1}):
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await w.logs(**kw)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, kw

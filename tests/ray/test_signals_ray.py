@@ -233,7 +233,7 @@ async def test_replicas_on_both_nodes_report_requests_and_lines(w: World) -> Non
     replicas = {line.replica_id for line in await logs(w) if line.stream == "access"}
     assert len(replicas) == 2
     first = sorted(replicas)[0]
-    assert {line.replica_id for line in await logs(w, replica_id=first)} == {first}
+    assert {line.replica_id for line in await logs(w, replica=first)} == {first}
 
 
 async def test_a_secret_the_model_prints_is_redacted(w: World) -> None:
@@ -343,7 +343,7 @@ async def test_a_replica_killed_with_sigkill_keeps_its_lines(w: World) -> None:
         return True
 
     await eventually("Serve replaced the killed replica", replaced, 120)
-    mine = await logs(w, replica_id=replica)
+    mine = await logs(w, replica=replica)
     assert any(x.text == "input last words" for x in mine)
 
     async def listed_as_gone() -> bool:

@@ -510,7 +510,7 @@ class Client:
         as it comes, until the caller stops iterating."""
         request = rpc.StreamModelLogsRequest(
             name=name,
-            replica_id=replica,
+            replica=replica,
             build=build,
             since=convert.timestamp(since),
             tail=tail,

@@ -329,7 +329,7 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
         since = convert.from_timestamp(request.since) if request.HasField("since") else None
         query = await _run(
             lambda: self.svc.log_query(
-                request.name, request.replica_id, request.build, since, request.tail
+                request.name, request.replica, request.build, since, request.tail
             )
         )
         while True:  # what is kept (a page at a time), then, following, what comes

@@ -1368,15 +1368,15 @@ class StreamModelLogsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
-    REPLICA_ID_FIELD_NUMBER: _builtins.int
+    REPLICA_FIELD_NUMBER: _builtins.int
     BUILD_FIELD_NUMBER: _builtins.int
     SINCE_FIELD_NUMBER: _builtins.int
     TAIL_FIELD_NUMBER: _builtins.int
     FOLLOW_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """projects/{project}/models/{model}"""
-    replica_id: _builtins.str
-    """Only this replica's lines."""
+    replica: _builtins.str
+    """Only this replica's lines (its id, as Deployment.replicas lists it)."""
     build: _builtins.str
     """Only this build's lines: projects/{project}/models/{model}/builds/{n}."""
     tail: _builtins.int
@@ -1391,7 +1391,7 @@ class StreamModelLogsRequest(_message.Message):
         self,
         *,
         name: _builtins.str = ...,
-        replica_id: _builtins.str = ...,
+        replica: _builtins.str = ...,
         build: _builtins.str = ...,
         since: _timestamp_pb2.Timestamp | None = ...,
         tail: _builtins.int = ...,
@@ -1399,7 +1399,7 @@ class StreamModelLogsRequest(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["build", b"build", "follow", b"follow", "name", b"name", "replica_id", b"replica_id", "since", b"since", "tail", b"tail"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["build", b"build", "follow", b"follow", "name", b"name", "replica", b"replica", "since", b"since", "tail", b"tail"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
