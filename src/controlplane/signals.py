@@ -96,6 +96,7 @@ class Signals:
         self._cursor = 0
         self._known = _Known({}, {}, frozenset(), {})
         self._known_at = 0.0
+        self._others: set[str] = set()  # applications on the cluster not of our models
         self._health_at = time.monotonic()
         self._judged: frozenset[str] = frozenset()  # the models serving when last judged
         self._trim_at = time.monotonic()
@@ -136,9 +137,11 @@ class Signals:
         batch = await self.backend.signals(self._epoch, self._cursor)
         apps = {f.app for f in batch.replicas} | {line.app for line in batch.lines}
         stale = time.monotonic() - self._known_at > KNOWN_MODELS_S
-        if stale or not apps <= self._known.app_to_model.keys():  # a model new since
+        new = apps - self._known.app_to_model.keys() - self._others
+        if stale or new:  # a model made since the last look (or someone else's app)
             self._known = await asyncio.to_thread(_known, self.db)
             self._known_at = time.monotonic()
+            self._others = apps - self._known.app_to_model.keys()
         await self._take(batch)
         self._epoch, self._cursor = batch.epoch, batch.cursor
         self.exported = self._export()

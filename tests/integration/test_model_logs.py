@@ -84,3 +84,9 @@ def test_a_deleted_models_lines_go_with_it(db: Database) -> None:
     with db.write() as tx:
         model_logs.delete_model(tx.session, M)
     assert read(db, LogQuery(M)) == []
+
+
+def test_a_large_batch_is_written_whole(db: Database) -> None:
+    # A server that was away reads up to 20,000 lines at once: more than one INSERT holds.
+    write(db, [row(i, text="y") for i in range(2500)])
+    assert len(read(db, LogQuery(M, limit=5000))) == 2500

@@ -22,6 +22,7 @@ from controlplane.storage import codec
 from controlplane.storage.tables import ModelLogLineRow
 
 ROW_OVERHEAD = 64  # bytes counted per line beside its text (time, ids)
+INSERT_ROWS = 1000  # lines per INSERT statement (10 values each)
 
 
 @dataclass(frozen=True)
@@ -37,13 +38,12 @@ class LogQuery:
 
 def insert(session: Session, rows: Sequence[dict[str, object]]) -> None:
     """Writes lines (dicts of ModelLogLineRow's columns); a line already here is skipped."""
-    if not rows:
-        return
     table = ModelLogLineRow.__table__  # type: ignore[attr-defined]
     dialect = session.get_bind().dialect.name
     make = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    statement = make(table).values(list(rows)).on_conflict_do_nothing()
-    session.execute(statement)
+    for start in range(0, len(rows), INSERT_ROWS):  # SQLite takes 32,766 values at most
+        chunk = list(rows[start : start + INSERT_ROWS])
+        session.execute(make(table).values(chunk).on_conflict_do_nothing())
 
 
 def _filtered(q: LogQuery) -> Select[Any]:
