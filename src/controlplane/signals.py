@@ -56,6 +56,9 @@ class _Known:
     secrets: Mapping[str, frozenset[str]]  # model -> secret values of all its deployments
     serving: frozenset[str]  # models DEPLOYED now
     alive: Mapping[str, frozenset[str]]  # model -> ids of the replicas Serve lists now
+    # Models with a record that cannot be read: their lines are not stored (their secrets
+    # could not be redacted). One broken record stops nothing else.
+    unreadable: frozenset[str] = frozenset()
 
 
 def _known(db: Database) -> _Known:
@@ -72,16 +75,29 @@ def _known(db: Database) -> _Known:
         ).all()
     apps = {app_name_for(project_of(name), name.rsplit("/", 1)[-1]): name for name, _ in models}
     secrets: dict[str, set[str]] = {}
+    unreadable: set[str] = set()
     for d in with_secrets:
-        secrets.setdefault(d.model, set()).update(v for v in repo.secrets_of(d).values() if v)
+        try:
+            values = {v for v in repo.secrets_of(d).values() if v}
+        except (ValueError, AttributeError) as e:
+            log.error("%s: its secret environment cannot be read (%s)", d.name, e)
+            unreadable.add(d.model)
+            continue
+        secrets.setdefault(d.model, set()).update(values)
     alive: dict[str, set[str]] = {}
     for d in serving:
-        alive.setdefault(d.model, set()).update(r.id for r in repo.replicas_of(d))
+        try:
+            ids = {r.id for r in repo.replicas_of(d)}
+        except (ValueError, KeyError, TypeError) as e:
+            log.error("%s: its replicas cannot be read (%s)", d.name, e)
+            continue
+        alive.setdefault(d.model, set()).update(ids)
     return _Known(
         app_to_model=apps,
         secrets={m: frozenset(v) for m, v in secrets.items()},
         serving=frozenset(n for n, st in models if st == ModelState.DEPLOYED.value),
         alive={m: frozenset(ids) for m, ids in alive.items()},
+        unreadable=frozenset(unreadable),
     )
 
 
@@ -166,7 +182,12 @@ class Signals:
             log.warning(
                 "%d model log lines left the collector before they were read", batch.lines_lost
             )
-        rows = [self._row(apps[line.app], line) for line in batch.lines if line.app in apps]
+        skip = self._known.unreadable
+        rows = [
+            self._row(apps[line.app], line)
+            for line in batch.lines
+            if line.app in apps and apps[line.app] not in skip
+        ]
         if rows:
             await asyncio.to_thread(self._write, rows)
             self._grown.update(str(r["model"]) for r in rows)

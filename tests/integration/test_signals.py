@@ -332,3 +332,17 @@ async def test_prometheus_gets_each_models_requests_latency_and_refusals(w: Worl
 def _apps(w: World) -> list[str]:
     assert w.server.signals is not None
     return w.server.signals.window.apps()
+
+
+async def test_a_broken_record_of_another_model_stops_nothing(w: World, project: str) -> None:
+    other = await create_model(w.stub, project, "broken")
+    op = await build(w.stub, other.name, MODEL_V1, deploy=rpc.DeployOptions(resources=resources(1)))
+    assert not op.HasField("error"), op.error
+    with w.server.db.write() as tx:
+        tx.session.execute(
+            text("UPDATE deployments SET observed_replicas = '{not json' WHERE model = :m"),
+            {"m": other.name},
+        )
+    w.fake.report(w.said(0, "still here"))
+    lines = await eventually("my line, beside the broken record", lambda: _count(w, 1), 10)
+    assert lines[0].text == "still here"
