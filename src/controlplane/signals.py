@@ -27,7 +27,7 @@ from sqlmodel import col, select
 from controlplane import lifecycle
 from controlplane.config import Settings
 from controlplane.domain.figures import ModelSeries
-from controlplane.domain.health import BuildErrors, HealthRules, Recent, Usage, judge
+from controlplane.domain.health import BuildErrors, HealthRules, Recent, Usage, judge, merge
 from controlplane.domain.redaction import redact
 from controlplane.domain.states import DeploymentState, ModelState
 from controlplane.metrics import Invocations, ModelUse
@@ -295,7 +295,11 @@ class Signals:
         serving = self._known.serving
         with self.db.read() as s:
             current = dict(s.exec(select(ModelRow.name, ModelRow.health)).all())
-        said = {m: self.health(m) if m in serving else "" for m in current}
+        read_minutes = (time.time() - self.window.started) / 60
+        said = {
+            m: merge(self.health(m), current[m], read_minutes, self.rules) if m in serving else ""
+            for m in current
+        }
         changed = [m for m, text in said.items() if text != current[m]]
         if not changed:
             return

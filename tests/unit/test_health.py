@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from controlplane.domain.health import BuildErrors, HealthRules, Recent, Usage, judge
+from controlplane.domain.health import BuildErrors, HealthRules, Recent, Usage, judge, merge
 from controlplane.domain.redaction import redact
 
 RULES = HealthRules()
@@ -117,3 +117,33 @@ def test_secret_values_are_redacted_whole_and_however_short() -> None:
     assert redact("token=abc123 and abc", {"abc123", "abc"}) == "token=[redacted] and [redacted]"
     assert redact("nothing here", {"s3cr3t"}) == "nothing here"
     assert redact("x", set()) == "x"
+
+
+OVER = "over-provisioned: replicas use 6% of 2 CPUs requested for 10 min"
+DROPPING = "dropping requests: 37 refused in the last 5 min at 3/3 replicas busy"
+ERRORS = "errors: 12% of requests failed on build 4 since 12:03"
+
+
+def test_a_server_that_read_long_enough_says_what_it_sees() -> None:
+    assert merge("ok", OVER, read_minutes=11, rules=RULES) == "ok"
+    assert merge(DROPPING, f"{ERRORS}; {OVER}", read_minutes=11, rules=RULES) == DROPPING
+
+
+def test_a_young_server_keeps_what_it_cannot_judge_yet() -> None:
+    # Started 3 minutes ago (another server, or this one again): 10 minutes are needed to
+    # say a model is over-provisioned, or that it is not.
+    assert merge("ok", OVER, read_minutes=3, rules=RULES) == OVER
+    assert merge(DROPPING, OVER, read_minutes=3, rules=RULES) == f"{DROPPING}; {OVER}"
+    # 5 minutes judge dropping requests: after 6, its own "none" stands.
+    assert merge("ok", f"{DROPPING}; {OVER}", read_minutes=6, rules=RULES) == OVER
+
+
+def test_a_young_servers_own_finding_of_a_kind_replaces_the_stored_one() -> None:
+    newer = "errors: 40% of requests failed on build 5 since 12:10"
+    assert merge(newer, f"{ERRORS}; {OVER}", read_minutes=2, rules=RULES) == f"{newer}; {OVER}"
+
+
+def test_nothing_reported_to_a_young_server_leaves_what_was_said() -> None:
+    assert merge("", "ok", read_minutes=0.1, rules=RULES) == "ok"
+    assert merge("", "ok", read_minutes=30, rules=RULES) == ""
+    assert merge("ok", "", read_minutes=0.1, rules=RULES) == "ok"

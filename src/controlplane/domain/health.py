@@ -13,6 +13,10 @@ the server's settings), and says, most urgent first:
 - ``over-provisioned: replicas use 6% of 2 CPUs requested for 10 min`` (and the same for
   GPUs where they are measured), once the replicas have reported for the whole period;
 - ``ok`` when none holds, and "" when there is nothing to judge (no replica reported).
+
+``merge`` settles what a server writes when several judge the same model, each from the
+window of its own memory: a server that has read for less than a rule's period cannot
+judge that rule, so it keeps what the stored health says of it.
 """
 
 from __future__ import annotations
@@ -114,3 +118,52 @@ def judge(recent: Recent, rules: HealthRules) -> str:
     if said:
         return "; ".join(said)
     return "ok" if recent.replicas else ""
+
+
+# Each kind of finding, in the order they are said, and the rule period that judges it.
+KINDS = ("errors", "dropping requests", "queueing", "under-provisioned", "over-provisioned")
+
+
+def _period(kind: str, rules: HealthRules) -> float:
+    if kind == "errors":
+        return rules.error_minutes
+    if kind in ("dropping requests", "queueing"):
+        return rules.dropping_minutes
+    return rules.provisioning_minutes
+
+
+def _findings(said: str) -> list[tuple[str, str]]:
+    """(kind, text) of each finding in a health text ("ok" and "" have none)."""
+    found = []
+    for text in said.split("; "):
+        kind = text.partition(":")[0]
+        if kind in KINDS:
+            found.append((kind, text))
+    return found
+
+
+def merge(fresh: str, stored: str, read_minutes: float, rules: HealthRules) -> str:
+    """What to write over ``stored`` when this server judged ``fresh`` after reading the
+    replicas for ``read_minutes``: its own findings, and the stored ones of each kind it
+    cannot judge yet (the kind's period is longer than it has read) and found nothing of.
+    A server started again, or a second server, so neither drops nor invents a finding
+    another server made from a longer window."""
+    mine = _findings(fresh)
+    kept = [
+        (kind, text)
+        for kind, text in _findings(stored)
+        if read_minutes < _period(kind, rules) and kind not in {k for k, _ in mine}
+    ]
+    if (
+        not mine
+        and not kept
+        and not fresh
+        and stored
+        and read_minutes
+        < max(rules.error_minutes, rules.dropping_minutes, rules.provisioning_minutes)
+    ):
+        return stored  # nothing reported to this server yet: what was said stands
+    both = sorted(mine + kept, key=lambda f: KINDS.index(f[0]))
+    if both:
+        return "; ".join(text for _, text in both)
+    return fresh
