@@ -4,7 +4,6 @@ is a JSON object, Ray's and Serve's own log lines and the workers' output includ
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
+from tests.helpers import eventually
 from tests.helpers.api import Stub, build, resources, wait
 from tests.helpers.servers import free_port, serve
 from workers.backend import Backend
@@ -41,6 +41,14 @@ def session_ray_address() -> str:
 
     address: str = ray.get_runtime_context().gcs_address
     return address
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def not_json(text: str) -> list[str]:
@@ -94,12 +102,13 @@ async def test_every_stderr_line_the_server_writes_is_json(
         async with httpx.AsyncClient(timeout=30) as http:
             reply = await http.post(model.endpoint, json={"x": 1})
         assert reply.status_code == 200, reply.text
+        dep = await stub.GetDeployment(rpc.GetDeploymentRequest(name=model.active_deployment))
+        pids = [r.pid for r in dep.replicas]
         op = await stub.StopModel(rpc.StopModelRequest(name=model.name))
         op = await wait(stub, op, 120)
         assert not op.HasField("error"), op.error
-        # What is tested is that nothing else comes: no condition to wait for, only a
-        # window for anything the workers printed last to arrive (as non-JSON lines).
-        await asyncio.sleep(2)
+        # What the replicas print last comes before their processes end: nothing after.
+        await eventually("the replicas' processes ended", lambda: not any(map(alive, pids)), 60)
     text = stderr_path.read_text()
     bad = not_json(text)
     assert not bad, "lines on stderr that are not JSON:\n" + "\n".join(bad[:40])
