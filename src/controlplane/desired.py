@@ -7,13 +7,10 @@ from dataclasses import replace
 from sqlmodel import Session, col, select
 
 from controlplane.domain import names
-from controlplane.domain.states import BuildState, DeploymentState
+from controlplane.domain.states import BuildState
 from controlplane.storage import repo
 from controlplane.storage.tables import BuildRow, DeploymentRow, InvocationKeyRow, ModelRow
 from workers.backend import AppSpec, EndpointAccess, app_name_for
-
-# A model whose active deployment is in one of these states should be running.
-SERVING = (DeploymentState.DEPLOYING.value, DeploymentState.DEPLOYED.value)
 
 
 def app_spec(model: ModelRow, dep: DeploymentRow, build: BuildRow) -> AppSpec:
@@ -55,7 +52,7 @@ def desired_apps(s: Session, open_endpoints: bool = False) -> list[AppSpec]:
         select(ModelRow, DeploymentRow, BuildRow)
         .join(DeploymentRow, col(DeploymentRow.name) == col(ModelRow.active_deployment))
         .join(BuildRow, col(BuildRow.name) == col(DeploymentRow.build))
-        .where(col(DeploymentRow.state).in_(SERVING))
+        .where(col(DeploymentRow.state).in_(repo.SERVING_DEPLOYMENTS))
         .where(BuildRow.state == BuildState.BUILT.value)
         .order_by(col(ModelRow.id))
     ).all()

@@ -336,14 +336,8 @@ class Service:
 
     def serving_replicas(self, name: str) -> frozenset[str]:
         """The ids of the replicas Serve lists for the model's serving deployments now."""
-        serving = (DeploymentState.DEPLOYING.value, DeploymentState.DEPLOYED.value)
         with self.db.read() as s:
-            deps = s.exec(
-                select(DeploymentRow).where(
-                    col(DeploymentRow.model) == name, col(DeploymentRow.state).in_(serving)
-                )
-            ).all()
-            return frozenset(r.id for d in deps for r in repo.replicas_of(d))
+            return repo.serving_replica_ids(s, name).get(name, frozenset())
 
     def log_query(
         self,
@@ -368,10 +362,12 @@ class Service:
         """A model's log lines (storage/model_logs.py), redacted with the secret values of
         every deployment it has now (lines are redacted when written too)."""
         with self.db.read() as s:
-            deps = s.exec(select(DeploymentRow).where(col(DeploymentRow.model) == query.model))
-            secrets = {v for d in deps for v in repo.secrets_of(d).values() if v}
+            secrets, unreadable = repo.secret_values(s, query.model)
+            if unreadable:  # the lines could not be redacted: none is shown
+                raise RuntimeError(f"{query.model}: a secret environment cannot be read")
             lines = model_logs.read(s, query)
-        return [replace(line, text=redact(line.text, secrets)) for line in lines]
+        values = secrets.get(query.model, frozenset())
+        return [replace(line, text=redact(line.text, values)) for line in lines]
 
     def list_models(self, parent: str, size: int, token: str) -> Page[Model]:
         project = names.parse_project(parent, "parent").project

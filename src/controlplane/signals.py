@@ -26,16 +26,17 @@ from sqlmodel import col, select
 
 from controlplane import lifecycle
 from controlplane.config import Settings
+from controlplane.domain import names
 from controlplane.domain.figures import ModelSeries
 from controlplane.domain.health import BuildErrors, HealthRules, Recent, Usage, judge, merge
 from controlplane.domain.redaction import redact
-from controlplane.domain.states import DeploymentState, ModelState
+from controlplane.domain.states import ModelState
 from controlplane.metrics import Invocations, ModelUse
 from controlplane.series import STEP_S, Step, Window
 from controlplane.storage import model_logs, repo
-from controlplane.storage.changes import Changes, project_of
+from controlplane.storage.changes import Changes
 from controlplane.storage.db import Database
-from controlplane.storage.tables import DeploymentRow, ModelRow
+from controlplane.storage.tables import ModelRow
 from workers.backend import Backend, app_name_for
 from workers.signals import Batch, LogLine, bucket_bound_ms
 
@@ -45,9 +46,10 @@ KNOWN_MODELS_S = 2.0  # how often the list of this database's models is read aga
 TRIM_S = 30.0
 
 
-def build_label(build: str) -> str:
-    """``projects/p/models/m/builds/4`` as people say it: ``build 4``."""
-    return f"build {build.rsplit('/', 1)[-1]}" if "/builds/" in build else build or "build ?"
+def app_of(model: str) -> str:
+    """The Serve application of a model (``projects/p/models/m`` -> ``p.m``)."""
+    n = names.parse_model(model)
+    return app_name_for(n.project, n.model)
 
 
 @dataclass(frozen=True)
@@ -62,42 +64,19 @@ class _Known:
 
 
 def _known(db: Database) -> _Known:
-    """This database's models, with what reading their signals needs: two small queries
+    """This database's models, with what reading their signals needs: two narrow queries
     (deployments with secrets, and those serving), however long a model's history."""
-    serving_states = (DeploymentState.DEPLOYING.value, DeploymentState.DEPLOYED.value)
     with db.read() as s:
         models = s.exec(select(ModelRow.name, ModelRow.state)).all()
-        with_secrets = s.exec(
-            select(DeploymentRow).where(col(DeploymentRow.secret_environment) != "{}")
-        ).all()
-        serving = s.exec(
-            select(DeploymentRow).where(col(DeploymentRow.state).in_(serving_states))
-        ).all()
-    apps = {app_name_for(project_of(name), name.rsplit("/", 1)[-1]): name for name, _ in models}
-    secrets: dict[str, set[str]] = {}
-    unreadable: set[str] = set()
-    for d in with_secrets:
-        try:
-            values = {v for v in repo.secrets_of(d).values() if v}
-        except (ValueError, AttributeError) as e:
-            log.error("%s: its secret environment cannot be read (%s)", d.name, e)
-            unreadable.add(d.model)
-            continue
-        secrets.setdefault(d.model, set()).update(values)
-    alive: dict[str, set[str]] = {}
-    for d in serving:
-        try:
-            ids = {r.id for r in repo.replicas_of(d)}
-        except (ValueError, KeyError, TypeError) as e:
-            log.error("%s: its replicas cannot be read (%s)", d.name, e)
-            continue
-        alive.setdefault(d.model, set()).update(ids)
+        secrets, unreadable = repo.secret_values(s)
+        alive = repo.serving_replica_ids(s)
+    apps = {app_of(name): name for name, _ in models}
     return _Known(
         app_to_model=apps,
-        secrets={m: frozenset(v) for m, v in secrets.items()},
+        secrets=secrets,
         serving=frozenset(n for n, st in models if st == ModelState.DEPLOYED.value),
-        alive={m: frozenset(ids) for m, ids in alive.items()},
-        unreadable=frozenset(unreadable),
+        alive=alive,
+        unreadable=unreadable,
     )
 
 
@@ -227,8 +206,7 @@ class Signals:
         self, model: str, window_s: int, step_s: int, alive: Collection[str] | None = None
     ) -> ModelSeries:
         """``alive``: the replica ids Serve lists for the model now, when known."""
-        project, name = project_of(model), model.rsplit("/", 1)[-1]
-        return self.window.query(app_name_for(project, name), window_s, step_s, alive=alive)
+        return self.window.query(app_of(model), window_s, step_s, alive=alive)
 
     def recent(self, model: str) -> Recent:
         """The figures the health rules look at, from the window."""
@@ -245,7 +223,7 @@ class Signals:
             failing = [p for p in s.points if p.figures.errors]
             since = datetime.fromtimestamp(failing[0].time, UTC) if failing else None
             builds.append(
-                BuildErrors(build_label(build), s.totals.requests, s.totals.errors, since)
+                BuildErrors(names.build_label(build), s.totals.requests, s.totals.errors, since)
             )
         d = dropping.model.totals
         return Recent(

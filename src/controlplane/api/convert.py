@@ -427,26 +427,8 @@ def key_from_pb(k: pb.InvocationKey) -> InvocationKey:
 
 
 def _figures_to_pb(f: Figures) -> rpc.MetricFigures:
-    return rpc.MetricFigures(
-        requests=f.requests,
-        model_errors=f.model_errors,
-        client_errors=f.client_errors,
-        server_errors=f.server_errors,
-        refused=f.refused,
-        in_flight=f.in_flight,
-        queued=f.queued,
-        latency_p50_ms=f.latency_p50_ms,
-        latency_p95_ms=f.latency_p95_ms,
-        latency_p99_ms=f.latency_p99_ms,
-        cpu_used=f.cpu_used,
-        cpu_requested=f.cpu_requested,
-        memory_rss_bytes=f.memory_rss_bytes,
-        memory_requested_bytes=f.memory_requested_bytes,
-        gpu_used=f.gpu_used,
-        gpu_requested=f.gpu_requested,
-        replicas=f.replicas,
-        busy_replicas=f.busy_replicas,
-    )
+    # Figures and MetricFigures have the same fields, by name (both ways).
+    return rpc.MetricFigures(**{k: getattr(f, k) for k in Figures.__dataclass_fields__})
 
 
 def _points_to_pb(s: Series) -> list[rpc.MetricPoint]:

@@ -12,6 +12,7 @@ from typing import Any, TextIO
 
 from controlplane.domain.access import AuditRecord, InvocationKey, Token
 from controlplane.domain.figures import Figures, ModelMetrics
+from controlplane.domain.names import build_label
 from controlplane.domain.types import (
     Build,
     Deployment,
@@ -169,11 +170,6 @@ def _key_rows(items: Sequence[InvocationKey]) -> tuple[list[str], list[list[str]
 
 
 # ---- signals ---------------------------------------------------------------------------------
-
-
-def build_label(build: str) -> str:
-    """``projects/p/models/m/builds/4`` -> ``build 4``."""
-    return f"build {build.rsplit('/', 1)[-1]}" if "/builds/" in build else build or "build ?"
 
 
 def size(n: int) -> str:

@@ -142,3 +142,8 @@ def parse_operation(value: str, field_name: str = "name") -> str:
             reason="INVALID_NAME",
         )
     return value
+
+
+def build_label(build: str) -> str:
+    """A build as people say it: ``projects/p/models/m/builds/4`` -> ``build 4``."""
+    return f"build {build.rsplit('/', 1)[-1]}" if "/builds/" in build else build or "build ?"

@@ -330,6 +330,46 @@ def models_by_state(s: Session) -> dict[ModelState, int]:
 
 
 SERVING_STATES = (ModelState.DEPLOYING.value, ModelState.DEPLOYED.value)
+# A deployment in one of these states should have its replicas running (or starting).
+SERVING_DEPLOYMENTS = (DeploymentState.DEPLOYING.value, DeploymentState.DEPLOYED.value)
+
+
+def serving_replica_ids(s: Session, model: str | None = None) -> dict[str, frozenset[str]]:
+    """Each model (or ``model`` alone): the ids of the replicas Serve lists for its serving
+    deployments. A deployment whose replicas cannot be read counts none (logged)."""
+    query = select(DeploymentRow).where(col(DeploymentRow.state).in_(SERVING_DEPLOYMENTS))
+    if model is not None:
+        query = query.where(col(DeploymentRow.model) == model)
+    out: dict[str, set[str]] = {}
+    for dep in s.exec(query).all():
+        try:
+            ids = {r.id for r in replicas_of(dep)}
+        except (ValueError, KeyError, TypeError):  # one unreadable row: counted as none
+            log.warning("deployment %s: its replicas cannot be read; counted as none", dep.name)
+            continue
+        out.setdefault(dep.model, set()).update(ids)
+    return {m: frozenset(ids) for m, ids in out.items()}
+
+
+def secret_values(
+    s: Session, model: str | None = None
+) -> tuple[dict[str, frozenset[str]], frozenset[str]]:
+    """Each model (or ``model`` alone): every non-empty secret value of its deployments, for
+    redaction; and the models with a secret environment that cannot be read (logged)."""
+    query = select(DeploymentRow).where(col(DeploymentRow.secret_environment) != "{}")
+    if model is not None:
+        query = query.where(col(DeploymentRow.model) == model)
+    values: dict[str, set[str]] = {}
+    unreadable: set[str] = set()
+    for dep in s.exec(query).all():
+        try:
+            found = {v for v in secrets_of(dep).values() if v}
+        except (ValueError, AttributeError) as e:
+            log.error("deployment %s: its secret environment cannot be read (%s)", dep.name, e)
+            unreadable.add(dep.model)
+            continue
+        values.setdefault(dep.model, set()).update(found)
+    return {m: frozenset(v) for m, v in values.items()}, frozenset(unreadable)
 
 
 def replicas_by_model(s: Session) -> dict[str, tuple[int, int]]:
