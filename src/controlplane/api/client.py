@@ -30,7 +30,7 @@ from grpc_status import rpc_status
 
 from controlplane.api import convert, transport
 from controlplane.build_logs import LogLine
-from controlplane.domain.access import AuditRecord, InvocationKey, Role, Token
+from controlplane.domain.access import AuditRecord, InvocationKey, Principal, Role, Token
 from controlplane.domain.figures import ModelMetrics
 from controlplane.domain.types import (
     Build,
@@ -351,6 +351,12 @@ class Client:
             rpc.ListTokensRequest(parent=parent, page_size=page_size, page_token=page_token),
         )
         return Page([convert.token_from_pb(x) for x in r.tokens], r.next_page_token)
+
+    async def get_caller(self) -> Principal:
+        """Who this client's token is: its name, project and role."""
+        return convert.caller_from_pb(
+            await self._call(self._stub.GetCaller, rpc.GetCallerRequest())
+        )
 
     async def revoke_token(self, name: str) -> Token:
         r = await self._call(self._stub.RevokeToken, rpc.RevokeTokenRequest(name=name))

@@ -9,7 +9,7 @@ from typing import TypeVar
 from google.protobuf import any_pb2, duration_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from controlplane.domain.access import AuditRecord, InvocationKey, Role, Token
+from controlplane.domain.access import AuditRecord, InvocationKey, Principal, Role, Token
 from controlplane.domain.figures import (
     Figures,
     ModelMetrics,
@@ -375,6 +375,16 @@ def audit_to_pb(r: AuditRecord) -> pb.AuditRecord:
         peer=r.peer,
         operation=r.operation,
     )
+
+
+def caller_to_pb(who: Principal) -> rpc.Caller:
+    return rpc.Caller(
+        principal=who.name, project=who.project, role=pb.Role.ValueType(int(who.role))
+    )
+
+
+def caller_from_pb(msg: rpc.Caller) -> Principal:
+    return Principal(msg.principal, msg.project, Role(int(msg.role)))
 
 
 def token_from_pb(tok: pb.Token) -> Token:

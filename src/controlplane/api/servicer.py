@@ -433,3 +433,7 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
         return rpc.ListAuditRecordsResponse(
             records=[convert.audit_to_pb(r) for r in records], next_page_token=nxt
         )
+
+    @unary
+    async def GetCaller(self, request: rpc.GetCallerRequest, context: Ctx) -> rpc.Caller:
+        return convert.caller_to_pb(current_principal())

@@ -124,7 +124,7 @@ def matches(secret: str, stored_hash: str) -> bool:
 @dataclass(frozen=True)
 class Rule:
     role: Role
-    field: str  # the request field naming the resource: "parent" or "name"
+    field: str  # the request field naming the resource: "parent", "name" or "" (none)
 
 
 _VIEW = ("GetModel", "GetBuild", "GetDeployment", "GetOperation", "WaitOperation")
@@ -162,6 +162,7 @@ RULES: dict[str, Rule] = {
             "RevokeInvocationKey",
         )
     },
+    "GetCaller": Rule(Role.VIEWER, ""),  # names no resource: any valid token may ask
     **{m: Rule(Role.ADMIN, "name") for m in ("DeleteModel", "RevokeToken")},
     **{m: Rule(Role.ADMIN, "parent") for m in ("CreateToken", "ListTokens", "ListAuditRecords")},
 }

@@ -189,6 +189,11 @@ class ModelLifecycleStub:
                 request_serializer=modellifecycle_dot_v1_dot_service__pb2.StreamModelLogsRequest.SerializeToString,
                 response_deserializer=modellifecycle_dot_v1_dot_service__pb2.ModelLogLine.FromString,
                 _registered_method=True)
+        self.GetCaller = channel.unary_unary(
+                '/modellifecycle.v1.ModelLifecycle/GetCaller',
+                request_serializer=modellifecycle_dot_v1_dot_service__pb2.GetCallerRequest.SerializeToString,
+                response_deserializer=modellifecycle_dot_v1_dot_service__pb2.Caller.FromString,
+                _registered_method=True)
 
 
 class ModelLifecycleServicer:
@@ -417,6 +422,14 @@ class ModelLifecycleServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetCaller(self, request, context):
+        """Who the caller is: its token's name, project and role, so that a client (the web
+        console) shows only what this token may do. Every valid token may ask.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelLifecycleServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -569,6 +582,11 @@ def add_ModelLifecycleServicer_to_server(servicer, server):
                     servicer.StreamModelLogs,
                     request_deserializer=modellifecycle_dot_v1_dot_service__pb2.StreamModelLogsRequest.FromString,
                     response_serializer=modellifecycle_dot_v1_dot_service__pb2.ModelLogLine.SerializeToString,
+            ),
+            'GetCaller': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCaller,
+                    request_deserializer=modellifecycle_dot_v1_dot_service__pb2.GetCallerRequest.FromString,
+                    response_serializer=modellifecycle_dot_v1_dot_service__pb2.Caller.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1384,6 +1402,33 @@ class ModelLifecycle:
             '/modellifecycle.v1.ModelLifecycle/StreamModelLogs',
             modellifecycle_dot_v1_dot_service__pb2.StreamModelLogsRequest.SerializeToString,
             modellifecycle_dot_v1_dot_service__pb2.ModelLogLine.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCaller(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modellifecycle.v1.ModelLifecycle/GetCaller',
+            modellifecycle_dot_v1_dot_service__pb2.GetCallerRequest.SerializeToString,
+            modellifecycle_dot_v1_dot_service__pb2.Caller.FromString,
             options,
             channel_credentials,
             insecure,

@@ -120,6 +120,10 @@ class ModelLifecycleStub:
     newest lines so far (at least 10 MiB per model), then with `follow` each new line.
     Secret environment values are redacted. Viewers may read it.
     """
+    GetCaller: _grpc.UnaryUnaryMultiCallable[_service_pb2.GetCallerRequest, _service_pb2.Caller]
+    """Who the caller is: its token's name, project and role, so that a client (the web
+    console) shows only what this token may do. Every valid token may ask.
+    """
 
 @_typing.type_check_only
 class ModelLifecycleAsyncStub(ModelLifecycleStub):
@@ -210,6 +214,10 @@ class ModelLifecycleAsyncStub(ModelLifecycleStub):
     request, from every replica on every node, including replicas that are gone: the
     newest lines so far (at least 10 MiB per model), then with `follow` each new line.
     Secret environment values are redacted. Viewers may read it.
+    """
+    GetCaller: _aio.UnaryUnaryMultiCallable[_service_pb2.GetCallerRequest, _service_pb2.Caller]  # type: ignore[assignment]
+    """Who the caller is: its token's name, project and role, so that a client (the web
+    console) shows only what this token may do. Every valid token may ask.
     """
 
 class ModelLifecycleServicer(metaclass=_abc_1.ABCMeta):
@@ -478,6 +486,16 @@ class ModelLifecycleServicer(metaclass=_abc_1.ABCMeta):
         request, from every replica on every node, including replicas that are gone: the
         newest lines so far (at least 10 MiB per model), then with `follow` each new line.
         Secret environment values are redacted. Viewers may read it.
+        """
+
+    @_abc_1.abstractmethod
+    def GetCaller(
+        self,
+        request: _service_pb2.GetCallerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_service_pb2.Caller, _abc.Awaitable[_service_pb2.Caller]]:
+        """Who the caller is: its token's name, project and role, so that a client (the web
+        console) shows only what this token may do. Every valid token may ask.
         """
 
 def add_ModelLifecycleServicer_to_server(servicer: ModelLifecycleServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -88,6 +88,9 @@ type ModelLifecycleClient interface {
 	// newest lines so far (at least 10 MiB per model), then with `follow` each new line.
 	// Secret environment values are redacted. Viewers may read it.
 	StreamModelLogs(ctx context.Context, in *StreamModelLogsRequest, opts ...grpc.CallOption) (ModelLifecycle_StreamModelLogsClient, error)
+	// Who the caller is: its token's name, project and role, so that a client (the web
+	// console) shows only what this token may do. Every valid token may ask.
+	GetCaller(ctx context.Context, in *GetCallerRequest, opts ...grpc.CallOption) (*Caller, error)
 }
 
 type modelLifecycleClient struct {
@@ -508,6 +511,15 @@ func (x *modelLifecycleStreamModelLogsClient) Recv() (*ModelLogLine, error) {
 	return m, nil
 }
 
+func (c *modelLifecycleClient) GetCaller(ctx context.Context, in *GetCallerRequest, opts ...grpc.CallOption) (*Caller, error) {
+	out := new(Caller)
+	err := c.cc.Invoke(ctx, "/modellifecycle.v1.ModelLifecycle/GetCaller", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ModelLifecycleServer is the server API for ModelLifecycle service.
 // All implementations must embed UnimplementedModelLifecycleServer
 // for forward compatibility
@@ -582,6 +594,9 @@ type ModelLifecycleServer interface {
 	// newest lines so far (at least 10 MiB per model), then with `follow` each new line.
 	// Secret environment values are redacted. Viewers may read it.
 	StreamModelLogs(*StreamModelLogsRequest, ModelLifecycle_StreamModelLogsServer) error
+	// Who the caller is: its token's name, project and role, so that a client (the web
+	// console) shows only what this token may do. Every valid token may ask.
+	GetCaller(context.Context, *GetCallerRequest) (*Caller, error)
 	mustEmbedUnimplementedModelLifecycleServer()
 }
 
@@ -678,6 +693,9 @@ func (UnimplementedModelLifecycleServer) GetModelMetrics(context.Context, *GetMo
 }
 func (UnimplementedModelLifecycleServer) StreamModelLogs(*StreamModelLogsRequest, ModelLifecycle_StreamModelLogsServer) error {
 	return status.Errorf(codes.Unimplemented, "method StreamModelLogs not implemented")
+}
+func (UnimplementedModelLifecycleServer) GetCaller(context.Context, *GetCallerRequest) (*Caller, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method GetCaller not implemented")
 }
 func (UnimplementedModelLifecycleServer) mustEmbedUnimplementedModelLifecycleServer() {}
 
@@ -1255,6 +1273,24 @@ func (x *modelLifecycleStreamModelLogsServer) Send(m *ModelLogLine) error {
 	return x.ServerStream.SendMsg(m)
 }
 
+func _ModelLifecycle_GetCaller_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetCallerRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ModelLifecycleServer).GetCaller(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/modellifecycle.v1.ModelLifecycle/GetCaller",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ModelLifecycleServer).GetCaller(ctx, req.(*GetCallerRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 var _ModelLifecycle_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "modellifecycle.v1.ModelLifecycle",
 	HandlerType: (*ModelLifecycleServer)(nil),
@@ -1354,6 +1390,10 @@ var _ModelLifecycle_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetModelMetrics",
 			Handler:    _ModelLifecycle_GetModelMetrics_Handler,
+		},
+		{
+			MethodName: "GetCaller",
+			Handler:    _ModelLifecycle_GetCaller_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
