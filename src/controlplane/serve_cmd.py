@@ -11,10 +11,16 @@ import sys
 import uuid
 from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from controlplane import logs, tracing
 from controlplane.config import DEFAULT_DATA_DIR, MiB, Settings, default
 from controlplane.domain.health import HealthRules
+
+if TYPE_CHECKING:
+    from controlplane.console.web import ConsoleServer
+
+CONSOLE_PORT = 8070
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -194,6 +200,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="text",
         help="json: one object per line, with the model, operation, RPC and trace id",
     )
+    c = p.add_argument_group("web console (docs/console.md)")
+    c.add_argument(
+        "--console-port",
+        type=int,
+        default=CONSOLE_PORT,
+        help="port of the web console (0: any free port; -1: no console; default: %(default)s)",
+    )
+    c.add_argument(
+        "--console-host",
+        default="127.0.0.1",
+        help="address the console listens on (default: %(default)s, this machine only)",
+    )
     p.add_argument(
         "--backend", choices=("ray", "fake"), default=default("backend"), help=argparse.SUPPRESS
     )  # fake: development and fast tests only
@@ -264,21 +282,55 @@ def settings_from(args: argparse.Namespace) -> Settings:
     )
 
 
-async def serve(settings: Settings) -> int:
+def console_for(settings: Settings, grpc_address: str, host: str, port: int) -> ConsoleServer:
+    """The console in this process: a client of this server's own gRPC port, over TLS
+    (trusting the server's certificate) when the server has TLS, as HTTPS with it too."""
+    from controlplane.api.client import Client
+    from controlplane.console.web import ConsoleServer
+
+    _, _, grpc_port = grpc_address.rpartition(":")
+    local = settings.grpc_host if settings.grpc_host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    target = f"{local}:{grpc_port}"
+    tls = (str(settings.tls_cert), None, None) if settings.tls_cert else None
+    cert = (settings.tls_cert, settings.tls_key) if settings.tls_cert and settings.tls_key else None
+    return ConsoleServer(
+        lambda token: Client(target, tls=tls, token=token), host, port, target, tls=cert
+    )
+
+
+async def serve(settings: Settings, console_host: str = "", console_port: int = -1) -> int:
     from controlplane.server import Server
 
     server = Server(settings)
     stop = asyncio.Event()
     await server.start()
+    console = None
+    if console_port >= 0:
+        if settings.tls_client_ca is not None:
+            logging.getLogger(__name__).warning(
+                "no console in this process under mutual TLS (it has no client "
+                "certificate): run `modelctl console --client-cert ...` apart"
+            )
+        else:
+            console = console_for(settings, server.grpc_address, console_host, console_port)
+            try:
+                await console.start()
+            except OSError as e:
+                await server.stop()
+                print(f"modelctl serve: error: {e.strerror or e}", file=sys.stderr)
+                return 1
     # After start: Ray installs its own (C++) SIGTERM handler when it starts; ours replaces
     # it so that SIGTERM drains in-flight RPCs and stops Ray in order, exiting 0.
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     metrics = f" metrics={server.metrics_address}" if server.metrics_address else ""
-    print(f"ready grpc={server.grpc_address} http={server.http_address}{metrics}", flush=True)
+    web = f" console={console.address}" if console else ""
+    print(f"ready grpc={server.grpc_address} http={server.http_address}{metrics}{web}", flush=True)
     await stop.wait()
     logging.getLogger(__name__).info("shutting down: draining in-flight RPCs")
+    if console is not None:
+        await console.stop()
     await server.stop()
     return 0
 
@@ -290,4 +342,4 @@ def run(args: argparse.Namespace) -> int:
         return 2
     settings = settings_from(args)
     logs.setup(args.log_format, settings.server_id)
-    return asyncio.run(serve(settings))
+    return asyncio.run(serve(settings, args.console_host, args.console_port))

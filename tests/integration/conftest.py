@@ -11,8 +11,10 @@ import grpc
 import pytest
 
 from controlplane.cli import main as modelctl
+from controlplane.console.web import ConsoleServer
 from controlplane.server import Server
 from tests.helpers.api import Stub, fake_settings, running
+from tests.helpers.console import Web, console_of, web_of
 
 
 @pytest.fixture
@@ -48,3 +50,17 @@ def cli(server: Server, project: str, capsys: pytest.CaptureFixture[str]) -> Cli
         return code, out, err
 
     return run
+
+
+@pytest.fixture
+async def console(server: Server) -> AsyncIterator[ConsoleServer]:
+    """The web console of ``server`` (which has no tokens: every user is an admin)."""
+    async with console_of(server.grpc_address) as c:
+        yield c
+
+
+@pytest.fixture
+async def web(console: ConsoleServer, project: str) -> AsyncIterator[Web]:
+    """A user signed in to ``console`` on ``project``, over plain HTTP."""
+    async with web_of(console, project=project.removeprefix("projects/")) as w:
+        yield w

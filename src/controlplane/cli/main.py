@@ -11,6 +11,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 
 from controlplane import config, serve_cmd
 from controlplane.api.client import Client, ClientError
@@ -131,6 +132,19 @@ def parser() -> argparse.ArgumentParser:
 
     serve = _sub(sub, "serve", None, "run the control plane server")
     serve_cmd.add_arguments(serve)
+
+    console = sub.add_parser(
+        "console",
+        parents=[_AFTER],
+        help="run the web console apart, as a client of --server",
+        description="The web console on its own (`modelctl serve` runs one too, on "
+        "--console-port): a client of the gRPC API at --server; people sign in with their "
+        "own API tokens. --ca-file, --client-cert and --client-key reach a TLS server.",
+    )
+    console.add_argument("--port", type=int, default=8070, help="(0: any free port)")
+    console.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    console.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate")
+    console.add_argument("--tls-key", type=Path, help="the certificate's private key")
 
     models = _sub(sub, "models", None, "create, list, show, delete models")
     verbs = models.add_subparsers(dest="verb", required=True, metavar="{create,list,get,delete}")
@@ -329,11 +343,32 @@ def _aliases(argv: list[str]) -> list[str]:
     return argv
 
 
+def _console(args: argparse.Namespace) -> int:
+    from controlplane.console.web import run_apart
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        print("modelctl console: error: --tls-cert and --tls-key go together", file=sys.stderr)
+        return cmd.EXIT_USAGE
+    tls = (args.ca_file, args.client_cert, args.client_key)
+    cert = (args.tls_cert, args.tls_key) if args.tls_cert else None
+    try:
+        return asyncio.run(
+            run_apart(args.server, args.host, args.port, tls if any(tls) else None, cert)
+        )
+    except OSError as e:
+        print(f"modelctl console: error: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = _aliases(list(sys.argv[1:] if argv is None else argv))
     args = parser().parse_args(argv)  # usage errors exit 2 here, with argparse's message
     if args.command == "serve":
         return serve_cmd.run(args)
+    if args.command == "console":
+        return _console(args)
     try:
         return asyncio.run(run(argv))
     except KeyboardInterrupt:

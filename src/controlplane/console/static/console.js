@@ -1,0 +1,134 @@
+// The console's own script (no framework): live updates from the page's event stream,
+// OK/Cancel confirmations, copy buttons, and forms that answer in place.
+"use strict";
+
+(function () {
+  // ---- live: the server sends {id, html}; the element with that id is replaced ----------
+  function startLive(url) {
+    var status = document.getElementById("live-status");
+    var source = new EventSource(url);
+    function say(text, cls) {
+      if (!status) return;
+      status.textContent = text;
+      status.className = "live-status " + (cls || "");
+    }
+    source.addEventListener("open", function () { say("Live", "live-on"); });
+    source.addEventListener("error", function () { say("Reconnecting…", "live-off"); });
+    source.addEventListener("swap", function (e) {
+      var msg = JSON.parse(e.data);
+      var el = document.getElementById(msg.id);
+      if (el) el.outerHTML = msg.html;
+      document.dispatchEvent(new CustomEvent("console:swapped", { detail: msg.id }));
+    });
+    source.addEventListener("append", function (e) {
+      var msg = JSON.parse(e.data);
+      var el = document.getElementById(msg.id);
+      if (!el) return;
+      var atEnd = el.scrollTop + el.clientHeight >= el.scrollHeight - 4;
+      el.insertAdjacentHTML("beforeend", msg.html);
+      var max = parseInt(el.dataset.maxLines || "2000", 10);
+      while (el.children.length > max) el.removeChild(el.firstElementChild);
+      if (atEnd) el.scrollTop = el.scrollHeight;
+    });
+    source.addEventListener("signed-out", function () { source.close(); location.reload(); });
+    source.addEventListener("failed", function (e) {
+      source.close();
+      say(JSON.parse(e.data).message, "live-off");
+    });
+    source.addEventListener("done", function () { source.close(); say("Finished", "live-done"); });
+  }
+
+  // ---- confirmations: a form with data-confirm asks first ---------------------------------
+  var pending = null;
+  function setupConfirm() {
+    var dialog = document.getElementById("confirm-dialog");
+    if (!dialog) return;
+    document.addEventListener("submit", function (e) {
+      var form = e.target;
+      if (!(form instanceof HTMLFormElement) || !form.dataset.confirm) return;
+      var flag = form.querySelector("input[name=confirmed]");
+      if (flag && flag.value === "yes") return;
+      e.preventDefault();
+      pending = form;
+      document.getElementById("confirm-text").textContent = form.dataset.confirm;
+      dialog.showModal();
+      document.getElementById("confirm-cancel").focus();
+    });
+    dialog.addEventListener("close", function () {
+      var form = pending;
+      pending = null;
+      if (!form || dialog.returnValue !== "ok") return;
+      var flag = form.querySelector("input[name=confirmed]");
+      if (flag) flag.value = "yes";
+      form.submit();
+    });
+  }
+
+  // ---- copy buttons: data-copy="text" -----------------------------------------------------
+  document.addEventListener("click", function (e) {
+    var button = e.target instanceof Element ? e.target.closest("[data-copy]") : null;
+    if (!button) return;
+    var text = button.getAttribute("data-copy");
+    var done = function () {
+      var old = button.textContent;
+      button.textContent = "Copied";
+      setTimeout(function () { button.textContent = old; }, 1500);
+    };
+    if (navigator.clipboard && window.isSecureContext) {
+      navigator.clipboard.writeText(text).then(done, function () {});
+    } else {
+      var area = document.createElement("textarea");
+      area.value = text;
+      document.body.appendChild(area);
+      area.select();
+      try { document.execCommand("copy"); done(); } catch (err) { /* nothing to copy into */ }
+      document.body.removeChild(area);
+    }
+  });
+
+  // ---- forms with data-target answer in place: the response HTML replaces that element ----
+  document.addEventListener("submit", function (e) {
+    var form = e.target;
+    if (!(form instanceof HTMLFormElement) || !form.dataset.target || e.defaultPrevented) return;
+    e.preventDefault();
+    var target = document.getElementById(form.dataset.target);
+    var button = form.querySelector("button[type=submit]");
+    if (button) button.disabled = true;
+    fetch(form.action, {
+      method: "POST",
+      body: new FormData(form),
+      headers: { "X-Requested-With": "fetch" },
+      credentials: "same-origin",
+    }).then(function (r) { return r.text(); }).then(function (html) {
+      if (target) target.outerHTML = html;
+    }).catch(function (err) {
+      if (target) target.textContent = "The console could not be reached: " + err;
+    }).finally(function () { if (button) button.disabled = false; });
+  });
+
+  // ---- forms with data-watch-fields ask the server what the change will do ----------------
+  function setupPlans() {
+    document.querySelectorAll("form[data-plan]").forEach(function (form) {
+      var out = document.getElementById(form.dataset.planTarget);
+      var timer = null;
+      function ask() {
+        var params = new URLSearchParams(new FormData(form));
+        params.delete("csrf");
+        fetch(form.dataset.plan + "?" + params.toString(), { credentials: "same-origin" })
+          .then(function (r) { return r.text(); })
+          .then(function (html) { if (out) out.innerHTML = html; });
+      }
+      form.addEventListener("input", function () {
+        clearTimeout(timer);
+        timer = setTimeout(ask, 150);
+      });
+      ask();
+    });
+  }
+
+  document.addEventListener("DOMContentLoaded", function () {
+    if (document.body.dataset.live) startLive(document.body.dataset.live);
+    setupConfirm();
+    setupPlans();
+  });
+})();
