@@ -94,9 +94,11 @@
     var target = document.getElementById(form.dataset.target);
     var button = form.querySelector("button[type=submit]");
     if (button) button.disabled = true;
+    var body = new FormData(form);
+    body.set("target", form.dataset.target);
     fetch(form.action, {
       method: "POST",
-      body: new FormData(form),
+      body: body,
       headers: { "X-Requested-With": "fetch" },
       credentials: "same-origin",
     }).then(function (r) { return r.text(); }).then(function (html) {
