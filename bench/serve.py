@@ -269,6 +269,7 @@ def on_cluster(run: Run, cluster: Cluster, tmp: Path) -> None:
             MODELCTL,
             "serve",
             "--insecure-no-auth",
+            "--console-port=0",
             f"--ray-address={cluster.address}",
             "--grpc-port=0",
             f"--http-port={http_port}",

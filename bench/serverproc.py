@@ -48,6 +48,7 @@ def start_server(
             MODELCTL,
             "serve",
             "--insecure-no-auth",
+            "--console-port=0",
             "--grpc-port=0",
             f"--http-port={http_port}",
             f"--data-dir={data}",

@@ -57,6 +57,7 @@ def start_server() -> tuple[subprocess.Popen[str], str, str]:
     cmd = [
         MODELCTL, "serve", "--data-dir", str(DATA), "--grpc-port", str(free_port()),
         "--http-port", str(free_port()), "--num-cpus", "4", "--num-gpus", "2",
+        "--console-port", str(free_port()),
     ]  # fmt: skip
     print("$ " + " ".join(["modelctl", *cmd[1:]]), flush=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
@@ -70,6 +71,11 @@ def start_server() -> tuple[subprocess.Popen[str], str, str]:
     os.environ["MODELCTL_TOKEN_FILE"] = str(token_file)
     print(f"$ export MODELCTL_TOKEN_FILE={token_file}   # the admin token serve wrote", flush=True)
     fields = dict(part.split("=", 1) for part in line.split()[1:])
+    print(
+        f"  the web console: http://{fields['console']}/projects/demo/models "
+        f"(sign in with the token in {token_file})",
+        flush=True,
+    )
     return proc, fields["grpc"], fields["http"]
 
 

@@ -67,6 +67,7 @@ class Cluster:
                 "serve",
                 "--insecure-no-auth",
                 "--grpc-port=0",
+                "--console-port=0",
                 "--http-port=18998",
                 f"--data-dir={self.data}",
                 f"--database-url={self.db_url}",
@@ -178,6 +179,7 @@ async def serve(
         proc = await asyncio.create_subprocess_exec(
             MODELCTL,
             "serve",
+            *(() if any(f.startswith("--console-port") for f in flags) else ("--console-port=0",)),
             *flags,
             cwd=cwd,
             env=env,

@@ -50,6 +50,7 @@ def serve(tmp_path: Path, fresh_db: str) -> Iterator[Proc]:
             MODELCTL,
             "serve",
             "--insecure-no-auth",
+            "--console-port=0",
             "--grpc-port",
             "0",
             "--http-port",

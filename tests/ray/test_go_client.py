@@ -119,6 +119,7 @@ def modelctl_serve(data_dir: Path, start_timeout_s: float = 180) -> Iterator[Ser
                 MODELCTL,
                 "serve",
                 "--grpc-port=0",
+                "--console-port=0",
                 "--http-port=0",
                 f"--data-dir={data_dir}",
                 "--num-cpus=4",

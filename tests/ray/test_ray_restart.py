@@ -35,6 +35,7 @@ class Serve:
                 MODELCTL,
                 "serve",
                 "--insecure-no-auth",
+                "--console-port=0",
                 "--grpc-port=0",
                 "--http-port=0",
                 f"--data-dir={self.data}",

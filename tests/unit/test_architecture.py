@@ -151,3 +151,21 @@ def test_only_the_lifecycle_moves_states() -> None:
             if on_changes and moves:
                 movers.add(f"{rel}:{node.lineno} .{name}(...)")
     assert movers == set()
+
+
+def test_the_console_is_a_client_of_the_public_api_only() -> None:
+    """It reaches the server through ``api.client`` alone: never the servicer, storage or
+    generated protobuf types, so roles, audit and errors are exactly the API's."""
+    reached = set()
+    for path in (SRC / "controlplane" / "console").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                if node.module.startswith(("controlplane.api", "modellifecycle", "workers")):
+                    reached.add(node.module)
+            elif isinstance(node, ast.Import):
+                reached.update(
+                    a.name
+                    for a in node.names
+                    if a.name.startswith(("controlplane", "modellifecycle"))
+                )
+    assert reached <= {"controlplane.api.client"}, sorted(reached)
