@@ -314,6 +314,16 @@ class Client:
 
     # ---- operations -------------------------------------------------------------------------
 
+    async def cancel_operation(self, name: str) -> Operation:
+        """Asks a running build or deploy to stop; returns the operation once it has (the
+        server waits up to 30 s for it, so the deadline is longer than a plain call's)."""
+        msg = await self._call(
+            self._stub.CancelOperation,
+            rpc.CancelOperationRequest(name=name),
+            deadline_s=max(self.timeout_s, 60.0),
+        )
+        return convert.operation_from_pb(msg)
+
     async def get_operation(self, name: str) -> Operation:
         return convert.operation_from_pb(
             await self._call(self._stub.GetOperation, rpc.GetOperationRequest(name=name))
@@ -466,6 +476,18 @@ class Client:
                     on_progress(received)
             await asyncio.to_thread(_unpack, tar, dest)
         return digest
+
+    async def export_build_stream(
+        self, name: str, base_image: str = "", tag: str = ""
+    ) -> AsyncIterator[tuple[bytes, str]]:
+        """The build as an OCI image layout, as the server streams it, to pass on without
+        unpacking (the console's download): (piece of the tar archive, "") pairs, and
+        (b"", manifest digest) last. A refusal comes out of the first step."""
+        call = self._stub.ExportBuild(
+            rpc.ExportBuildRequest(name=name, base_image=base_image, tag=tag)
+        )
+        async for msg in self._stream(call, _same):
+            yield bytes(msg.data), str(msg.manifest_digest)
 
     # ---- watch ------------------------------------------------------------------------------
 
