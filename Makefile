@@ -7,6 +7,8 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TS      := clients/typescript
 NODE_STAMP := $(TS)/node_modules/.installed
+BROWSER := tests/browser
+BROWSER_STAMP := $(BROWSER)/node_modules/.installed
 
 .PHONY: demo test test-fast bench bench-smoke setup system-packages lint typecheck contract generate check-generated pytest clean
 
@@ -31,10 +33,11 @@ bench: setup
 bench-smoke: setup
 	$(BIN)/python bench/run.py --smoke
 
-setup: system-packages $(STAMP) $(NODE_STAMP)
+setup: system-packages $(STAMP) $(NODE_STAMP) $(BROWSER_STAMP)
 
-# buildah and skopeo (Debian packages) for `modelctl build export --oci`; a no-op when
-# present, a warning (and skipped export tests) where they cannot be installed.
+# Debian packages (scripts/system_packages.sh says which and why: buildah and skopeo for
+# `modelctl build export --oci`, Go for its client, Chromium for the console's browser
+# tests); a no-op when present, a warning (and skipped tests) where they cannot be installed.
 system-packages:
 	bash scripts/system_packages.sh
 
@@ -48,6 +51,12 @@ $(STAMP): pyproject.toml
 $(NODE_STAMP): $(TS)/package.json $(TS)/package-lock.json
 	cd $(TS) && npm ci --no-audit --no-fund --loglevel=error
 	touch $(NODE_STAMP)
+
+# What the console's browser tests inject into its pages (axe-core), as pinned in
+# tests/browser/package-lock.json. The browser itself is Debian's Chromium (system-packages).
+$(BROWSER_STAMP): $(BROWSER)/package.json $(BROWSER)/package-lock.json
+	cd $(BROWSER) && npm ci --no-audit --no-fund --loglevel=error
+	touch $(BROWSER_STAMP)
 
 lint:
 	$(BIN)/ruff check src tests scripts bench examples

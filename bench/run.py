@@ -27,7 +27,7 @@ from typing import Any
 
 from serverproc import RESULTS, ROOT, Row
 
-BENCHMARKS = ("serve", "signals", "rpc", "watchers", "records", "builds")
+BENCHMARKS = ("serve", "signals", "rpc", "watchers", "records", "builds", "console")
 
 
 def machine() -> dict[str, Any]:

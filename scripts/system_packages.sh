@@ -6,6 +6,10 @@
 #                          no Go module proxy here) and generate its code (make generate);
 #                          golang/protobuf 1.5 replaces Debian's default 1.3, which predates
 #                          the generated code and makes gRPC's codec panic
+#   chromium, fonts-dejavu-core
+#                          the web console's browser tests (tests/browser: Playwright for
+#                          Python drives /usr/bin/chromium; Playwright's own browser
+#                          download is not used) and the screenshots in docs/console/
 #
 # Debian/Ubuntu, best effort: without root, without apt-get, or when the install
 # fails, it warns on stderr and exits 0; the tests that need a missing tool then skip
@@ -17,6 +21,7 @@ packages=(
   golang-go protoc-gen-go protoc-gen-go-grpc
   golang-google-protobuf-dev golang-google-grpc-dev golang-google-genproto-dev
   golang-github-golang-protobuf-1-5-dev
+  chromium fonts-dejavu-core
 )
 
 warn() { echo "system_packages.sh: warning: $*" >&2; }

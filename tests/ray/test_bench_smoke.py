@@ -49,6 +49,7 @@ def test_one_table_with_every_benchmark(smoke: subprocess.CompletedProcess[str])
         "watchers",
         "records",
         "builds",
+        "console",
     }
     figures = [r for r in summary["rows"] if r["target"] != "0"]  # not the failure counts
     assert figures and all(r["ours"] > 0 for r in figures), summary["rows"]
