@@ -10,7 +10,7 @@ NODE_STAMP := $(TS)/node_modules/.installed
 BROWSER := tests/browser
 BROWSER_STAMP := $(BROWSER)/node_modules/.installed
 
-.PHONY: demo test test-fast bench bench-smoke setup system-packages lint typecheck contract generate check-generated pytest clean
+.PHONY: demo test test-fast bench bench-smoke screenshots setup system-packages lint typecheck contract generate check-generated pytest clean
 
 demo: setup
 	$(BIN)/python scripts/demo.py
@@ -80,6 +80,12 @@ check-generated:
 CP_NO_SKIPS ?= 1
 pytest:
 	CP_NO_SKIPS=$(CP_NO_SKIPS) $(BIN)/python -m pytest -p no:cacheprovider -rs
+
+# The pages' screenshots in docs/console/ (README and docs/console.md show them), taken by
+# the browser tests, the Ray ones included.
+screenshots: setup
+	CP_SCREENSHOTS=$(CURDIR)/docs/console $(BIN)/python -m pytest -p no:cacheprovider -q \
+		tests/browser tests/ray/test_console_ray.py
 
 clean:
 	rm -rf $(VENV) .modelctl .demo

@@ -11,7 +11,7 @@ HTTP client on 127.0.0.1, one request at a time:
   process (ListModels of 50 and GetDeployment of each deployed row; GetModel and
   GetDeployment for the Overview). Target: p95 < 100 ms. The Overview page is being
   written: until it exists the server answers 404, and the row says so.
-- 100 open live pages (/projects/bench/models/live, each its own signed-in session, as 100
+- 100 open live pages (/projects/bench/models/-live, each its own signed-in session, as 100
   people), each kept reading: the server's RSS before them, once every page has its first
   update, and after a change (StopModel of a model on the first page) has reached all 100;
   and the time from the change to the last page. Anchor: a second server with the same
@@ -234,7 +234,7 @@ async def live_pages(server: Proc, pages: int) -> dict[str, Any]:
     all_changed = asyncio.Event()
 
     async def follow(i: int) -> None:
-        async with clients[i].stream("GET", f"/{PROJECT}/models/live", timeout=None) as r:
+        async with clients[i].stream("GET", f"/{PROJECT}/models/-live", timeout=None) as r:
             if r.status_code != 200:
                 raise SystemExit(f"live page {i}: {r.status_code}")
             event = ""

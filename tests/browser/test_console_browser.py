@@ -242,17 +242,3 @@ async def test_axe_finds_nothing_serious_on_the_sign_in_and_models_pages(
     await page.get_by_label("Filter").press("Enter")
     await expect(page.get_by_text("No model matches")).to_be_visible()
     await assert_accessible(page)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="the console has no icon: Chromium asks for /favicon.ico, gets a 404 and logs it "
-    "as an error on every page (src/controlplane/console needs one, e.g. "
-    '<link rel="icon" href="data:,"> in base.html); until then conftest.KNOWN_ERRORS lets '
-    "that one error pass",
-)
-async def test_the_console_has_an_icon(page: Page, console: ConsoleServer) -> None:
-    await page.goto(f"{console.url}/sign-in")
-    linked = await page.locator("link[rel~=icon]").count()
-    served = (await page.request.get(f"{console.url}/favicon.ico")).ok
-    assert linked or served, "no <link rel=icon> and no /favicon.ico"

@@ -26,7 +26,7 @@ async def test_pages_need_a_session_and_send_you_to_sign_in(console: ConsoleServ
         r = await http.get("/projects/default/models")
         assert r.status_code == 303
         assert r.headers["location"] == "/sign-in?next=/projects/default/models"
-        live = await http.get("/projects/default/models/live")
+        live = await http.get("/projects/default/models/-live")
         assert live.status_code == 401
 
 
@@ -129,7 +129,7 @@ async def test_a_change_made_elsewhere_reaches_an_open_models_page_at_once(
     seen: list[str] = []
 
     async def follow() -> None:
-        async for name, data in events(web, f"/{project}/models/live"):
+        async for name, data in events(web, f"/{project}/models/-live"):
             if name == "swap" and data["id"] == "models-table":
                 seen.append(data["html"])
 

@@ -26,6 +26,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response, Stream
 from starlette.routing import BaseRoute, Route
 
 from controlplane.api.client import Client, ClientError
+from controlplane.console.live import Hubs
 from controlplane.console.sessions import COOKIE, Session, Sessions
 from controlplane.domain.access import Role
 
@@ -214,8 +215,13 @@ def page(
     load: Load,
     watch: Watch | None = None,
     live: tuple[str, ...] = (),
+    live_path: str = "",
 ) -> list[BaseRoute]:
-    """The GET route of a page and, with ``watch``, its ``{path}/live`` event stream."""
+    """The GET route of a page and, with ``watch``, its event stream at ``live_path``
+    (default ``{path}/live``). Pages open on the same address share one watch and one load
+    per change (console/live.py); each is rendered for its own session."""
+
+    stream_path = live_path or f"{path}/live"
 
     async def full(request: Request) -> Response:
         try:
@@ -230,23 +236,63 @@ def page(
                 return sign_in_redirect(request)
             return console.error_page(view, e)
         if watch is not None:
-            context = {"live_url": f"{request.url.path}/live", **context}
+            context = {"live_url": stream_path.format(**request.path_params), **context}
         return console.page_response(template, view, context)
 
     routes: list[BaseRoute] = [Route(path, full, methods=["GET"])]
     if watch is not None:
+        hubs: Hubs[View] = Hubs()
+
+        rendered = _Rendered()
 
         async def changes(view: View) -> AsyncIterator[str]:
             sent: dict[str, str] = {}
-            async for _ in _coalesced(watch(view)):
-                context = await load(view)
-                for name, html in console.render_blocks(template, view, context, live).items():
+            key = f"{view.request.url.path}?{view.request.query_params}"
+            async for context in hubs.follow(key, view, load, watch, _coalesced, _still_valid):
+                blocks = rendered.get(context, view, _blocks)
+                for name, html in blocks.items():
+                    html = html.replace(CSRF_MARK, view.session.csrf)
                     if sent.get(name) != html:
                         sent[name] = html
                         yield sse("swap", {"id": name.replace("_", "-"), "html": html})
 
-        routes.append(Route(f"{path}/live", stream_route(console, changes), methods=["GET"]))
+        def _blocks(view: View, context: Mapping[str, Any]) -> dict[str, str]:
+            return console.render_blocks(template, view, {**context, "csrf": CSRF_MARK}, live)
+
+        routes.append(Route(stream_path, stream_route(console, changes), methods=["GET"]))
     return routes
+
+
+CSRF_MARK = "csrf-of-this-session"  # in a shared rendering; each page gets its own token
+
+
+class _Rendered:
+    """The live blocks of the newest context, rendered once per role and project: the
+    pages following one address share them (each with its own CSRF token put in). Live
+    blocks show what was loaded and the buttons of the role, nothing else of the session
+    (tests/unit/test_console_templates.py keeps it so)."""
+
+    def __init__(self) -> None:
+        self._context: Mapping[str, Any] | None = None
+        self._by: dict[tuple[int, str, str], dict[str, str]] = {}
+
+    def get(
+        self,
+        context: Mapping[str, Any],
+        view: View,
+        render: Callable[[View, Mapping[str, Any]], dict[str, str]],
+    ) -> dict[str, str]:
+        if context is not self._context:
+            self._context, self._by = context, {}
+        key = (int(view.session.caller.role), view.session.caller.project, view.project)
+        if key not in self._by:
+            self._by[key] = render(view, context)
+        return self._by[key]
+
+
+async def _still_valid(view: View) -> None:
+    """Raises the API's UNAUTHENTICATED once the session's token is revoked or expired."""
+    await view.client.get_caller()
 
 
 def stream_route(
@@ -356,14 +402,17 @@ Confirm = Callable[[View, FormData], Awaitable[str]]
 Fragment = Callable[[View, FormData], Awaitable[str]]
 
 
-async def _checked_form(console: Console, request: Request) -> tuple[View, FormData] | Response:
+async def checked_form(
+    console: Console, request: Request, **limits: int
+) -> tuple[View, FormData] | Response:
     """The signed-in view and its form, or the response that refuses it (no session: to
-    sign-in; a missing or wrong CSRF token, or another site's origin: 403)."""
+    sign-in; a missing or wrong CSRF token, or another site's origin: 403). ``limits``:
+    Starlette's form limits (max_files, max_fields, max_part_size)."""
     try:
         view = await console.view(request)
     except Denied:
         return sign_in_redirect(request)
-    form = await request.form()
+    form = await request.form(**limits)
     given = str(form.get("csrf", "")) or request.headers.get("x-csrf-token", "")
     if not view.session.csrf_ok(given) or not same_origin(request):
         html = console.render(
@@ -389,7 +438,7 @@ def action(console: Console, path: str, act: Act, confirm: Confirm | None = None
     ``confirm(view, form)`` returns, with OK and Cancel."""
 
     async def route(request: Request) -> Response:
-        checked = await _checked_form(console, request)
+        checked = await checked_form(console, request)
         if isinstance(checked, Response):
             return checked
         view, form = checked
@@ -434,7 +483,7 @@ def fragment(console: Console, path: str, act: Fragment) -> Route:
     same id): CSRF-checked; a refusal of the API is the piece's own text, in that element."""
 
     async def route(request: Request) -> Response:
-        checked = await _checked_form(console, request)
+        checked = await checked_form(console, request)
         if isinstance(checked, Response):
             return checked
         view, form = checked

@@ -51,7 +51,10 @@ class ConsoleServer:
         return f"{'https' if self.tls else 'http'}://{self.address}"
 
     async def start(self) -> None:
-        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
+        # IPPROTO_TCP named: asyncio turns Nagle off only on such sockets (else each answer
+        # on a kept-alive connection waits ~40 ms for the client's delayed ACK).
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((self.host, self.port))

@@ -551,7 +551,7 @@ def deploy_route(console: kit.Console) -> Any:
                 error = f"The upload could not be read: {e.detail}"
         try:
             if form is not None:
-                checked = await kit._checked_form(console, request)
+                checked = await kit.checked_form(console, request)
                 if isinstance(checked, Response):
                     return checked
                 values = texts(form)

@@ -365,7 +365,7 @@ def redeploy_route(console: kit.Console) -> Any:
     with what was typed (never the secret values) and the reason."""
 
     async def route(request: Request) -> Response:
-        checked = await kit._checked_form(console, request)
+        checked = await kit.checked_form(console, request)
         if isinstance(checked, Response):
             return checked
         view, form = checked

@@ -106,4 +106,6 @@ def routes(console: kit.Console) -> list[BaseRoute]:
         load,
         watch=watch,
         live=("models_table",),
+        # Not {path}/live: "live" may be a model's id (its Overview is …/models/live).
+        live_path="/projects/{project}/models/-live",
     )

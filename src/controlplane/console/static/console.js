@@ -116,6 +116,7 @@
       function ask() {
         var params = new URLSearchParams(new FormData(form));
         params.delete("csrf");
+        form.querySelectorAll("[data-plan-skip]").forEach(function (el) { params.delete(el.name); });
         fetch(form.dataset.plan + "?" + params.toString(), { credentials: "same-origin" })
           .then(function (r) { return r.text(); })
           .then(function (html) { if (out) out.innerHTML = html; });
