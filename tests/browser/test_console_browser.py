@@ -15,8 +15,8 @@ from controlplane.api.client import Client
 from controlplane.console.web import ConsoleServer
 from controlplane.domain.types import DeployOptions, Resources
 from controlplane.server import Server
-from tests.browser.conftest import Errors, assert_accessible, live, screenshot, sign_in
 from tests.helpers.api import MODEL_V1, zip_bytes
+from tests.helpers.browser import Errors, assert_accessible, live, screenshot, sign_in
 
 # Seconds of a browser and a server per test: `make test-fast` leaves these out.
 pytestmark = pytest.mark.slow

@@ -58,6 +58,13 @@
       var form = pending;
       pending = null;
       if (!form || dialog.returnValue !== "ok") return;
+      if (!form.isConnected) {
+        // A live update replaced it while the dialog was open: the same form, new copy.
+        var action = form.getAttribute("action");
+        form = Array.prototype.find.call(document.querySelectorAll("form[data-confirm]"),
+          function (f) { return f.getAttribute("action") === action; });
+        if (!form) return;
+      }
       var flag = form.querySelector("input[name=confirmed]");
       if (flag) flag.value = "yes";
       form.submit();
