@@ -214,6 +214,37 @@ async def test_a_change_made_with_the_cli_shows_on_an_open_page_within_2_s(
     await expect(page.get_by_role("link", name="Churn predictor")).to_be_visible(timeout=2_000)
 
 
+PAGES = {
+    "models": f"/projects/{PROJECT}/models",
+    "builds": f"{OVERVIEW}/builds",
+    "build-1": f"{OVERVIEW}/builds/1",
+    "monitoring": f"{OVERVIEW}/monitoring",
+    "logs": f"{OVERVIEW}/logs",
+    "operations": f"{OVERVIEW}/operations",
+    "keys": f"{OVERVIEW}/keys",
+    "tokens": f"/projects/{PROJECT}/tokens",
+    "audit": f"/projects/{PROJECT}/audit",
+}
+
+
+async def test_every_page_has_no_serious_accessibility_violation(
+    page: Page, console: ConsoleServer, iris: str
+) -> None:
+    """The pages the workflows above did not pass through, with what they did on them:
+    axe finds nothing serious or critical, and each is pictured for docs/console/."""
+    await sign_in(page, console, project=PROJECT)
+    for name, path in PAGES.items():
+        await page.goto(f"{console.url}{path}")
+        await expect(page.locator("h1")).to_be_visible()
+        await assert_accessible(page)
+        await screenshot(page, name)
+    await page.goto(f"{console.url}{OVERVIEW}/keys")
+    await page.get_by_role("button", name=re.compile("Create")).click()
+    await expect(page.locator("#main")).to_contain_text("will not be shown again")
+    await assert_accessible(page)
+    await screenshot(page, "key-created")
+
+
 async def test_stop_with_confirm_and_the_endpoint_stops_answering(
     page: Page, console: ConsoleServer, api: Client, iris: str
 ) -> None:
