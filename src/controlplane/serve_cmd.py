@@ -208,6 +208,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="port of the web console (0: any free port; -1: no console; default: %(default)s)",
     )
     c.add_argument(
+        "--console-ca-file",
+        type=Path,
+        default=None,
+        help="under TLS: the CA the console trusts when it calls this server's gRPC port "
+        "(default: --tls-cert itself, enough for a self-signed certificate or a file "
+        "holding the whole chain)",
+    )
+    c.add_argument(
         "--console-host",
         default="127.0.0.1",
         help="address the console listens on (default: %(default)s, this machine only)",
@@ -282,23 +290,31 @@ def settings_from(args: argparse.Namespace) -> Settings:
     )
 
 
-def console_for(settings: Settings, grpc_address: str, host: str, port: int) -> ConsoleServer:
+def console_for(
+    settings: Settings, grpc_address: str, host: str, port: int, ca: Path | None = None
+) -> ConsoleServer:
     """The console in this process: a client of this server's own gRPC port, over TLS
-    (trusting the server's certificate) when the server has TLS, as HTTPS with it too."""
+    when the server has TLS (trusting ``ca``, default the server's certificate), and then
+    served as HTTPS with that certificate too."""
     from controlplane.api.client import Client
     from controlplane.console.web import ConsoleServer
 
     _, _, grpc_port = grpc_address.rpartition(":")
     local = settings.grpc_host if settings.grpc_host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     target = f"{local}:{grpc_port}"
-    tls = (str(settings.tls_cert), None, None) if settings.tls_cert else None
+    tls = (str(ca or settings.tls_cert), None, None) if settings.tls_cert else None
     cert = (settings.tls_cert, settings.tls_key) if settings.tls_cert and settings.tls_key else None
     return ConsoleServer(
         lambda token: Client(target, tls=tls, token=token), host, port, target, tls=cert
     )
 
 
-async def serve(settings: Settings, console_host: str = "", console_port: int = -1) -> int:
+async def serve(
+    settings: Settings,
+    console_host: str = "",
+    console_port: int = -1,
+    console_ca: Path | None = None,
+) -> int:
     from controlplane.server import Server
 
     server = Server(settings)
@@ -312,7 +328,9 @@ async def serve(settings: Settings, console_host: str = "", console_port: int = 
                 "certificate): run `modelctl console --client-cert ...` apart"
             )
         else:
-            console = console_for(settings, server.grpc_address, console_host, console_port)
+            console = console_for(
+                settings, server.grpc_address, console_host, console_port, console_ca
+            )
             try:
                 await console.start()
             except OSError as e:
@@ -342,4 +360,4 @@ def run(args: argparse.Namespace) -> int:
         return 2
     settings = settings_from(args)
     logs.setup(args.log_format, settings.server_id)
-    return asyncio.run(serve(settings, args.console_host, args.console_port))
+    return asyncio.run(serve(settings, args.console_host, args.console_port, args.console_ca_file))
