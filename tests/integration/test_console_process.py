@@ -128,7 +128,8 @@ async def test_under_tls_the_console_is_https_with_secure_cookies(tmp_path: Path
         f"--tls-cert={cert.cert}", f"--tls-key={cert.key}", f"--console-ca-file={ca.pem}",
     ) as ready:  # fmt: skip
         base = f"https://{ready['console']}"
-        async with httpx.AsyncClient(base_url=base, verify=ssl.create_default_context(cafile=str(ca.pem)), timeout=30) as http:
+        trust = ssl.create_default_context(cafile=str(ca.pem))
+        async with httpx.AsyncClient(base_url=base, verify=trust, timeout=30) as http:
             web = Web(http)
             r = await web.sign_in()
             assert r.status_code == 303, r.text

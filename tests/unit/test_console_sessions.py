@@ -3,7 +3,7 @@ for a token the API refuses (a fake client: the real one is in the integration t
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import cast
 
 import pytest
 
@@ -37,7 +37,7 @@ class Clock:
 def sessions(clock: Clock, made: list[FakeClient]) -> Sessions:
     def connect(token: str) -> Client:
         made.append(FakeClient(token))
-        return cast(Any, made[-1])
+        return cast(Client, made[-1])
 
     return Sessions(connect, idle_s=60, max_age_s=300, clock=clock)
 
