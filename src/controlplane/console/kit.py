@@ -29,6 +29,8 @@ from controlplane.api.client import Client, ClientError
 from controlplane.console.live import Hubs
 from controlplane.console.sessions import COOKIE, Session, Sessions
 from controlplane.domain.access import Role
+from controlplane.domain.states import ReplicaState
+from controlplane.domain.types import Deployment
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +61,35 @@ class View:
     @property
     def model(self) -> str:
         """The full name of the model the path names: projects/{p}/models/{m}."""
-        return f"projects/{self.project}/models/{self.params['model']}"
+        return f"projects/{self.project}/models/{self.model_id}"
+
+    @property
+    def model_id(self) -> str:
+        return self.params["model"]
+
+    @property
+    def model_path(self) -> str:
+        """The model's Overview: /projects/{p}/models/{m} (its other pages are below it)."""
+        return f"/projects/{self.project}/models/{self.model_id}"
 
     def query(self, key: str, default: str = "") -> str:
         return self.request.query_params.get(key, default)
 
     def can(self, role: Role) -> bool:
         return self.session.can(role)
+
+
+async def model_changes(view: View) -> AsyncIterator[object]:
+    """A watch for the pages of one model: each of its events (what changed is re-loaded)."""
+    async for event in view.client.watch_model(view.model):
+        yield event
+
+
+def running(deployment: Deployment | None) -> int:
+    """How many of a deployment's replicas run."""
+    if deployment is None:
+        return 0
+    return sum(r.state == ReplicaState.RUNNING for r in deployment.replicas)
 
 
 Load = Callable[[View], Awaitable[dict[str, Any]]]

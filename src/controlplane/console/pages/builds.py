@@ -35,7 +35,7 @@ from controlplane.console.pages.deployments import (
 )
 from controlplane.domain.errors import InvalidArgument
 from controlplane.domain.names import check_id
-from controlplane.domain.states import BuildState, ReplicaState
+from controlplane.domain.states import BuildState
 from controlplane.domain.types import Build, Deployment, DeployOptions, Model, Operation
 
 log = logging.getLogger(__name__)
@@ -84,10 +84,6 @@ def build_name(view: kit.View) -> str:
     return f"{view.model}/builds/{view.params['build']}"
 
 
-def model_path(view: kit.View) -> str:
-    return f"/projects/{view.project}/models/{view.params['model']}"
-
-
 # ---- Builds ---------------------------------------------------------------------------------
 
 
@@ -98,18 +94,13 @@ async def load_list(view: kit.View) -> dict[str, Any]:
         view.client.list_builds(view.model, PAGE_SIZE, token),
     )
     return {
-        "title": f"Builds of {view.params['model']}",
+        "title": f"Builds of {view.model_id}",
         "model": model,
-        "model_id": view.params["model"],
+        "model_id": view.model_id,
         "builds": page.items,
         "next_page": page.next_page_token,
         "size": size_text,
     }
-
-
-async def watch(view: kit.View) -> Any:
-    async for event in view.client.watch_model(view.model):
-        yield event
 
 
 # ---- one build ------------------------------------------------------------------------------
@@ -126,9 +117,7 @@ class Progress:
 
     @property
     def running(self) -> int:
-        if self.deployment is None:
-            return 0
-        return sum(r.state == ReplicaState.RUNNING for r in self.deployment.replicas)
+        return kit.running(self.deployment)
 
     @property
     def finished(self) -> bool:
@@ -160,12 +149,12 @@ async def build_context(view: kit.View) -> dict[str, Any]:
         view.client.get_build(build_name(view)), progress_of(view)
     )
     return {
-        "title": f"Build {build.version} of {view.params['model']}",
-        "model_id": view.params["model"],
+        "title": f"Build {build.version} of {view.model_id}",
+        "model_id": view.model_id,
         "build": build,
         "progress": progress,
         "size": size_text,
-        "overview": model_path(view),
+        "overview": view.model_path,
     }
 
 
@@ -278,7 +267,7 @@ def export_route(console: kit.Console) -> Any:
                 await console.sessions.end(view.session.id)
                 return kit.sign_in_redirect(request)
             view.session.flash("error", f"The OCI export did not work. {kit.describe(e)}")
-            return RedirectResponse(f"{model_path(view)}/builds/{view.params['build']}", 303)
+            return RedirectResponse(f"{view.model_path}/builds/{view.params['build']}", 303)
 
         async def body() -> AsyncIterator[bytes]:
             try:
@@ -293,7 +282,7 @@ def export_route(console: kit.Console) -> Any:
             finally:
                 await stream.aclose()
 
-        filename = f"{view.params['model']}-build-{view.params['build']}-oci.tar"
+        filename = f"{view.model_id}-build-{view.params['build']}-oci.tar"
         return StreamingResponse(
             body(),
             media_type="application/x-tar",
@@ -593,7 +582,14 @@ def deploy_route(console: kit.Console) -> Any:
 def routes(console: kit.Console) -> list[BaseRoute]:
     builds = MODEL + "/builds"
     return [
-        *kit.page(console, builds, "builds.html", load_list, watch=watch, live=("builds_table",)),
+        *kit.page(
+            console,
+            builds,
+            "builds.html",
+            load_list,
+            watch=kit.model_changes,
+            live=("builds_table",),
+        ),
         *kit.page(console, builds + "/{build}", "build.html", load_build),
         Route(builds + "/{build}/log", kit.stream_route(console, build_events(console))),
         Route(builds + "/{build}/export", export_route(console), methods=["GET"]),

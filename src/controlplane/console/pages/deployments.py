@@ -254,10 +254,6 @@ class Row:
         return sum(r.state == ReplicaState.RUNNING for r in self.deployment.replicas)
 
 
-def model_id(view: kit.View) -> str:
-    return view.params["model"]
-
-
 async def load_list(view: kit.View) -> dict[str, Any]:
     token = view.query("page")
     model, page = await asyncio.gather(
@@ -265,17 +261,12 @@ async def load_list(view: kit.View) -> dict[str, Any]:
         view.client.list_deployments(view.model, PAGE_SIZE, token),
     )
     return {
-        "title": f"Deployments of {model_id(view)}",
+        "title": f"Deployments of {view.model_id}",
         "model": model,
-        "model_id": model_id(view),
+        "model_id": view.model_id,
         "rows": [Row(d, d.name == model.active_deployment) for d in page.items],
         "next_page": page.next_page_token,
     }
-
-
-async def watch(view: kit.View) -> Any:
-    async for event in view.client.watch_model(view.model):
-        yield event
 
 
 # ---- Re-deploy this Build -------------------------------------------------------------------
@@ -310,11 +301,11 @@ def redeploy_context(
         plan = plan_of(model, active, dep.build, parse_serving(values, read_secrets=False))
     except ValueError as e:
         plan = Plan("invalid", f"Not valid yet: {e}")
-    path = f"/projects/{view.project}/models/{model_id(view)}/deployments/{kit._last(dep.name)}"
+    path = f"/projects/{view.project}/models/{view.model_id}/deployments/{kit._last(dep.name)}"
     return {
-        "title": f"Re-deploy build {kit._last(dep.build)} of {model_id(view)}",
+        "title": f"Re-deploy build {kit._last(dep.build)} of {view.model_id}",
         "model": model,
-        "model_id": model_id(view),
+        "model_id": view.model_id,
         "deployment": dep,
         "active": active,
         "values": dict(values),
@@ -399,7 +390,7 @@ def redeploy_route(console: kit.Console) -> Any:
                 f"Deploying build {kit._last(dep.build)} with "
                 f"{_replicas(serving.resources.replicas)}: operation {op.name}",
             )
-            return RedirectResponse(f"/projects/{view.project}/models/{model_id(view)}", 303)
+            return RedirectResponse(f"/projects/{view.project}/models/{view.model_id}", 303)
         shown = {**values, "secret_environment": ""}  # secret values never go back out
         context = redeploy_context(view, model, dep, active, shown, error)
         return console.page_response("redeploy.html", view, context, status)
@@ -410,7 +401,12 @@ def redeploy_route(console: kit.Console) -> Any:
 def routes(console: kit.Console) -> list[BaseRoute]:
     return [
         *kit.page(
-            console, BASE, "deployments.html", load_list, watch=watch, live=("deployments_table",)
+            console,
+            BASE,
+            "deployments.html",
+            load_list,
+            watch=kit.model_changes,
+            live=("deployments_table",),
         ),
         *kit.page(console, BASE + "/{deployment}/redeploy", "redeploy.html", load_redeploy),
         Route(BASE + "/{deployment}/redeploy", redeploy_route(console), methods=["POST"]),

@@ -8,7 +8,7 @@ import asyncio
 import json
 import re
 import shlex
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -18,7 +18,7 @@ from starlette.routing import BaseRoute
 
 from controlplane.api.client import ClientError
 from controlplane.console import kit
-from controlplane.domain.states import ModelState, OperationKind, ReplicaState
+from controlplane.domain.states import ModelState, OperationKind
 from controlplane.domain.types import Deployment, Model, Operation
 
 KEYS_PAGE_SIZE = 50
@@ -52,7 +52,7 @@ T = TypeVar("T")
 
 def _paths(view: kit.View) -> tuple[str, str]:
     """The model's id and the path of its Overview."""
-    model_id = view.params["model"]
+    model_id = view.model_id
     return model_id, f"/projects/{view.project}/models/{model_id}"
 
 
@@ -169,7 +169,7 @@ async def load(view: kit.View) -> dict[str, Any]:
         "deployment": dep,
         "build": kit._last(dep.build) if dep is not None else "",
         "replicas": replicas,
-        "running": sum(r.state == ReplicaState.RUNNING for r in replicas),
+        "running": kit.running(dep),
         "desired": dep.resources.replicas if dep is not None and model.state.active else 0,
         "meaning": MEANINGS.get(model.state, ""),
         "operation": op,
@@ -183,11 +183,6 @@ async def load(view: kit.View) -> dict[str, Any]:
         "curl": curl_line(model.endpoint),
         "result": None,
     }
-
-
-async def watch(view: kit.View) -> AsyncIterator[object]:
-    async for event in view.client.watch_model(view.model):
-        yield event
 
 
 async def confirm_stop(view: kit.View, form: FormData) -> str:
@@ -367,7 +362,7 @@ def routes(console: kit.Console) -> list[BaseRoute]:
             model,
             "model.html",
             load,
-            watch=watch,
+            watch=kit.model_changes,
             live=("model_actions", "model_status", "replicas", "operation"),
         ),
         kit.action(console, f"{model}/stop", stop, confirm=confirm_stop),

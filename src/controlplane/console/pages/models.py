@@ -11,7 +11,6 @@ from starlette.routing import BaseRoute
 
 from controlplane.api.client import ClientError
 from controlplane.console import kit
-from controlplane.domain.states import ReplicaState
 from controlplane.domain.types import Deployment, Model
 
 PAGE_SIZE = 50
@@ -29,9 +28,7 @@ class Row:
 
     @property
     def running(self) -> int:
-        if self.deployment is None:
-            return 0
-        return sum(r.state == ReplicaState.RUNNING for r in self.deployment.replicas)
+        return kit.running(self.deployment)
 
     @property
     def desired(self) -> int:

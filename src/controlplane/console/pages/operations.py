@@ -5,7 +5,6 @@ cancelled (deployers, with a confirmation). Live from the model's watch."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -91,17 +90,13 @@ class Row:
         return f"{e.code} ({words})" if words else e.code
 
 
-def _base(view: kit.View) -> str:
-    return f"/projects/{view.project}/models/{view.params['model']}/operations"
-
-
 async def load(view: kit.View) -> dict[str, Any]:
     token = view.query("page")
     model, page = await asyncio.gather(
         view.client.get_model(view.model),
         view.client.list_operations(view.model, PAGE_SIZE, token),
     )
-    base = _base(view)
+    base = f"{view.model_path}/operations"
     return {
         "title": f"Operations · {kit._last(model.name)}",
         "model": model,
@@ -112,11 +107,6 @@ async def load(view: kit.View) -> dict[str, Any]:
         "back": f"{base}?{urlencode({'page': token})}" if token else base,
         "live_url": f"{base}/live" + (f"?{urlencode({'page': token})}" if token else ""),
     }
-
-
-async def watch(view: kit.View) -> AsyncIterator[object]:
-    async for event in view.client.watch_model(view.model):
-        yield event
 
 
 def _operation(view: kit.View) -> str:
@@ -141,12 +131,19 @@ async def cancel(view: kit.View, form: FormData) -> str:
         view.session.flash("info", f"{row.kind} of {row.target} had already ended: {row.outcome}.")
     else:
         view.session.flash("info", f"Cancelling the {row.kind.lower()} of {row.target}…")
-    return str(form.get("back", _base(view)))
+    return str(form.get("back", f"{view.model_path}/operations"))
 
 
 def routes(console: kit.Console) -> list[BaseRoute]:
     path = "/projects/{project}/models/{model}/operations"
     return [
-        *kit.page(console, path, "operations.html", load, watch=watch, live=("operations_table",)),
+        *kit.page(
+            console,
+            path,
+            "operations.html",
+            load,
+            watch=kit.model_changes,
+            live=("operations_table",),
+        ),
         kit.action(console, f"{path}/{{operation}}/cancel", cancel, confirm=confirm_cancel),
     ]
