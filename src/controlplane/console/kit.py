@@ -118,7 +118,7 @@ def _iso(when: datetime | None) -> str:
     return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if when else "—"
 
 
-def _last(name: str) -> str:
+def last(name: str) -> str:
     """The last part of a resource name: builds/4 → 4, models/iris → iris."""
     return name.rsplit("/", 1)[-1] if name else ""
 
@@ -137,7 +137,7 @@ def environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(ago=_ago, iso=_iso, last=_last, badge=_badge)
+    env.filters.update(ago=_ago, iso=_iso, last=last, badge=_badge)
     env.globals.update(Role=Role)
     return env
 

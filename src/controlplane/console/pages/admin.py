@@ -70,7 +70,7 @@ async def create_token(view: kit.View, form: FormData) -> str:
     made, secret = await view.client.create_token(view.parent, role, description, ttl_s)
     view.session.flash(
         "ok",
-        f"Token {kit._last(made.name)} ({role.label}) created. Copy its secret now: "
+        f"Token {kit.last(made.name)} ({role.label}) created. Copy its secret now: "
         "it will not be shown again.",
     )
     view.session.flash(SECRET, secret)
@@ -90,7 +90,7 @@ async def confirm_revoke(view: kit.View, form: FormData) -> str:
 
 async def revoke_token(view: kit.View, form: FormData) -> str:
     revoked = await view.client.revoke_token(_token_name(view))
-    view.session.flash("ok", f"Token {kit._last(revoked.name)} revoked.")
+    view.session.flash("ok", f"Token {kit.last(revoked.name)} revoked.")
     return _tokens_path(view)
 
 

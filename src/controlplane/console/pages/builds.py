@@ -306,7 +306,7 @@ async def deploy_context(
     """The form, prefilled from ``model_id``'s active deployment and newest build when
     the model exists (resources, environment, file and function), else with defaults."""
     page = await view.client.list_models(view.parent, 1000)
-    known = [kit._last(m.name) for m in page.items]
+    known = [kit.last(m.name) for m in page.items]
     active: Deployment | None = None
     model: Model | None = None
     if model_id:
@@ -557,13 +557,13 @@ def deploy_route(console: kit.Console) -> Any:
                 else:
                     view.session.flash(
                         "ok",
-                        f"Building {new.model_id} build {kit._last(op.target)}"
+                        f"Building {new.model_id} build {kit.last(op.target)}"
                         + (" and deploying it" if new.serving else "")
                         + f": operation {op.name}",
                     )
                     target = f"/projects/{view.project}/models/{new.model_id}/builds/"
                     return RedirectResponse(
-                        f"{target}{kit._last(op.target)}?operation={quote(op.name, safe='/')}",
+                        f"{target}{kit.last(op.target)}?operation={quote(op.name, safe='/')}",
                         303,
                     )
         finally:

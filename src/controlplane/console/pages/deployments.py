@@ -196,7 +196,7 @@ def plan_of(model: Model, active: Deployment | None, build: str, serving: Servin
     before, after = active.resources, serving.resources
     reasons: list[str] = []
     if build != active.build:
-        reasons.append(f"another build ({kit._last(active.build)} → {kit._last(build)})")
+        reasons.append(f"another build ({kit.last(active.build)} → {kit.last(build)})")
     if before.cpus != after.cpus:
         reasons.append(f"CPUs {before.cpus:g} → {after.cpus:g}")
     if before.memory_mib != after.memory_mib:
@@ -243,11 +243,11 @@ class Row:
 
     @property
     def id(self) -> str:
-        return kit._last(self.deployment.name)
+        return kit.last(self.deployment.name)
 
     @property
     def build(self) -> str:
-        return kit._last(self.deployment.build)
+        return kit.last(self.deployment.build)
 
     @property
     def running(self) -> int:
@@ -301,9 +301,9 @@ def redeploy_context(
         plan = plan_of(model, active, dep.build, parse_serving(values, read_secrets=False))
     except ValueError as e:
         plan = Plan("invalid", f"Not valid yet: {e}")
-    path = f"/projects/{view.project}/models/{view.model_id}/deployments/{kit._last(dep.name)}"
+    path = f"/projects/{view.project}/models/{view.model_id}/deployments/{kit.last(dep.name)}"
     return {
-        "title": f"Re-deploy build {kit._last(dep.build)} of {view.model_id}",
+        "title": f"Re-deploy build {kit.last(dep.build)} of {view.model_id}",
         "model": model,
         "model_id": view.model_id,
         "deployment": dep,
@@ -387,7 +387,7 @@ def redeploy_route(console: kit.Console) -> Any:
         else:
             view.session.flash(
                 "ok",
-                f"Deploying build {kit._last(dep.build)} with "
+                f"Deploying build {kit.last(dep.build)} with "
                 f"{_replicas(serving.resources.replicas)}: operation {op.name}",
             )
             return RedirectResponse(f"/projects/{view.project}/models/{view.model_id}", 303)

@@ -62,15 +62,15 @@ def _replicas(n: int) -> str:
 
 def stop_question(model: Model, dep: Deployment | None) -> str:
     if dep is None:
-        return f"Stop {kit._last(model.name)}? No replica of it runs; it becomes STOPPED."
+        return f"Stop {kit.last(model.name)}? No replica of it runs; it becomes STOPPED."
     return (
-        f"Stop ends {_replicas(dep.resources.replicas)} of build {kit._last(dep.build)}: "
+        f"Stop ends {_replicas(dep.resources.replicas)} of build {kit.last(dep.build)}: "
         "the endpoint stops answering until the model is deployed or restarted."
     )
 
 
 def restart_question(model: Model, dep: Deployment) -> str:
-    build = kit._last(dep.build)
+    build = kit.last(dep.build)
     n = dep.resources.replicas
     if model.state == ModelState.STOPPED:
         count = "1 replica" if n == 1 else f"{n} replicas"
@@ -85,7 +85,7 @@ def cancel_question(op: Operation) -> str:
     progress = f" ({op.progress})" if op.progress else ""
     if op.kind == OperationKind.CREATE_BUILD:
         return (
-            f"Cancel building build {kit._last(op.target)}{progress}? The build stops, its "
+            f"Cancel building build {kit.last(op.target)}{progress}? The build stops, its "
             "partial output is removed, and nothing of it is deployed."
         )
     what = "restart" if op.kind == OperationKind.RESTART_MODEL else "deploy"
@@ -167,7 +167,7 @@ async def load(view: kit.View) -> dict[str, Any]:
         "model_id": model_id,
         "base": base,
         "deployment": dep,
-        "build": kit._last(dep.build) if dep is not None else "",
+        "build": kit.last(dep.build) if dep is not None else "",
         "replicas": replicas,
         "running": kit.running(dep),
         "desired": dep.resources.replicas if dep is not None and model.state.active else 0,
@@ -201,7 +201,7 @@ async def confirm_restart(view: kit.View, form: FormData) -> str:
     model, dep, _ = await _state(view)
     if dep is None:
         raise ClientError(
-            "FAILED_PRECONDITION", f"{kit._last(model.name)} has no deployment to restart"
+            "FAILED_PRECONDITION", f"{kit.last(model.name)} has no deployment to restart"
         )
     return restart_question(model, dep)
 
@@ -325,7 +325,7 @@ async def create_key(view: kit.View, form: FormData) -> str:
     key, secret = await view.client.create_invocation_key(view.model, description)
     view.session.flash(
         "ok",
-        f"Invocation key {kit._last(key.name)} created. Copy its secret now: it will not be "
+        f"Invocation key {kit.last(key.name)} created. Copy its secret now: it will not be "
         "shown again.",
     )
     view.session.flash(SECRET, secret)
@@ -350,7 +350,7 @@ async def confirm_revoke(view: kit.View, form: FormData) -> str:
 async def revoke_key(view: kit.View, form: FormData) -> str:
     _, base = _paths(view)
     key = await view.client.revoke_invocation_key(_key_name(view))
-    view.session.flash("ok", f"Invocation key {kit._last(key.name)} revoked.")
+    view.session.flash("ok", f"Invocation key {kit.last(key.name)} revoked.")
     return f"{base}/keys"
 
 

@@ -24,7 +24,7 @@ class Row:
 
     @property
     def id(self) -> str:
-        return kit._last(self.model.name)
+        return kit.last(self.model.name)
 
     @property
     def running(self) -> int:
@@ -38,13 +38,13 @@ class Row:
 
     @property
     def build(self) -> str:
-        return kit._last(self.deployment.build) if self.deployment else ""
+        return kit.last(self.deployment.build) if self.deployment else ""
 
 
 def matches(model: Model, words: str) -> bool:
     """Every word of the filter is in the model's id, display name, state or health."""
     text = " ".join(
-        (kit._last(model.name), model.display_name, model.state.value, model.health)
+        (kit.last(model.name), model.display_name, model.state.value, model.health)
     ).lower()
     return all(word in text for word in words.lower().split())
 

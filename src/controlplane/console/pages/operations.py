@@ -54,7 +54,7 @@ class Row:
 
     @property
     def id(self) -> str:
-        return kit._last(self.op.name)
+        return kit.last(self.op.name)
 
     @property
     def kind(self) -> str:
@@ -98,9 +98,9 @@ async def load(view: kit.View) -> dict[str, Any]:
     )
     base = f"{view.model_path}/operations"
     return {
-        "title": f"Operations · {kit._last(model.name)}",
+        "title": f"Operations · {kit.last(model.name)}",
         "model": model,
-        "model_id": kit._last(model.name),
+        "model_id": kit.last(model.name),
         "rows": [Row(op) for op in page.items],
         "next_page": page.next_page_token,
         "this_page": token,

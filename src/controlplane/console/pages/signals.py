@@ -312,9 +312,9 @@ async def monitoring(view: kit.View) -> dict[str, Any]:
     ]
     base = f"/projects/{view.project}/models/{view.params['model']}/monitoring"
     return {
-        "title": f"Monitoring · {kit._last(model.name)}",
+        "title": f"Monitoring · {kit.last(model.name)}",
         "model": model,
-        "model_id": kit._last(model.name),
+        "model_id": kit.last(model.name),
         "window": window,
         "windows": [(key, WINDOW_WORDS[key]) for key in WINDOWS],
         "window_words": words,
@@ -425,9 +425,9 @@ async def logs(view: kit.View) -> dict[str, Any]:
     base = f"/projects/{view.project}/models/{view.params['model']}/logs"
     follow = {**chosen.params, "after": str(after), "since": f"{since.timestamp():.6f}"}
     return {
-        "title": f"Logs · {kit._last(model.name)}",
+        "title": f"Logs · {kit.last(model.name)}",
         "model": model,
-        "model_id": kit._last(model.name),
+        "model_id": kit.last(model.name),
         "lines": [LogRow.of(line) for line in lines],
         "chosen": chosen,
         "builds": [(str(b.version), f"build {b.version}") for b in builds.items],
