@@ -92,6 +92,7 @@ class NewBuild:
     deploy: DeployOptions | None = None
     request_id: str = ""
     no_cache: bool = False
+    creator: str = ""  # who asks (its deployment's creator)
 
 
 def _fingerprint(*parts: object) -> str:
@@ -253,6 +254,7 @@ class Service:
         resources: Resources,
         environment: dict[str, str],
         secrets: dict[str, str],
+        creator: str,
     ) -> DeploymentRow:
         """A new PENDING deployment record of ``model`` (its history keeps every one)."""
         ts = now()
@@ -274,6 +276,7 @@ class Service:
             secret_environment=json.dumps(secrets, sort_keys=True),
             state=DeploymentState.PENDING.value,
             restart_generation=current.restart_generation if current else 0,
+            creator=creator,
             create_time=ts,
             update_time=ts,
         )
@@ -483,6 +486,7 @@ class Service:
                     deploy.resources,
                     dict(deploy.environment),
                     dict(deploy.secret_environment),
+                    req.creator,
                 )
             op = lifecycle.begin_build(c, model, build, dep)
             return repo.to_operation(op), op.name
@@ -545,7 +549,10 @@ class Service:
         environment: dict[str, str],
         request_id: str,
         secrets: dict[str, str] | None = None,
+        creator: str = "",
     ) -> Operation:
+        """``creator``: who asks (the deployment records it; not part of the request's
+        fingerprint: a retry by another token is still the same request)."""
         secrets = secrets or {}
         model_name = str(names.parse_model(parent, "parent"))
         build_name = names.parse_build(build, "build")
@@ -572,7 +579,7 @@ class Service:
             wanted = resources
             if wanted is None:
                 wanted = repo.resources_of(current) if current else Resources()
-            dep = self._deployment_row(c, model, build, wanted, environment, secrets)
+            dep = self._deployment_row(c, model, build, wanted, environment, secrets, creator)
             op = lifecycle.begin_deploy(c, model, dep)
             return repo.to_operation(op), op.name
 

@@ -15,9 +15,10 @@ import pytest
 from controlplane.api.client import Client
 from controlplane.console.web import ConsoleServer
 from controlplane.domain.access import Role
+from controlplane.domain.types import DeployOptions, Resources
 from controlplane.server import Server
 from tests.helpers import eventually
-from tests.helpers.api import fake_settings, running
+from tests.helpers.api import MODEL_V1, fake_settings, running, zip_bytes
 from tests.helpers.console import Web, console_of, field, web_of
 
 
@@ -203,3 +204,28 @@ async def test_a_revoked_token_ends_its_session(secured: Server) -> None:
                 return r.headers["location"].startswith("/sign-in")
 
             await eventually("the session ended", signed_out, timeout=5)
+
+
+async def test_each_deployment_says_who_asked_for_it(secured: Server) -> None:
+    """GetDeployment's creator is the token that deployed (by a build with deploy, or by
+    CreateDeployment), and the Deployments page shows it."""
+    deployer = await token_of(secured, Role.DEPLOYER)
+    async with Client(secured.grpc_address, token=deployer) as c:
+        who = (await c.get_caller()).name
+        model = await c.create_model("projects/default", "who")
+        source = await c.upload_source(model.name, zip_bytes({"model.py": MODEL_V1}))
+        op = await c.create_build(
+            model.name, source.sha256, "model.py", "predict", deploy=DeployOptions(Resources())
+        )
+        op = await c.wait(op.name, timeout_s=30)
+        first = await c.get_deployment(op.deployment)
+        build = first.build
+    admin = (secured.settings.data_dir / "admin.token").read_text().strip()
+    async with Client(secured.grpc_address, token=admin) as c:
+        op = await c.create_deployment(model.name, build, Resources(replicas=2))
+        second = await c.get_deployment(op.deployment)
+        admin_name = (await c.get_caller()).name
+    assert first.creator == who and second.creator == admin_name != who
+    async with console_of(secured.grpc_address) as console, web_of(console, admin) as web:
+        page = await web.get("/projects/default/models/who/deployments")
+        assert f'title="{who}"' in page.text and f'title="{admin_name}"' in page.text

@@ -168,6 +168,7 @@ def deployment_to_pb(d: Deployment) -> pb.Deployment:
         create_time=timestamp(d.create_time),
         update_time=timestamp(d.update_time),
         secret_environment_keys=list(d.secret_environment_keys),
+        creator=d.creator,
     )
 
 
@@ -289,6 +290,7 @@ def deployment_from_pb(d: pb.Deployment) -> Deployment:
         create_time=_required_time(d, "create_time"),
         update_time=_required_time(d, "update_time"),
         secret_environment_keys=tuple(d.secret_environment_keys),
+        creator=d.creator,
     )
 
 

@@ -145,6 +145,7 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
             deploy=_deploy_options(request.deploy) if request.HasField("deploy") else None,
             request_id=request.request_id,
             no_cache=request.no_cache,
+            creator=current_principal().name,
         )
         return convert.operation_to_pb(await _run(lambda: self.svc.create_build(req)))
 
@@ -181,6 +182,7 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
                 dict(request.environment),
                 request.request_id,
                 dict(request.secret_environment),
+                creator=current_principal().name,
             )
         )
         return convert.operation_to_pb(op)

@@ -157,6 +157,7 @@ class Deployment:
     update_time: datetime
     # Names only: the values of a deployment's secret environment are never returned.
     secret_environment_keys: tuple[str, ...] = ()
+    creator: str = ""  # the token that asked for it
 
 
 @dataclass(frozen=True)

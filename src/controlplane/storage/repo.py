@@ -135,6 +135,7 @@ def to_deployment(row: DeploymentRow) -> Deployment:
         create_time=codec.utc(row.create_time),
         update_time=codec.utc(row.update_time),
         secret_environment_keys=tuple(sorted(secrets_of(row))),
+        creator=row.creator,
     )
 
 

@@ -103,6 +103,7 @@ class DeploymentRow(SQLModel, table=True):
     serve_health: str = _text()  # for people: Serve's report while the app is unhealthy
     # Bumped by RestartModel: replaces every replica.
     restart_generation: int = 0
+    creator: str = Field(default="", max_length=250)  # the token that asked for it
     # Set when the job applies the deployment: the rollout is judged from then on.
     applied: bool = False
     apply_time: datetime | None = _time(nullable=True)

@@ -517,11 +517,16 @@ class Deployment(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     SECRET_ENVIRONMENT_KEYS_FIELD_NUMBER: _builtins.int
+    CREATOR_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     build: _builtins.str
     """Build name."""
     state: Global___DeploymentState.ValueType
     message: _builtins.str
+    creator: _builtins.str
+    """Who asked for it: the token's name ("anonymous" with --insecure-no-auth; "" for
+    deployments made before this field existed).
+    """
     @_builtins.property
     def resources(self) -> Global___Resources: ...
     @_builtins.property
@@ -549,10 +554,11 @@ class Deployment(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         secret_environment_keys: _abc.Iterable[_builtins.str] | None = ...,
+        creator: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "resources", b"resources", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["build", b"build", "create_time", b"create_time", "environment", b"environment", "message", b"message", "name", b"name", "replicas", b"replicas", "resources", b"resources", "secret_environment_keys", b"secret_environment_keys", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["build", b"build", "create_time", b"create_time", "creator", b"creator", "environment", b"environment", "message", b"message", "name", b"name", "replicas", b"replicas", "resources", b"resources", "secret_environment_keys", b"secret_environment_keys", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
