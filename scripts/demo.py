@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import socket
@@ -76,7 +77,7 @@ def start_server() -> tuple[subprocess.Popen[str], str, str]:
         f"(sign in with the token in {token_file})",
         flush=True,
     )
-    return proc, fields["grpc"], fields["http"]
+    return proc, fields["grpc"], fields["console"]
 
 
 async def replicas(c: Client) -> tuple[Deployment, dict[str, int]]:
@@ -134,7 +135,29 @@ async def counted(c: Client, requests: int, seconds: float = 30) -> None:
         await asyncio.sleep(0.2)
 
 
-async def workflow(server: str) -> None:
+async def console_view(console: str, token: str) -> None:
+    """Signs in to the web console as a person would (the sign-in form, then the Models
+    page) and prints the model's row as the page shows it."""
+    async with httpx.AsyncClient(base_url=f"http://{console}", timeout=30) as http:
+        form = (await http.get("/sign-in")).text
+        nonce = re.search(r'name="sign_in_token" value="([^"]+)"', form)
+        assert nonce is not None, "no sign-in form"
+        signed = await http.post(
+            "/sign-in", data={"sign_in_token": nonce.group(1), "token": token, "project": "demo"}
+        )
+        page = await http.get(signed.headers["location"])
+    row = re.search(r'<tr id="model-iris">(.*?)</tr>', page.text, re.S)
+    assert row is not None, "iris is not on the Models page"
+    cells = [
+        re.sub(r"<[^>]+>|\s+", " ", c).strip()
+        for c in re.findall(r"<td[^>]*>(.*?)</td>", row.group(1), re.S)
+    ]
+    print(f"  GET http://{console}/projects/demo/models -> {page.status_code}")
+    print(f"  the console's row: {' | '.join(cells)}")
+    print("  (open that address in a browser and sign in with the admin token to click through)")
+
+
+async def workflow(server: str, console: str) -> None:
     examples = ROOT / "examples"
     token = (DATA / "admin.token").read_text().strip()
     async with Client(server, token=token) as c:
@@ -181,7 +204,10 @@ async def workflow(server: str) -> None:
         modelctl(server, "metrics", "iris", "--window", "5m", "--step", "1m")
         modelctl(server, "logs", "iris", "--tail", "4")
 
-        step("8. Stop: no replica left, the endpoint stops answering; history stays")
+        step("8. The web console shows the same, live (the seed's pages and buttons)")
+        await console_view(console, token)
+
+        step("9. Stop: no replica left, the endpoint stops answering; history stays")
         modelctl(server, "stop", "iris", "--yes")
         async with httpx.AsyncClient(timeout=10) as http:
             try:
@@ -197,9 +223,9 @@ async def workflow(server: str) -> None:
 def main() -> int:
     os.chdir(ROOT)
     started = time.monotonic()
-    proc, server, _http = start_server()
+    proc, server, console = start_server()
     try:
-        asyncio.run(workflow(server))
+        asyncio.run(workflow(server, console))
     finally:
         step("Shutting down (SIGTERM: in-flight RPCs drain, the local Ray stops)")
         proc.send_signal(signal.SIGTERM)
