@@ -10,7 +10,7 @@ BLOCK = re.compile(r"{% block (\w+) %}(.*?){% endblock %}", re.S)
 
 
 def test_live_blocks_show_nothing_of_the_session_but_its_role() -> None:
-    """Pages following one address share their live blocks' rendering (kit._Rendered):
+    """Pages following one address share their live blocks' rendering (live._Rendered):
     a block may use the role's flags and the CSRF token (put in per page), never the
     session, the caller's name or the request's path."""
     env = kit.environment()

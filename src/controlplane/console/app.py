@@ -17,7 +17,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from controlplane.api.client import Client, ClientError
-from controlplane.console import kit
+from controlplane.console import forms, kit
 from controlplane.console.pages import admin, builds, deployments, model, models, operations
 from controlplane.console.pages import signals as signal_pages
 from controlplane.console.sessions import COOKIE, SIGN_IN_COOKIE, Sessions
@@ -77,7 +77,7 @@ def make_app(
         Route("/", _home(console), methods=["GET"]),
         Route("/sign-in", _sign_in_form(console), methods=["GET"]),
         Route("/sign-in", _sign_in(console), methods=["POST"]),
-        kit.action(console, "/sign-out", _sign_out(console)),
+        forms.action(console, "/sign-out", _sign_out(console)),
         Route("/switch", _switch(console), methods=["GET"]),
         Route("/healthz", lambda _: Response("ok"), methods=["GET"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
@@ -172,7 +172,7 @@ def _sign_in(console: kit.Console) -> Callable[[Request], object]:
     return sign_in
 
 
-def _sign_out(console: kit.Console) -> kit.Act:
+def _sign_out(console: kit.Console) -> forms.Act:
     async def sign_out(view: kit.View, form: object) -> str:
         await console.sessions.end(view.session.id)
         return "/sign-in"

@@ -1,151 +1,217 @@
-"""Live pages that share their work: every page open on the same address (path and query)
-follows one API watch and is re-loaded once per change, whoever opened it; each page then
-renders what was loaded for its own session (its CSRF token, its role's buttons).
+"""Pages and their live updates over server-sent events.
 
-What a page shows is read through one of its followers' tokens (the "reader"). Every token
-that may see a project's pages reads the same data (reads need only the viewer role of that
-project), and a follower gets an update only while its own token still works: it is
-asked again (GetCaller) at most every ``RECHECK_S``, and at least that often while the page
-is idle, so a revoked token's page stops within that time. When the reader's token stops
-working or its session ends, the next follower reads.
+A page is a template, a ``load`` that asks the API for what it shows, and optionally a
+``watch`` (an API stream that says when it changed) with the names of the template blocks
+that change: ``page()`` makes its GET route and its event stream, which re-loads and sends
+each changed block (``<… id="block-name">``) to the page's own script to swap in place.
+Pages open on the same address share their watch and loads (``hubs.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import BaseRoute, Route
 
 from controlplane.api.client import ClientError
+from controlplane.console.hubs import Hubs
+from controlplane.console.kit import Console, Denied, View, describe, sign_in_redirect
 
-RECHECK_S = 10.0
+Load = Callable[[View], Awaitable[dict[str, Any]]]
+Watch = Callable[[View], AsyncIterator[object]]
 
-V = TypeVar("V")
-Context = dict[str, Any]
+COALESCE_S = 0.05  # changes this close together are sent as one update
+KEEPALIVE_S = 15.0  # a comment line this often keeps proxies from closing an idle stream
 
 
-@dataclass(eq=False)
-class Follower(Generic[V]):
-    view: V
-    latest: Context | BaseException | None = None
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
-    checked: float = field(default_factory=time.monotonic)
+def page(
+    console: Console,
+    path: str,
+    template: str,
+    load: Load,
+    watch: Watch | None = None,
+    live: tuple[str, ...] = (),
+    live_path: str = "",
+) -> list[BaseRoute]:
+    """The GET route of a page and, with ``watch``, its event stream at ``live_path``
+    (default ``{path}/live``). Pages open on the same address share one watch and one load
+    per change (console/hubs.py); each is rendered for its own session."""
 
-    def offer(self, item: Context | BaseException) -> None:
-        """Only the newest context matters: an older one not yet sent is dropped."""
-        self.latest = item
-        self.ready.set()
+    stream_path = live_path or f"{path}/live"
 
-    async def next(self, wait_s: float) -> Context | BaseException | None:
-        """The next item, or None after ``wait_s`` with nothing new."""
+    async def full(request: Request) -> Response:
         try:
-            await asyncio.wait_for(self.ready.wait(), wait_s)
-        except TimeoutError:
-            return None
-        self.ready.clear()
-        item, self.latest = self.latest, None
-        return item
+            view = await console.view(request)
+        except Denied:
+            return sign_in_redirect(request)
+        try:
+            context = await load(view)
+        except ClientError as e:
+            if e.code == "UNAUTHENTICATED":
+                await console.sessions.end(view.session.id)
+                return sign_in_redirect(request)
+            return console.error_page(view, e)
+        if watch is not None:
+            context = {"live_url": stream_path.format(**request.path_params), **context}
+        return console.page_response(template, view, context)
+
+    routes: list[BaseRoute] = [Route(path, full, methods=["GET"])]
+    if watch is not None:
+        hubs: Hubs[View] = Hubs()
+
+        rendered = _Rendered()
+
+        async def changes(view: View) -> AsyncIterator[str]:
+            sent: dict[str, str] = {}
+            key = f"{view.request.url.path}?{view.request.query_params}"
+            async for context in hubs.follow(key, view, load, watch, _coalesced, _still_valid):
+                blocks = rendered.get(context, view, _blocks)
+                for name, html in blocks.items():
+                    html = html.replace(CSRF_MARK, view.session.csrf)
+                    if sent.get(name) != html:
+                        sent[name] = html
+                        yield sse("swap", {"id": name.replace("_", "-"), "html": html})
+
+        def _blocks(view: View, context: Mapping[str, Any]) -> dict[str, str]:
+            return console.render_blocks(template, view, {**context, "csrf": CSRF_MARK}, live)
+
+        routes.append(Route(stream_path, stream_route(console, changes), methods=["GET"]))
+    return routes
 
 
-class Hub(Generic[V]):
-    """One address: its followers, the watch and the newest load."""
-
-    def __init__(
-        self,
-        load: Callable[[V], Awaitable[Context]],
-        watch: Callable[[V], AsyncIterator[object]],
-        ticks: Callable[[AsyncIterator[object]], AsyncIterator[None]],
-        on_empty: Callable[[], None],
-    ) -> None:
-        self.load = load
-        self.watch = watch
-        self.ticks = ticks
-        self.on_empty = on_empty
-        self.followers: list[Follower[V]] = []
-        self.latest: Context | None = None
-        self.task: asyncio.Task[None] | None = None
-
-    def join(self, follower: Follower[V]) -> None:
-        self.followers.append(follower)
-        if self.latest is not None:
-            follower.offer(self.latest)
-        if self.task is None or self.task.done():
-            self.task = asyncio.create_task(self._run())
-
-    def leave(self, follower: Follower[V]) -> None:
-        with contextlib.suppress(ValueError):
-            self.followers.remove(follower)
-        if not self.followers:
-            if self.task is not None:
-                self.task.cancel()
-            self.on_empty()
-
-    async def _run(self) -> None:
-        while self.followers:
-            reader = self.followers[0]
-            try:
-                async for _ in self.ticks(self.watch(reader.view)):
-                    self.latest = await self.load(reader.view)
-                    for follower in self.followers:
-                        follower.offer(self.latest)
-                error: BaseException = ClientError("UNAVAILABLE", "the API ended the watch")
-            except ClientError as e:
-                error = e
-            except Exception as e:  # e.g. the reader's channel, closed as its session ended
-                error = ClientError("UNAVAILABLE", str(e) or type(e).__name__)
-            if reader not in self.followers:
-                continue  # it left while reading: the next one reads
-            if isinstance(error, ClientError) and error.code == "UNAUTHENTICATED":
-                reader.offer(error)  # its own page signs out; the others go on
-                self.followers.remove(reader)
-                continue
-            for follower in self.followers:
-                follower.offer(error)
-            return
+CSRF_MARK = "csrf-of-this-session"  # in a shared rendering; each page gets its own token
 
 
-class Hubs(Generic[V]):
+class _Rendered:
+    """The live blocks of the newest context, rendered once per role and project: the
+    pages following one address share them (each with its own CSRF token put in). Live
+    blocks show what was loaded and the buttons of the role, nothing else of the session
+    (tests/unit/test_console_templates.py keeps it so)."""
+
     def __init__(self) -> None:
-        self._hubs: dict[str, Hub[V]] = {}
+        self._context: Mapping[str, Any] | None = None
+        self._by: dict[tuple[int, str, str], dict[str, str]] = {}
 
-    def __len__(self) -> int:
-        return len(self._hubs)
-
-    async def follow(
+    def get(
         self,
-        key: str,
-        view: V,
-        load: Callable[[V], Awaitable[Context]],
-        watch: Callable[[V], AsyncIterator[object]],
-        ticks: Callable[[AsyncIterator[object]], AsyncIterator[None]],
-        still_valid: Callable[[V], Awaitable[None]],
-    ) -> AsyncIterator[Context]:
-        """The contexts of the page at ``key``, for ``view``: the newest at once when the
-        page is already followed, then one per change. Raises the API's error when the
-        watch or a load fails, or when ``still_valid(view)`` does (checked at most every
-        RECHECK_S, and at least that often while nothing changes)."""
-        hub = self._hubs.get(key)
-        if hub is None:
-            hub = self._hubs[key] = Hub(load, watch, ticks, lambda: self._forget(key))
-        follower = Follower(view)
-        hub.join(follower)
-        try:
-            while True:
-                item = await follower.next(RECHECK_S)
-                if time.monotonic() - follower.checked >= RECHECK_S:
-                    await still_valid(view)
-                    follower.checked = time.monotonic()
-                if isinstance(item, BaseException):
-                    raise item
-                if item is not None:
-                    yield item
-        finally:
-            hub.leave(follower)
+        context: Mapping[str, Any],
+        view: View,
+        render: Callable[[View, Mapping[str, Any]], dict[str, str]],
+    ) -> dict[str, str]:
+        if context is not self._context:
+            self._context, self._by = context, {}
+        key = (int(view.session.caller.role), view.session.caller.project, view.project)
+        if key not in self._by:
+            self._by[key] = render(view, context)
+        return self._by[key]
 
-    def _forget(self, key: str) -> None:
-        hub = self._hubs.get(key)
-        if hub is not None and not hub.followers:
-            del self._hubs[key]
+
+async def _still_valid(view: View) -> None:
+    """Raises the API's UNAUTHENTICATED once the session's token is revoked or expired."""
+    await view.client.get_caller()
+
+
+def stream_route(
+    console: Console, events: Callable[[View], AsyncIterator[str]]
+) -> Callable[[Request], Awaitable[Response]]:
+    """A GET route answering with server-sent events: ``events(view)``'s, each already
+    framed by ``sse()``, with keep-alives; it ends with ``signed-out`` once the token no
+    longer works, and with ``failed`` (the API's reason) on any other refusal."""
+
+    async def route(request: Request) -> Response:
+        try:
+            view = await console.view(request)
+        except Denied:
+            return Response("signed out", status_code=401)
+
+        async def body() -> AsyncIterator[str]:
+            yield ": live\n\n"
+            try:
+                async for chunk in _with_keepalive(events(view)):
+                    yield chunk
+            except ClientError as e:
+                if e.code == "UNAUTHENTICATED":
+                    await console.sessions.end(view.session.id)
+                    yield sse("signed-out", {})
+                else:
+                    yield sse("failed", {"message": describe(e)})
+
+        return StreamingResponse(
+            body(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
+
+    return route
+
+
+def sse(event: str, data: Mapping[str, Any]) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+async def _coalesced(source: AsyncIterator[object]) -> AsyncIterator[None]:
+    """One tick per burst of ``source``'s items (the first at once, then at most one per
+    COALESCE_S); the source's error comes out of the iteration."""
+    changed = asyncio.Event()
+    failure: list[BaseException] = []
+
+    async def pump() -> None:
+        try:
+            async for _ in source:
+                changed.set()
+        except Exception as e:  # handed to the reader
+            failure.append(e)
+        if not failure:
+            failure.append(StopAsyncIteration())
+        changed.set()
+
+    task = asyncio.create_task(pump())
+    try:
+        while True:
+            await changed.wait()
+            await asyncio.sleep(COALESCE_S)
+            changed.clear()
+            if failure:
+                if not isinstance(failure[0], StopAsyncIteration):
+                    raise failure[0]
+                return
+            yield None
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+
+async def _with_keepalive(source: AsyncIterator[str]) -> AsyncIterator[str]:
+    iterator = source.__aiter__()
+    pending: asyncio.Task[str] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(iterator.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=KEEPALIVE_S)
+            if not done:
+                yield ": keep-alive\n\n"
+                continue
+            try:
+                chunk = pending.result()
+            except StopAsyncIteration:
+                return
+            finally:
+                pending = None
+            yield chunk
+    finally:
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(BaseException):
+                await aclose()

@@ -9,7 +9,7 @@ from typing import Any
 from starlette.datastructures import FormData
 from starlette.routing import BaseRoute
 
-from controlplane.console import kit
+from controlplane.console import forms, kit, live
 from controlplane.domain.access import AuditRecord, Role
 
 PAGE_SIZE = 50
@@ -124,13 +124,13 @@ async def audit(view: kit.View) -> dict[str, Any]:
 
 def routes(console: kit.Console) -> list[BaseRoute]:
     return [
-        *kit.page(console, "/projects/{project}/tokens", "tokens.html", tokens),
-        kit.action(console, "/projects/{project}/tokens", create_token),
-        kit.action(
+        *live.page(console, "/projects/{project}/tokens", "tokens.html", tokens),
+        forms.action(console, "/projects/{project}/tokens", create_token),
+        forms.action(
             console,
             "/projects/{project}/tokens/{token}/revoke",
             revoke_token,
             confirm=confirm_revoke,
         ),
-        *kit.page(console, "/projects/{project}/audit", "audit.html", audit),
+        *live.page(console, "/projects/{project}/audit", "audit.html", audit),
     ]

@@ -25,7 +25,7 @@ from starlette.responses import RedirectResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from controlplane.api.client import ClientError
-from controlplane.console import kit
+from controlplane.console import forms, kit, live
 from controlplane.console.pages.deployments import (
     Serving,
     parse_serving,
@@ -216,7 +216,7 @@ def build_events(console: kit.Console) -> Any:
                     batch.append(queue.get_nowait())
                 lines = [v.text for k, v in batch if k == "line" and v.number > after]
                 if lines:
-                    yield kit.sse("append", {"id": LOG_ID, "html": lines_html(lines)})
+                    yield live.sse("append", {"id": LOG_ID, "html": lines_html(lines)})
                 for kind, value in batch:
                     if kind == "error":
                         raise value
@@ -228,10 +228,10 @@ def build_events(console: kit.Console) -> Any:
                 for name, html in blocks.items():
                     if sent.get(name) != html:
                         sent[name] = html
-                        yield kit.sse("swap", {"id": name.replace("_", "-"), "html": html})
+                        yield live.sse("swap", {"id": name.replace("_", "-"), "html": html})
                 progress: Progress | None = context["progress"]
                 if log_ended and (progress is None or progress.finished):
-                    yield kit.sse("done", {})
+                    yield live.sse("done", {})
                     return
         finally:
             for task in tasks:
@@ -540,7 +540,7 @@ def deploy_route(console: kit.Console) -> Any:
                 error = f"The upload could not be read: {e.detail}"
         try:
             if form is not None:
-                checked = await kit.checked_form(console, request)
+                checked = await forms.checked_form(console, request)
                 if isinstance(checked, Response):
                     return checked
                 values = texts(form)
@@ -582,7 +582,7 @@ def deploy_route(console: kit.Console) -> Any:
 def routes(console: kit.Console) -> list[BaseRoute]:
     builds = MODEL + "/builds"
     return [
-        *kit.page(
+        *live.page(
             console,
             builds,
             "builds.html",
@@ -590,10 +590,10 @@ def routes(console: kit.Console) -> list[BaseRoute]:
             watch=kit.model_changes,
             live=("builds_table",),
         ),
-        *kit.page(console, builds + "/{build}", "build.html", load_build),
-        Route(builds + "/{build}/log", kit.stream_route(console, build_events(console))),
+        *live.page(console, builds + "/{build}", "build.html", load_build),
+        Route(builds + "/{build}/log", live.stream_route(console, build_events(console))),
         Route(builds + "/{build}/export", export_route(console), methods=["GET"]),
-        *kit.page(console, "/projects/{project}/deploy", "deploy.html", load_deploy),
-        *kit.page(console, MODEL + "/deploy", "deploy.html", load_deploy),
+        *live.page(console, "/projects/{project}/deploy", "deploy.html", load_deploy),
+        *live.page(console, MODEL + "/deploy", "deploy.html", load_deploy),
         Route("/projects/{project}/deploy", deploy_route(console), methods=["POST"]),
     ]

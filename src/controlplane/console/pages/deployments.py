@@ -19,7 +19,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from controlplane.api.client import ClientError
-from controlplane.console import kit
+from controlplane.console import forms, kit, live
 from controlplane.domain.errors import InvalidArgument
 from controlplane.domain.states import DeploymentState, ReplicaState
 from controlplane.domain.types import Deployment, Model, Resources, validate_environment
@@ -356,7 +356,7 @@ def redeploy_route(console: kit.Console) -> Any:
     with what was typed (never the secret values) and the reason."""
 
     async def route(request: Request) -> Response:
-        checked = await kit.checked_form(console, request)
+        checked = await forms.checked_form(console, request)
         if isinstance(checked, Response):
             return checked
         view, form = checked
@@ -400,7 +400,7 @@ def redeploy_route(console: kit.Console) -> Any:
 
 def routes(console: kit.Console) -> list[BaseRoute]:
     return [
-        *kit.page(
+        *live.page(
             console,
             BASE,
             "deployments.html",
@@ -408,7 +408,7 @@ def routes(console: kit.Console) -> list[BaseRoute]:
             watch=kit.model_changes,
             live=("deployments_table",),
         ),
-        *kit.page(console, BASE + "/{deployment}/redeploy", "redeploy.html", load_redeploy),
+        *live.page(console, BASE + "/{deployment}/redeploy", "redeploy.html", load_redeploy),
         Route(BASE + "/{deployment}/redeploy", redeploy_route(console), methods=["POST"]),
         Route(BASE + "/{deployment}/plan", plan_route(console), methods=["GET"]),
     ]

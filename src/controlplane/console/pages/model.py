@@ -17,7 +17,7 @@ from starlette.datastructures import FormData
 from starlette.routing import BaseRoute
 
 from controlplane.api.client import ClientError
-from controlplane.console import kit
+from controlplane.console import forms, kit, live
 from controlplane.domain.states import ModelState, OperationKind
 from controlplane.domain.types import Deployment, Model, Operation
 
@@ -283,7 +283,7 @@ async def send_test(view: kit.View, form: FormData) -> Answer:
     )
 
 
-def _test_box(console: kit.Console) -> kit.Fragment:
+def _test_box(console: kit.Console) -> forms.Fragment:
     async def act(view: kit.View, form: FormData) -> str:
         result = await send_test(view, form)
         model_id, base = _paths(view)
@@ -357,7 +357,7 @@ async def revoke_key(view: kit.View, form: FormData) -> str:
 def routes(console: kit.Console) -> list[BaseRoute]:
     model = "/projects/{project}/models/{model}"
     return [
-        *kit.page(
+        *live.page(
             console,
             model,
             "model.html",
@@ -365,11 +365,11 @@ def routes(console: kit.Console) -> list[BaseRoute]:
             watch=kit.model_changes,
             live=("model_actions", "model_status", "replicas", "operation"),
         ),
-        kit.action(console, f"{model}/stop", stop, confirm=confirm_stop),
-        kit.action(console, f"{model}/restart", restart, confirm=confirm_restart),
-        kit.action(console, f"{model}/cancel", cancel, confirm=confirm_cancel),
-        kit.fragment(console, f"{model}/test", _test_box(console)),
-        *kit.page(console, f"{model}/keys", "keys.html", load_keys),
-        kit.action(console, f"{model}/keys", create_key),
-        kit.action(console, f"{model}/keys/{{key}}/revoke", revoke_key, confirm=confirm_revoke),
+        forms.action(console, f"{model}/stop", stop, confirm=confirm_stop),
+        forms.action(console, f"{model}/restart", restart, confirm=confirm_restart),
+        forms.action(console, f"{model}/cancel", cancel, confirm=confirm_cancel),
+        forms.fragment(console, f"{model}/test", _test_box(console)),
+        *live.page(console, f"{model}/keys", "keys.html", load_keys),
+        forms.action(console, f"{model}/keys", create_key),
+        forms.action(console, f"{model}/keys/{{key}}/revoke", revoke_key, confirm=confirm_revoke),
     ]

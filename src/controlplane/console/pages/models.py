@@ -10,7 +10,7 @@ from typing import Any
 from starlette.routing import BaseRoute
 
 from controlplane.api.client import ClientError
-from controlplane.console import kit
+from controlplane.console import kit, live
 from controlplane.domain.types import Deployment, Model
 
 PAGE_SIZE = 50
@@ -96,7 +96,7 @@ async def watch(view: kit.View) -> Any:
 
 
 def routes(console: kit.Console) -> list[BaseRoute]:
-    return kit.page(
+    return live.page(
         console,
         "/projects/{project}/models",
         "models.html",

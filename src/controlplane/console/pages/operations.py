@@ -12,7 +12,7 @@ from urllib.parse import urlencode
 from starlette.datastructures import FormData
 from starlette.routing import BaseRoute
 
-from controlplane.console import kit
+from controlplane.console import forms, kit, live
 from controlplane.domain.states import OperationKind
 from controlplane.domain.types import Operation
 
@@ -137,7 +137,7 @@ async def cancel(view: kit.View, form: FormData) -> str:
 def routes(console: kit.Console) -> list[BaseRoute]:
     path = "/projects/{project}/models/{model}/operations"
     return [
-        *kit.page(
+        *live.page(
             console,
             path,
             "operations.html",
@@ -145,5 +145,5 @@ def routes(console: kit.Console) -> list[BaseRoute]:
             watch=kit.model_changes,
             live=("operations_table",),
         ),
-        kit.action(console, f"{path}/{{operation}}/cancel", cancel, confirm=confirm_cancel),
+        forms.action(console, f"{path}/{{operation}}/cancel", cancel, confirm=confirm_cancel),
     ]

@@ -17,7 +17,7 @@ from urllib.parse import urlencode
 
 from starlette.routing import BaseRoute, Route
 
-from controlplane.console import kit
+from controlplane.console import kit, live
 from controlplane.domain.figures import Figures, Point, ReplicaSeries, Series
 from controlplane.domain.names import build_label
 from controlplane.domain.types import LogLine
@@ -471,7 +471,7 @@ def follow(console: kit.Console) -> Callable[[kit.View], AsyncIterator[str]]:
                 "logs.html", view, {"lines": [LogRow.of(line)]}, ("log_rows",)
             )
             # The id lets the browser resume after this line when it reconnects.
-            yield f"id: {line.id}\n" + kit.sse(
+            yield f"id: {line.id}\n" + live.sse(
                 "append", {"id": "log-lines", "html": html["log_rows"]}
             )
 
@@ -481,7 +481,7 @@ def follow(console: kit.Console) -> Callable[[kit.View], AsyncIterator[str]]:
 def routes(console: kit.Console) -> list[BaseRoute]:
     model = "/projects/{project}/models/{model}"
     return [
-        *kit.page(
+        *live.page(
             console,
             f"{model}/monitoring",
             "monitoring.html",
@@ -489,6 +489,6 @@ def routes(console: kit.Console) -> list[BaseRoute]:
             watch=every_few_seconds,
             live=("monitoring_figures",),
         ),
-        *kit.page(console, f"{model}/logs", "logs.html", logs),
-        Route(f"{model}/logs/live", kit.stream_route(console, follow(console)), methods=["GET"]),
+        *live.page(console, f"{model}/logs", "logs.html", logs),
+        Route(f"{model}/logs/live", live.stream_route(console, follow(console)), methods=["GET"]),
     ]

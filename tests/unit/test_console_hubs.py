@@ -1,4 +1,4 @@
-"""Pages open on one address share one watch and one load per change (console/live.py),
+"""Pages open on one address share one watch and one load per change (console/hubs.py),
 with a fake watch and load: who reads, who gets what, and who is stopped."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from controlplane.api.client import ClientError
-from controlplane.console import live
-from controlplane.console.live import Context, Hubs
+from controlplane.console import hubs as hub_module
+from controlplane.console.hubs import Context, Hubs
 from tests.helpers import eventually
 
 
@@ -115,7 +115,7 @@ async def test_a_revoked_readers_page_stops_and_the_others_go_on() -> None:
 
 
 async def test_an_idle_page_of_a_revoked_token_stops(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(live, "RECHECK_S", 0.1)
+    monkeypatch.setattr(hub_module, "RECHECK_S", 0.1)
     api, hubs = Api(), Hubs[Page]()
     a, b = Page("a"), Page("b")
     ta, tb = follow(hubs, api, a), follow(hubs, api, b)
