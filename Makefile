@@ -17,7 +17,7 @@ demo: setup
 
 test: setup lint typecheck contract check-generated pytest
 
-# The edit-test loop, about 75 s: the unit tests and the integration tests on SQLite
+# The edit-test loop, about 2 minutes: the unit tests and the integration tests on SQLite
 # alone (no PostgreSQL, no Ray, no Node or Go, nothing marked slow). `make test` runs all.
 # The test deselected by name is buildah retrying a pull for 6 s (its file has no slow
 # marker yet).
