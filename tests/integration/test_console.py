@@ -26,7 +26,7 @@ async def test_pages_need_a_session_and_send_you_to_sign_in(console: ConsoleServ
     async with httpx.AsyncClient(base_url=console.url) as http:
         r = await http.get("/projects/default/models")
         assert r.status_code == 303
-        assert r.headers["location"] == "/sign-in?next=/projects/default/models"
+        assert r.headers["location"] == "/sign-in?next=%2Fprojects%2Fdefault%2Fmodels"
         live = await http.get("/projects/default/models/-live")
         assert live.status_code == 401
 
@@ -229,3 +229,60 @@ async def test_each_deployment_says_who_asked_for_it(secured: Server) -> None:
     async with console_of(secured.grpc_address) as console, web_of(console, admin) as web:
         page = await web.get("/projects/default/models/who/deployments")
         assert f'title="{who}"' in page.text and f'title="{admin_name}"' in page.text
+
+
+async def test_a_token_of_another_project_never_gets_its_live_pages(secured: Server) -> None:
+    """Pages on one address share their reads only among tokens that see the same
+    projects: project A's token asking for project B's stream is refused as the API
+    refuses it (not found), while B's own page follows its changes."""
+    admin = (secured.settings.data_dir / "admin.token").read_text().strip()
+    async with Client(secured.grpc_address, token=admin) as c:
+        await c.create_model("projects/b", "secret-plans", display_name="Secret plans")
+    of_b = await token_of(secured, Role.VIEWER, project="b")
+    of_a = await token_of(secured, Role.ADMIN, project="a")
+    async with (
+        console_of(secured.grpc_address) as console,
+        web_of(console, of_b) as web_b,
+        web_of(console, of_a) as web_a,
+    ):
+        seen_by_b: list[str] = []
+
+        async def follow_b() -> None:
+            async for name, data in events(web_b, "/projects/b/models/-live"):
+                if name == "swap":
+                    seen_by_b.append(data["html"])
+
+        task = asyncio.create_task(follow_b())
+        try:
+            await eventually("B's page follows", lambda: _contains(seen_by_b, "Secret plans"))
+            got: list[tuple[str, dict[str, str]]] = []
+            async for name, data in events(web_a, "/projects/b/models/-live"):
+                got.append((name, data))
+                if name != "swap":
+                    break
+            assert [n for n, _ in got] == ["failed"], got
+            assert "Not found" in got[0][1]["message"]
+            assert not any("Secret plans" in str(d) for _, d in got)
+        finally:
+            task.cancel()
+
+
+async def test_the_live_stream_keeps_the_pages_filter_and_sign_in_keeps_the_address(
+    console: ConsoleServer, server: Server, project: str
+) -> None:
+    async with Client(server.grpc_address) as c:
+        await c.create_model(project, "kept", display_name="Kept")
+        await c.create_model(project, "other", display_name="Other")
+    async with httpx.AsyncClient(base_url=console.url) as http:
+        asked = await http.get(f"/{project}/models", params={"filter": "kept & more"})
+        assert asked.status_code == 303
+        back = httpx.URL(asked.headers["location"]).params["next"]
+        assert back == f"/{project}/models?filter=kept+%26+more"
+        web = Web(http)
+        await web.sign_in(project=project.removeprefix("projects/"))
+        page = await web.get(f"/{project}/models", filter="kept")
+        assert f'data-live="/{project}/models/-live?filter=kept"' in page.text
+        odd = await web.get(f"/{project}/models", filter="kept", page="²")
+        assert odd.status_code == 200, "a page number that is not one: the first page"
+        bad = await web.get(f"/{project}/models", page="²")  # the API's own page token
+        assert bad.status_code == 400 and "Not valid" in bad.text

@@ -21,6 +21,7 @@ class Page:
 
     name: str
     valid: bool = True
+    closed: bool = False  # its session ended (signed out): its client no longer works
     got: list[int] = field(default_factory=list)
 
 
@@ -36,6 +37,8 @@ class Api:
         yield "current"
         while True:
             self.version = await self.changes.get()
+            if view.closed:  # its session ended: its channel is closed under the watch
+                raise ClientError("UNAVAILABLE", "the API stream was closed")
             if not view.valid:
                 raise ClientError("UNAUTHENTICATED", "revoked")
             yield "changed"
@@ -51,8 +54,8 @@ class Api:
 
     @staticmethod
     async def still_valid(view: Page) -> None:
-        if not view.valid:
-            raise ClientError("UNAUTHENTICATED", "revoked")
+        if not view.valid or view.closed:
+            raise ClientError("UNAUTHENTICATED", "revoked or signed out")
 
 
 def follow(hubs: Hubs[Page], api: Api, page: Page) -> asyncio.Task[BaseException | None]:
@@ -137,3 +140,34 @@ async def test_another_refusal_reaches_every_page() -> None:
     ta, tb = follow(hubs, api, a), follow(hubs, api, b)
     errors = await asyncio.wait_for(asyncio.gather(ta, tb), 5)
     assert [getattr(e, "code", e) for e in errors] == ["NOT_FOUND", "NOT_FOUND"]
+
+
+async def test_when_the_readers_session_ends_the_others_go_on() -> None:
+    """Its channel closes under the watch (an UNAVAILABLE, not a refusal of the page):
+    its own page stops, and the next follower reads."""
+    api, hubs = Api(), Hubs[Page]()
+    a, b = Page("a"), Page("b")
+    ta = follow(hubs, api, a)
+    await eventually("a reads", lambda: a.got == [0])
+    tb = follow(hubs, api, b)
+    await eventually("b follows", lambda: b.got == [0])
+    a.closed = True
+    await api.changes.put(5)
+    error = await asyncio.wait_for(ta, 5)
+    assert isinstance(error, ClientError) and error.code == "UNAUTHENTICATED"
+    await eventually("b reads now", lambda: api.watches == ["a", "b"])
+    await api.changes.put(6)
+    await eventually("b still gets changes", lambda: b.got[-1] == 6)
+    tb.cancel()
+
+
+async def test_when_the_reader_leaves_the_next_reads_at_once() -> None:
+    api, hubs = Api(), Hubs[Page]()
+    a, b = Page("a"), Page("b")
+    ta = follow(hubs, api, a)
+    await eventually("a reads", lambda: a.got == [0])
+    tb = follow(hubs, api, b)
+    await eventually("b follows", lambda: b.got == [0])
+    ta.cancel()
+    await eventually("b reads with its own token", lambda: api.watches == ["a", "b"])
+    tb.cancel()

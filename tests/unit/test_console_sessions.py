@@ -53,6 +53,17 @@ async def test_a_session_knows_its_caller_and_ends_on_sign_out() -> None:
     assert await store.get(s.id) is None and made[0].closed
 
 
+async def test_signing_in_again_ends_the_previous_session_and_expired_ones() -> None:
+    clock, made = Clock(), list[FakeClient]()
+    store = sessions(clock, made)
+    old = await store.sign_in("good")
+    abandoned = await store.sign_in("good")
+    clock.now += 61  # abandoned is idle too long; nobody asked for it since
+    new = await store.sign_in("good", previous=old.id)
+    assert new.id not in (old.id, abandoned.id)
+    assert len(store) == 1 and made[0].closed and made[1].closed
+
+
 async def test_a_refused_token_makes_no_session_and_closes_its_channel() -> None:
     clock, made = Clock(), list[FakeClient]()
     store = sessions(clock, made)

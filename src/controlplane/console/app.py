@@ -150,7 +150,7 @@ def _sign_in(console: kit.Console) -> Callable[[Request], object]:
             )
         token = str(form.get("token", "")).strip()
         try:
-            session = await console.sessions.sign_in(token)
+            session = await console.sessions.sign_in(token, request.cookies.get(COOKIE, ""))
         except ClientError as e:
             why = (
                 "That token is not valid (unknown, revoked or expired)."

@@ -58,11 +58,13 @@ class Hub(Generic[V]):
         load: Callable[[V], Awaitable[Context]],
         watch: Callable[[V], AsyncIterator[object]],
         ticks: Callable[[AsyncIterator[object]], AsyncIterator[None]],
+        still_valid: Callable[[V], Awaitable[None]],
         on_empty: Callable[[], None],
     ) -> None:
         self.load = load
         self.watch = watch
         self.ticks = ticks
+        self.still_valid = still_valid
         self.on_empty = on_empty
         self.followers: list[Follower[V]] = []
         self.latest: Context | None = None
@@ -76,12 +78,17 @@ class Hub(Generic[V]):
             self.task = asyncio.create_task(self._run())
 
     def leave(self, follower: Follower[V]) -> None:
+        was_reader = bool(self.followers) and self.followers[0] is follower
         with contextlib.suppress(ValueError):
             self.followers.remove(follower)
         if not self.followers:
             if self.task is not None:
                 self.task.cancel()
             self.on_empty()
+        elif was_reader:  # the next follower reads, with its own token, from now on
+            if self.task is not None:
+                self.task.cancel()
+            self.task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
         while self.followers:
@@ -98,13 +105,20 @@ class Hub(Generic[V]):
                 error = ClientError("UNAVAILABLE", str(e) or type(e).__name__)
             if reader not in self.followers:
                 continue  # it left while reading: the next one reads
-            if isinstance(error, ClientError) and error.code == "UNAUTHENTICATED":
-                reader.offer(error)  # its own page signs out; the others go on
+            if not (isinstance(error, ClientError) and error.code == "UNAUTHENTICATED"):
+                try:  # the reader's own session may be what failed (signed out meanwhile)
+                    await self.still_valid(reader.view)
+                except ClientError as e:
+                    error = e
+                except Exception as e:
+                    error = ClientError("UNAUTHENTICATED", str(e) or type(e).__name__)
+                else:  # a refusal every follower would get: the page is gone, say why
+                    for follower in self.followers:
+                        follower.offer(error)
+                    return
+            reader.offer(error)  # its own page stops (signs out); the others go on
+            with contextlib.suppress(ValueError):
                 self.followers.remove(reader)
-                continue
-            for follower in self.followers:
-                follower.offer(error)
-            return
 
 
 class Hubs(Generic[V]):
@@ -129,7 +143,7 @@ class Hubs(Generic[V]):
         RECHECK_S, and at least that often while nothing changes)."""
         hub = self._hubs.get(key)
         if hub is None:
-            hub = self._hubs[key] = Hub(load, watch, ticks, lambda: self._forget(key))
+            hub = self._hubs[key] = Hub(load, watch, ticks, still_valid, lambda: self._forget(key))
         follower = Follower(view)
         hub.join(follower)
         try:

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlencode
 
 import jinja2
 from starlette.requests import Request
@@ -200,8 +201,11 @@ def _default_project(session: Session) -> str:
 
 
 def sign_in_redirect(request: Request) -> RedirectResponse:
-    target = request.url.path
-    return RedirectResponse(f"/sign-in?next={target}" if target != "/" else "/sign-in", 303)
+    """To sign-in, and back to this page (its query too) once signed in."""
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    if target == "/":
+        return RedirectResponse("/sign-in", 303)
+    return RedirectResponse(f"/sign-in?{urlencode({'next': target})}", 303)
 
 
 def safe_path(path: str, default: str) -> str:

@@ -57,8 +57,10 @@ def page(
                 await console.sessions.end(view.session.id)
                 return sign_in_redirect(request)
             return console.error_page(view, e)
-        if watch is not None:
-            context = {"live_url": stream_path.format(**request.path_params), **context}
+        if watch is not None:  # the stream keeps the page's query (its filter, its page)
+            url = stream_path.format(**request.path_params)
+            query = request.url.query
+            context = {"live_url": f"{url}?{query}" if query else url, **context}
         return console.page_response(template, view, context)
 
     routes: list[BaseRoute] = [Route(path, full, methods=["GET"])]
@@ -67,10 +69,21 @@ def page(
 
         rendered = _Rendered()
 
+        async def still_valid(view: View) -> None:
+            """Raises UNAUTHENTICATED once the session has ended (signed out, idle, too
+            old) or the API refuses its token (revoked, expired)."""
+            if await console.sessions.get(view.session.id) is None:
+                raise ClientError("UNAUTHENTICATED", "the session has ended")
+            await view.client.get_caller()
+
         async def changes(view: View) -> AsyncIterator[str]:
             sent: dict[str, str] = {}
-            key = f"{view.request.url.path}?{view.request.query_params}"
-            async for context in hubs.follow(key, view, load, watch, _coalesced, _still_valid):
+            # Only pages whose tokens see the same projects share: a token of project A
+            # asking for project B's stream gets a hub of its own, whose reads the API
+            # refuses (NOT_FOUND), never B's data read by another token.
+            scope = view.session.caller.project
+            key = f"{scope}|{view.request.url.path}?{view.request.query_params}"
+            async for context in hubs.follow(key, view, load, watch, _coalesced, still_valid):
                 blocks = rendered.get(context, view, _blocks)
                 for name, html in blocks.items():
                     html = html.replace(CSRF_MARK, view.session.csrf)
@@ -110,11 +123,6 @@ class _Rendered:
         if key not in self._by:
             self._by[key] = render(view, context)
         return self._by[key]
-
-
-async def _still_valid(view: View) -> None:
-    """Raises the API's UNAUTHENTICATED once the session's token is revoked or expired."""
-    await view.client.get_caller()
 
 
 def stream_route(
@@ -165,11 +173,19 @@ async def _coalesced(source: AsyncIterator[object]) -> AsyncIterator[None]:
         try:
             async for _ in source:
                 changed.set()
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if me is not None and me.cancelling():
+                raise  # ours: the reader stopped
+            # grpc raises CancelledError when the stream's channel is closed under it
+            # (its session ended): to the reader, the stream is gone.
+            failure.append(ClientError("UNAVAILABLE", "the API stream was closed"))
         except Exception as e:  # handed to the reader
             failure.append(e)
-        if not failure:
+        else:
             failure.append(StopAsyncIteration())
-        changed.set()
+        finally:
+            changed.set()
 
     task = asyncio.create_task(pump())
     try:

@@ -64,8 +64,12 @@ class Sessions:
         self._clock = clock
         self._by_id: dict[str, Session] = {}
 
-    async def sign_in(self, token: str) -> Session:
-        """A new session for ``token``; raises the API's ClientError when it is not valid."""
+    async def sign_in(self, token: str, previous: str = "") -> Session:
+        """A new session for ``token`` (a fresh id: the ``previous`` one, if any, ends);
+        raises the API's ClientError when it is not valid. Expired sessions of others
+        end here too, so that abandoned ones do not keep their channels open."""
+        await self.end(previous)
+        await self.sweep()
         client = self._connect(token)
         try:
             caller = await client.get_caller()
@@ -95,6 +99,12 @@ class Sessions:
             return None
         session.seen = now
         return session
+
+    async def sweep(self) -> None:
+        now = self._clock()
+        for sid, s in list(self._by_id.items()):
+            if now - s.seen > self.idle_s or now - s.created > self.max_age_s:
+                await self.end(sid)
 
     async def end(self, sid: str) -> None:
         session = self._by_id.pop(sid, None)

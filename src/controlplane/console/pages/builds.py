@@ -188,7 +188,7 @@ def build_events(console: kit.Console) -> Any:
     the model changes, and ``done`` once the log has ended and the operation is done."""
 
     async def events(view: kit.View) -> AsyncIterator[str]:
-        after = int(view.query("after")) if view.query("after").isdigit() else 0
+        after = int(view.query("after")) if view.query("after").isdecimal() else 0
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
         async def read_log() -> None:
@@ -529,7 +529,7 @@ def deploy_route(console: kit.Console) -> Any:
         error, status, values = "", 400, {}
         form: FormData | None = None
         size = request.headers.get("content-length", "")
-        if size.isdigit() and int(size) > MAX_UPLOAD_BYTES + MAX_TEXT_FIELD:
+        if size.isdecimal() and int(size) > MAX_UPLOAD_BYTES + MAX_TEXT_FIELD:
             error = f"Too big: the console takes at most {size_text(MAX_UPLOAD_BYTES)} of code"
         else:
             try:  # read once with room for a folder's files; the CSRF check reuses it

@@ -75,7 +75,7 @@ async def load(view: kit.View) -> dict[str, Any]:
             scan = page.next_page_token
             if not scan:
                 break
-        start = int(token) if token.isdigit() else 0
+        start = int(token) if token.isdecimal() else 0
         chosen = found[start : start + PAGE_SIZE]
         nxt = str(start + PAGE_SIZE) if start + PAGE_SIZE < len(found) else ""
     else:

@@ -288,7 +288,7 @@ class ReplicaRow:
 
 def _build_order(item: tuple[str, Series]) -> tuple[int, str]:
     last = item[0].rsplit("/", 1)[-1]
-    return (-int(last) if last.isdigit() else 0, item[0])
+    return (-int(last) if last.isdecimal() else 0, item[0])
 
 
 async def monitoring(view: kit.View) -> dict[str, Any]:
@@ -360,7 +360,7 @@ class LogFilter:
 
 def log_filter(view: kit.View) -> LogFilter:
     tail_text = view.query("tail", str(DEFAULT_TAIL)).strip()
-    tail = int(tail_text) if tail_text.isdigit() else DEFAULT_TAIL
+    tail = int(tail_text) if tail_text.isdecimal() else DEFAULT_TAIL
     build = view.query("build").strip()
     return LogFilter(
         replica=view.query("replica").strip(),
@@ -441,9 +441,9 @@ def _cursor(view: kit.View) -> tuple[int, datetime]:
     """Where a follower starts: after the line numbered ``after`` (or the last one this
     stream sent before the browser reconnected), reading from ``since`` less the margin."""
     after_text = view.query("after", "0")
-    after = int(after_text) if after_text.isdigit() else 0
+    after = int(after_text) if after_text.isdecimal() else 0
     resumed = view.request.headers.get("last-event-id", "")
-    if resumed.isdigit():
+    if resumed.isdecimal():
         after = max(after, int(resumed))
     try:
         since = datetime.fromtimestamp(float(view.query("since", "")), UTC)

@@ -108,8 +108,16 @@
       body: body,
       headers: { "X-Requested-With": "fetch" },
       credentials: "same-origin",
-    }).then(function (r) { return r.text(); }).then(function (html) {
-      if (target) target.outerHTML = html;
+    }).then(function (r) {
+      // Signed out meanwhile: the sign-in page itself, not a piece of it.
+      if (r.redirected) { location.href = r.url; return null; }
+      if (!r.ok) {
+        if (target) target.textContent = "Refused (HTTP " + r.status + "): reload the page and try again.";
+        return null;
+      }
+      return r.text();
+    }).then(function (html) {
+      if (html !== null && target) target.outerHTML = html;
     }).catch(function (err) {
       if (target) target.textContent = "The console could not be reached: " + err;
     }).finally(function () { if (button) button.disabled = false; });
