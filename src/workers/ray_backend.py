@@ -456,6 +456,19 @@ class RayBackend:
             if self._address:
                 ray.init(address=self._address, logging_level=logging.WARNING, log_to_driver=False)
             else:
+                self._start_local()
+                self._owns_ray = True
+        started = _Serve.start(self._http_host, self._http_port)
+        self._collector = _start_collector()
+        _ray_logs_through_root()  # and any Ray logger that got its own handler since
+        return started
+
+    def _start_local(self) -> None:
+        """A local Ray of this process's own. Its raylet sometimes fails to register within
+        Ray's 30 s on a busy 2-core machine ("timed out during startup"): what was started
+        is stopped, and it is tried once more before the error stands."""
+        for attempt in (1, 2):
+            try:
                 ray.init(
                     num_cpus=int(self._num_cpus) if self._num_cpus >= 1 else 1,
                     num_gpus=int(self._num_gpus),
@@ -465,11 +478,12 @@ class RayBackend:
                     log_to_driver=False,
                     _system_config={"metrics_report_interval_ms": METRICS_REPORT_MS},
                 )
-                self._owns_ray = True
-        started = _Serve.start(self._http_host, self._http_port)
-        self._collector = _start_collector()
-        _ray_logs_through_root()  # and any Ray logger that got its own handler since
-        return started
+                return
+            except Exception as e:
+                ray.shutdown()  # the GCS and whatever else did start
+                if attempt == 2 or "timed out during startup" not in str(e):
+                    raise
+                log.warning("the local Ray did not start (%s); starting it again", e)
 
     async def close(self) -> None:
         async with self._lock:
