@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +59,20 @@ class Web:
 
     async def get(self, path: str, **params: Any) -> httpx.Response:
         return await self.http.get(path, params=params)
+
+    async def events(
+        self, path: str, headers: Mapping[str, str] | None = None
+    ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """A live stream of the console (server-sent events), as (event, data) pairs."""
+        async with self.http.stream("GET", path, headers=headers, timeout=None) as r:
+            assert r.status_code == 200
+            assert r.headers["content-type"].startswith("text/event-stream")
+            name = ""
+            async for line in r.aiter_lines():
+                if line.startswith("event: "):
+                    name = line.removeprefix("event: ")
+                elif line.startswith("data: "):
+                    yield name, json.loads(line.removeprefix("data: "))
 
     async def post(self, path: str, **data: Any) -> httpx.Response:
         """A form post with this session's CSRF token; ``confirmed`` is yes unless given."""

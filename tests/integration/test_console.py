@@ -5,7 +5,6 @@ pages, live updates) and roles. Clicks in a real browser are in tests/browser.""
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -111,26 +110,13 @@ async def test_the_models_page_filters_and_pages(web: Web, server: Server, proje
     assert "No model matches" in none.text
 
 
-async def events(web: Web, path: str) -> AsyncIterator[tuple[str, dict[str, str]]]:
-    """The page's live stream, as (event, data) pairs."""
-    async with web.http.stream("GET", path, timeout=None) as r:
-        assert r.status_code == 200
-        assert r.headers["content-type"].startswith("text/event-stream")
-        name = ""
-        async for line in r.aiter_lines():
-            if line.startswith("event: "):
-                name = line.removeprefix("event: ")
-            elif line.startswith("data: "):
-                yield name, json.loads(line.removeprefix("data: "))
-
-
 async def test_a_change_made_elsewhere_reaches_an_open_models_page_at_once(
     web: Web, server: Server, project: str
 ) -> None:
     seen: list[str] = []
 
     async def follow() -> None:
-        async for name, data in events(web, f"/{project}/models/-live"):
+        async for name, data in web.events(f"/{project}/models/-live"):
             if name == "swap" and data["id"] == "models-table":
                 seen.append(data["html"])
 
@@ -248,7 +234,7 @@ async def test_a_token_of_another_project_never_gets_its_live_pages(secured: Ser
         seen_by_b: list[str] = []
 
         async def follow_b() -> None:
-            async for name, data in events(web_b, "/projects/b/models/-live"):
+            async for name, data in web_b.events("/projects/b/models/-live"):
                 if name == "swap":
                     seen_by_b.append(data["html"])
 
@@ -256,7 +242,7 @@ async def test_a_token_of_another_project_never_gets_its_live_pages(secured: Ser
         try:
             await eventually("B's page follows", lambda: _contains(seen_by_b, "Secret plans"))
             got: list[tuple[str, dict[str, str]]] = []
-            async for name, data in events(web_a, "/projects/b/models/-live"):
+            async for name, data in web_a.events("/projects/b/models/-live"):
                 got.append((name, data))
                 if name != "swap":
                     break

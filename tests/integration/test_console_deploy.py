@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import os
 import shutil
 import tarfile
@@ -92,23 +91,10 @@ async def serving_now(c: Client, model: str) -> Deployment:
     return await eventually(f"{model} deployed", deployed, timeout=30)
 
 
-async def events(web: Web, path: str) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-    """A server-sent event stream of the console, as (event, data) pairs."""
-    async with web.http.stream("GET", path, timeout=None) as r:
-        assert r.status_code == 200
-        assert r.headers["content-type"].startswith("text/event-stream")
-        name = ""
-        async for line in r.aiter_lines():
-            if line.startswith("event: "):
-                name = line.removeprefix("event: ")
-            elif line.startswith("data: "):
-                yield name, json.loads(line.removeprefix("data: "))
-
-
 async def until_done(web: Web, path: str) -> list[tuple[str, dict[str, Any]]]:
     seen: list[tuple[str, dict[str, Any]]] = []
     async with asyncio.timeout(60):
-        async for name, data in events(web, path):
+        async for name, data in web.events(path):
             seen.append((name, data))
             assert name not in ("failed", "signed-out"), data
             if name == "done":

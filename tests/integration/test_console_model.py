@@ -24,7 +24,7 @@ from controlplane.server import Server
 from tests.helpers import eventually
 from tests.helpers.api import MODEL_V1, fake_settings, running, zip_bytes
 from tests.helpers.console import Web, console_of, field, web_of
-from tests.integration.test_console import events, token_of
+from tests.integration.test_console import token_of
 from workers.fake_backend import FakeBackend
 from workers.model_app import UNAUTHORIZED, KeyCheck, invoke
 
@@ -180,7 +180,7 @@ async def test_the_replicas_block_follows_a_change_made_elsewhere(
         swaps: dict[str, list[str]] = {}
 
         async def follow() -> None:
-            async for name, data in events(web, f"{overview(project)}/live"):
+            async for name, data in web.events(f"{overview(project)}/live"):
                 if name == "swap":
                     swaps.setdefault(data["id"], []).append(data["html"])
 

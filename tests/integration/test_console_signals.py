@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import html
-import json
 import re
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -184,7 +183,7 @@ async def test_monitoring_refreshes_on_an_open_page(
     seen: list[str] = []
 
     async def follow() -> None:
-        async for name, data in stream(web, f"{s.path}/monitoring/live?window=5m"):
+        async for name, data in web.events(f"{s.path}/monitoring/live?window=5m"):
             if name == "swap" and data["id"] == "monitoring-figures":
                 seen.append(html.unescape(data["html"]))
 
@@ -259,21 +258,6 @@ async def test_logs_show_the_lines_with_their_request_ids_and_filter_by_replica(
     assert await lines_shown(web, path, 1, tail="1")
 
 
-async def stream(
-    web: Web, path: str, headers: Mapping[str, str] | None = None
-) -> AsyncIterator[tuple[str, dict[str, str]]]:
-    """A live stream's (event, data) pairs."""
-    async with web.http.stream("GET", path, headers=headers, timeout=None) as r:
-        assert r.status_code == 200
-        assert r.headers["content-type"].startswith("text/event-stream")
-        name = ""
-        async for text in r.aiter_lines():
-            if text.startswith("event: "):
-                name = text.removeprefix("event: ")
-            elif text.startswith("data: "):
-                yield name, json.loads(text.removeprefix("data: "))
-
-
 def appended(sent: list[dict[str, str]]) -> list[str]:
     """The texts of the lines appended so far, in order."""
     out = []
@@ -296,7 +280,7 @@ async def test_the_live_log_sends_each_new_line_once_and_none_already_shown(
     sent: list[dict[str, str]] = []
 
     async def follow(into: list[dict[str, str]], headers: Mapping[str, str] | None) -> None:
-        async for name, data in stream(web, url, headers):
+        async for name, data in web.events(url, headers):
             if name == "append":
                 into.append(data)
 
