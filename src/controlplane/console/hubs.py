@@ -1,6 +1,7 @@
-"""Live pages that share their work: every page open on the same address (path and query)
-follows one API watch and is re-loaded once per change, whoever opened it; each page then
-renders what was loaded for its own session (its CSRF token, its role's buttons).
+"""Live pages that share their work: every page open on the same key (live.py makes it of
+the address, path and query, and the projects the token sees) follows one API watch and
+is re-loaded once per change, whoever opened it; each page then renders what was loaded
+for its own session (its CSRF token, its role's buttons).
 
 What a page shows is read through one of its followers' tokens (the "reader"). Every token
 that may see a project's pages reads the same data (reads need only the viewer role of that

@@ -4,7 +4,8 @@ A page is a template, a ``load`` that asks the API for what it shows, and option
 ``watch`` (an API stream that says when it changed) with the names of the template blocks
 that change: ``page()`` makes its GET route and its event stream, which re-loads and sends
 each changed block (``<… id="block-name">``) to the page's own script to swap in place.
-Pages open on the same address share their watch and loads (``hubs.py``).
+Pages open on the same address, by tokens that see the same projects, share their watch
+and loads (``hubs.py``).
 """
 
 from __future__ import annotations
