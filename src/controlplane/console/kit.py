@@ -5,11 +5,12 @@ Pages and their live streams are made by ``live.py``, forms that change somethin
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 import jinja2
@@ -20,9 +21,10 @@ from controlplane.api.client import Client, ClientError
 from controlplane.console.sessions import COOKIE, Session, Sessions
 from controlplane.domain.access import Role
 from controlplane.domain.states import ReplicaState
-from controlplane.domain.types import Deployment
+from controlplane.domain.types import Deployment, Model, Page
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -70,6 +72,17 @@ async def model_changes(view: View) -> AsyncIterator[object]:
     """A watch for the pages of one model: each of its events (what changed is re-loaded)."""
     async for event in view.client.watch_model(view.model):
         yield event
+
+
+async def model_and_page(
+    view: View, lister: Callable[[str, int, str], Awaitable[Page[T]]], size: int
+) -> tuple[Model, Page[T]]:
+    """The model the path names and one page (``?page=``) of what ``lister`` lists of it,
+    e.g. ``view.client.list_builds``, both asked for at once."""
+    model, page = await asyncio.gather(
+        view.client.get_model(view.model), lister(view.model, size, view.query("page"))
+    )
+    return model, page
 
 
 def running(deployment: Deployment | None) -> int:

@@ -88,11 +88,7 @@ def build_name(view: kit.View) -> str:
 
 
 async def load_list(view: kit.View) -> dict[str, Any]:
-    token = view.query("page")
-    model, page = await asyncio.gather(
-        view.client.get_model(view.model),
-        view.client.list_builds(view.model, PAGE_SIZE, token),
-    )
+    model, page = await kit.model_and_page(view, view.client.list_builds, PAGE_SIZE)
     return {
         "title": f"Builds of {view.model_id}",
         "model": model,

@@ -255,11 +255,7 @@ class Row:
 
 
 async def load_list(view: kit.View) -> dict[str, Any]:
-    token = view.query("page")
-    model, page = await asyncio.gather(
-        view.client.get_model(view.model),
-        view.client.list_deployments(view.model, PAGE_SIZE, token),
-    )
+    model, page = await kit.model_and_page(view, view.client.list_deployments, PAGE_SIZE)
     return {
         "title": f"Deployments of {view.model_id}",
         "model": model,

@@ -298,11 +298,7 @@ def _test_box(console: kit.Console) -> forms.Fragment:
 
 
 async def load_keys(view: kit.View) -> dict[str, Any]:
-    token = view.query("page")
-    model, keys = await asyncio.gather(
-        view.client.get_model(view.model),
-        view.client.list_invocation_keys(view.model, KEYS_PAGE_SIZE, token),
-    )
+    model, keys = await kit.model_and_page(view, view.client.list_invocation_keys, KEYS_PAGE_SIZE)
     model_id, base = _paths(view)
     flashes = view.session.take_flashes()
     return {

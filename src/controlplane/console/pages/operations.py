@@ -4,7 +4,6 @@ cancelled (deployers, with a confirmation). Live from the model's watch."""
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -92,10 +91,7 @@ class Row:
 
 async def load(view: kit.View) -> dict[str, Any]:
     token = view.query("page")
-    model, page = await asyncio.gather(
-        view.client.get_model(view.model),
-        view.client.list_operations(view.model, PAGE_SIZE, token),
-    )
+    model, page = await kit.model_and_page(view, view.client.list_operations, PAGE_SIZE)
     base = f"{view.model_path}/operations"
     return {
         "title": f"Operations · {kit.last(model.name)}",
@@ -105,7 +101,6 @@ async def load(view: kit.View) -> dict[str, Any]:
         "next_page": page.next_page_token,
         "this_page": token,
         "back": f"{base}?{urlencode({'page': token})}" if token else base,
-        "live_url": f"{base}/live" + (f"?{urlencode({'page': token})}" if token else ""),
     }
 
 
