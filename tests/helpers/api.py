@@ -78,6 +78,9 @@ def zip_bytes(files: dict[str, str]) -> bytes:
 
 MODEL_V1 = "def predict(body):\n    return {'echo': body, 'version': 1}\n"
 MODEL_V2 = "def classify(body):\n    return {'echo': body, 'version': 2}\n"
+# A model whose import takes a minute: its build is still running while a test acts on it
+# (cancels it, stops the server); the tests wait on conditions, never on this.
+SLOW_IMPORT = "import time\ntime.sleep(60)\ndef predict(body):\n    return body\n"
 
 
 async def upload(stub: Stub, parent: str, data: bytes, chunk: int = 1000) -> pb.Source:

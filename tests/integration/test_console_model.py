@@ -22,14 +22,13 @@ from controlplane.domain.states import ModelState, ReplicaState
 from controlplane.domain.types import Deployment, DeployOptions, Model, Resources
 from controlplane.server import Server
 from tests.helpers import eventually
-from tests.helpers.api import MODEL_V1, fake_settings, running, zip_bytes
+from tests.helpers.api import MODEL_V1, SLOW_IMPORT, fake_settings, running, zip_bytes
 from tests.helpers.console import Web, console_of, field, web_of
 from tests.integration.test_console import token_of
 from workers.fake_backend import FakeBackend
 from workers.model_app import UNAUTHORIZED, KeyCheck, invoke
 
 # The build's import check prints, then sleeps: the build runs until it is cancelled.
-SLOW = "import time\ntime.sleep(60)\ndef predict(body):\n    return body\n"
 
 
 async def deploy(
@@ -210,7 +209,7 @@ async def test_a_running_build_is_cancelled_from_the_overview(
     assert isinstance(server.backend, FakeBackend)
     async with Client(server.grpc_address) as c:
         model = await c.create_model(project, "slow")
-        source = await c.upload_source(model.name, zip_bytes({"model.py": SLOW}))
+        source = await c.upload_source(model.name, zip_bytes({"model.py": SLOW_IMPORT}))
         op = await c.create_build(model.name, source.sha256, "model.py", "predict")
         path = overview(project, "slow")
         page = await web.get(path)
@@ -234,7 +233,7 @@ async def test_an_operation_of_another_model_is_not_cancelled_here(
     async with Client(server.grpc_address) as c:
         await c.create_model(project, "iris")
         other = await c.create_model(project, "slow")
-        source = await c.upload_source(other.name, zip_bytes({"model.py": SLOW}))
+        source = await c.upload_source(other.name, zip_bytes({"model.py": SLOW_IMPORT}))
         op = await c.create_build(other.name, source.sha256, "model.py", "predict")
         try:
             path = overview(project)

@@ -18,13 +18,12 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from modellifecycle.v1 import service_pb2 as rpc
 from modellifecycle.v1 import service_pb2_grpc
 from tests.helpers import eventually
-from tests.helpers.api import build, create_model, resources, start_build
+from tests.helpers.api import SLOW_IMPORT, build, create_model, resources, start_build
 from tests.helpers.servers import MODELCTL, metric
 
 pytestmark = pytest.mark.slow  # a server process, and an RPC that waits seconds
 
 # An import that takes a minute (what is tested: an RPC waiting for it is in flight).
-SLOW_IMPORT = "import time\ntime.sleep(60)\ndef predict(body):\n    return body\n"
 
 
 class Proc:

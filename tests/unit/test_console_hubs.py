@@ -72,6 +72,18 @@ def follow(hubs: Hubs[Page], api: Api, page: Page) -> asyncio.Task[BaseException
     return asyncio.create_task(run())
 
 
+async def a_reads_b_follows(
+    hubs: Hubs[Page], api: Api
+) -> tuple[Page, Page, asyncio.Task[BaseException | None], asyncio.Task[BaseException | None]]:
+    """Page a opens first (it reads), then page b; each has had its first context."""
+    a, b = Page("a"), Page("b")
+    ta = follow(hubs, api, a)
+    await eventually("a reads", lambda: a.got == [0])
+    tb = follow(hubs, api, b)
+    await eventually("b follows", lambda: b.got == [0])
+    return a, b, ta, tb
+
+
 async def test_pages_on_one_address_share_one_watch_and_one_load_per_change() -> None:
     api, hubs = Api(), Hubs[Page]()
     a, b = Page("a"), Page("b")
@@ -89,11 +101,7 @@ async def test_pages_on_one_address_share_one_watch_and_one_load_per_change() ->
 
 async def test_when_the_reader_leaves_the_next_page_reads() -> None:
     api, hubs = Api(), Hubs[Page]()
-    a, b = Page("a"), Page("b")
-    ta = follow(hubs, api, a)
-    await eventually("a reads", lambda: a.got == [0])
-    tb = follow(hubs, api, b)
-    await eventually("b follows", lambda: b.got == [0])
+    _, b, ta, tb = await a_reads_b_follows(hubs, api)
     ta.cancel()
     await api.changes.put(2)
     await eventually("b still gets changes", lambda: b.got[-1] == 2, timeout=5)
@@ -102,11 +110,7 @@ async def test_when_the_reader_leaves_the_next_page_reads() -> None:
 
 async def test_a_revoked_readers_page_stops_and_the_others_go_on() -> None:
     api, hubs = Api(), Hubs[Page]()
-    a, b = Page("a"), Page("b")
-    ta = follow(hubs, api, a)
-    await eventually("a reads", lambda: a.got == [0])
-    tb = follow(hubs, api, b)
-    await eventually("b follows", lambda: b.got == [0])
+    a, b, ta, tb = await a_reads_b_follows(hubs, api)
     a.valid = False
     await api.changes.put(3)
     error = await asyncio.wait_for(ta, 5)
@@ -146,11 +150,7 @@ async def test_when_the_readers_session_ends_the_others_go_on() -> None:
     """Its channel closes under the watch (an UNAVAILABLE, not a refusal of the page):
     its own page stops, and the next follower reads."""
     api, hubs = Api(), Hubs[Page]()
-    a, b = Page("a"), Page("b")
-    ta = follow(hubs, api, a)
-    await eventually("a reads", lambda: a.got == [0])
-    tb = follow(hubs, api, b)
-    await eventually("b follows", lambda: b.got == [0])
+    a, b, ta, tb = await a_reads_b_follows(hubs, api)
     a.closed = True
     await api.changes.put(5)
     error = await asyncio.wait_for(ta, 5)
@@ -163,11 +163,7 @@ async def test_when_the_readers_session_ends_the_others_go_on() -> None:
 
 async def test_when_the_reader_leaves_the_next_reads_at_once() -> None:
     api, hubs = Api(), Hubs[Page]()
-    a, b = Page("a"), Page("b")
-    ta = follow(hubs, api, a)
-    await eventually("a reads", lambda: a.got == [0])
-    tb = follow(hubs, api, b)
-    await eventually("b follows", lambda: b.got == [0])
+    _, _, ta, tb = await a_reads_b_follows(hubs, api)
     ta.cancel()
     await eventually("b reads with its own token", lambda: api.watches == ["a", "b"])
     tb.cancel()
