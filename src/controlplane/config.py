@@ -69,6 +69,7 @@ class Settings:
     # count as refused. -1: no limit (they wait).
     max_queued_requests: int = -1
     signals_interval_s: float = 1.0
+    rollout_interval_s: float = 1.0  # how often canary and shadow steps are judged
     health_interval_s: float = 10.0
     health_rules: HealthRules = field(default_factory=HealthRules)
     model_log_bytes: int = 10 * MiB

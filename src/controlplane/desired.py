@@ -6,11 +6,11 @@ from dataclasses import replace
 
 from sqlmodel import Session, col, select
 
-from controlplane.domain import names
+from controlplane.domain import names, traffic
 from controlplane.domain.states import BuildState
 from controlplane.storage import repo
 from controlplane.storage.tables import BuildRow, DeploymentRow, InvocationKeyRow, ModelRow
-from workers.backend import AppSpec, EndpointAccess, app_name_for
+from workers.backend import AppSpec, EndpointAccess, TrafficShare, app_name_for, candidate_app_for
 
 
 def app_spec(model: ModelRow, dep: DeploymentRow, build: BuildRow) -> AppSpec:
@@ -44,6 +44,42 @@ def endpoint_keys(s: Session) -> dict[str, tuple[str, ...]]:
     return {model: tuple(hashes) for model, hashes in keys.items()}
 
 
+def candidate_spec(s: Session, model: ModelRow, split: traffic.Split) -> AppSpec | None:
+    """The application of a model's second live deployment, when it should run: reached
+    only from the model's own application, its figures reported under the model's."""
+    dep = repo.maybe_deployment_row(s, split.candidate)
+    if dep is None or dep.state not in repo.SERVING_DEPLOYMENTS:
+        return None
+    build = repo.build_row(s, dep.build)
+    if build.state != BuildState.BUILT.value:
+        return None
+    n = names.parse_model(model.name)
+    main = app_spec(model, dep, build)
+    return replace(
+        main,
+        app_name=candidate_app_for(n.project, n.model),
+        route_prefix=None,
+        signals_app=main.app_name,
+    )
+
+
+def with_split(s: Session, model: ModelRow, main: AppSpec) -> list[AppSpec]:
+    """The model's application, and while two deployments are live (``ModelRow.traffic``)
+    the candidate's, with the share the stable build's replicas send it."""
+    split = traffic.split_from_json(model.traffic)
+    candidate = candidate_spec(s, model, split) if split is not None else None
+    if split is None or candidate is None:
+        return [main]
+    share = TrafficShare(
+        from_build=split.stable_build,
+        to_app=candidate.app_name,
+        percent=split.percent,
+        shadow=split.shadow,
+        sticky_header=split.sticky_header,
+    )
+    return [replace(main, share=share), replace(candidate, access=main.access)]
+
+
 def desired_apps(s: Session, open_endpoints: bool = False) -> list[AppSpec]:
     """Every application that should run; ``open_endpoints`` (--insecure-no-auth): their
     endpoints take requests without an invocation key."""
@@ -56,10 +92,11 @@ def desired_apps(s: Session, open_endpoints: bool = False) -> list[AppSpec]:
         .where(BuildRow.state == BuildState.BUILT.value)
         .order_by(col(ModelRow.id))
     ).all()
-    return [
-        replace(
+    apps: list[AppSpec] = []
+    for m, d, b in rows:
+        main = replace(
             app_spec(m, d, b),
             access=EndpointAccess(open=open_endpoints, key_hashes=keys.get(m.name, ())),
         )
-        for m, d, b in rows
-    ]
+        apps.extend(with_split(s, m, main) if m.traffic else [main])
+    return apps

@@ -25,11 +25,18 @@ from controlplane.domain import names
 from controlplane.domain.decisions import Limits, Observation, ServeStatus
 from controlplane.domain.states import ModelState, ReplicaState
 from controlplane.domain.types import Replica
+from controlplane.lifecycle import traffic
 from controlplane.storage import repo
 from controlplane.storage.changes import Changes, now
 from controlplane.storage.db import Database
 from controlplane.storage.tables import ModelRow
-from workers.backend import AppObservation, Backend, ReplicaStatus, app_name_for
+from workers.backend import (
+    AppObservation,
+    Backend,
+    ReplicaStatus,
+    app_name_for,
+    candidate_app_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +129,11 @@ class Reconciler:
             n = names.parse_model(model_name)
             app = observed.get(app_name_for(n.project, n.model))
             obs = observation(app) if app is not None else None
+            other = observed.get(candidate_app_for(n.project, n.model))
+            second = observation(other) if other is not None else None
             with logs.about(model=model_name, operation=operation):
                 try:
-                    await asyncio.to_thread(self.reconcile, model_name, obs)
+                    await asyncio.to_thread(self.reconcile, model_name, obs, second)
                 except Exception as e:
                     log.exception("reconciler: model %s", model_name)
                     why = f"{type(e).__name__}: {e}"
@@ -164,7 +173,10 @@ class Reconciler:
 
     # ---- one model -------------------------------------------------------------------------
 
-    def reconcile(self, model_name: str, obs: Observation | None) -> None:
+    def reconcile(
+        self, model_name: str, obs: Observation | None, second: Observation | None = None
+    ) -> None:
+        """``second``: the application of the model's second live build, if Serve has one."""
         with self.db.write() as tx:
             c = Changes(tx, self.http_base)
             model = c.session.exec(select(ModelRow).where(ModelRow.name == model_name)).first()
@@ -180,7 +192,10 @@ class Reconciler:
                 model.name, obs
             ):
                 lifecycle.app_missing(c, dep)
-            if state is ModelState.DEPLOYING:
+            split = traffic.splits(model)
+            if split is not None:  # two builds live: both applications are followed
+                traffic.observed(c, model, split, obs, second, now(), self.limits)
+            elif state is ModelState.DEPLOYING:
                 lifecycle.rollout_observed(c, model, dep, obs, now(), self.limits)
             elif state is ModelState.DEPLOYED and obs is not None:
                 lifecycle.serving_observed(c, model, dep, obs)

@@ -23,6 +23,7 @@ from controlplane.exports import Exporter
 from controlplane.gc import Collector
 from controlplane.metrics import Figures, Metrics, MetricsEndpoint
 from controlplane.reconciler import Reconciler
+from controlplane.rollouts import Rollouts
 from controlplane.service import Service
 from controlplane.signals import Signals
 from controlplane.sources import SourceStore
@@ -79,6 +80,7 @@ class Server:
         self.reconciler: Reconciler | None = None
         self.collector: Collector | None = None
         self.signals: Signals | None = None
+        self.rollouts: Rollouts | None = None
         self.metrics: Metrics | None = None
         self._metrics_endpoint: MetricsEndpoint | None = None
         self._stop_tracing: Callable[[], None] | None = None
@@ -139,6 +141,8 @@ class Server:
         await self.collector.start()
         self.signals = Signals(self.db, self.backend, s)
         await self.signals.start()
+        self.rollouts = Rollouts(self.db, self.signals, http_base, s.rollout_interval_s)
+        await self.rollouts.start()
 
         access = Access(self.db)
         if s.insecure_no_auth:
@@ -226,7 +230,8 @@ class Server:
             await self._health.enter_graceful_shutdown()
         if self._grpc is not None:
             await self._grpc.stop(grace)  # drains in-flight RPCs
-        for part in (self.signals, self.collector, self.reconciler, self.dispatcher, self.hub):
+        parts = (self.rollouts, self.signals, self.collector, self.reconciler, self.dispatcher)
+        for part in (*parts, self.hub):
             if part is not None:
                 await part.stop()
         if self._metrics_endpoint is not None:

@@ -20,6 +20,7 @@ from sqlmodel import Session, SQLModel, col, select
 
 from controlplane import lifecycle
 from controlplane.domain import names
+from controlplane.domain import traffic as tr
 from controlplane.domain.errors import (
     Aborted,
     AlreadyExists,
@@ -31,6 +32,7 @@ from controlplane.domain.errors import (
 )
 from controlplane.domain.redaction import redact
 from controlplane.domain.states import BuildState, DeploymentState, ModelState
+from controlplane.domain.traffic import Strategy
 from controlplane.domain.transitions import Verb, check_verb
 from controlplane.domain.types import (
     Build,
@@ -44,6 +46,7 @@ from controlplane.domain.types import (
     Source,
     validate_environment,
 )
+from controlplane.lifecycle import traffic
 from controlplane.sources import SourceStore
 from controlplane.storage import model_logs, repo
 from controlplane.storage.changes import Changes, now
@@ -550,10 +553,21 @@ class Service:
         request_id: str,
         secrets: dict[str, str] | None = None,
         creator: str = "",
+        strategy: Strategy | None = None,
     ) -> Operation:
         """``creator``: who asks (the deployment records it; not part of the request's
-        fingerprint: a retry by another token is still the same request)."""
+        fingerprint: a retry by another token is still the same request). ``strategy``:
+        how it takes over (IMMEDIATE; CANARY or SHADOW: ``traffic.begin_rollout``)."""
         secrets = secrets or {}
+        strategy = strategy or Strategy()
+        found = strategy.violations("rollout")
+        if found:
+            raise InvalidArgument(
+                message="; ".join(f"{v.field}: {v.description}" for v in found),
+                reason="INVALID_ROLLOUT",
+                metadata={"field": found[0].field},
+                violations=tuple(found),
+            )
         model_name = str(names.parse_model(parent, "parent"))
         build_name = names.parse_build(build, "build")
         if str(build_name.parent) != model_name:
@@ -566,7 +580,13 @@ class Service:
         _check_secrets(environment, secrets)
         _check_request_id(request_id)
         # A request without secrets keeps its old fingerprint (earlier ids still match).
-        fp = _fingerprint(build, resources, environment, *([secrets] if secrets else []))
+        fp = _fingerprint(
+            build,
+            resources,
+            environment,
+            *([secrets] if secrets else []),
+            *([strategy] if strategy.judged else []),
+        )
 
         def create(c: Changes) -> tuple[Operation, str]:
             model = repo.model_row(c.session, model_name)
@@ -580,7 +600,10 @@ class Service:
             if wanted is None:
                 wanted = repo.resources_of(current) if current else Resources()
             dep = self._deployment_row(c, model, build, wanted, environment, secrets, creator)
-            op = lifecycle.begin_deploy(c, model, dep)
+            if strategy.judged:
+                op = traffic.begin_rollout(c, model, dep, strategy)
+            else:
+                op = lifecycle.begin_deploy(c, model, dep)
             return repo.to_operation(op), op.name
 
         return self._idempotent(
@@ -653,15 +676,90 @@ class Service:
 
         return self._idempotent("RestartModel", name, request_id, "", _replay_operation, restart)
 
-    # ---- operations ------------------------------------------------------------------------
+    # ---- traffic ---------------------------------------------------------------------------
 
-    def cancel_operation(self, name: str) -> Operation:
-        """Stops a build or a deploy cleanly (``lifecycle.cancel``)."""
+    def set_traffic(
+        self,
+        name: str,
+        weights: Sequence[tuple[str, int]],
+        sticky_header: str,
+        request_id: str,
+        creator: str = "",
+    ) -> Operation:
+        """Splits a model's requests between two builds (``traffic.set_traffic``)."""
+        model_name = str(names.parse_model(name))
+        wanted = tr.check_weights(model_name, weights)
+        if sticky_header and not tr.HEADER.fullmatch(sticky_header):
+            raise invalid_field("sticky_header", "must be an HTTP header name")
+        _check_request_id(request_id)
+        fp = _fingerprint(sorted(wanted.items()), sticky_header)
+
+        def change(c: Changes) -> tuple[Operation, str]:
+            model = repo.model_row(c.session, model_name)
+            self._ensure_idle(model)
+            split = tr.split_from_json(model.traffic)
+            live = {split.stable_build, split.candidate_build} if split else set()
+            new = None
+            if split is None:
+                current = repo.maybe_deployment_row(c.session, model.active_deployment)
+                others = [b for b in wanted if current is None or b != current.build]
+                if current is None or len(wanted) != 2 or len(others) != 1:
+                    serving = current.build if current is not None else "none"
+                    raise FailedPrecondition(
+                        message=f"{model_name} serves {serving}: name it and one other build, "
+                        "with percents that add up to 100",
+                        reason="NOT_A_SPLIT",
+                        metadata={"name": model_name},
+                    )
+                b = repo.build_row(c.session, others[0])
+                _check_built(b, "given traffic")
+                self._check_runtime(b)
+                _check_image(b)
+                new = self._deployment_row(
+                    c,
+                    model,
+                    b.name,
+                    repo.resources_of(current),
+                    repo.environment_of(current),
+                    {},
+                    creator,
+                )
+            elif not set(wanted) <= live:
+                raise FailedPrecondition(
+                    message=f"{model_name} splits its traffic between "
+                    f"{split.stable_build} and {split.candidate_build}: end that split first "
+                    "(one of them at 100)",
+                    reason="ANOTHER_SPLIT",
+                    metadata={"name": model_name},
+                )
+            op = traffic.set_traffic(c, model, wanted, sticky_header, new)
+            return repo.to_operation(op), op.name
+
+        return self._idempotent("SetTraffic", model_name, request_id, fp, _replay_operation, change)
+
+    def promote_rollout(self, name: str) -> Operation:
+        """A canary's or shadow's new build takes over now (``traffic.promote_now``)."""
         names.parse_operation(name)
         with self.db.write() as tx:
             c = Changes(tx, self.http_base)
             op = repo.operation_row(c.session, name)
-            lifecycle.cancel(c, repo.model_row(c.session, op.model), op)
+            traffic.promote_now(c, repo.model_row(c.session, op.model), op)
+            return repo.to_operation(op)
+
+    # ---- operations ------------------------------------------------------------------------
+
+    def cancel_operation(self, name: str) -> Operation:
+        """Stops a build or a deploy cleanly (``lifecycle.cancel``); a canary or shadow
+        ends with all traffic back to the serving build (``traffic.abort``)."""
+        names.parse_operation(name)
+        with self.db.write() as tx:
+            c = Changes(tx, self.http_base)
+            op = repo.operation_row(c.session, name)
+            model = repo.model_row(c.session, op.model)
+            if not op.done and traffic.owns(model, op):
+                traffic.abort(c, model, op)
+            else:
+                lifecycle.cancel(c, model, op)
             return repo.to_operation(op)
 
     def get_operation(self, name: str) -> Operation:

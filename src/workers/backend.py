@@ -69,11 +69,25 @@ class EndpointAccess:
 
 
 @dataclass(frozen=True)
+class TrafficShare:
+    """What replicas of ``from_build`` do with ``percent`` of their requests: send them to
+    ``to_app`` (the other live build's application) and return its answer, or, with
+    ``shadow``, answer themselves and send a copy there, its answer discarded. With
+    ``sticky_header``, requests with the same value of that header go the same way."""
+
+    from_build: str
+    to_app: str
+    percent: int
+    shadow: bool = False
+    sticky_header: str = ""
+
+
+@dataclass(frozen=True)
 class AppSpec:
     """One model's Serve application as the control plane wants it."""
 
-    app_name: str  # unique per model: app_name_for(project, model)
-    route_prefix: str  # "/{project}/{model}"
+    app_name: str  # unique per model: app_name_for(project, model); candidate_app_for
+    route_prefix: str | None  # "/{project}/{model}"; None: reached only from the model's app
     model_name: str  # projects/p/models/m
     deployment_name: str  # projects/p/models/m/deployments/4
     build_name: str
@@ -89,6 +103,10 @@ class AppSpec:
     restart_generation: int = 0
     # Updated on the running replicas, never a reason to replace them.
     access: EndpointAccess = field(default_factory=EndpointAccess)
+    share: TrafficShare | None = None
+    # The application its replicas' figures and lines are reported under ("": app_name):
+    # a candidate's are its model's, told apart by build.
+    signals_app: str = ""
 
 
 class AppStatus(StrEnum):
@@ -165,12 +183,25 @@ def app_name_for(project: str, model: str) -> str:
     return f"{project}.{model}"
 
 
+CANDIDATE_SUFFIX = ".candidate"
+
+
+def candidate_app_for(project: str, model: str) -> str:
+    """The application of a model's second live build (a canary, a shadow, a split)."""
+    return app_name_for(project, model) + CANDIDATE_SUFFIX
+
+
+def model_app(app_name: str) -> str:
+    """The model's own application name, for either of its applications."""
+    return app_name.removesuffix(CANDIDATE_SUFFIX)
+
+
 def rolls(before: AppSpec, after: AppSpec) -> bool:
     """Whether going from ``before`` to ``after`` replaces every replica.
 
-    Only ``replicas`` changes in place; any other change (build, resources,
-    environment, restart generation) rolls. The deployment record's name is
-    bookkeeping and never reaches the replicas.
+    Only ``replicas``, the endpoint's keys and the traffic share change in place; any
+    other change (build, resources, environment, restart generation) rolls. The
+    deployment record's name is bookkeeping and never reaches the replicas.
     """
-    same = {"replicas": 0, "deployment_name": "", "access": EndpointAccess()}
+    same = {"replicas": 0, "deployment_name": "", "access": EndpointAccess(), "share": None}
     return replace(before, **same) != replace(after, **same)  # type: ignore[arg-type]

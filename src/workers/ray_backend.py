@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import socket
 import time
 import urllib.request
-from collections.abc import Mapping, Sequence
-from dataclasses import replace
+import zlib
+from collections.abc import Coroutine, Mapping, Sequence
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -181,11 +183,11 @@ def _node_address() -> str:
         return str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
 
 
-def _identity(build: str) -> Identity:
+def _identity(build: str, app: str) -> Identity:
     replica = serve.get_replica_context()
     assigned = ray.get_runtime_context().get_assigned_resources()  # type: ignore[no-untyped-call]
     return Identity(
-        app=replica.app_name,
+        app=app or replica.app_name,
         replica=replica.replica_id.unique_id,
         build=build,
         node=_node_address(),
@@ -209,7 +211,9 @@ def _request_id(request: Request) -> str:
 @serve.deployment(name=DEPLOYMENT, max_ongoing_requests=MAX_ONGOING)
 class ModelServer:
     """One replica: loads the build's function once, answers POST with JSON, counts each
-    request and collects its output (``workers.signals``) unless ``signals`` is False."""
+    request and collects its output (``workers.signals``) unless ``signals`` is False.
+    While its model splits traffic, it sends its share of requests to the other build's
+    application (``_Share``) and returns that answer, or sends it a copy (a shadow)."""
 
     def __init__(
         self,
@@ -218,10 +222,11 @@ class ModelServer:
         function_name: str,
         build: str,
         signals: bool = True,
+        signals_app: str = "",
     ):
         self._signals: ReplicaSignals | None = None
         if signals:
-            self._signals = ReplicaSignals(_identity(build))
+            self._signals = ReplicaSignals(_identity(build, signals_app))
             capture_output(self._signals)  # from the model's import on
             self._pusher = Pusher(self._signals, _Send())
             self._pusher.start()
@@ -241,10 +246,13 @@ class ModelServer:
         self._build = build
         self._replica_id = serve.get_replica_context().replica_id.unique_id
         self._keys = KeyCheck()
+        self._share = _Share(build)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        """Serve calls it at start and whenever the keys change (no restart)."""
+        """Serve calls it at start and whenever the keys or the traffic share change (no
+        restart)."""
         self._keys.configure(config)
+        self._share.configure(config.get("share"))
 
     def __del__(self) -> None:
         if self._signals is not None:
@@ -252,24 +260,9 @@ class ModelServer:
             self._pusher.push_now()  # the last lines, when the replica stops cleanly
 
     async def __call__(self, request: Request) -> Response:
-        signals = self._signals
-        if signals is None:
-            return await self._answer(request)
-        started = time.perf_counter()
-        signals.started()
         request_id = _request_id(request)
-        token = answering(request_id)
-        status = 500
-        try:
-            response = await self._answer(request)
-            status = response.status_code
-            return response
-        finally:
-            answered(token)
-            signals.finished(status, time.perf_counter() - started, request_id)
-
-    async def _answer(self, request: Request) -> Response:
         if not self._keys.allows(request.headers.get("authorization")):
+            await self._counted(request_id, self._unauthorized())
             return Response(
                 UNAUTHORIZED.body,
                 status_code=UNAUTHORIZED.status,
@@ -277,9 +270,101 @@ class ModelServer:
                 headers={"WWW-Authenticate": "Bearer"},
             )
         raw = await request.body()
+        to = self._share.route(request.headers)
+        if to is not None and not self._share.shadow:
+            answer = await self._share.forward(to, raw, request_id)
+            if answer is not None:  # None: the other build is gone; answered here
+                return Response(answer[1], status_code=answer[0], media_type="application/json")
+        elif to is not None:
+            self._share.copy(to, raw, request_id)
+        status, body = await self._counted(request_id, self._invoke(raw))
+        return Response(body, status_code=status, media_type="application/json")
+
+    async def answer(self, raw: bytes, request_id: str) -> tuple[int, bytes]:
+        """A request another build's replica sent here (its key was checked there)."""
+        return await self._counted(request_id, self._invoke(raw))
+
+    async def _invoke(self, raw: bytes) -> tuple[int, bytes]:
         # The user's function may block (NumPy, I/O): keep the replica's loop free.
         reply = await asyncio.to_thread(invoke, self._fn, raw, self._replica_id, self._build)
-        return Response(reply.body, status_code=reply.status, media_type="application/json")
+        return reply.status, reply.body
+
+    @staticmethod
+    async def _unauthorized() -> tuple[int, bytes]:
+        return UNAUTHORIZED.status, UNAUTHORIZED.body
+
+    async def _counted(
+        self, request_id: str, answering_it: Coroutine[Any, Any, tuple[int, bytes]]
+    ) -> tuple[int, bytes]:
+        signals = self._signals
+        if signals is None:
+            return await answering_it
+        started = time.perf_counter()
+        signals.started()
+        token = answering(request_id)
+        status = 500
+        try:
+            result = await answering_it
+            status = result[0]
+            return result
+        finally:
+            answered(token)
+            signals.finished(status, time.perf_counter() - started, request_id)
+
+
+class _Share:
+    """A replica's part in its model's traffic split (``TrafficShare``, in its user_config):
+    which requests go to the other build's application, by a header's hash or at random,
+    through a Serve handle. A failed hand-over (the other application going away as the
+    split ends) is answered by this replica: the split never fails a request itself."""
+
+    def __init__(self, build: str) -> None:
+        self._build = build
+        self._to = ""
+        self._percent = 0
+        self.shadow = False
+        self._header = ""
+        self._handles: dict[str, Any] = {}
+        self._copies: set[asyncio.Future[Any]] = set()
+
+    def configure(self, share: Mapping[str, Any] | None) -> None:
+        share = share or {}
+        mine = share.get("from_build") == self._build
+        self._to = str(share.get("to_app", "")) if mine else ""
+        self._percent = int(share.get("percent", 0)) if mine else 0
+        self.shadow = bool(share.get("shadow", False))
+        self._header = str(share.get("sticky_header", "")).lower()
+
+    def route(self, headers: Mapping[str, str]) -> str | None:
+        """The application this request goes to, or None: answered here."""
+        if not self._to or self._percent <= 0:
+            return None
+        value = headers.get(self._header) if self._header else None
+        if value is not None:
+            picked = zlib.crc32(value.encode()) % 100 < self._percent
+        else:
+            picked = random.random() * 100 < self._percent
+        return self._to if picked else None
+
+    def _handle(self, app: str) -> Any:
+        handle = self._handles.get(app)
+        if handle is None:
+            handle = self._handles[app] = serve.get_deployment_handle(DEPLOYMENT, app_name=app)
+        return handle
+
+    async def forward(self, app: str, raw: bytes, request_id: str) -> tuple[int, bytes] | None:
+        try:
+            answer: tuple[int, bytes] = await self._handle(app).answer.remote(raw, request_id)
+            return answer
+        except Exception as e:  # gone with the split's end: answered here
+            log.warning("the other build (%s) did not answer (%s); answering here", app, e)
+            self._handles.pop(app, None)
+            return None
+
+    def copy(self, app: str, raw: bytes, request_id: str) -> None:
+        task = asyncio.ensure_future(self.forward(app, raw, request_id))
+        self._copies.add(task)
+        task.add_done_callback(self._copies.discard)
 
 
 def build_app(args: dict[str, Any]) -> Any:
@@ -290,6 +375,7 @@ def build_app(args: dict[str, Any]) -> Any:
         args["function_name"],
         args["build"],
         bool(args.get("signals", True)),
+        str(args.get("signals_app", "")),
     )
 
 
@@ -309,6 +395,7 @@ def _app_config(spec: AppSpec, max_queued_requests: int = -1) -> dict[str, Any]:
             "file_path": spec.file_path,
             "function_name": spec.function_name,
             "build": spec.build_name,
+            "signals_app": spec.signals_app,
         },
         "runtime_env": {"env_vars": env},
         "deployments": [
@@ -319,6 +406,7 @@ def _app_config(spec: AppSpec, max_queued_requests: int = -1) -> dict[str, Any]:
                 "user_config": {
                     "open": spec.access.open,
                     "keys": list(spec.access.key_hashes),
+                    "share": asdict(spec.share) if spec.share is not None else None,
                 },
                 "max_queued_requests": max_queued_requests,
                 "max_surge_percent": 100,

@@ -29,6 +29,7 @@ ALLOWED: dict[str, set[str]] = {
         "gc",
         "metrics",
         "reconciler",
+        "rollouts",
         "service",
         "signals",
         "sources",
@@ -52,6 +53,8 @@ ALLOWED: dict[str, set[str]] = {
     "signals": {"domain", "lifecycle", "metrics", "series", "storage", "workers"},
     "series": {"domain", "workers"},
     "service": {"domain", "lifecycle", "sources", "storage", "workers"},
+    # Judges canary and shadow steps; lifecycle/traffic.py moves the split.
+    "rollouts": {"domain", "lifecycle", "series", "signals", "storage"},
     "access": {"domain", "storage"},
     "watch": {"domain", "storage"},
     "exports": {"domain", "workers"},
@@ -134,7 +137,7 @@ def test_only_the_lifecycle_moves_states() -> None:
     movers = set()
     for path in (SRC / "controlplane").rglob("*.py"):
         rel = path.relative_to(SRC / "controlplane").as_posix()
-        if rel in ("lifecycle.py", "storage/changes.py"):
+        if rel.startswith("lifecycle/") or rel == "storage/changes.py":
             continue
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):

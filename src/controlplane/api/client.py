@@ -32,6 +32,7 @@ from controlplane.api import convert, transport
 from controlplane.build_logs import LogLine
 from controlplane.domain.access import AuditRecord, InvocationKey, Principal, Role, Token
 from controlplane.domain.figures import ModelMetrics
+from controlplane.domain.traffic import Strategy
 from controlplane.domain.types import (
     Build,
     Deployment,
@@ -268,9 +269,11 @@ class Client:
         environment: Mapping[str, str] | None = None,
         request_id: str = "",
         secret_environment: Mapping[str, str] | None = None,
+        rollout: Strategy | None = None,
     ) -> Operation:
         """Deploys ``build``; ``resources`` None keeps the active deployment's, and no
-        ``secret_environment`` keeps its secrets."""
+        ``secret_environment`` keeps its secrets. ``rollout``: CANARY or SHADOW (None:
+        IMMEDIATE)."""
         request = rpc.CreateDeploymentRequest(
             parent=model,
             build=build,
@@ -278,6 +281,8 @@ class Client:
             request_id=request_id,
             secret_environment=dict(secret_environment or {}),
         )
+        if rollout is not None:
+            request.rollout.CopyFrom(convert.strategy_to_pb(rollout))
         if resources is not None:
             request.resources.CopyFrom(convert.resources_to_pb(resources))
         return convert.operation_from_pb(await self._call(self._stub.CreateDeployment, request))
@@ -295,6 +300,29 @@ class Client:
             rpc.ListDeploymentsRequest(parent=model, page_size=page_size, page_token=page_token),
         )
         return Page([convert.deployment_from_pb(d) for d in r.deployments], r.next_page_token)
+
+    # ---- traffic ----------------------------------------------------------------------------
+
+    async def set_traffic(
+        self,
+        model: str,
+        weights: Mapping[str, int],
+        sticky_header: str = "",
+        request_id: str = "",
+    ) -> Operation:
+        """``weights``: percent by build name (two adding up to 100, or one at 100)."""
+        request = rpc.SetTrafficRequest(
+            name=model,
+            weights=[rpc.TrafficWeight(build=b, percent=p) for b, p in weights.items()],
+            sticky_header=sticky_header,
+            request_id=request_id,
+        )
+        return convert.operation_from_pb(await self._call(self._stub.SetTraffic, request))
+
+    async def promote_rollout(self, operation: str) -> Operation:
+        return convert.operation_from_pb(
+            await self._call(self._stub.PromoteRollout, rpc.PromoteRolloutRequest(name=operation))
+        )
 
     # ---- stop, restart ----------------------------------------------------------------------
 

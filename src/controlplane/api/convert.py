@@ -26,6 +26,16 @@ from controlplane.domain.states import (
     OperationKind,
     ReplicaState,
 )
+from controlplane.domain.traffic import (
+    DEFAULT_MIN_REQUESTS,
+    Gates,
+    Phase,
+    RolloutRecord,
+    Split,
+    StepFigures,
+    Strategy,
+    StrategyKind,
+)
 from controlplane.domain.types import (
     Build,
     Deployment,
@@ -99,6 +109,139 @@ def model_to_pb(m: Model) -> pb.Model:
         message=m.message,
         running_operation=m.running_operation,
         health=m.health,
+        traffic=split_to_pb(m.traffic),
+    )
+
+
+def split_to_pb(s: Split | None) -> pb.TrafficSplit | None:
+    if s is None:
+        return None
+    return pb.TrafficSplit(
+        stable=pb.TrafficTarget(deployment=s.stable, build=s.stable_build, percent=100 - s.percent),
+        candidate=pb.TrafficTarget(
+            deployment=s.candidate, build=s.candidate_build, percent=s.percent
+        ),
+        shadow=s.shadow,
+        sticky_header=s.sticky_header,
+        promoting=s.promoting,
+    )
+
+
+def split_from_pb(m: pb.Model) -> Split | None:
+    if not m.HasField("traffic"):
+        return None
+    s = m.traffic
+    return Split(
+        stable=s.stable.deployment,
+        candidate=s.candidate.deployment,
+        stable_build=s.stable.build,
+        candidate_build=s.candidate.build,
+        percent=s.candidate.percent,
+        shadow=s.shadow,
+        sticky_header=s.sticky_header,
+        promoting=s.promoting,
+    )
+
+
+def gates_to_pb(g: Gates) -> pb.RolloutGates:
+    gates = pb.RolloutGates(min_requests=g.min_requests)
+    if g.max_error_rate is not None:
+        gates.max_error_rate = g.max_error_rate
+    if g.max_p99_ms is not None:
+        gates.max_p99_ms = g.max_p99_ms
+    if g.max_p99_ratio is not None:
+        gates.max_p99_ratio = g.max_p99_ratio
+    return gates
+
+
+def gates_from_pb(g: pb.RolloutGates) -> Gates:
+    return Gates(
+        max_error_rate=g.max_error_rate if g.HasField("max_error_rate") else None,
+        max_p99_ms=g.max_p99_ms if g.HasField("max_p99_ms") else None,
+        max_p99_ratio=g.max_p99_ratio if g.HasField("max_p99_ratio") else None,
+        min_requests=g.min_requests if g.HasField("min_requests") else DEFAULT_MIN_REQUESTS,
+    )
+
+
+def strategy_to_pb(s: Strategy) -> pb.RolloutStrategy:
+    if s.kind is StrategyKind.CANARY:
+        return pb.RolloutStrategy(
+            canary=pb.CanaryRollout(
+                steps=list(s.steps), bake_seconds=s.bake_s, gates=gates_to_pb(s.gates)
+            )
+        )
+    if s.kind is StrategyKind.SHADOW:
+        return pb.RolloutStrategy(
+            shadow=pb.ShadowRollout(
+                percent=s.steps[0] if s.steps else 0,
+                duration_seconds=s.bake_s,
+                gates=gates_to_pb(s.gates),
+            )
+        )
+    return pb.RolloutStrategy(immediate=pb.ImmediateRollout())
+
+
+def strategy_from_pb(s: pb.RolloutStrategy) -> Strategy:
+    which = s.WhichOneof("strategy")
+    if which == "canary":
+        return Strategy(
+            StrategyKind.CANARY,
+            tuple(s.canary.steps),
+            s.canary.bake_seconds,
+            gates_from_pb(s.canary.gates),
+        )
+    if which == "shadow":
+        return Strategy(
+            StrategyKind.SHADOW,
+            (s.shadow.percent,),
+            s.shadow.duration_seconds,
+            gates_from_pb(s.shadow.gates),
+        )
+    return Strategy()
+
+
+_PHASE = {
+    Phase.STARTING: pb.RolloutStatus.PHASE_STARTING,
+    Phase.BAKING: pb.RolloutStatus.PHASE_BAKING,
+    Phase.PROMOTING: pb.RolloutStatus.PHASE_PROMOTING,
+}
+_PHASE_IN = {v: k for k, v in _PHASE.items()}
+
+
+def _figures_pb(f: StepFigures) -> pb.RolloutFigures:
+    return pb.RolloutFigures(requests=f.requests, errors=f.errors, latency_p99_ms=f.p99_ms)
+
+
+def rollout_to_pb(r: RolloutRecord | None) -> pb.RolloutStatus | None:
+    if r is None:
+        return None
+    return pb.RolloutStatus(
+        strategy=strategy_to_pb(r.strategy),
+        phase=_PHASE[r.phase],
+        step=r.step + 1,
+        steps=len(r.strategy.steps),
+        percent=r.percent,
+        step_start_time=timestamp(r.step_start) if r.step_start else None,
+        candidate=_figures_pb(r.candidate),
+        current=_figures_pb(r.current),
+    )
+
+
+def rollout_from_pb(o: pb.Operation) -> RolloutRecord | None:
+    if not o.HasField("rollout"):
+        return None
+    r = o.rollout
+
+    def figures(f: pb.RolloutFigures) -> StepFigures:
+        return StepFigures(f.requests, f.errors, f.latency_p99_ms)
+
+    return RolloutRecord(
+        strategy=strategy_from_pb(r.strategy),
+        phase=_PHASE_IN.get(r.phase, Phase.STARTING),
+        step=max(0, r.step - 1),
+        step_start=_time(r, "step_start_time"),
+        candidate=figures(r.candidate),
+        current=figures(r.current),
     )
 
 
@@ -191,6 +334,7 @@ def operation_to_pb(o: Operation) -> pb.Operation:
         model=o.model,
         progress=o.progress,
         deployment=o.deployment,
+        rollout=rollout_to_pb(o.rollout),
     )
 
 
@@ -220,7 +364,8 @@ def resources_from_pb(r: pb.Resources) -> Resources:
 
 
 def _time(
-    msg: pb.Model | pb.Build | pb.Deployment | pb.Operation | pb.Replica, field: str
+    msg: pb.Model | pb.Build | pb.Deployment | pb.Operation | pb.Replica | pb.RolloutStatus,
+    field: str,
 ) -> datetime | None:
     if not msg.HasField(field):  # type: ignore[arg-type]
         return None
@@ -245,6 +390,7 @@ def model_from_pb(m: pb.Model) -> Model:
         message=m.message,
         running_operation=m.running_operation,
         health=m.health,
+        traffic=split_from_pb(m),
     )
 
 
@@ -313,6 +459,7 @@ def operation_from_pb(o: pb.Operation) -> Operation:
         model=o.model,
         progress=o.progress,
         deployment=o.deployment,
+        rollout=rollout_from_pb(o),
     )
 
 

@@ -183,9 +183,29 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
                 request.request_id,
                 dict(request.secret_environment),
                 creator=current_principal().name,
+                strategy=convert.strategy_from_pb(request.rollout),
             )
         )
         return convert.operation_to_pb(op)
+
+    @unary
+    async def SetTraffic(self, request: rpc.SetTrafficRequest, context: Ctx) -> pb.Operation:
+        op = await _run(
+            lambda: self.svc.set_traffic(
+                request.name,
+                [(w.build, w.percent) for w in request.weights],
+                request.sticky_header,
+                request.request_id,
+                creator=current_principal().name,
+            )
+        )
+        return convert.operation_to_pb(op)
+
+    @unary
+    async def PromoteRollout(
+        self, request: rpc.PromoteRolloutRequest, context: Ctx
+    ) -> pb.Operation:
+        return convert.operation_to_pb(await _run(lambda: self.svc.promote_rollout(request.name)))
 
     @unary
     async def GetDeployment(self, request: rpc.GetDeploymentRequest, context: Ctx) -> pb.Deployment:

@@ -13,6 +13,7 @@ from controlplane.api.client import Client, ClientError
 from controlplane.cli import inputs
 from controlplane.cli.output import Printer, TopRow, resources, seconds, short, when
 from controlplane.domain.access import Role
+from controlplane.domain.traffic import Gates, Strategy, StrategyKind
 from controlplane.domain.types import DeployOptions, Model, Operation, Resources
 
 EXIT_OK = 0
@@ -205,8 +206,58 @@ async def deploy(c: Client, args: argparse.Namespace, p: Printer) -> int:
     base, env = await _active(c, await c.get_model(model))
     res = _resources(args, base)
     env, secrets = _environments(env, args)
-    op = await c.create_deployment(model, build_name, res, env, secret_environment=secrets)
+    op = await c.create_deployment(
+        model, build_name, res, env, secret_environment=secrets, rollout=_strategy(args)
+    )
     return await _finish(c, await _follow(c, op, p, args.wait), p)
+
+
+def _strategy(args: argparse.Namespace) -> Strategy | None:
+    """--canary or --shadow with their gates; None: at once."""
+    if args.canary and args.shadow is not None:
+        raise inputs.UsageError("--canary and --shadow: choose one")
+    gates = Gates(
+        max_error_rate=inputs.percent(args.max_error_rate, "--max-error-rate")
+        if args.max_error_rate
+        else None,
+        max_p99_ms=inputs.milliseconds(args.max_p99, "--max-p99") if args.max_p99 else None,
+        max_p99_ratio=args.max_p99_ratio,
+        min_requests=args.min_requests,
+    )
+    if args.canary:
+        bake = inputs.duration_s(args.bake, "--bake")
+        return Strategy(StrategyKind.CANARY, inputs.steps(args.canary), bake, gates)
+    if args.shadow is not None:
+        duration = inputs.duration_s(args.shadow_for, "--shadow-for")
+        return Strategy(StrategyKind.SHADOW, (args.shadow,), duration, gates)
+    return None
+
+
+async def traffic(c: Client, args: argparse.Namespace, p: Printer) -> int:
+    model = _model(args)
+    if not args.weights:
+        found = await c.get_model(model)
+        p.result(found.traffic if found.traffic is not None else "no split: one build serves")
+        return EXIT_OK
+    op = await c.set_traffic(model, inputs.weights(model, args.weights), args.sticky_header)
+    return await _finish(c, await _follow(c, op, p, args.wait), p)
+
+
+async def _running(c: Client, model: str) -> str:
+    found = await c.get_model(model)
+    if not found.running_operation:
+        raise inputs.UsageError(f"{model} has no operation running")
+    return found.running_operation
+
+
+async def promote(c: Client, args: argparse.Namespace, p: Printer) -> int:
+    op = await c.promote_rollout(await _running(c, _model(args)))
+    return await _finish(c, await _follow(c, op, p, args.wait), p)
+
+
+async def abort(c: Client, args: argparse.Namespace, p: Printer) -> int:
+    op = await c.cancel_operation(await _running(c, _model(args)))
+    return await _finish(c, op, p)
 
 
 def confirm(args: argparse.Namespace, question: str) -> bool:

@@ -142,3 +142,49 @@ def since(text: str, now: datetime | None = None) -> datetime:
             f"--since {text!r}: a duration (10m, 2h) or a time (2025-01-31T12:00:00)"
         ) from None
     return (value if value.tzinfo else value.astimezone()).astimezone(UTC)
+
+
+def percent(text: str, flag: str) -> float:
+    """'1%' -> 0.01, '0.5%' -> 0.005, '0.02' -> 0.02 (a share)."""
+    value = text.strip()
+    try:
+        share = float(value[:-1]) / 100 if value.endswith("%") else float(value)
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: use a percent, e.g. 1%") from None
+    if not 0 <= share <= 1:
+        raise UsageError(f"{flag} {text!r}: must be within 0% and 100%")
+    return share
+
+
+def milliseconds(text: str, flag: str) -> float:
+    """'250ms' -> 250, '1.5s' -> 1500, '250' -> 250."""
+    value = text.strip()
+    try:
+        if value.endswith("ms"):
+            return float(value[:-2])
+        if value.endswith("s"):
+            return float(value[:-1]) * 1000
+        return float(value)
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: use e.g. 250ms or 1.5s") from None
+
+
+def steps(text: str) -> tuple[int, ...]:
+    """'10,50,100' -> (10, 50, 100)."""
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise UsageError(
+            f"--canary {text!r}: percents separated by commas, e.g. 10,50,100"
+        ) from None
+
+
+def weights(model: str, pairs: list[str]) -> dict[str, int]:
+    """['4=90', '5=10'] -> {build name: percent}."""
+    out: dict[str, int] = {}
+    for pair in pairs:
+        build, sep, pct = pair.partition("=")
+        if not sep or not pct.strip().rstrip("%").isdigit():
+            raise UsageError(f"{pair!r}: use BUILD=PERCENT, e.g. 4=90 5=10")
+        out[child_name(model, "builds", build.strip())] = int(pct.strip().rstrip("%"))
+    return out

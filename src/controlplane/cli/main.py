@@ -43,6 +43,23 @@ def _add_resources(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_rollout(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "rollout (default: at once): a canary takes a growing share of requests, a shadow a "
+        "copy of them; each step is judged on the gates and rolled back when one fails"
+    )
+    g.add_argument("--canary", metavar="STEPS", help="percent at each step, e.g. 10,50,100")
+    g.add_argument("--bake", default="60s", help="how long each canary step runs (60s)")
+    g.add_argument("--shadow", type=int, metavar="PERCENT", help="copy this share of requests")
+    g.add_argument("--shadow-for", default="60s", help="how long the shadow runs (60s)")
+    g.add_argument("--max-error-rate", help="gate: e.g. 1%% (model errors and 5xx)")
+    g.add_argument("--max-p99", help="gate: e.g. 250ms")
+    g.add_argument("--max-p99-ratio", type=float, help="gate: p99 against the serving build's")
+    g.add_argument(
+        "--min-requests", type=int, default=20, help="answered before a step is judged (20)"
+    )
+
+
 def _add_wait(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", type=float, default=900.0, help="seconds to follow (default 900)")
 
@@ -178,7 +195,29 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("model")
     d.add_argument("--build", required=True, help="build number (3) or full name")
     _add_resources(d)
+    _add_rollout(d)
     _add_wait(d)
+
+    tr = _sub(
+        sub,
+        "traffic",
+        cmd.traffic,
+        "split a model's requests between two builds (4=90 5=10), end a split (4=100), or "
+        "show the split (no weights)",
+    )
+    tr.add_argument("model")
+    tr.add_argument("weights", nargs="*", metavar="BUILD=PERCENT")
+    tr.add_argument(
+        "--sticky-header", default="", help="requests with the same value of it: same build"
+    )
+    _add_wait(tr)
+    for name, handler, text in (
+        ("promote", cmd.promote, "the running canary's or shadow's build takes over now"),
+        ("abort", cmd.abort, "cancel the running operation (a canary: all traffic back)"),
+    ):
+        p = _sub(sub, name, handler, text)
+        p.add_argument("model")
+        _add_wait(p)
 
     for name, handler, text in (
         ("stop", cmd.stop, "stop every replica; the endpoint stops answering"),

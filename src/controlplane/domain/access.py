@@ -160,6 +160,8 @@ RULES: dict[str, Rule] = {
             "CancelOperation",
             "ExportBuild",
             "RevokeInvocationKey",
+            "SetTraffic",
+            "PromoteRollout",
         )
     },
     "GetCaller": Rule(Role.VIEWER, ""),  # names no resource: any valid token may ask
@@ -177,6 +179,8 @@ MUTATIONS = frozenset(
         "StopModel",
         "RestartModel",
         "CancelOperation",
+        "SetTraffic",
+        "PromoteRollout",
         "ExportBuild",
         "CreateToken",
         "RevokeToken",

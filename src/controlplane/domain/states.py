@@ -52,6 +52,7 @@ class OperationKind(StrEnum):
     CREATE_DEPLOYMENT = "CREATE_DEPLOYMENT"
     STOP_MODEL = "STOP_MODEL"
     RESTART_MODEL = "RESTART_MODEL"
+    SET_TRAFFIC = "SET_TRAFFIC"
 
 
 class EventType(StrEnum):

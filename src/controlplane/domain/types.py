@@ -17,6 +17,7 @@ from controlplane.domain.states import (
     OperationKind,
     ReplicaState,
 )
+from controlplane.domain.traffic import RolloutRecord, Split
 
 # Upper bounds that catch typos ("replicas: 10000") before they reach the cluster.
 MAX_REPLICAS = 100
@@ -104,6 +105,7 @@ class Model:
     message: str = ""
     running_operation: str = ""
     health: str = ""  # what its signals say (domain/health.py); "" while it does not serve
+    traffic: Split | None = None  # while two deployments are live
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,7 @@ class Operation:
     model: str
     progress: str = ""
     deployment: str = ""
+    rollout: RolloutRecord | None = None  # a canary's or shadow's step and figures
 
 
 @dataclass(frozen=True)

@@ -122,6 +122,12 @@ class Changes:
             return
         self._update(row, {"progress": progress})
 
+    def operation_rollout(self, row: OperationRow, rollout: str, progress: str) -> None:
+        """A judged rollout's record (``domain.traffic.RolloutRecord``) and progress line."""
+        if row.done or (row.rollout, row.progress) == (rollout, progress):
+            return
+        self._update(row, {"rollout": rollout, "progress": progress})
+
     def operation_done(
         self,
         row: OperationRow,

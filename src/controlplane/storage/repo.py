@@ -12,6 +12,7 @@ from typing import Any, Protocol, TypeVar, cast
 from sqlalchemy import func
 from sqlmodel import Session, SQLModel, col, select
 
+from controlplane.domain import traffic
 from controlplane.domain.decisions import compose_message
 from controlplane.domain.errors import invalid_field, not_found
 from controlplane.domain.states import (
@@ -68,6 +69,7 @@ class ModelColumns(Protocol):
     message: str
     running_operation: str
     health: str
+    traffic: str
     revision: int
     create_time: datetime
     update_time: datetime
@@ -87,6 +89,7 @@ def to_model(row: ModelColumns, http_base: str) -> Model:
         message=row.message,
         running_operation=row.running_operation,
         health=row.health,
+        traffic=traffic.split_from_json(row.traffic),
     )
 
 
@@ -162,6 +165,7 @@ def to_operation(row: OperationRow) -> Operation:
         model=row.model,
         progress=row.progress,
         deployment=row.deployment,
+        rollout=traffic.record_from_json(row.rollout),
     )
 
 
@@ -211,6 +215,10 @@ def deployment_row(s: Session, name: str) -> DeploymentRow:
     if row is None:
         raise not_found("deployment", name)
     return row
+
+
+def maybe_model_row(s: Session, name: str) -> ModelRow | None:
+    return _one(s, ModelRow, name) if name else None
 
 
 def maybe_deployment_row(s: Session, name: str) -> DeploymentRow | None:

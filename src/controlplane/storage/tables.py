@@ -32,6 +32,7 @@ class ModelRow(SQLModel, table=True):
     message: str = _text()
     running_operation: str = Field(default="", max_length=80)
     health: str = _text()  # for people: what the model's signals say (domain/health.py)
+    traffic: str = _text()  # JSON of domain.traffic.Split while two deployments are live
     next_build_version: int = 1
     next_deployment_number: int = 1
     revision: int = Field(default=0, sa_type=BigInteger)
@@ -131,6 +132,7 @@ class OperationRow(SQLModel, table=True):
     progress: str = _text()
     # CancelOperation asked; the server running the job stops it (it may be another one).
     cancel_requested: bool = False
+    rollout: str = _text()  # JSON of domain.traffic.RolloutRecord: a judged rollout's step
     revision: int = Field(default=0, sa_type=BigInteger)
     create_time: datetime = _time()
     update_time: datetime = _time()

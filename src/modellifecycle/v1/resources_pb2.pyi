@@ -149,6 +149,10 @@ class _OperationKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Operati
     """CreateDeployment: re-deploy an existing build."""
     OPERATION_KIND_STOP_MODEL: _OperationKind.ValueType  # 3
     OPERATION_KIND_RESTART_MODEL: _OperationKind.ValueType  # 4
+    OPERATION_KIND_SET_TRAFFIC: _OperationKind.ValueType  # 5
+    """SetTraffic: a second build starts beside the serving one, weights change, or one
+    build takes all traffic.
+    """
 
 class OperationKind(_OperationKind, metaclass=_OperationKindEnumTypeWrapper): ...
 
@@ -159,6 +163,10 @@ OPERATION_KIND_CREATE_DEPLOYMENT: OperationKind.ValueType  # 2
 """CreateDeployment: re-deploy an existing build."""
 OPERATION_KIND_STOP_MODEL: OperationKind.ValueType  # 3
 OPERATION_KIND_RESTART_MODEL: OperationKind.ValueType  # 4
+OPERATION_KIND_SET_TRAFFIC: OperationKind.ValueType  # 5
+"""SetTraffic: a second build starts beside the serving one, weights change, or one
+build takes all traffic.
+"""
 Global___OperationKind: _TypeAlias = OperationKind  # noqa: Y015
 
 class _EventType:
@@ -232,6 +240,7 @@ class Model(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     RUNNING_OPERATION_FIELD_NUMBER: _builtins.int
     HEALTH_FIELD_NUMBER: _builtins.int
+    TRAFFIC_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     display_name: _builtins.str
     description: _builtins.str
@@ -257,6 +266,12 @@ class Model(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def traffic(self) -> Global___TrafficSplit:
+        """Set while two deployments of the model are live (a canary, a shadow, a split set by
+        SetTraffic): who answers what share of its requests.
+        """
+
     def __init__(
         self,
         *,
@@ -272,14 +287,343 @@ class Model(_message.Message):
         message: _builtins.str = ...,
         running_operation: _builtins.str = ...,
         health: _builtins.str = ...,
+        traffic: Global___TrafficSplit | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "traffic", b"traffic", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_deployment", b"active_deployment", "create_time", b"create_time", "description", b"description", "display_name", b"display_name", "endpoint", b"endpoint", "etag", b"etag", "health", b"health", "message", b"message", "name", b"name", "running_operation", b"running_operation", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_deployment", b"active_deployment", "create_time", b"create_time", "description", b"description", "display_name", b"display_name", "endpoint", b"endpoint", "etag", b"etag", "health", b"health", "message", b"message", "name", b"name", "running_operation", b"running_operation", "state", b"state", "traffic", b"traffic", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Model: _TypeAlias = Model  # noqa: Y015
+
+@_typing.final
+class TrafficSplit(_message.Message):
+    """A model's requests split between its serving deployment and a second one."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STABLE_FIELD_NUMBER: _builtins.int
+    CANDIDATE_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
+    STICKY_HEADER_FIELD_NUMBER: _builtins.int
+    PROMOTING_FIELD_NUMBER: _builtins.int
+    shadow: _builtins.bool
+    sticky_header: _builtins.str
+    """Requests with the same value of this header go to the same build ("" : at random)."""
+    promoting: _builtins.bool
+    """The candidate is taking over: the model's replicas roll to its deployment."""
+    @_builtins.property
+    def stable(self) -> Global___TrafficTarget:
+        """The model's own replicas: they answer what is not sent to the candidate."""
+
+    @_builtins.property
+    def candidate(self) -> Global___TrafficTarget:
+        """The second deployment: it answers `candidate.percent` of requests (or, with shadow,
+        gets a copy of them and its answers are discarded).
+        """
+
+    def __init__(
+        self,
+        *,
+        stable: Global___TrafficTarget | None = ...,
+        candidate: Global___TrafficTarget | None = ...,
+        shadow: _builtins.bool = ...,
+        sticky_header: _builtins.str = ...,
+        promoting: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["candidate", b"candidate", "stable", b"stable"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate", b"candidate", "promoting", b"promoting", "shadow", b"shadow", "stable", b"stable", "sticky_header", b"sticky_header"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrafficSplit: _TypeAlias = TrafficSplit  # noqa: Y015
+
+@_typing.final
+class TrafficTarget(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    BUILD_FIELD_NUMBER: _builtins.int
+    PERCENT_FIELD_NUMBER: _builtins.int
+    deployment: _builtins.str
+    build: _builtins.str
+    percent: _builtins.int
+    def __init__(
+        self,
+        *,
+        deployment: _builtins.str = ...,
+        build: _builtins.str = ...,
+        percent: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["build", b"build", "deployment", b"deployment", "percent", b"percent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrafficTarget: _TypeAlias = TrafficTarget  # noqa: Y015
+
+@_typing.final
+class RolloutStrategy(_message.Message):
+    """How a new deployment takes over from the one serving (CreateDeployment.rollout)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMMEDIATE_FIELD_NUMBER: _builtins.int
+    CANARY_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def immediate(self) -> Global___ImmediateRollout:
+        """Today's: the new deployment's replicas start (surge first), then take all traffic."""
+
+    @_builtins.property
+    def canary(self) -> Global___CanaryRollout: ...
+    @_builtins.property
+    def shadow(self) -> Global___ShadowRollout: ...
+    def __init__(
+        self,
+        *,
+        immediate: Global___ImmediateRollout | None = ...,
+        canary: Global___CanaryRollout | None = ...,
+        shadow: Global___ShadowRollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["canary", b"canary", "immediate", b"immediate", "shadow", b"shadow", "strategy", b"strategy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canary", b"canary", "immediate", b"immediate", "shadow", b"shadow", "strategy", b"strategy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_strategy: _TypeAlias = _typing.Literal["immediate", "canary", "shadow"]  # noqa: Y015
+    _WhichOneofArgType_strategy: _TypeAlias = _typing.Literal["strategy", b"strategy"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_strategy) -> _WhichOneofReturnType_strategy | None: ...
+
+Global___RolloutStrategy: _TypeAlias = RolloutStrategy  # noqa: Y015
+
+@_typing.final
+class ImmediateRollout(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImmediateRollout: _TypeAlias = ImmediateRollout  # noqa: Y015
+
+@_typing.final
+class CanaryRollout(_message.Message):
+    """The new build takes a growing share of requests; each step bakes, then is judged."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEPS_FIELD_NUMBER: _builtins.int
+    BAKE_SECONDS_FIELD_NUMBER: _builtins.int
+    GATES_FIELD_NUMBER: _builtins.int
+    bake_seconds: _builtins.float
+    """How long each step runs before it is judged to pass (gates that fail end it sooner)."""
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Percent of requests at each step, increasing, each within 1..100 (e.g. 10, 50, 100).
+        After the last step passes, the new build takes all traffic.
+        """
+
+    @_builtins.property
+    def gates(self) -> Global___RolloutGates: ...
+    def __init__(
+        self,
+        *,
+        steps: _abc.Iterable[_builtins.int] | None = ...,
+        bake_seconds: _builtins.float = ...,
+        gates: Global___RolloutGates | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["gates", b"gates"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bake_seconds", b"bake_seconds", "gates", b"gates", "steps", b"steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CanaryRollout: _TypeAlias = CanaryRollout  # noqa: Y015
+
+@_typing.final
+class ShadowRollout(_message.Message):
+    """A copy of a share of requests goes to the new build, its answers discarded; judged
+    after `duration_seconds`, it then takes all traffic.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERCENT_FIELD_NUMBER: _builtins.int
+    DURATION_SECONDS_FIELD_NUMBER: _builtins.int
+    GATES_FIELD_NUMBER: _builtins.int
+    percent: _builtins.int
+    duration_seconds: _builtins.float
+    @_builtins.property
+    def gates(self) -> Global___RolloutGates: ...
+    def __init__(
+        self,
+        *,
+        percent: _builtins.int = ...,
+        duration_seconds: _builtins.float = ...,
+        gates: Global___RolloutGates | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["gates", b"gates"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration_seconds", b"duration_seconds", "gates", b"gates", "percent", b"percent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShadowRollout: _TypeAlias = ShadowRollout  # noqa: Y015
+
+@_typing.final
+class RolloutGates(_message.Message):
+    """What the new build must hold during a step. Unset: not checked."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_ERROR_RATE_FIELD_NUMBER: _builtins.int
+    MAX_P99_MS_FIELD_NUMBER: _builtins.int
+    MAX_P99_RATIO_FIELD_NUMBER: _builtins.int
+    MIN_REQUESTS_FIELD_NUMBER: _builtins.int
+    max_error_rate: _builtins.float
+    """Share of its requests that failed (model errors and 5xx), 0..1."""
+    max_p99_ms: _builtins.float
+    """Its p99 latency, in ms."""
+    max_p99_ratio: _builtins.float
+    """Its p99 over the serving build's p99 during the same step (1.5: at most 50% slower)."""
+    min_requests: _builtins.int
+    """Requests it must have answered in a step before it is judged (default 20)."""
+    def __init__(
+        self,
+        *,
+        max_error_rate: _builtins.float | None = ...,
+        max_p99_ms: _builtins.float | None = ...,
+        max_p99_ratio: _builtins.float | None = ...,
+        min_requests: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_error_rate", b"_max_error_rate", "_max_p99_ms", b"_max_p99_ms", "_max_p99_ratio", b"_max_p99_ratio", "_min_requests", b"_min_requests", "max_error_rate", b"max_error_rate", "max_p99_ms", b"max_p99_ms", "max_p99_ratio", b"max_p99_ratio", "min_requests", b"min_requests"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_error_rate", b"_max_error_rate", "_max_p99_ms", b"_max_p99_ms", "_max_p99_ratio", b"_max_p99_ratio", "_min_requests", b"_min_requests", "max_error_rate", b"max_error_rate", "max_p99_ms", b"max_p99_ms", "max_p99_ratio", b"max_p99_ratio", "min_requests", b"min_requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_error_rate: _TypeAlias = _typing.Literal["max_error_rate"]  # noqa: Y015
+    _WhichOneofArgType__max_error_rate: _TypeAlias = _typing.Literal["_max_error_rate", b"_max_error_rate"]  # noqa: Y015
+    _WhichOneofReturnType__max_p99_ms: _TypeAlias = _typing.Literal["max_p99_ms"]  # noqa: Y015
+    _WhichOneofArgType__max_p99_ms: _TypeAlias = _typing.Literal["_max_p99_ms", b"_max_p99_ms"]  # noqa: Y015
+    _WhichOneofReturnType__max_p99_ratio: _TypeAlias = _typing.Literal["max_p99_ratio"]  # noqa: Y015
+    _WhichOneofArgType__max_p99_ratio: _TypeAlias = _typing.Literal["_max_p99_ratio", b"_max_p99_ratio"]  # noqa: Y015
+    _WhichOneofReturnType__min_requests: _TypeAlias = _typing.Literal["min_requests"]  # noqa: Y015
+    _WhichOneofArgType__min_requests: _TypeAlias = _typing.Literal["_min_requests", b"_min_requests"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_error_rate) -> _WhichOneofReturnType__max_error_rate | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_p99_ms) -> _WhichOneofReturnType__max_p99_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_p99_ratio) -> _WhichOneofReturnType__max_p99_ratio | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_requests) -> _WhichOneofReturnType__min_requests | None: ...
+
+Global___RolloutGates: _TypeAlias = RolloutGates  # noqa: Y015
+
+@_typing.final
+class RolloutStatus(_message.Message):
+    """A canary's or shadow's progress (Operation.rollout)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Phase:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _PhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[RolloutStatus._Phase.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        PHASE_UNSPECIFIED: RolloutStatus._Phase.ValueType  # 0
+        PHASE_STARTING: RolloutStatus._Phase.ValueType  # 1
+        """The new build's replicas start; it takes no traffic yet."""
+        PHASE_BAKING: RolloutStatus._Phase.ValueType  # 2
+        """A step's share goes to it; its figures are judged."""
+        PHASE_PROMOTING: RolloutStatus._Phase.ValueType  # 3
+        """It takes over: the model's replicas roll to it."""
+
+    class Phase(_Phase, metaclass=_PhaseEnumTypeWrapper): ...
+    PHASE_UNSPECIFIED: RolloutStatus.Phase.ValueType  # 0
+    PHASE_STARTING: RolloutStatus.Phase.ValueType  # 1
+    """The new build's replicas start; it takes no traffic yet."""
+    PHASE_BAKING: RolloutStatus.Phase.ValueType  # 2
+    """A step's share goes to it; its figures are judged."""
+    PHASE_PROMOTING: RolloutStatus.Phase.ValueType  # 3
+    """It takes over: the model's replicas roll to it."""
+
+    STRATEGY_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    PERCENT_FIELD_NUMBER: _builtins.int
+    STEP_START_TIME_FIELD_NUMBER: _builtins.int
+    CANDIDATE_FIELD_NUMBER: _builtins.int
+    CURRENT_FIELD_NUMBER: _builtins.int
+    phase: Global___RolloutStatus.Phase.ValueType
+    step: _builtins.int
+    """1-based, of `steps`."""
+    steps: _builtins.int
+    percent: _builtins.int
+    """Its share of requests now."""
+    @_builtins.property
+    def strategy(self) -> Global___RolloutStrategy: ...
+    @_builtins.property
+    def step_start_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def candidate(self) -> Global___RolloutFigures:
+        """The step's figures of the new build and of the serving one."""
+
+    @_builtins.property
+    def current(self) -> Global___RolloutFigures: ...
+    def __init__(
+        self,
+        *,
+        strategy: Global___RolloutStrategy | None = ...,
+        phase: Global___RolloutStatus.Phase.ValueType = ...,
+        step: _builtins.int = ...,
+        steps: _builtins.int = ...,
+        percent: _builtins.int = ...,
+        step_start_time: _timestamp_pb2.Timestamp | None = ...,
+        candidate: Global___RolloutFigures | None = ...,
+        current: Global___RolloutFigures | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["candidate", b"candidate", "current", b"current", "step_start_time", b"step_start_time", "strategy", b"strategy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate", b"candidate", "current", b"current", "percent", b"percent", "phase", b"phase", "step", b"step", "step_start_time", b"step_start_time", "steps", b"steps", "strategy", b"strategy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RolloutStatus: _TypeAlias = RolloutStatus  # noqa: Y015
+
+@_typing.final
+class RolloutFigures(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    LATENCY_P99_MS_FIELD_NUMBER: _builtins.int
+    requests: _builtins.int
+    errors: _builtins.int
+    latency_p99_ms: _builtins.float
+    def __init__(
+        self,
+        *,
+        requests: _builtins.int = ...,
+        errors: _builtins.int = ...,
+        latency_p99_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "latency_p99_ms", b"latency_p99_ms", "requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RolloutFigures: _TypeAlias = RolloutFigures  # noqa: Y015
 
 @_typing.final
 class Build(_message.Message):
@@ -580,6 +924,7 @@ class Operation(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
     DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    ROLLOUT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     kind: Global___OperationKind.ValueType
     target: _builtins.str
@@ -599,6 +944,10 @@ class Operation(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def rollout(self) -> Global___RolloutStatus:
+        """A canary's or shadow's step, share and latest figures."""
+
     def __init__(
         self,
         *,
@@ -612,10 +961,11 @@ class Operation(_message.Message):
         model: _builtins.str = ...,
         progress: _builtins.str = ...,
         deployment: _builtins.str = ...,
+        rollout: Global___RolloutStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "error", b"error", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "error", b"error", "rollout", b"rollout", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deployment", b"deployment", "done", b"done", "error", b"error", "kind", b"kind", "model", b"model", "name", b"name", "progress", b"progress", "target", b"target", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deployment", b"deployment", "done", b"done", "error", b"error", "kind", b"kind", "model", b"model", "name", b"name", "progress", b"progress", "rollout", b"rollout", "target", b"target", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -401,6 +401,7 @@ class CreateDeploymentRequest(_message.Message):
     ENVIRONMENT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     SECRET_ENVIRONMENT_FIELD_NUMBER: _builtins.int
+    ROLLOUT_FIELD_NUMBER: _builtins.int
     parent: _builtins.str
     """The model."""
     build: _builtins.str
@@ -414,6 +415,10 @@ class CreateDeploymentRequest(_message.Message):
     def secret_environment(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """As DeployOptions.secret_environment."""
 
+    @_builtins.property
+    def rollout(self) -> _resources_pb2.RolloutStrategy:
+        """Unset: IMMEDIATE."""
+
     def __init__(
         self,
         *,
@@ -423,14 +428,95 @@ class CreateDeploymentRequest(_message.Message):
         environment: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         request_id: _builtins.str = ...,
         secret_environment: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        rollout: _resources_pb2.RolloutStrategy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources", "rollout", b"rollout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["build", b"build", "environment", b"environment", "parent", b"parent", "request_id", b"request_id", "resources", b"resources", "secret_environment", b"secret_environment"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["build", b"build", "environment", b"environment", "parent", b"parent", "request_id", b"request_id", "resources", b"resources", "rollout", b"rollout", "secret_environment", b"secret_environment"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CreateDeploymentRequest: _TypeAlias = CreateDeploymentRequest  # noqa: Y015
+
+@_typing.final
+class SetTrafficRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    WEIGHTS_FIELD_NUMBER: _builtins.int
+    STICKY_HEADER_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The model."""
+    sticky_header: _builtins.str
+    """Requests with the same value of this header go to the same build."""
+    request_id: _builtins.str
+    @_builtins.property
+    def weights(self) -> _containers.RepeatedCompositeFieldContainer[Global___TrafficWeight]:
+        """Two builds whose percents add up to 100 (the serving one and another: it starts
+        with the serving deployment's resources; or the two of the split, new weights in
+        place), or one at 100 (the split ends: the other build's deployment goes, or the
+        candidate takes over).
+        """
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        weights: _abc.Iterable[Global___TrafficWeight] | None = ...,
+        sticky_header: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "request_id", b"request_id", "sticky_header", b"sticky_header", "weights", b"weights"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetTrafficRequest: _TypeAlias = SetTrafficRequest  # noqa: Y015
+
+@_typing.final
+class TrafficWeight(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUILD_FIELD_NUMBER: _builtins.int
+    PERCENT_FIELD_NUMBER: _builtins.int
+    build: _builtins.str
+    """Build name (projects/{project}/models/{model}/builds/{version})."""
+    percent: _builtins.int
+    def __init__(
+        self,
+        *,
+        build: _builtins.str = ...,
+        percent: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["build", b"build", "percent", b"percent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrafficWeight: _TypeAlias = TrafficWeight  # noqa: Y015
+
+@_typing.final
+class PromoteRolloutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The canary's or shadow's operation."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromoteRolloutRequest: _TypeAlias = PromoteRolloutRequest  # noqa: Y015
 
 @_typing.final
 class GetDeploymentRequest(_message.Message):

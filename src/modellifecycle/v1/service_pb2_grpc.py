@@ -194,6 +194,16 @@ class ModelLifecycleStub:
                 request_serializer=modellifecycle_dot_v1_dot_service__pb2.GetCallerRequest.SerializeToString,
                 response_deserializer=modellifecycle_dot_v1_dot_service__pb2.Caller.FromString,
                 _registered_method=True)
+        self.SetTraffic = channel.unary_unary(
+                '/modellifecycle.v1.ModelLifecycle/SetTraffic',
+                request_serializer=modellifecycle_dot_v1_dot_service__pb2.SetTrafficRequest.SerializeToString,
+                response_deserializer=modellifecycle_dot_v1_dot_resources__pb2.Operation.FromString,
+                _registered_method=True)
+        self.PromoteRollout = channel.unary_unary(
+                '/modellifecycle.v1.ModelLifecycle/PromoteRollout',
+                request_serializer=modellifecycle_dot_v1_dot_service__pb2.PromoteRolloutRequest.SerializeToString,
+                response_deserializer=modellifecycle_dot_v1_dot_resources__pb2.Operation.FromString,
+                _registered_method=True)
 
 
 class ModelLifecycleServicer:
@@ -430,6 +440,21 @@ class ModelLifecycleServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetTraffic(self, request, context):
+        """Splits a model's requests between two builds by weight (in place once both run).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PromoteRollout(self, request, context):
+        """A canary or shadow rollout's new build takes over now, whatever its step.
+        (CancelOperation aborts it: all traffic back to the serving build.)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelLifecycleServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -587,6 +612,16 @@ def add_ModelLifecycleServicer_to_server(servicer, server):
                     servicer.GetCaller,
                     request_deserializer=modellifecycle_dot_v1_dot_service__pb2.GetCallerRequest.FromString,
                     response_serializer=modellifecycle_dot_v1_dot_service__pb2.Caller.SerializeToString,
+            ),
+            'SetTraffic': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTraffic,
+                    request_deserializer=modellifecycle_dot_v1_dot_service__pb2.SetTrafficRequest.FromString,
+                    response_serializer=modellifecycle_dot_v1_dot_resources__pb2.Operation.SerializeToString,
+            ),
+            'PromoteRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteRollout,
+                    request_deserializer=modellifecycle_dot_v1_dot_service__pb2.PromoteRolloutRequest.FromString,
+                    response_serializer=modellifecycle_dot_v1_dot_resources__pb2.Operation.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1429,6 +1464,60 @@ class ModelLifecycle:
             '/modellifecycle.v1.ModelLifecycle/GetCaller',
             modellifecycle_dot_v1_dot_service__pb2.GetCallerRequest.SerializeToString,
             modellifecycle_dot_v1_dot_service__pb2.Caller.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTraffic(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modellifecycle.v1.ModelLifecycle/SetTraffic',
+            modellifecycle_dot_v1_dot_service__pb2.SetTrafficRequest.SerializeToString,
+            modellifecycle_dot_v1_dot_resources__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/modellifecycle.v1.ModelLifecycle/PromoteRollout',
+            modellifecycle_dot_v1_dot_service__pb2.PromoteRolloutRequest.SerializeToString,
+            modellifecycle_dot_v1_dot_resources__pb2.Operation.FromString,
             options,
             channel_credentials,
             insecure,

@@ -124,6 +124,12 @@ class ModelLifecycleStub:
     """Who the caller is: its token's name, project and role, so that a client (the web
     console) shows only what this token may do. Every valid token may ask.
     """
+    SetTraffic: _grpc.UnaryUnaryMultiCallable[_service_pb2.SetTrafficRequest, _resources_pb2.Operation]
+    """Splits a model's requests between two builds by weight (in place once both run)."""
+    PromoteRollout: _grpc.UnaryUnaryMultiCallable[_service_pb2.PromoteRolloutRequest, _resources_pb2.Operation]
+    """A canary or shadow rollout's new build takes over now, whatever its step.
+    (CancelOperation aborts it: all traffic back to the serving build.)
+    """
 
 @_typing.type_check_only
 class ModelLifecycleAsyncStub(ModelLifecycleStub):
@@ -218,6 +224,12 @@ class ModelLifecycleAsyncStub(ModelLifecycleStub):
     GetCaller: _aio.UnaryUnaryMultiCallable[_service_pb2.GetCallerRequest, _service_pb2.Caller]  # type: ignore[assignment]
     """Who the caller is: its token's name, project and role, so that a client (the web
     console) shows only what this token may do. Every valid token may ask.
+    """
+    SetTraffic: _aio.UnaryUnaryMultiCallable[_service_pb2.SetTrafficRequest, _resources_pb2.Operation]  # type: ignore[assignment]
+    """Splits a model's requests between two builds by weight (in place once both run)."""
+    PromoteRollout: _aio.UnaryUnaryMultiCallable[_service_pb2.PromoteRolloutRequest, _resources_pb2.Operation]  # type: ignore[assignment]
+    """A canary or shadow rollout's new build takes over now, whatever its step.
+    (CancelOperation aborts it: all traffic back to the serving build.)
     """
 
 class ModelLifecycleServicer(metaclass=_abc_1.ABCMeta):
@@ -496,6 +508,24 @@ class ModelLifecycleServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_service_pb2.Caller, _abc.Awaitable[_service_pb2.Caller]]:
         """Who the caller is: its token's name, project and role, so that a client (the web
         console) shows only what this token may do. Every valid token may ask.
+        """
+
+    @_abc_1.abstractmethod
+    def SetTraffic(
+        self,
+        request: _service_pb2.SetTrafficRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_resources_pb2.Operation, _abc.Awaitable[_resources_pb2.Operation]]:
+        """Splits a model's requests between two builds by weight (in place once both run)."""
+
+    @_abc_1.abstractmethod
+    def PromoteRollout(
+        self,
+        request: _service_pb2.PromoteRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_resources_pb2.Operation, _abc.Awaitable[_resources_pb2.Operation]]:
+        """A canary or shadow rollout's new build takes over now, whatever its step.
+        (CancelOperation aborts it: all traffic back to the serving build.)
         """
 
 def add_ModelLifecycleServicer_to_server(servicer: ModelLifecycleServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

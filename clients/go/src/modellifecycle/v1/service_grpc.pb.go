@@ -91,6 +91,11 @@ type ModelLifecycleClient interface {
 	// Who the caller is: its token's name, project and role, so that a client (the web
 	// console) shows only what this token may do. Every valid token may ask.
 	GetCaller(ctx context.Context, in *GetCallerRequest, opts ...grpc.CallOption) (*Caller, error)
+	// Splits a model's requests between two builds by weight (in place once both run).
+	SetTraffic(ctx context.Context, in *SetTrafficRequest, opts ...grpc.CallOption) (*Operation, error)
+	// A canary or shadow rollout's new build takes over now, whatever its step.
+	// (CancelOperation aborts it: all traffic back to the serving build.)
+	PromoteRollout(ctx context.Context, in *PromoteRolloutRequest, opts ...grpc.CallOption) (*Operation, error)
 }
 
 type modelLifecycleClient struct {
@@ -520,6 +525,24 @@ func (c *modelLifecycleClient) GetCaller(ctx context.Context, in *GetCallerReque
 	return out, nil
 }
 
+func (c *modelLifecycleClient) SetTraffic(ctx context.Context, in *SetTrafficRequest, opts ...grpc.CallOption) (*Operation, error) {
+	out := new(Operation)
+	err := c.cc.Invoke(ctx, "/modellifecycle.v1.ModelLifecycle/SetTraffic", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *modelLifecycleClient) PromoteRollout(ctx context.Context, in *PromoteRolloutRequest, opts ...grpc.CallOption) (*Operation, error) {
+	out := new(Operation)
+	err := c.cc.Invoke(ctx, "/modellifecycle.v1.ModelLifecycle/PromoteRollout", in, out, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ModelLifecycleServer is the server API for ModelLifecycle service.
 // All implementations must embed UnimplementedModelLifecycleServer
 // for forward compatibility
@@ -597,6 +620,11 @@ type ModelLifecycleServer interface {
 	// Who the caller is: its token's name, project and role, so that a client (the web
 	// console) shows only what this token may do. Every valid token may ask.
 	GetCaller(context.Context, *GetCallerRequest) (*Caller, error)
+	// Splits a model's requests between two builds by weight (in place once both run).
+	SetTraffic(context.Context, *SetTrafficRequest) (*Operation, error)
+	// A canary or shadow rollout's new build takes over now, whatever its step.
+	// (CancelOperation aborts it: all traffic back to the serving build.)
+	PromoteRollout(context.Context, *PromoteRolloutRequest) (*Operation, error)
 	mustEmbedUnimplementedModelLifecycleServer()
 }
 
@@ -696,6 +724,12 @@ func (UnimplementedModelLifecycleServer) StreamModelLogs(*StreamModelLogsRequest
 }
 func (UnimplementedModelLifecycleServer) GetCaller(context.Context, *GetCallerRequest) (*Caller, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method GetCaller not implemented")
+}
+func (UnimplementedModelLifecycleServer) SetTraffic(context.Context, *SetTrafficRequest) (*Operation, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method SetTraffic not implemented")
+}
+func (UnimplementedModelLifecycleServer) PromoteRollout(context.Context, *PromoteRolloutRequest) (*Operation, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method PromoteRollout not implemented")
 }
 func (UnimplementedModelLifecycleServer) mustEmbedUnimplementedModelLifecycleServer() {}
 
@@ -1291,6 +1325,42 @@ func _ModelLifecycle_GetCaller_Handler(srv interface{}, ctx context.Context, dec
 	return interceptor(ctx, in, info, handler)
 }
 
+func _ModelLifecycle_SetTraffic_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetTrafficRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ModelLifecycleServer).SetTraffic(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/modellifecycle.v1.ModelLifecycle/SetTraffic",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ModelLifecycleServer).SetTraffic(ctx, req.(*SetTrafficRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ModelLifecycle_PromoteRollout_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(PromoteRolloutRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ModelLifecycleServer).PromoteRollout(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: "/modellifecycle.v1.ModelLifecycle/PromoteRollout",
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ModelLifecycleServer).PromoteRollout(ctx, req.(*PromoteRolloutRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 var _ModelLifecycle_serviceDesc = grpc.ServiceDesc{
 	ServiceName: "modellifecycle.v1.ModelLifecycle",
 	HandlerType: (*ModelLifecycleServer)(nil),
@@ -1394,6 +1464,14 @@ var _ModelLifecycle_serviceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetCaller",
 			Handler:    _ModelLifecycle_GetCaller_Handler,
+		},
+		{
+			MethodName: "SetTraffic",
+			Handler:    _ModelLifecycle_SetTraffic_Handler,
+		},
+		{
+			MethodName: "PromoteRollout",
+			Handler:    _ModelLifecycle_PromoteRollout_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

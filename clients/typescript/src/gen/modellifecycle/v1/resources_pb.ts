@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file modellifecycle/v1/resources.proto.
  */
 export const file_modellifecycle_v1_resources: GenFile = /*@__PURE__*/
-  fileDesc("CiFtb2RlbGxpZmVjeWNsZS92MS9yZXNvdXJjZXMucHJvdG8SEW1vZGVsbGlmZWN5Y2xlLnYxIscCCgVNb2RlbBIMCgRuYW1lGAEgASgJEhQKDGRpc3BsYXlfbmFtZRgCIAEoCRITCgtkZXNjcmlwdGlvbhgDIAEoCRIsCgVzdGF0ZRgEIAEoDjIdLm1vZGVsbGlmZWN5Y2xlLnYxLk1vZGVsU3RhdGUSGQoRYWN0aXZlX2RlcGxveW1lbnQYBSABKAkSEAoIZW5kcG9pbnQYBiABKAkSLwoLY3JlYXRlX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIMCgRldGFnGAkgASgJEg8KB21lc3NhZ2UYCiABKAkSGQoRcnVubmluZ19vcGVyYXRpb24YCyABKAkSDgoGaGVhbHRoGAwgASgJIrYDCgVCdWlsZBIMCgRuYW1lGAEgASgJEg8KB3ZlcnNpb24YAiABKAMSFQoNc291cmNlX3NoYTI1NhgDIAEoCRIRCglmaWxlX3BhdGgYBCABKAkSFQoNZnVuY3Rpb25fbmFtZRgFIAEoCRIPCgdjb21tZW50GAYgASgJEiwKBXN0YXRlGAcgASgOMh0ubW9kZWxsaWZlY3ljbGUudjEuQnVpbGRTdGF0ZRINCgVpbWFnZRgIIAEoCRINCgVlcnJvchgJIAEoCRIvCgtjcmVhdGVfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZmluaXNoX3RpbWUYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEisKB3J1bnRpbWUYDCABKAsyGi5tb2RlbGxpZmVjeWNsZS52MS5SdW50aW1lEjQKCHBhY2thZ2VzGA0gAygLMiIubW9kZWxsaWZlY3ljbGUudjEuUmVzb2x2ZWRQYWNrYWdlEhEKCWNhY2hlX2hpdBgOIAEoCBIYChBpbWFnZV9zaXplX2J5dGVzGA8gASgDIksKB1J1bnRpbWUSFgoOaW1wbGVtZW50YXRpb24YASABKAkSFgoOcHl0aG9uX3ZlcnNpb24YAiABKAkSEAoIcGxhdGZvcm0YAyABKAkiUwoPUmVzb2x2ZWRQYWNrYWdlEgwKBG5hbWUYASABKAkSDwoHdmVyc2lvbhgCIAEoCRIOCgZzaGEyNTYYAyABKAkSEQoJcmVxdWVzdGVkGAQgASgIIk0KCVJlc291cmNlcxIQCghyZXBsaWNhcxgBIAEoBRIMCgRjcHVzGAIgASgBEhIKCm1lbW9yeV9taWIYAyABKAMSDAoEZ3B1cxgEIAEoASKQAQoHUmVwbGljYRIKCgJpZBgBIAEoCRIuCgVzdGF0ZRgCIAEoDjIfLm1vZGVsbGlmZWN5Y2xlLnYxLlJlcGxpY2FTdGF0ZRILCgNwaWQYAyABKAMSDAoEbm9kZRgEIAEoCRIuCgpzdGFydF90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLZAwoKRGVwbG95bWVudBIMCgRuYW1lGAEgASgJEg0KBWJ1aWxkGAIgASgJEi8KCXJlc291cmNlcxgDIAEoCzIcLm1vZGVsbGlmZWN5Y2xlLnYxLlJlc291cmNlcxJDCgtlbnZpcm9ubWVudBgEIAMoCzIuLm1vZGVsbGlmZWN5Y2xlLnYxLkRlcGxveW1lbnQuRW52aXJvbm1lbnRFbnRyeRIxCgVzdGF0ZRgFIAEoDjIiLm1vZGVsbGlmZWN5Y2xlLnYxLkRlcGxveW1lbnRTdGF0ZRIsCghyZXBsaWNhcxgGIAMoCzIaLm1vZGVsbGlmZWN5Y2xlLnYxLlJlcGxpY2ESDwoHbWVzc2FnZRgHIAEoCRIvCgtjcmVhdGVfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEh8KF3NlY3JldF9lbnZpcm9ubWVudF9rZXlzGAogAygJEg8KB2NyZWF0b3IYCyABKAkaMgoQRW52aXJvbm1lbnRFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIqECCglPcGVyYXRpb24SDAoEbmFtZRgBIAEoCRIuCgRraW5kGAIgASgOMiAubW9kZWxsaWZlY3ljbGUudjEuT3BlcmF0aW9uS2luZBIOCgZ0YXJnZXQYAyABKAkSDAoEZG9uZRgEIAEoCBIhCgVlcnJvchgFIAEoCzISLmdvb2dsZS5ycGMuU3RhdHVzEi8KC2NyZWF0ZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDQoFbW9kZWwYCCABKAkSEAoIcHJvZ3Jlc3MYCSABKAkSEgoKZGVwbG95bWVudBgKIAEoCSIsCgZTb3VyY2USDgoGc2hhMjU2GAEgASgJEhIKCnNpemVfYnl0ZXMYAiABKAMivgIKCk1vZGVsRXZlbnQSEAoIcmV2aXNpb24YASABKAMSKAoEdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASKgoEdHlwZRgDIAEoDjIcLm1vZGVsbGlmZWN5Y2xlLnYxLkV2ZW50VHlwZRIpCgVtb2RlbBgEIAEoCzIYLm1vZGVsbGlmZWN5Y2xlLnYxLk1vZGVsSAASKQoFYnVpbGQYBSABKAsyGC5tb2RlbGxpZmVjeWNsZS52MS5CdWlsZEgAEjMKCmRlcGxveW1lbnQYBiABKAsyHS5tb2RlbGxpZmVjeWNsZS52MS5EZXBsb3ltZW50SAASMQoJb3BlcmF0aW9uGAcgASgLMhwubW9kZWxsaWZlY3ljbGUudjEuT3BlcmF0aW9uSABCCgoIcmVzb3VyY2Ui1QEKBVRva2VuEgwKBG5hbWUYASABKAkSJQoEcm9sZRgCIAEoDjIXLm1vZGVsbGlmZWN5Y2xlLnYxLlJvbGUSEwoLZGVzY3JpcHRpb24YAyABKAkSLwoLY3JlYXRlX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2V4cGlyZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgdyZXZva2VkGAYgASgIEg8KB2NyZWF0b3IYByABKAkiuAEKC0F1ZGl0UmVjb3JkEgoKAmlkGAEgASgDEigKBHRpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhEKCXByaW5jaXBhbBgDIAEoCRIOCgZtZXRob2QYBCABKAkSEAoIcmVzb3VyY2UYBSABKAkSDwoHcHJvamVjdBgGIAEoCRIMCgRjb2RlGAcgASgJEgwKBHBlZXIYCCABKAkSEQoJb3BlcmF0aW9uGAkgASgJIoUBCg1JbnZvY2F0aW9uS2V5EgwKBG5hbWUYASABKAkSEwoLZGVzY3JpcHRpb24YAiABKAkSLwoLY3JlYXRlX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg8KB3Jldm9rZWQYBCABKAgSDwoHY3JlYXRvchgFIAEoCSrgAQoKTW9kZWxTdGF0ZRIbChdNT0RFTF9TVEFURV9VTlNQRUNJRklFRBAAEhwKGE1PREVMX1NUQVRFX05PVF9ERVBMT1lFRBABEhcKE01PREVMX1NUQVRFX1BFTkRJTkcQAhIZChVNT0RFTF9TVEFURV9ERVBMT1lJTkcQAxIYChRNT0RFTF9TVEFURV9ERVBMT1lFRBAEEhgKFE1PREVMX1NUQVRFX1NUT1BQSU5HEAUSFwoTTU9ERUxfU1RBVEVfU1RPUFBFRBAGEhYKEk1PREVMX1NUQVRFX0ZBSUxFRBAHKooBCgpCdWlsZFN0YXRlEhsKF0JVSUxEX1NUQVRFX1VOU1BFQ0lGSUVEEAASFgoSQlVJTERfU1RBVEVfUVVFVUVEEAESGAoUQlVJTERfU1RBVEVfQlVJTERJTkcQAhIVChFCVUlMRF9TVEFURV9CVUlMVBADEhYKEkJVSUxEX1NUQVRFX0ZBSUxFRBAEKokCCg9EZXBsb3ltZW50U3RhdGUSIAocREVQTE9ZTUVOVF9TVEFURV9VTlNQRUNJRklFRBAAEhwKGERFUExPWU1FTlRfU1RBVEVfUEVORElORxABEh4KGkRFUExPWU1FTlRfU1RBVEVfREVQTE9ZSU5HEAISHQoZREVQTE9ZTUVOVF9TVEFURV9ERVBMT1lFRBADEh0KGURFUExPWU1FTlRfU1RBVEVfU1RPUFBJTkcQBBIcChhERVBMT1lNRU5UX1NUQVRFX1NUT1BQRUQQBRIbChdERVBMT1lNRU5UX1NUQVRFX0ZBSUxFRBAGEh0KGURFUExPWU1FTlRfU1RBVEVfUkVQTEFDRUQQByqaAQoMUmVwbGljYVN0YXRlEh0KGVJFUExJQ0FfU1RBVEVfVU5TUEVDSUZJRUQQABIaChZSRVBMSUNBX1NUQVRFX1NUQVJUSU5HEAESGQoVUkVQTElDQV9TVEFURV9SVU5OSU5HEAISGgoWUkVQTElDQV9TVEFURV9TVE9QUElORxADEhgKFFJFUExJQ0FfU1RBVEVfRkFJTEVEEAQqtwEKDU9wZXJhdGlvbktpbmQSHgoaT1BFUkFUSU9OX0tJTkRfVU5TUEVDSUZJRUQQABIfChtPUEVSQVRJT05fS0lORF9DUkVBVEVfQlVJTEQQARIkCiBPUEVSQVRJT05fS0lORF9DUkVBVEVfREVQTE9ZTUVOVBACEh0KGU9QRVJBVElPTl9LSU5EX1NUT1BfTU9ERUwQAxIgChxPUEVSQVRJT05fS0lORF9SRVNUQVJUX01PREVMEAQqoAEKCUV2ZW50VHlwZRIaChZFVkVOVF9UWVBFX1VOU1BFQ0lGSUVEEAASFgoSRVZFTlRfVFlQRV9DVVJSRU5UEAESFgoSRVZFTlRfVFlQRV9DUkVBVEVEEAISFgoSRVZFTlRfVFlQRV9VUERBVEVEEAMSFgoSRVZFTlRfVFlQRV9ERUxFVEVEEAQSFwoTRVZFTlRfVFlQRV9CT09LTUFSSxAFKlAKBFJvbGUSFAoQUk9MRV9VTlNQRUNJRklFRBAAEg8KC1JPTEVfVklFV0VSEAESEQoNUk9MRV9ERVBMT1lFUhACEg4KClJPTEVfQURNSU4QA0IkWiJtb2RlbGxpZmVjeWNsZS92MTttb2RlbGxpZmVjeWNsZXYxYgZwcm90bzM", [file_google_protobuf_timestamp, file_google_rpc_status]);
+  fileDesc("CiFtb2RlbGxpZmVjeWNsZS92MS9yZXNvdXJjZXMucHJvdG8SEW1vZGVsbGlmZWN5Y2xlLnYxIvkCCgVNb2RlbBIMCgRuYW1lGAEgASgJEhQKDGRpc3BsYXlfbmFtZRgCIAEoCRITCgtkZXNjcmlwdGlvbhgDIAEoCRIsCgVzdGF0ZRgEIAEoDjIdLm1vZGVsbGlmZWN5Y2xlLnYxLk1vZGVsU3RhdGUSGQoRYWN0aXZlX2RlcGxveW1lbnQYBSABKAkSEAoIZW5kcG9pbnQYBiABKAkSLwoLY3JlYXRlX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIMCgRldGFnGAkgASgJEg8KB21lc3NhZ2UYCiABKAkSGQoRcnVubmluZ19vcGVyYXRpb24YCyABKAkSDgoGaGVhbHRoGAwgASgJEjAKB3RyYWZmaWMYDSABKAsyHy5tb2RlbGxpZmVjeWNsZS52MS5UcmFmZmljU3BsaXQirwEKDFRyYWZmaWNTcGxpdBIwCgZzdGFibGUYASABKAsyIC5tb2RlbGxpZmVjeWNsZS52MS5UcmFmZmljVGFyZ2V0EjMKCWNhbmRpZGF0ZRgCIAEoCzIgLm1vZGVsbGlmZWN5Y2xlLnYxLlRyYWZmaWNUYXJnZXQSDgoGc2hhZG93GAMgASgIEhUKDXN0aWNreV9oZWFkZXIYBCABKAkSEQoJcHJvbW90aW5nGAUgASgIIkMKDVRyYWZmaWNUYXJnZXQSEgoKZGVwbG95bWVudBgBIAEoCRINCgVidWlsZBgCIAEoCRIPCgdwZXJjZW50GAMgASgFIr8BCg9Sb2xsb3V0U3RyYXRlZ3kSOAoJaW1tZWRpYXRlGAEgASgLMiMubW9kZWxsaWZlY3ljbGUudjEuSW1tZWRpYXRlUm9sbG91dEgAEjIKBmNhbmFyeRgCIAEoCzIgLm1vZGVsbGlmZWN5Y2xlLnYxLkNhbmFyeVJvbGxvdXRIABIyCgZzaGFkb3cYAyABKAsyIC5tb2RlbGxpZmVjeWNsZS52MS5TaGFkb3dSb2xsb3V0SABCCgoIc3RyYXRlZ3kiEgoQSW1tZWRpYXRlUm9sbG91dCJkCg1DYW5hcnlSb2xsb3V0Eg0KBXN0ZXBzGAEgAygFEhQKDGJha2Vfc2Vjb25kcxgCIAEoARIuCgVnYXRlcxgDIAEoCzIfLm1vZGVsbGlmZWN5Y2xlLnYxLlJvbGxvdXRHYXRlcyJqCg1TaGFkb3dSb2xsb3V0Eg8KB3BlcmNlbnQYASABKAUSGAoQZHVyYXRpb25fc2Vjb25kcxgCIAEoARIuCgVnYXRlcxgDIAEoCzIfLm1vZGVsbGlmZWN5Y2xlLnYxLlJvbGxvdXRHYXRlcyLAAQoMUm9sbG91dEdhdGVzEhsKDm1heF9lcnJvcl9yYXRlGAEgASgBSACIAQESFwoKbWF4X3A5OV9tcxgCIAEoAUgBiAEBEhoKDW1heF9wOTlfcmF0aW8YAyABKAFIAogBARIZCgxtaW5fcmVxdWVzdHMYBCABKANIA4gBAUIRCg9fbWF4X2Vycm9yX3JhdGVCDQoLX21heF9wOTlfbXNCEAoOX21heF9wOTlfcmF0aW9CDwoNX21pbl9yZXF1ZXN0cyKkAwoNUm9sbG91dFN0YXR1cxI0CghzdHJhdGVneRgBIAEoCzIiLm1vZGVsbGlmZWN5Y2xlLnYxLlJvbGxvdXRTdHJhdGVneRI1CgVwaGFzZRgCIAEoDjImLm1vZGVsbGlmZWN5Y2xlLnYxLlJvbGxvdXRTdGF0dXMuUGhhc2USDAoEc3RlcBgDIAEoBRINCgVzdGVwcxgEIAEoBRIPCgdwZXJjZW50GAUgASgFEjMKD3N0ZXBfc3RhcnRfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNAoJY2FuZGlkYXRlGAcgASgLMiEubW9kZWxsaWZlY3ljbGUudjEuUm9sbG91dEZpZ3VyZXMSMgoHY3VycmVudBgIIAEoCzIhLm1vZGVsbGlmZWN5Y2xlLnYxLlJvbGxvdXRGaWd1cmVzIlkKBVBoYXNlEhUKEVBIQVNFX1VOU1BFQ0lGSUVEEAASEgoOUEhBU0VfU1RBUlRJTkcQARIQCgxQSEFTRV9CQUtJTkcQAhITCg9QSEFTRV9QUk9NT1RJTkcQAyJKCg5Sb2xsb3V0RmlndXJlcxIQCghyZXF1ZXN0cxgBIAEoAxIOCgZlcnJvcnMYAiABKAMSFgoObGF0ZW5jeV9wOTlfbXMYAyABKAEitgMKBUJ1aWxkEgwKBG5hbWUYASABKAkSDwoHdmVyc2lvbhgCIAEoAxIVCg1zb3VyY2Vfc2hhMjU2GAMgASgJEhEKCWZpbGVfcGF0aBgEIAEoCRIVCg1mdW5jdGlvbl9uYW1lGAUgASgJEg8KB2NvbW1lbnQYBiABKAkSLAoFc3RhdGUYByABKA4yHS5tb2RlbGxpZmVjeWNsZS52MS5CdWlsZFN0YXRlEg0KBWltYWdlGAggASgJEg0KBWVycm9yGAkgASgJEi8KC2NyZWF0ZV90aW1lGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtmaW5pc2hfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASKwoHcnVudGltZRgMIAEoCzIaLm1vZGVsbGlmZWN5Y2xlLnYxLlJ1bnRpbWUSNAoIcGFja2FnZXMYDSADKAsyIi5tb2RlbGxpZmVjeWNsZS52MS5SZXNvbHZlZFBhY2thZ2USEQoJY2FjaGVfaGl0GA4gASgIEhgKEGltYWdlX3NpemVfYnl0ZXMYDyABKAMiSwoHUnVudGltZRIWCg5pbXBsZW1lbnRhdGlvbhgBIAEoCRIWCg5weXRob25fdmVyc2lvbhgCIAEoCRIQCghwbGF0Zm9ybRgDIAEoCSJTCg9SZXNvbHZlZFBhY2thZ2USDAoEbmFtZRgBIAEoCRIPCgd2ZXJzaW9uGAIgASgJEg4KBnNoYTI1NhgDIAEoCRIRCglyZXF1ZXN0ZWQYBCABKAgiTQoJUmVzb3VyY2VzEhAKCHJlcGxpY2FzGAEgASgFEgwKBGNwdXMYAiABKAESEgoKbWVtb3J5X21pYhgDIAEoAxIMCgRncHVzGAQgASgBIpABCgdSZXBsaWNhEgoKAmlkGAEgASgJEi4KBXN0YXRlGAIgASgOMh8ubW9kZWxsaWZlY3ljbGUudjEuUmVwbGljYVN0YXRlEgsKA3BpZBgDIAEoAxIMCgRub2RlGAQgASgJEi4KCnN0YXJ0X3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wItkDCgpEZXBsb3ltZW50EgwKBG5hbWUYASABKAkSDQoFYnVpbGQYAiABKAkSLwoJcmVzb3VyY2VzGAMgASgLMhwubW9kZWxsaWZlY3ljbGUudjEuUmVzb3VyY2VzEkMKC2Vudmlyb25tZW50GAQgAygLMi4ubW9kZWxsaWZlY3ljbGUudjEuRGVwbG95bWVudC5FbnZpcm9ubWVudEVudHJ5EjEKBXN0YXRlGAUgASgOMiIubW9kZWxsaWZlY3ljbGUudjEuRGVwbG95bWVudFN0YXRlEiwKCHJlcGxpY2FzGAYgAygLMhoubW9kZWxsaWZlY3ljbGUudjEuUmVwbGljYRIPCgdtZXNzYWdlGAcgASgJEi8KC2NyZWF0ZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASHwoXc2VjcmV0X2Vudmlyb25tZW50X2tleXMYCiADKAkSDwoHY3JlYXRvchgLIAEoCRoyChBFbnZpcm9ubWVudEVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEi1AIKCU9wZXJhdGlvbhIMCgRuYW1lGAEgASgJEi4KBGtpbmQYAiABKA4yIC5tb2RlbGxpZmVjeWNsZS52MS5PcGVyYXRpb25LaW5kEg4KBnRhcmdldBgDIAEoCRIMCgRkb25lGAQgASgIEiEKBWVycm9yGAUgASgLMhIuZ29vZ2xlLnJwYy5TdGF0dXMSLwoLY3JlYXRlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBINCgVtb2RlbBgIIAEoCRIQCghwcm9ncmVzcxgJIAEoCRISCgpkZXBsb3ltZW50GAogASgJEjEKB3JvbGxvdXQYCyABKAsyIC5tb2RlbGxpZmVjeWNsZS52MS5Sb2xsb3V0U3RhdHVzIiwKBlNvdXJjZRIOCgZzaGEyNTYYASABKAkSEgoKc2l6ZV9ieXRlcxgCIAEoAyK+AgoKTW9kZWxFdmVudBIQCghyZXZpc2lvbhgBIAEoAxIoCgR0aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIqCgR0eXBlGAMgASgOMhwubW9kZWxsaWZlY3ljbGUudjEuRXZlbnRUeXBlEikKBW1vZGVsGAQgASgLMhgubW9kZWxsaWZlY3ljbGUudjEuTW9kZWxIABIpCgVidWlsZBgFIAEoCzIYLm1vZGVsbGlmZWN5Y2xlLnYxLkJ1aWxkSAASMwoKZGVwbG95bWVudBgGIAEoCzIdLm1vZGVsbGlmZWN5Y2xlLnYxLkRlcGxveW1lbnRIABIxCglvcGVyYXRpb24YByABKAsyHC5tb2RlbGxpZmVjeWNsZS52MS5PcGVyYXRpb25IAEIKCghyZXNvdXJjZSLVAQoFVG9rZW4SDAoEbmFtZRgBIAEoCRIlCgRyb2xlGAIgASgOMhcubW9kZWxsaWZlY3ljbGUudjEuUm9sZRITCgtkZXNjcmlwdGlvbhgDIAEoCRIvCgtjcmVhdGVfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZXhwaXJlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg8KB3Jldm9rZWQYBiABKAgSDwoHY3JlYXRvchgHIAEoCSK4AQoLQXVkaXRSZWNvcmQSCgoCaWQYASABKAMSKAoEdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJcHJpbmNpcGFsGAMgASgJEg4KBm1ldGhvZBgEIAEoCRIQCghyZXNvdXJjZRgFIAEoCRIPCgdwcm9qZWN0GAYgASgJEgwKBGNvZGUYByABKAkSDAoEcGVlchgIIAEoCRIRCglvcGVyYXRpb24YCSABKAkihQEKDUludm9jYXRpb25LZXkSDAoEbmFtZRgBIAEoCRITCgtkZXNjcmlwdGlvbhgCIAEoCRIvCgtjcmVhdGVfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHcmV2b2tlZBgEIAEoCBIPCgdjcmVhdG9yGAUgASgJKuABCgpNb2RlbFN0YXRlEhsKF01PREVMX1NUQVRFX1VOU1BFQ0lGSUVEEAASHAoYTU9ERUxfU1RBVEVfTk9UX0RFUExPWUVEEAESFwoTTU9ERUxfU1RBVEVfUEVORElORxACEhkKFU1PREVMX1NUQVRFX0RFUExPWUlORxADEhgKFE1PREVMX1NUQVRFX0RFUExPWUVEEAQSGAoUTU9ERUxfU1RBVEVfU1RPUFBJTkcQBRIXChNNT0RFTF9TVEFURV9TVE9QUEVEEAYSFgoSTU9ERUxfU1RBVEVfRkFJTEVEEAcqigEKCkJ1aWxkU3RhdGUSGwoXQlVJTERfU1RBVEVfVU5TUEVDSUZJRUQQABIWChJCVUlMRF9TVEFURV9RVUVVRUQQARIYChRCVUlMRF9TVEFURV9CVUlMRElORxACEhUKEUJVSUxEX1NUQVRFX0JVSUxUEAMSFgoSQlVJTERfU1RBVEVfRkFJTEVEEAQqiQIKD0RlcGxveW1lbnRTdGF0ZRIgChxERVBMT1lNRU5UX1NUQVRFX1VOU1BFQ0lGSUVEEAASHAoYREVQTE9ZTUVOVF9TVEFURV9QRU5ESU5HEAESHgoaREVQTE9ZTUVOVF9TVEFURV9ERVBMT1lJTkcQAhIdChlERVBMT1lNRU5UX1NUQVRFX0RFUExPWUVEEAMSHQoZREVQTE9ZTUVOVF9TVEFURV9TVE9QUElORxAEEhwKGERFUExPWU1FTlRfU1RBVEVfU1RPUFBFRBAFEhsKF0RFUExPWU1FTlRfU1RBVEVfRkFJTEVEEAYSHQoZREVQTE9ZTUVOVF9TVEFURV9SRVBMQUNFRBAHKpoBCgxSZXBsaWNhU3RhdGUSHQoZUkVQTElDQV9TVEFURV9VTlNQRUNJRklFRBAAEhoKFlJFUExJQ0FfU1RBVEVfU1RBUlRJTkcQARIZChVSRVBMSUNBX1NUQVRFX1JVTk5JTkcQAhIaChZSRVBMSUNBX1NUQVRFX1NUT1BQSU5HEAMSGAoUUkVQTElDQV9TVEFURV9GQUlMRUQQBCrXAQoNT3BlcmF0aW9uS2luZBIeChpPUEVSQVRJT05fS0lORF9VTlNQRUNJRklFRBAAEh8KG09QRVJBVElPTl9LSU5EX0NSRUFURV9CVUlMRBABEiQKIE9QRVJBVElPTl9LSU5EX0NSRUFURV9ERVBMT1lNRU5UEAISHQoZT1BFUkFUSU9OX0tJTkRfU1RPUF9NT0RFTBADEiAKHE9QRVJBVElPTl9LSU5EX1JFU1RBUlRfTU9ERUwQBBIeChpPUEVSQVRJT05fS0lORF9TRVRfVFJBRkZJQxAFKqABCglFdmVudFR5cGUSGgoWRVZFTlRfVFlQRV9VTlNQRUNJRklFRBAAEhYKEkVWRU5UX1RZUEVfQ1VSUkVOVBABEhYKEkVWRU5UX1RZUEVfQ1JFQVRFRBACEhYKEkVWRU5UX1RZUEVfVVBEQVRFRBADEhYKEkVWRU5UX1RZUEVfREVMRVRFRBAEEhcKE0VWRU5UX1RZUEVfQk9PS01BUksQBSpQCgRSb2xlEhQKEFJPTEVfVU5TUEVDSUZJRUQQABIPCgtST0xFX1ZJRVdFUhABEhEKDVJPTEVfREVQTE9ZRVIQAhIOCgpST0xFX0FETUlOEANCJFoibW9kZWxsaWZlY3ljbGUvdjE7bW9kZWxsaWZlY3ljbGV2MWIGcHJvdG8z", [file_google_protobuf_timestamp, file_google_rpc_status]);
 
 /**
  * projects/{project}/models/{model}
@@ -95,6 +95,14 @@ export type Model = Message<"modellifecycle.v1.Model"> & {
    * @generated from field: string health = 12;
    */
   health: string;
+
+  /**
+   * Set while two deployments of the model are live (a canary, a shadow, a split set by
+   * SetTraffic): who answers what share of its requests.
+   *
+   * @generated from field: modellifecycle.v1.TrafficSplit traffic = 13;
+   */
+  traffic?: TrafficSplit | undefined;
 };
 
 /**
@@ -103,6 +111,363 @@ export type Model = Message<"modellifecycle.v1.Model"> & {
  */
 export const ModelSchema: GenMessage<Model> = /*@__PURE__*/
   messageDesc(file_modellifecycle_v1_resources, 0);
+
+/**
+ * A model's requests split between its serving deployment and a second one.
+ *
+ * @generated from message modellifecycle.v1.TrafficSplit
+ */
+export type TrafficSplit = Message<"modellifecycle.v1.TrafficSplit"> & {
+  /**
+   * The model's own replicas: they answer what is not sent to the candidate.
+   *
+   * @generated from field: modellifecycle.v1.TrafficTarget stable = 1;
+   */
+  stable?: TrafficTarget | undefined;
+
+  /**
+   * The second deployment: it answers `candidate.percent` of requests (or, with shadow,
+   * gets a copy of them and its answers are discarded).
+   *
+   * @generated from field: modellifecycle.v1.TrafficTarget candidate = 2;
+   */
+  candidate?: TrafficTarget | undefined;
+
+  /**
+   * @generated from field: bool shadow = 3;
+   */
+  shadow: boolean;
+
+  /**
+   * Requests with the same value of this header go to the same build ("" : at random).
+   *
+   * @generated from field: string sticky_header = 4;
+   */
+  stickyHeader: string;
+
+  /**
+   * The candidate is taking over: the model's replicas roll to its deployment.
+   *
+   * @generated from field: bool promoting = 5;
+   */
+  promoting: boolean;
+};
+
+/**
+ * Describes the message modellifecycle.v1.TrafficSplit.
+ * Use `create(TrafficSplitSchema)` to create a new message.
+ */
+export const TrafficSplitSchema: GenMessage<TrafficSplit> = /*@__PURE__*/
+  messageDesc(file_modellifecycle_v1_resources, 1);
+
+/**
+ * @generated from message modellifecycle.v1.TrafficTarget
+ */
+export type TrafficTarget = Message<"modellifecycle.v1.TrafficTarget"> & {
+  /**
+   * @generated from field: string deployment = 1;
+   */
+  deployment: string;
+
+  /**
+   * @generated from field: string build = 2;
+   */
+  build: string;
+
+  /**
+   * @generated from field: int32 percent = 3;
+   */
+  percent: number;
+};
+
+/**
+ * Describes the message modellifecycle.v1.TrafficTarget.
+ * Use `create(TrafficTargetSchema)` to create a new message.
+ */
+export const TrafficTargetSchema: GenMessage<TrafficTarget> = /*@__PURE__*/
+  messageDesc(file_modellifecycle_v1_resources, 2);
+
+/**
+ * How a new deployment takes over from the one serving (CreateDeployment.rollout).
+ *
+ * @generated from message modellifecycle.v1.RolloutStrategy
+ */
+export type RolloutStrategy = Message<"modellifecycle.v1.RolloutStrategy"> & {
+  /**
+   * @generated from oneof modellifecycle.v1.RolloutStrategy.strategy
+   */
+  strategy: {
+    /**
+     * Today's: the new deployment's replicas start (surge first), then take all traffic.
+     *
+     * @generated from field: modellifecycle.v1.ImmediateRollout immediate = 1;
+     */
+    value: ImmediateRollout;
+    case: "immediate";
+  } | {
+    /**
+     * @generated from field: modellifecycle.v1.CanaryRollout canary = 2;
+     */
+    value: CanaryRollout;
+    case: "canary";
+  } | {
+    /**
+     * @generated from field: modellifecycle.v1.ShadowRollout shadow = 3;
+     */
+    value: ShadowRollout;
+    case: "shadow";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message modellifecycle.v1.RolloutStrategy.
+ * Use `create(RolloutStrategySchema)` to create a new message.
+ */
+export const RolloutStrategySchema: GenMessage<RolloutStrategy> = /*@__PURE__*/
+  messageDesc(file_modellifecycle_v1_resources, 3);
+
+/**
+ * @generated from message modellifecycle.v1.ImmediateRollout
+ */
+export type ImmediateRollout = Message<"modellifecycle.v1.ImmediateRollout"> & {
+};
+
+/**
+ * Describes the message modellifecycle.v1.ImmediateRollout.
+ * Use `create(ImmediateRolloutSchema)` to create a new message.
+ */
+export const ImmediateRolloutSchema: GenMessage<ImmediateRollout> = /*@__PURE__*/
+  messageDesc(file_modellifecycle_v1_resources, 4);
+
+/**
+ * The new build takes a growing share of requests; each step bakes, then is judged.
+ *
+ * @generated from message modellifecycle.v1.CanaryRollout
+ */
+export type CanaryRollout = Message<"modellifecycle.v1.CanaryRollout"> & {
+  /**
+   * Percent of requests at each step, increasing, each within 1..100 (e.g. 10, 50, 100).
+   * After the last step passes, the new build takes all traffic.
+   *
+   * @generated from field: repeated int32 steps = 1;
+   */
+  steps: number[];
+
+  /**
+   * How long each step runs before it is judged to pass (gates that fail end it sooner).
+   *
+   * @generated from field: double bake_seconds = 2;
+   */
+  bakeSeconds: number;
+
+  /**
+   * @generated from field: modellifecycle.v1.RolloutGates gates = 3;
+   */
+  gates?: RolloutGates | undefined;
+};
+
+/**
+ * Describes the message modellifecycle.v1.CanaryRollout.
+ * Use `create(CanaryRolloutSchema)` to create a new message.
+ */
+export const CanaryRolloutSchema: GenMessage<CanaryRollout> = /*@__PURE__*/
+  messageDesc(file_modellifecycle_v1_resources, 5);
+
+/**
+ * A copy of a share of requests goes to the new build, its answers discarded; judged
+ * after `duration_seconds`, it then takes all traffic.
+ *
+ * @generated from message modellifecycle.v1.ShadowRollout
+ */
+export type ShadowRollout = Message<"modellifecycle.v1.ShadowRollout"> & {
+  /**
+   * @generated from field: int32 percent = 1;
+   */
+  percent: number;
+
+  /**
+   * @generated from field: double duration_seconds = 2;
+   */
+  durationSeconds: number;
+
+  /**
+   * @generated from field: modellifecycle.v1.RolloutGates gates = 3;
+   */
+  gates?: RolloutGates | undefined;
+};
+
+/**
+ * Describes the message modellifecycle.v1.ShadowRollout.
+ * Use `create(ShadowRolloutSchema)` to create a new message.
+ */
+export const ShadowRolloutSchema: GenMessage<ShadowRollout> = /*@__PURE__*/
+  messageDesc(file_modellifecycle_v1_resources, 6);
+
+/**
+ * What the new build must hold during a step. Unset: not checked.
+ *
+ * @generated from message modellifecycle.v1.RolloutGates
+ */
+export type RolloutGates = Message<"modellifecycle.v1.RolloutGates"> & {
+  /**
+   * Share of its requests that failed (model errors and 5xx), 0..1.
+   *
+   * @generated from field: optional double max_error_rate = 1;
+   */
+  maxErrorRate?: number | undefined;
+
+  /**
+   * Its p99 latency, in ms.
+   *
+   * @generated from field: optional double max_p99_ms = 2;
+   */
+  maxP99Ms?: number | undefined;
+
+  /**
+   * Its p99 over the serving build's p99 during the same step (1.5: at most 50% slower).
+   *
+   * @generated from field: optional double max_p99_ratio = 3;
+   */
+  maxP99Ratio?: number | undefined;
+
+  /**
+   * Requests it must have answered in a step before it is judged (default 20).
+   *
+   * @generated from field: optional int64 min_requests = 4;
+   */
+  minRequests?: bigint | undefined;
+};
+
+/**
+ * Describes the message modellifecycle.v1.RolloutGates.
+ * Use `create(RolloutGatesSchema)` to create a new message.
+ */
+export const RolloutGatesSchema: GenMessage<RolloutGates> = /*@__PURE__*/
+  messageDesc(file_modellifecycle_v1_resources, 7);
+
+/**
+ * A canary's or shadow's progress (Operation.rollout).
+ *
+ * @generated from message modellifecycle.v1.RolloutStatus
+ */
+export type RolloutStatus = Message<"modellifecycle.v1.RolloutStatus"> & {
+  /**
+   * @generated from field: modellifecycle.v1.RolloutStrategy strategy = 1;
+   */
+  strategy?: RolloutStrategy | undefined;
+
+  /**
+   * @generated from field: modellifecycle.v1.RolloutStatus.Phase phase = 2;
+   */
+  phase: RolloutStatus_Phase;
+
+  /**
+   * 1-based, of `steps`.
+   *
+   * @generated from field: int32 step = 3;
+   */
+  step: number;
+
+  /**
+   * @generated from field: int32 steps = 4;
+   */
+  steps: number;
+
+  /**
+   * Its share of requests now.
+   *
+   * @generated from field: int32 percent = 5;
+   */
+  percent: number;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp step_start_time = 6;
+   */
+  stepStartTime?: Timestamp | undefined;
+
+  /**
+   * The step's figures of the new build and of the serving one.
+   *
+   * @generated from field: modellifecycle.v1.RolloutFigures candidate = 7;
+   */
+  candidate?: RolloutFigures | undefined;
+
+  /**
+   * @generated from field: modellifecycle.v1.RolloutFigures current = 8;
+   */
+  current?: RolloutFigures | undefined;
+};
+
+/**
+ * Describes the message modellifecycle.v1.RolloutStatus.
+ * Use `create(RolloutStatusSchema)` to create a new message.
+ */
+export const RolloutStatusSchema: GenMessage<RolloutStatus> = /*@__PURE__*/
+  messageDesc(file_modellifecycle_v1_resources, 8);
+
+/**
+ * @generated from enum modellifecycle.v1.RolloutStatus.Phase
+ */
+export enum RolloutStatus_Phase {
+  /**
+   * @generated from enum value: PHASE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The new build's replicas start; it takes no traffic yet.
+   *
+   * @generated from enum value: PHASE_STARTING = 1;
+   */
+  STARTING = 1,
+
+  /**
+   * A step's share goes to it; its figures are judged.
+   *
+   * @generated from enum value: PHASE_BAKING = 2;
+   */
+  BAKING = 2,
+
+  /**
+   * It takes over: the model's replicas roll to it.
+   *
+   * @generated from enum value: PHASE_PROMOTING = 3;
+   */
+  PROMOTING = 3,
+}
+
+/**
+ * Describes the enum modellifecycle.v1.RolloutStatus.Phase.
+ */
+export const RolloutStatus_PhaseSchema: GenEnum<RolloutStatus_Phase> = /*@__PURE__*/
+  enumDesc(file_modellifecycle_v1_resources, 8, 0);
+
+/**
+ * @generated from message modellifecycle.v1.RolloutFigures
+ */
+export type RolloutFigures = Message<"modellifecycle.v1.RolloutFigures"> & {
+  /**
+   * @generated from field: int64 requests = 1;
+   */
+  requests: bigint;
+
+  /**
+   * @generated from field: int64 errors = 2;
+   */
+  errors: bigint;
+
+  /**
+   * @generated from field: double latency_p99_ms = 3;
+   */
+  latencyP99Ms: number;
+};
+
+/**
+ * Describes the message modellifecycle.v1.RolloutFigures.
+ * Use `create(RolloutFiguresSchema)` to create a new message.
+ */
+export const RolloutFiguresSchema: GenMessage<RolloutFigures> = /*@__PURE__*/
+  messageDesc(file_modellifecycle_v1_resources, 9);
 
 /**
  * projects/{project}/models/{model}/builds/{version}
@@ -204,7 +569,7 @@ export type Build = Message<"modellifecycle.v1.Build"> & {
  * Use `create(BuildSchema)` to create a new message.
  */
 export const BuildSchema: GenMessage<Build> = /*@__PURE__*/
-  messageDesc(file_modellifecycle_v1_resources, 1);
+  messageDesc(file_modellifecycle_v1_resources, 10);
 
 /**
  * @generated from message modellifecycle.v1.Runtime
@@ -237,7 +602,7 @@ export type Runtime = Message<"modellifecycle.v1.Runtime"> & {
  * Use `create(RuntimeSchema)` to create a new message.
  */
 export const RuntimeSchema: GenMessage<Runtime> = /*@__PURE__*/
-  messageDesc(file_modellifecycle_v1_resources, 2);
+  messageDesc(file_modellifecycle_v1_resources, 11);
 
 /**
  * @generated from message modellifecycle.v1.ResolvedPackage
@@ -273,7 +638,7 @@ export type ResolvedPackage = Message<"modellifecycle.v1.ResolvedPackage"> & {
  * Use `create(ResolvedPackageSchema)` to create a new message.
  */
 export const ResolvedPackageSchema: GenMessage<ResolvedPackage> = /*@__PURE__*/
-  messageDesc(file_modellifecycle_v1_resources, 3);
+  messageDesc(file_modellifecycle_v1_resources, 12);
 
 /**
  * @generated from message modellifecycle.v1.Resources
@@ -313,7 +678,7 @@ export type Resources = Message<"modellifecycle.v1.Resources"> & {
  * Use `create(ResourcesSchema)` to create a new message.
  */
 export const ResourcesSchema: GenMessage<Resources> = /*@__PURE__*/
-  messageDesc(file_modellifecycle_v1_resources, 4);
+  messageDesc(file_modellifecycle_v1_resources, 13);
 
 /**
  * @generated from message modellifecycle.v1.Replica
@@ -352,7 +717,7 @@ export type Replica = Message<"modellifecycle.v1.Replica"> & {
  * Use `create(ReplicaSchema)` to create a new message.
  */
 export const ReplicaSchema: GenMessage<Replica> = /*@__PURE__*/
-  messageDesc(file_modellifecycle_v1_resources, 5);
+  messageDesc(file_modellifecycle_v1_resources, 14);
 
 /**
  * projects/{project}/models/{model}/deployments/{n}
@@ -428,7 +793,7 @@ export type Deployment = Message<"modellifecycle.v1.Deployment"> & {
  * Use `create(DeploymentSchema)` to create a new message.
  */
 export const DeploymentSchema: GenMessage<Deployment> = /*@__PURE__*/
-  messageDesc(file_modellifecycle_v1_resources, 6);
+  messageDesc(file_modellifecycle_v1_resources, 15);
 
 /**
  * operations/{id}
@@ -495,6 +860,13 @@ export type Operation = Message<"modellifecycle.v1.Operation"> & {
    * @generated from field: string deployment = 10;
    */
   deployment: string;
+
+  /**
+   * A canary's or shadow's step, share and latest figures.
+   *
+   * @generated from field: modellifecycle.v1.RolloutStatus rollout = 11;
+   */
+  rollout?: RolloutStatus | undefined;
 };
 
 /**
@@ -502,7 +874,7 @@ export type Operation = Message<"modellifecycle.v1.Operation"> & {
  * Use `create(OperationSchema)` to create a new message.
  */
 export const OperationSchema: GenMessage<Operation> = /*@__PURE__*/
-  messageDesc(file_modellifecycle_v1_resources, 7);
+  messageDesc(file_modellifecycle_v1_resources, 16);
 
 /**
  * @generated from message modellifecycle.v1.Source
@@ -524,7 +896,7 @@ export type Source = Message<"modellifecycle.v1.Source"> & {
  * Use `create(SourceSchema)` to create a new message.
  */
 export const SourceSchema: GenMessage<Source> = /*@__PURE__*/
-  messageDesc(file_modellifecycle_v1_resources, 8);
+  messageDesc(file_modellifecycle_v1_resources, 17);
 
 /**
  * @generated from message modellifecycle.v1.ModelEvent
@@ -582,7 +954,7 @@ export type ModelEvent = Message<"modellifecycle.v1.ModelEvent"> & {
  * Use `create(ModelEventSchema)` to create a new message.
  */
 export const ModelEventSchema: GenMessage<ModelEvent> = /*@__PURE__*/
-  messageDesc(file_modellifecycle_v1_resources, 9);
+  messageDesc(file_modellifecycle_v1_resources, 18);
 
 /**
  * @generated from message modellifecycle.v1.Token
@@ -635,7 +1007,7 @@ export type Token = Message<"modellifecycle.v1.Token"> & {
  * Use `create(TokenSchema)` to create a new message.
  */
 export const TokenSchema: GenMessage<Token> = /*@__PURE__*/
-  messageDesc(file_modellifecycle_v1_resources, 10);
+  messageDesc(file_modellifecycle_v1_resources, 19);
 
 /**
  * @generated from message modellifecycle.v1.AuditRecord
@@ -705,7 +1077,7 @@ export type AuditRecord = Message<"modellifecycle.v1.AuditRecord"> & {
  * Use `create(AuditRecordSchema)` to create a new message.
  */
 export const AuditRecordSchema: GenMessage<AuditRecord> = /*@__PURE__*/
-  messageDesc(file_modellifecycle_v1_resources, 11);
+  messageDesc(file_modellifecycle_v1_resources, 20);
 
 /**
  * A key that calls one model's endpoint, and no other.
@@ -748,7 +1120,7 @@ export type InvocationKey = Message<"modellifecycle.v1.InvocationKey"> & {
  * Use `create(InvocationKeySchema)` to create a new message.
  */
 export const InvocationKeySchema: GenMessage<InvocationKey> = /*@__PURE__*/
-  messageDesc(file_modellifecycle_v1_resources, 12);
+  messageDesc(file_modellifecycle_v1_resources, 21);
 
 /**
  * The serving lifecycle of a model. A model is *active* while it is
@@ -975,6 +1347,14 @@ export enum OperationKind {
    * @generated from enum value: OPERATION_KIND_RESTART_MODEL = 4;
    */
   RESTART_MODEL = 4,
+
+  /**
+   * SetTraffic: a second build starts beside the serving one, weights change, or one
+   * build takes all traffic.
+   *
+   * @generated from enum value: OPERATION_KIND_SET_TRAFFIC = 5;
+   */
+  SET_TRAFFIC = 5,
 }
 
 /**

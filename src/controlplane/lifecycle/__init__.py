@@ -45,6 +45,7 @@ from controlplane.domain.decisions import (
 )
 from controlplane.domain.errors import FailedPrecondition
 from controlplane.domain.states import BuildState, DeploymentState, ModelState, OperationKind
+from controlplane.domain.traffic import split_from_json
 from controlplane.domain.transitions import Verb, check_verb
 from controlplane.domain.types import OperationError, Package, Replica
 from controlplane.storage import codec, repo
@@ -116,7 +117,7 @@ def begin_deploy(c: Changes, model: ModelRow, dep: DeploymentRow) -> OperationRo
         deployment=dep.name,
         progress="deploying",
     )
-    _start_rollout(c, model, dep)
+    start_rollout(c, model, dep)
     c.enqueue(JobKind.APPLY, model.name, op.name, dep.name)
     return op
 
@@ -138,8 +139,9 @@ def begin_stop(c: Changes, model: ModelRow) -> OperationRow:
         c.operation_done(op, model, "stopped")
         return op
     c.model(model, ModelState.STOPPING)
-    if dep.state != DeploymentState.STOPPED.value:
-        c.deployment(dep, DeploymentState.STOPPING, applied=False)
+    for d in (dep, candidate_of(c, model)):
+        if d is not None and d.state in repo.SERVING_DEPLOYMENTS:
+            c.deployment(d, DeploymentState.STOPPING, applied=False)
     c.enqueue(JobKind.APPLY, model.name, op.name, model.name)
     return op
 
@@ -157,12 +159,31 @@ def begin_restart(c: Changes, model: ModelRow, dep: DeploymentRow) -> OperationR
         progress="restarting",
     )
     c.deployment(dep, restart_generation=dep.restart_generation + 1)
-    _start_rollout(c, model, dep)
+    start_rollout(c, model, dep)
+    candidate = candidate_of(c, model)
+    if candidate is not None and candidate.state != DeploymentState.FAILED.value:
+        # Two builds live: both are re-initialized (the split's own path judges the second).
+        previous = [r.id for r in repo.replicas_of(candidate)]
+        c.deployment(
+            candidate,
+            DeploymentState.DEPLOYING,
+            restart_generation=candidate.restart_generation + 1,
+            applied=False,
+            expect_roll=bool(previous),
+            previous_replica_ids=json.dumps(previous),
+            **_note(""),
+        )
     c.enqueue(JobKind.APPLY, model.name, op.name, dep.name)
     return op
 
 
-def _start_rollout(c: Changes, model: ModelRow, dep: DeploymentRow) -> None:
+def candidate_of(c: Changes, model: ModelRow) -> DeploymentRow | None:
+    """The second live deployment of a model whose traffic is split, if any."""
+    split = split_from_json(model.traffic)
+    return repo.maybe_deployment_row(c.session, split.candidate) if split else None
+
+
+def start_rollout(c: Changes, model: ModelRow, dep: DeploymentRow) -> None:
     """The deployment and its model go DEPLOYING at once; the job applies it.
 
     What the rollout must replace is fixed here, from the records, not at apply time:
@@ -289,7 +310,7 @@ def build_finished(c: Changes, job: Job, outcome: BuildOutcome) -> None:
     if dep is None:
         c.operation_done(op, model, "built")
         return
-    _start_rollout(c, model, dep)
+    start_rollout(c, model, dep)
     c.operation_progress(op, "deploying")
     c.enqueue(JobKind.APPLY, model.name, op.name, dep.name)
 
@@ -333,12 +354,16 @@ def apply_landed(c: Changes, job: Job) -> None:
     """Serve has the rollout (or the stop): the reconciler judges it from now on."""
     if not job.model:
         return  # a whole-set apply (at start, or after a failure) has no rollout to mark
+    model = repo.maybe_model_row(c.session, job.model)
+    if model is None:
+        return
     dep = repo.maybe_deployment_row(c.session, job.target)
     if dep is None:  # a stop targets the model: its active deployment stops
-        model = repo.model_row(c.session, job.model)
         dep = repo.maybe_deployment_row(c.session, model.active_deployment)
-    if dep is not None and not dep.applied and dep.state in _IN_FLIGHT:
-        c.deployment(dep, applied=True, apply_time=now())
+    # Two builds live: the second one's application went with the same apply.
+    for d in (dep, candidate_of(c, model)):
+        if d is not None and not d.applied and d.state in _IN_FLIGHT:
+            c.deployment(d, applied=True, apply_time=now())
 
 
 def apply_failed(c: Changes, job: Job, error: str) -> None:
@@ -377,6 +402,21 @@ def rollout_observed(
     limits: Limits,
 ) -> None:
     """A DEPLOYING model: its replicas are recorded, and the rollout judged."""
+    verdict = judge(c, dep, obs, at, limits)
+    op = running_operation(c, model)
+    if isinstance(verdict, Deployed):
+        _deployed(c, model, dep, op)
+    elif isinstance(verdict, Failed):
+        fail_rollout(c, model, dep, op, verdict.message, verdict.code, verdict.reason)
+    elif isinstance(verdict, InProgress) and op is not None:
+        c.operation_progress(op, verdict.progress)
+
+
+def judge(
+    c: Changes, dep: DeploymentRow, obs: Observation | None, at: datetime, limits: Limits
+) -> decisions.Verdict:
+    """A deployment on its way: its replicas as ``obs`` lists them are recorded, and its
+    rollout judged (``decisions.judge_rollout``)."""
     if obs is not None:
         _write_serving(c, dep, decisions.observe_replicas(serving_record(dep), obs))
     rollout = Rollout(
@@ -386,14 +426,7 @@ def rollout_observed(
         else frozenset(),
         applied_at=codec.utc(dep.apply_time) if dep.apply_time is not None else None,
     )
-    verdict = decisions.judge_rollout(rollout, obs, at, limits)
-    op = _running_operation(c, model)
-    if isinstance(verdict, Deployed):
-        _deployed(c, model, dep, op)
-    elif isinstance(verdict, Failed):
-        fail_rollout(c, model, dep, op, verdict.message, verdict.code, verdict.reason)
-    elif isinstance(verdict, InProgress) and op is not None:
-        c.operation_progress(op, verdict.progress)
+    return decisions.judge_rollout(rollout, obs, at, limits)
 
 
 def serving_observed(c: Changes, model: ModelRow, dep: DeploymentRow, obs: Observation) -> None:
@@ -415,7 +448,7 @@ def stopping_observed(
     if dep.state == DeploymentState.STOPPING.value:
         c.deployment(dep, DeploymentState.STOPPED, awaiting_replacement="[]", **_no_replicas())
     c.model(model, ModelState.STOPPED)
-    op = _running_operation(c, model)
+    op = running_operation(c, model)
     if op is not None:
         c.operation_done(op, model, "stopped")
 
@@ -465,6 +498,9 @@ def _deployed(c: Changes, model: ModelRow, dep: DeploymentRow, op: OperationRow 
             other, DeploymentState.REPLACED, **_note(f"replaced by {dep.name}"), **_no_replicas()
         )
     c.model(model, ModelState.DEPLOYED, message="")
+    if model.traffic:  # two builds were live: the second one's application goes
+        c.model(model, traffic="")
+        c.enqueue(JobKind.APPLY, model.name, "", dep.name)
     if op is not None:
         c.operation_done(op, model, "deployed")
 
@@ -483,6 +519,7 @@ def fail_rollout(
 ) -> None:
     """A rollout that failed (or was cancelled) ends; the model goes back to what served
     (``decisions.choose_fallback``), and the desired set is applied at once."""
+    split = split_from_json(model.traffic)
     last_good = c.session.exec(
         select(DeploymentRow)
         .where(
@@ -490,8 +527,11 @@ def fail_rollout(
             DeploymentRow.id != dep.id,
             DeploymentRow.state == DeploymentState.DEPLOYED.value,
         )
+        .where(*([DeploymentRow.name == split.stable] if split is not None else []))
         .order_by(col(DeploymentRow.id).desc())
     ).first()
+    if split is not None and dep.name == split.candidate:  # its promotion failed
+        c.model(model, traffic="")
     cancelled = code == "CANCELLED"
     fallback = decisions.choose_fallback(
         deployment=dep.name,
@@ -576,7 +616,7 @@ def _no_replicas() -> dict[str, Any]:
     return {"observed_replicas": "[]", "ran_replica_ids": "[]"}
 
 
-def _running_operation(c: Changes, model: ModelRow) -> OperationRow | None:
+def running_operation(c: Changes, model: ModelRow) -> OperationRow | None:
     if not model.running_operation:
         return None
     return repo.operation_row(c.session, model.running_operation)
