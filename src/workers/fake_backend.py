@@ -33,6 +33,7 @@ from workers.backend import (
     BuildOutcome,
     BuildSpec,
     EndpointAccess,
+    TrafficShare,
     ReplicaObservation,
     ReplicaStatus,
     rolls,
@@ -279,10 +280,12 @@ def _load(path: Path) -> dict[str, _App]:
 
 def _load_spec(spec: Mapping[str, Any]) -> AppSpec:
     access = spec.get("access") or {}
+    share = spec.get("share")
     return AppSpec(
         **{
             **spec,
             "access": EndpointAccess(access.get("open", True), tuple(access.get("key_hashes", ()))),
+            "share": TrafficShare(**share) if share else None,
         }
     )
 
