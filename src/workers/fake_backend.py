@@ -33,9 +33,9 @@ from workers.backend import (
     BuildOutcome,
     BuildSpec,
     EndpointAccess,
-    TrafficShare,
     ReplicaObservation,
     ReplicaStatus,
+    TrafficShare,
     rolls,
 )
 from workers.builder import run_build

@@ -8,6 +8,7 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
+from controlplane.domain import traffic
 from controlplane.domain.states import (
     BuildState,
     DeploymentState,
@@ -64,6 +65,10 @@ def dumps(resource: Resource) -> str:
     data = asdict(resource)
     if isinstance(resource, Deployment):
         data["environment"] = dict(resource.environment)
+    if isinstance(resource, Model):  # the records' own JSON, as the tables keep them
+        data["traffic"] = traffic.split_to_json(resource.traffic)
+    if isinstance(resource, Operation):
+        data["rollout"] = traffic.record_to_json(resource.rollout)
     return json.dumps(data, default=_default, separators=(",", ":"), sort_keys=True)
 
 
@@ -76,6 +81,7 @@ def loads(kind: ResourceKind, body: str) -> Resource:
                 "state": ModelState(d["state"]),
                 "create_time": _req_time(d["create_time"]),
                 "update_time": _req_time(d["update_time"]),
+                "traffic": traffic.split_from_json(d.get("traffic") or ""),
             }
         )
     if kind is ResourceKind.BUILD:
@@ -108,6 +114,7 @@ def loads(kind: ResourceKind, body: str) -> Resource:
             "error": OperationError(**error) if error else None,
             "create_time": _req_time(d["create_time"]),
             "update_time": _req_time(d["update_time"]),
+            "rollout": traffic.record_from_json(d.get("rollout") or ""),
         }
     )
 
