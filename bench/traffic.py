@@ -126,7 +126,9 @@ class Paced:
         limits = httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=32)
         clients = {t: httpx.AsyncClient(timeout=10, limits=limits) for t in self.urls}
         interval = 1 / self.rate
-        offsets = [(t, u, interval * i / len(self.urls)) for i, (t, u) in enumerate(self.urls.items())]
+        offsets = [
+            (t, u, interval * i / len(self.urls)) for i, (t, u) in enumerate(self.urls.items())
+        ]
         pending: set[asyncio.Task[None]] = set()
         try:
             start = time.perf_counter() + 0.05
@@ -199,9 +201,9 @@ async def done(c: Client, op: Operation, what: str) -> Operation:
     return op
 
 
-async def build(c: Client, model: str, zip_path: Path) -> str:
+async def build(c: Client, model: str, source_zip: bytes) -> str:
     """A build of its own (no cache) of the iris example; its name."""
-    source = await c.upload_source(model, zip_path.read_bytes())
+    source = await c.upload_source(model, source_zip)
     op = await c.create_build(model, source.sha256, "model.py", "predict", no_cache=True)
     return (await done(c, op, f"a build of {model}")).target
 
@@ -247,12 +249,13 @@ class Models:
 async def prepare(c: Client, tmp: Path) -> Models:
     zip_path = tmp / "iris-v1.zip"
     zip_directory(EXAMPLE, zip_path)
+    source_zip = await asyncio.to_thread(zip_path.read_bytes)
     plain = (await c.create_model(PROJECT, "iris-plain")).name
     split = (await c.create_model(PROJECT, "iris-split")).name
     started = time.perf_counter()
     # One after the other within a model (build numbers in order), both models at once.
     plain_builds, split_builds = await asyncio.gather(
-        _builds(c, plain, zip_path, 3), _builds(c, split, zip_path, 2)
+        _builds(c, plain, source_zip, 3), _builds(c, split, source_zip, 2)
     )
     print(f"5 builds in {time.perf_counter() - started:.1f} s", flush=True)
     m = Models(plain, split, {"plain": plain_builds, "split": split_builds})
@@ -263,8 +266,8 @@ async def prepare(c: Client, tmp: Path) -> Models:
     return m
 
 
-async def _builds(c: Client, model: str, zip_path: Path, n: int) -> list[str]:
-    return [await build(c, model, zip_path) for _ in range(n)]
+async def _builds(c: Client, model: str, source_zip: bytes, n: int) -> list[str]:
+    return [await build(c, model, source_zip) for _ in range(n)]
 
 
 # ---- the two measurements -----------------------------------------------------------------
@@ -508,7 +511,9 @@ def main() -> None:
     show(result)
     save_result("traffic", result)
     r = result["rollouts"]
-    if not (r["immediate"]["last_answers_from_new_build"] and r["canary"]["last_answers_from_new_build"]):
+    if not (
+        r["immediate"]["last_answers_from_new_build"] and r["canary"]["last_answers_from_new_build"]
+    ):
         raise SystemExit("after a rollout, its new build did not answer every request")
 
 

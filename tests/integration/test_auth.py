@@ -309,6 +309,21 @@ RPCS: dict[str, tuple[Role, Call, str]] = {
         ),
         "FAILED_PRECONDITION",
     ),
+    "SetTraffic": (
+        Role.DEPLOYER,
+        lambda w, m: w.stub.SetTraffic(
+            rpc.SetTrafficRequest(
+                name=w.live, weights=[rpc.TrafficWeight(build=w.build, percent=100)]
+            ),
+            metadata=m,
+        ),
+        "FAILED_PRECONDITION",
+    ),
+    "PromoteRollout": (
+        Role.DEPLOYER,
+        lambda w, m: w.stub.PromoteRollout(rpc.PromoteRolloutRequest(name=w.operation), metadata=m),
+        "FAILED_PRECONDITION",
+    ),
     "ExportBuild": (
         Role.DEPLOYER,
         lambda w, m: first(

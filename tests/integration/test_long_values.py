@@ -118,6 +118,13 @@ VALID: dict[str, Callable[[World], message.Message]] = {
     "WatchModel": lambda w: rpc.WatchModelRequest(name=w.live),
     "WatchModels": lambda w: rpc.WatchModelsRequest(parent=PROJECT, filter='state = "DEPLOYED"'),
     "CancelOperation": lambda w: rpc.CancelOperationRequest(name=w.operation),
+    "SetTraffic": lambda w: rpc.SetTrafficRequest(
+        name=w.live,
+        weights=[rpc.TrafficWeight(build=w.build, percent=100)],
+        sticky_header="X-User",
+        request_id=f"r-{w.fresh()}",
+    ),
+    "PromoteRollout": lambda w: rpc.PromoteRolloutRequest(name=w.operation),
     "StreamBuildLogs": lambda w: rpc.StreamBuildLogsRequest(name=w.build),
     "ExportBuild": lambda w: rpc.ExportBuildRequest(
         name=w.build, base_image="python:3.11-slim", tag="v1"
@@ -358,6 +365,11 @@ ACCEPTED = {
         "message",
         "running_operation",
         "health",
+        "traffic.stable.deployment",
+        "traffic.stable.build",
+        "traffic.candidate.deployment",
+        "traffic.candidate.build",
+        "traffic.sticky_header",
     )
     for how in ("", " (valid + long)")
 }
