@@ -273,7 +273,7 @@ async def _builds(c: Client, model: str, source_zip: bytes, n: int) -> list[str]
 # ---- the two measurements -----------------------------------------------------------------
 
 
-async def hop(c: Client, m: Models, seconds: float, warm_s: float) -> dict[str, Any]:
+async def hop(c: Client, m: Models, rate: float, seconds: float, warm_s: float) -> dict[str, Any]:
     stable, candidate = m.builds["split"][:2]
     started = time.perf_counter()
     op = await c.set_traffic(m.split, {stable: 100 - SPLIT, candidate: SPLIT})
@@ -285,7 +285,7 @@ async def hop(c: Client, m: Models, seconds: float, warm_s: float) -> dict[str, 
     await forwarding(m.urls["split"], candidate)
     print(f"split {100 - SPLIT}/{SPLIT} forwarding ({set_s:.1f} s); load {seconds:g} s", flush=True)
 
-    load = Paced({"plain": m.urls["plain"], "split": m.urls["split"]}, RATE)
+    load = Paced({"plain": m.urls["plain"], "split": m.urls["split"]}, rate)
     load.start()
     await asyncio.sleep(warm_s + seconds)
     await load.stop()
@@ -300,7 +300,7 @@ async def hop(c: Client, m: Models, seconds: float, warm_s: float) -> dict[str, 
     side_split["forwarded"] = len(forwarded)
     side_split["answered_by_stable"] = sum(not a.outcome and a.build == stable for a in split)
     return {
-        "rate_per_s": RATE,
+        "rate_per_s": rate,
         "seconds": seconds,
         "warm_s": warm_s,
         "split_percent": SPLIT,
@@ -315,7 +315,9 @@ async def hop(c: Client, m: Models, seconds: float, warm_s: float) -> dict[str, 
     }
 
 
-async def rollouts(c: Client, m: Models, steps: tuple[int, ...], bake_s: float) -> dict[str, Any]:
+async def rollouts(
+    c: Client, m: Models, rate: float, steps: tuple[int, ...], bake_s: float
+) -> dict[str, Any]:
     first, second, third = m.builds["plain"]
     canary = Strategy(StrategyKind.CANARY, steps=steps, bake_s=bake_s, gates=GATES)
 
@@ -329,7 +331,7 @@ async def rollouts(c: Client, m: Models, steps: tuple[int, ...], bake_s: float) 
         "immediate": (immediate, first, second),
         "canary": (canary_rollout, second, third),
     }
-    load = Paced({"plain": m.urls["plain"]}, RATE)
+    load = Paced({"plain": m.urls["plain"]}, rate)
     windows: dict[str, tuple[float, float, float]] = {}
     load.start()
     try:
@@ -359,7 +361,7 @@ async def rollouts(c: Client, m: Models, steps: tuple[int, ...], bake_s: float) 
     out["canary"]["bake_s"] = bake_s
     out["canary"]["gates"] = {"max_error_rate": GATES.max_error_rate}
     out["canary"]["gates"]["min_requests"] = GATES.min_requests
-    out["rate_per_s"] = RATE
+    out["rate_per_s"] = rate
     out["tail_s"] = TAIL_S
     return out
 
@@ -369,6 +371,7 @@ async def rollouts(c: Client, m: Models, steps: tuple[int, ...], bake_s: float) 
 
 @dataclass(frozen=True)
 class Sizes:
+    rate: float  # requests/s to each model
     seconds: float
     warm_s: float
     steps: tuple[int, ...]
@@ -380,11 +383,11 @@ async def phases(address: str, tmp: Path, sizes: Sizes) -> dict[str, Any]:
         m = await prepare(c, tmp)
         result: dict[str, Any] = {"models": {"plain": m.plain, "split": m.split}}
         result["builds"] = m.builds
-        result["hop"] = await hop(c, m, sizes.seconds, sizes.warm_s)
+        result["hop"] = await hop(c, m, sizes.rate, sizes.seconds, sizes.warm_s)
         # The split model's two applications would take CPU from the rollouts' load.
         await done(c, await c.stop_model(m.split), "stop the split model")
         await asyncio.sleep(2.0)  # its replicas exiting
-        result["rollouts"] = await rollouts(c, m, sizes.steps, sizes.bake_s)
+        result["rollouts"] = await rollouts(c, m, sizes.rate, sizes.steps, sizes.bake_s)
         return result
 
 
@@ -499,12 +502,13 @@ def show(result: dict[str, Any]) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=30.0, help="paced load on each model")
+    p.add_argument("--rate", type=float, default=RATE, help="requests/s to each model")
     p.add_argument("--smoke", action="store_true", help="5 s of load, a 2-step canary (minutes)")
     args = p.parse_args()
     if args.smoke:
-        sizes = Sizes(seconds=5.0, warm_s=1.0, steps=(50, 100), bake_s=1.0)
+        sizes = Sizes(args.rate, seconds=5.0, warm_s=1.0, steps=(50, 100), bake_s=1.0)
     else:
-        sizes = Sizes(seconds=args.seconds, warm_s=2.0, steps=(10, 50, 100), bake_s=2.0)
+        sizes = Sizes(args.rate, seconds=args.seconds, warm_s=2.0, steps=(10, 50, 100), bake_s=2.0)
     result = run(sizes)
     result["smoke"] = args.smoke
     result["machine"] = machine()

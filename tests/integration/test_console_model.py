@@ -22,7 +22,7 @@ from controlplane.domain.states import ModelState, ReplicaState
 from controlplane.domain.types import Deployment, DeployOptions, Model, Resources
 from controlplane.server import Server
 from tests.helpers import eventually
-from tests.helpers.api import MODEL_V1, SLOW_IMPORT, fake_settings, running, zip_bytes
+from tests.helpers.api import MODEL_V1, MODEL_V2, SLOW_IMPORT, fake_settings, running, zip_bytes
 from tests.helpers.console import Web, console_of, field, web_of
 from tests.integration.test_console import token_of
 from workers.fake_backend import FakeBackend
@@ -113,6 +113,20 @@ async def test_the_overview_shows_state_replicas_build_and_endpoint(
     assert 'data-target="test-result"' in text and 'id="test-result"' in text
     assert '<input id="test-key" name="key" type="password"' in text
     assert f'href="{overview(project)}/keys"' in text
+
+
+async def test_the_overview_shows_a_split_between_two_builds(
+    web: Web, server: Server, project: str
+) -> None:
+    async with Client(server.grpc_address) as c:
+        model, _ = await deploy(c, project)
+        source = await c.upload_source(model.name, zip_bytes({"model.py": MODEL_V2}))
+        op = await c.create_build(model.name, source.sha256, "model.py", "classify")
+        b2 = (await c.wait(op.name, timeout_s=30)).target
+        op = await c.set_traffic(model.name, {f"{model.name}/builds/1": 90, b2: 10}, "X-User")
+        assert (await c.wait(op.name, timeout_s=30)).error is None
+    text = text_of(await web.get(overview(project)))
+    assert "build 1 90% · build 2 10% · sticky by X-User" in text
 
 
 async def test_a_model_that_does_not_exist_is_not_found_in_words(web: Web, project: str) -> None:
