@@ -361,9 +361,21 @@ def apply_landed(c: Changes, job: Job) -> None:
     if dep is None:  # a stop targets the model: its active deployment stops
         dep = repo.maybe_deployment_row(c.session, model.active_deployment)
     # Two builds live: the second one's application went with the same apply.
-    for d in (dep, candidate_of(c, model)):
+    candidate = candidate_of(c, model)
+    for d in (dep, candidate):
         if d is not None and not d.applied and d.state in _IN_FLIGHT:
             c.deployment(d, applied=True, apply_time=now())
+    op = repo.maybe_operation_row(c.session, job.operation)
+    if (  # SetTraffic: Serve has the weights, and both builds' replicas run
+        op is not None
+        and op.kind == OperationKind.SET_TRAFFIC.value
+        and candidate is not None
+        and dep is not None
+        and candidate.state == dep.state == DeploymentState.DEPLOYED.value
+    ):
+        if model.state == ModelState.DEPLOYING.value:
+            c.model(model, ModelState.DEPLOYED)
+        c.operation_done(op, model, op.progress)
 
 
 def apply_failed(c: Changes, job: Job, error: str) -> None:

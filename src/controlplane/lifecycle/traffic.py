@@ -148,8 +148,9 @@ def set_traffic(
         model,
         traffic=traffic.split_to_json(replace(split, percent=percent, sticky_header=sticky_header)),
     )
-    c.operation_done(op, model, f"{percent}% to build {_version(split.candidate_build)}")
-    c.enqueue(JobKind.APPLY, model.name, "", split.candidate)
+    # Done once Serve has the new weights (``lifecycle.apply_landed``).
+    c.operation_progress(op, f"{percent}% to build {_version(split.candidate_build)}")
+    c.enqueue(JobKind.APPLY, model.name, op.name, split.candidate)
     return op
 
 
@@ -334,7 +335,11 @@ def _candidate_runs(
     """Every replica of the candidate runs: its share goes to it from now on (the apply
     that says so), and a judged rollout's first step begins."""
     c.deployment(candidate, DeploymentState.DEPLOYED, message="")
-    c.enqueue(JobKind.APPLY, model.name, "", candidate.name)
+    # The apply that sends it its share; a SetTraffic that started it is done once it lands.
+    setting = op is not None and op.kind == OperationKind.SET_TRAFFIC.value
+    c.enqueue(JobKind.APPLY, model.name, op.name if op and setting else "", candidate.name)
+    if op is not None and setting:
+        c.operation_progress(op, f"{split.percent}% to build {_version(split.candidate_build)}")
     record = traffic.record_from_json(op.rollout) if op is not None else None
     if op is None or record is None or record.phase is not Phase.STARTING:
         return
@@ -355,17 +360,16 @@ def _both_run(
     candidate: DeploymentRow,
     op: OperationRow | None,
 ) -> None:
-    """A restart, or a SetTraffic that started the candidate, is done once both run."""
+    """A restart is done once both builds' replicas run again."""
     deployed = DeploymentState.DEPLOYED.value
     if stable.state != deployed or candidate.state != deployed:
         return
-    if op is not None and op.kind == OperationKind.CREATE_DEPLOYMENT.value:
-        return  # a judged rollout: ``rollouts`` ends it
+    if op is not None and op.kind != OperationKind.RESTART_MODEL.value:
+        return  # a judged rollout ends by ``rollouts``, a SetTraffic once its apply lands
     if model.state == ModelState.DEPLOYING.value:
         c.model(model, ModelState.DEPLOYED)
     if op is not None:
-        done = "restarted" if op.kind == OperationKind.RESTART_MODEL.value else "traffic set"
-        c.operation_done(op, model, done)
+        c.operation_done(op, model, "restarted")
 
 
 # ---- a judged rollout's step ----------------------------------------------------------------

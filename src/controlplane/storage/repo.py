@@ -225,6 +225,10 @@ def maybe_deployment_row(s: Session, name: str) -> DeploymentRow | None:
     return _one(s, DeploymentRow, name) if name else None
 
 
+def maybe_operation_row(s: Session, name: str) -> OperationRow | None:
+    return _one(s, OperationRow, name) if name else None
+
+
 def operation_row(s: Session, name: str) -> OperationRow:
     row = _one(s, OperationRow, name)
     if row is None:
