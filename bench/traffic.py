@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import json
 import math
 import os
 import tempfile
@@ -43,12 +44,14 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from httpload import PAYLOAD, TAIL_S, warm_up
-from raycluster import Cluster, free_port, start_cluster, stop_cluster
+from raycluster import HOST, Cluster, free_port, start_cluster, stop_cluster
 from run import machine
 from serverproc import MODELCTL, ROOT, Row, save_result, start_process
+from signals import Failed, read_response
 
 from controlplane.api.client import Client
 from controlplane.domain.states import ModelState
@@ -63,7 +66,7 @@ CPUS = 0.1
 SPLIT = 99  # percent of the split model's requests forwarded to build 2
 TARGET_P50_DIFF_MS = 1.0
 TARGET_P99_DIFF_MS = 3.0
-MAX_CONNECTIONS = 64  # per model: an open-loop load opens more while answers are late
+TIMEOUT_S = 10.0  # a request without its answer by then failed
 GATES = Gates(max_error_rate=0.01, min_requests=10)
 SETTLE_S = 1.0  # load before a change, and between the two changes
 
@@ -81,10 +84,52 @@ class Answer:
     build: str  # the build that answered (the answer's "build"), "" if none
 
 
-def _build_of(r: httpx.Response) -> str:
+def _build_of(body: bytes) -> str:
     with suppress(ValueError, AttributeError, TypeError):
-        return str(r.json().get("build", ""))
+        return str(json.loads(body).get("build", ""))
     return ""
+
+
+class Endpoint:
+    """HTTP/1.1 keep-alive connections to one model's endpoint (127.0.0.1 only), each
+    carrying one request at a time, opened as needed and kept for the next: a raw client
+    (signals.py's) costs this process far less CPU per request than httpx, which here
+    shares the cores with Serve."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.hostname != HOST or parts.port is None:
+            raise SystemExit(f"the load goes to {HOST} only, not {url}")
+        self.port = parts.port
+        body = json.dumps(PAYLOAD).encode()
+        self.request = (
+            f"POST {parts.path or '/'} HTTP/1.1\r\nHost: {HOST}:{self.port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.opened = 0
+
+    async def post(self) -> tuple[int, bytes]:
+        """One request on an idle connection or a new one; (status, body)."""
+        if self.idle:
+            reader, writer = self.idle.pop()
+        else:
+            reader, writer = await asyncio.open_connection(HOST, self.port)
+            self.opened += 1
+        try:
+            async with asyncio.timeout(TIMEOUT_S):
+                writer.write(self.request)
+                status, body = await read_response(reader)
+        except BaseException:
+            writer.close()
+            raise
+        self.idle.append((reader, writer))
+        return status, body
+
+    def close(self) -> None:
+        for _, writer in self.idle:
+            writer.close()
+        self.idle.clear()
 
 
 @dataclass
@@ -98,6 +143,7 @@ class Paced:
     answers: list[Answer] = field(default_factory=list)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Future[None] | None = None
+    connections: dict[str, int] = field(default_factory=dict)  # opened, by target
 
     def start(self) -> None:
         self._stop.clear()
@@ -109,13 +155,13 @@ class Paced:
         if self._task is not None:
             await self._task
 
-    async def _one(self, http: httpx.AsyncClient, target: str, url: str, due: float) -> None:
+    async def _one(self, endpoint: Endpoint, target: str, due: float) -> None:
         sent, build = time.perf_counter(), ""
         try:
-            r = await http.post(url, json=PAYLOAD)
-            outcome = "" if r.status_code == 200 else f"HTTP {r.status_code}: {r.text[:200]}"
-            build = _build_of(r)
-        except httpx.HTTPError as e:
+            status, body = await endpoint.post()
+            outcome = "" if status == 200 else f"HTTP {status}: {body[:200]!r}"
+            build = _build_of(body)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError, Failed) as e:
             outcome = f"{type(e).__name__}: {e}"
         done = time.perf_counter()
         self.answers.append(
@@ -123,28 +169,26 @@ class Paced:
         )
 
     async def _run(self) -> None:
-        limits = httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=32)
-        clients = {t: httpx.AsyncClient(timeout=10, limits=limits) for t in self.urls}
+        endpoints = {t: Endpoint(u) for t, u in self.urls.items()}
         interval = 1 / self.rate
-        offsets = [
-            (t, u, interval * i / len(self.urls)) for i, (t, u) in enumerate(self.urls.items())
-        ]
+        offsets = [(t, interval * i / len(self.urls)) for i, t in enumerate(self.urls)]
         pending: set[asyncio.Task[None]] = set()
         try:
             start = time.perf_counter() + 0.05
             n = 0
             while not self._stop.is_set():
-                for target, url, offset in offsets:
+                for target, offset in offsets:
                     due = start + n * interval + offset
                     await asyncio.sleep(max(0.0, due - time.perf_counter()))
-                    task = asyncio.create_task(self._one(clients[target], target, url, due))
+                    task = asyncio.create_task(self._one(endpoints[target], target, due))
                     pending.add(task)
                     task.add_done_callback(pending.discard)
                 n += 1
             await asyncio.gather(*pending)
         finally:
-            for http in clients.values():
-                await http.aclose()
+            for target, endpoint in endpoints.items():
+                endpoint.close()
+                self.connections[target] = endpoint.opened
 
     def window(self, start: float, end: float, target: str | None = None) -> list[Answer]:
         return [
@@ -226,7 +270,7 @@ async def forwarding(url: str, to: str, seconds: float = 60) -> None:
             got = []
             for _ in range(20):
                 r = await http.post(url, json=PAYLOAD)
-                got.append(_build_of(r) if r.status_code == 200 else "")
+                got.append(_build_of(r.content) if r.status_code == 200 else "")
             if sum(b == to for b in got) >= 15:
                 return
             if time.monotonic() > deadline:
@@ -308,6 +352,7 @@ async def hop(c: Client, m: Models, rate: float, seconds: float, warm_s: float) 
         "candidate_build": candidate,
         "plain_build": m.builds["plain"][0],
         "set_traffic_s": set_s,
+        "connections": load.connections,
         "plain": side_plain,
         "split": side_split,
         "p50_diff_ms": side_split["p50_ms"] - side_plain["p50_ms"],

@@ -7,7 +7,7 @@ from dataclasses import replace
 from sqlmodel import Session, col, select
 
 from controlplane.domain import names, traffic
-from controlplane.domain.states import BuildState
+from controlplane.domain.states import BuildState, DeploymentState
 from controlplane.storage import repo
 from controlplane.storage.tables import BuildRow, DeploymentRow, InvocationKeyRow, ModelRow
 from workers.backend import AppSpec, EndpointAccess, TrafficShare, app_name_for, candidate_app_for
@@ -44,36 +44,42 @@ def endpoint_keys(s: Session) -> dict[str, tuple[str, ...]]:
     return {model: tuple(hashes) for model, hashes in keys.items()}
 
 
-def candidate_spec(s: Session, model: ModelRow, split: traffic.Split) -> AppSpec | None:
-    """The application of a model's second live deployment, when it should run: reached
-    only from the model's own application, its figures reported under the model's."""
+def candidate_spec(
+    s: Session, model: ModelRow, split: traffic.Split
+) -> tuple[AppSpec, bool] | None:
+    """The application of a model's second live deployment, when it should run (reached
+    only from the model's own application, its figures reported under the model's), and
+    whether it takes its share: once its replicas run (DEPLOYED), or while it takes over."""
     dep = repo.maybe_deployment_row(s, split.candidate)
     if dep is None or dep.state not in repo.SERVING_DEPLOYMENTS:
         return None
+    ready = dep.state == DeploymentState.DEPLOYED.value or split.promoting
     build = repo.build_row(s, dep.build)
     if build.state != BuildState.BUILT.value:
         return None
     n = names.parse_model(model.name)
     main = app_spec(model, dep, build)
-    return replace(
+    spec = replace(
         main,
         app_name=candidate_app_for(n.project, n.model),
         route_prefix=None,
         signals_app=main.app_name,
     )
+    return spec, ready
 
 
 def with_split(s: Session, model: ModelRow, main: AppSpec) -> list[AppSpec]:
     """The model's application, and while two deployments are live (``ModelRow.traffic``)
     the candidate's, with the share the stable build's replicas send it."""
     split = traffic.split_from_json(model.traffic)
-    candidate = candidate_spec(s, model, split) if split is not None else None
-    if split is None or candidate is None:
+    found = candidate_spec(s, model, split) if split is not None else None
+    if split is None or found is None:
         return [main]
+    candidate, ready = found
     share = TrafficShare(
         from_build=split.stable_build,
         to_app=candidate.app_name,
-        percent=split.percent,
+        percent=split.percent if ready else 0,
         shadow=split.shadow,
         sticky_header=split.sticky_header,
     )

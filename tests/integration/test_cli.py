@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.helpers import EXAMPLES
+from tests.helpers import EXAMPLES, eventually
 from tests.integration.conftest import Cli
 
 
@@ -97,3 +98,78 @@ async def test_failures_give_reasons_and_non_zero_exit_codes(cli: Cli, tmp_path:
 
     code, _, err = await cli("--server", "127.0.0.1:1", "models", "list")
     assert code == 3 and "cannot reach" in err
+
+
+@pytest.mark.slow
+async def test_a_canary_a_split_promote_and_abort_through_the_cli(cli: Cli, project: str) -> None:
+    await cli("models", "create", "iris")
+    for folder, function, deploy in (
+        ("iris-v1", "predict", ["--deploy"]),
+        ("iris-v2", "classify", []),
+    ):
+        code, _, err = await cli(
+            "build", str(EXAMPLES / folder), "--model", "iris", "--file", "model.py",
+            "--function", function, "-q", *deploy,
+        )  # fmt: skip
+        assert code == 0, err
+
+    # A canary that no figures ever reach waits; promote ends it at once.
+    code, out, err = await cli(
+        "deploy", "iris", "--build", "2", "--canary", "10,50", "--bake", "10m",
+        "--max-error-rate", "1%", "--max-p99", "250ms", "--wait", "0",
+    )  # fmt: skip
+    code, out, _ = await cli("models", "get", "iris", "-o", "json")
+    model = json.loads(out)
+    assert model["state"] == "DEPLOYING" and model["traffic"]["candidate"].endswith("/2")
+
+    async def baking() -> dict[str, Any]:
+        _, out, _ = await cli("operations", "get", model["running_operation"], "-o", "json")
+        rollout: dict[str, Any] = json.loads(out)["rollout"]
+        assert rollout["phase"] == "BAKING", rollout
+        return rollout
+
+    rollout = await eventually("the first step", baking)
+    gates = rollout["strategy"]["gates"]
+    assert gates["max_error_rate"] == 0.01 and gates["max_p99_ms"] == 250
+    code, out, err = await cli("promote", "iris")
+    assert code == 0 and "DEPLOYED" in out, err
+    code, out, _ = await cli("deployments", "get", "iris", "2", "-o", "json")
+    assert json.loads(out)["build"].endswith("/builds/2")
+
+    # A split by hand, shown, then ended; an abort with nothing running says so.
+    code, out, err = await cli("traffic", "iris", "2=80", "1=20", "--sticky-header", "X-User")
+    assert code == 0, err
+    code, out, _ = await cli("traffic", "iris")
+    assert "builds/1" in out and "20%" in out and "sticky by X-User" in out
+    code, out, _ = await cli("traffic", "iris", "-o", "json")
+    split = json.loads(out)
+    assert split["percent"] == 20 and split["candidate_build"].endswith("/builds/1")
+    assert split["sticky_header"] == "X-User"
+    code, out, err = await cli("traffic", "iris", "2=100")
+    assert code == 0, err
+    code, out, _ = await cli("traffic", "iris")
+    assert "no split" in out
+    code, _, err = await cli("abort", "iris")
+    assert code == 2 and "no operation running" in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--canary", "10,x"], "--canary"),
+        (["--canary", "10", "--max-error-rate", "lots"], "--max-error-rate"),
+        (["--canary", "10", "--max-p99", "fast"], "--max-p99"),
+        (["--canary", "10", "--bake", "soon"], "--bake"),
+        (["--canary", "10", "--shadow", "5"], "choose one"),
+    ],
+)
+async def test_bad_rollout_flags_are_usage_errors(cli: Cli, flags: list[str], says: str) -> None:
+    await cli("models", "create", "m")
+    code, _, err = await cli("deploy", "m", "--build", "1", *flags)
+    assert code == 2 and says in err, err
+
+
+async def test_bad_weights_are_usage_errors(cli: Cli) -> None:
+    await cli("models", "create", "m")
+    code, _, err = await cli("traffic", "m", "1:90")
+    assert code == 2 and "BUILD=PERCENT" in err

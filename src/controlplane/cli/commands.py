@@ -11,7 +11,15 @@ from pathlib import Path
 
 from controlplane.api.client import Client, ClientError
 from controlplane.cli import inputs
-from controlplane.cli.output import Printer, TopRow, resources, seconds, short, when
+from controlplane.cli.output import (
+    Printer,
+    TopRow,
+    resources,
+    seconds,
+    short,
+    traffic_text,
+    when,
+)
 from controlplane.domain.access import Role
 from controlplane.domain.traffic import Gates, Strategy, StrategyKind
 from controlplane.domain.types import DeployOptions, Model, Operation, Resources
@@ -237,7 +245,10 @@ async def traffic(c: Client, args: argparse.Namespace, p: Printer) -> int:
     model = _model(args)
     if not args.weights:
         found = await c.get_model(model)
-        p.result(found.traffic if found.traffic is not None else "no split: one build serves")
+        if p.json:
+            p.result(found.traffic)
+        else:
+            print(traffic_text(found.traffic), file=p.out)
         return EXIT_OK
     op = await c.set_traffic(model, inputs.weights(model, args.weights), args.sticky_header)
     return await _finish(c, await _follow(c, op, p, args.wait), p)

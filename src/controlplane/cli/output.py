@@ -13,6 +13,7 @@ from typing import Any, TextIO
 from controlplane.domain.access import AuditRecord, InvocationKey, Token
 from controlplane.domain.figures import Figures, ModelMetrics
 from controlplane.domain.names import build_label
+from controlplane.domain.traffic import Split
 from controlplane.domain.types import (
     Build,
     Deployment,
@@ -402,3 +403,24 @@ class Printer:
         # On a terminal the table replaces the last; elsewhere tables follow each other.
         text = "\x1b[H\x1b[2J" + text if clear else text + "\n"
         print(text, file=self.out, flush=True)
+
+
+def traffic_text(split: Split | None) -> str:
+    """`modelctl traffic MODEL`: who answers what share of the model's requests."""
+    if split is None:
+        return "no split: one build answers every request"
+    rows = [
+        [short(split.stable_build), short(split.stable), f"{100 - split.percent}%", "stable"],
+        [
+            short(split.candidate_build),
+            short(split.candidate),
+            f"{split.percent}%",
+            "candidate (a copy: answers discarded)" if split.shadow else "candidate",
+        ],
+    ]
+    text = table(["BUILD", "DEPLOYMENT", "SHARE", "ROLE"], rows)
+    if split.sticky_header:
+        text += f"\nsticky by {split.sticky_header}"
+    if split.promoting:
+        text += f"\n{short(split.candidate_build)} is taking over"
+    return text
