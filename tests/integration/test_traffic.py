@@ -292,9 +292,27 @@ async def test_set_traffic_splits_in_place_then_ends(two: Two) -> None:
     op = await wait(two.stub, op)
     assert not op.HasField("error"), op.error
     assert {two.main, two.second} <= set(two.fake.apps)
-    assert (await two.get()).state == pb.MODEL_STATE_DEPLOYED
+    m = await two.get()
+    assert m.state == pb.MODEL_STATE_DEPLOYED
 
-    # One build at 100: the serving one keeps everything, the other goes.
+    # A re-deploy replaces both: the new deployment serves alone.
+    stable, candidate = m.traffic.stable.deployment, m.traffic.candidate.deployment
+    op = await two.stub.CreateDeployment(
+        rpc.CreateDeploymentRequest(parent=two.model, build=two.b1, resources=resources(3))
+    )
+    op = await wait(two.stub, op)
+    assert not op.HasField("error"), op.error
+    m = await two.get()
+    assert not m.HasField("traffic") and m.active_deployment not in (stable, candidate)
+    for name in (stable, candidate):
+        d = await two.stub.GetDeployment(rpc.GetDeploymentRequest(name=name))
+        assert d.state == pb.DEPLOYMENT_STATE_REPLACED
+    await eventually("the second app gone", lambda: two.second not in two.fake.apps)
+    assert len(two.fake.apps[two.main].replicas) == 3
+    assert two.fake.apps[two.main].spec.share is None
+
+    # Split again; one build at 100: the serving one keeps everything, the other goes.
+    await set_traffic({two.b1: 60, two.b2: 40})
     await set_traffic({two.b1: 100})
     m = await two.get()
     assert not m.HasField("traffic") and m.state == pb.MODEL_STATE_DEPLOYED
