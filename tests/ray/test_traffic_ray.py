@@ -10,6 +10,7 @@ import asyncio
 import collections
 import contextlib
 import shutil
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,18 +249,47 @@ async def test_a_shadow_takes_over_and_a_split_is_sticky_and_in_place(
             assert all(len(builds) == 1 for builds in by_user.values()), by_user
             assert set().union(*by_user.values()) == {"1", "2"}, by_user
 
-            # New weights in place: no replica of either build restarts.
-            op = await i.c.set_traffic(i.model, {v2: 1, v1: 99})
-            assert (await i.c.wait(op.name, timeout_s=60)).error is None
-
-            async def mostly_build_1() -> bool:
-                answers = [
-                    (await http.post(endpoint, json=IRIS)).json()["build"] for _ in range(20)
-                ]
-                return bool(sum(a.endswith("/1") for a in answers) >= 17)
-
-            await eventually("99% to build 1", mostly_build_1, 10, 0.1)
+            # New weights in place: no replica of either build restarts, and they take
+            # effect within a second of the call.
+            await set_and_see(i, http, endpoint, {v2: 99, v1: 1}, "2")
+            took = await set_and_see(i, http, endpoint, {v2: 1, v1: 99}, "1")
+            assert took < 1.0, f"the new weights took {took:.2f} s"
         assert await both_replicas(i) == (main, second)
+
+
+async def set_and_see(
+    i: Iris, http: httpx.AsyncClient, endpoint: str, weights: dict[str, int], mostly: str
+) -> float:
+    """Sets ``weights`` while answers are read one after another; returns how long after
+    the call the answers were mostly (8 of the next 10) from build ``mostly``."""
+    answers: list[tuple[float, str]] = []
+    stop = asyncio.Event()
+
+    async def probe() -> None:
+        for _ in range(5000):  # bounded
+            if stop.is_set():
+                return
+            r = await http.post(endpoint, json=IRIS)
+            answers.append((time.monotonic(), r.json()["build"].rsplit("/", 1)[-1]))
+
+    prober = asyncio.create_task(probe())
+    start = time.monotonic()
+    op = await i.c.set_traffic(i.model, weights)
+    assert (await i.c.wait(op.name, timeout_s=60)).error is None
+
+    def switched() -> tuple[float] | None:  # (seconds,): 0.0 is an answer too
+        after = [a for a in answers if a[0] >= start]
+        for k in range(len(after) - 9):
+            if sum(b == mostly for _, b in after[k : k + 10]) >= 8:
+                return (after[k][0] - start,)
+        return None
+
+    try:
+        (took,) = await eventually(f"mostly build {mostly}", switched, 10, 0.1)
+    finally:
+        stop.set()
+        await prober
+    return took
 
 
 async def both_replicas(i: Iris) -> tuple[set[str], set[str]]:
