@@ -285,11 +285,12 @@ async def set_and_see(
         return None
 
     try:
-        (took,) = await eventually(f"mostly build {mostly}", switched, 10, 0.1)
+        found = await eventually(f"mostly build {mostly}", switched, 10, 0.1)
     finally:
         stop.set()
         await prober
-    return took
+    assert found is not None
+    return found[0]
 
 
 async def both_replicas(i: Iris) -> tuple[set[str], set[str]]:
