@@ -77,6 +77,12 @@ TARGET_P99_DIFF_MS = 3.0
 TIMEOUT_S = 10.0  # a request without its answer by then failed
 GATES = Gates(max_error_rate=0.01, min_requests=10)
 SETTLE_S = 1.0  # load before a change, and between the two changes
+STARTED = time.perf_counter()
+
+
+def say(what: str) -> None:
+    """A line of progress, with the seconds since this script started."""
+    print(f"[{time.perf_counter() - STARTED:6.1f} s] {what}", flush=True)
 
 
 # ---- a paced open-loop load ---------------------------------------------------------------
@@ -309,9 +315,10 @@ async def prepare(c: Client, tmp: Path) -> Models:
     plain_builds, split_builds = await asyncio.gather(
         _builds(c, plain, source_zip, 3), _builds(c, split, source_zip, 2)
     )
-    print(f"5 builds in {time.perf_counter() - started:.1f} s", flush=True)
+    say(f"5 builds in {time.perf_counter() - started:.1f} s")
     m = Models(plain, split, {"plain": plain_builds, "split": split_builds})
     await asyncio.gather(deploy(c, plain, plain_builds[0]), deploy(c, split, split_builds[0]))
+    say("both models deployed")
     for name, model in (("plain", plain), ("split", split)):
         m.urls[name] = (await c.get_model(model)).endpoint
         await warm_up(m.urls[name])
@@ -335,7 +342,7 @@ async def hop(c: Client, m: Models, rate: float, seconds: float, warm_s: float) 
     if model.traffic is None or model.traffic.percent != SPLIT:
         raise SystemExit(f"SetTraffic is done but the model's traffic is {model.traffic}")
     await forwarding(m.urls["split"], candidate)
-    print(f"split {100 - SPLIT}/{SPLIT} forwarding ({set_s:.1f} s); load {seconds:g} s", flush=True)
+    say(f"split {100 - SPLIT}/{SPLIT} forwarding (SetTraffic: {set_s:.1f} s); load {seconds:g} s")
 
     load = Paced({"plain": m.urls["plain"], "split": m.urls["split"]}, rate)
     load.start()
@@ -390,7 +397,7 @@ async def rollouts(
     try:
         for name, (change, _, _) in changes.items():
             await asyncio.sleep(SETTLE_S)
-            print(f"rollout: {name}", flush=True)
+            say(f"rollout: {name}")
             start = time.perf_counter()
             await change()
             took = time.perf_counter() - start
@@ -438,6 +445,7 @@ async def phases(address: str, tmp: Path, sizes: Sizes) -> dict[str, Any]:
         result["builds"] = m.builds
         result["hop"] = await hop(c, m, sizes.rate, sizes.seconds, sizes.warm_s)
         # The split model's two applications would take CPU from the rollouts' load.
+        say("load done; stopping the split model")
         await done(c, await c.stop_model(m.split), "stop the split model")
         await asyncio.sleep(2.0)  # its replicas exiting
         result["rollouts"] = await rollouts(c, m, sizes.rate, sizes.steps, sizes.bake_s)
@@ -447,10 +455,14 @@ async def phases(address: str, tmp: Path, sizes: Sizes) -> dict[str, Any]:
 def run(sizes: Sizes) -> dict[str, Any]:
     started = time.perf_counter()
     load_before = os.getloadavg()
+    # On SIGTERM, Ray 2.60's head drains its node for up to 30 s first (for Kubernetes);
+    # nothing is left to drain here when the run ends: tear it down at once.
+    os.environ.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
     # A short temp dir: Ray's socket paths under it must stay under 107 bytes.
     with tempfile.TemporaryDirectory(prefix="bt", dir="/tmp") as name:
         tmp = Path(name)
         cluster: Cluster = start_cluster(tmp / "ray", tmp / "ray.log")
+        say(f"Ray cluster at {cluster.address}")
         try:
             proc, address = start_process(
                 [
@@ -470,6 +482,7 @@ def run(sizes: Sizes) -> dict[str, Any]:
                 proc.terminate()
                 proc.wait(60)
         finally:
+            say("stopping the cluster")
             stop_cluster(cluster)
     result["leftover_ray_processes"] = len(cluster.leftovers)
     result["load_average_before"] = list(load_before)

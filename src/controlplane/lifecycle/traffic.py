@@ -287,7 +287,9 @@ def observed(
     candidate = repo.deployment_row(c.session, split.candidate)
     op = lifecycle.running_operation(c, model)
     if model.state == ModelState.STOPPING.value:
-        lifecycle.stopping_observed(c, model, stable, main if main is not None else second)
+        if main is None and second is not None:
+            return  # stopped once both applications are gone
+        lifecycle.stopping_observed(c, model, stable, main)
         if (
             model.state == ModelState.STOPPED.value
             and candidate.state == DeploymentState.STOPPING.value
