@@ -44,6 +44,9 @@ def start_cluster(temp_dir: Path, log: Path) -> Cluster:
     # cluster of our own on 127.0.0.1: off, for it and every process started after it
     # (the control plane, the raw Serve driver), as tests/ray does for its own head.
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    # On SIGTERM, Ray 2.60's head drains its node for up to 30 s first (for Kubernetes);
+    # nothing is left to drain when a benchmark ends: it is torn down at once.
+    os.environ.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
     port = free_port()
     ports = {
         "--port": port,

@@ -27,7 +27,7 @@ from typing import Any
 
 from serverproc import RESULTS, ROOT, Row
 
-BENCHMARKS = ("serve", "signals", "rpc", "watchers", "records", "builds", "console")
+BENCHMARKS = ("serve", "signals", "rpc", "watchers", "records", "builds", "console", "traffic")
 
 
 def machine() -> dict[str, Any]:

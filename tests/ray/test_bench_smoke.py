@@ -50,6 +50,7 @@ def test_one_table_with_every_benchmark(smoke: subprocess.CompletedProcess[str])
         "records",
         "builds",
         "console",
+        "traffic",
     }
     figures = [r for r in summary["rows"] if r["target"] != "0"]  # not the failure counts
     assert figures and all(r["ours"] > 0 for r in figures), summary["rows"]
@@ -121,3 +122,58 @@ def test_no_request_fails_during_any_change(smoke: subprocess.CompletedProcess[s
     assert ours["new_build"]["versions"][-1] == 2, "the new build answered"
     assert 1 in ours["rollback"]["versions"], "the rolled-back build answered"
     assert set(failures["anchor"]) == {"scale", "rolling"}
+
+
+def test_the_traffic_smoke_ran_on_this_machine(smoke: subprocess.CompletedProcess[str]) -> None:
+    figures = result("traffic")
+    assert figures["smoke"] is True
+    assert figures["machine"]["cores"] >= 1 and figures["machine"]["ray"]
+    assert figures["leftover_ray_processes"] == 0
+
+
+def test_traffic_both_models_answered_without_a_failure(
+    smoke: subprocess.CompletedProcess[str],
+) -> None:
+    figures = result("traffic")
+    hop = figures["hop"]
+    plain, split = hop["plain"], hop["split"]
+    for side in (plain, split):
+        assert side["sent"] > 0 and side["failed"] == 0, side["examples"]
+        assert side["counted"] > 0 and side["p50_ms"] > 0
+    # The model that does not split: every answer from its one build.
+    assert hop["plain_build"].endswith("/builds/1")
+    assert plain["builds"] == {"1": plain["sent"]}
+    assert plain["counted"] == plain["sent"]
+
+
+def test_traffic_the_split_forwards_to_build_2(smoke: subprocess.CompletedProcess[str]) -> None:
+    figures = result("traffic")
+    hop = figures["hop"]
+    split = hop["split"]
+    assert hop["split_percent"] == 99
+    assert hop["stable_build"].endswith("/builds/1")
+    assert hop["candidate_build"].endswith("/builds/2")
+    # Counted: only the answers build 2 gave (forwarded), and nearly all of them were.
+    assert set(split["builds"]) <= {"1", "2"}, split["builds"]
+    assert split["forwarded"] == split["builds"]["2"] == split["counted"]
+    assert split["answered_by_stable"] == split["builds"].get("1", 0)
+    assert split["forwarded"] >= 0.9 * split["sent"], split["builds"]
+
+
+def test_traffic_no_request_failed_during_either_rollout(
+    smoke: subprocess.CompletedProcess[str],
+) -> None:
+    figures = result("traffic")
+    rollouts = figures["rollouts"]
+    immediate, canary = rollouts["immediate"], rollouts["canary"]
+    assert canary["steps"] == [50, 100]
+    for name, r in (("immediate", immediate), ("canary", canary)):
+        assert r["sent"] > 0, name
+        assert r["failed"] == 0, (name, r["examples"])
+        assert r["seconds"] > 0, name
+        assert r["last_answers_from_new_build"] is True, (name, r["builds"])
+    assert immediate["to_build"].endswith("/builds/2")
+    assert set(immediate["builds"]) <= {"1", "2"} and immediate["builds"]["2"] > 0
+    assert canary["to_build"].endswith("/builds/3")
+    # Both builds answered while the canary stepped.
+    assert set(canary["builds"]) == {"2", "3"}, canary["builds"]

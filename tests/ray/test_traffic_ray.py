@@ -118,8 +118,8 @@ async def iris(
             ray_backend,
             tmp_path / "data",
             database_url=database_url,
-            signals_interval_s=0.5,
-            rollout_interval_s=0.5,
+            signals_interval_s=0.25,
+            rollout_interval_s=0.25,
         ) as server,
         Client(server.grpc_address) as c,
     ):
@@ -131,10 +131,10 @@ async def iris(
             await c.wait((await c.stop_model(model)).name, timeout_s=120)
 
 
-async def test_a_canary_promotes_and_a_bad_build_is_rolled_back(
+async def test_canary_rollback_shadow_and_split_under_load(
     ray_backend: Backend, tmp_path: Path, fresh_db: str
 ) -> None:
-    async with iris(ray_backend, tmp_path, fresh_db, "canary") as (_, i):
+    async with iris(ray_backend, tmp_path, fresh_db, "iris") as (_, i):
         v2 = await i.build(EXAMPLES / "iris-v2", "classify")
         bad_dir = tmp_path / "iris-bad"
         shutil.copytree(EXAMPLES / "iris-v1", bad_dir)
@@ -147,7 +147,7 @@ async def test_a_canary_promotes_and_a_bad_build_is_rolled_back(
         async with load_on(endpoint) as load:
             start = len(load.answers)
             op = await i.c.create_deployment(
-                i.model, v2, rollout=Strategy(StrategyKind.CANARY, (50, 100), 2.0, gates)
+                i.model, v2, rollout=Strategy(StrategyKind.CANARY, (50, 100), 1.0, gates)
             )
 
             async def at_the_last_step() -> bool:
@@ -197,23 +197,13 @@ async def test_a_canary_promotes_and_a_bad_build_is_rolled_back(
         assert m.traffic is None and "rolled back" in m.message
         assert (await i.c.get_deployment(m.active_deployment)).build == v2
 
-
-def replace_min(g: Gates, n: int) -> Gates:
-    return Gates(g.max_error_rate, g.max_p99_ms, g.max_p99_ratio, n)
-
-
-async def test_a_shadow_takes_over_and_a_split_is_sticky_and_in_place(
-    ray_backend: Backend, tmp_path: Path, fresh_db: str
-) -> None:
-    async with iris(ray_backend, tmp_path, fresh_db, "shadow") as (_, i):
+        # A shadow of build 1 (build 2 serves): judged on copies, then it takes over.
         v1 = f"{i.model}/builds/1"
-        v2 = await i.build(EXAMPLES / "iris-v2", "classify")
-        endpoint = (await i.c.get_model(i.model)).endpoint
         gates = Gates(max_error_rate=0.01, max_p99_ratio=20, min_requests=10)
         async with load_on(endpoint) as load:
             start = len(load.answers)
             op = await i.c.create_deployment(
-                i.model, v2, rollout=Strategy(StrategyKind.SHADOW, (100,), 3.0, gates)
+                i.model, v1, rollout=Strategy(StrategyKind.SHADOW, (100,), 2.0, gates)
             )
 
             async def judged_on_copies() -> Operation:
@@ -221,18 +211,18 @@ async def test_a_shadow_takes_over_and_a_split_is_sticky_and_in_place(
                 assert got.rollout is not None and got.rollout.candidate.requests >= 10, got
                 return got
 
-            seen = await eventually("build 2 answering copies", judged_on_copies, 120)
-            # Copies only: every answer still comes from build 1.
-            assert {b for _, b in load.since(start)} == {"1"}
+            seen = await eventually("build 1 answering copies", judged_on_copies, 120)
+            # Copies only: every answer still comes from build 2.
+            assert {b for _, b in load.since(start)} == {"2"}
             assert seen.rollout is not None and seen.rollout.phase is Phase.BAKING
             done = await i.c.wait(op.name, timeout_s=240)
             assert done.error is None, done.error
             during = load.since(start)
         assert [a for a in during if a[0] != 200] == []
         m = await i.c.get_model(i.model)
-        assert (await i.c.get_deployment(m.active_deployment)).build == v2
+        assert (await i.c.get_deployment(m.active_deployment)).build == v1
 
-        # A split by hand, back to build 1 for half the callers, sticky by X-User.
+        # A split by hand, build 2 for half the callers, sticky by X-User.
         op = await i.c.set_traffic(i.model, {v2: 50, v1: 50}, sticky_header="X-User")
         op = await i.c.wait(op.name, timeout_s=240)
         assert op.error is None, op.error
@@ -251,10 +241,14 @@ async def test_a_shadow_takes_over_and_a_split_is_sticky_and_in_place(
 
             # New weights in place: no replica of either build restarts, and they take
             # effect within a second of the call.
-            await set_and_see(i, http, endpoint, {v2: 99, v1: 1}, "2")
-            took = await set_and_see(i, http, endpoint, {v2: 1, v1: 99}, "1")
+            await set_and_see(i, http, endpoint, {v1: 99, v2: 1}, "1")
+            took = await set_and_see(i, http, endpoint, {v1: 1, v2: 99}, "2")
             assert took < 1.0, f"the new weights took {took:.2f} s"
         assert await both_replicas(i) == (main, second)
+
+
+def replace_min(g: Gates, n: int) -> Gates:
+    return Gates(g.max_error_rate, g.max_p99_ms, g.max_p99_ratio, n)
 
 
 async def set_and_see(
