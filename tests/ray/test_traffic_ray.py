@@ -61,14 +61,14 @@ class Load:
                 self.answers.append((r.status_code, build.rsplit("/", 1)[-1]))
             except httpx.HTTPError as e:
                 self.answers.append((0, repr(e)))
-            await asyncio.sleep(0.01)  # the load's pace, not a wait
+            await asyncio.sleep(0.02)  # the load's pace, not a wait
 
     def since(self, mark: int) -> list[tuple[int, str]]:
         return self.answers[mark:]
 
 
 @contextlib.asynccontextmanager
-async def load_on(endpoint: str, workers: int = 4) -> AsyncIterator[Load]:
+async def load_on(endpoint: str, workers: int = 2) -> AsyncIterator[Load]:
     load = Load(endpoint)
     async with httpx.AsyncClient(timeout=30) as http:
         tasks = [asyncio.create_task(load.worker(http)) for _ in range(workers)]
