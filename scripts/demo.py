@@ -195,7 +195,32 @@ async def workflow(server: str, console: str) -> None:
         modelctl(server, "restart", "iris", "--yes")
         seen = await show(c, seen, endpoint, key)
 
-        step("7. See what it does: requests, latency, CPU per build and replica; its logs")
+        step("7. A canary of build 2: 50%, then 100% of requests, each step judged on its")
+        print("  own errors and p99 under a steady load, then promoted by itself")
+        answered: dict[str, int] = {}
+        load_done = asyncio.Event()
+
+        async def load() -> None:
+            async with httpx.AsyncClient(timeout=30) as http:
+                for _ in range(3000):  # bounded
+                    if load_done.is_set():
+                        return
+                    r = await http.post(endpoint, json=FLOWERS, headers=key_header(key))
+                    who = f"{r.status_code} build {r.json().get('build', '?').rsplit('/', 1)[-1]}"
+                    answered[who] = answered.get(who, 0) + 1
+                    await asyncio.sleep(0.05)
+
+        loading = asyncio.create_task(load())
+        await asyncio.to_thread(
+            modelctl, server, "deploy", "iris", "--build", "2", "--canary", "50,100",
+            "--bake", "3s", "--max-error-rate", "1%", "--max-p99", "2s", "--min-requests", "5",
+        )  # fmt: skip
+        load_done.set()
+        await loading
+        print(f"  answers during the canary: {dict(sorted(answered.items()))}")
+        seen = await show(c, seen, endpoint, key)
+
+        step("8. See what it does: requests, latency, CPU per build and replica; its logs")
         before = await requests_counted(c)
         async with httpx.AsyncClient(timeout=30) as http:
             for _ in range(20):
@@ -204,10 +229,10 @@ async def workflow(server: str, console: str) -> None:
         modelctl(server, "metrics", "iris", "--window", "5m", "--step", "1m")
         modelctl(server, "logs", "iris", "--tail", "4")
 
-        step("8. The web console shows the same, live (the seed's pages and buttons)")
+        step("9. The web console shows the same, live (the seed's pages and buttons)")
         await console_view(console, token)
 
-        step("9. Stop: no replica left, the endpoint stops answering; history stays")
+        step("10. Stop: no replica left, the endpoint stops answering; history stays")
         modelctl(server, "stop", "iris", "--yes")
         async with httpx.AsyncClient(timeout=10) as http:
             try:

@@ -207,16 +207,21 @@ def _failed_gate(g: Gates, candidate: StepFigures, current: StepFigures) -> Roll
             _pct(g.max_error_rate),
         )
     if g.max_p99_ms is not None and candidate.p99_ms > g.max_p99_ms:
-        return RollBack("max_p99", f"{candidate.p99_ms:g} ms", f"{g.max_p99_ms:g} ms")
+        return RollBack("max_p99", _ms(candidate.p99_ms), _ms(g.max_p99_ms))
     if g.max_p99_ratio is not None and current.requests and current.p99_ms > 0:
         ratio = candidate.p99_ms / current.p99_ms
         if ratio > g.max_p99_ratio:
             return RollBack(
                 "max_p99_ratio",
-                f"{ratio:.2f}x ({candidate.p99_ms:g} ms against {current.p99_ms:g} ms)",
+                f"{ratio:.2f}x ({_ms(candidate.p99_ms)} against {_ms(current.p99_ms)})",
                 f"{g.max_p99_ratio:g}x",
             )
     return None
+
+
+def _ms(value: float) -> str:
+    """A latency for people: three figures at most ("10.7 ms", "250 ms", "1234 ms")."""
+    return f"{value:.0f} ms" if value >= 100 else f"{value:.3g} ms"
 
 
 def _pct(rate: float) -> str:
@@ -238,9 +243,9 @@ def progress(record: RolloutRecord, candidate_build: str, current_build: str, wh
     )
     figures = f"build {candidate_build}: {c.requests} requests, {_pct(c.error_rate)} errors"
     if c.requests:
-        figures += f", p99 {c.p99_ms:g} ms"
+        figures += f", p99 {_ms(c.p99_ms)}"
     if cur.requests:
-        figures += f" (build {current_build}: p99 {cur.p99_ms:g} ms)"
+        figures += f" (build {current_build}: p99 {_ms(cur.p99_ms)})"
     return f"{head}; {why}; {figures}"
 
 
