@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -82,13 +84,7 @@ async def test_a_canary_resumes_at_its_step_after_kill_9_and_ends_once(cluster: 
             traffic = (await cl.get_model(model)).traffic
             assert traffic is not None and traffic.percent == percent
 
-            def share_sent() -> bool:  # the cluster still has the weights of this step
-                apps = cluster.running_apps()
-                main = next(a for name, a in apps.items() if not name.endswith(".candidate"))
-                share = main["spec"]["share"]  # type: ignore[index]
-                return bool(share and share["percent"] == percent)  # type: ignore[index]  # noqa: B023
-
-            await eventually(f"{percent}% sent after the restart", share_sent)
+            await eventually(f"{percent}% sent after the restart", partial(sends, cluster, percent))
 
     async with client(cluster) as cl:
         done = await cl.wait(op.name, timeout_s=120)
@@ -104,6 +100,15 @@ async def test_a_canary_resumes_at_its_step_after_kill_9_and_ends_once(cluster: 
     assert len(apps) == 1 and not any(name.endswith(".candidate") for name in apps)
     assert next(iter(apps.values()))["spec"]["build_name"] == v2  # type: ignore[index]
     assert cluster.unfinished_jobs() == 0
+
+
+def sends(cluster: Cluster, percent: int) -> bool:
+    """Whether the model's own replicas send the other build ``percent``, as the cluster has
+    it."""
+    apps: dict[str, Any] = cluster.running_apps()
+    main = next(a for name, a in apps.items() if not name.endswith(".candidate"))
+    share = main["spec"]["share"]
+    return bool(share) and int(share["percent"]) == percent
 
 
 async def events(cl: Client, model: str) -> list[Operation]:
