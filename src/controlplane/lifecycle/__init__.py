@@ -12,6 +12,8 @@ deployment or an operation is made here, in the order things happen to a model.
    failed), ``serving_observed`` (replicas Serve replaced, its health reports),
    ``stopping_observed`` (stopped once the application is gone), ``app_missing``.
 5. The signals say how it serves (``signals``): ``health_observed``.
+6. Two builds live (``lifecycle/traffic.py``): a canary's or shadow's start, steps,
+   promotion and roll back, a split set by hand, and both applications observed.
 
 A rollout that fails or is cancelled falls back (``fail_rollout``) to what served before:
 another deployment still DEPLOYED serves again; a failed restart keeps the replicas from
@@ -139,9 +141,11 @@ def begin_stop(c: Changes, model: ModelRow) -> OperationRow:
         c.operation_done(op, model, "stopped")
         return op
     c.model(model, ModelState.STOPPING)
-    for d in (dep, candidate_of(c, model)):
-        if d is not None and d.state in repo.SERVING_DEPLOYMENTS:
-            c.deployment(d, DeploymentState.STOPPING, applied=False)
+    if dep.state != DeploymentState.STOPPED.value:
+        c.deployment(dep, DeploymentState.STOPPING, applied=False)
+    candidate = candidate_of(c, model)  # two builds live: both stop
+    if candidate is not None and candidate.state in repo.SERVING_DEPLOYMENTS:
+        c.deployment(candidate, DeploymentState.STOPPING, applied=False)
     c.enqueue(JobKind.APPLY, model.name, op.name, model.name)
     return op
 
