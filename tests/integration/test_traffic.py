@@ -288,6 +288,9 @@ async def test_set_traffic_splits_in_place_then_ends(two: Two) -> None:
     assert two.main not in two.fake.apps and two.second not in two.fake.apps
     m = await two.get()
     assert m.state == pb.MODEL_STATE_STOPPED and m.traffic.candidate.percent == 30
+    with pytest.raises(grpc.aio.AioRpcError) as e:  # weights change while it serves
+        await set_traffic({two.b1: 50, two.b2: 50})
+    assert error_info(e.value)[0] == "MODEL_NOT_SERVING"
     op = await two.stub.RestartModel(rpc.RestartModelRequest(name=two.model))
     op = await wait(two.stub, op)
     assert not op.HasField("error"), op.error

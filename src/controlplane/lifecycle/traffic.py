@@ -109,10 +109,18 @@ def set_traffic(
 
     - no split yet: ``new_deployment`` (the other build, the serving one's resources)
       starts beside the serving one and takes its share once its replicas run;
-    - a split of the same two builds: the weights change in place (done at once);
+    - a split of the same two builds: the weights change in place (done once Serve has
+      them);
     - one build at 100: the split ends; the candidate's build at 100 is promoted.
     """
     split = traffic.split_from_json(model.traffic)
+    if split is not None and model.state != ModelState.DEPLOYED.value:
+        raise FailedPrecondition(
+            message=f"model {model.name} is {model.state}: its traffic changes while it is "
+            "DEPLOYED (restart it first)",
+            reason="MODEL_NOT_SERVING",
+            metadata={"name": model.name, "state": model.state},
+        )
     if split is None:
         assert new_deployment is not None
         stable = _serving(c, model, "a traffic split")
