@@ -19,6 +19,7 @@ import pytest
 from controlplane.api.client import Client
 from controlplane.domain.access import Role
 from controlplane.domain.states import ModelState, ReplicaState
+from controlplane.domain.traffic import Gates, Phase, Strategy, StrategyKind
 from controlplane.domain.types import Deployment, DeployOptions, Model, Resources
 from controlplane.server import Server
 from tests.helpers import eventually
@@ -127,6 +128,45 @@ async def test_the_overview_shows_a_split_between_two_builds(
         assert (await c.wait(op.name, timeout_s=30)).error is None
     text = text_of(await web.get(overview(project)))
     assert "build 1 90% · build 2 10% · sticky by X-User" in text
+
+
+async def test_a_canary_is_promoted_or_aborted_from_the_overview(
+    web: Web, server: Server, project: str
+) -> None:
+    async with Client(server.grpc_address) as c:
+        model, _ = await deploy(c, project)
+        source = await c.upload_source(model.name, zip_bytes({"model.py": MODEL_V2}))
+        op = await c.create_build(model.name, source.sha256, "model.py", "classify")
+        b2 = (await c.wait(op.name, timeout_s=30)).target
+        path = overview(project)
+        canary = Strategy(StrategyKind.CANARY, (10, 50), 600.0, Gates(max_error_rate=0.01))
+        for how in ("abort", "promote"):
+            op = await c.create_deployment(model.name, b2, rollout=canary)
+
+            async def baking(name: str = op.name) -> bool:
+                got = await c.get_operation(name)
+                return got.rollout is not None and got.rollout.phase is Phase.BAKING
+
+            await eventually("the canary's first step", baking)
+            text = text_of(await web.get(path))
+            assert "step 1/2: 10% to build 2" in text
+            assert "Promote now" in text and "Abort rollout" in text
+            if how == "abort":
+                r = await web.post(f"{path}/cancel", back=path, operation=op.name)
+                assert r.status_code == 303
+                done = await c.wait(op.name, timeout_s=30)
+                assert done.error is not None and done.error.code == "CANCELLED"
+            else:
+                asked = await web.post(
+                    f"{path}/promote", back=path, operation=op.name, confirmed=""
+                )
+                assert "Promote now (step 1/2" in asked.text
+                r = await web.post(f"{path}/promote", back=path, operation=op.name)
+                assert r.status_code == 303
+                done = await c.wait(op.name, timeout_s=30)
+                assert done.error is None, done.error
+        m = await c.get_model(model.name)
+        assert (await c.get_deployment(m.active_deployment)).build == b2
 
 
 async def test_a_model_that_does_not_exist_is_not_found_in_words(web: Web, project: str) -> None:

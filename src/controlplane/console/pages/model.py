@@ -19,6 +19,7 @@ from starlette.routing import BaseRoute
 from controlplane.api.client import ClientError
 from controlplane.console import forms, kit, live
 from controlplane.domain.states import ModelState, OperationKind
+from controlplane.domain.traffic import Phase
 from controlplane.domain.types import Deployment, Model, Operation
 
 KEYS_PAGE_SIZE = 50
@@ -88,6 +89,11 @@ def cancel_question(op: Operation) -> str:
             f"Cancel building build {kit.last(op.target)}{progress}? The build stops, its "
             "partial output is removed, and nothing of it is deployed."
         )
+    if op.rollout is not None and op.rollout.phase is not Phase.PROMOTING:
+        return (
+            f"Abort this {op.rollout.strategy.kind.value.lower()} rollout{progress}? All "
+            "traffic goes back to the serving build at once, and the new build's replicas stop."
+        )
     what = "restart" if op.kind == OperationKind.RESTART_MODEL else "deploy"
     return (
         f"Cancel the {what} in progress{progress}? The rollout ends now and the model "
@@ -97,6 +103,24 @@ def cancel_question(op: Operation) -> str:
 
 def cancellable(op: Operation | None) -> bool:
     return op is not None and not op.done and op.kind != OperationKind.STOP_MODEL
+
+
+def promotable(op: Operation | None) -> bool:
+    """A canary or shadow whose new build runs and has not begun taking over."""
+    return (
+        op is not None
+        and not op.done
+        and op.rollout is not None
+        and (op.rollout.phase is Phase.BAKING)
+    )
+
+
+def promote_question(op: Operation) -> str:
+    return (
+        f"Promote now{f' ({op.progress})' if op.progress else ''}? The new build takes every "
+        "request: the model's replicas roll to it, without waiting for the remaining steps "
+        "or their gates."
+    )
 
 
 def progress_of(op: Operation | None) -> tuple[int, int] | None:
@@ -175,6 +199,8 @@ async def load(view: kit.View) -> dict[str, Any]:
         "operation": op,
         "progress": progress_of(op),
         "cancellable": cancellable(op),
+        "promotable": promotable(op),
+        "promote_question": promote_question(op) if op is not None else "",
         "cancel_question": cancel_question(op) if op is not None else "",
         "can_stop": model.state in STOPPABLE,
         "can_restart": model.state in RESTARTABLE and dep is not None,
@@ -231,6 +257,17 @@ async def cancel(view: kit.View, form: FormData) -> str:
     _, base = _paths(view)
     op = await view.client.cancel_operation((await _own_operation(view, form)).name)
     view.session.flash("ok", f"Operation {op.name} cancelled.")
+    return base
+
+
+async def confirm_promote(view: kit.View, form: FormData) -> str:
+    return promote_question(await _own_operation(view, form))
+
+
+async def promote(view: kit.View, form: FormData) -> str:
+    _, base = _paths(view)
+    op = await view.client.promote_rollout((await _own_operation(view, form)).name)
+    view.session.flash("ok", f"Promoting: operation {op.name} rolls the model to the new build.")
     return base
 
 
@@ -364,6 +401,7 @@ def routes(console: kit.Console) -> list[BaseRoute]:
         forms.action(console, f"{model}/stop", stop, confirm=confirm_stop),
         forms.action(console, f"{model}/restart", restart, confirm=confirm_restart),
         forms.action(console, f"{model}/cancel", cancel, confirm=confirm_cancel),
+        forms.action(console, f"{model}/promote", promote, confirm=confirm_promote),
         forms.fragment(console, f"{model}/test", _test_box(console)),
         *live.page(console, f"{model}/keys", "keys.html", load_keys),
         forms.action(console, f"{model}/keys", create_key),
