@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -44,6 +45,10 @@ def start_cluster(temp_dir: Path, log: Path) -> Cluster:
     # cluster of our own on 127.0.0.1: off, for it and every process started after it
     # (the control plane, the raw Serve driver), as tests/ray does for its own head.
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    # Stopped with SIGTERM (a test's deadline), the benchmark unwinds: its `finally`
+    # stops this cluster, whose head is in a process group of its own and would outlive it.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     # On SIGTERM, Ray 2.60's head drains its node for up to 30 s first (for Kubernetes);
     # nothing is left to drain when a benchmark ends: it is torn down at once.
     os.environ.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
@@ -93,6 +98,10 @@ def ours_pids(temp_dir: Path) -> list[int]:
             if str(temp_dir).encode() in (entry / "cmdline").read_bytes():
                 found.append(int(entry.name))
     return found
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def stop_cluster(cluster: Cluster) -> None:
