@@ -203,18 +203,19 @@ async def test_canary_rollback_shadow_and_split_under_load(
         async with load_on(endpoint) as load:
             start = len(load.answers)
             op = await i.c.create_deployment(
-                i.model, v1, rollout=Strategy(StrategyKind.SHADOW, (100,), 2.0, gates)
+                i.model, v1, rollout=Strategy(StrategyKind.SHADOW, (100,), 6.0, gates)
             )
 
-            async def judged_on_copies() -> Operation:
+            async def judged_on_copies() -> tuple[Operation, list[tuple[int, str]]]:
+                answers = load.since(start)  # all given while the copy ran (read first)
                 got = await i.c.get_operation(op.name)
-                assert got.rollout is not None and got.rollout.candidate.requests >= 10, got
-                return got
+                assert got.rollout is not None and got.rollout.phase is Phase.BAKING, got
+                assert got.rollout.candidate.requests >= 10, got
+                return got, answers
 
-            seen = await eventually("build 1 answering copies", judged_on_copies, 120)
+            _, answers = await eventually("build 1 answering copies", judged_on_copies, 120)
             # Copies only: every answer still comes from build 2.
-            assert {b for _, b in load.since(start)} == {"2"}
-            assert seen.rollout is not None and seen.rollout.phase is Phase.BAKING
+            assert {b for _, b in answers} == {"2"}
             done = await i.c.wait(op.name, timeout_s=240)
             assert done.error is None, done.error
             during = load.since(start)
