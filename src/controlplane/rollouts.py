@@ -19,7 +19,7 @@ import math
 
 from sqlmodel import col, select
 
-from controlplane.domain.figures import Figures
+from controlplane.domain.figures import Series
 from controlplane.domain.traffic import Phase, StepFigures, record_from_json
 from controlplane.lifecycle import traffic
 from controlplane.series import STEP_S
@@ -32,10 +32,12 @@ from controlplane.storage.tables import OperationRow
 log = logging.getLogger(__name__)
 
 
-def step_figures(totals: Figures | None) -> StepFigures:
-    if totals is None:
+def step_figures(series: Series | None) -> StepFigures:
+    """A build's figures over the step (none yet: zeros)."""
+    if series is None:
         return StepFigures()
-    return StepFigures(totals.requests, totals.errors, totals.latency_p99_ms)
+    t = series.totals
+    return StepFigures(t.requests, t.errors, t.latency_p99_ms)
 
 
 class Rollouts:
@@ -104,12 +106,8 @@ class Rollouts:
         elapsed = max(0.0, (at - record.step_start).total_seconds())
         window = max(STEP_S, math.ceil(elapsed / STEP_S) * STEP_S)
         builds = self.signals.series(model_name, window, window).builds
-        candidate = step_figures(
-            builds[split.candidate_build].totals if split.candidate_build in builds else None
-        )
-        current = step_figures(
-            builds[split.stable_build].totals if split.stable_build in builds else None
-        )
+        candidate = step_figures(builds.get(split.candidate_build))
+        current = step_figures(builds.get(split.stable_build))
         with self.db.write() as tx:
             c = Changes(tx, self.http_base)
             model = repo.model_row(c.session, model_name)
