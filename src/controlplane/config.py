@@ -40,6 +40,9 @@ class Settings:
     deploy_timeout_s: float = 300.0  # start-up: replicas placed but never all healthy
     placement_timeout_s: float = 120.0  # replicas asking for more than the cluster has
     reconcile_interval_s: float = 0.5
+    # A model's scale status (replicas wanted, running, last decision) is written at most
+    # this often while replicas come and go: watchers see the settled count.
+    scale_coalesce_s: float = 2.0
     reconcile_busy_interval_s: float = 0.1  # while a model is deploying, stopping, restarting
     dispatcher_concurrency: int = 8
     # A running job's lease, renewed every third of it; another server takes the job

@@ -6,11 +6,31 @@ from dataclasses import replace
 
 from sqlmodel import Session, col, select
 
-from controlplane.domain import names, traffic
+from controlplane.domain import names, scaling, traffic
 from controlplane.domain.states import BuildState, DeploymentState
 from controlplane.storage import repo
 from controlplane.storage.tables import BuildRow, DeploymentRow, InvocationKeyRow, ModelRow
-from workers.backend import AppSpec, EndpointAccess, TrafficShare, app_name_for, candidate_app_for
+from workers.backend import (
+    AppSpec,
+    AutoscalingSpec,
+    EndpointAccess,
+    TrafficShare,
+    app_name_for,
+    candidate_app_for,
+)
+
+
+def autoscaling_spec(dep: DeploymentRow) -> AutoscalingSpec | None:
+    a = scaling.autoscaling_from_json(dep.autoscaling)
+    if a is None:
+        return None
+    return AutoscalingSpec(
+        min_replicas=a.min_replicas,
+        max_replicas=a.max_replicas,
+        target_ongoing_requests=a.target_ongoing_requests,
+        upscale_delay_s=a.upscale_delay_s,
+        downscale_delay_s=a.downscale_delay_s,
+    )
 
 
 def app_spec(model: ModelRow, dep: DeploymentRow, build: BuildRow) -> AppSpec:
@@ -25,6 +45,7 @@ def app_spec(model: ModelRow, dep: DeploymentRow, build: BuildRow) -> AppSpec:
         file_path=build.file_path,
         function_name=build.function_name,
         replicas=dep.replicas,
+        autoscaling=autoscaling_spec(dep),
         cpus=dep.cpus,
         memory_mib=dep.memory_mib,
         gpus=dep.gpus,

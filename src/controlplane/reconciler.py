@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from sqlmodel import col, select
 
@@ -70,12 +70,23 @@ def observation(app: AppObservation) -> Observation:
             for r in app.replicas
         ),
         unplaceable=app.unplaceable,
+        target=app.target_replicas,
     )
 
 
 class Reconciler:
-    def __init__(self, db: Database, backend: Backend, settings: Settings, http_base: str) -> None:
+    def __init__(
+        self,
+        db: Database,
+        backend: Backend,
+        settings: Settings,
+        http_base: str,
+        load: Callable[[str], float | None] | None = None,
+    ) -> None:
+        """``load``: a model's requests in flight now, if known (the reasons of its scale
+        decisions say it)."""
         self.db = db
+        self.load = load
         self.backend = backend
         self.settings = settings
         self.http_base = http_base
@@ -201,6 +212,16 @@ class Reconciler:
                 lifecycle.serving_observed(c, model, dep, obs)
             elif state is ModelState.STOPPING:
                 lifecycle.stopping_observed(c, model, dep, obs)
+            if obs is not None and model.state in (
+                ModelState.DEPLOYING.value,
+                ModelState.DEPLOYED.value,
+            ):
+                serving = repo.maybe_deployment_row(c.session, model.active_deployment)
+                if serving is not None:
+                    in_flight = self.load(model.name) if self.load is not None else None
+                    lifecycle.scale_observed(
+                        c, model, serving, obs, now(), in_flight, self.settings.scale_coalesce_s
+                    )
 
     def _gone_for_good(self, model_name: str, obs: Observation | None) -> bool:
         """The application of a model that should serve has been missing from Serve for a

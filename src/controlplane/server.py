@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import grpc
@@ -30,11 +30,12 @@ from controlplane.sources import SourceStore
 from controlplane.storage import jobs, repo
 from controlplane.storage.db import Database, FinishedOperation
 from controlplane.watch import EventHub
-from workers.backend import Backend
+from workers.backend import Backend, NodeResources
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 8 * 1024 * 1024
+NODES_TIMEOUT_S = 10.0  # a plan waits this long for the cluster to list its nodes
 
 
 def make_backend(settings: Settings) -> Backend:
@@ -122,7 +123,17 @@ class Server:
         def log_path(model: str, version: int) -> str:
             return str(logs / "builds" / model.replace("/", "_") / f"{version}.log")
 
-        service = Service(self.db, sources, http_base, log_path, await self.backend.runtime())
+        loop = asyncio.get_running_loop()
+        backend = self.backend
+
+        def nodes() -> Sequence[NodeResources]:
+            """The cluster's nodes, for a plan (asked from a worker thread)."""
+            asked = asyncio.run_coroutine_threadsafe(backend.nodes(), loop)
+            return asked.result(NODES_TIMEOUT_S)
+
+        service = Service(
+            self.db, sources, http_base, log_path, await self.backend.runtime(), nodes=nodes
+        )
         self.hub = EventHub(
             self.db,
             http_base,
@@ -135,12 +146,14 @@ class Server:
         await asyncio.to_thread(self._enqueue_sync)
         self.dispatcher = Dispatcher(self.db, self.backend, s, http_base, SourcePath(s.sources_dir))
         await self.dispatcher.start()
-        self.reconciler = Reconciler(self.db, self.backend, s, http_base)
+        self.signals = Signals(self.db, self.backend, s)
+        await self.signals.start()
+        self.reconciler = Reconciler(
+            self.db, self.backend, s, http_base, load=self.signals.in_flight
+        )
         await self.reconciler.start()
         self.collector = Collector(self.db, s)
         await self.collector.start()
-        self.signals = Signals(self.db, self.backend, s)
-        await self.signals.start()
         self.rollouts = Rollouts(self.db, self.signals, http_base, s.rollout_interval_s)
         await self.rollouts.start()
 

@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 
 from sqlmodel import Session, SQLModel, col, select
 
-from controlplane import lifecycle
-from controlplane.domain import names
+from controlplane import capacity, lifecycle
+from controlplane.domain import names, scaling
 from controlplane.domain import traffic as tr
 from controlplane.domain.errors import (
     Aborted,
@@ -30,8 +30,9 @@ from controlplane.domain.errors import (
     check_text,
     invalid_field,
 )
+from controlplane.domain.plan import Plan
 from controlplane.domain.redaction import redact
-from controlplane.domain.states import BuildState, DeploymentState, ModelState
+from controlplane.domain.states import BuildState, DeploymentState, ModelState, OperationKind
 from controlplane.domain.traffic import Strategy
 from controlplane.domain.transitions import Verb, check_verb
 from controlplane.domain.types import (
@@ -63,6 +64,7 @@ from controlplane.storage.tables import (
     SourceRow,
 )
 from workers.archive import check_member_path
+from workers.backend import NodeResources
 from workers.oci import OciExport
 from workers.runtime import Runtime
 from workers.runtime import mismatch as runtime_mismatch
@@ -96,6 +98,33 @@ class NewBuild:
     request_id: str = ""
     no_cache: bool = False
     creator: str = ""  # who asks (its deployment's creator)
+    validate_only: bool = False  # only plan the deploy: nothing is written
+    wait_for_capacity: bool = False  # start it even when the cluster has no room now
+
+
+class _Planned(Exception):
+    """Leaves a change's transaction without writing it: only its plan was asked for."""
+
+    def __init__(self, plan: Plan) -> None:
+        super().__init__(plan.summary)
+        self.plan = plan
+
+
+def _planned(kind: OperationKind, target: str, model: str, plan: Plan) -> Operation:
+    """A validate_only answer: an operation with no name, done, carrying the plan."""
+    t = now()
+    return Operation(
+        name="",
+        kind=kind,
+        target=target,
+        done=True,
+        error=None,
+        create_time=t,
+        update_time=t,
+        model=model,
+        progress=plan.summary,
+        plan=plan,
+    )
 
 
 def _fingerprint(*parts: object) -> str:
@@ -177,8 +206,12 @@ class Service:
         http_base: str,
         logs_dir_for: Callable[[str, int], str],
         cluster_runtime: Runtime | None = None,
+        nodes: Callable[[], Sequence[NodeResources]] | None = None,
     ) -> None:
+        """``nodes``: the cluster's nodes and what each has free (plans, capacity checks);
+        None: not known, nothing is checked."""
         self.db = db
+        self.nodes = nodes
         self.sources = sources
         self.http_base = http_base
         self._log_path = logs_dir_for
@@ -220,6 +253,27 @@ class Service:
                     RequestRow(key=key, result=recorded, fingerprint=fingerprint, create_time=now())
                 )
             return result
+
+    def _cluster(self, needed: bool) -> capacity.Cluster:
+        """The nodes, read before a change's transaction (never while it holds the lock)."""
+        return capacity.read_cluster(self.nodes if needed else None)
+
+    def _planning(
+        self,
+        validate_only: bool,
+        kind: OperationKind,
+        target: str,
+        model: str,
+        run: Callable[[], Operation],
+    ) -> Operation:
+        """Runs a change; with ``validate_only`` its transaction ends with its plan, and
+        is rolled back."""
+        try:
+            return run()
+        except _Planned as planned:
+            if not validate_only:
+                raise
+            return _planned(kind, target, model, planned.plan)
 
     def _list(
         self,
@@ -271,7 +325,8 @@ class Service:
             model=model.name,
             number=number,
             build=build,
-            replicas=resources.replicas,
+            replicas=resources.initial_replicas,
+            autoscaling=scaling.autoscaling_to_json(resources.autoscaling) or "",
             cpus=resources.cpus,
             memory_mib=resources.memory_mib,
             gpus=resources.gpus,
@@ -491,11 +546,37 @@ class Service:
                     dict(deploy.secret_environment),
                     req.creator,
                 )
+            planned = None
+            if dep is not None:
+                before = repo.maybe_deployment_row(c.session, model.active_deployment)
+                planned = capacity.plan_for(cluster, model, before, dep, rebuild=True)
             op = lifecycle.begin_build(c, model, build, dep)
+            if planned is not None:
+                if req.validate_only:  # once every check passed; nothing written is kept
+                    raise _Planned(planned)
+                capacity.refuse_unless_fits(planned, model_name, req.wait_for_capacity)
             return repo.to_operation(op), op.name
 
-        return self._idempotent(
-            "CreateBuild", model_name, req.request_id, fp, _replay_operation, create
+        if req.validate_only and deploy is None:
+            raise invalid_field(
+                "validate_only", "plans a deploy: give deploy options with it", "NOTHING_TO_PLAN"
+            )
+        cluster = self._cluster(
+            deploy is not None and (req.validate_only or not req.wait_for_capacity)
+        )
+        return self._planning(
+            req.validate_only,
+            OperationKind.CREATE_BUILD,
+            model_name,
+            model_name,
+            lambda: self._idempotent(
+                "CreateBuild",
+                model_name,
+                "" if req.validate_only else req.request_id,
+                fp,
+                _replay_operation,
+                create,
+            ),
         )
 
     def get_build(self, name: str) -> Build:
@@ -554,6 +635,8 @@ class Service:
         secrets: dict[str, str] | None = None,
         creator: str = "",
         strategy: Strategy | None = None,
+        validate_only: bool = False,
+        wait_for_capacity: bool = False,
     ) -> Operation:
         """``creator``: who asks (the deployment records it; not part of the request's
         fingerprint: a retry by another token is still the same request). ``strategy``:
@@ -600,14 +683,30 @@ class Service:
             if wanted is None:
                 wanted = repo.resources_of(current) if current else Resources()
             dep = self._deployment_row(c, model, build, wanted, environment, secrets, creator)
+            planned = capacity.plan_for(cluster, model, current, dep, candidate=strategy.judged)
             if strategy.judged:
                 op = traffic.begin_rollout(c, model, dep, strategy)
             else:
                 op = lifecycle.begin_deploy(c, model, dep)
+            if validate_only:  # once every check passed; nothing written is kept
+                raise _Planned(planned)
+            capacity.refuse_unless_fits(planned, model_name, wait_for_capacity)
             return repo.to_operation(op), op.name
 
-        return self._idempotent(
-            "CreateDeployment", model_name, request_id, fp, _replay_operation, create
+        cluster = self._cluster(validate_only or not wait_for_capacity)
+        return self._planning(
+            validate_only,
+            OperationKind.CREATE_DEPLOYMENT,
+            model_name,
+            model_name,
+            lambda: self._idempotent(
+                "CreateDeployment",
+                model_name,
+                "" if validate_only else request_id,
+                fp,
+                _replay_operation,
+                create,
+            ),
         )
 
     def _check_runtime(self, b: BuildRow) -> None:
@@ -645,21 +744,41 @@ class Service:
 
     # ---- stop and restart ------------------------------------------------------------------
 
-    def stop_model(self, name: str, request_id: str) -> Operation:
+    def stop_model(self, name: str, request_id: str, validate_only: bool = False) -> Operation:
         names.parse_model(name)
         _check_request_id(request_id)
+        cluster = self._cluster(validate_only)
 
         def stop(c: Changes) -> tuple[Operation, str]:
             model = repo.model_row(c.session, name)
             self._ensure_idle(model)
-            op = lifecycle.begin_stop(c, model)
+            before = repo.maybe_deployment_row(c.session, model.active_deployment)
+            planned = capacity.plan_for(cluster, model, before, None)
+            op = lifecycle.begin_stop(c, model)  # its checks: a plan only of a valid stop
+            if validate_only:
+                raise _Planned(planned)
             return repo.to_operation(op), op.name
 
-        return self._idempotent("StopModel", name, request_id, "", _replay_operation, stop)
+        return self._planning(
+            validate_only,
+            OperationKind.STOP_MODEL,
+            name,
+            name,
+            lambda: self._idempotent(
+                "StopModel", name, "" if validate_only else request_id, "", _replay_operation, stop
+            ),
+        )
 
-    def restart_model(self, name: str, request_id: str) -> Operation:
+    def restart_model(
+        self,
+        name: str,
+        request_id: str,
+        validate_only: bool = False,
+        wait_for_capacity: bool = False,
+    ) -> Operation:
         names.parse_model(name)
         _check_request_id(request_id)
+        cluster = self._cluster(validate_only or not wait_for_capacity)
 
         def restart(c: Changes) -> tuple[Operation, str]:
             model = repo.model_row(c.session, name)
@@ -671,10 +790,27 @@ class Service:
                     reason="MODEL_NEVER_DEPLOYED",
                     metadata={"name": name},
                 )
+            planned = capacity.plan_for(cluster, model, dep, dep, restart=True)
             op = lifecycle.begin_restart(c, model, dep)
+            if validate_only:  # once every check passed; nothing written is kept
+                raise _Planned(planned)
+            capacity.refuse_unless_fits(planned, name, wait_for_capacity)
             return repo.to_operation(op), op.name
 
-        return self._idempotent("RestartModel", name, request_id, "", _replay_operation, restart)
+        return self._planning(
+            validate_only,
+            OperationKind.RESTART_MODEL,
+            name,
+            name,
+            lambda: self._idempotent(
+                "RestartModel",
+                name,
+                "" if validate_only else request_id,
+                "",
+                _replay_operation,
+                restart,
+            ),
+        )
 
     # ---- traffic ---------------------------------------------------------------------------
 

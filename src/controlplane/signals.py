@@ -265,6 +265,15 @@ class Signals:
             )
         return invocations, tuple(use)
 
+    def in_flight(self, model: str) -> float | None:
+        """Requests in flight on the model's replicas or queued for one in the last
+        minute (the most seen), or None when no replica reported."""
+        alive = self._known.alive.get(model, frozenset())
+        now = self.window.query(app_of(model), 60, 60, alive=alive).model.totals
+        if not now.replicas and not now.queued:
+            return None
+        return float(now.in_flight + now.queued)
+
     def health(self, model: str) -> str:
         return judge(self.recent(model), self.rules)
 

@@ -83,6 +83,18 @@ class TrafficShare:
 
 
 @dataclass(frozen=True)
+class AutoscalingSpec:
+    """Serve's autoscaler keeps the replica count within the bounds, aiming at
+    ``target_ongoing_requests`` in flight per replica."""
+
+    min_replicas: int
+    max_replicas: int
+    target_ongoing_requests: float
+    upscale_delay_s: float
+    downscale_delay_s: float
+
+
+@dataclass(frozen=True)
 class AppSpec:
     """One model's Serve application as the control plane wants it."""
 
@@ -94,11 +106,13 @@ class AppSpec:
     artifact_path: str
     file_path: str
     function_name: str
-    replicas: int
+    replicas: int  # with autoscaling: the count a new application starts with
     cpus: float
     memory_mib: int
     gpus: float
     environment: Mapping[str, str] = field(default_factory=dict)
+    # Set: the count follows the load (changed in place, like ``replicas``).
+    autoscaling: AutoscalingSpec | None = None
     # Bumped by RestartModel: a change here replaces every replica.
     restart_generation: int = 0
     # Updated on the running replicas, never a reason to replace them.
@@ -141,6 +155,21 @@ class AppObservation:
     replicas: tuple[ReplicaObservation, ...]
     # Non-empty when replicas can never be placed (they ask for more than the cluster has).
     unplaceable: str = ""
+    # The replicas Serve wants now (its autoscaler's decision); None: not reported.
+    target_replicas: int | None = None
+
+
+@dataclass(frozen=True)
+class NodeResources:
+    """One live node of the cluster: what it has, and what is not reserved now."""
+
+    node: str  # its address (as replicas report theirs), or its id
+    cpus_total: float
+    cpus_free: float
+    gpus_total: float
+    gpus_free: float
+    memory_total_mib: int
+    memory_free_mib: int
 
 
 class Backend(Protocol):
@@ -171,6 +200,10 @@ class Backend(Protocol):
         """What runs now, by app name. An app being deleted may still appear as DELETING."""
         ...
 
+    async def nodes(self) -> Sequence[NodeResources]:
+        """The cluster's live nodes and what each has free now."""
+        ...
+
     async def signals(self, epoch: str, cursor: int) -> Batch:
         """What replicas reported after ``cursor`` (of collector ``epoch``; another epoch:
         from the start): every replica's latest figures, their new lines, and requests
@@ -199,9 +232,15 @@ def model_app(app_name: str) -> str:
 def rolls(before: AppSpec, after: AppSpec) -> bool:
     """Whether going from ``before`` to ``after`` replaces every replica.
 
-    Only ``replicas``, the endpoint's keys and the traffic share change in place; any
-    other change (build, resources, environment, restart generation) rolls. The
-    deployment record's name is bookkeeping and never reaches the replicas.
+    Only ``replicas``, ``autoscaling``, the endpoint's keys and the traffic share change
+    in place; any other change (build, resources, environment, restart generation)
+    rolls. The deployment record's name is bookkeeping and never reaches the replicas.
     """
-    same = {"replicas": 0, "deployment_name": "", "access": EndpointAccess(), "share": None}
+    same = {
+        "replicas": 0,
+        "autoscaling": None,
+        "deployment_name": "",
+        "access": EndpointAccess(),
+        "share": None,
+    }
     return replace(before, **same) != replace(after, **same)  # type: ignore[arg-type]

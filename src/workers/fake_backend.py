@@ -30,9 +30,11 @@ from workers.backend import (
     AppObservation,
     AppSpec,
     AppStatus,
+    AutoscalingSpec,
     BuildOutcome,
     BuildSpec,
     EndpointAccess,
+    NodeResources,
     ReplicaObservation,
     ReplicaStatus,
     TrafficShare,
@@ -70,8 +72,15 @@ class FakeBackend:
         start_delay_s: float = 0.05,
         http_base: str = "http://127.0.0.1:0",
         state_file: Path | None = None,
+        num_cpus: float = 8.0,
+        memory_mib: int = 16 * 1024,
     ) -> None:
         self.num_gpus = num_gpus
+        self.num_cpus = num_cpus
+        self.memory_mib = memory_mib
+        # Tests: requests in flight on an application; its autoscaler (instant, no
+        # delays) wants ceil(load / target) replicas within the bounds.
+        self.load: dict[str, float] = {}
         self.state_file = state_file
         self.start_delay_s = start_delay_s
         self._http_base = http_base
@@ -157,14 +166,53 @@ class FakeBackend:
     def _placeable(self, spec: AppSpec) -> bool:
         return spec.gpus == 0 or spec.gpus * spec.replicas <= self.num_gpus
 
+    def _target(self, name: str, spec: AppSpec, current: int | None) -> int:
+        """How many replicas the application should have: its count, or what its
+        autoscaler decides (the load a test set, else the count it has, within bounds)."""
+        a = spec.autoscaling
+        if a is None:
+            return spec.replicas
+        if name in self.load:
+            wanted = -(-self.load[name] // a.target_ongoing_requests)
+        else:
+            wanted = spec.replicas if current is None else current
+        return int(min(max(wanted, a.min_replicas), a.max_replicas))
+
+    def _scale(self, name: str, app: _App, current: int | None) -> None:
+        want = self._target(name, app.spec, current)
+        while len(app.replicas) < want:
+            app.replicas.append(self._new_replica(name))
+        del app.replicas[want:]
+
+    async def nodes(self) -> Sequence[NodeResources]:
+        """One node, with what every replica reserves taken off."""
+        self._reload()
+        self._reachable()
+        cpus, gpus, mem = self.num_cpus, self.num_gpus, self.memory_mib
+        for app in self.apps.values():
+            for spec, rs in ((app.spec, app.replicas), (app.retiring_spec, app.retiring)):
+                if spec is not None:
+                    cpus -= spec.cpus * len(rs)
+                    gpus -= spec.gpus * len(rs)
+                    mem -= spec.memory_mib * len(rs)
+        return [
+            NodeResources(
+                node="fake-node",
+                cpus_total=self.num_cpus,
+                cpus_free=max(cpus, 0.0),
+                gpus_total=self.num_gpus,
+                gpus_free=max(gpus, 0.0),
+                memory_total_mib=self.memory_mib,
+                memory_free_mib=max(mem, 0),
+            )
+        ]
+
     def _runs(self, app: _App, r: _Replica, now: float) -> bool:
         return self._placeable(app.spec) and not r.fails and now >= r.ready_at
 
     def _rolled(self, app: _App, now: float) -> bool:
         """Whether the rolling change in progress is over: every new replica runs."""
-        return len(app.replicas) == app.spec.replicas and all(
-            self._runs(app, r, now) for r in app.replicas
-        )
+        return all(self._runs(app, r, now) for r in app.replicas)
 
     async def apply(self, apps: Sequence[AppSpec]) -> None:
         self._reload()
@@ -177,6 +225,7 @@ class FakeBackend:
         now = time.time()
         for name, spec in wanted.items():
             app = self.apps.get(name)
+            current = None if app is None else len(app.replicas)
             if app is None:
                 app = self.apps[name] = _App(spec)
             elif app.retiring_spec is not None and self._rolled(app, now):
@@ -191,9 +240,7 @@ class FakeBackend:
                         app.retiring_spec, app.retiring = app.spec, app.replicas
                     app.replicas = []
             app.spec = spec
-            while len(app.replicas) < spec.replicas:
-                app.replicas.append(self._new_replica(name))
-            del app.replicas[spec.replicas :]
+            self._scale(name, app, current)
         self._save()
 
     # ---- what happens behind the control plane's back (tests) ------------------------------
@@ -227,6 +274,8 @@ class FakeBackend:
         now = time.time()
         out: dict[str, AppObservation] = {}
         for name, app in self.apps.items():
+            if app.spec.autoscaling is not None and name in self.load:
+                self._scale(name, app, len(app.replicas))
             placeable = self._placeable(app.spec)
             failure = next((r.fails for r in app.replicas if r.fails), "")
             old = [] if self._rolled(app, now) else app.retiring
@@ -260,7 +309,10 @@ class FakeBackend:
                 message=message,
                 replicas=replicas,
                 unplaceable="" if placeable else message,
+                target_replicas=len(app.replicas),
             )
+        if self.load:
+            self._save()
         return out
 
 
@@ -281,11 +333,13 @@ def _load(path: Path) -> dict[str, _App]:
 def _load_spec(spec: Mapping[str, Any]) -> AppSpec:
     access = spec.get("access") or {}
     share = spec.get("share")
+    autoscaling = spec.get("autoscaling")
     return AppSpec(
         **{
             **spec,
             "access": EndpointAccess(access.get("open", True), tuple(access.get("key_hashes", ()))),
             "share": TrafficShare(**share) if share else None,
+            "autoscaling": AutoscalingSpec(**autoscaling) if autoscaling else None,
         }
     )
 

@@ -5,8 +5,10 @@ This is the only module that imports ray. It drives Serve declaratively: every
 ``serve deploy`` does), so that Serve itself decides what changes in place and
 what rolls:
 
-- ``num_replicas`` is a lightweight config change: kept replicas keep their
-  actors (ids and pids);
+- the replica count is a lightweight config change: kept replicas keep their
+  actors (ids and pids). Every deployment has an ``autoscaling_config`` (a fixed
+  count is min = max), so that autoscaling bounds, and switching between a fixed
+  count and autoscaling, are lightweight too;
 - ``ray_actor_options`` (cpus, memory, gpus) and the application's code version
   (import path, args, runtime env, into which the build, environment and
   restart generation go) restart every replica, with ``max_surge_percent=100``
@@ -48,6 +50,7 @@ from workers.backend import (
     AppStatus,
     BuildOutcome,
     BuildSpec,
+    NodeResources,
     ReplicaObservation,
     ReplicaStatus,
 )
@@ -401,7 +404,7 @@ def _app_config(spec: AppSpec, max_queued_requests: int = -1) -> dict[str, Any]:
         "deployments": [
             {
                 "name": DEPLOYMENT,
-                "num_replicas": spec.replicas,
+                "autoscaling_config": _autoscaling(spec),
                 "ray_actor_options": actor_options,
                 "user_config": {
                     "open": spec.access.open,
@@ -414,6 +417,26 @@ def _app_config(spec: AppSpec, max_queued_requests: int = -1) -> dict[str, Any]:
                 "graceful_shutdown_wait_loop_s": 0.5,
             }
         ],
+    }
+
+
+def _autoscaling(spec: AppSpec) -> dict[str, Any]:
+    """Serve's autoscaling config, for a fixed count too (min = max = the count): the
+    count, the bounds and fixed versus autoscaled then all change in place. Serve puts
+    whether a deployment has an ``autoscaling_config`` into the application's code
+    version, so switching between ``num_replicas`` and ``autoscaling_config`` would
+    restart every replica."""
+    a = spec.autoscaling
+    if a is None:
+        n = spec.replicas
+        return {"min_replicas": n, "max_replicas": n, "initial_replicas": n}
+    return {
+        "min_replicas": a.min_replicas,
+        "max_replicas": a.max_replicas,
+        "initial_replicas": min(max(spec.replicas, a.min_replicas), a.max_replicas),
+        "target_ongoing_requests": a.target_ongoing_requests,
+        "upscale_delay_s": a.upscale_delay_s,
+        "downscale_delay_s": a.downscale_delay_s,
     }
 
 
@@ -443,8 +466,10 @@ def _observation(
     replicas: list[ReplicaObservation] = []
     messages: list[str] = []
     unplaceable: list[str] = []
+    target: int | None = None
     for d in app.deployments.values():
         replicas.extend(_replica(r) for r in d.replicas)
+        target = d.target_num_replicas
         why = _unplaceable(d.required_resources, cluster) if cluster else ""
         if why:
             unplaceable.append(why)
@@ -462,6 +487,7 @@ def _observation(
         message=message,
         replicas=tuple(replicas),
         unplaceable=" ".join(unplaceable),
+        target_replicas=target,
     )
 
 
@@ -488,6 +514,32 @@ class _Serve:
     def details(self) -> ServeInstanceDetails:
         # A dict of Serve's own schema (dumped with exclude_unset; enums as members).
         return ServeInstanceDetails.model_validate(self._client.get_serve_details())
+
+
+def _nodes() -> list[NodeResources]:
+    """Every live node, its resources and what is not reserved now (Ray's own view,
+    which lags a moment behind actors starting and stopping)."""
+    from ray._private import state  # per node: only the developer API has it
+
+    free = state.available_resources_per_node()  # type: ignore[no-untyped-call]
+    out = []
+    for node in ray.nodes():  # type: ignore[no-untyped-call]
+        if not node.get("Alive"):
+            continue
+        total: Mapping[str, float] = node.get("Resources", {})
+        have: Mapping[str, float] = free.get(node["NodeID"], {})
+        out.append(
+            NodeResources(
+                node=str(node.get("NodeManagerAddress") or node["NodeID"]),
+                cpus_total=float(total.get("CPU", 0.0)),
+                cpus_free=float(have.get("CPU", 0.0)),
+                gpus_total=float(total.get("GPU", 0.0)),
+                gpus_free=float(have.get("GPU", 0.0)),
+                memory_total_mib=int(total.get("memory", 0.0) // MiB),
+                memory_free_mib=int(have.get("memory", 0.0) // MiB),
+            )
+        )
+    return sorted(out, key=lambda n: n.node)
 
 
 def _free_port(host: str) -> int:
@@ -631,6 +683,10 @@ class RayBackend:
             await asyncio.to_thread(ray.cluster_resources) if apps else {}
         )
         return {name: _observation(name, app, cluster) for name, app in apps.items()}
+
+    async def nodes(self) -> Sequence[NodeResources]:
+        self._started()
+        return await asyncio.to_thread(_nodes)
 
     async def signals(self, epoch: str, cursor: int) -> Batch:
         """The replicas' reports after ``cursor`` (workers.signals.Collector.read) and what

@@ -370,6 +370,7 @@ ACCEPTED = {
         "traffic.candidate.deployment",
         "traffic.candidate.build",
         "traffic.sticky_header",
+        "scale.last_decision.reason",
     )
     for how in ("", " (valid + long)")
 }

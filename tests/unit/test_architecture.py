@@ -52,7 +52,8 @@ ALLOWED: dict[str, set[str]] = {
     },
     "signals": {"domain", "lifecycle", "metrics", "series", "storage", "workers"},
     "series": {"domain", "workers"},
-    "service": {"domain", "lifecycle", "sources", "storage", "workers"},
+    "service": {"capacity", "domain", "lifecycle", "sources", "storage", "workers"},
+    "capacity": {"domain", "storage", "workers"},
     # Judges canary and shadow steps; lifecycle/traffic.py moves the split.
     "rollouts": {"domain", "lifecycle", "series", "signals", "storage"},
     "access": {"domain", "storage"},

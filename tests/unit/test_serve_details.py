@@ -106,6 +106,7 @@ def test_a_running_application() -> None:
             ReplicaObservation("r2", ReplicaStatus.RUNNING, 102, "10.0.0.2", started),
         ),
         unplaceable="",
+        target_replicas=2,  # what Serve wants now (an autoscaled deployment: its decision)
     )
 
 

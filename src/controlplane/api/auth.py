@@ -189,7 +189,9 @@ class _Guard:
                 exc = e
                 raise
             finally:
-                await self._audit(principal, resource, project, context, exc, result)
+                # A plan only (validate_only) changes nothing: it leaves no record either.
+                if not getattr(request, "validate_only", False):
+                    await self._audit(principal, resource, project, context, exc, result)
 
         return guarded
 

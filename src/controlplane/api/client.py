@@ -231,7 +231,11 @@ class Client:
         deploy: DeployOptions | None = None,
         request_id: str = "",
         no_cache: bool = False,
+        validate_only: bool = False,
+        wait_for_capacity: bool = False,
     ) -> Operation:
+        """``validate_only`` (with ``deploy``): the plan of the deploy only (the answer's
+        ``plan``; nothing is built or written)."""
         request = rpc.CreateBuildRequest(
             parent=model,
             source_sha256=source_sha256,
@@ -240,6 +244,8 @@ class Client:
             comment=comment,
             request_id=request_id,
             no_cache=no_cache,
+            validate_only=validate_only,
+            wait_for_capacity=wait_for_capacity,
         )
         if deploy is not None:
             request.deploy.CopyFrom(_deploy_options(deploy))
@@ -270,16 +276,21 @@ class Client:
         request_id: str = "",
         secret_environment: Mapping[str, str] | None = None,
         rollout: Strategy | None = None,
+        validate_only: bool = False,
+        wait_for_capacity: bool = False,
     ) -> Operation:
         """Deploys ``build``; ``resources`` None keeps the active deployment's, and no
         ``secret_environment`` keeps its secrets. ``rollout``: CANARY or SHADOW (None:
-        IMMEDIATE)."""
+        IMMEDIATE). ``validate_only``: only its plan (the answer's ``plan``); a change the
+        cluster has no room for is refused unless ``wait_for_capacity``."""
         request = rpc.CreateDeploymentRequest(
             parent=model,
             build=build,
             environment=dict(environment or {}),
             request_id=request_id,
             secret_environment=dict(secret_environment or {}),
+            validate_only=validate_only,
+            wait_for_capacity=wait_for_capacity,
         )
         if rollout is not None:
             request.rollout.CopyFrom(convert.strategy_to_pb(rollout))
@@ -326,19 +337,28 @@ class Client:
 
     # ---- stop, restart ----------------------------------------------------------------------
 
-    async def stop_model(self, name: str, request_id: str = "") -> Operation:
-        return convert.operation_from_pb(
-            await self._call(
-                self._stub.StopModel, rpc.StopModelRequest(name=name, request_id=request_id)
-            )
+    async def stop_model(
+        self, name: str, request_id: str = "", validate_only: bool = False
+    ) -> Operation:
+        request = rpc.StopModelRequest(
+            name=name, request_id=request_id, validate_only=validate_only
         )
+        return convert.operation_from_pb(await self._call(self._stub.StopModel, request))
 
-    async def restart_model(self, name: str, request_id: str = "") -> Operation:
-        return convert.operation_from_pb(
-            await self._call(
-                self._stub.RestartModel, rpc.RestartModelRequest(name=name, request_id=request_id)
-            )
+    async def restart_model(
+        self,
+        name: str,
+        request_id: str = "",
+        validate_only: bool = False,
+        wait_for_capacity: bool = False,
+    ) -> Operation:
+        request = rpc.RestartModelRequest(
+            name=name,
+            request_id=request_id,
+            validate_only=validate_only,
+            wait_for_capacity=wait_for_capacity,
         )
+        return convert.operation_from_pb(await self._call(self._stub.RestartModel, request))
 
     # ---- operations -------------------------------------------------------------------------
 

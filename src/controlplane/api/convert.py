@@ -9,6 +9,14 @@ from typing import TypeVar
 from google.protobuf import any_pb2, duration_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+from controlplane.api.convert_capacity import (
+    autoscaling_from_pb,
+    autoscaling_to_pb,
+    plan_from_pb,
+    plan_to_pb,
+    scale_from_pb,
+    scale_to_pb,
+)
 from controlplane.domain.access import AuditRecord, InvocationKey, Principal, Role, Token
 from controlplane.domain.figures import (
     Figures,
@@ -110,6 +118,7 @@ def model_to_pb(m: Model) -> pb.Model:
         running_operation=m.running_operation,
         health=m.health,
         traffic=split_to_pb(m.traffic),
+        scale=scale_to_pb(m.scale),
     )
 
 
@@ -286,7 +295,13 @@ def runtime_from_pb(r: pb.Runtime) -> str:
 
 
 def resources_to_pb(r: Resources) -> pb.Resources:
-    return pb.Resources(replicas=r.replicas, cpus=r.cpus, memory_mib=r.memory_mib, gpus=r.gpus)
+    return pb.Resources(
+        replicas=r.replicas,
+        cpus=r.cpus,
+        memory_mib=r.memory_mib,
+        gpus=r.gpus,
+        autoscaling=autoscaling_to_pb(r.autoscaling),
+    )
 
 
 def replica_to_pb(r: Replica) -> pb.Replica:
@@ -335,6 +350,7 @@ def operation_to_pb(o: Operation) -> pb.Operation:
         progress=o.progress,
         deployment=o.deployment,
         rollout=rollout_to_pb(o.rollout),
+        plan=plan_to_pb(o.plan),
     )
 
 
@@ -360,7 +376,13 @@ def event_to_pb(e: Event) -> pb.ModelEvent:
 
 
 def resources_from_pb(r: pb.Resources) -> Resources:
-    return Resources(replicas=r.replicas, cpus=r.cpus, memory_mib=r.memory_mib, gpus=r.gpus)
+    return Resources(
+        replicas=r.replicas,
+        cpus=r.cpus,
+        memory_mib=r.memory_mib,
+        gpus=r.gpus,
+        autoscaling=autoscaling_from_pb(r),
+    )
 
 
 def _time(
@@ -391,6 +413,7 @@ def model_from_pb(m: pb.Model) -> Model:
         running_operation=m.running_operation,
         health=m.health,
         traffic=split_from_pb(m),
+        scale=scale_from_pb(m),
     )
 
 
@@ -460,6 +483,7 @@ def operation_from_pb(o: pb.Operation) -> Operation:
         progress=o.progress,
         deployment=o.deployment,
         rollout=rollout_from_pb(o),
+        plan=plan_from_pb(o),
     )
 
 

@@ -146,6 +146,8 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
             request_id=request.request_id,
             no_cache=request.no_cache,
             creator=current_principal().name,
+            validate_only=request.validate_only,
+            wait_for_capacity=request.wait_for_capacity,
         )
         return convert.operation_to_pb(await _run(lambda: self.svc.create_build(req)))
 
@@ -184,6 +186,8 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
                 dict(request.secret_environment),
                 creator=current_principal().name,
                 strategy=convert.strategy_from_pb(request.rollout),
+                validate_only=request.validate_only,
+                wait_for_capacity=request.wait_for_capacity,
             )
         )
         return convert.operation_to_pb(op)
@@ -227,12 +231,21 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
 
     @unary
     async def StopModel(self, request: rpc.StopModelRequest, context: Ctx) -> pb.Operation:
-        op = await _run(lambda: self.svc.stop_model(request.name, request.request_id))
+        op = await _run(
+            lambda: self.svc.stop_model(request.name, request.request_id, request.validate_only)
+        )
         return convert.operation_to_pb(op)
 
     @unary
     async def RestartModel(self, request: rpc.RestartModelRequest, context: Ctx) -> pb.Operation:
-        op = await _run(lambda: self.svc.restart_model(request.name, request.request_id))
+        op = await _run(
+            lambda: self.svc.restart_model(
+                request.name,
+                request.request_id,
+                request.validate_only,
+                request.wait_for_capacity,
+            )
+        )
         return convert.operation_to_pb(op)
 
     # ---- operations ------------------------------------------------------------------------

@@ -35,6 +35,7 @@ class Observation:
     message: str = ""
     replicas: tuple[Replica, ...] = ()
     unplaceable: str = ""  # why a replica can never be placed (the cluster is too small)
+    target: int | None = None  # replicas Serve wants now (its autoscaler's); None: not said
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class Rollout:
     wanted: int  # replicas
     replaced: frozenset[str] = frozenset()  # ids of replicas it must replace (a rolling change)
     applied_at: datetime | None = None  # when its job put it on Serve; None: not yet
+    autoscaled: bool = False  # wanted is what Serve's autoscaler wants (Observation.target)
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,8 @@ def judge_rollout(
         return Failed(
             obs.message or "Serve reported DEPLOY_FAILED", "FAILED_PRECONDITION", "DEPLOY_FAILED"
         )
+    if rollout.autoscaled and obs is not None and obs.target is not None:
+        rollout = replace(rollout, wanted=obs.target)
     replicas = obs.replicas if obs is not None else ()
     fresh = [
         r for r in replicas if r.state is ReplicaState.RUNNING and r.id not in rollout.replaced
@@ -218,7 +222,8 @@ def judge_serving(record: ServingRecord, obs: Observation, notice_replaced: bool
     """A DEPLOYED deployment's record after this look.
 
     With no change of ours in flight (``notice_replaced``), replicas that ran and are
-    gone (or stopping) stopped unexpectedly: the note names them and the replicas Serve
+    gone (or stopping), beyond those Serve's autoscaler removed (its target dropped below
+    the replicas that ran), stopped unexpectedly: the note names them and the replicas Serve
     started instead, or says a replacement is starting and names it when Serve lists it.
     Serve's details leave a deployment out for a moment while it updates it (its
     replicas serve on): an empty list then says nothing. The health note follows
@@ -228,13 +233,13 @@ def judge_serving(record: ServingRecord, obs: Observation, notice_replaced: bool
     if not (notice_replaced and not obs.replicas):
         after = observe_replicas(record, obs)
         if notice_replaced:
-            after = _replacements(record, after)
+            after = _replacements(record, after, obs.target)
     if after.note != record.note:  # a new note replaces what was said, health included
         after = replace(after, health="")
     return replace(after, health=_health(after, obs))
 
 
-def _replacements(before: ServingRecord, after: ServingRecord) -> ServingRecord:
+def _replacements(before: ServingRecord, after: ServingRecord, target: int | None) -> ServingRecord:
     now = {r.id: r for r in after.replicas}
     lost = tuple(
         r
@@ -246,6 +251,9 @@ def _replacements(before: ServingRecord, after: ServingRecord) -> ServingRecord:
     known = {r.id for r in before.replicas}
     new = [r for r in after.replicas if r.id not in known]
     came = ", ".join(_words(r) for r in new)
+    live = sum(1 for r in before.replicas if r.state not in _DOWN)
+    if lost and not new and target is not None and len(lost) <= live - target:
+        return after  # scaled down: Serve stopped them on purpose
     if lost:
         went = ", ".join(_words(r) for r in lost)
         instead = f"Serve replaced it with {came}" if new else REPLACING

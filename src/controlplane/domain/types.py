@@ -9,6 +9,8 @@ from datetime import datetime
 from typing import Generic, TypeVar
 
 from controlplane.domain.errors import FieldViolation, InvalidArgument
+from controlplane.domain.plan import Plan
+from controlplane.domain.scaling import Autoscaling, Scale
 from controlplane.domain.states import (
     BuildState,
     DeploymentState,
@@ -35,6 +37,14 @@ class Resources:
     cpus: float = 0.0
     memory_mib: int = 0
     gpus: float = 0.0
+    # Set: Serve's autoscaler keeps the count between its bounds; ``replicas`` is then
+    # the count to start with (0: ``Autoscaling.initial``).
+    autoscaling: Autoscaling | None = None
+
+    @property
+    def initial_replicas(self) -> int:
+        a = self.autoscaling
+        return self.replicas if a is None else a.initial(self.replicas)
 
     def violations(self, prefix: str) -> list[FieldViolation]:
         out: list[FieldViolation] = []
@@ -42,7 +52,16 @@ class Resources:
         def bad(name: str, msg: str) -> None:
             out.append(FieldViolation(f"{prefix}.{name}", msg))
 
-        if not 1 <= self.replicas <= MAX_REPLICAS:
+        a = self.autoscaling
+        if a is not None:
+            out.extend(a.violations(f"{prefix}.autoscaling", MAX_REPLICAS))
+            if self.replicas and not a.min_replicas <= self.replicas <= a.max_replicas:
+                bad(
+                    "replicas",
+                    f"with autoscaling, 0 or within {a.min_replicas}..{a.max_replicas} "
+                    f"(the count to start with), got {self.replicas}",
+                )
+        elif not 1 <= self.replicas <= MAX_REPLICAS:
             bad("replicas", f"must be between 1 and {MAX_REPLICAS}, got {self.replicas}")
         for name, value, top in (("cpus", self.cpus, MAX_CPUS), ("gpus", self.gpus, MAX_GPUS)):
             if math.isnan(value) or not 0 <= value <= top:
@@ -106,6 +125,7 @@ class Model:
     running_operation: str = ""
     health: str = ""  # what its signals say (domain/health.py); "" while it does not serve
     traffic: Split | None = None  # while two deployments are live
+    scale: Scale | None = None  # while it is active: replicas wanted, running, last decision
 
 
 @dataclass(frozen=True)
@@ -184,6 +204,7 @@ class Operation:
     progress: str = ""
     deployment: str = ""
     rollout: RolloutRecord | None = None  # a canary's or shadow's step and figures
+    plan: Plan | None = None  # only in a validate_only answer (never recorded)
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from typing import Any
 from sqlmodel import col, select
 
 from controlplane import desired
-from controlplane.domain import decisions
+from controlplane.domain import decisions, scaling
 from controlplane.domain.decisions import (
     Deployed,
     Failed,
@@ -46,7 +46,13 @@ from controlplane.domain.decisions import (
     ServingRecord,
 )
 from controlplane.domain.errors import FailedPrecondition
-from controlplane.domain.states import BuildState, DeploymentState, ModelState, OperationKind
+from controlplane.domain.states import (
+    BuildState,
+    DeploymentState,
+    ModelState,
+    OperationKind,
+    ReplicaState,
+)
 from controlplane.domain.traffic import split_from_json
 from controlplane.domain.transitions import Verb, check_verb
 from controlplane.domain.types import OperationError, Package, Replica
@@ -437,6 +443,7 @@ def judge(
         _write_serving(c, dep, decisions.observe_replicas(serving_record(dep), obs))
     rollout = Rollout(
         wanted=dep.replicas,
+        autoscaled=bool(dep.autoscaling),
         replaced=frozenset(json.loads(dep.previous_replica_ids))
         if dep.expect_roll
         else frozenset(),
@@ -452,6 +459,32 @@ def serving_observed(c: Changes, model: ModelRow, dep: DeploymentRow, obs: Obser
         serving_record(dep), obs, notice_replaced=not model.running_operation
     )
     _write_serving(c, dep, record)
+
+
+def scale_observed(
+    c: Changes,
+    model: ModelRow,
+    dep: DeploymentRow,
+    obs: Observation,
+    at: datetime,
+    in_flight: float | None,
+    coalesce_s: float,
+) -> None:
+    """The serving deployment's replicas wanted and running, and the last decision on how
+    many (``domain.scaling.judge_scale``), written on the model when they change, at most
+    every ``coalesce_s``."""
+    running = sum(1 for r in obs.replicas if r.state is ReplicaState.RUNNING)
+    looked = scaling.Looked(
+        deployment=dep.name,
+        number=dep.number,
+        desired=obs.target if obs.target is not None else dep.replicas,
+        running=running,
+        autoscaling=scaling.autoscaling_from_json(dep.autoscaling),
+        in_flight=in_flight,
+    )
+    after = scaling.judge_scale(scaling.scale_from_json(model.scale), looked, at, coalesce_s)
+    if after is not None:
+        c.model(model, scale=scaling.scale_to_json(after) or "")
 
 
 def stopping_observed(

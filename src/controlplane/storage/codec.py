@@ -8,7 +8,7 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
-from controlplane.domain import traffic
+from controlplane.domain import scaling, traffic
 from controlplane.domain.states import (
     BuildState,
     DeploymentState,
@@ -67,8 +67,10 @@ def dumps(resource: Resource) -> str:
         data["environment"] = dict(resource.environment)
     if isinstance(resource, Model):  # the records' own JSON, as the tables keep them
         data["traffic"] = traffic.split_to_json(resource.traffic)
+        data["scale"] = scaling.scale_to_json(resource.scale)
     if isinstance(resource, Operation):
         data["rollout"] = traffic.record_to_json(resource.rollout)
+        data.pop("plan", None)  # only a validate_only answer has one; never recorded
     return json.dumps(data, default=_default, separators=(",", ":"), sort_keys=True)
 
 
@@ -82,6 +84,7 @@ def loads(kind: ResourceKind, body: str) -> Resource:
                 "create_time": _req_time(d["create_time"]),
                 "update_time": _req_time(d["update_time"]),
                 "traffic": traffic.split_from_json(d.get("traffic") or ""),
+                "scale": scaling.scale_from_json(d.get("scale")),
             }
         )
     if kind is ResourceKind.BUILD:
@@ -99,7 +102,14 @@ def loads(kind: ResourceKind, body: str) -> Resource:
             **{
                 **d,
                 "state": DeploymentState(d["state"]),
-                "resources": Resources(**d["resources"]),
+                "resources": Resources(
+                    **{
+                        **d["resources"],
+                        "autoscaling": scaling.Autoscaling(**d["resources"]["autoscaling"])
+                        if d["resources"].get("autoscaling")
+                        else None,
+                    }
+                ),
                 "replicas": tuple(replica_from_dict(r) for r in d["replicas"]),
                 "secret_environment_keys": tuple(d.get("secret_environment_keys", ())),
                 "create_time": _req_time(d["create_time"]),

@@ -12,7 +12,7 @@ from typing import Any, Protocol, TypeVar, cast
 from sqlalchemy import func
 from sqlmodel import Session, SQLModel, col, select
 
-from controlplane.domain import traffic
+from controlplane.domain import scaling, traffic
 from controlplane.domain.decisions import compose_message
 from controlplane.domain.errors import invalid_field, not_found
 from controlplane.domain.states import (
@@ -53,6 +53,10 @@ MAX_PAGE_SIZE = 1000
 R = TypeVar("R", bound=SQLModel)
 
 
+# A model is active while it is deploying, serving or stopping: it shows its scale.
+ACTIVE_MODELS = (ModelState.DEPLOYING.value, ModelState.DEPLOYED.value, ModelState.STOPPING.value)
+
+
 def endpoint_for(http_base: str, model_name: str) -> str:
     _, project, _, model = model_name.split("/")
     return f"{http_base}/{project}/{model}"
@@ -70,6 +74,7 @@ class ModelColumns(Protocol):
     running_operation: str
     health: str
     traffic: str
+    scale: str
     revision: int
     create_time: datetime
     update_time: datetime
@@ -90,6 +95,7 @@ def to_model(row: ModelColumns, http_base: str) -> Model:
         running_operation=row.running_operation,
         health=row.health,
         traffic=traffic.split_from_json(row.traffic),
+        scale=scaling.scale_from_json(row.scale) if row.state in ACTIVE_MODELS else None,
     )
 
 
@@ -114,7 +120,13 @@ def to_build(row: BuildRow) -> Build:
 
 
 def resources_of(row: DeploymentRow) -> Resources:
-    return Resources(replicas=row.replicas, cpus=row.cpus, memory_mib=row.memory_mib, gpus=row.gpus)
+    return Resources(
+        replicas=row.replicas,
+        cpus=row.cpus,
+        memory_mib=row.memory_mib,
+        gpus=row.gpus,
+        autoscaling=scaling.autoscaling_from_json(row.autoscaling),
+    )
 
 
 def environment_of(row: DeploymentRow) -> dict[str, str]:

@@ -33,6 +33,7 @@ class ModelRow(SQLModel, table=True):
     running_operation: str = Field(default="", max_length=80)
     health: str = _text()  # for people: what the model's signals say (domain/health.py)
     traffic: str = _text()  # JSON of domain.traffic.Split while two deployments are live
+    scale: str = _text()  # JSON of domain.scaling.Scale: replicas wanted, running, last decision
     next_build_version: int = 1
     next_deployment_number: int = 1
     revision: int = Field(default=0, sa_type=BigInteger)
@@ -91,6 +92,7 @@ class DeploymentRow(SQLModel, table=True):
     cpus: float
     memory_mib: int = Field(sa_type=BigInteger)
     gpus: float
+    autoscaling: str = _text()  # JSON of domain.scaling.Autoscaling; "": a fixed count
     environment: str = _text("{}")  # JSON object
     # JSON object given to the replicas only: no API returns it, no log shows it.
     secret_environment: str = _text("{}")

@@ -196,6 +196,47 @@ EVENT_TYPE_BOOKMARK: EventType.ValueType  # 5
 """Carries only the latest revision, no resource."""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
+class _ChangeClass:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ChangeClassEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChangeClass.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CHANGE_CLASS_UNSPECIFIED: _ChangeClass.ValueType  # 0
+    CHANGE_CLASS_IN_PLACE: _ChangeClass.ValueType  # 1
+    """Replicas are kept (ids and pids); only their count, bounds or keys change."""
+    CHANGE_CLASS_ROLLING: _ChangeClass.ValueType  # 2
+    """Every replica is replaced by one of the new build, resources or environment, new
+    ones started before old ones stop.
+    """
+    CHANGE_CLASS_RESTART: _ChangeClass.ValueType  # 3
+    """Every replica is re-initialized, nothing else changes."""
+    CHANGE_CLASS_REBUILD: _ChangeClass.ValueType  # 4
+    """A new build is made from source, then rolled out (ROLLING once built)."""
+    CHANGE_CLASS_STOP: _ChangeClass.ValueType  # 5
+    """Every replica stops."""
+    CHANGE_CLASS_START: _ChangeClass.ValueType  # 6
+    """Nothing served before: every replica is new."""
+
+class ChangeClass(_ChangeClass, metaclass=_ChangeClassEnumTypeWrapper): ...
+
+CHANGE_CLASS_UNSPECIFIED: ChangeClass.ValueType  # 0
+CHANGE_CLASS_IN_PLACE: ChangeClass.ValueType  # 1
+"""Replicas are kept (ids and pids); only their count, bounds or keys change."""
+CHANGE_CLASS_ROLLING: ChangeClass.ValueType  # 2
+"""Every replica is replaced by one of the new build, resources or environment, new
+ones started before old ones stop.
+"""
+CHANGE_CLASS_RESTART: ChangeClass.ValueType  # 3
+"""Every replica is re-initialized, nothing else changes."""
+CHANGE_CLASS_REBUILD: ChangeClass.ValueType  # 4
+"""A new build is made from source, then rolled out (ROLLING once built)."""
+CHANGE_CLASS_STOP: ChangeClass.ValueType  # 5
+"""Every replica stops."""
+CHANGE_CLASS_START: ChangeClass.ValueType  # 6
+"""Nothing served before: every replica is new."""
+Global___ChangeClass: _TypeAlias = ChangeClass  # noqa: Y015
+
 class _Role:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -241,6 +282,7 @@ class Model(_message.Message):
     RUNNING_OPERATION_FIELD_NUMBER: _builtins.int
     HEALTH_FIELD_NUMBER: _builtins.int
     TRAFFIC_FIELD_NUMBER: _builtins.int
+    SCALE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     display_name: _builtins.str
     description: _builtins.str
@@ -272,6 +314,12 @@ class Model(_message.Message):
         SetTraffic): who answers what share of its requests.
         """
 
+    @_builtins.property
+    def scale(self) -> Global___ScaleStatus:
+        """While the model is active: replicas wanted and running, and the last change of how
+        many (an autoscaling decision, or a deployment's new count), with its reason.
+        """
+
     def __init__(
         self,
         *,
@@ -288,14 +336,83 @@ class Model(_message.Message):
         running_operation: _builtins.str = ...,
         health: _builtins.str = ...,
         traffic: Global___TrafficSplit | None = ...,
+        scale: Global___ScaleStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "traffic", b"traffic", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "scale", b"scale", "traffic", b"traffic", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_deployment", b"active_deployment", "create_time", b"create_time", "description", b"description", "display_name", b"display_name", "endpoint", b"endpoint", "etag", b"etag", "health", b"health", "message", b"message", "name", b"name", "running_operation", b"running_operation", "state", b"state", "traffic", b"traffic", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_deployment", b"active_deployment", "create_time", b"create_time", "description", b"description", "display_name", b"display_name", "endpoint", b"endpoint", "etag", b"etag", "health", b"health", "message", b"message", "name", b"name", "running_operation", b"running_operation", "scale", b"scale", "state", b"state", "traffic", b"traffic", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Model: _TypeAlias = Model  # noqa: Y015
+
+@_typing.final
+class ScaleStatus(_message.Message):
+    """How many replicas a model has and why. Written at most every couple of seconds
+    while replicas come and go (watchers see the settled count, not every step).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DESIRED_REPLICAS_FIELD_NUMBER: _builtins.int
+    RUNNING_REPLICAS_FIELD_NUMBER: _builtins.int
+    AUTOSCALED_FIELD_NUMBER: _builtins.int
+    LAST_DECISION_FIELD_NUMBER: _builtins.int
+    desired_replicas: _builtins.int
+    """Replicas Serve wants now (an autoscaled model: its autoscaler's latest decision)."""
+    running_replicas: _builtins.int
+    """Replicas running now (0 for a model scaled to zero: its next request starts one)."""
+    autoscaled: _builtins.bool
+    """The serving deployment scales with its load (Resources.autoscaling)."""
+    @_builtins.property
+    def last_decision(self) -> Global___ScaleDecision: ...
+    def __init__(
+        self,
+        *,
+        desired_replicas: _builtins.int = ...,
+        running_replicas: _builtins.int = ...,
+        autoscaled: _builtins.bool = ...,
+        last_decision: Global___ScaleDecision | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_decision", b"last_decision"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["autoscaled", b"autoscaled", "desired_replicas", b"desired_replicas", "last_decision", b"last_decision", "running_replicas", b"running_replicas"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScaleStatus: _TypeAlias = ScaleStatus  # noqa: Y015
+
+@_typing.final
+class ScaleDecision(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIME_FIELD_NUMBER: _builtins.int
+    FROM_REPLICAS_FIELD_NUMBER: _builtins.int
+    TO_REPLICAS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    from_replicas: _builtins.int
+    to_replicas: _builtins.int
+    reason: _builtins.str
+    """"autoscaler: 6.5 requests in flight per replica, target 2", "deployment 4: fixed at
+    3 replicas", "autoscaler: idle for the downscale delay (60s)".
+    """
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        from_replicas: _builtins.int = ...,
+        to_replicas: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_replicas", b"from_replicas", "reason", b"reason", "time", b"time", "to_replicas", b"to_replicas"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScaleDecision: _TypeAlias = ScaleDecision  # noqa: Y015
 
 @_typing.final
 class TrafficSplit(_message.Message):
@@ -768,14 +885,23 @@ class Resources(_message.Message):
     CPUS_FIELD_NUMBER: _builtins.int
     MEMORY_MIB_FIELD_NUMBER: _builtins.int
     GPUS_FIELD_NUMBER: _builtins.int
+    AUTOSCALING_FIELD_NUMBER: _builtins.int
     replicas: _builtins.int
-    """>= 1."""
+    """>= 1. With autoscaling: how many to start with (0: max(1, min_replicas)), within
+    the bounds.
+    """
     cpus: _builtins.float
     """CPUs reserved per replica, >= 0 (0 reserves nothing)."""
     memory_mib: _builtins.int
     """Memory reserved per replica in MiB, >= 0."""
     gpus: _builtins.float
     """GPUs reserved per replica, >= 0 (fractions allowed)."""
+    @_builtins.property
+    def autoscaling(self) -> Global___Autoscaling:
+        """Set: the replica count follows the load between the bounds (Ray Serve's
+        autoscaler). Switching to or from it, or changing it, replaces no replica.
+        """
+
     def __init__(
         self,
         *,
@@ -783,14 +909,63 @@ class Resources(_message.Message):
         cpus: _builtins.float = ...,
         memory_mib: _builtins.int = ...,
         gpus: _builtins.float = ...,
+        autoscaling: Global___Autoscaling | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["autoscaling", b"autoscaling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpus", b"cpus", "gpus", b"gpus", "memory_mib", b"memory_mib", "replicas", b"replicas"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["autoscaling", b"autoscaling", "cpus", b"cpus", "gpus", b"gpus", "memory_mib", b"memory_mib", "replicas", b"replicas"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Resources: _TypeAlias = Resources  # noqa: Y015
+
+@_typing.final
+class Autoscaling(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MIN_REPLICAS_FIELD_NUMBER: _builtins.int
+    MAX_REPLICAS_FIELD_NUMBER: _builtins.int
+    TARGET_ONGOING_REQUESTS_FIELD_NUMBER: _builtins.int
+    UPSCALE_DELAY_S_FIELD_NUMBER: _builtins.int
+    DOWNSCALE_DELAY_S_FIELD_NUMBER: _builtins.int
+    min_replicas: _builtins.int
+    """>= 0; 0: an idle model scales to zero and its next request starts a replica."""
+    max_replicas: _builtins.int
+    """>= max(1, min_replicas)."""
+    target_ongoing_requests: _builtins.float
+    """Requests in flight per replica the autoscaler aims at (> 0; unset: 2)."""
+    upscale_delay_s: _builtins.float
+    """Seconds the load must stay above (below) the target before replicas are added
+    (removed); unset: 30 (600).
+    """
+    downscale_delay_s: _builtins.float
+    def __init__(
+        self,
+        *,
+        min_replicas: _builtins.int = ...,
+        max_replicas: _builtins.int = ...,
+        target_ongoing_requests: _builtins.float | None = ...,
+        upscale_delay_s: _builtins.float | None = ...,
+        downscale_delay_s: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_downscale_delay_s", b"_downscale_delay_s", "_target_ongoing_requests", b"_target_ongoing_requests", "_upscale_delay_s", b"_upscale_delay_s", "downscale_delay_s", b"downscale_delay_s", "target_ongoing_requests", b"target_ongoing_requests", "upscale_delay_s", b"upscale_delay_s"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_downscale_delay_s", b"_downscale_delay_s", "_target_ongoing_requests", b"_target_ongoing_requests", "_upscale_delay_s", b"_upscale_delay_s", "downscale_delay_s", b"downscale_delay_s", "max_replicas", b"max_replicas", "min_replicas", b"min_replicas", "target_ongoing_requests", b"target_ongoing_requests", "upscale_delay_s", b"upscale_delay_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__downscale_delay_s: _TypeAlias = _typing.Literal["downscale_delay_s"]  # noqa: Y015
+    _WhichOneofArgType__downscale_delay_s: _TypeAlias = _typing.Literal["_downscale_delay_s", b"_downscale_delay_s"]  # noqa: Y015
+    _WhichOneofReturnType__target_ongoing_requests: _TypeAlias = _typing.Literal["target_ongoing_requests"]  # noqa: Y015
+    _WhichOneofArgType__target_ongoing_requests: _TypeAlias = _typing.Literal["_target_ongoing_requests", b"_target_ongoing_requests"]  # noqa: Y015
+    _WhichOneofReturnType__upscale_delay_s: _TypeAlias = _typing.Literal["upscale_delay_s"]  # noqa: Y015
+    _WhichOneofArgType__upscale_delay_s: _TypeAlias = _typing.Literal["_upscale_delay_s", b"_upscale_delay_s"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__downscale_delay_s) -> _WhichOneofReturnType__downscale_delay_s | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__target_ongoing_requests) -> _WhichOneofReturnType__target_ongoing_requests | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__upscale_delay_s) -> _WhichOneofReturnType__upscale_delay_s | None: ...
+
+Global___Autoscaling: _TypeAlias = Autoscaling  # noqa: Y015
 
 @_typing.final
 class Replica(_message.Message):
@@ -925,6 +1100,7 @@ class Operation(_message.Message):
     PROGRESS_FIELD_NUMBER: _builtins.int
     DEPLOYMENT_FIELD_NUMBER: _builtins.int
     ROLLOUT_FIELD_NUMBER: _builtins.int
+    PLAN_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     kind: Global___OperationKind.ValueType
     target: _builtins.str
@@ -948,6 +1124,12 @@ class Operation(_message.Message):
     def rollout(self) -> Global___RolloutStatus:
         """A canary's or shadow's step, share and latest figures."""
 
+    @_builtins.property
+    def plan(self) -> Global___Plan:
+        """What the change would do: set only in the answer to a request with validate_only
+        (that operation has no name, is done, and nothing was written or started).
+        """
+
     def __init__(
         self,
         *,
@@ -962,14 +1144,196 @@ class Operation(_message.Message):
         progress: _builtins.str = ...,
         deployment: _builtins.str = ...,
         rollout: Global___RolloutStatus | None = ...,
+        plan: Global___Plan | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "error", b"error", "rollout", b"rollout", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "error", b"error", "plan", b"plan", "rollout", b"rollout", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deployment", b"deployment", "done", b"done", "error", b"error", "kind", b"kind", "model", b"model", "name", b"name", "progress", b"progress", "rollout", b"rollout", "target", b"target", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deployment", b"deployment", "done", b"done", "error", b"error", "kind", b"kind", "model", b"model", "name", b"name", "plan", b"plan", "progress", b"progress", "rollout", b"rollout", "target", b"target", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Operation: _TypeAlias = Operation  # noqa: Y015
+
+@_typing.final
+class Plan(_message.Message):
+    """What a change does to a model's replicas and whether the cluster has room for it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGE_CLASS_FIELD_NUMBER: _builtins.int
+    CAUSES_FIELD_NUMBER: _builtins.int
+    CURRENT_REPLICAS_FIELD_NUMBER: _builtins.int
+    REPLICAS_KEPT_FIELD_NUMBER: _builtins.int
+    REPLICAS_REPLACED_FIELD_NUMBER: _builtins.int
+    REPLICAS_REMOVED_FIELD_NUMBER: _builtins.int
+    REPLICAS_ADDED_FIELD_NUMBER: _builtins.int
+    REPLICAS_AFTER_FIELD_NUMBER: _builtins.int
+    CAPACITY_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    change_class: Global___ChangeClass.ValueType
+    replicas_kept: _builtins.int
+    """Of them: kept as they are (ids and pids), replaced by new ones, or stopped. Which
+    ones a smaller count stops is Serve's choice.
+    """
+    replicas_replaced: _builtins.int
+    replicas_removed: _builtins.int
+    replicas_added: _builtins.int
+    """Replicas started that replace none (a larger count, a first deploy, a canary's)."""
+    replicas_after: _builtins.int
+    """Replicas after the change (an autoscaled model: to start with)."""
+    summary: _builtins.str
+    """The plan in a sentence or two."""
+    @_builtins.property
+    def causes(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlanCause]:
+        """Why that class: the fields that change ("resources.cpus: 0.5 -> 1", "build: 3 -> 4")."""
+
+    @_builtins.property
+    def current_replicas(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The replicas running now (ids): the plan's counts are of these."""
+
+    @_builtins.property
+    def capacity(self) -> Global___Capacity: ...
+    def __init__(
+        self,
+        *,
+        change_class: Global___ChangeClass.ValueType = ...,
+        causes: _abc.Iterable[Global___PlanCause] | None = ...,
+        current_replicas: _abc.Iterable[_builtins.str] | None = ...,
+        replicas_kept: _builtins.int = ...,
+        replicas_replaced: _builtins.int = ...,
+        replicas_removed: _builtins.int = ...,
+        replicas_added: _builtins.int = ...,
+        replicas_after: _builtins.int = ...,
+        capacity: Global___Capacity | None = ...,
+        summary: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capacity", b"capacity", "causes", b"causes", "change_class", b"change_class", "current_replicas", b"current_replicas", "replicas_added", b"replicas_added", "replicas_after", b"replicas_after", "replicas_kept", b"replicas_kept", "replicas_removed", b"replicas_removed", "replicas_replaced", b"replicas_replaced", "summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Plan: _TypeAlias = Plan  # noqa: Y015
+
+@_typing.final
+class PlanCause(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIELD_FIELD_NUMBER: _builtins.int
+    BEFORE_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
+    field: _builtins.str
+    before: _builtins.str
+    after: _builtins.str
+    def __init__(
+        self,
+        *,
+        field: _builtins.str = ...,
+        before: _builtins.str = ...,
+        after: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "before", b"before", "field", b"field"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanCause: _TypeAlias = PlanCause  # noqa: Y015
+
+@_typing.final
+class Capacity(_message.Message):
+    """Whether the replicas the change starts can be placed, node by node (a replica is
+    never split over nodes). Checked against what the cluster's nodes have free when the
+    change is asked for, plus what the replicas it stops give back.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FITS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    CPUS_PER_REPLICA_FIELD_NUMBER: _builtins.int
+    GPUS_PER_REPLICA_FIELD_NUMBER: _builtins.int
+    MEMORY_MIB_PER_REPLICA_FIELD_NUMBER: _builtins.int
+    REPLICAS_TO_PLACE_FIELD_NUMBER: _builtins.int
+    REPLICAS_PLACED_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
+    ROOM_FOR_REPLICAS_FIELD_NUMBER: _builtins.int
+    fits: _builtins.bool
+    reason: _builtins.str
+    """Why not, with the numbers; empty when it fits."""
+    cpus_per_replica: _builtins.float
+    """What each new replica reserves."""
+    gpus_per_replica: _builtins.float
+    memory_mib_per_replica: _builtins.int
+    replicas_to_place: _builtins.int
+    """Replicas to place, and how many found a node."""
+    replicas_placed: _builtins.int
+    room_for_replicas: _builtins.int
+    """An autoscaled model: how many of its max_replicas the cluster has room for now."""
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeCapacity]: ...
+    def __init__(
+        self,
+        *,
+        fits: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        cpus_per_replica: _builtins.float = ...,
+        gpus_per_replica: _builtins.float = ...,
+        memory_mib_per_replica: _builtins.int = ...,
+        replicas_to_place: _builtins.int = ...,
+        replicas_placed: _builtins.int = ...,
+        nodes: _abc.Iterable[Global___NodeCapacity] | None = ...,
+        room_for_replicas: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpus_per_replica", b"cpus_per_replica", "fits", b"fits", "gpus_per_replica", b"gpus_per_replica", "memory_mib_per_replica", b"memory_mib_per_replica", "nodes", b"nodes", "reason", b"reason", "replicas_placed", b"replicas_placed", "replicas_to_place", b"replicas_to_place", "room_for_replicas", b"room_for_replicas"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Capacity: _TypeAlias = Capacity  # noqa: Y015
+
+@_typing.final
+class NodeCapacity(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    CPUS_FREE_FIELD_NUMBER: _builtins.int
+    CPUS_TOTAL_FIELD_NUMBER: _builtins.int
+    GPUS_FREE_FIELD_NUMBER: _builtins.int
+    GPUS_TOTAL_FIELD_NUMBER: _builtins.int
+    MEMORY_FREE_MIB_FIELD_NUMBER: _builtins.int
+    MEMORY_TOTAL_MIB_FIELD_NUMBER: _builtins.int
+    NEW_REPLICAS_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    """The node's address (or id)."""
+    cpus_free: _builtins.float
+    cpus_total: _builtins.float
+    gpus_free: _builtins.float
+    gpus_total: _builtins.float
+    memory_free_mib: _builtins.int
+    memory_total_mib: _builtins.int
+    new_replicas: _builtins.int
+    """New replicas the plan places here."""
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        cpus_free: _builtins.float = ...,
+        cpus_total: _builtins.float = ...,
+        gpus_free: _builtins.float = ...,
+        gpus_total: _builtins.float = ...,
+        memory_free_mib: _builtins.int = ...,
+        memory_total_mib: _builtins.int = ...,
+        new_replicas: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpus_free", b"cpus_free", "cpus_total", b"cpus_total", "gpus_free", b"gpus_free", "gpus_total", b"gpus_total", "memory_free_mib", b"memory_free_mib", "memory_total_mib", b"memory_total_mib", "new_replicas", b"new_replicas", "node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeCapacity: _TypeAlias = NodeCapacity  # noqa: Y015
 
 @_typing.final
 class Source(_message.Message):

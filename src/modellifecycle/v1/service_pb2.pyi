@@ -248,6 +248,8 @@ class CreateBuildRequest(_message.Message):
     DEPLOY_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     NO_CACHE_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    WAIT_FOR_CAPACITY_FIELD_NUMBER: _builtins.int
     parent: _builtins.str
     """The model."""
     source_sha256: _builtins.str
@@ -259,6 +261,14 @@ class CreateBuildRequest(_message.Message):
     no_cache: _builtins.bool
     """Builds from scratch even when an earlier build had the same inputs (to pick up
     newer releases of requirements that are not pinned).
+    """
+    validate_only: _builtins.bool
+    """Only plan: the response is an Operation with no name, done, whose `plan` says what
+    the change would do and whether it fits. Nothing is written or started.
+    """
+    wait_for_capacity: _builtins.bool
+    """Start it even when the cluster has no room now (the replicas wait for capacity
+    until the placement deadline) instead of FAILED_PRECONDITION / INSUFFICIENT_CAPACITY.
     """
     @_builtins.property
     def deploy(self) -> Global___DeployOptions:
@@ -275,10 +285,12 @@ class CreateBuildRequest(_message.Message):
         deploy: Global___DeployOptions | None = ...,
         request_id: _builtins.str = ...,
         no_cache: _builtins.bool = ...,
+        validate_only: _builtins.bool = ...,
+        wait_for_capacity: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deploy", b"deploy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["comment", b"comment", "deploy", b"deploy", "file_path", b"file_path", "function_name", b"function_name", "no_cache", b"no_cache", "parent", b"parent", "request_id", b"request_id", "source_sha256", b"source_sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["comment", b"comment", "deploy", b"deploy", "file_path", b"file_path", "function_name", b"function_name", "no_cache", b"no_cache", "parent", b"parent", "request_id", b"request_id", "source_sha256", b"source_sha256", "validate_only", b"validate_only", "wait_for_capacity", b"wait_for_capacity"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -402,11 +414,21 @@ class CreateDeploymentRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     SECRET_ENVIRONMENT_FIELD_NUMBER: _builtins.int
     ROLLOUT_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    WAIT_FOR_CAPACITY_FIELD_NUMBER: _builtins.int
     parent: _builtins.str
     """The model."""
     build: _builtins.str
     """Build name (projects/{project}/models/{model}/builds/{version})."""
     request_id: _builtins.str
+    validate_only: _builtins.bool
+    """Only plan: the response is an Operation with no name, done, whose `plan` says what
+    the change would do and whether it fits. Nothing is written or started.
+    """
+    wait_for_capacity: _builtins.bool
+    """Start it even when the cluster has no room now (the replicas wait for capacity
+    until the placement deadline) instead of FAILED_PRECONDITION / INSUFFICIENT_CAPACITY.
+    """
     @_builtins.property
     def resources(self) -> _resources_pb2.Resources: ...
     @_builtins.property
@@ -429,10 +451,12 @@ class CreateDeploymentRequest(_message.Message):
         request_id: _builtins.str = ...,
         secret_environment: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         rollout: _resources_pb2.RolloutStrategy | None = ...,
+        validate_only: _builtins.bool = ...,
+        wait_for_capacity: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["resources", b"resources", "rollout", b"rollout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["build", b"build", "environment", b"environment", "parent", b"parent", "request_id", b"request_id", "resources", b"resources", "rollout", b"rollout", "secret_environment", b"secret_environment"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["build", b"build", "environment", b"environment", "parent", b"parent", "request_id", b"request_id", "resources", b"resources", "rollout", b"rollout", "secret_environment", b"secret_environment", "validate_only", b"validate_only", "wait_for_capacity", b"wait_for_capacity"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -591,17 +615,23 @@ class StopModelRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     request_id: _builtins.str
+    validate_only: _builtins.bool
+    """Only plan: the response is an Operation with no name, done, whose `plan` says what
+    the change would do and whether it fits. Nothing is written or started.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        validate_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "request_id", b"request_id", "validate_only", b"validate_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -613,17 +643,29 @@ class RestartModelRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    WAIT_FOR_CAPACITY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     request_id: _builtins.str
+    validate_only: _builtins.bool
+    """Only plan: the response is an Operation with no name, done, whose `plan` says what
+    the change would do and whether it fits. Nothing is written or started.
+    """
+    wait_for_capacity: _builtins.bool
+    """Start it even when the cluster has no room now (the replicas wait for capacity
+    until the placement deadline) instead of FAILED_PRECONDITION / INSUFFICIENT_CAPACITY.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        validate_only: _builtins.bool = ...,
+        wait_for_capacity: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "request_id", b"request_id", "validate_only", b"validate_only", "wait_for_capacity", b"wait_for_capacity"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file modellifecycle/v1/resources.proto.
  */
 export const file_modellifecycle_v1_resources: GenFile = /*@__PURE__*/
-  fileDesc("CiFtb2RlbGxpZmVjeWNsZS92MS9yZXNvdXJjZXMucHJvdG8SEW1vZGVsbGlmZWN5Y2xlLnYxIvkCCgVNb2RlbBIMCgRuYW1lGAEgASgJEhQKDGRpc3BsYXlfbmFtZRgCIAEoCRITCgtkZXNjcmlwdGlvbhgDIAEoCRIsCgVzdGF0ZRgEIAEoDjIdLm1vZGVsbGlmZWN5Y2xlLnYxLk1vZGVsU3RhdGUSGQoRYWN0aXZlX2RlcGxveW1lbnQYBSABKAkSEAoIZW5kcG9pbnQYBiABKAkSLwoLY3JlYXRlX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIMCgRldGFnGAkgASgJEg8KB21lc3NhZ2UYCiABKAkSGQoRcnVubmluZ19vcGVyYXRpb24YCyABKAkSDgoGaGVhbHRoGAwgASgJEjAKB3RyYWZmaWMYDSABKAsyHy5tb2RlbGxpZmVjeWNsZS52MS5UcmFmZmljU3BsaXQirwEKDFRyYWZmaWNTcGxpdBIwCgZzdGFibGUYASABKAsyIC5tb2RlbGxpZmVjeWNsZS52MS5UcmFmZmljVGFyZ2V0EjMKCWNhbmRpZGF0ZRgCIAEoCzIgLm1vZGVsbGlmZWN5Y2xlLnYxLlRyYWZmaWNUYXJnZXQSDgoGc2hhZG93GAMgASgIEhUKDXN0aWNreV9oZWFkZXIYBCABKAkSEQoJcHJvbW90aW5nGAUgASgIIkMKDVRyYWZmaWNUYXJnZXQSEgoKZGVwbG95bWVudBgBIAEoCRINCgVidWlsZBgCIAEoCRIPCgdwZXJjZW50GAMgASgFIr8BCg9Sb2xsb3V0U3RyYXRlZ3kSOAoJaW1tZWRpYXRlGAEgASgLMiMubW9kZWxsaWZlY3ljbGUudjEuSW1tZWRpYXRlUm9sbG91dEgAEjIKBmNhbmFyeRgCIAEoCzIgLm1vZGVsbGlmZWN5Y2xlLnYxLkNhbmFyeVJvbGxvdXRIABIyCgZzaGFkb3cYAyABKAsyIC5tb2RlbGxpZmVjeWNsZS52MS5TaGFkb3dSb2xsb3V0SABCCgoIc3RyYXRlZ3kiEgoQSW1tZWRpYXRlUm9sbG91dCJkCg1DYW5hcnlSb2xsb3V0Eg0KBXN0ZXBzGAEgAygFEhQKDGJha2Vfc2Vjb25kcxgCIAEoARIuCgVnYXRlcxgDIAEoCzIfLm1vZGVsbGlmZWN5Y2xlLnYxLlJvbGxvdXRHYXRlcyJqCg1TaGFkb3dSb2xsb3V0Eg8KB3BlcmNlbnQYASABKAUSGAoQZHVyYXRpb25fc2Vjb25kcxgCIAEoARIuCgVnYXRlcxgDIAEoCzIfLm1vZGVsbGlmZWN5Y2xlLnYxLlJvbGxvdXRHYXRlcyLAAQoMUm9sbG91dEdhdGVzEhsKDm1heF9lcnJvcl9yYXRlGAEgASgBSACIAQESFwoKbWF4X3A5OV9tcxgCIAEoAUgBiAEBEhoKDW1heF9wOTlfcmF0aW8YAyABKAFIAogBARIZCgxtaW5fcmVxdWVzdHMYBCABKANIA4gBAUIRCg9fbWF4X2Vycm9yX3JhdGVCDQoLX21heF9wOTlfbXNCEAoOX21heF9wOTlfcmF0aW9CDwoNX21pbl9yZXF1ZXN0cyKkAwoNUm9sbG91dFN0YXR1cxI0CghzdHJhdGVneRgBIAEoCzIiLm1vZGVsbGlmZWN5Y2xlLnYxLlJvbGxvdXRTdHJhdGVneRI1CgVwaGFzZRgCIAEoDjImLm1vZGVsbGlmZWN5Y2xlLnYxLlJvbGxvdXRTdGF0dXMuUGhhc2USDAoEc3RlcBgDIAEoBRINCgVzdGVwcxgEIAEoBRIPCgdwZXJjZW50GAUgASgFEjMKD3N0ZXBfc3RhcnRfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNAoJY2FuZGlkYXRlGAcgASgLMiEubW9kZWxsaWZlY3ljbGUudjEuUm9sbG91dEZpZ3VyZXMSMgoHY3VycmVudBgIIAEoCzIhLm1vZGVsbGlmZWN5Y2xlLnYxLlJvbGxvdXRGaWd1cmVzIlkKBVBoYXNlEhUKEVBIQVNFX1VOU1BFQ0lGSUVEEAASEgoOUEhBU0VfU1RBUlRJTkcQARIQCgxQSEFTRV9CQUtJTkcQAhITCg9QSEFTRV9QUk9NT1RJTkcQAyJKCg5Sb2xsb3V0RmlndXJlcxIQCghyZXF1ZXN0cxgBIAEoAxIOCgZlcnJvcnMYAiABKAMSFgoObGF0ZW5jeV9wOTlfbXMYAyABKAEitgMKBUJ1aWxkEgwKBG5hbWUYASABKAkSDwoHdmVyc2lvbhgCIAEoAxIVCg1zb3VyY2Vfc2hhMjU2GAMgASgJEhEKCWZpbGVfcGF0aBgEIAEoCRIVCg1mdW5jdGlvbl9uYW1lGAUgASgJEg8KB2NvbW1lbnQYBiABKAkSLAoFc3RhdGUYByABKA4yHS5tb2RlbGxpZmVjeWNsZS52MS5CdWlsZFN0YXRlEg0KBWltYWdlGAggASgJEg0KBWVycm9yGAkgASgJEi8KC2NyZWF0ZV90aW1lGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtmaW5pc2hfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASKwoHcnVudGltZRgMIAEoCzIaLm1vZGVsbGlmZWN5Y2xlLnYxLlJ1bnRpbWUSNAoIcGFja2FnZXMYDSADKAsyIi5tb2RlbGxpZmVjeWNsZS52MS5SZXNvbHZlZFBhY2thZ2USEQoJY2FjaGVfaGl0GA4gASgIEhgKEGltYWdlX3NpemVfYnl0ZXMYDyABKAMiSwoHUnVudGltZRIWCg5pbXBsZW1lbnRhdGlvbhgBIAEoCRIWCg5weXRob25fdmVyc2lvbhgCIAEoCRIQCghwbGF0Zm9ybRgDIAEoCSJTCg9SZXNvbHZlZFBhY2thZ2USDAoEbmFtZRgBIAEoCRIPCgd2ZXJzaW9uGAIgASgJEg4KBnNoYTI1NhgDIAEoCRIRCglyZXF1ZXN0ZWQYBCABKAgiTQoJUmVzb3VyY2VzEhAKCHJlcGxpY2FzGAEgASgFEgwKBGNwdXMYAiABKAESEgoKbWVtb3J5X21pYhgDIAEoAxIMCgRncHVzGAQgASgBIpABCgdSZXBsaWNhEgoKAmlkGAEgASgJEi4KBXN0YXRlGAIgASgOMh8ubW9kZWxsaWZlY3ljbGUudjEuUmVwbGljYVN0YXRlEgsKA3BpZBgDIAEoAxIMCgRub2RlGAQgASgJEi4KCnN0YXJ0X3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wItkDCgpEZXBsb3ltZW50EgwKBG5hbWUYASABKAkSDQoFYnVpbGQYAiABKAkSLwoJcmVzb3VyY2VzGAMgASgLMhwubW9kZWxsaWZlY3ljbGUudjEuUmVzb3VyY2VzEkMKC2Vudmlyb25tZW50GAQgAygLMi4ubW9kZWxsaWZlY3ljbGUudjEuRGVwbG95bWVudC5FbnZpcm9ubWVudEVudHJ5EjEKBXN0YXRlGAUgASgOMiIubW9kZWxsaWZlY3ljbGUudjEuRGVwbG95bWVudFN0YXRlEiwKCHJlcGxpY2FzGAYgAygLMhoubW9kZWxsaWZlY3ljbGUudjEuUmVwbGljYRIPCgdtZXNzYWdlGAcgASgJEi8KC2NyZWF0ZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASHwoXc2VjcmV0X2Vudmlyb25tZW50X2tleXMYCiADKAkSDwoHY3JlYXRvchgLIAEoCRoyChBFbnZpcm9ubWVudEVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEi1AIKCU9wZXJhdGlvbhIMCgRuYW1lGAEgASgJEi4KBGtpbmQYAiABKA4yIC5tb2RlbGxpZmVjeWNsZS52MS5PcGVyYXRpb25LaW5kEg4KBnRhcmdldBgDIAEoCRIMCgRkb25lGAQgASgIEiEKBWVycm9yGAUgASgLMhIuZ29vZ2xlLnJwYy5TdGF0dXMSLwoLY3JlYXRlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBINCgVtb2RlbBgIIAEoCRIQCghwcm9ncmVzcxgJIAEoCRISCgpkZXBsb3ltZW50GAogASgJEjEKB3JvbGxvdXQYCyABKAsyIC5tb2RlbGxpZmVjeWNsZS52MS5Sb2xsb3V0U3RhdHVzIiwKBlNvdXJjZRIOCgZzaGEyNTYYASABKAkSEgoKc2l6ZV9ieXRlcxgCIAEoAyK+AgoKTW9kZWxFdmVudBIQCghyZXZpc2lvbhgBIAEoAxIoCgR0aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIqCgR0eXBlGAMgASgOMhwubW9kZWxsaWZlY3ljbGUudjEuRXZlbnRUeXBlEikKBW1vZGVsGAQgASgLMhgubW9kZWxsaWZlY3ljbGUudjEuTW9kZWxIABIpCgVidWlsZBgFIAEoCzIYLm1vZGVsbGlmZWN5Y2xlLnYxLkJ1aWxkSAASMwoKZGVwbG95bWVudBgGIAEoCzIdLm1vZGVsbGlmZWN5Y2xlLnYxLkRlcGxveW1lbnRIABIxCglvcGVyYXRpb24YByABKAsyHC5tb2RlbGxpZmVjeWNsZS52MS5PcGVyYXRpb25IAEIKCghyZXNvdXJjZSLVAQoFVG9rZW4SDAoEbmFtZRgBIAEoCRIlCgRyb2xlGAIgASgOMhcubW9kZWxsaWZlY3ljbGUudjEuUm9sZRITCgtkZXNjcmlwdGlvbhgDIAEoCRIvCgtjcmVhdGVfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZXhwaXJlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg8KB3Jldm9rZWQYBiABKAgSDwoHY3JlYXRvchgHIAEoCSK4AQoLQXVkaXRSZWNvcmQSCgoCaWQYASABKAMSKAoEdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJcHJpbmNpcGFsGAMgASgJEg4KBm1ldGhvZBgEIAEoCRIQCghyZXNvdXJjZRgFIAEoCRIPCgdwcm9qZWN0GAYgASgJEgwKBGNvZGUYByABKAkSDAoEcGVlchgIIAEoCRIRCglvcGVyYXRpb24YCSABKAkihQEKDUludm9jYXRpb25LZXkSDAoEbmFtZRgBIAEoCRITCgtkZXNjcmlwdGlvbhgCIAEoCRIvCgtjcmVhdGVfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHcmV2b2tlZBgEIAEoCBIPCgdjcmVhdG9yGAUgASgJKuABCgpNb2RlbFN0YXRlEhsKF01PREVMX1NUQVRFX1VOU1BFQ0lGSUVEEAASHAoYTU9ERUxfU1RBVEVfTk9UX0RFUExPWUVEEAESFwoTTU9ERUxfU1RBVEVfUEVORElORxACEhkKFU1PREVMX1NUQVRFX0RFUExPWUlORxADEhgKFE1PREVMX1NUQVRFX0RFUExPWUVEEAQSGAoUTU9ERUxfU1RBVEVfU1RPUFBJTkcQBRIXChNNT0RFTF9TVEFURV9TVE9QUEVEEAYSFgoSTU9ERUxfU1RBVEVfRkFJTEVEEAcqigEKCkJ1aWxkU3RhdGUSGwoXQlVJTERfU1RBVEVfVU5TUEVDSUZJRUQQABIWChJCVUlMRF9TVEFURV9RVUVVRUQQARIYChRCVUlMRF9TVEFURV9CVUlMRElORxACEhUKEUJVSUxEX1NUQVRFX0JVSUxUEAMSFgoSQlVJTERfU1RBVEVfRkFJTEVEEAQqiQIKD0RlcGxveW1lbnRTdGF0ZRIgChxERVBMT1lNRU5UX1NUQVRFX1VOU1BFQ0lGSUVEEAASHAoYREVQTE9ZTUVOVF9TVEFURV9QRU5ESU5HEAESHgoaREVQTE9ZTUVOVF9TVEFURV9ERVBMT1lJTkcQAhIdChlERVBMT1lNRU5UX1NUQVRFX0RFUExPWUVEEAMSHQoZREVQTE9ZTUVOVF9TVEFURV9TVE9QUElORxAEEhwKGERFUExPWU1FTlRfU1RBVEVfU1RPUFBFRBAFEhsKF0RFUExPWU1FTlRfU1RBVEVfRkFJTEVEEAYSHQoZREVQTE9ZTUVOVF9TVEFURV9SRVBMQUNFRBAHKpoBCgxSZXBsaWNhU3RhdGUSHQoZUkVQTElDQV9TVEFURV9VTlNQRUNJRklFRBAAEhoKFlJFUExJQ0FfU1RBVEVfU1RBUlRJTkcQARIZChVSRVBMSUNBX1NUQVRFX1JVTk5JTkcQAhIaChZSRVBMSUNBX1NUQVRFX1NUT1BQSU5HEAMSGAoUUkVQTElDQV9TVEFURV9GQUlMRUQQBCrXAQoNT3BlcmF0aW9uS2luZBIeChpPUEVSQVRJT05fS0lORF9VTlNQRUNJRklFRBAAEh8KG09QRVJBVElPTl9LSU5EX0NSRUFURV9CVUlMRBABEiQKIE9QRVJBVElPTl9LSU5EX0NSRUFURV9ERVBMT1lNRU5UEAISHQoZT1BFUkFUSU9OX0tJTkRfU1RPUF9NT0RFTBADEiAKHE9QRVJBVElPTl9LSU5EX1JFU1RBUlRfTU9ERUwQBBIeChpPUEVSQVRJT05fS0lORF9TRVRfVFJBRkZJQxAFKqABCglFdmVudFR5cGUSGgoWRVZFTlRfVFlQRV9VTlNQRUNJRklFRBAAEhYKEkVWRU5UX1RZUEVfQ1VSUkVOVBABEhYKEkVWRU5UX1RZUEVfQ1JFQVRFRBACEhYKEkVWRU5UX1RZUEVfVVBEQVRFRBADEhYKEkVWRU5UX1RZUEVfREVMRVRFRBAEEhcKE0VWRU5UX1RZUEVfQk9PS01BUksQBSpQCgRSb2xlEhQKEFJPTEVfVU5TUEVDSUZJRUQQABIPCgtST0xFX1ZJRVdFUhABEhEKDVJPTEVfREVQTE9ZRVIQAhIOCgpST0xFX0FETUlOEANCJFoibW9kZWxsaWZlY3ljbGUvdjE7bW9kZWxsaWZlY3ljbGV2MWIGcHJvdG8z", [file_google_protobuf_timestamp, file_google_rpc_status]);
+  fileDesc("CiFtb2RlbGxpZmVjeWNsZS92MS9yZXNvdXJjZXMucHJvdG8SEW1vZGVsbGlmZWN5Y2xlLnYxIqgDCgVNb2RlbBIMCgRuYW1lGAEgASgJEhQKDGRpc3BsYXlfbmFtZRgCIAEoCRITCgtkZXNjcmlwdGlvbhgDIAEoCRIsCgVzdGF0ZRgEIAEoDjIdLm1vZGVsbGlmZWN5Y2xlLnYxLk1vZGVsU3RhdGUSGQoRYWN0aXZlX2RlcGxveW1lbnQYBSABKAkSEAoIZW5kcG9pbnQYBiABKAkSLwoLY3JlYXRlX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIMCgRldGFnGAkgASgJEg8KB21lc3NhZ2UYCiABKAkSGQoRcnVubmluZ19vcGVyYXRpb24YCyABKAkSDgoGaGVhbHRoGAwgASgJEjAKB3RyYWZmaWMYDSABKAsyHy5tb2RlbGxpZmVjeWNsZS52MS5UcmFmZmljU3BsaXQSLQoFc2NhbGUYDiABKAsyHi5tb2RlbGxpZmVjeWNsZS52MS5TY2FsZVN0YXR1cyKOAQoLU2NhbGVTdGF0dXMSGAoQZGVzaXJlZF9yZXBsaWNhcxgBIAEoBRIYChBydW5uaW5nX3JlcGxpY2FzGAIgASgFEhIKCmF1dG9zY2FsZWQYAyABKAgSNwoNbGFzdF9kZWNpc2lvbhgEIAEoCzIgLm1vZGVsbGlmZWN5Y2xlLnYxLlNjYWxlRGVjaXNpb24idQoNU2NhbGVEZWNpc2lvbhIoCgR0aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIVCg1mcm9tX3JlcGxpY2FzGAIgASgFEhMKC3RvX3JlcGxpY2FzGAMgASgFEg4KBnJlYXNvbhgEIAEoCSKvAQoMVHJhZmZpY1NwbGl0EjAKBnN0YWJsZRgBIAEoCzIgLm1vZGVsbGlmZWN5Y2xlLnYxLlRyYWZmaWNUYXJnZXQSMwoJY2FuZGlkYXRlGAIgASgLMiAubW9kZWxsaWZlY3ljbGUudjEuVHJhZmZpY1RhcmdldBIOCgZzaGFkb3cYAyABKAgSFQoNc3RpY2t5X2hlYWRlchgEIAEoCRIRCglwcm9tb3RpbmcYBSABKAgiQwoNVHJhZmZpY1RhcmdldBISCgpkZXBsb3ltZW50GAEgASgJEg0KBWJ1aWxkGAIgASgJEg8KB3BlcmNlbnQYAyABKAUivwEKD1JvbGxvdXRTdHJhdGVneRI4CglpbW1lZGlhdGUYASABKAsyIy5tb2RlbGxpZmVjeWNsZS52MS5JbW1lZGlhdGVSb2xsb3V0SAASMgoGY2FuYXJ5GAIgASgLMiAubW9kZWxsaWZlY3ljbGUudjEuQ2FuYXJ5Um9sbG91dEgAEjIKBnNoYWRvdxgDIAEoCzIgLm1vZGVsbGlmZWN5Y2xlLnYxLlNoYWRvd1JvbGxvdXRIAEIKCghzdHJhdGVneSISChBJbW1lZGlhdGVSb2xsb3V0ImQKDUNhbmFyeVJvbGxvdXQSDQoFc3RlcHMYASADKAUSFAoMYmFrZV9zZWNvbmRzGAIgASgBEi4KBWdhdGVzGAMgASgLMh8ubW9kZWxsaWZlY3ljbGUudjEuUm9sbG91dEdhdGVzImoKDVNoYWRvd1JvbGxvdXQSDwoHcGVyY2VudBgBIAEoBRIYChBkdXJhdGlvbl9zZWNvbmRzGAIgASgBEi4KBWdhdGVzGAMgASgLMh8ubW9kZWxsaWZlY3ljbGUudjEuUm9sbG91dEdhdGVzIsABCgxSb2xsb3V0R2F0ZXMSGwoObWF4X2Vycm9yX3JhdGUYASABKAFIAIgBARIXCgptYXhfcDk5X21zGAIgASgBSAGIAQESGgoNbWF4X3A5OV9yYXRpbxgDIAEoAUgCiAEBEhkKDG1pbl9yZXF1ZXN0cxgEIAEoA0gDiAEBQhEKD19tYXhfZXJyb3JfcmF0ZUINCgtfbWF4X3A5OV9tc0IQCg5fbWF4X3A5OV9yYXRpb0IPCg1fbWluX3JlcXVlc3RzIqQDCg1Sb2xsb3V0U3RhdHVzEjQKCHN0cmF0ZWd5GAEgASgLMiIubW9kZWxsaWZlY3ljbGUudjEuUm9sbG91dFN0cmF0ZWd5EjUKBXBoYXNlGAIgASgOMiYubW9kZWxsaWZlY3ljbGUudjEuUm9sbG91dFN0YXR1cy5QaGFzZRIMCgRzdGVwGAMgASgFEg0KBXN0ZXBzGAQgASgFEg8KB3BlcmNlbnQYBSABKAUSMwoPc3RlcF9zdGFydF90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI0CgljYW5kaWRhdGUYByABKAsyIS5tb2RlbGxpZmVjeWNsZS52MS5Sb2xsb3V0RmlndXJlcxIyCgdjdXJyZW50GAggASgLMiEubW9kZWxsaWZlY3ljbGUudjEuUm9sbG91dEZpZ3VyZXMiWQoFUGhhc2USFQoRUEhBU0VfVU5TUEVDSUZJRUQQABISCg5QSEFTRV9TVEFSVElORxABEhAKDFBIQVNFX0JBS0lORxACEhMKD1BIQVNFX1BST01PVElORxADIkoKDlJvbGxvdXRGaWd1cmVzEhAKCHJlcXVlc3RzGAEgASgDEg4KBmVycm9ycxgCIAEoAxIWCg5sYXRlbmN5X3A5OV9tcxgDIAEoASK2AwoFQnVpbGQSDAoEbmFtZRgBIAEoCRIPCgd2ZXJzaW9uGAIgASgDEhUKDXNvdXJjZV9zaGEyNTYYAyABKAkSEQoJZmlsZV9wYXRoGAQgASgJEhUKDWZ1bmN0aW9uX25hbWUYBSABKAkSDwoHY29tbWVudBgGIAEoCRIsCgVzdGF0ZRgHIAEoDjIdLm1vZGVsbGlmZWN5Y2xlLnYxLkJ1aWxkU3RhdGUSDQoFaW1hZ2UYCCABKAkSDQoFZXJyb3IYCSABKAkSLwoLY3JlYXRlX3RpbWUYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2ZpbmlzaF90aW1lGAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIrCgdydW50aW1lGAwgASgLMhoubW9kZWxsaWZlY3ljbGUudjEuUnVudGltZRI0CghwYWNrYWdlcxgNIAMoCzIiLm1vZGVsbGlmZWN5Y2xlLnYxLlJlc29sdmVkUGFja2FnZRIRCgljYWNoZV9oaXQYDiABKAgSGAoQaW1hZ2Vfc2l6ZV9ieXRlcxgPIAEoAyJLCgdSdW50aW1lEhYKDmltcGxlbWVudGF0aW9uGAEgASgJEhYKDnB5dGhvbl92ZXJzaW9uGAIgASgJEhAKCHBsYXRmb3JtGAMgASgJIlMKD1Jlc29sdmVkUGFja2FnZRIMCgRuYW1lGAEgASgJEg8KB3ZlcnNpb24YAiABKAkSDgoGc2hhMjU2GAMgASgJEhEKCXJlcXVlc3RlZBgEIAEoCCKCAQoJUmVzb3VyY2VzEhAKCHJlcGxpY2FzGAEgASgFEgwKBGNwdXMYAiABKAESEgoKbWVtb3J5X21pYhgDIAEoAxIMCgRncHVzGAQgASgBEjMKC2F1dG9zY2FsaW5nGAUgASgLMh4ubW9kZWxsaWZlY3ljbGUudjEuQXV0b3NjYWxpbmci4wEKC0F1dG9zY2FsaW5nEhQKDG1pbl9yZXBsaWNhcxgBIAEoBRIUCgxtYXhfcmVwbGljYXMYAiABKAUSJAoXdGFyZ2V0X29uZ29pbmdfcmVxdWVzdHMYAyABKAFIAIgBARIcCg91cHNjYWxlX2RlbGF5X3MYBCABKAFIAYgBARIeChFkb3duc2NhbGVfZGVsYXlfcxgFIAEoAUgCiAEBQhoKGF90YXJnZXRfb25nb2luZ19yZXF1ZXN0c0ISChBfdXBzY2FsZV9kZWxheV9zQhQKEl9kb3duc2NhbGVfZGVsYXlfcyKQAQoHUmVwbGljYRIKCgJpZBgBIAEoCRIuCgVzdGF0ZRgCIAEoDjIfLm1vZGVsbGlmZWN5Y2xlLnYxLlJlcGxpY2FTdGF0ZRILCgNwaWQYAyABKAMSDAoEbm9kZRgEIAEoCRIuCgpzdGFydF90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLZAwoKRGVwbG95bWVudBIMCgRuYW1lGAEgASgJEg0KBWJ1aWxkGAIgASgJEi8KCXJlc291cmNlcxgDIAEoCzIcLm1vZGVsbGlmZWN5Y2xlLnYxLlJlc291cmNlcxJDCgtlbnZpcm9ubWVudBgEIAMoCzIuLm1vZGVsbGlmZWN5Y2xlLnYxLkRlcGxveW1lbnQuRW52aXJvbm1lbnRFbnRyeRIxCgVzdGF0ZRgFIAEoDjIiLm1vZGVsbGlmZWN5Y2xlLnYxLkRlcGxveW1lbnRTdGF0ZRIsCghyZXBsaWNhcxgGIAMoCzIaLm1vZGVsbGlmZWN5Y2xlLnYxLlJlcGxpY2ESDwoHbWVzc2FnZRgHIAEoCRIvCgtjcmVhdGVfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEh8KF3NlY3JldF9lbnZpcm9ubWVudF9rZXlzGAogAygJEg8KB2NyZWF0b3IYCyABKAkaMgoQRW52aXJvbm1lbnRFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIvsCCglPcGVyYXRpb24SDAoEbmFtZRgBIAEoCRIuCgRraW5kGAIgASgOMiAubW9kZWxsaWZlY3ljbGUudjEuT3BlcmF0aW9uS2luZBIOCgZ0YXJnZXQYAyABKAkSDAoEZG9uZRgEIAEoCBIhCgVlcnJvchgFIAEoCzISLmdvb2dsZS5ycGMuU3RhdHVzEi8KC2NyZWF0ZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDQoFbW9kZWwYCCABKAkSEAoIcHJvZ3Jlc3MYCSABKAkSEgoKZGVwbG95bWVudBgKIAEoCRIxCgdyb2xsb3V0GAsgASgLMiAubW9kZWxsaWZlY3ljbGUudjEuUm9sbG91dFN0YXR1cxIlCgRwbGFuGAwgASgLMhcubW9kZWxsaWZlY3ljbGUudjEuUGxhbiLAAgoEUGxhbhI0CgxjaGFuZ2VfY2xhc3MYASABKA4yHi5tb2RlbGxpZmVjeWNsZS52MS5DaGFuZ2VDbGFzcxIsCgZjYXVzZXMYAiADKAsyHC5tb2RlbGxpZmVjeWNsZS52MS5QbGFuQ2F1c2USGAoQY3VycmVudF9yZXBsaWNhcxgDIAMoCRIVCg1yZXBsaWNhc19rZXB0GAQgASgFEhkKEXJlcGxpY2FzX3JlcGxhY2VkGAUgASgFEhgKEHJlcGxpY2FzX3JlbW92ZWQYBiABKAUSFgoOcmVwbGljYXNfYWRkZWQYCiABKAUSFgoOcmVwbGljYXNfYWZ0ZXIYByABKAUSLQoIY2FwYWNpdHkYCCABKAsyGy5tb2RlbGxpZmVjeWNsZS52MS5DYXBhY2l0eRIPCgdzdW1tYXJ5GAkgASgJIjkKCVBsYW5DYXVzZRINCgVmaWVsZBgBIAEoCRIOCgZiZWZvcmUYAiABKAkSDQoFYWZ0ZXIYAyABKAki+wEKCENhcGFjaXR5EgwKBGZpdHMYASABKAgSDgoGcmVhc29uGAIgASgJEhgKEGNwdXNfcGVyX3JlcGxpY2EYAyABKAESGAoQZ3B1c19wZXJfcmVwbGljYRgEIAEoARIeChZtZW1vcnlfbWliX3Blcl9yZXBsaWNhGAUgASgDEhkKEXJlcGxpY2FzX3RvX3BsYWNlGAYgASgFEhcKD3JlcGxpY2FzX3BsYWNlZBgHIAEoBRIuCgVub2RlcxgIIAMoCzIfLm1vZGVsbGlmZWN5Y2xlLnYxLk5vZGVDYXBhY2l0eRIZChFyb29tX2Zvcl9yZXBsaWNhcxgJIAEoBSKzAQoMTm9kZUNhcGFjaXR5EgwKBG5vZGUYASABKAkSEQoJY3B1c19mcmVlGAIgASgBEhIKCmNwdXNfdG90YWwYAyABKAESEQoJZ3B1c19mcmVlGAQgASgBEhIKCmdwdXNfdG90YWwYBSABKAESFwoPbWVtb3J5X2ZyZWVfbWliGAYgASgDEhgKEG1lbW9yeV90b3RhbF9taWIYByABKAMSFAoMbmV3X3JlcGxpY2FzGAggASgFIiwKBlNvdXJjZRIOCgZzaGEyNTYYASABKAkSEgoKc2l6ZV9ieXRlcxgCIAEoAyK+AgoKTW9kZWxFdmVudBIQCghyZXZpc2lvbhgBIAEoAxIoCgR0aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIqCgR0eXBlGAMgASgOMhwubW9kZWxsaWZlY3ljbGUudjEuRXZlbnRUeXBlEikKBW1vZGVsGAQgASgLMhgubW9kZWxsaWZlY3ljbGUudjEuTW9kZWxIABIpCgVidWlsZBgFIAEoCzIYLm1vZGVsbGlmZWN5Y2xlLnYxLkJ1aWxkSAASMwoKZGVwbG95bWVudBgGIAEoCzIdLm1vZGVsbGlmZWN5Y2xlLnYxLkRlcGxveW1lbnRIABIxCglvcGVyYXRpb24YByABKAsyHC5tb2RlbGxpZmVjeWNsZS52MS5PcGVyYXRpb25IAEIKCghyZXNvdXJjZSLVAQoFVG9rZW4SDAoEbmFtZRgBIAEoCRIlCgRyb2xlGAIgASgOMhcubW9kZWxsaWZlY3ljbGUudjEuUm9sZRITCgtkZXNjcmlwdGlvbhgDIAEoCRIvCgtjcmVhdGVfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLZXhwaXJlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg8KB3Jldm9rZWQYBiABKAgSDwoHY3JlYXRvchgHIAEoCSK4AQoLQXVkaXRSZWNvcmQSCgoCaWQYASABKAMSKAoEdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJcHJpbmNpcGFsGAMgASgJEg4KBm1ldGhvZBgEIAEoCRIQCghyZXNvdXJjZRgFIAEoCRIPCgdwcm9qZWN0GAYgASgJEgwKBGNvZGUYByABKAkSDAoEcGVlchgIIAEoCRIRCglvcGVyYXRpb24YCSABKAkihQEKDUludm9jYXRpb25LZXkSDAoEbmFtZRgBIAEoCRITCgtkZXNjcmlwdGlvbhgCIAEoCRIvCgtjcmVhdGVfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHcmV2b2tlZBgEIAEoCBIPCgdjcmVhdG9yGAUgASgJKuABCgpNb2RlbFN0YXRlEhsKF01PREVMX1NUQVRFX1VOU1BFQ0lGSUVEEAASHAoYTU9ERUxfU1RBVEVfTk9UX0RFUExPWUVEEAESFwoTTU9ERUxfU1RBVEVfUEVORElORxACEhkKFU1PREVMX1NUQVRFX0RFUExPWUlORxADEhgKFE1PREVMX1NUQVRFX0RFUExPWUVEEAQSGAoUTU9ERUxfU1RBVEVfU1RPUFBJTkcQBRIXChNNT0RFTF9TVEFURV9TVE9QUEVEEAYSFgoSTU9ERUxfU1RBVEVfRkFJTEVEEAcqigEKCkJ1aWxkU3RhdGUSGwoXQlVJTERfU1RBVEVfVU5TUEVDSUZJRUQQABIWChJCVUlMRF9TVEFURV9RVUVVRUQQARIYChRCVUlMRF9TVEFURV9CVUlMRElORxACEhUKEUJVSUxEX1NUQVRFX0JVSUxUEAMSFgoSQlVJTERfU1RBVEVfRkFJTEVEEAQqiQIKD0RlcGxveW1lbnRTdGF0ZRIgChxERVBMT1lNRU5UX1NUQVRFX1VOU1BFQ0lGSUVEEAASHAoYREVQTE9ZTUVOVF9TVEFURV9QRU5ESU5HEAESHgoaREVQTE9ZTUVOVF9TVEFURV9ERVBMT1lJTkcQAhIdChlERVBMT1lNRU5UX1NUQVRFX0RFUExPWUVEEAMSHQoZREVQTE9ZTUVOVF9TVEFURV9TVE9QUElORxAEEhwKGERFUExPWU1FTlRfU1RBVEVfU1RPUFBFRBAFEhsKF0RFUExPWU1FTlRfU1RBVEVfRkFJTEVEEAYSHQoZREVQTE9ZTUVOVF9TVEFURV9SRVBMQUNFRBAHKpoBCgxSZXBsaWNhU3RhdGUSHQoZUkVQTElDQV9TVEFURV9VTlNQRUNJRklFRBAAEhoKFlJFUExJQ0FfU1RBVEVfU1RBUlRJTkcQARIZChVSRVBMSUNBX1NUQVRFX1JVTk5JTkcQAhIaChZSRVBMSUNBX1NUQVRFX1NUT1BQSU5HEAMSGAoUUkVQTElDQV9TVEFURV9GQUlMRUQQBCrXAQoNT3BlcmF0aW9uS2luZBIeChpPUEVSQVRJT05fS0lORF9VTlNQRUNJRklFRBAAEh8KG09QRVJBVElPTl9LSU5EX0NSRUFURV9CVUlMRBABEiQKIE9QRVJBVElPTl9LSU5EX0NSRUFURV9ERVBMT1lNRU5UEAISHQoZT1BFUkFUSU9OX0tJTkRfU1RPUF9NT0RFTBADEiAKHE9QRVJBVElPTl9LSU5EX1JFU1RBUlRfTU9ERUwQBBIeChpPUEVSQVRJT05fS0lORF9TRVRfVFJBRkZJQxAFKqABCglFdmVudFR5cGUSGgoWRVZFTlRfVFlQRV9VTlNQRUNJRklFRBAAEhYKEkVWRU5UX1RZUEVfQ1VSUkVOVBABEhYKEkVWRU5UX1RZUEVfQ1JFQVRFRBACEhYKEkVWRU5UX1RZUEVfVVBEQVRFRBADEhYKEkVWRU5UX1RZUEVfREVMRVRFRBAEEhcKE0VWRU5UX1RZUEVfQk9PS01BUksQBSrDAQoLQ2hhbmdlQ2xhc3MSHAoYQ0hBTkdFX0NMQVNTX1VOU1BFQ0lGSUVEEAASGQoVQ0hBTkdFX0NMQVNTX0lOX1BMQUNFEAESGAoUQ0hBTkdFX0NMQVNTX1JPTExJTkcQAhIYChRDSEFOR0VfQ0xBU1NfUkVTVEFSVBADEhgKFENIQU5HRV9DTEFTU19SRUJVSUxEEAQSFQoRQ0hBTkdFX0NMQVNTX1NUT1AQBRIWChJDSEFOR0VfQ0xBU1NfU1RBUlQQBipQCgRSb2xlEhQKEFJPTEVfVU5TUEVDSUZJRUQQABIPCgtST0xFX1ZJRVdFUhABEhEKDVJPTEVfREVQTE9ZRVIQAhIOCgpST0xFX0FETUlOEANCJFoibW9kZWxsaWZlY3ljbGUvdjE7bW9kZWxsaWZlY3ljbGV2MWIGcHJvdG8z", [file_google_protobuf_timestamp, file_google_rpc_status]);
 
 /**
  * projects/{project}/models/{model}
@@ -103,6 +103,14 @@ export type Model = Message<"modellifecycle.v1.Model"> & {
    * @generated from field: modellifecycle.v1.TrafficSplit traffic = 13;
    */
   traffic?: TrafficSplit | undefined;
+
+  /**
+   * While the model is active: replicas wanted and running, and the last change of how
+   * many (an autoscaling decision, or a deployment's new count), with its reason.
+   *
+   * @generated from field: modellifecycle.v1.ScaleStatus scale = 14;
+   */
+  scale?: ScaleStatus | undefined;
 };
 
 /**
@@ -111,6 +119,82 @@ export type Model = Message<"modellifecycle.v1.Model"> & {
  */
 export const ModelSchema: GenMessage<Model> = /*@__PURE__*/
   messageDesc(file_modellifecycle_v1_resources, 0);
+
+/**
+ * How many replicas a model has and why. Written at most every couple of seconds
+ * while replicas come and go (watchers see the settled count, not every step).
+ *
+ * @generated from message modellifecycle.v1.ScaleStatus
+ */
+export type ScaleStatus = Message<"modellifecycle.v1.ScaleStatus"> & {
+  /**
+   * Replicas Serve wants now (an autoscaled model: its autoscaler's latest decision).
+   *
+   * @generated from field: int32 desired_replicas = 1;
+   */
+  desiredReplicas: number;
+
+  /**
+   * Replicas running now (0 for a model scaled to zero: its next request starts one).
+   *
+   * @generated from field: int32 running_replicas = 2;
+   */
+  runningReplicas: number;
+
+  /**
+   * The serving deployment scales with its load (Resources.autoscaling).
+   *
+   * @generated from field: bool autoscaled = 3;
+   */
+  autoscaled: boolean;
+
+  /**
+   * @generated from field: modellifecycle.v1.ScaleDecision last_decision = 4;
+   */
+  lastDecision?: ScaleDecision | undefined;
+};
+
+/**
+ * Describes the message modellifecycle.v1.ScaleStatus.
+ * Use `create(ScaleStatusSchema)` to create a new message.
+ */
+export const ScaleStatusSchema: GenMessage<ScaleStatus> = /*@__PURE__*/
+  messageDesc(file_modellifecycle_v1_resources, 1);
+
+/**
+ * @generated from message modellifecycle.v1.ScaleDecision
+ */
+export type ScaleDecision = Message<"modellifecycle.v1.ScaleDecision"> & {
+  /**
+   * @generated from field: google.protobuf.Timestamp time = 1;
+   */
+  time?: Timestamp | undefined;
+
+  /**
+   * @generated from field: int32 from_replicas = 2;
+   */
+  fromReplicas: number;
+
+  /**
+   * @generated from field: int32 to_replicas = 3;
+   */
+  toReplicas: number;
+
+  /**
+   * "autoscaler: 6.5 requests in flight per replica, target 2", "deployment 4: fixed at
+   * 3 replicas", "autoscaler: idle for the downscale delay (60s)".
+   *
+   * @generated from field: string reason = 4;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message modellifecycle.v1.ScaleDecision.
+ * Use `create(ScaleDecisionSchema)` to create a new message.
+ */
+export const ScaleDecisionSchema: GenMessage<ScaleDecision> = /*@__PURE__*/
+  messageDesc(file_modellifecycle_v1_resources, 2);
 
 /**
  * A model's requests split between its serving deployment and a second one.
@@ -158,7 +242,7 @@ export type TrafficSplit = Message<"modellifecycle.v1.TrafficSplit"> & {
  * Use `create(TrafficSplitSchema)` to create a new message.
  */
 export const TrafficSplitSchema: GenMessage<TrafficSplit> = /*@__PURE__*/
-  messageDesc(file_modellifecycle_v1_resources, 1);
+  messageDesc(file_modellifecycle_v1_resources, 3);
 
 /**
  * @generated from message modellifecycle.v1.TrafficTarget
@@ -185,7 +269,7 @@ export type TrafficTarget = Message<"modellifecycle.v1.TrafficTarget"> & {
  * Use `create(TrafficTargetSchema)` to create a new message.
  */
 export const TrafficTargetSchema: GenMessage<TrafficTarget> = /*@__PURE__*/
-  messageDesc(file_modellifecycle_v1_resources, 2);
+  messageDesc(file_modellifecycle_v1_resources, 4);
 
 /**
  * How a new deployment takes over from the one serving (CreateDeployment.rollout).
@@ -224,7 +308,7 @@ export type RolloutStrategy = Message<"modellifecycle.v1.RolloutStrategy"> & {
  * Use `create(RolloutStrategySchema)` to create a new message.
  */
 export const RolloutStrategySchema: GenMessage<RolloutStrategy> = /*@__PURE__*/
-  messageDesc(file_modellifecycle_v1_resources, 3);
+  messageDesc(file_modellifecycle_v1_resources, 5);
 
 /**
  * @generated from message modellifecycle.v1.ImmediateRollout
@@ -237,7 +321,7 @@ export type ImmediateRollout = Message<"modellifecycle.v1.ImmediateRollout"> & {
  * Use `create(ImmediateRolloutSchema)` to create a new message.
  */
 export const ImmediateRolloutSchema: GenMessage<ImmediateRollout> = /*@__PURE__*/
-  messageDesc(file_modellifecycle_v1_resources, 4);
+  messageDesc(file_modellifecycle_v1_resources, 6);
 
 /**
  * The new build takes a growing share of requests; each step bakes, then is judged.
@@ -271,7 +355,7 @@ export type CanaryRollout = Message<"modellifecycle.v1.CanaryRollout"> & {
  * Use `create(CanaryRolloutSchema)` to create a new message.
  */
 export const CanaryRolloutSchema: GenMessage<CanaryRollout> = /*@__PURE__*/
-  messageDesc(file_modellifecycle_v1_resources, 5);
+  messageDesc(file_modellifecycle_v1_resources, 7);
 
 /**
  * A copy of a share of requests goes to the new build, its answers discarded; judged
@@ -301,7 +385,7 @@ export type ShadowRollout = Message<"modellifecycle.v1.ShadowRollout"> & {
  * Use `create(ShadowRolloutSchema)` to create a new message.
  */
 export const ShadowRolloutSchema: GenMessage<ShadowRollout> = /*@__PURE__*/
-  messageDesc(file_modellifecycle_v1_resources, 6);
+  messageDesc(file_modellifecycle_v1_resources, 8);
 
 /**
  * What the new build must hold during a step. Unset: not checked.
@@ -343,7 +427,7 @@ export type RolloutGates = Message<"modellifecycle.v1.RolloutGates"> & {
  * Use `create(RolloutGatesSchema)` to create a new message.
  */
 export const RolloutGatesSchema: GenMessage<RolloutGates> = /*@__PURE__*/
-  messageDesc(file_modellifecycle_v1_resources, 7);
+  messageDesc(file_modellifecycle_v1_resources, 9);
 
 /**
  * A canary's or shadow's progress (Operation.rollout).
@@ -403,7 +487,7 @@ export type RolloutStatus = Message<"modellifecycle.v1.RolloutStatus"> & {
  * Use `create(RolloutStatusSchema)` to create a new message.
  */
 export const RolloutStatusSchema: GenMessage<RolloutStatus> = /*@__PURE__*/
-  messageDesc(file_modellifecycle_v1_resources, 8);
+  messageDesc(file_modellifecycle_v1_resources, 10);
 
 /**
  * @generated from enum modellifecycle.v1.RolloutStatus.Phase
@@ -440,7 +524,7 @@ export enum RolloutStatus_Phase {
  * Describes the enum modellifecycle.v1.RolloutStatus.Phase.
  */
 export const RolloutStatus_PhaseSchema: GenEnum<RolloutStatus_Phase> = /*@__PURE__*/
-  enumDesc(file_modellifecycle_v1_resources, 8, 0);
+  enumDesc(file_modellifecycle_v1_resources, 10, 0);
 
 /**
  * @generated from message modellifecycle.v1.RolloutFigures
@@ -467,7 +551,7 @@ export type RolloutFigures = Message<"modellifecycle.v1.RolloutFigures"> & {
  * Use `create(RolloutFiguresSchema)` to create a new message.
  */
 export const RolloutFiguresSchema: GenMessage<RolloutFigures> = /*@__PURE__*/
-  messageDesc(file_modellifecycle_v1_resources, 9);
+  messageDesc(file_modellifecycle_v1_resources, 11);
 
 /**
  * projects/{project}/models/{model}/builds/{version}
@@ -569,7 +653,7 @@ export type Build = Message<"modellifecycle.v1.Build"> & {
  * Use `create(BuildSchema)` to create a new message.
  */
 export const BuildSchema: GenMessage<Build> = /*@__PURE__*/
-  messageDesc(file_modellifecycle_v1_resources, 10);
+  messageDesc(file_modellifecycle_v1_resources, 12);
 
 /**
  * @generated from message modellifecycle.v1.Runtime
@@ -602,7 +686,7 @@ export type Runtime = Message<"modellifecycle.v1.Runtime"> & {
  * Use `create(RuntimeSchema)` to create a new message.
  */
 export const RuntimeSchema: GenMessage<Runtime> = /*@__PURE__*/
-  messageDesc(file_modellifecycle_v1_resources, 11);
+  messageDesc(file_modellifecycle_v1_resources, 13);
 
 /**
  * @generated from message modellifecycle.v1.ResolvedPackage
@@ -638,14 +722,15 @@ export type ResolvedPackage = Message<"modellifecycle.v1.ResolvedPackage"> & {
  * Use `create(ResolvedPackageSchema)` to create a new message.
  */
 export const ResolvedPackageSchema: GenMessage<ResolvedPackage> = /*@__PURE__*/
-  messageDesc(file_modellifecycle_v1_resources, 12);
+  messageDesc(file_modellifecycle_v1_resources, 14);
 
 /**
  * @generated from message modellifecycle.v1.Resources
  */
 export type Resources = Message<"modellifecycle.v1.Resources"> & {
   /**
-   * >= 1.
+   * >= 1. With autoscaling: how many to start with (0: max(1, min_replicas)), within
+   * the bounds.
    *
    * @generated from field: int32 replicas = 1;
    */
@@ -671,6 +756,14 @@ export type Resources = Message<"modellifecycle.v1.Resources"> & {
    * @generated from field: double gpus = 4;
    */
   gpus: number;
+
+  /**
+   * Set: the replica count follows the load between the bounds (Ray Serve's
+   * autoscaler). Switching to or from it, or changing it, replaces no replica.
+   *
+   * @generated from field: modellifecycle.v1.Autoscaling autoscaling = 5;
+   */
+  autoscaling?: Autoscaling | undefined;
 };
 
 /**
@@ -678,7 +771,53 @@ export type Resources = Message<"modellifecycle.v1.Resources"> & {
  * Use `create(ResourcesSchema)` to create a new message.
  */
 export const ResourcesSchema: GenMessage<Resources> = /*@__PURE__*/
-  messageDesc(file_modellifecycle_v1_resources, 13);
+  messageDesc(file_modellifecycle_v1_resources, 15);
+
+/**
+ * @generated from message modellifecycle.v1.Autoscaling
+ */
+export type Autoscaling = Message<"modellifecycle.v1.Autoscaling"> & {
+  /**
+   * >= 0; 0: an idle model scales to zero and its next request starts a replica.
+   *
+   * @generated from field: int32 min_replicas = 1;
+   */
+  minReplicas: number;
+
+  /**
+   * >= max(1, min_replicas).
+   *
+   * @generated from field: int32 max_replicas = 2;
+   */
+  maxReplicas: number;
+
+  /**
+   * Requests in flight per replica the autoscaler aims at (> 0; unset: 2).
+   *
+   * @generated from field: optional double target_ongoing_requests = 3;
+   */
+  targetOngoingRequests?: number | undefined;
+
+  /**
+   * Seconds the load must stay above (below) the target before replicas are added
+   * (removed); unset: 30 (600).
+   *
+   * @generated from field: optional double upscale_delay_s = 4;
+   */
+  upscaleDelayS?: number | undefined;
+
+  /**
+   * @generated from field: optional double downscale_delay_s = 5;
+   */
+  downscaleDelayS?: number | undefined;
+};
+
+/**
+ * Describes the message modellifecycle.v1.Autoscaling.
+ * Use `create(AutoscalingSchema)` to create a new message.
+ */
+export const AutoscalingSchema: GenMessage<Autoscaling> = /*@__PURE__*/
+  messageDesc(file_modellifecycle_v1_resources, 16);
 
 /**
  * @generated from message modellifecycle.v1.Replica
@@ -717,7 +856,7 @@ export type Replica = Message<"modellifecycle.v1.Replica"> & {
  * Use `create(ReplicaSchema)` to create a new message.
  */
 export const ReplicaSchema: GenMessage<Replica> = /*@__PURE__*/
-  messageDesc(file_modellifecycle_v1_resources, 14);
+  messageDesc(file_modellifecycle_v1_resources, 17);
 
 /**
  * projects/{project}/models/{model}/deployments/{n}
@@ -793,7 +932,7 @@ export type Deployment = Message<"modellifecycle.v1.Deployment"> & {
  * Use `create(DeploymentSchema)` to create a new message.
  */
 export const DeploymentSchema: GenMessage<Deployment> = /*@__PURE__*/
-  messageDesc(file_modellifecycle_v1_resources, 15);
+  messageDesc(file_modellifecycle_v1_resources, 18);
 
 /**
  * operations/{id}
@@ -867,6 +1006,14 @@ export type Operation = Message<"modellifecycle.v1.Operation"> & {
    * @generated from field: modellifecycle.v1.RolloutStatus rollout = 11;
    */
   rollout?: RolloutStatus | undefined;
+
+  /**
+   * What the change would do: set only in the answer to a request with validate_only
+   * (that operation has no name, is done, and nothing was written or started).
+   *
+   * @generated from field: modellifecycle.v1.Plan plan = 12;
+   */
+  plan?: Plan | undefined;
 };
 
 /**
@@ -874,7 +1021,236 @@ export type Operation = Message<"modellifecycle.v1.Operation"> & {
  * Use `create(OperationSchema)` to create a new message.
  */
 export const OperationSchema: GenMessage<Operation> = /*@__PURE__*/
-  messageDesc(file_modellifecycle_v1_resources, 16);
+  messageDesc(file_modellifecycle_v1_resources, 19);
+
+/**
+ * What a change does to a model's replicas and whether the cluster has room for it.
+ *
+ * @generated from message modellifecycle.v1.Plan
+ */
+export type Plan = Message<"modellifecycle.v1.Plan"> & {
+  /**
+   * @generated from field: modellifecycle.v1.ChangeClass change_class = 1;
+   */
+  changeClass: ChangeClass;
+
+  /**
+   * Why that class: the fields that change ("resources.cpus: 0.5 -> 1", "build: 3 -> 4").
+   *
+   * @generated from field: repeated modellifecycle.v1.PlanCause causes = 2;
+   */
+  causes: PlanCause[];
+
+  /**
+   * The replicas running now (ids): the plan's counts are of these.
+   *
+   * @generated from field: repeated string current_replicas = 3;
+   */
+  currentReplicas: string[];
+
+  /**
+   * Of them: kept as they are (ids and pids), replaced by new ones, or stopped. Which
+   * ones a smaller count stops is Serve's choice.
+   *
+   * @generated from field: int32 replicas_kept = 4;
+   */
+  replicasKept: number;
+
+  /**
+   * @generated from field: int32 replicas_replaced = 5;
+   */
+  replicasReplaced: number;
+
+  /**
+   * @generated from field: int32 replicas_removed = 6;
+   */
+  replicasRemoved: number;
+
+  /**
+   * Replicas started that replace none (a larger count, a first deploy, a canary's).
+   *
+   * @generated from field: int32 replicas_added = 10;
+   */
+  replicasAdded: number;
+
+  /**
+   * Replicas after the change (an autoscaled model: to start with).
+   *
+   * @generated from field: int32 replicas_after = 7;
+   */
+  replicasAfter: number;
+
+  /**
+   * @generated from field: modellifecycle.v1.Capacity capacity = 8;
+   */
+  capacity?: Capacity | undefined;
+
+  /**
+   * The plan in a sentence or two.
+   *
+   * @generated from field: string summary = 9;
+   */
+  summary: string;
+};
+
+/**
+ * Describes the message modellifecycle.v1.Plan.
+ * Use `create(PlanSchema)` to create a new message.
+ */
+export const PlanSchema: GenMessage<Plan> = /*@__PURE__*/
+  messageDesc(file_modellifecycle_v1_resources, 20);
+
+/**
+ * @generated from message modellifecycle.v1.PlanCause
+ */
+export type PlanCause = Message<"modellifecycle.v1.PlanCause"> & {
+  /**
+   * @generated from field: string field = 1;
+   */
+  field: string;
+
+  /**
+   * @generated from field: string before = 2;
+   */
+  before: string;
+
+  /**
+   * @generated from field: string after = 3;
+   */
+  after: string;
+};
+
+/**
+ * Describes the message modellifecycle.v1.PlanCause.
+ * Use `create(PlanCauseSchema)` to create a new message.
+ */
+export const PlanCauseSchema: GenMessage<PlanCause> = /*@__PURE__*/
+  messageDesc(file_modellifecycle_v1_resources, 21);
+
+/**
+ * Whether the replicas the change starts can be placed, node by node (a replica is
+ * never split over nodes). Checked against what the cluster's nodes have free when the
+ * change is asked for, plus what the replicas it stops give back.
+ *
+ * @generated from message modellifecycle.v1.Capacity
+ */
+export type Capacity = Message<"modellifecycle.v1.Capacity"> & {
+  /**
+   * @generated from field: bool fits = 1;
+   */
+  fits: boolean;
+
+  /**
+   * Why not, with the numbers; empty when it fits.
+   *
+   * @generated from field: string reason = 2;
+   */
+  reason: string;
+
+  /**
+   * What each new replica reserves.
+   *
+   * @generated from field: double cpus_per_replica = 3;
+   */
+  cpusPerReplica: number;
+
+  /**
+   * @generated from field: double gpus_per_replica = 4;
+   */
+  gpusPerReplica: number;
+
+  /**
+   * @generated from field: int64 memory_mib_per_replica = 5;
+   */
+  memoryMibPerReplica: bigint;
+
+  /**
+   * Replicas to place, and how many found a node.
+   *
+   * @generated from field: int32 replicas_to_place = 6;
+   */
+  replicasToPlace: number;
+
+  /**
+   * @generated from field: int32 replicas_placed = 7;
+   */
+  replicasPlaced: number;
+
+  /**
+   * @generated from field: repeated modellifecycle.v1.NodeCapacity nodes = 8;
+   */
+  nodes: NodeCapacity[];
+
+  /**
+   * An autoscaled model: how many of its max_replicas the cluster has room for now.
+   *
+   * @generated from field: int32 room_for_replicas = 9;
+   */
+  roomForReplicas: number;
+};
+
+/**
+ * Describes the message modellifecycle.v1.Capacity.
+ * Use `create(CapacitySchema)` to create a new message.
+ */
+export const CapacitySchema: GenMessage<Capacity> = /*@__PURE__*/
+  messageDesc(file_modellifecycle_v1_resources, 22);
+
+/**
+ * @generated from message modellifecycle.v1.NodeCapacity
+ */
+export type NodeCapacity = Message<"modellifecycle.v1.NodeCapacity"> & {
+  /**
+   * The node's address (or id).
+   *
+   * @generated from field: string node = 1;
+   */
+  node: string;
+
+  /**
+   * @generated from field: double cpus_free = 2;
+   */
+  cpusFree: number;
+
+  /**
+   * @generated from field: double cpus_total = 3;
+   */
+  cpusTotal: number;
+
+  /**
+   * @generated from field: double gpus_free = 4;
+   */
+  gpusFree: number;
+
+  /**
+   * @generated from field: double gpus_total = 5;
+   */
+  gpusTotal: number;
+
+  /**
+   * @generated from field: int64 memory_free_mib = 6;
+   */
+  memoryFreeMib: bigint;
+
+  /**
+   * @generated from field: int64 memory_total_mib = 7;
+   */
+  memoryTotalMib: bigint;
+
+  /**
+   * New replicas the plan places here.
+   *
+   * @generated from field: int32 new_replicas = 8;
+   */
+  newReplicas: number;
+};
+
+/**
+ * Describes the message modellifecycle.v1.NodeCapacity.
+ * Use `create(NodeCapacitySchema)` to create a new message.
+ */
+export const NodeCapacitySchema: GenMessage<NodeCapacity> = /*@__PURE__*/
+  messageDesc(file_modellifecycle_v1_resources, 23);
 
 /**
  * @generated from message modellifecycle.v1.Source
@@ -896,7 +1272,7 @@ export type Source = Message<"modellifecycle.v1.Source"> & {
  * Use `create(SourceSchema)` to create a new message.
  */
 export const SourceSchema: GenMessage<Source> = /*@__PURE__*/
-  messageDesc(file_modellifecycle_v1_resources, 17);
+  messageDesc(file_modellifecycle_v1_resources, 24);
 
 /**
  * @generated from message modellifecycle.v1.ModelEvent
@@ -954,7 +1330,7 @@ export type ModelEvent = Message<"modellifecycle.v1.ModelEvent"> & {
  * Use `create(ModelEventSchema)` to create a new message.
  */
 export const ModelEventSchema: GenMessage<ModelEvent> = /*@__PURE__*/
-  messageDesc(file_modellifecycle_v1_resources, 18);
+  messageDesc(file_modellifecycle_v1_resources, 25);
 
 /**
  * @generated from message modellifecycle.v1.Token
@@ -1007,7 +1383,7 @@ export type Token = Message<"modellifecycle.v1.Token"> & {
  * Use `create(TokenSchema)` to create a new message.
  */
 export const TokenSchema: GenMessage<Token> = /*@__PURE__*/
-  messageDesc(file_modellifecycle_v1_resources, 19);
+  messageDesc(file_modellifecycle_v1_resources, 26);
 
 /**
  * @generated from message modellifecycle.v1.AuditRecord
@@ -1077,7 +1453,7 @@ export type AuditRecord = Message<"modellifecycle.v1.AuditRecord"> & {
  * Use `create(AuditRecordSchema)` to create a new message.
  */
 export const AuditRecordSchema: GenMessage<AuditRecord> = /*@__PURE__*/
-  messageDesc(file_modellifecycle_v1_resources, 20);
+  messageDesc(file_modellifecycle_v1_resources, 27);
 
 /**
  * A key that calls one model's endpoint, and no other.
@@ -1120,7 +1496,7 @@ export type InvocationKey = Message<"modellifecycle.v1.InvocationKey"> & {
  * Use `create(InvocationKeySchema)` to create a new message.
  */
 export const InvocationKeySchema: GenMessage<InvocationKey> = /*@__PURE__*/
-  messageDesc(file_modellifecycle_v1_resources, 21);
+  messageDesc(file_modellifecycle_v1_resources, 28);
 
 /**
  * The serving lifecycle of a model. A model is *active* while it is
@@ -1409,6 +1785,65 @@ export const EventTypeSchema: GenEnum<EventType> = /*@__PURE__*/
   enumDesc(file_modellifecycle_v1_resources, 5);
 
 /**
+ * @generated from enum modellifecycle.v1.ChangeClass
+ */
+export enum ChangeClass {
+  /**
+   * @generated from enum value: CHANGE_CLASS_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Replicas are kept (ids and pids); only their count, bounds or keys change.
+   *
+   * @generated from enum value: CHANGE_CLASS_IN_PLACE = 1;
+   */
+  IN_PLACE = 1,
+
+  /**
+   * Every replica is replaced by one of the new build, resources or environment, new
+   * ones started before old ones stop.
+   *
+   * @generated from enum value: CHANGE_CLASS_ROLLING = 2;
+   */
+  ROLLING = 2,
+
+  /**
+   * Every replica is re-initialized, nothing else changes.
+   *
+   * @generated from enum value: CHANGE_CLASS_RESTART = 3;
+   */
+  RESTART = 3,
+
+  /**
+   * A new build is made from source, then rolled out (ROLLING once built).
+   *
+   * @generated from enum value: CHANGE_CLASS_REBUILD = 4;
+   */
+  REBUILD = 4,
+
+  /**
+   * Every replica stops.
+   *
+   * @generated from enum value: CHANGE_CLASS_STOP = 5;
+   */
+  STOP = 5,
+
+  /**
+   * Nothing served before: every replica is new.
+   *
+   * @generated from enum value: CHANGE_CLASS_START = 6;
+   */
+  START = 6,
+}
+
+/**
+ * Describes the enum modellifecycle.v1.ChangeClass.
+ */
+export const ChangeClassSchema: GenEnum<ChangeClass> = /*@__PURE__*/
+  enumDesc(file_modellifecycle_v1_resources, 6);
+
+/**
  * What a token may do in its project; each role includes the ones before it.
  *
  * @generated from enum modellifecycle.v1.Role
@@ -1445,5 +1880,5 @@ export enum Role {
  * Describes the enum modellifecycle.v1.Role.
  */
 export const RoleSchema: GenEnum<Role> = /*@__PURE__*/
-  enumDesc(file_modellifecycle_v1_resources, 6);
+  enumDesc(file_modellifecycle_v1_resources, 7);
 
