@@ -185,25 +185,19 @@ class FakeBackend:
         del app.replicas[want:]
 
     async def nodes(self) -> Sequence[NodeResources]:
-        """One node, with what every replica reserves taken off."""
-        self._reload()
+        """One node with all of its resources free: like ``_placeable``, the fake places
+        each application as if it were alone on the cluster (tests on one shared database
+        leave other tests' models deployed; they must not take this test's room)."""
         self._reachable()
-        cpus, gpus, mem = self.num_cpus, self.num_gpus, self.memory_mib
-        for app in self.apps.values():
-            for spec, rs in ((app.spec, app.replicas), (app.retiring_spec, app.retiring)):
-                if spec is not None:
-                    cpus -= spec.cpus * len(rs)
-                    gpus -= spec.gpus * len(rs)
-                    mem -= spec.memory_mib * len(rs)
         return [
             NodeResources(
                 node="fake-node",
                 cpus_total=self.num_cpus,
-                cpus_free=max(cpus, 0.0),
+                cpus_free=self.num_cpus,
                 gpus_total=self.num_gpus,
-                gpus_free=max(gpus, 0.0),
+                gpus_free=self.num_gpus,
                 memory_total_mib=self.memory_mib,
-                memory_free_mib=max(mem, 0),
+                memory_free_mib=self.memory_mib,
             )
         ]
 

@@ -516,21 +516,40 @@ class _Serve:
         return ServeInstanceDetails.model_validate(self._client.get_serve_details())
 
 
-def _nodes() -> list[NodeResources]:
-    """Every live node, its resources and what is not reserved now (Ray's own view,
-    which lags a moment behind actors starting and stopping)."""
+def _stopping(details: ServeInstanceDetails) -> dict[str, dict[str, float]]:
+    """What replicas Serve is stopping still reserve, by node address: free very soon."""
+    held: dict[str, dict[str, float]] = {}
+    for app in details.applications.values():
+        for d in app.deployments.values():
+            for r in d.replicas:
+                if r.state.value != "STOPPING" or not r.node_ip:
+                    continue
+                on = held.setdefault(r.node_ip, {})
+                for resource, amount in d.required_resources.items():
+                    on[resource] = on.get(resource, 0.0) + float(amount)
+    return held
+
+
+def _nodes(details: ServeInstanceDetails) -> list[NodeResources]:
+    """Every live node, its resources and what is not reserved now (Ray's own view, which
+    lags a moment behind actors starting and stopping), counting what replicas Serve is
+    stopping reserve as free: they give it back within their graceful shutdown."""
     from ray._private import state  # per node: only the developer API has it
 
     free = state.available_resources_per_node()  # type: ignore[no-untyped-call]
+    stopping = _stopping(details)
     out = []
     for node in ray.nodes():  # type: ignore[no-untyped-call]
         if not node.get("Alive"):
             continue
+        address = str(node.get("NodeManagerAddress") or node["NodeID"])
         total: Mapping[str, float] = node.get("Resources", {})
-        have: Mapping[str, float] = free.get(node["NodeID"], {})
+        have = dict(free.get(node["NodeID"], {}))
+        for resource, amount in stopping.get(address, {}).items():
+            have[resource] = min(total.get(resource, 0.0), have.get(resource, 0.0) + amount)
         out.append(
             NodeResources(
-                node=str(node.get("NodeManagerAddress") or node["NodeID"]),
+                node=address,
                 cpus_total=float(total.get("CPU", 0.0)),
                 cpus_free=float(have.get("CPU", 0.0)),
                 gpus_total=float(total.get("GPU", 0.0)),
@@ -685,8 +704,8 @@ class RayBackend:
         return {name: _observation(name, app, cluster) for name, app in apps.items()}
 
     async def nodes(self) -> Sequence[NodeResources]:
-        self._started()
-        return await asyncio.to_thread(_nodes)
+        details = await asyncio.to_thread(self._started().details)
+        return await asyncio.to_thread(_nodes, details)
 
     async def signals(self, epoch: str, cursor: int) -> Batch:
         """The replicas' reports after ``cursor`` (workers.signals.Collector.read) and what

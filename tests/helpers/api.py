@@ -121,9 +121,11 @@ async def build(
     function: str = "predict",
     deploy: rpc.DeployOptions | None = None,
     seconds: float = 30,
+    **more: Any,
 ) -> pb.Operation:
-    """Uploads ``source`` as model.py, builds it (and deploys when asked), waits till done."""
-    op = await start_build(stub, model, {"model.py": source}, function, deploy=deploy)
+    """Uploads ``source`` as model.py, builds it (and deploys when asked), waits till done
+    (``more``: other CreateBuildRequest fields, e.g. wait_for_capacity)."""
+    op = await start_build(stub, model, {"model.py": source}, function, deploy=deploy, **more)
     return await wait(stub, op, seconds)
 
 

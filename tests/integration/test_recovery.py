@@ -45,9 +45,16 @@ async def deployed(stub: Stub, model: str) -> pb.Model:
     return m
 
 
-async def redeploy(stub: Stub, model: str, build_no: int, res: pb.Resources) -> pb.Operation:
+async def redeploy(
+    stub: Stub, model: str, build_no: int, res: pb.Resources, wait_for_capacity: bool = False
+) -> pb.Operation:
     op = await stub.CreateDeployment(
-        rpc.CreateDeploymentRequest(parent=model, build=f"{model}/builds/{build_no}", resources=res)
+        rpc.CreateDeploymentRequest(
+            parent=model,
+            build=f"{model}/builds/{build_no}",
+            resources=res,
+            wait_for_capacity=wait_for_capacity,
+        )
     )
     return await wait(stub, op)
 
@@ -96,7 +103,8 @@ async def test_gpus_that_cannot_be_placed_fail_at_the_placement_deadline(
 ) -> None:
     model = await create_model(stub, project)
     assert not (await build(stub, model.name, deploy=pb_deploy(2))).HasField("error")
-    op = await redeploy(stub, model.name, 1, resources(2, gpus=2))
+    # Asked to wait for capacity (else it is refused up front: test_capacity.py).
+    op = await redeploy(stub, model.name, 1, resources(2, gpus=2), wait_for_capacity=True)
     assert op.HasField("error")
     assert op.error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
     assert op_reason(op) == "PLACEMENT_TIMEOUT" and "GPU" in op.error.message

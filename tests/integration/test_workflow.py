@@ -135,7 +135,9 @@ async def test_failed_build_names_the_function(stub: Stub, project: str) -> None
 @pytest.mark.slow
 async def test_unplaceable_gpus_fail_after_the_deadline(stub: Stub, project: str) -> None:
     model = await create_model(stub, project)
-    op = await build(stub, model.name, deploy=rpc.DeployOptions(resources=resources(2, gpus=4)))
+    deploy = rpc.DeployOptions(resources=resources(2, gpus=4))
+    # Asked to wait for capacity (else it is refused up front: test_capacity.py).
+    op = await build(stub, model.name, deploy=deploy, wait_for_capacity=True)
     assert op.HasField("error") and op.error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
     assert "GPU" in op.error.message
     m = await stub.GetModel(rpc.GetModelRequest(name=model.name))

@@ -37,7 +37,8 @@ async def test_gpus_that_cannot_be_placed_fail_the_deploy_with_the_reason(
     stub = short_deadline_stub
     model = await stub.CreateModel(rpc.CreateModelRequest(parent="projects/gpu", model_id="big"))
     deploy = rpc.DeployOptions(resources=resources(1, cpus=0.1, gpus=3))
-    op = await build(stub, model.name, MODEL_V1, deploy=deploy, seconds=120)
+    # Asked to wait for capacity: else it is refused up front (test_capacity_ray.py).
+    op = await build(stub, model.name, MODEL_V1, deploy=deploy, seconds=120, wait_for_capacity=True)
     assert op.HasField("error")
     dep = await stub.GetDeployment(rpc.GetDeploymentRequest(name=op.deployment))
     assert dep.state == pb.DEPLOYMENT_STATE_FAILED
@@ -95,6 +96,7 @@ async def test_failed_changes_leave_the_last_good_replicas_serving(
                 parent=model.name,
                 build=f"{model.name}/builds/1",
                 resources=resources(2, cpus=0.25, gpus=3),
+                wait_for_capacity=True,
             )
         )
         op = await wait(stub, op, 120)

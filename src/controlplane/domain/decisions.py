@@ -226,11 +226,12 @@ def judge_serving(record: ServingRecord, obs: Observation, notice_replaced: bool
     the replicas that ran), stopped unexpectedly: the note names them and the replicas Serve
     started instead, or says a replacement is starting and names it when Serve lists it.
     Serve's details leave a deployment out for a moment while it updates it (its
-    replicas serve on): an empty list then says nothing. The health note follows
+    replicas serve on): an empty list then says nothing, unless Serve wants no replica
+    (an autoscaled deployment scaled to zero). The health note follows
     Serve's status: set while UNHEALTHY or DEPLOY_FAILED, gone once RUNNING again.
     """
     after = record
-    if not (notice_replaced and not obs.replicas):
+    if not (notice_replaced and not obs.replicas and obs.target != 0):
         after = observe_replicas(record, obs)
         if notice_replaced:
             after = _replacements(record, after, obs.target)

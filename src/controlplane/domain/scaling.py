@@ -3,8 +3,9 @@
 Pure data and functions. ``Autoscaling`` is what a deployment asks for (Ray Serve's
 autoscaler does the scaling); ``judge_scale`` turns what Serve reports (the replicas it
 wants and those running) into the ``Scale`` recorded on the model, with the last
-decision and its reason, and says when to write it: at most every ``coalesce_s`` while
-replicas come and go, so that watchers see the settled count and not every step.
+decision and its reason, and says when to write it: at once when the count settles
+(running = wanted), else at most every ``coalesce_s`` while replicas come and go, so
+that watchers see each settled count and not every step.
 """
 
 from __future__ import annotations
@@ -123,10 +124,10 @@ def _reason(before: Scale | None, now: Looked) -> str:
         idle = "idle" if now.desired == 0 else "load below the target"
         return f"autoscaler: {idle} for the downscale delay ({a.downscale_delay_s:g}s)"
     load = ""
-    if now.in_flight is not None and before.running:
-        per = now.in_flight / before.running
+    if now.in_flight is not None and now.running:
+        per = now.in_flight / now.running
         load = f"{per:.1f} requests in flight per replica, "
-    elif now.in_flight is not None and before.running == 0:
+    elif now.in_flight is not None:
         load = f"{now.in_flight:.0f} requests waiting with no replica, "
     way = "above" if now.desired > before.desired else "below"
     return f"autoscaler: {load}{way} the target of {a.target_ongoing_requests:g}"
@@ -136,9 +137,10 @@ def judge_scale(before: Scale | None, now: Looked, at: datetime, coalesce_s: flo
     """The scale to record after this look, or None when nothing is to be written yet.
 
     A new desired count is a decision (its reason: the deployment that set it, or the
-    autoscaler and the load it saw). Any change is written at most every ``coalesce_s``
-    (a decision included: the newest one wins); what is not written yet is written by a
-    later look, since it is computed afresh each time.
+    autoscaler and the load it saw). A settled count is written at once; while replicas
+    start or stop, changes are written at most every ``coalesce_s`` (the newest decision
+    wins); what is not written yet is written by a later look, since it is computed
+    afresh each time.
     """
     decided = before is None or before.deployment != now.deployment or before.desired != now.desired
     last = before.last if before is not None else None
@@ -156,7 +158,8 @@ def judge_scale(before: Scale | None, now: Looked, at: datetime, coalesce_s: flo
     if before is not None and replace(before, update_time=at) == after:
         return None  # nothing changed
     if (
-        before is not None
+        after.running != after.desired  # settled counts are written at once
+        and before is not None
         and before.update_time is not None
         and (at - before.update_time).total_seconds() < coalesce_s
     ):
