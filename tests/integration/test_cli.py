@@ -35,7 +35,13 @@ async def test_build_deploy_scale_stop_restart_through_the_cli(cli: Cli, project
     assert result["model"]["state"] == "DEPLOYED"
     code, out, _ = await cli("deployments", "get", "iris", "2", "--output", "json")
     dep = json.loads(out)
-    assert dep["resources"] == {"replicas": 3, "cpus": 0.0, "memory_mib": 1024, "gpus": 0.0}
+    assert dep["resources"] == {
+        "replicas": 3,
+        "cpus": 0.0,
+        "memory_mib": 1024,
+        "gpus": 0.0,
+        "autoscaling": None,
+    }
     assert dep["environment"] == {"MODE": "fast"} and len(dep["replicas"]) == 3
 
     code, out, _ = await cli("deployments", "list", "iris")

@@ -11,11 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-import shutil
 import signal
-import subprocess
-import sys
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +23,12 @@ import pytest
 
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
-from tests.helpers import eventually
+from tests.helpers import eventually, ray_nodes
 from tests.helpers.api import Stub, build, resources
 from tests.helpers.servers import Cluster, free_port, metric
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-RAY = str(Path(sys.executable).with_name("ray"))
 SECRET = "tok-9f8e7d6c5b4a"
 
 MODEL = """
@@ -69,45 +64,10 @@ FLAKY = MODEL.replace(
 )
 
 
-def _ray(*args: str, env: dict[str, str]) -> None:
-    subprocess.run([RAY, "start", *args], check=True, env=env, capture_output=True, timeout=180)
-
-
 @pytest.fixture(scope="module")
 def two_nodes() -> Iterator[str]:
-    """A head and a second node with their own temp dirs; each node's metrics agent gets
-    Serve's figures every second (RAY_metrics_report_interval_ms, as docs/metrics.md
-    tells operators)."""
-    temps = [tempfile.mkdtemp(prefix=f"cp-ray{i}-", dir="/tmp") for i in (1, 2)]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_metrics_report_interval_ms": "1000"}
-    port = free_port()
-    try:
-        _ray(
-            "--head",
-            "--node-ip-address=127.0.0.1",
-            f"--port={port}",
-            "--num-cpus=2",
-            "--include-dashboard=false",
-            f"--temp-dir={temps[0]}",
-            "--disable-usage-stats",
-            env=env,
-        )
-        _ray(
-            f"--address=127.0.0.1:{port}",
-            "--node-ip-address=127.0.0.2",
-            "--num-cpus=2",
-            f"--temp-dir={temps[1]}",
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
-            "--disable-usage-stats",
-            env=env,
-        )
-        yield f"127.0.0.1:{port}"
-    finally:
-        for temp in temps:
-            subprocess.run(["pkill", "-9", "-f", temp], check=False)
-        for temp in temps:
-            shutil.rmtree(temp, ignore_errors=True)
+    with ray_nodes.two_nodes() as address:
+        yield address
 
 
 @dataclass

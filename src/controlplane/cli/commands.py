@@ -14,6 +14,7 @@ from controlplane.cli import inputs
 from controlplane.cli.output import (
     Printer,
     TopRow,
+    plan_text,
     resources,
     seconds,
     short,
@@ -21,12 +22,14 @@ from controlplane.cli.output import (
     when,
 )
 from controlplane.domain.access import Role
+from controlplane.domain.scaling import Autoscaling
 from controlplane.domain.traffic import Gates, Strategy, StrategyKind
 from controlplane.domain.types import DeployOptions, Model, Operation, Resources
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the operation ended with an error, or the server refused the request
 EXIT_USAGE = 2
+EXIT_NO_ROOM = 4  # --dry-run: the change does not fit the cluster (3: server unreachable)
 
 
 def _model(args: argparse.Namespace) -> str:
@@ -43,23 +46,61 @@ def _environments(
     return {k: v for k, v in env.items() if k not in secrets}, secrets
 
 
+def _autoscaling(args: argparse.Namespace) -> Autoscaling | None:
+    found = inputs.autoscaling(
+        args.min_replicas,
+        args.max_replicas,
+        args.target_ongoing_requests,
+        args.upscale_delay,
+        args.downscale_delay,
+    )
+    if found is not None and args.no_autoscaling:
+        raise inputs.UsageError("--no-autoscaling and autoscaling flags: choose one")
+    return found
+
+
 def _resources(args: argparse.Namespace, base: Resources | None) -> Resources | None:
-    """The flags given, over ``base`` (the active deployment's); None when no flag is given."""
+    """The flags given, over ``base`` (the active deployment's); None when no flag is given.
+
+    Autoscaling flags set the autoscaling afresh (``--replicas``, when given, is the count
+    to start with); none keeps ``base``'s, and ``--no-autoscaling`` ends it (the count:
+    ``--replicas``, or what ``base`` starts with)."""
+    autoscaling = _autoscaling(args)
     given = {
         "replicas": args.replicas,
         "cpus": args.cpus,
         "memory_mib": inputs.memory_mib(args.memory) if args.memory is not None else None,
         "gpus": args.gpus,
     }
-    if all(v is None for v in given.values()) and base is not None:
+    changes_scaling = autoscaling is not None or args.no_autoscaling
+    if all(v is None for v in given.values()) and not changes_scaling and base is not None:
         return None
     start = base or Resources()
+    if autoscaling is not None:
+        replicas = 0  # Autoscaling.initial: max(1, --min-replicas)
+    elif args.no_autoscaling:
+        replicas = start.initial_replicas
+    else:
+        autoscaling, replicas = start.autoscaling, start.replicas
     return Resources(
-        replicas=args.replicas if args.replicas is not None else start.replicas,
+        replicas=args.replicas if args.replicas is not None else replicas,
         cpus=args.cpus if args.cpus is not None else start.cpus,
         memory_mib=given["memory_mib"] if given["memory_mib"] is not None else start.memory_mib,
         gpus=args.gpus if args.gpus is not None else start.gpus,
+        autoscaling=autoscaling,
     )
+
+
+def _dry_run(op: Operation, p: Printer) -> int:
+    """A validate_only answer: its plan, and whether the change fits (EXIT_NO_ROOM if not)."""
+    plan = op.plan
+    if plan is None:
+        raise inputs.UsageError("the server answered without a plan: is it older than the CLI?")
+    if p.json:
+        p.result(plan)
+    else:
+        print(plan_text(plan), file=p.out)
+    return EXIT_NO_ROOM if plan.fit is not None and not plan.fit.fits else EXIT_OK
 
 
 async def _active(c: Client, model: Model) -> tuple[Resources | None, dict[str, str]]:
@@ -155,6 +196,7 @@ async def models_delete(c: Client, args: argparse.Namespace, p: Printer) -> int:
 
 async def build(c: Client, args: argparse.Namespace, p: Printer) -> int:
     model = _model(args)
+    _check_deploy_flags(args)  # before anything is zipped or uploaded
     data = inputs.zip_directory(Path(args.directory))
     current = await c.get_model(model)  # a clear NOT_FOUND before uploading anything
     deploy = None
@@ -163,11 +205,6 @@ async def build(c: Client, args: argparse.Namespace, p: Printer) -> int:
         res = _resources(args, base) or base or Resources()
         env, secrets = _environments(env, args)
         deploy = DeployOptions(resources=res, environment=env, secret_environment=secrets)
-    elif any(
-        v is not None
-        for v in (args.replicas, args.cpus, args.memory, args.gpus, args.env, args.secret_env)
-    ):
-        raise inputs.UsageError("resources and --env apply to a deploy: add --deploy")
 
     def uploaded(sent: int, total: int) -> None:
         p.progress(f"uploading {args.directory}: {sent / 1024:,.0f} / {total / 1024:,.0f} KiB")
@@ -182,7 +219,11 @@ async def build(c: Client, args: argparse.Namespace, p: Printer) -> int:
         args.comment,
         deploy,
         no_cache=args.no_cache,
+        validate_only=args.dry_run,
+        wait_for_capacity=args.wait_for_capacity,
     )
+    if args.dry_run:
+        return _dry_run(op, p)
     build_name = op.target
     logs = None if args.quiet else asyncio.create_task(_show_log(c, build_name, p))
     try:
@@ -202,6 +243,22 @@ async def build(c: Client, args: argparse.Namespace, p: Printer) -> int:
     return await _finish(c, op, p)
 
 
+def _check_deploy_flags(args: argparse.Namespace) -> None:
+    """`build`: the flags of a deploy need --deploy (and autoscaling flags must add up)."""
+    if args.deploy:
+        _autoscaling(args)
+        return
+    resources = (
+        args.replicas, args.cpus, args.memory, args.gpus, args.env, args.secret_env,
+        args.min_replicas, args.max_replicas, args.target_ongoing_requests,
+        args.upscale_delay, args.downscale_delay,
+    )  # fmt: skip
+    if any(v is not None for v in resources) or args.no_autoscaling:
+        raise inputs.UsageError("resources, autoscaling and --env apply to a deploy: add --deploy")
+    if args.dry_run or args.wait_for_capacity:
+        raise inputs.UsageError("--dry-run and --wait-for-capacity apply to a deploy: add --deploy")
+
+
 async def _show_log(c: Client, build_name: str, p: Printer) -> None:
     """The build's log on stderr as the build writes it."""
     async for line in c.build_logs(build_name, follow=True):
@@ -215,8 +272,17 @@ async def deploy(c: Client, args: argparse.Namespace, p: Printer) -> int:
     res = _resources(args, base)
     env, secrets = _environments(env, args)
     op = await c.create_deployment(
-        model, build_name, res, env, secret_environment=secrets, rollout=_strategy(args)
+        model,
+        build_name,
+        res,
+        env,
+        secret_environment=secrets,
+        rollout=_strategy(args),
+        validate_only=args.dry_run,
+        wait_for_capacity=args.wait_for_capacity,
     )
+    if args.dry_run:
+        return _dry_run(op, p)
     return await _finish(c, await _follow(c, op, p, args.wait), p)
 
 
@@ -283,6 +349,8 @@ def confirm(args: argparse.Namespace, question: str) -> bool:
 
 async def stop(c: Client, args: argparse.Namespace, p: Printer) -> int:
     model = _model(args)
+    if args.dry_run:  # nothing happens: nothing to confirm
+        return _dry_run(await c.stop_model(model, validate_only=True), p)
     if not confirm(args, f"Stop every replica of {model}? Its endpoint stops answering."):
         return EXIT_USAGE
     return await _finish(c, await _follow(c, await c.stop_model(model), p, args.wait), p)
@@ -290,9 +358,12 @@ async def stop(c: Client, args: argparse.Namespace, p: Printer) -> int:
 
 async def restart(c: Client, args: argparse.Namespace, p: Printer) -> int:
     model = _model(args)
+    if args.dry_run:  # nothing happens: nothing to confirm
+        return _dry_run(await c.restart_model(model, validate_only=True), p)
     if not confirm(args, f"Restart every replica of {model}?"):
         return EXIT_USAGE
-    return await _finish(c, await _follow(c, await c.restart_model(model), p, args.wait), p)
+    op = await c.restart_model(model, wait_for_capacity=args.wait_for_capacity)
+    return await _finish(c, await _follow(c, op, p, args.wait), p)
 
 
 # ---- lists and details ----------------------------------------------------------------------

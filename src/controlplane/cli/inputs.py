@@ -9,6 +9,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from controlplane.config import ADMIN_TOKEN_FILE, DEFAULT_DATA_DIR
+from controlplane.domain import scaling
+from controlplane.domain.scaling import Autoscaling
 
 MAX_ZIP_ENTRIES = 10_000
 _SKIP_DIRS = {"__pycache__", ".git", ".venv", "venv", ".mypy_cache", ".pytest_cache"}
@@ -188,3 +190,35 @@ def weights(model: str, pairs: list[str]) -> dict[str, int]:
             raise UsageError(f"{pair!r}: use BUILD=PERCENT, e.g. 4=90 5=10")
         out[child_name(model, "builds", build.strip())] = int(pct.strip().rstrip("%"))
     return out
+
+
+def autoscaling(
+    min_replicas: int | None,
+    max_replicas: int | None,
+    target: float | None,
+    upscale_delay: str | None,
+    downscale_delay: str | None,
+) -> Autoscaling | None:
+    """--min-replicas, --max-replicas, --target-ongoing-requests, --upscale-delay and
+    --downscale-delay: None when none is given; any of them needs --max-replicas. What is
+    not given takes the defaults (1 replica at least, Ray Serve's target and delays); the
+    bounds themselves are the server's to judge."""
+    given = (min_replicas, max_replicas, target, upscale_delay, downscale_delay)
+    if all(v is None for v in given):
+        return None
+    if max_replicas is None:
+        raise UsageError(
+            "autoscaling (--min-replicas, --target-ongoing-requests, --upscale-delay, "
+            "--downscale-delay) needs --max-replicas: the most replicas it may start"
+        )
+    return Autoscaling(
+        min_replicas=1 if min_replicas is None else min_replicas,
+        max_replicas=max_replicas,
+        target_ongoing_requests=scaling.DEFAULT_TARGET if target is None else target,
+        upscale_delay_s=scaling.DEFAULT_UPSCALE_DELAY_S
+        if upscale_delay is None
+        else duration_s(upscale_delay, "--upscale-delay"),
+        downscale_delay_s=scaling.DEFAULT_DOWNSCALE_DELAY_S
+        if downscale_delay is None
+        else duration_s(downscale_delay, "--downscale-delay"),
+    )

@@ -1,7 +1,8 @@
 """`modelctl`: parse the command line, run one command, map failures to exit codes.
 
 Exit codes: 0 done; 1 the operation failed or the server refused (the reason is
-printed); 2 bad usage or not confirmed; 3 the server cannot be reached; 130 interrupted.
+printed); 2 bad usage or not confirmed; 3 the server cannot be reached, or with --dry-run
+the change does not fit the cluster (the plan says why); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from controlplane.api.client import Client, ClientError
 from controlplane.cli import commands as cmd
 from controlplane.cli import inputs
 from controlplane.cli.inputs import UsageError
-from controlplane.cli.output import Printer
+from controlplane.cli.output import Printer, seconds
+from controlplane.domain import scaling
 from controlplane.domain.access import Role
 
 EXIT_UNREACHABLE = 3
@@ -29,7 +31,9 @@ Handler = Callable[[Client, argparse.Namespace, Printer], Awaitable[int]]
 
 def _add_resources(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("resources (re-deploys keep the active deployment's when not given)")
-    g.add_argument("--replicas", type=int, help="number of replicas")
+    g.add_argument(
+        "--replicas", type=int, help="number of replicas (with autoscaling: to start with)"
+    )
     g.add_argument("--cpus", type=float, help="CPUs per replica (e.g. 0.5)")
     g.add_argument("--memory", help="memory per replica (e.g. 512MiB, 2GiB)")
     g.add_argument("--gpus", type=float, help="GPUs per replica (fractions allowed)")
@@ -41,6 +45,53 @@ def _add_resources(p: argparse.ArgumentParser) -> None:
         help="environment for the replicas only, never shown again (repeat; re-deploys keep "
         "the active deployment's secrets when none is given)",
     )
+    a = p.add_argument_group(
+        "autoscaling (any of these turns it on, and needs --max-replicas; re-deploys keep "
+        "the active deployment's when none is given)"
+    )
+    a.add_argument("--min-replicas", type=int, metavar="N", help="fewest replicas (1; 0 allowed)")
+    a.add_argument("--max-replicas", type=int, metavar="N", help="most replicas")
+    a.add_argument(
+        "--target-ongoing-requests",
+        type=float,
+        metavar="X",
+        help=f"requests in flight per replica it aims at ({scaling.DEFAULT_TARGET:g})",
+    )
+    a.add_argument(
+        "--upscale-delay",
+        metavar="DUR",
+        help="load above the target this long adds replicas "
+        f"({seconds(scaling.DEFAULT_UPSCALE_DELAY_S)})",
+    )
+    a.add_argument(
+        "--downscale-delay",
+        metavar="DUR",
+        help="load below the target this long removes replicas "
+        f"({seconds(scaling.DEFAULT_DOWNSCALE_DELAY_S)})",
+    )
+    a.add_argument(
+        "--no-autoscaling",
+        action="store_true",
+        help="back to a fixed count: --replicas (default: as many as it starts with now)",
+    )
+
+
+_DRY_RUN_HELP = (
+    "only show the plan: the change class and its causes, the replicas kept, replaced, "
+    "removed and added, and whether the cluster has room; nothing changes. Exit code 0 when "
+    f"it fits, {cmd.EXIT_NO_ROOM} when it does not"
+)
+
+
+def _add_capacity(p: argparse.ArgumentParser, wait: bool = True, note: str = "") -> None:
+    p.add_argument("--dry-run", action="store_true", help=_DRY_RUN_HELP + note)
+    if wait:
+        p.add_argument(
+            "--wait-for-capacity",
+            action="store_true",
+            help="start it even when the cluster has no room now (refused otherwise): its "
+            "replicas wait for room until the server's placement deadline",
+        )
 
 
 def _add_rollout(p: argparse.ArgumentParser) -> None:
@@ -189,6 +240,7 @@ def parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--quiet", "-q", action="store_true", help="do not show the build's log")
     _add_resources(b)
+    _add_capacity(b, note=" (with --deploy: the deploy's plan; the source is uploaded, not built)")
     _add_wait(b)
 
     d = _sub(sub, "deploy", cmd.deploy, "re-deploy a build: new resources, or roll back")
@@ -196,6 +248,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--build", required=True, help="build number (3) or full name")
     _add_resources(d)
     _add_rollout(d)
+    _add_capacity(d)
     _add_wait(d)
 
     tr = _sub(
@@ -226,6 +279,7 @@ def parser() -> argparse.ArgumentParser:
         p = _sub(sub, name, handler, text)
         p.add_argument("model")
         p.add_argument("--yes", "-y", action="store_true", help="do not ask to confirm")
+        _add_capacity(p, wait=name == "restart")
         _add_wait(p)
 
     verbs = _resource_group(
@@ -367,6 +421,11 @@ async def run(argv: Sequence[str]) -> int:
         print(f"modelctl: {e}", file=sys.stderr)
         for field, description in e.violations:
             print(f"  {field}: {description}", file=sys.stderr)
+        if e.reason == "INSUFFICIENT_CAPACITY":
+            print(
+                "  (--dry-run shows the plan; --wait-for-capacity starts it anyway)",
+                file=sys.stderr,
+            )
         return cmd.EXIT_FAILED
     except TimeoutError as e:
         print(f"modelctl: {e} (it goes on; see `modelctl operations get`)", file=sys.stderr)

@@ -13,6 +13,8 @@ from typing import Any, TextIO
 from controlplane.domain.access import AuditRecord, InvocationKey, Token
 from controlplane.domain.figures import Figures, ModelMetrics
 from controlplane.domain.names import build_label
+from controlplane.domain.plan import Plan
+from controlplane.domain.scaling import Autoscaling, Scale
 from controlplane.domain.traffic import Split
 from controlplane.domain.types import (
     Build,
@@ -50,7 +52,104 @@ def when(value: datetime | None) -> str:
 
 def resources(r: Resources) -> str:
     mem = f"{r.memory_mib}MiB" if r.memory_mib else "-"
-    return f"{r.replicas}x cpu={r.cpus:g} mem={mem} gpu={r.gpus:g}"
+    a = r.autoscaling
+    count = f"{r.replicas}x" if a is None else f"{a.min_replicas}-{a.max_replicas}x autoscaling"
+    return f"{count} cpu={r.cpus:g} mem={mem} gpu={r.gpus:g}"
+
+
+def autoscaling_text(a: Autoscaling, replicas: int) -> str:
+    """A deployment's autoscaling in full; ``replicas``: the count it starts with (0: the
+    default, max(1, min))."""
+    return (
+        f"autoscaling: {a.min_replicas} to {a.max_replicas} replicas, target "
+        f"{a.target_ongoing_requests:g} requests in flight per replica, upscale delay "
+        f"{seconds(a.upscale_delay_s)}, downscale delay {seconds(a.downscale_delay_s)}, "
+        f"starts with {a.initial(replicas)}"
+    )
+
+
+def clock(value: datetime) -> str:
+    """HH:MM:SS today, the date too before today."""
+    local = value.astimezone()
+    same_day = local.date() == datetime.now().astimezone().date()
+    return local.strftime("%H:%M:%S") if same_day else when(value)
+
+
+def scale_short(s: Scale | None) -> str:
+    """A model's replicas in a table cell: running/wanted, e.g. 2/3 auto."""
+    if s is None:
+        return "-"
+    return f"{s.running}/{s.desired}" + (" auto" if s.autoscaled else "")
+
+
+def scale_text(s: Scale) -> str:
+    """``replicas: 3 wanted, 2 running (autoscaling)`` and the last decision."""
+    lines = [
+        f"replicas: {s.desired} wanted, {s.running} running "
+        + ("(autoscaling)" if s.autoscaled else "(fixed)")
+    ]
+    d = s.last
+    if d is not None:
+        lines.append(
+            f"last scale: {d.from_replicas} -> {d.to_replicas} at {clock(d.time)}: {d.reason}"
+        )
+    return "\n".join(lines)
+
+
+def _cause_value(text: str) -> str:
+    return short(text) if text.startswith("projects/") else text
+
+
+def plan_text(plan: Plan) -> str:
+    """A --dry-run's plan: the change class and its causes, what happens to the replicas,
+    and the room on the cluster's nodes."""
+    lines = [f"change: {plan.change_class.value}"]
+    lines += [
+        f"  {c.field}: {_cause_value(c.before)} -> {_cause_value(c.after)}" for c in plan.causes
+    ]
+    lines.append(
+        f"replicas: {plan.kept} kept, {plan.replaced} replaced, {plan.removed} removed, "
+        f"{plan.added} added, {plan.after} after"
+    )
+    if plan.current:
+        lines.append(f"running now: {', '.join(plan.current)}")
+    fit = plan.fit
+    if fit is None:
+        lines.append("capacity: not judged (the cluster's nodes could not be read)")
+    elif not fit.to_place and not fit.room_for:  # a stop, a scale down: nothing to place
+        lines.append("capacity: fits (no new replica to place)")
+    else:
+        lines.append("capacity: fits" if fit.fits else f"capacity: DOES NOT FIT: {fit.reason}")
+        lines.append(
+            f"per replica: {fit.need.words()}; {fit.placed} of {fit.to_place} new "
+            f"replica{'s' if fit.to_place != 1 else ''} placed"
+        )
+        if fit.nodes:
+            rows = [
+                [
+                    n.node.node,
+                    f"{n.node.cpus_free:g}/{n.node.cpus_total:g}",
+                    f"{n.node.gpus_free:g}/{n.node.gpus_total:g}",
+                    f"{size(n.node.memory_free_mib * _MIB)}/{size(n.node.memory_total_mib * _MIB)}",
+                    str(n.new_replicas),
+                ]
+                for n in fit.nodes
+            ]
+            headers = [
+                "node",
+                "cpu free/total",
+                "gpu free/total",
+                "memory free/total",
+                "new replicas",
+            ]
+            lines += ["", table(headers, rows), ""]
+        else:
+            lines.append("no live node")
+        if fit.room_for:
+            lines.append(f"room for {fit.room_for} replica{'s' if fit.room_for != 1 else ''}")
+    if plan.summary:
+        lines.append(f"summary: {plan.summary}")
+    return "\n".join(lines)
 
 
 def short(name: str) -> str:
@@ -69,8 +168,15 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _model_rows(items: Sequence[Model]) -> tuple[list[str], list[list[str]]]:
-    return ["name", "state", "active deployment", "endpoint", "updated"], [
-        [m.name, m.state.value, short(m.active_deployment) or "-", m.endpoint, when(m.update_time)]
+    return ["name", "state", "active deployment", "replicas", "endpoint", "updated"], [
+        [
+            m.name,
+            m.state.value,
+            short(m.active_deployment) or "-",
+            scale_short(m.scale),
+            m.endpoint,
+            when(m.update_time),
+        ]
         for m in items
     ]
 
@@ -171,6 +277,9 @@ def _key_rows(items: Sequence[InvocationKey]) -> tuple[list[str], list[list[str]
 
 
 # ---- signals ---------------------------------------------------------------------------------
+
+
+_MIB = 1024 * 1024
 
 
 def size(n: int) -> str:
@@ -351,8 +460,14 @@ class Printer:
             return
         headers, rows = _ROWS[type(items[0])](items)
         print(table(headers, rows), file=self.out)
-        if not isinstance(value, list) and isinstance(value, Deployment) and value.replicas:
-            print("\n" + _replica_rows(value), file=self.out)
+        if not isinstance(value, list) and isinstance(value, Deployment):
+            a = value.resources.autoscaling
+            if a is not None:
+                print("\n" + autoscaling_text(a, value.resources.replicas), file=self.out)
+            if value.replicas:
+                print("\n" + _replica_rows(value), file=self.out)
+        if not isinstance(value, list) and isinstance(value, Model) and value.scale:
+            print("\n" + scale_text(value.scale), file=self.out)
         if not isinstance(value, list) and isinstance(value, Build) and value.runtime:
             print("\n" + _build_details(value), file=self.out)
 
@@ -372,7 +487,10 @@ class Printer:
             detail = ("done" if r.done else r.progress) + (
                 f" error={r.error.message}" if r.error else ""
             )
-        elif isinstance(r, Deployment | Model):
+        elif isinstance(r, Model):
+            scale = f"replicas {scale_short(r.scale)}" if r.scale is not None else ""
+            detail = "  ".join(x for x in (scale, r.message) if x)
+        elif isinstance(r, Deployment):
             detail = r.message
         print(
             f"{e.revision:>6}  {when(e.time)}  {e.type.value:<8} {what}"

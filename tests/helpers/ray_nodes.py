@@ -1,0 +1,61 @@
+"""A Ray cluster of two nodes on this machine, for tests of what claims to work on a
+cluster: a head (`ray start --head`, 127.0.0.1) and a second node (`ray start
+--address`, node address 127.0.0.2), each with a temp dir of its own."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from tests.helpers.servers import free_port
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _ray(*args: str, env: dict[str, str]) -> None:
+    subprocess.run([RAY, "start", *args], check=True, env=env, capture_output=True, timeout=180)
+
+
+@contextlib.contextmanager
+def two_nodes(cpus: int = 2, second_gpus: int = 0) -> Iterator[str]:
+    """The head's address; ``second_gpus``: logical GPUs on the second node only. Each
+    node's metrics agent gets Serve's figures every second (RAY_metrics_report_interval_ms,
+    as docs/metrics.md tells operators). Drivers that join it need RAY_AUTH_MODE=disabled."""
+    temps = [tempfile.mkdtemp(prefix=f"cp-ray{i}-", dir="/tmp") for i in (1, 2)]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_metrics_report_interval_ms": "1000"}
+    port = free_port()
+    try:
+        _ray(
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            f"--num-cpus={cpus}",
+            "--num-gpus=0",
+            "--include-dashboard=false",
+            f"--temp-dir={temps[0]}",
+            "--disable-usage-stats",
+            env=env,
+        )
+        _ray(
+            f"--address=127.0.0.1:{port}",
+            "--node-ip-address=127.0.0.2",
+            f"--num-cpus={cpus}",
+            f"--num-gpus={second_gpus}",
+            f"--temp-dir={temps[1]}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            "--disable-usage-stats",
+            env=env,
+        )
+        yield f"127.0.0.1:{port}"
+    finally:
+        for temp in temps:
+            subprocess.run(["pkill", "-9", "-f", temp], check=False)
+        for temp in temps:
+            shutil.rmtree(temp, ignore_errors=True)
