@@ -242,3 +242,58 @@ async def test_axe_finds_nothing_serious_on_the_sign_in_and_models_pages(
     await page.get_by_label("Filter").press("Enter")
     await expect(page.get_by_text("No model matches")).to_be_visible()
     await assert_accessible(page)
+
+
+async def test_the_redeploy_form_shows_the_servers_plan_before_deploy_model(
+    page: Page, server: Server, console: ConsoleServer
+) -> None:
+    await create_models(server, ("iris", "Iris classifier"))
+    await deploy(server, "iris", replicas=1)
+    await sign_in(page, console)
+    await page.goto(f"{console.url}/{PROJECT}/models/iris/deployments")
+    await page.get_by_role("link", name=re.compile("Re-deploy this Build")).first.click()
+    plan = page.locator("#plan-result")
+    await expect(plan).to_contain_text("Nothing changes for the replicas")
+    anyway = page.get_by_role("button", name="Deploy anyway (wait for capacity)")
+    await expect(anyway).to_be_hidden()
+
+    # More replicas: the server's plan, as typed, without a reload.
+    await page.get_by_label("Replicas").fill("3")  # the one label with "replicas" in it
+    await expect(plan).to_contain_text("Scales in place from 1 to 3 replicas")
+    await expect(plan.locator(".plan-reasons")).to_have_text("Replicas: 1 → 3")
+    await expect(plan.locator("tr.node")).to_contain_text("fake-node")
+    await expect(plan).to_contain_text("Fits: 2 replicas to start")
+    await assert_accessible(page)
+    await screenshot(page, "redeploy-plan")
+
+    # More GPUs than the fake cluster has: it does not fit, and Deploy anyway appears.
+    await page.get_by_label("GPUs per replica").fill("4")
+    await expect(plan).to_contain_text("Does not fit: 3 of 3 new replicas")
+    await expect(anyway).to_be_visible()
+    await screenshot(page, "redeploy-no-room")
+    # Bounds the server refuses stand beside their field while typed.
+    await page.get_by_label("GPUs per replica").fill("0")
+    await page.get_by_label("Scale with load").check()
+    await page.get_by_label("Max replica count").fill("0")
+    error = page.locator("#max_replicas-error")
+    await expect(error).to_have_text(re.compile("^Max replica count must be between"))
+    await expect(page.get_by_label("Max replica count")).to_have_attribute("aria-invalid", "true")
+    await expect(anyway).to_be_hidden()
+    await assert_accessible(page)
+    await screenshot(page, "redeploy-invalid")
+    await page.get_by_label("Max replica count").fill("4")
+    await expect(error).to_have_text("")
+    await expect(plan).to_contain_text("Replicas: 1 → autoscaling 1-4")
+
+    await page.get_by_role("button", name="Deploy Model").click()
+    await expect(page).to_have_url(f"{console.url}/{PROJECT}/models/iris")
+    await expect(page.locator(".flash")).to_contain_text("with 1 to 4 replicas, scaling with load")
+    # The Overview follows the model's scale live: wanted, running, autoscaling, and why.
+    status = page.locator("#model-status")
+    await expect(status.locator(".scale")).to_have_text(
+        "1 running of 1 wanted · autoscaling", timeout=10_000
+    )
+    await expect(status.locator(".scale-decision")).to_contain_text(
+        "deployment 2: autoscaling 1-4 replicas"
+    )
+    await screenshot(page, "overview-scale")

@@ -10,7 +10,6 @@ import os
 import shutil
 import tarfile
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from html import unescape
 from pathlib import Path
 from typing import Any
@@ -20,15 +19,12 @@ import httpx
 import pytest
 
 from controlplane.api.client import Client
-from controlplane.console.pages.deployments import parse_serving, plan_of
 from controlplane.domain.access import Role
-from controlplane.domain.states import DeploymentState, ModelState, ReplicaState
+from controlplane.domain.states import ModelState, ReplicaState
 from controlplane.domain.types import (
     Deployment,
     DeployOptions,
-    Model,
     Operation,
-    Replica,
     Resources,
 )
 from controlplane.server import Server
@@ -260,13 +256,16 @@ async def test_redeploy_with_more_replicas_scales_in_place_as_the_plan_says(
 
     fields = {"replicas": "1", "cpus": "0", "memory_mib": "0", "gpus": "0"}
     fields |= {"environment": "FOO=bar", "secret_mode": "keep"}
-    more = await web.get(f"{base}/1/plan", **{**fields, "replicas": "3"})
+    # The server's plan, as the page's script asks for it (tests/integration/
+    # test_console_capacity.py has the rest of it).
+    more = await web.post(f"{base}/1/plan", **{**fields, "replicas": "3"})
     assert "in place" in more.text and "from 1 to 3 replicas" in more.text
-    cpu = await web.get(f"{base}/1/plan", **{**fields, "cpus": "0.5"})
-    assert "Rolls" in cpu.text and "in place" not in cpu.text and "CPUs 0 → 0.5" in cpu.text
-    env = await web.get(f"{base}/1/plan", **{**fields, "environment": "FOO=baz"})
-    assert "Rolls" in env.text and "changes FOO" in env.text
-    bad = await web.get(f"{base}/1/plan", **{**fields, "replicas": "500"})
+    cpu = await web.post(f"{base}/1/plan", **{**fields, "cpus": "0.5"})
+    assert "Rolls" in cpu.text and "in place" not in cpu.text
+    assert "CPUs</span>: 0 → 0.5" in cpu.text
+    env = await web.post(f"{base}/1/plan", **{**fields, "environment": "FOO=baz"})
+    assert "Rolls" in env.text and "Environment FOO</span>: bar → baz" in env.text
+    bad = await web.post(f"{base}/1/plan", **{**fields, "replicas": "500"})
     assert "Replicas must be between 1 and 100" in bad.text
 
     r = await web.post(f"{base}/1/redeploy", **{**fields, "replicas": "3"})
@@ -419,65 +418,40 @@ async def test_a_viewer_cannot_deploy_even_by_hand_made_posts(secured: Server) -
         assert len((await c.list_builds(model)).items) == 1
 
 
-# ---- the plan's rules, beside what the server does (above) ----------------------------------
+async def test_a_new_build_of_an_autoscaled_model_keeps_its_bounds_and_delays(
+    web: Web, server: Server, project: str
+) -> None:
+    from controlplane.domain.scaling import Autoscaling
+    from controlplane.domain.types import Resources
 
-
-def _model(state: ModelState, running_operation: str = "") -> Model:
-    t = datetime.now(UTC)
-    return Model(
-        "projects/p/models/m",
-        "m",
-        "",
-        state,
-        "projects/p/models/m/deployments/1",
-        "",
-        t,
-        t,
-        "",
-        running_operation=running_operation,
-    )
-
-
-def _deployment(state: DeploymentState, replicas: int = 2, cpus: float = 1) -> Deployment:
-    t = datetime.now(UTC)
-    running = tuple(
-        Replica(f"r{i}", ReplicaState.RUNNING, 100 + i, "node", t) for i in range(replicas)
-    )
-    return Deployment(
-        "projects/p/models/m/deployments/1",
-        "projects/p/models/m/builds/1",
-        Resources(replicas=replicas, cpus=cpus),
-        {"FOO": "bar"},
-        state,
-        running if state == DeploymentState.DEPLOYED else (),
-        "",
-        t,
-        t,
-        ("KEY",),
-    )
-
-
-def test_the_plan_follows_the_servers_rules() -> None:
-    build = "projects/p/models/m/builds/1"
-    same = {"replicas": "4", "cpus": "1", "environment": "FOO=bar"}
-    deployed = _model(ModelState.DEPLOYED)
-    active = _deployment(DeploymentState.DEPLOYED)
-
-    def plan(model: Model, dep: Deployment | None, **fields: str) -> str:
-        serving = parse_serving({**same, **fields}, read_secrets=False)
-        p = plan_of(model, dep, fields.pop("build", build), serving)
-        return f"{p.kind}: {p.headline} {' '.join(p.reasons)}"
-
-    assert plan(deployed, active).startswith("in-place: Scales in place from 2 to 4")
-    assert plan(deployed, active, replicas="1").startswith("in-place: Scales in place")
-    assert plan(deployed, active, replicas="2").startswith("in-place: Nothing changes")
-    assert "another build (1 → 2)" in plan(deployed, active, build=build[:-1] + "2")
-    assert plan(deployed, active, cpus="2").startswith("roll: Rolls")
-    assert "adds MODE" in plan(deployed, active, environment="FOO=bar\nMODE=x")
-    assert "removes FOO" in plan(deployed, active, environment="")
-    assert "new secret environment" in plan(deployed, active, secret_mode="new")
-    stopped = plan(_model(ModelState.STOPPED), _deployment(DeploymentState.STOPPED))
-    assert stopped.startswith("restart: Restarts: nothing serves now (the model is STOPPED)")
-    assert plan(_model(ModelState.NOT_DEPLOYED), None).startswith("restart: Starts")
-    busy = plan(_model(ModelState.DEPLOYED, "operations/x"), active)
-    assert busy.startswith("busy: Not now: operation operations/x is running")
+    model = f"{project}/models/auto"
+    r = await deploy_new(web, project, a_zip(), model_id="auto")
+    assert r.status_code == 303, r.text
+    async with Client(server.grpc_address) as c:
+        await finished(c, model)
+        bounds = Autoscaling(1, 3, target_ongoing_requests=4, downscale_delay_s=5)
+        op = await c.create_deployment(
+            model, f"{model}/builds/1", Resources(replicas=0, autoscaling=bounds)
+        )
+        await c.wait(op.name, timeout_s=30)
+        # The form is prefilled from it: Scale with load ticked, its bounds, and the
+        # delays (which the form does not show) carried.
+        page = (await web.get(f"/{project}/models/auto/deploy")).text
+        assert 'id="autoscale" name="autoscale" value="yes" checked' in page
+        assert 'name="downscale_delay_s" value="5"' in page
+        r = await deploy_new(
+            web,
+            project,
+            a_zip(),
+            model_id="auto",
+            autoscale="yes",
+            min_replicas="1",
+            max_replicas="3",
+            target_ongoing_requests="4",
+            upscale_delay_s="30",
+            downscale_delay_s="5",
+        )
+        assert r.status_code == 303, r.text
+        await finished(c, model)
+        d = await serving_now(c, model)
+        assert d.build == f"{model}/builds/2" and d.resources.autoscaling == bounds

@@ -123,24 +123,61 @@
     }).finally(function () { if (button) button.disabled = false; });
   });
 
-  // ---- forms with data-watch-fields ask the server what the change will do ----------------
+  // ---- forms with data-plan ask the server what the change will do, as they change -----
+  // (a POST with the form as it is, CSRF token included; the answer is the plan's HTML,
+  // with each refused field's message in a hidden [data-field-error] for beside that field)
+  function showFieldErrors(form, out) {
+    var given = {};
+    out.querySelectorAll("[data-field-error]").forEach(function (el) {
+      given[el.getAttribute("data-field-error")] = el.textContent;
+    });
+    form.querySelectorAll(".field-error[data-for]").forEach(function (el) {
+      var name = el.getAttribute("data-for");
+      var text = given[name] || "";
+      el.textContent = text;
+      var input = document.getElementById(name);
+      if (!input) return;
+      if (text) input.setAttribute("aria-invalid", "true");
+      else input.removeAttribute("aria-invalid");
+    });
+    var anyway = form.querySelector("button[name=wait_for_capacity]");
+    if (anyway) anyway.hidden = !out.querySelector("[data-no-room]");
+  }
+
   function setupPlans() {
     document.querySelectorAll("form[data-plan]").forEach(function (form) {
       var out = document.getElementById(form.dataset.planTarget);
       var timer = null;
+      var asked = 0;
       function ask() {
-        var params = new URLSearchParams(new FormData(form));
-        params.delete("csrf");
-        form.querySelectorAll("[data-plan-skip]").forEach(function (el) { params.delete(el.name); });
-        fetch(form.dataset.plan + "?" + params.toString(), { credentials: "same-origin" })
-          .then(function (r) { return r.text(); })
-          .then(function (html) { if (out) out.innerHTML = html; });
+        var mine = ++asked;
+        var body = new FormData(form);
+        form.querySelectorAll("[data-plan-skip]").forEach(function (el) { body.delete(el.name); });
+        fetch(form.dataset.plan, {
+          method: "POST",
+          body: body,
+          headers: { "X-Requested-With": "fetch" },
+          credentials: "same-origin",
+        }).then(function (r) {
+          // Signed out meanwhile: the page itself goes to sign-in (and back here after).
+          if (r.redirected) { location.reload(); return null; }
+          if (!r.ok) throw new Error("HTTP " + r.status + ": reload the page");
+          return r.text();
+        }).then(function (html) {
+          if (html === null || mine !== asked || !out) return;
+          out.innerHTML = html;
+          showFieldErrors(form, out);
+        }).catch(function (err) {
+          if (mine === asked && out) out.textContent = "The plan could not be asked for: " + err.message;
+        });
       }
       form.addEventListener("input", function () {
         clearTimeout(timer);
         timer = setTimeout(ask, 150);
       });
-      ask();
+      // The page came with the plan of its fields; a page restored from the history may
+      // have other values in them.
+      window.addEventListener("pageshow", function (e) { if (e.persisted) ask(); });
     });
   }
 
