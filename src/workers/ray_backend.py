@@ -382,7 +382,7 @@ def build_app(args: dict[str, Any]) -> Any:
     )
 
 
-def _app_config(spec: AppSpec, max_queued_requests: int = -1) -> dict[str, Any]:
+def _app_config(spec: AppSpec, max_queued_requests: int = -1, new: bool = True) -> dict[str, Any]:
     env = dict(spec.environment)
     env[RESTART_ENV] = str(spec.restart_generation)
     env["CP_ARTIFACT"] = spec.artifact_path
@@ -404,7 +404,7 @@ def _app_config(spec: AppSpec, max_queued_requests: int = -1) -> dict[str, Any]:
         "deployments": [
             {
                 "name": DEPLOYMENT,
-                "autoscaling_config": _autoscaling(spec),
+                "autoscaling_config": _autoscaling(spec, new),
                 "ray_actor_options": actor_options,
                 "user_config": {
                     "open": spec.access.open,
@@ -420,24 +420,28 @@ def _app_config(spec: AppSpec, max_queued_requests: int = -1) -> dict[str, Any]:
     }
 
 
-def _autoscaling(spec: AppSpec) -> dict[str, Any]:
+def _autoscaling(spec: AppSpec, new: bool) -> dict[str, Any]:
     """Serve's autoscaling config, for a fixed count too (min = max = the count): the
     count, the bounds and fixed versus autoscaled then all change in place. Serve puts
     whether a deployment has an ``autoscaling_config`` into the application's code
     version, so switching between ``num_replicas`` and ``autoscaling_config`` would
-    restart every replica."""
+    restart every replica. Serve also sets the count to ``initial_replicas`` whenever
+    the config changes: an autoscaled application that runs already gets none (it keeps
+    the count it has, within the new bounds); a ``new`` one starts with ``replicas``."""
     a = spec.autoscaling
     if a is None:
         n = spec.replicas
         return {"min_replicas": n, "max_replicas": n, "initial_replicas": n}
-    return {
+    config: dict[str, Any] = {
         "min_replicas": a.min_replicas,
         "max_replicas": a.max_replicas,
-        "initial_replicas": min(max(spec.replicas, a.min_replicas), a.max_replicas),
         "target_ongoing_requests": a.target_ongoing_requests,
         "upscale_delay_s": a.upscale_delay_s,
         "downscale_delay_s": a.downscale_delay_s,
     }
+    if new:
+        config["initial_replicas"] = min(max(spec.replicas, a.min_replicas), a.max_replicas)
+    return config
 
 
 def _replica(r: ReplicaDetails) -> ReplicaObservation:
@@ -687,10 +691,13 @@ class RayBackend:
         return self._runtime
 
     async def apply(self, apps: Sequence[AppSpec]) -> None:
+        running = (await asyncio.to_thread(self._started().details)).applications
         config = ServeDeploySchema.model_validate(
             {
                 "http_options": {"host": self._http_host, "port": self._http_port},
-                "applications": [_app_config(a, self._max_queued) for a in apps],
+                "applications": [
+                    _app_config(a, self._max_queued, new=a.app_name not in running) for a in apps
+                ],
             }
         )
         await asyncio.to_thread(self._started().deploy, config)
