@@ -122,6 +122,18 @@ async def show(c: Client, before: dict[str, int], endpoint: str, key: str) -> di
     return now
 
 
+async def scaled_to_zero(c: Client, seconds: float = 60) -> None:
+    """Waits until the model shows no replica running (its autoscaler's decision)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        scale = (await c.get_model(MODEL)).scale
+        if scale is not None and scale.running == 0 and scale.desired == 0:
+            return
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the model did not scale to zero within {seconds:g} s: {scale}")
+        await asyncio.sleep(0.2)
+
+
 async def requests_counted(c: Client) -> int:
     return (await c.get_model_metrics(MODEL, 3600, 3600)).series.model.totals.requests
 
@@ -177,7 +189,8 @@ async def workflow(server: str, console: str) -> None:
             refused = (await http.post(endpoint, json=FLOWERS)).status_code
         print(f"  POST {endpoint} without a key -> {refused}")
 
-        step("3. Re-deploy the same build with 3 replicas: scales in place")
+        step("3. Re-deploy the same build with 3 replicas: first the plan, then in place")
+        modelctl(server, "deploy", "iris", "--build", "1", "--replicas", "3", "--dry-run")
         modelctl(server, "deploy", "iris", "--build", "1", "--replicas", "3")
         seen = await show(c, seen, endpoint, key)
 
@@ -195,7 +208,20 @@ async def workflow(server: str, console: str) -> None:
         modelctl(server, "restart", "iris", "--yes")
         seen = await show(c, seen, endpoint, key)
 
-        step("7. A canary of build 2: 50%, then 100% of requests, each step judged on its")
+        step("7. Scale with the load: 0 to 2 replicas, switched in place; idle for 2 s, it")
+        print("  scales to zero and stays DEPLOYED, and its next request starts a replica")
+        modelctl(server, "deploy", "iris", "--build", "1", "--min-replicas", "0",
+                 "--max-replicas", "2", "--downscale-delay", "2s")  # fmt: skip
+        seen = await show(c, seen, endpoint, key)
+        await scaled_to_zero(c)
+        modelctl(server, "models", "get", "iris")
+        started = time.monotonic()
+        await call(endpoint, key)
+        print(f"  the first request after zero was answered in {time.monotonic() - started:.1f}s")
+        modelctl(server, "deploy", "iris", "--build", "1", "--replicas", "2", "--no-autoscaling")
+        seen = await show(c, seen, endpoint, key)
+
+        step("8. A canary of build 2: 50%, then 100% of requests, each step judged on its")
         print("  own errors and p99 under a steady load, then promoted by itself")
         answered: dict[str, int] = {}
         load_done = asyncio.Event()
@@ -220,7 +246,7 @@ async def workflow(server: str, console: str) -> None:
         print(f"  answers during the canary: {dict(sorted(answered.items()))}")
         seen = await show(c, seen, endpoint, key)
 
-        step("8. See what it does: requests, latency, CPU per build and replica; its logs")
+        step("9. See what it does: requests, latency, CPU per build and replica; its logs")
         before = await requests_counted(c)
         async with httpx.AsyncClient(timeout=30) as http:
             for _ in range(20):
@@ -229,10 +255,10 @@ async def workflow(server: str, console: str) -> None:
         modelctl(server, "metrics", "iris", "--window", "5m", "--step", "1m")
         modelctl(server, "logs", "iris", "--tail", "4")
 
-        step("9. The web console shows the same, live (the seed's pages and buttons)")
+        step("10. The web console shows the same, live (the seed's pages and buttons)")
         await console_view(console, token)
 
-        step("10. Stop: no replica left, the endpoint stops answering; history stays")
+        step("11. Stop: no replica left, the endpoint stops answering; history stays")
         modelctl(server, "stop", "iris", "--yes")
         async with httpx.AsyncClient(timeout=10) as http:
             try:
