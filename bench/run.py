@@ -27,7 +27,17 @@ from typing import Any
 
 from serverproc import RESULTS, ROOT, Row
 
-BENCHMARKS = ("serve", "signals", "rpc", "watchers", "records", "builds", "console", "traffic")
+BENCHMARKS = (
+    "serve",
+    "signals",
+    "rpc",
+    "watchers",
+    "records",
+    "builds",
+    "console",
+    "traffic",
+    "autoscale",
+)
 
 
 def machine() -> dict[str, Any]:
