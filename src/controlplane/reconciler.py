@@ -218,10 +218,26 @@ class Reconciler:
             ):
                 serving = repo.maybe_deployment_row(c.session, model.active_deployment)
                 if serving is not None:
-                    in_flight = self.load(model.name) if self.load is not None else None
                     lifecycle.scale_observed(
-                        c, model, serving, obs, now(), in_flight, self.settings.scale_coalesce_s
+                        c,
+                        model,
+                        serving,
+                        obs,
+                        now(),
+                        lambda: self._load(model_name),
+                        self.settings.scale_coalesce_s,
                     )
+
+    def _load(self, model_name: str) -> float | None:
+        """The model's requests in flight as its replicas last reported (the reason of a
+        scale decision); None when unknown. The figures are written by the signals loop
+        meanwhile: a read that races a write says nothing rather than fail the look."""
+        if self.load is None:
+            return None
+        try:
+            return self.load(model_name)
+        except RuntimeError:  # e.g. a dict changed size while it was read
+            return None
 
     def _gone_for_good(self, model_name: str, obs: Observation | None) -> bool:
         """The application of a model that should serve has been missing from Serve for a

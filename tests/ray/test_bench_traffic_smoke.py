@@ -8,35 +8,18 @@ so that it stops its cluster too."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from typing import Any
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers.bench_smoke import smoke_figures
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
 
 
 @pytest.fixture(scope="module")
 def figures() -> dict[str, Any]:
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "traffic.py"), "--smoke"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=360)
-    except subprocess.TimeoutExpired:
-        proc.terminate()  # it stops its Ray cluster on the way out
-        out, err = proc.communicate(timeout=50)
-        raise AssertionError(f"bench/traffic.py --smoke took over 360 s: {out[-2000:]}") from None
-    assert proc.returncode == 0, out[-3000:] + err[-3000:]
-    loaded: dict[str, Any] = json.loads((ROOT / "bench" / "results" / "traffic.json").read_text())
-    return loaded
+    return smoke_figures("traffic")
 
 
 def test_a_smoke_run_on_this_machine(figures: dict[str, Any]) -> None:

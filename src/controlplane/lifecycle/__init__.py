@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -467,22 +468,26 @@ def scale_observed(
     dep: DeploymentRow,
     obs: Observation,
     at: datetime,
-    in_flight: float | None,
+    load: Callable[[], float | None],
     coalesce_s: float,
 ) -> None:
     """The serving deployment's replicas wanted and running, and the last decision on how
     many (``domain.scaling.judge_scale``), written on the model when they change, at most
-    every ``coalesce_s``."""
+    every ``coalesce_s``. ``load``: the model's requests in flight, asked only when there
+    is a new decision to give a reason to."""
     running = sum(1 for r in obs.replicas if r.state is ReplicaState.RUNNING)
+    desired = obs.target if obs.target is not None else dep.replicas
+    before = scaling.scale_from_json(model.scale)
+    decided = before is None or before.deployment != dep.name or before.desired != desired
     looked = scaling.Looked(
         deployment=dep.name,
         number=dep.number,
-        desired=obs.target if obs.target is not None else dep.replicas,
+        desired=desired,
         running=running,
         autoscaling=scaling.autoscaling_from_json(dep.autoscaling),
-        in_flight=in_flight,
+        in_flight=load() if decided else None,
     )
-    after = scaling.judge_scale(scaling.scale_from_json(model.scale), looked, at, coalesce_s)
+    after = scaling.judge_scale(before, looked, at, coalesce_s)
     if after is not None:
         c.model(model, scale=scaling.scale_to_json(after) or "")
 
