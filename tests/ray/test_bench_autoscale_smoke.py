@@ -57,8 +57,10 @@ def test_new_replicas_answered_after_the_load_step(figures: dict[str, Any]) -> N
         assert step["replicas_answered"] <= 3, (side, step)
         assert 0 < step["first_new_replica_s"] <= step["seconds"], (side, step)
         assert step["sent"] > 0 and step["failed"] == 0, (side, step["failed_examples"])
-        # Serve listed a new replica RUNNING by then (polled every 0.25 s).
-        assert step["serve_new_running_s"] is not None, (side, step)
+        # Serve raised its target before a new replica answered. (When Serve listed the
+        # new replica RUNNING is polled every 0.25 s: a step that ends within a poll of
+        # its first new answer may not have seen it, so it is recorded, not asserted.)
+        assert 0 < step["serve_target_up_s"] <= step["first_new_replica_s"], (side, step)
 
 
 def test_each_cold_start_answered_200(figures: dict[str, Any]) -> None:
