@@ -129,7 +129,11 @@ class Server:
         def nodes() -> Sequence[NodeResources]:
             """The cluster's nodes, for a plan (asked from a worker thread)."""
             asked = asyncio.run_coroutine_threadsafe(backend.nodes(), loop)
-            return asked.result(NODES_TIMEOUT_S)
+            try:
+                return asked.result(NODES_TIMEOUT_S)
+            except BaseException:  # a cluster that does not answer: the plan says so
+                asked.cancel()
+                raise
 
         service = Service(
             self.db, sources, http_base, log_path, await self.backend.runtime(), nodes=nodes
