@@ -233,14 +233,23 @@ async def test_canary_rollback_shadow_and_split_under_load(
         assert m.traffic is not None and m.traffic.percent == 50
         main, second = await both_replicas(i)
         async with httpx.AsyncClient(timeout=30) as http:
-            by_user: dict[str, set[str]] = {}
-            for user in ("ana", "bo", "cy", "dee", "eli", "fay", "gus", "hal"):
-                for _ in range(4):
-                    r = await http.post(endpoint, json=IRIS, headers={"X-User": user})
-                    assert r.status_code == 200, r.text
-                    by_user.setdefault(user, set()).add(r.json()["build"].rsplit("/", 1)[-1])
-            assert all(len(builds) == 1 for builds in by_user.values()), by_user
-            assert set().union(*by_user.values()) == {"1", "2"}, by_user
+
+            async def sticky() -> dict[str, set[str]]:
+                by_user: dict[str, set[str]] = {}
+                for user in ("ana", "bo", "cy", "dee", "eli", "fay", "gus", "hal"):
+                    for _ in range(4):
+                        r = await http.post(endpoint, json=IRIS, headers={"X-User": user})
+                        assert r.status_code == 200, r.text
+                        build = r.json()["build"].rsplit("/", 1)[-1]
+                        by_user.setdefault(user, set()).add(build)
+                assert all(len(builds) == 1 for builds in by_user.values()), by_user
+                assert set().union(*by_user.values()) == {"1", "2"}, by_user
+                return by_user
+
+            # The operation ends once both builds' replicas run; Serve hands each stable
+            # replica its share (reconfigure) a moment later, replica by replica: the
+            # split is sticky once they all have it (within a second, as below).
+            await eventually("a split sticky by X-User", sticky, 15)
 
             # New weights in place: no replica of either build restarts, and they take
             # effect within a second of the call.
