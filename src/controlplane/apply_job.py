@@ -101,7 +101,9 @@ class ApplyJobs:
         """The whole desired set, read fresh under the apply lock (what a rollout replaces
         was recorded when it started: ``lifecycle._start_rollout``)."""
         with self.db.read() as s:
-            return desired.desired_apps(s, open_endpoints=self.settings.insecure_no_auth)
+            return desired.desired_apps(
+                s, self.db.secrets, open_endpoints=self.settings.insecure_no_auth
+            )
 
     def _landed(self, job: Job) -> None:
         with self.db.write() as tx:

@@ -63,7 +63,7 @@ def side_of(dep: DeploymentRow) -> p.Side:
         need=p.Need(dep.cpus, dep.gpus, dep.memory_mib),
         autoscaling=scaling.autoscaling_from_json(dep.autoscaling),
         environment=repo.environment_of(dep),
-        secrets=repo.secrets_of(dep),
+        secrets=repo.secret_ids(dep),
         restart_generation=dep.restart_generation,
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 from sqlmodel import Session, col, select
@@ -9,6 +10,7 @@ from sqlmodel import Session, col, select
 from controlplane.domain import names, scaling, traffic
 from controlplane.domain.states import BuildState, DeploymentState
 from controlplane.storage import repo
+from controlplane.storage.secretbox import SecretBox, SecretKeyError
 from controlplane.storage.tables import BuildRow, DeploymentRow, InvocationKeyRow, ModelRow
 from workers.backend import (
     AppSpec,
@@ -18,6 +20,8 @@ from workers.backend import (
     app_name_for,
     candidate_app_for,
 )
+
+log = logging.getLogger(__name__)
 
 
 def autoscaling_spec(dep: DeploymentRow) -> AutoscalingSpec | None:
@@ -33,7 +37,21 @@ def autoscaling_spec(dep: DeploymentRow) -> AutoscalingSpec | None:
     )
 
 
-def app_spec(model: ModelRow, dep: DeploymentRow, build: BuildRow) -> AppSpec:
+def _opened(dep: DeploymentRow, box: SecretBox) -> dict[str, str]:
+    """The deployment's secret values; none when they cannot be opened (another key):
+    its running replicas go on, and a new one fails to start, saying it has no secrets,
+    while every other model is applied as usual."""
+    try:
+        return box.open_all(repo.secrets_of(dep))
+    except SecretKeyError as e:
+        log.error("%s: %s", dep.name, e)
+        return {}
+
+
+def app_spec(
+    model: ModelRow, dep: DeploymentRow, build: BuildRow, box: SecretBox | None = None
+) -> AppSpec:
+    """The model's application; its secret values opened only with ``box`` (to apply)."""
     n = names.parse_model(model.name)
     return AppSpec(
         app_name=app_name_for(n.project, n.model),
@@ -49,7 +67,9 @@ def app_spec(model: ModelRow, dep: DeploymentRow, build: BuildRow) -> AppSpec:
         cpus=dep.cpus,
         memory_mib=dep.memory_mib,
         gpus=dep.gpus,
-        environment={**repo.environment_of(dep), **repo.secrets_of(dep)},
+        environment=repo.environment_of(dep),
+        secrets=_opened(dep, box) if box is not None else {},
+        secrets_version=repo.secrets_version(dep),
         restart_generation=dep.restart_generation,
     )
 
@@ -66,7 +86,7 @@ def endpoint_keys(s: Session) -> dict[str, tuple[str, ...]]:
 
 
 def candidate_spec(
-    s: Session, model: ModelRow, split: traffic.Split
+    s: Session, model: ModelRow, split: traffic.Split, box: SecretBox | None = None
 ) -> tuple[AppSpec, bool] | None:
     """The application of a model's second live deployment, when it should run (reached
     only from the model's own application, its figures reported under the model's), and
@@ -79,7 +99,7 @@ def candidate_spec(
     if build.state != BuildState.BUILT.value:
         return None
     n = names.parse_model(model.name)
-    main = app_spec(model, dep, build)
+    main = app_spec(model, dep, build, box)
     spec = replace(
         main,
         app_name=candidate_app_for(n.project, n.model),
@@ -89,11 +109,13 @@ def candidate_spec(
     return spec, ready
 
 
-def with_split(s: Session, model: ModelRow, main: AppSpec) -> list[AppSpec]:
+def with_split(
+    s: Session, model: ModelRow, main: AppSpec, box: SecretBox | None = None
+) -> list[AppSpec]:
     """The model's application, and while two deployments are live (``ModelRow.traffic``)
     the candidate's, with the share the stable build's replicas send it."""
     split = traffic.split_from_json(model.traffic)
-    found = candidate_spec(s, model, split) if split is not None else None
+    found = candidate_spec(s, model, split, box) if split is not None else None
     if split is None or found is None:
         return [main]
     candidate, ready = found
@@ -107,9 +129,10 @@ def with_split(s: Session, model: ModelRow, main: AppSpec) -> list[AppSpec]:
     return [replace(main, share=share), replace(candidate, access=main.access)]
 
 
-def desired_apps(s: Session, open_endpoints: bool = False) -> list[AppSpec]:
-    """Every application that should run; ``open_endpoints`` (--insecure-no-auth): their
-    endpoints take requests without an invocation key."""
+def desired_apps(s: Session, box: SecretBox, open_endpoints: bool = False) -> list[AppSpec]:
+    """Every application that should run, with its secret values opened with ``box``;
+    ``open_endpoints`` (--insecure-no-auth): their endpoints take requests without an
+    invocation key."""
     keys = {} if open_endpoints else endpoint_keys(s)
     rows = s.exec(
         select(ModelRow, DeploymentRow, BuildRow)
@@ -122,8 +145,8 @@ def desired_apps(s: Session, open_endpoints: bool = False) -> list[AppSpec]:
     apps: list[AppSpec] = []
     for m, d, b in rows:
         main = replace(
-            app_spec(m, d, b),
+            app_spec(m, d, b, box),
             access=EndpointAccess(open=open_endpoints, key_hashes=keys.get(m.name, ())),
         )
-        apps.extend(with_split(s, m, main) if m.traffic else [main])
+        apps.extend(with_split(s, m, main, box) if m.traffic else [main])
     return apps

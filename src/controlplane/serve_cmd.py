@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from controlplane import logs, tracing
 from controlplane.config import DEFAULT_DATA_DIR, MiB, Settings, default
 from controlplane.domain.health import HealthRules
+from controlplane.storage.secretbox import SecretKeyError
 
 if TYPE_CHECKING:
     from controlplane.console.web import ConsoleServer
@@ -360,4 +361,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     settings = settings_from(args)
     logs.setup(args.log_format, settings.server_id)
-    return asyncio.run(serve(settings, args.console_host, args.console_port, args.console_ca_file))
+    try:
+        return asyncio.run(
+            serve(settings, args.console_host, args.console_port, args.console_ca_file)
+        )
+    except SecretKeyError as e:  # a key file others can read, a bad MODELCTL_SECRET_KEYS
+        print(f"modelctl serve: error: {e}", file=sys.stderr)
+        return 1

@@ -29,6 +29,7 @@ from controlplane.signals import Signals
 from controlplane.sources import SourceStore
 from controlplane.storage import jobs, repo
 from controlplane.storage.db import Database, FinishedOperation
+from controlplane.storage.secretbox import SecretBox
 from controlplane.watch import EventHub
 from workers.backend import Backend, NodeResources
 
@@ -58,6 +59,7 @@ def make_backend(settings: Settings) -> Backend:
         num_gpus=settings.num_gpus,
         build_cpus=settings.build_cpus,
         max_queued_requests=settings.max_queued_requests,
+        temp_dir=settings.data_dir / "ray",
     )
 
 
@@ -72,7 +74,7 @@ class Server:
         self.settings = settings
         self.backend = backend or make_backend(settings)
         self.owns_backend = owns_backend or backend is None
-        self.db = Database(settings.db_url)
+        self.db = Database(settings.db_url, secrets=SecretBox.for_data_dir(settings.data_dir))
         self.grpc_port = 0
         self._grpc: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
@@ -99,9 +101,18 @@ class Server:
         """host:port of /metrics ("" when metrics are off)."""
         return self._metrics_endpoint.address if self._metrics_endpoint else ""
 
+    def _seal_secrets(self) -> None:
+        """Secret values stored before encryption, or under a key that is no longer the
+        first, sealed under the current one."""
+        with self.db.write() as tx:
+            changed = repo.reseal_secrets(tx.session, self.db.secrets)
+        if changed:
+            log.info("%d secret value(s) sealed under the current key", changed)
+
     async def start(self) -> None:
         s = self.settings
-        for d in (s.data_dir, s.sources_dir, s.artifacts_dir, s.logs_dir):
+        s.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # private when made here
+        for d in (s.sources_dir, s.artifacts_dir, s.logs_dir):
             d.mkdir(parents=True, exist_ok=True)
         if s.otlp_endpoint:
             self._stop_tracing = tracing.configure(
@@ -112,6 +123,7 @@ class Server:
             self.metrics = Metrics()
         self.db.on_operation_finished(self._operation_finished)
         await asyncio.to_thread(self.db.migrate)
+        await asyncio.to_thread(self._seal_secrets)
         await asyncio.to_thread(self.db.listen)
         await self.backend.start()
         http_base = self.backend.http_base

@@ -318,8 +318,10 @@ class Service:
         number = model.next_deployment_number
         # Keep the restart generation: a new deployment that only scales stays in place.
         current = repo.maybe_deployment_row(c.session, model.active_deployment)
-        if not secrets and current is not None:  # cannot be read back to be sent again
-            secrets = repo.secrets_of(current)
+        before = repo.secrets_of(current) if current is not None else {}
+        # Not given: the current values, as stored (they cannot be read back to be sent
+        # again); given: sealed, and a value equal to the current one keeps its stored form.
+        sealed = self.db.secrets.seal_given(secrets, before) if secrets else before
         row = DeploymentRow(
             name=str(names.parse_model(model.name).deployment(number)),
             model=model.name,
@@ -331,7 +333,7 @@ class Service:
             memory_mib=resources.memory_mib,
             gpus=resources.gpus,
             environment=json.dumps(environment, sort_keys=True),
-            secret_environment=json.dumps(secrets, sort_keys=True),
+            secret_environment=json.dumps(sealed, sort_keys=True),
             state=DeploymentState.PENDING.value,
             restart_generation=current.restart_generation if current else 0,
             creator=creator,
@@ -423,7 +425,7 @@ class Service:
         """A model's log lines (storage/model_logs.py), redacted with the secret values of
         every deployment it has now (lines are redacted when written too)."""
         with self.db.read() as s:
-            secrets, unreadable = repo.secret_values(s, query.model)
+            secrets, unreadable = repo.secret_values(s, self.db.secrets, query.model)
             if unreadable:  # the lines could not be redacted: none is shown
                 raise RuntimeError(f"{query.model}: a secret environment cannot be read")
             lines = model_logs.read(s, query)

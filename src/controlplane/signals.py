@@ -68,7 +68,7 @@ def _known(db: Database) -> _Known:
     (deployments with secrets, and those serving), however long a model's history."""
     with db.read() as s:
         models = s.exec(select(ModelRow.name, ModelRow.state)).all()
-        secrets, unreadable = repo.secret_values(s)
+        secrets, unreadable = repo.secret_values(s, db.secrets)
         alive = repo.serving_replica_ids(s)
     apps = {app_of(name): name for name, _ in models}
     return _Known(

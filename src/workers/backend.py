@@ -111,6 +111,11 @@ class AppSpec:
     memory_mib: int
     gpus: float
     environment: Mapping[str, str] = field(default_factory=dict)
+    # Secret values: handed to the replicas by a path of their own (never in the
+    # application's config, where Ray logs and Serve's API show it); compared by
+    # ``secrets_version``, which changes when a value does.
+    secrets: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    secrets_version: str = ""
     # Set: the count follows the load (changed in place, like ``replicas``).
     autoscaling: AutoscalingSpec | None = None
     # Bumped by RestartModel: a change here replaces every replica.

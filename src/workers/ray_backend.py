@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import socket
 import time
@@ -30,7 +31,8 @@ import zlib
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 from ray.serve._private import api as serve_api
 from ray.serve.schema import (
@@ -59,6 +61,7 @@ from workers.loader import reason_in
 from workers.model_app import UNAUTHORIZED, KeyCheck, ModelFunction, invoke, load_function
 from workers.runtime import Runtime
 from workers.runtime import current as current_runtime
+from workers.secret_broker import ActorInfo, SecretBroker
 from workers.signals import (
     Batch,
     Collector,
@@ -102,6 +105,9 @@ _ray_logs_through_root()  # before ray.init, which already logs (its SIGTERM war
 
 DEPLOYMENT = "model"  # the one Serve deployment of every model application
 RESTART_ENV = "CP_RESTART_GENERATION"
+SECRETS_ENV = "CP_SECRETS_VERSION"  # the version a replica claims from the broker
+SECRETS_BROKER = "modelctl-secrets"  # the detached actor holding secret values
+CLAIM_TIMEOUT_S = 30.0
 MiB = 1024 * 1024
 OBJECT_STORE_MIB = 256  # of a local cluster this backend starts (Ray's default: 30% of memory)
 MAX_ONGOING = 16  # requests one replica takes at once; more wait in Serve's queue
@@ -227,6 +233,7 @@ class ModelServer:
         signals: bool = True,
         signals_app: str = "",
     ):
+        _claim_secrets()  # before the model's code runs: it may read them at import
         self._signals: ReplicaSignals | None = None
         if signals:
             self._signals = ReplicaSignals(_identity(build, signals_app))
@@ -370,6 +377,78 @@ class _Share:
         task.add_done_callback(self._copies.discard)
 
 
+def _claim_secrets() -> None:
+    """A replica's secret values, claimed once from the broker (``workers.secret_broker``)
+    and put into its own environment; nothing when its application has none."""
+    version = os.environ.get(SECRETS_ENV, "")
+    if not version:
+        return
+    app = serve.get_replica_context().app_name
+    actor_id = ray.get_runtime_context().get_actor_id()
+    broker = ray.get_actor(SECRETS_BROKER, namespace=NAMESPACE)
+    claimed: Any = broker.claim.remote(app, version, actor_id)
+    values = cast(dict[str, str], ray.get(claimed, timeout=CLAIM_TIMEOUT_S))
+    os.environ.update(values)
+
+
+def _actor_info(actor_id: str) -> ActorInfo | None:
+    """What the cluster's actor table says of an actor (the broker's check of a claim)."""
+    found = ray._private.state.actors(actor_id=actor_id)
+    if not found:
+        return None
+    return ActorInfo(
+        name=str(found.get("Name", "")),
+        alive=found.get("State") in ("ALIVE", "PENDING_CREATION"),
+    )
+
+
+# Ray's socket paths (TEMP/session_<time>_<pid>/sockets/plasma_store) must fit in 107 bytes.
+MAX_RAY_TEMP = 40
+
+
+def _private_temp_dir(wanted: Path) -> Path:
+    """A folder in ``wanted`` (made mode 0700): Ray makes its temp dir and the folders in
+    it 0777 on every start, so they sit in a folder of ours that nobody else can enter.
+    Where that path is too long for Ray's sockets: a private folder of this user's under
+    the system temp dir instead (said in the log)."""
+    if len(str(wanted)) + 2 > MAX_RAY_TEMP:
+        import tempfile
+
+        short = Path(tempfile.mkdtemp(prefix="modelctl-ray-"))  # 0700
+        log.warning(
+            "Ray's files go to %s, not %s: that path is too long for Ray's sockets "
+            "(%d characters at most); use a shorter --data-dir to keep them there",
+            short,
+            wanted,
+            MAX_RAY_TEMP,
+        )
+        wanted = short
+    wanted.mkdir(mode=0o700, parents=True, exist_ok=True)
+    wanted.chmod(0o700)
+    return wanted / "r"
+
+
+def _running_broker() -> Any:
+    try:
+        return ray.get_actor(SECRETS_BROKER, namespace=NAMESPACE)
+    except ValueError:  # none on this cluster
+        return None
+
+
+def _start_broker() -> Any:
+    """The cluster's secret broker: found where it runs, or started (detached, no CPU).
+    A restarted one is empty until the control plane's next apply fills it."""
+    actor = ray.remote(SecretBroker).options(
+        name=SECRETS_BROKER,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        num_cpus=0,
+        max_restarts=-1,
+    )
+    return actor.remote(_actor_info)
+
+
 def build_app(args: dict[str, Any]) -> Any:
     """Serve's application builder (``import_path`` of every model application)."""
     return ModelServer.bind(  # type: ignore[attr-defined]
@@ -386,6 +465,8 @@ def _app_config(spec: AppSpec, max_queued_requests: int = -1, new: bool = True) 
     env = dict(spec.environment)
     env[RESTART_ENV] = str(spec.restart_generation)
     env["CP_ARTIFACT"] = spec.artifact_path
+    if spec.secrets_version:  # the values go through the broker, never the config
+        env[SECRETS_ENV] = spec.secrets_version
     actor_options: dict[str, Any] = {"num_cpus": spec.cpus, "num_gpus": spec.gpus}
     if spec.memory_mib:
         actor_options["memory"] = spec.memory_mib * MiB
@@ -582,8 +663,12 @@ class RayBackend:
         num_gpus: float,
         build_cpus: float = 0.25,
         max_queued_requests: int = -1,
+        temp_dir: Path | None = None,
     ) -> None:
+        """``temp_dir``: where a local Ray this backend starts keeps its files (sessions,
+        logs, sockets), made private to this user (default: Ray's, under /tmp)."""
         self._address = address
+        self._temp_dir = temp_dir
         self._http_host = http_host
         self._http_port = http_port or _free_port(http_host)
         self._num_cpus = num_cpus
@@ -595,6 +680,7 @@ class RayBackend:
         self._lock = asyncio.Lock()
         self._runtime: Runtime | None = None
         self._collector: Any = None
+        self._broker: Any = None
         self._metrics_ports: list[str] = []
         self._metrics_ports_at = 0.0
 
@@ -630,9 +716,13 @@ class RayBackend:
         """A local Ray of this process's own. Its raylet sometimes fails to register within
         Ray's 30 s on a busy 2-core machine ("timed out during startup"): what was started
         is stopped, and it is tried once more before the error stands."""
+        temp = _private_temp_dir(self._temp_dir) if self._temp_dir else None
         for attempt in (1, 2):
+            # Ray's processes inherit the mask: their logs, sockets and spill files too.
+            mask = os.umask(0o077)
             try:
                 ray.init(
+                    _temp_dir=str(temp) if temp else None,
                     num_cpus=int(self._num_cpus) if self._num_cpus >= 1 else 1,
                     num_gpus=int(self._num_gpus),
                     include_dashboard=False,
@@ -647,6 +737,8 @@ class RayBackend:
                 if attempt == 2 or "timed out during startup" not in str(e):
                     raise
                 log.warning("the local Ray did not start (%s); starting it again", e)
+            finally:
+                os.umask(mask)
 
     async def close(self) -> None:
         async with self._lock:
@@ -692,6 +784,7 @@ class RayBackend:
 
     async def apply(self, apps: Sequence[AppSpec]) -> None:
         running = (await asyncio.to_thread(self._started().details)).applications
+        await self._hand_secrets(apps)
         config = ServeDeploySchema.model_validate(
             {
                 "http_options": {"host": self._http_host, "port": self._http_port},
@@ -701,6 +794,23 @@ class RayBackend:
             }
         )
         await asyncio.to_thread(self._started().deploy, config)
+
+    async def _hand_secrets(self, apps: Sequence[AppSpec]) -> None:
+        """Every application's secret values to the broker, before Serve starts a replica
+        that claims them."""
+        wanted = {a.app_name: (a.secrets_version, dict(a.secrets)) for a in apps if a.secrets}
+        # A version without values: they could not be opened; what the broker has stays.
+        keep = [a.app_name for a in apps if a.secrets_version and not a.secrets]
+        if self._broker is None:  # none needed and none running: nothing to hand over
+            find = _start_broker if wanted else _running_broker
+            self._broker = await asyncio.to_thread(find)
+            if self._broker is None:
+                return
+        try:
+            await asyncio.wrap_future(self._broker.put.remote(wanted, keep).future())
+        except Exception:
+            self._broker = None  # gone with its node or with Ray: started again next time
+            raise
 
     async def observe(self) -> Mapping[str, AppObservation]:
         details = await asyncio.to_thread(self._started().details)

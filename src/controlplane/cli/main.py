@@ -14,7 +14,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
-from controlplane import config, serve_cmd
+from controlplane import config, local_cmd, serve_cmd
 from controlplane.api.client import Client, ClientError
 from controlplane.cli import commands as cmd
 from controlplane.cli import inputs
@@ -200,6 +200,7 @@ def parser() -> argparse.ArgumentParser:
 
     serve = _sub(sub, "serve", None, "run the control plane server")
     serve_cmd.add_arguments(serve)
+    local_cmd.add_secrets(sub)
 
     console = sub.add_parser(
         "console",
@@ -467,6 +468,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve_cmd.run(args)
     if args.command == "console":
         return _console(args)
+    if args.command == "secrets":
+        return local_cmd.secrets_rotate(args)
     try:
         return asyncio.run(run(argv))
     except KeyboardInterrupt:

@@ -101,7 +101,7 @@ class Side:
     need: Need
     autoscaling: Autoscaling | None
     environment: Mapping[str, str]
-    secrets: Mapping[str, str]
+    secrets: Mapping[str, str]  # name -> value id (never the value)
     restart_generation: int
 
 

@@ -35,7 +35,8 @@ from controlplane.domain.types import (
     Replica,
     Resources,
 )
-from controlplane.storage import codec
+from controlplane.storage import codec, secretbox
+from controlplane.storage.secretbox import SecretBox, SecretKeyError
 from controlplane.storage.tables import (
     BuildRow,
     DeploymentRow,
@@ -155,9 +156,39 @@ def to_deployment(row: DeploymentRow) -> Deployment:
 
 
 def secrets_of(row: DeploymentRow) -> dict[str, str]:
-    """For the replicas' environment only (desired.py); never in a resource."""
+    """Each secret's name and its stored (sealed) value: ``secretbox`` opens them, for the
+    replicas alone (desired.py); never in a resource."""
     secrets: dict[str, str] = json.loads(row.secret_environment)
     return secrets
+
+
+def secret_ids(row: DeploymentRow) -> dict[str, str]:
+    """Each secret's name and value id: equal ids, equal values (plans compare them)."""
+    return {name: secretbox.value_id(v) or v for name, v in secrets_of(row).items()}
+
+
+def secrets_version(row: DeploymentRow) -> str:
+    """Changes when a secret value does (never because the key did)."""
+    return secretbox.version_of(secrets_of(row))
+
+
+def reseal_secrets(s: Session, box: SecretBox) -> int:
+    """Every stored secret value sealed under the box's current key (values from before
+    encryption sealed at all): how many changed."""
+    changed = 0
+    rows = s.exec(select(DeploymentRow).where(col(DeploymentRow.secret_environment) != "{}"))
+    for dep in rows.all():
+        stored = secrets_of(dep)
+        try:
+            resealed = secretbox.reseal_map(box, stored)
+        except SecretKeyError as e:  # another key's: every server of a database needs it
+            log.error("deployment %s: %s", dep.name, e)
+            continue
+        if resealed != stored:
+            changed += sum(resealed[k] != stored[k] for k in stored)
+            dep.secret_environment = json.dumps(resealed, sort_keys=True)
+            s.add(dep)
+    return changed
 
 
 def to_operation(row: OperationRow) -> Operation:
@@ -377,7 +408,7 @@ def serving_replica_ids(s: Session, model: str | None = None) -> dict[str, froze
 
 
 def secret_values(
-    s: Session, model: str | None = None
+    s: Session, box: SecretBox, model: str | None = None
 ) -> tuple[dict[str, frozenset[str]], frozenset[str]]:
     """Each model (or ``model`` alone): every non-empty secret value of its deployments, for
     redaction; and the models with a secret environment that cannot be read (logged)."""
@@ -388,8 +419,8 @@ def secret_values(
     unreadable: set[str] = set()
     for dep in s.exec(query).all():
         try:
-            found = {v for v in secrets_of(dep).values() if v}
-        except (ValueError, AttributeError) as e:
+            found = {v for v in box.open_all(secrets_of(dep)).values() if v}
+        except (ValueError, AttributeError, SecretKeyError) as e:
             log.error("deployment %s: its secret environment cannot be read (%s)", dep.name, e)
             unreadable.add(dep.model)
             continue

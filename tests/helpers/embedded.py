@@ -1,0 +1,87 @@
+"""`modelctl serve` in a process of its own with its embedded local Ray (no --ray-address),
+for the tests of what only a whole server with its own cluster shows."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+from modellifecycle.v1 import resources_pb2 as pb
+from modellifecycle.v1 import service_pb2 as rpc
+from tests.helpers import eventually
+from tests.helpers.api import Stub
+from tests.helpers.servers import MODELCTL
+
+
+class Serve:
+    def __init__(self, data: Path, *args: str) -> None:
+        """``args``: more `modelctl serve` flags (e.g. --ray-address)."""
+        self.data = data
+        self.args = args
+        self.popen: subprocess.Popen[str] | None = None
+        self.grpc = ""
+
+    def start(self) -> None:
+        self.popen = subprocess.Popen(
+            [
+                MODELCTL,
+                "serve",
+                "--insecure-no-auth",
+                "--console-port=0",
+                "--grpc-port=0",
+                "--http-port=0",
+                f"--data-dir={self.data}",
+                "--num-cpus=2",
+                "--num-gpus=1",
+                *self.args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        assert self.popen.stdout is not None
+        line = self.popen.stdout.readline().strip()
+        assert line.startswith("ready grpc="), f"unexpected first line {line!r}"
+        self.grpc = line.split()[1].removeprefix("grpc=")
+
+    def stop(self) -> int:
+        assert self.popen is not None
+        self.popen.send_signal(signal.SIGTERM)
+        code = self.popen.wait(120)
+        if self.popen.stdout is not None:
+            self.popen.stdout.close()
+        return code
+
+
+def serving(data: Path) -> Iterator[Serve]:
+    """A server on ``data``, killed at the end if a test left it running."""
+    s = Serve(data)
+    yield s
+    if s.popen is not None and s.popen.poll() is None:
+        s.popen.kill()
+        s.popen.wait()
+        if s.popen.stdout is not None:
+            s.popen.stdout.close()
+
+
+async def answers(stub: Stub, model: str, seconds: float) -> dict[str, object]:
+    async with httpx.AsyncClient(timeout=10) as http:
+
+        async def answer() -> dict[str, object]:
+            m = await stub.GetModel(rpc.GetModelRequest(name=model))
+            assert m.state == pb.MODEL_STATE_DEPLOYED, pb.ModelState.Name(m.state)
+            try:
+                r = await http.post(m.endpoint, json={"x": 1})
+            except httpx.HTTPError as e:
+                raise AssertionError(f"no answer: {e!r}") from e
+            assert r.status_code == 200, r.text
+            body: dict[str, object] = r.json()
+            return body
+
+        return await eventually(f"{model} answering", answer, seconds, 1)
