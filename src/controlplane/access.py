@@ -31,7 +31,7 @@ from controlplane.domain.access import (
     project_of,
 )
 from controlplane.domain.errors import check_text, invalid_field, not_found
-from controlplane.storage import codec, repo
+from controlplane.storage import audit, codec, repo
 from controlplane.storage.changes import Changes, now
 from controlplane.storage.db import Database, WriteTx
 from controlplane.storage.tables import AuditRow, InvocationKeyRow, OperationRow, TokenRow
@@ -39,11 +39,18 @@ from controlplane.storage.tables import AuditRow, InvocationKeyRow, OperationRow
 log = logging.getLogger(__name__)
 
 MAX_DESCRIPTION = 1000  # of a token or an invocation key
-VERIFY_CACHE_S = 2.0  # a revoked token stops working within this long on other servers
+VERIFY_CACHE_S = 1.0  # a revoked token stops working within this long on other servers
 
 
 class _NotFirst(Exception):
     """A token exists already: the first admin token was made by an earlier start."""
+
+
+# What the auth interceptor says of a mutation before its handler runs: its change's
+# transaction writes the record (storage/audit.py).
+PendingAudit = audit.Pending
+expect_audit = audit.expect
+end_audit = audit.done
 
 
 def token_name(project: str, token_id: str) -> str:
@@ -308,29 +315,11 @@ class Access:
 
     # ---- audit ----------------------------------------------------------------------------
 
-    def audit(
-        self,
-        principal: Principal,
-        method: str,
-        resource: str,
-        project: str,
-        code: str,
-        peer: str,
-        operation: str = "",
-    ) -> None:
+    def audit(self, pending: audit.Pending, code: str, operation: str = "") -> None:
+        """A record of a call that changed nothing (refused, or failed before a change);
+        a change's own transaction carries its record (storage/audit.py)."""
         with self.db.write() as tx:
-            tx.session.add(
-                AuditRow(
-                    time=now(),
-                    principal=principal.name,
-                    project=project[:63],  # the column's size
-                    method=method,
-                    resource=resource[:250],
-                    code=code,
-                    peer=peer[:120],
-                    operation=operation,
-                )
-            )
+            tx.session.add(audit.row_for(pending, code, operation))
 
     def list_audit(self, parent: str, size: int, page_token: str) -> tuple[list[AuditRecord], str]:
         project = _parent_project(parent)

@@ -16,6 +16,8 @@ order a change passes them:
 - ``apply.marked``       marked applied; the reconciler takes over
 - ``reconcile.writing``  inside a reconcile transaction (it must roll back)
 - ``job.done``           a job's work done; the job not yet marked done
+- ``rpc.committed``      a mutation's change and its audit record committed; the RPC
+                         not answered yet
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ STEPS = (
     "apply.marked",
     "reconcile.writing",
     "job.done",
+    "rpc.committed",
 )
 
 

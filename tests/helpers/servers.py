@@ -46,8 +46,11 @@ class Cluster:
         job_lease_s: float = 15,
         backend: str = "fake",
         extra: Sequence[str] = (),
+        auth: bool = False,
     ) -> None:
-        """``extra``: more flags (a flag given again overrides the default above it)."""
+        """``extra``: more flags (a flag given again overrides the default above it);
+        ``auth``: tokens needed (the first admin token is DATA/admin.token)."""
+        self.auth = auth
         self.backend = backend
         self.extra = list(extra)
         self.data = data
@@ -65,7 +68,7 @@ class Cluster:
             [
                 MODELCTL,
                 "serve",
-                "--insecure-no-auth",
+                *([] if self.auth else ["--insecure-no-auth"]),
                 "--grpc-port=0",
                 "--console-port=0",
                 "--http-port=18998",

@@ -50,7 +50,7 @@ BUILD_DEPLOY_STEPS = BUILD_STEPS[:-1] + APPLY_STEPS[1:]
 
 def test_the_matrix_covers_every_fail_point() -> None:
     covered = set(BUILD_STEPS) | set(APPLY_STEPS) | set(BUILD_DEPLOY_STEPS)
-    assert covered == set(failpoints.STEPS)
+    assert covered | {"rpc.committed"} == set(failpoints.STEPS)  # and the audit test below
 
 
 @pytest.fixture
@@ -309,3 +309,22 @@ async def replicas(c: Cluster, model: str) -> list[pb.Replica]:
         m = await stub.GetModel(rpc.GetModelRequest(name=model))
         dep = await stub.GetDeployment(rpc.GetDeploymentRequest(name=m.active_deployment))
         return list(dep.replicas)
+
+
+async def test_a_change_and_its_audit_record_are_kept_together_by_a_crash(
+    cluster: Cluster,
+) -> None:
+    """Killed right after a mutation committed, before it answered: the change and its
+    audit record are both there when the server starts again (one transaction)."""
+    model_id = f"m{uuid.uuid4().hex[:8]}"
+    cluster.arm("rpc.committed")
+    async with channel(cluster) as stub:
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.CreateModel(rpc.CreateModelRequest(parent="projects/a", model_id=model_id))
+    await cluster.died()
+    cluster.start()
+    async with channel(cluster) as stub:
+        model = await stub.GetModel(rpc.GetModelRequest(name=f"projects/a/models/{model_id}"))
+        records = await stub.ListAuditRecords(rpc.ListAuditRecordsRequest(parent="projects/a"))
+    made = [r for r in records.records if r.resource == model.name]
+    assert [(r.method.rsplit("/", 1)[1], r.code) for r in made] == [("CreateModel", "OK")]

@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import pytest
 from sqlalchemy import create_engine, text
 
@@ -139,3 +140,37 @@ async def test_the_other_server_finishes_the_work_of_one_that_dies(
     jobs = job_attempts(a.db_url, [model.name])
     # The build job ran twice (A died in it), the apply once; nothing is left.
     assert sorted((k, s, n) for k, s, n in jobs) == [("apply", "done", 1), ("build", "done", 2)]
+
+
+async def test_a_token_revoked_on_one_server_ends_its_idle_watch_on_the_other_within_2s(
+    tmp_path: Path, fresh_postgres: str
+) -> None:
+    data = tmp_path / "data"
+    a = Cluster(data, fresh_postgres, server_id="server-a", auth=True)
+    b = Cluster(data, fresh_postgres, server_id="server-b", auth=True)
+    try:
+        a.start()
+        b.start()
+        admin = (("authorization", f"Bearer {(data / 'admin.token').read_text().strip()}"),)
+        async with channel(a) as sa, channel(b) as sb:
+            made = await sa.CreateToken(
+                rpc.CreateTokenRequest(parent="projects/w", role=pb.ROLE_VIEWER), metadata=admin
+            )
+            viewer = (("authorization", f"Bearer {made.secret}"),)
+            watch = sb.WatchModels(rpc.WatchModelsRequest(parent="projects/w"), metadata=viewer)
+            first = await asyncio.wait_for(watch.read(), 10)
+            assert isinstance(first, pb.ModelEvent) and first.type == pb.EVENT_TYPE_BOOKMARK
+            await sa.RevokeToken(rpc.RevokeTokenRequest(name=made.token.name), metadata=admin)
+
+            async def ends_by_itself() -> None:
+                while True:  # nothing changes meanwhile: bookmarks at most
+                    event = await watch.read()
+                    assert isinstance(event, pb.ModelEvent), event
+                    assert event.type == pb.EVENT_TYPE_BOOKMARK, event
+
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await asyncio.wait_for(ends_by_itself(), 2.0)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        a.kill()
+        b.kill()

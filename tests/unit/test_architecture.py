@@ -18,8 +18,11 @@ UTILITIES = {"config", "logs", "tracing", "failpoints", "build_logs"}  # used ac
 
 # Who may import whom, from the top of the README's picture down.
 ALLOWED: dict[str, set[str]] = {
-    "cli": {"api", "console", "domain", "serve_cmd"},
-    "serve_cmd": {"api", "console", "domain", "server"},
+    "cli": {"api", "console", "domain", "local_cmd", "serve_cmd"},
+    # The server's entry: its key file's error, said before anything starts.
+    "serve_cmd": {"api", "console", "domain", "server", "storage"},
+    # On the server's machine: the data dir and the database, no server.
+    "local_cmd": {"storage"},
     "console": {"api", "domain"},  # a client of the public API: api.client, nothing else
     "server": {
         "api",

@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from controlplane.access import Access
+from controlplane.access import Access, PendingAudit, end_audit, expect_audit
 from controlplane.api import status
 from controlplane.api.interceptor import Continuation, code_of, rewrap
 from controlplane.domain import errors
@@ -32,16 +32,16 @@ from controlplane.domain.access import (
     unauthenticated,
 )
 from controlplane.domain.errors import DomainError
-from modellifecycle.v1 import resources_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 OPEN_SERVICES = frozenset({"grpc.health.v1.Health"})
 LIFECYCLE = "modellifecycle.v1.ModelLifecycle"
 _principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("principal")
-# An open server stream checks its token again before a message once this long has gone
-# by since the last check (most checks answer from Access's cache, without a query).
-STREAM_RECHECK_S = 1.0
+# An open server stream checks its token again this often, and before each message sent
+# after that long (most checks answer from Access's cache, without a query).
+STREAM_RECHECK_S = 0.5
+_END = object()
 
 
 def current_principal() -> Principal:
@@ -121,7 +121,7 @@ class _Guard:
             # reaches the port could fill the audit table.
             if not isinstance(e, errors.Unauthenticated):
                 seen = project if project and principal.sees(project) else principal.project
-                await self._audit(principal, resource, seen, context, e)
+                await self._audit(self._pending(principal, resource, seen, context), context, e)
             await status.abort(context, e, self.full)
         except Exception as e:  # e.g. the database: INTERNAL, as from a handler
             await status.abort(context, e, self.full)
@@ -145,53 +145,54 @@ class _Guard:
             raise unauthenticated()
         return known
 
-    async def _audit(
+    def _pending(
         self,
         principal: Principal,
         resource: str,
         project: str,
         context: grpc.aio.ServicerContext[Any, Any],
+        request: Any = None,
+    ) -> PendingAudit | None:
+        """What a mutation's record will say (None: a read, or a plan only, which changes
+        nothing and leaves no record either)."""
+        if self.method not in MUTATIONS or getattr(request, "validate_only", False):
+            return None
+        return PendingAudit(principal.name, self.full, resource, project, context.peer() or "")
+
+    async def _audit(
+        self,
+        pending: PendingAudit | None,
+        context: grpc.aio.ServicerContext[Any, Any],
         exc: BaseException | None,
-        result: Any = None,
     ) -> None:
-        if self.method not in MUTATIONS:
+        """The record of a call whose change did not carry one: refused, or failed (a
+        change that committed wrote its record in its own transaction)."""
+        if pending is None or (pending.written and exc is None):
             return
         code = code_of(context, exc)
         if isinstance(exc, DomainError):
             code = status.code_of(exc).name
-        operation = result.name if isinstance(result, pb.Operation) else ""
-        made = getattr(result, "token", None) or getattr(result, "key", None)
-        if made is not None and made.name:  # CreateToken, CreateInvocationKey: which one
-            resource = made.name
+        pending.written = True  # this record's own transaction adds no other
         try:
-            await asyncio.to_thread(
-                self.access.audit,
-                principal,
-                self.full,
-                resource,
-                project,
-                code,
-                context.peer() or "",
-                operation,
-            )
+            await asyncio.to_thread(self.access.audit, pending, code, pending.operation)
         except Exception:  # the call's outcome stands; the record is what is lost
             log.exception("audit record of %s not written", self.full)
 
     def unary(self, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             principal, resource, project = await self._admit(request, context)
+            pending = self._pending(principal, resource, project, context, request)
+            expected = expect_audit(pending) if pending is not None else None
             exc: BaseException | None = None
-            result = None
             try:
-                result = await behavior(request, context)
-                return result
+                return await behavior(request, context)
             except BaseException as e:
                 exc = e
                 raise
             finally:
-                # A plan only (validate_only) changes nothing: it leaves no record either.
-                if not getattr(request, "validate_only", False):
-                    await self._audit(principal, resource, project, context, exc, result)
+                if expected is not None:
+                    end_audit(expected)
+                await self._audit(pending, context, exc)
 
         return guarded
 
@@ -200,21 +201,54 @@ class _Guard:
             request: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
             principal, resource, project = await self._admit(request, context)
+            pending = self._pending(principal, resource, project, context, request)
             exc: BaseException | None = None
-            recheck_at = time.monotonic() + STREAM_RECHECK_S
             try:
-                async for item in behavior(request, context):
-                    if self.enabled and time.monotonic() >= recheck_at:
-                        recheck_at = time.monotonic() + STREAM_RECHECK_S
-                        await self._still_valid(context)
-                    yield item
+                items = behavior(request, context)
+                if not self.enabled:
+                    async for item in items:
+                        yield item
+                else:
+                    async for item in self._while_valid(items, context):
+                        yield item
             except BaseException as e:
                 exc = e
                 raise
             finally:
-                await self._audit(principal, resource, project, context, exc)
+                await self._audit(pending, context, exc)
 
         return guarded
+
+    async def _while_valid(
+        self, items: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        """The stream's items while its token stays valid: checked again every
+        STREAM_RECHECK_S even while no item comes (an idle watch), so that a revoked or
+        expired token's stream ends within about a second of ``VERIFY_CACHE_S``."""
+        pending: asyncio.Future[Any] | None = None
+        checked = time.monotonic()
+        try:
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(anext(items, _END))
+                left = checked + STREAM_RECHECK_S - time.monotonic()
+                done, _ = await asyncio.wait({pending}, timeout=max(left, 0.0))
+                if time.monotonic() - checked >= STREAM_RECHECK_S:
+                    await self._still_valid(context)
+                    checked = time.monotonic()
+                if pending in done:
+                    item = pending.result()
+                    pending = None
+                    if item is _END:
+                        return
+                    yield item
+        finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
+                await asyncio.gather(pending, return_exceptions=True)
+            aclose = getattr(items, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
     def upload(self, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         """Client streaming: the first message names the resource; it is checked before
@@ -225,6 +259,8 @@ class _Guard:
         ) -> Any:
             first = await anext(aiter(requests), None)
             principal, resource, project = await self._admit(first, context)
+            pending = self._pending(principal, resource, project, context, first)
+            expected = expect_audit(pending) if pending is not None else None
 
             async def replay() -> AsyncIterator[Any]:
                 if first is not None:
@@ -239,7 +275,9 @@ class _Guard:
                 exc = e
                 raise
             finally:
-                await self._audit(principal, resource, project, context, exc)
+                if expected is not None:
+                    end_audit(expected)
+                await self._audit(pending, context, exc)
 
         return guarded
 

@@ -20,7 +20,9 @@ from sqlalchemy import Engine, event, select, text
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session, create_engine
 
-from controlplane.storage import notify
+from controlplane import failpoints
+from controlplane.storage import audit, notify
+from controlplane.storage.secretbox import SecretBox
 from controlplane.storage.tables import CounterRow
 
 REVISION = "revision"
@@ -70,8 +72,10 @@ class WriteTx:
 
 
 class Database:
-    def __init__(self, url: str, echo: bool = False) -> None:
+    def __init__(self, url: str, echo: bool = False, secrets: SecretBox | None = None) -> None:
         self.url = url
+        # Seals and opens the deployments' secret values (secretbox.py).
+        self.secrets = secrets or SecretBox.ephemeral()
         self.is_sqlite = url.startswith("sqlite")
         self.engine = self._make_engine(url, echo)
         self._write_lock = threading.Lock()
@@ -160,11 +164,14 @@ class Database:
 
     @contextmanager
     def write(self) -> Iterator[WriteTx]:
+        record = audit.pending()  # the mutation RPC this transaction serves, if any
         with self._write_lock, self._session() as s:
             tx = WriteTx(s)
             tx.lock()
             try:
                 yield tx
+                if record is not None:  # committed with the change, or not at all
+                    audit.add_to(s, record)
                 if tx.last_revision and not self.is_sqlite:
                     # Delivered at commit to every server LISTENing (notify.py).
                     s.execute(
@@ -175,6 +182,9 @@ class Database:
             except BaseException:
                 s.rollback()
                 raise
+        if record is not None:
+            record.written = True
+            failpoints.hit("rpc.committed")
         if tx.last_revision:
             self._changed(tx.last_revision)
         for finished in tx.finished_operations:
