@@ -105,6 +105,7 @@ _ray_logs_through_root()  # before ray.init, which already logs (its SIGTERM war
 
 DEPLOYMENT = "model"  # the one Serve deployment of every model application
 RESTART_ENV = "CP_RESTART_GENERATION"
+IMPORT_PATH = f"{__name__}:build_app"  # every model application's, and no one else's
 SECRETS_ENV = "CP_SECRETS_VERSION"  # the version a replica claims from the broker
 SECRETS_BROKER = "modelctl-secrets"  # the detached actor holding secret values
 CLAIM_TIMEOUT_S = 30.0
@@ -473,7 +474,7 @@ def _app_config(spec: AppSpec, max_queued_requests: int = -1, new: bool = True) 
     return {
         "name": spec.app_name,
         "route_prefix": spec.route_prefix,
-        "import_path": f"{__name__}:build_app",
+        "import_path": IMPORT_PATH,
         "args": {
             "artifact_path": spec.artifact_path,
             "file_path": spec.file_path,
@@ -599,6 +600,41 @@ class _Serve:
     def details(self) -> ServeInstanceDetails:
         # A dict of Serve's own schema (dumped with exclude_unset; enums as members).
         return ServeInstanceDetails.model_validate(self._client.get_serve_details())
+
+
+class ForeignApplications(RuntimeError):
+    """Serve runs applications of someone else's that a whole config would delete."""
+
+
+def _others(running: Mapping[str, ApplicationDetails], ours: set[str]) -> list[dict[str, Any]]:
+    """The applications on this Serve that are not the control plane's (another import
+    path), each as its owner deployed it: handed back unchanged with every apply, since
+    Serve's declarative config is the whole set and would delete what it leaves out. One
+    deployed through Serve's Python API (no config to hand back) stops every apply,
+    saying which, rather than being deleted."""
+    kept: list[dict[str, Any]] = []
+    imperative: list[str] = []
+    for name, app in sorted(running.items()):
+        config = app.deployed_app_config
+        if config is not None and config.import_path == IMPORT_PATH:
+            continue  # ours: kept when wanted, deleted when not (a stopped model)
+        if config is None:
+            if name not in ours and app.status.value != "DELETING":
+                imperative.append(name)
+            continue
+        if name in ours:
+            raise ForeignApplications(
+                f"Serve application {name!r} is someone else's (import path "
+                f"{config.import_path}); a model cannot take its name"
+            )
+        kept.append(config.model_dump(mode="json", exclude_unset=True))
+    if imperative:
+        raise ForeignApplications(
+            "Serve runs applications deployed through its Python API that this control "
+            f"plane does not own ({', '.join(imperative)}): applying would delete them. "
+            "Delete them, or deploy them with `serve deploy`, whose config is kept"
+        )
+    return kept
 
 
 def _stopping(details: ServeInstanceDetails) -> dict[str, dict[str, float]]:
@@ -784,12 +820,17 @@ class RayBackend:
 
     async def apply(self, apps: Sequence[AppSpec]) -> None:
         running = (await asyncio.to_thread(self._started().details)).applications
+        kept = _others(running, {a.app_name for a in apps})
         await self._hand_secrets(apps)
         config = ServeDeploySchema.model_validate(
             {
                 "http_options": {"host": self._http_host, "port": self._http_port},
                 "applications": [
-                    _app_config(a, self._max_queued, new=a.app_name not in running) for a in apps
+                    *(
+                        _app_config(a, self._max_queued, new=a.app_name not in running)
+                        for a in apps
+                    ),
+                    *kept,
                 ],
             }
         )

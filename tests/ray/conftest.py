@@ -7,6 +7,8 @@ call are in tests/helpers/ray_cluster.py and tests/helpers/servers.py.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -35,13 +37,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 async def ray_backend() -> AsyncIterator[Backend]:
     from workers.ray_backend import RayBackend
 
+    # Ray's files in a folder of the session's own, as a server keeps them in its data
+    # dir: a cluster someone else started on this machine is never joined by mistake.
+    temp = Path(tempfile.mkdtemp(prefix="cpray", dir="/tmp"))
     backend = RayBackend(
         address=None,
         http_host="127.0.0.1",
         http_port=free_port(),
         num_cpus=4,
         num_gpus=2,
+        temp_dir=temp,
     )
     await backend.start()
     yield backend
     await backend.close()
+    shutil.rmtree(temp, ignore_errors=True)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -29,6 +29,7 @@ _CODES: dict[type[errors.DomainError], grpc.StatusCode] = {
     errors.Aborted: grpc.StatusCode.ABORTED,
     errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
@@ -180,6 +181,10 @@ def _build(err: errors.DomainError, code: grpc.StatusCode, cut: Cut) -> status_p
             )
         )
         details.append(bad)
+    if isinstance(err, errors.Unavailable):  # when to try again
+        retry = any_pb2.Any()
+        retry.Pack(error_details_pb2.RetryInfo(retry_delay=_duration(err.retry_after_s)))
+        details.append(retry)
     return status_pb2.Status(
         code=code_pb2.Code.Value(code.name),
         message=_text(err.message, cut, cut.message),
@@ -197,6 +202,20 @@ def to_status(err: errors.DomainError) -> grpc.Status:
             break
     result: grpc.Status = rpc_status.to_status(status)
     return result
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+def infrastructure(exc: BaseException) -> errors.DomainError | None:
+    """A full disk: RESOURCE_EXHAUSTED, whichever handler met it."""
+    if errors.is_disk_full(exc):
+        assert isinstance(exc, OSError)
+        return errors.disk_full("the data dir", exc)
+    return None
 
 
 def internal_status(exc: BaseException) -> grpc.Status:
@@ -221,6 +240,10 @@ async def abort(
         raise exc
     if isinstance(exc, errors.DomainError):
         await context.abort_with_status(to_status(exc))
+    known = infrastructure(exc)
+    if known is not None:
+        log.warning("%s: %s", where, known.message)
+        await context.abort_with_status(to_status(known))
     log.error("internal error in %s", where, exc_info=exc)
     await context.abort_with_status(internal_status(exc))
 

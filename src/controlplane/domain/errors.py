@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -53,7 +54,27 @@ class OutOfRange(DomainError):
 
 
 class ResourceExhausted(DomainError):
-    """gRPC RESOURCE_EXHAUSTED (e.g. an upload over the size limit)."""
+    """gRPC RESOURCE_EXHAUSTED (e.g. an upload over the size limit, a full disk)."""
+
+
+class Unavailable(DomainError):
+    """gRPC UNAVAILABLE: a part the call needs (the database, the Ray cluster) does not
+    answer now; nothing was changed, and the same call may be made again after
+    ``retry_after_s`` (said in the status's RetryInfo)."""
+
+    retry_after_s: float = 1.0
+
+
+def disk_full(where: str, e: OSError) -> ResourceExhausted:
+    return ResourceExhausted(
+        message=f"the server's disk is full ({where}: {e.strerror or e}); nothing was kept",
+        reason="DISK_FULL",
+        metadata={"where": where},
+    )
+
+
+def is_disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class Unauthenticated(DomainError):

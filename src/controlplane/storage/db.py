@@ -9,6 +9,7 @@ never misses a row that commits later with a smaller number.
 
 from __future__ import annotations
 
+import errno
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, event, select, text
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.pool import StaticPool
 from sqlmodel import Session, create_engine
 
 from controlplane import failpoints
+from controlplane.domain.errors import Unavailable, disk_full, is_disk_full
 from controlplane.storage import audit, notify
 from controlplane.storage.secretbox import SecretBox
 from controlplane.storage.tables import CounterRow
@@ -69,6 +72,27 @@ class WriteTx:
         self.session.add(row)
         self.last_revision = row.value
         return row.value
+
+
+def _connection_lost(e: DBAPIError) -> bool:
+    """The server went away or restarted (PostgreSQL), or SQLite's disk is full: not a
+    bug in a query. A lost connection is dropped from the pool, so the next call gets
+    a fresh one once the server is back."""
+    if e.connection_invalidated:
+        return True
+    text = str(e.orig or e).lower()
+    return any(
+        s in text
+        for s in (
+            "terminating connection",
+            "server closed the connection",
+            "connection refused",
+            "connection is closed",
+            "the database system is",  # starting up, shutting down, in recovery
+            "could not connect",
+            "consuming input failed",
+        )
+    )
 
 
 class Database:
@@ -152,6 +176,20 @@ class Database:
         try:
             with Session(self.engine, expire_on_commit=False) as s:
                 yield s
+        except (OperationalError, InterfaceError) as e:
+            if "database or disk is full" in str(e.orig or e).lower():  # SQLite
+                raise disk_full("the database", OSError(errno.ENOSPC, str(e.orig))) from e
+            if not _connection_lost(e):
+                raise
+            raise Unavailable(
+                message="the database does not answer now (its connection was lost); "
+                "nothing was changed: try again",
+                reason="DATABASE_UNAVAILABLE",
+            ) from e
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            raise disk_full("the database", e) from e
         finally:
             with self._idle:
                 self._open -= 1
