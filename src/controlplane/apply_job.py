@@ -17,7 +17,7 @@ from controlplane.config import Settings
 from controlplane.storage.changes import Changes
 from controlplane.storage.db import Database
 from controlplane.storage.jobs import Job
-from workers.backend import AppSpec, Backend
+from workers.backend import AppSpec, Backend, ClusterUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,8 @@ class ApplyJobs:
                     await asyncio.wait_for(self.backend.apply(specs), APPLY_TIMEOUT_S)
                 return
             except Exception as e:
-                if pause is None or self.stopping:
-                    raise
+                if pause is None or self.stopping or isinstance(e, ClusterUnavailable):
+                    raise  # the cluster gone: the job waits for it (dispatcher)
                 log.warning("job %s: apply attempt %d failed (%s)", job.id, attempt + 1, e)
                 await asyncio.sleep(pause)
 

@@ -21,9 +21,11 @@ from controlplane.build_job import BuildJobs, SourcePath
 from controlplane.config import Settings
 from controlplane.storage.db import Database
 from controlplane.storage.jobs import Job, JobKind, JobQueue
-from workers.backend import Backend
+from workers.backend import Backend, ClusterUnavailable
 
 log = logging.getLogger(__name__)
+
+CLUSTER_WAIT_S = 3.0  # a job that needs the cluster, while it is gone, is tried again then
 
 __all__ = ["Dispatcher", "SourcePath"]
 
@@ -172,6 +174,10 @@ class Dispatcher:
             self._cancelling.discard(job.id)
             await asyncio.to_thread(handler.cancelled, job)
             error = "cancelled"
+        except ClusterUnavailable as e:  # waits for the cluster, neither failed nor lost
+            log.warning("job %s (%s) waits: %s", job.id, job.kind.value, e)
+            await asyncio.to_thread(self.queue.later, job.id, CLUSTER_WAIT_S)
+            return str(e)
         except Exception as e:
             log.exception("job %s (%s) failed", job.id, job.kind.value)
             error = f"{type(e).__name__}: {e}"

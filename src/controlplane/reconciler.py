@@ -71,6 +71,7 @@ def observation(app: AppObservation) -> Observation:
         ),
         unplaceable=app.unplaceable,
         target=app.target_replicas,
+        lost_nodes=app.lost_nodes,
     )
 
 

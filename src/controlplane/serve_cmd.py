@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import uuid
@@ -22,6 +23,10 @@ if TYPE_CHECKING:
     from controlplane.console.web import ConsoleServer
 
 CONSOLE_PORT = 8070
+RESTART = -1  # serve()'s answer when the process must start again (its cluster came back)
+RESTART_GRACE_S = 1.0
+_BOUND: list[str] = []  # the ports this process listens on, for the next one
+_STARTED_ENV = dict(os.environ)  # before Ray changes it
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -345,13 +350,21 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     metrics = f" metrics={server.metrics_address}" if server.metrics_address else ""
     web = f" console={console.address}" if console else ""
+    _BOUND[:] = [
+        f"--grpc-port={server.grpc_port}",
+        f"--http-port={server.http_address.rpartition(':')[2]}",
+        *([f"--metrics-port={server.metrics_address.rpartition(':')[2]}"] if metrics else []),
+        *([f"--console-port={console.address.rpartition(':')[2]}"] if console else []),
+    ]
     print(f"ready grpc={server.grpc_address} http={server.http_address}{metrics}{web}", flush=True)
-    await stop.wait()
+    restart = asyncio.ensure_future(server.restart_needed.wait())
+    await asyncio.wait([asyncio.ensure_future(stop.wait()), restart], return_when="FIRST_COMPLETED")
     logging.getLogger(__name__).info("shutting down: draining in-flight RPCs")
     if console is not None:
         await console.stop()
-    await server.stop()
-    return 0
+    again = restart.done() and not stop.is_set()
+    await server.stop(RESTART_GRACE_S if again else None)  # the old connection must go soon
+    return RESTART if again else 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -362,9 +375,19 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     logs.setup(args.log_format, settings.server_id)
     try:
-        return asyncio.run(
+        code = asyncio.run(
             serve(settings, args.console_host, args.console_port, args.console_ca_file)
         )
     except SecretKeyError as e:  # a key file others can read, a bad MODELCTL_SECRET_KEYS
         print(f"modelctl serve: error: {e}", file=sys.stderr)
         return 1
+    if code == RESTART:  # the Ray cluster came back: a new process joins it
+        logging.getLogger(__name__).warning("starting again to join the Ray cluster anew")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        again = [*sys.argv[1:], *_BOUND]  # the same ports (flags given again win)
+        # The environment it was started with: Ray adds its own (the old cluster's).
+        os.execve(
+            sys.executable, [sys.executable, "-m", "controlplane.cli.main", *again], _STARTED_ENV
+        )
+    return code

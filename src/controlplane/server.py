@@ -31,7 +31,8 @@ from controlplane.storage import jobs, repo
 from controlplane.storage.db import Database, FinishedOperation
 from controlplane.storage.secretbox import SecretBox
 from controlplane.watch import EventHub
-from workers.backend import Backend, NodeResources
+from workers.backend import Backend, ClusterUnavailable, NodeResources
+from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,8 @@ class Server:
         self.metrics: Metrics | None = None
         self._metrics_endpoint: MetricsEndpoint | None = None
         self._stop_tracing: Callable[[], None] | None = None
+        # Set when the process must start again to join its cluster anew (it was lost).
+        self.restart_needed = asyncio.Event()
 
     @property
     def grpc_address(self) -> str:
@@ -148,8 +151,16 @@ class Server:
                 raise
 
         service = Service(
-            self.db, sources, http_base, log_path, await self.backend.runtime(), nodes=nodes
+            self.db,
+            sources,
+            http_base,
+            log_path,
+            await self._cluster_runtime(),
+            nodes=nodes,
+            cluster_up=backend.available,
         )
+        backend.on_reconnected(self._cluster_back)
+        backend.on_restart_needed(self._restart)
         self.hub = EventHub(
             self.db,
             http_base,
@@ -247,6 +258,23 @@ class Server:
             invocations=invocations,
             use=use,
         )
+
+    async def _cluster_runtime(self) -> Runtime | None:
+        """What the cluster's workers run; None (not checked) while it does not answer."""
+        try:
+            return await self.backend.runtime()
+        except ClusterUnavailable:
+            return None
+
+    async def _restart(self) -> None:
+        """The cluster is gone and only a new process can join it again (`modelctl
+        serve` starts itself again on ``restart_needed``)."""
+        self.restart_needed.set()
+
+    async def _cluster_back(self) -> None:
+        """The cluster answers again after an outage (a new one knows nothing): every
+        model is applied again, and returns to its recorded state."""
+        await asyncio.to_thread(self._enqueue_sync)
 
     def _enqueue_sync(self) -> None:
         """At start, bring the backend to what the records ask for (e.g. after a Ray restart)."""

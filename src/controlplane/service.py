@@ -27,6 +27,7 @@ from controlplane.domain.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    Unavailable,
     check_text,
     invalid_field,
 )
@@ -207,11 +208,14 @@ class Service:
         logs_dir_for: Callable[[str, int], str],
         cluster_runtime: Runtime | None = None,
         nodes: Callable[[], Sequence[NodeResources]] | None = None,
+        cluster_up: Callable[[], bool] = lambda: True,
     ) -> None:
         """``nodes``: the cluster's nodes and what each has free (plans, capacity checks);
-        None: not known, nothing is checked."""
+        None: not known, nothing is checked. ``cluster_up``: False while the cluster is
+        gone (the backend connects again): changes that start work there are refused."""
         self.db = db
         self.nodes = nodes
+        self.cluster_up = cluster_up
         self.sources = sources
         self.http_base = http_base
         self._log_path = logs_dir_for
@@ -255,7 +259,15 @@ class Service:
             return result
 
     def _cluster(self, needed: bool) -> capacity.Cluster:
-        """The nodes, read before a change's transaction (never while it holds the lock)."""
+        """The nodes, read before a change's transaction (never while it holds the lock).
+        Every change that starts work on the cluster comes here first: while the cluster
+        is gone, UNAVAILABLE (nothing written), to be asked again once it is back."""
+        if not self.cluster_up():
+            raise Unavailable(
+                message="the Ray cluster does not answer now (the server is connecting "
+                "again); nothing was changed: try again shortly. Reads keep working.",
+                reason="CLUSTER_UNAVAILABLE",
+            )
         return capacity.read_cluster(self.nodes if needed else None)
 
     def _planning(

@@ -10,7 +10,7 @@ details, so that states come from observation and never from sleeps.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
@@ -162,6 +162,8 @@ class AppObservation:
     unplaceable: str = ""
     # The replicas Serve wants now (its autoscaler's decision); None: not reported.
     target_replicas: int | None = None
+    # Nodes (as replicas name theirs) the cluster has lost: dead now, and not back.
+    lost_nodes: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,11 @@ class NodeResources:
     memory_free_mib: int
 
 
+class ClusterUnavailable(RuntimeError):
+    """The cluster does not answer now (Ray stopped or restarting): the backend connects
+    again by itself; what needs the cluster waits, or is refused with a retry hint."""
+
+
 class Backend(Protocol):
     @property
     def http_base(self) -> str:
@@ -188,6 +195,20 @@ class Backend(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+    def available(self) -> bool:
+        """False while the cluster is gone and the backend connects again."""
+        ...
+
+    def on_reconnected(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """``callback`` runs once the backend is connected again after an outage (a new
+        cluster knows nothing: every model is to be applied again)."""
+        ...
+
+    def on_restart_needed(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """``callback`` runs once the cluster answers again after an outage and only a
+        new process can join it (Ray's driver): the server starts again."""
+        ...
 
     async def build(self, spec: BuildSpec) -> BuildOutcome:
         """Runs the build on the cluster. Never raises for a failed build: ok=False."""

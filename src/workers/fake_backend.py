@@ -20,7 +20,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -91,6 +91,7 @@ class FakeBackend:
         self.fail_start: dict[str, str] = {}
         # Tests: the cluster cannot be reached (observe and apply raise ConnectionError).
         self.unreachable = False
+        self._reconnected: list[Callable[[], Awaitable[None]]] = []
         # Tests: builds wait (as a Ray task waits for free CPUs) until this is set.
         self.builds_may_start = asyncio.Event()
         self.builds_may_start.set()
@@ -103,6 +104,21 @@ class FakeBackend:
     @property
     def http_base(self) -> str:
         return self._http_base
+
+    def available(self) -> bool:
+        return not self.unreachable
+
+    def on_reconnected(self, callback: Callable[[], Awaitable[None]]) -> None:
+        self._reconnected.append(callback)
+
+    def on_restart_needed(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """The fake cluster is joined again in process (``reconnected``)."""
+
+    async def reconnected(self) -> None:
+        """Tests: the cluster is back after an outage (a new one: nothing runs)."""
+        self.unreachable = False
+        for callback in self._reconnected:
+            await callback()
 
     async def start(self) -> None:
         self._reload()

@@ -21,6 +21,7 @@ with only a new replica count changes nothing else.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import random
@@ -28,11 +29,12 @@ import socket
 import time
 import urllib.request
 import zlib
-from collections.abc import Coroutine, Mapping, Sequence
-from dataclasses import asdict, replace
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from ray.serve._private import api as serve_api
 from ray.serve.schema import (
@@ -52,6 +54,7 @@ from workers.backend import (
     AppStatus,
     BuildOutcome,
     BuildSpec,
+    ClusterUnavailable,
     NodeResources,
     ReplicaObservation,
     ReplicaStatus,
@@ -79,6 +82,7 @@ if TYPE_CHECKING:
     from ray.serve._private.client import ServeControllerClient
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _ray_logs_through_root() -> None:
@@ -429,6 +433,60 @@ def _private_temp_dir(wanted: Path) -> Path:
     return wanted / "r"
 
 
+RAY_THREADS = 8  # calls into Ray at once (their own threads, apart from the server's)
+WATCH_S = 1.0  # how often the cluster is asked whether it is there
+PROBE_TIMEOUT_S = 2.0
+LOST_AFTER = 2  # misses in a row: the cluster is gone
+RECONNECT_S = 2.0  # between tries to connect again
+GCS_PATIENCE_S = 86400  # how long Ray lets this driver wait for a GCS that went away
+
+
+def _closed_ok(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``; a call into Ray that was waiting when the connection was closed
+    (Ray raises SystemExit in it, which would end the server's event loop) becomes
+    ClusterUnavailable."""
+    try:
+        return fn(*args)
+    except SystemExit as e:
+        raise ClusterUnavailable(f"the connection to the Ray cluster was closed ({e})") from None
+
+
+async def _result(future: Awaitable[T]) -> T:
+    """An ObjectRef's future, awaited; its SystemExit (the connection closed) becomes
+    ClusterUnavailable."""
+    try:
+        return await future
+    except SystemExit as e:
+        raise ClusterUnavailable(f"the connection to the Ray cluster was closed ({e})") from None
+
+
+def _cluster_ready(address: str) -> None:
+    """Raises unless the cluster at ``host:port`` is up: its GCS listens and lists a live
+    node. ray.init blocks for minutes on a closed port, and fails inside Ray (killing
+    the process) when it joins a GCS whose head node has not registered yet."""
+    host, _, port = address.rpartition(":")
+    with socket.create_connection((host or "127.0.0.1", int(port)), timeout=PROBE_TIMEOUT_S):
+        pass
+    from ray._raylet import GcsClient  # type: ignore[attr-defined]
+
+    nodes = GcsClient(address=address).get_all_node_info(timeout=PROBE_TIMEOUT_S)
+    if not any(getattr(n, "state", None) == 0 for n in nodes.values()):  # 0: ALIVE
+        raise ClusterUnavailable(f"no live node at {address} yet")
+
+
+def _gcs_answers() -> None:
+    """Raises unless the cluster's GCS answers within PROBE_TIMEOUT_S."""
+    gcs = ray._private.worker.global_worker.gcs_client  # type: ignore[attr-defined]
+    gcs.internal_kv_get(b"modelctl-probe", namespace=None, timeout=PROBE_TIMEOUT_S)
+
+
+def _lost_nodes() -> frozenset[str]:
+    """Addresses of the nodes Ray lists as dead (and not alive again at that address)."""
+    nodes = _node_table()
+    alive = {n.address for n in nodes if n.alive}
+    return frozenset(n.address for n in nodes if not n.alive) - alive
+
+
 def _running_broker() -> Any:
     try:
         return ray.get_actor(SECRETS_BROKER, namespace=NAMESPACE)
@@ -651,21 +709,60 @@ def _stopping(details: ServeInstanceDetails) -> dict[str, dict[str, float]]:
     return held
 
 
+@dataclass(frozen=True)
+class _Node:
+    id: str
+    address: str
+    alive: bool
+    metrics_port: int
+    total: Mapping[str, float]
+
+
+def _node_table() -> list[_Node]:
+    """The cluster's nodes, from its GCS within PROBE_TIMEOUT_S. Never ``ray.nodes()``:
+    that call waits for a GCS that went away, and once a new one answers at the address
+    it fails inside Ray (wrong cluster id) and takes the whole process with it."""
+    gcs = ray._private.worker.global_worker.gcs_client  # type: ignore[attr-defined]
+    return [
+        _Node(
+            id=n.node_id.hex(),
+            address=str(n.node_manager_address),
+            alive=n.state == 0,  # GcsNodeInfo.ALIVE
+            metrics_port=int(n.metrics_export_port),
+            total=dict(n.resources_total),
+        )
+        for n in gcs.get_all_node_info(timeout=PROBE_TIMEOUT_S).values()
+    ]
+
+
+def _free_per_node() -> dict[str, dict[str, float]]:
+    gcs = ray._private.worker.global_worker.gcs_client  # type: ignore[attr-defined]
+    usage = gcs.get_all_resource_usage(timeout=PROBE_TIMEOUT_S).resource_usage_data
+    return {u.node_id.hex(): dict(u.resources_available) for u in usage.batch}
+
+
+def _cluster_totals() -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for node in _node_table():
+        if node.alive:
+            for resource, amount in node.total.items():
+                totals[resource] = totals.get(resource, 0.0) + amount
+    return totals
+
+
 def _nodes(details: ServeInstanceDetails) -> list[NodeResources]:
     """Every live node, its resources and what is not reserved now (Ray's own view, which
     lags a moment behind actors starting and stopping), counting what replicas Serve is
     stopping reserve as free: they give it back within their graceful shutdown."""
-    from ray._private import state  # per node: only the developer API has it
-
-    free = state.available_resources_per_node()  # type: ignore[no-untyped-call]
+    free = _free_per_node()
     stopping = _stopping(details)
     out = []
-    for node in ray.nodes():  # type: ignore[no-untyped-call]
-        if not node.get("Alive"):
+    for node in _node_table():
+        if not node.alive:
             continue
-        address = str(node.get("NodeManagerAddress") or node["NodeID"])
-        total: Mapping[str, float] = node.get("Resources", {})
-        have = dict(free.get(node["NodeID"], {}))
+        address = node.address or node.id
+        total = node.total
+        have = dict(free.get(node.id, {}))
         for resource, amount in stopping.get(address, {}).items():
             have[resource] = min(total.get(resource, 0.0), have.get(resource, 0.0) + amount)
         out.append(
@@ -717,6 +814,13 @@ class RayBackend:
         self._runtime: Runtime | None = None
         self._collector: Any = None
         self._broker: Any = None
+        self._watchdog: asyncio.Future[None] | None = None
+        self._suspect = False  # the last look at the cluster got no answer
+        self._pool = ThreadPoolExecutor(RAY_THREADS, thread_name_prefix="ray-call")
+        self._down_since: float | None = None  # the cluster is gone: connecting again
+        self._restart_needed: list[Callable[[], Awaitable[None]]] = []
+        self._reconnected: list[Callable[[], Awaitable[None]]] = []
+        self._joining: asyncio.Future[None] | None = None
         self._metrics_ports: list[str] = []
         self._metrics_ports_at = 0.0
 
@@ -725,16 +829,122 @@ class RayBackend:
         return f"http://{self._http_host}:{self._http_port}"
 
     def _started(self) -> _Serve:
-        if self._serve is None:
+        if self._serve is None or self._suspect:
+            if self._down_since is not None or self._suspect:
+                raise ClusterUnavailable(
+                    f"the Ray cluster ({self._address or 'local'}) does not answer since "
+                    f"{time.strftime('%H:%M:%S', time.localtime(self._down_since))}; "
+                    "connecting again"
+                )
             raise RuntimeError("the Ray backend is not started")
         return self._serve
 
+    def available(self) -> bool:
+        return self._serve is not None and not self._suspect
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn`` in a thread of the backend's own: a Ray call that hangs while the
+        cluster is gone never takes a thread the rest of the server needs."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(_closed_ok, fn, *args))
+
+    def on_reconnected(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Runs once a server started while its cluster did not answer has joined it (a
+        lost cluster is joined again by a new process: ``on_restart_needed``)."""
+        self._reconnected.append(callback)
+
+    def on_restart_needed(self, callback: Callable[[], Awaitable[None]]) -> None:
+        self._restart_needed.append(callback)
+
     async def start(self) -> None:
+        """Connects, or with ``--ray-address`` of a cluster that does not answer now,
+        starts without it: calls that need it raise ClusterUnavailable until it answers
+        and is joined (``on_reconnected``'s callbacks then run)."""
         async with self._lock:
             if self._serve is None:
-                self._serve = await asyncio.to_thread(self._start)
+                if self._address and not await self._ready_now():
+                    self._down_since = time.time()
+                    self._joining = asyncio.ensure_future(self._join_when_ready())
+                    return
+                self._serve = await self._call(self._start)
+        if self._watchdog is None:
+            self._watchdog = asyncio.ensure_future(self._watch())
+
+    async def _ready_now(self) -> bool:
+        try:
+            await self._call(_cluster_ready, self._address)
+            return True
+        except Exception as e:
+            log.error(
+                "the Ray cluster at %s does not answer (%s): waiting for it", self._address, e
+            )
+            return False
+
+    async def _join_when_ready(self) -> None:
+        """Joins the cluster once it answers (this process never joined another, so
+        ray.init is safe), then says so to ``on_reconnected``'s callbacks."""
+        while True:
+            if await self._ready_now():
+                break
+            await asyncio.sleep(RECONNECT_S)
+        async with self._lock:
+            self._serve = await self._call(self._start)
+            took = time.time() - (self._down_since or time.time())
+            self._down_since = None
+        log.warning("joined the Ray cluster (after %.0f s): applying every model", took)
+        if self._watchdog is None:
+            self._watchdog = asyncio.ensure_future(self._watch())
+        for callback in self._reconnected:
+            try:
+                await callback()
+            except Exception:
+                log.exception("after joining the cluster")
+
+    async def _watch(self) -> None:
+        """Asks the cluster's GCS every WATCH_S whether it is there; after LOST_AFTER
+        misses in a row, lets go of it and connects again (a local Ray of ours: starts a
+        new one) until it answers, then says so to ``on_reconnected``'s callbacks."""
+        misses = 0
+        while True:
+            await asyncio.sleep(WATCH_S)
+            if self._serve is None:
+                continue
+            try:
+                await asyncio.wait_for(self._call(_gcs_answers), PROBE_TIMEOUT_S + 1)
+                misses = 0
+                self._suspect = False
+            except Exception as e:
+                misses += 1
+                self._suspect = True  # no new call into Ray until it answers again
+                log.warning("the Ray cluster does not answer (%s), %d time(s)", e, misses)
+                if misses >= LOST_AFTER:
+                    misses = 0
+                    await self._reconnect()
+
+    async def _reconnect(self) -> None:
+        """The cluster is gone. Ray's driver cannot let go of a lost cluster in process:
+        measured here, ``ray.shutdown`` then sometimes ends the whole process from inside
+        Ray, and so does the old connection once a new cluster answers at the address
+        (wrong cluster id). So nothing more is asked of it, and ``on_restart_needed``'s
+        callbacks run at once: the server starts again as a new process, which joins
+        the cluster when it answers (or starts a new local one) and applies every model;
+        meanwhile it answers reads and refuses changes that need the cluster."""
+        async with self._lock:
+            if self._serve is None:
+                return  # closed meanwhile
+            self._serve = None
+            self._down_since = time.time()
+            self._collector = self._broker = None
+            log.error("the Ray cluster is gone; starting again to join it anew")
+        for callback in self._restart_needed:
+            try:
+                await callback()
+            except Exception:
+                log.exception("after the cluster went away")
 
     def _start(self) -> _Serve:
+        # Ray ends a driver whose cluster is away for 60 s; this server waits for it.
+        os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", str(GCS_PATIENCE_S))
         if not ray.is_initialized():
             # Workers' and actors' output stays in Ray's log files (the session dir's
             # logs/), not streamed to this process's stderr as plain text.
@@ -777,12 +987,19 @@ class RayBackend:
                 os.umask(mask)
 
     async def close(self) -> None:
+        if self._joining is not None:
+            self._joining.cancel()
+            await asyncio.gather(self._joining, return_exceptions=True)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            await asyncio.gather(self._watchdog, return_exceptions=True)
+            self._watchdog = None
         async with self._lock:
             if self._serve is None:
                 return
             self._serve = None
             if self._owns_ray:
-                await asyncio.to_thread(self._shutdown)
+                await self._call(self._shutdown)
 
     @staticmethod
     def _shutdown() -> None:
@@ -791,12 +1008,13 @@ class RayBackend:
         ray.shutdown()
 
     async def build(self, spec: BuildSpec) -> BuildOutcome:
+        self._started()
         task = ray.remote(num_cpus=self._build_cpus, max_retries=0)(run_build)
         ref = task.remote(spec)
         running = asyncio.wrap_future(ref.future())
         running.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
-            outcome: BuildOutcome = await asyncio.shield(running)
+            outcome: BuildOutcome = await _result(asyncio.shield(running))
         except asyncio.CancelledError:
             # Interrupt the task (KeyboardInterrupt in the worker: the build's cleanup runs
             # and its staging folder goes), then wait a little for it to end.
@@ -807,19 +1025,22 @@ class RayBackend:
                 ray.cancel(ref, force=True)
             raise
         except ray.exceptions.RayError as e:  # the worker died, not the build's own failure
+            if not self.available():  # with the cluster: the job waits for it, and runs again
+                raise ClusterUnavailable(f"the build's worker went with the cluster: {e}") from e
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             return BuildOutcome(ok=False, error=f"the build worker failed: {first}")
         return outcome
 
     async def runtime(self) -> Runtime:
         if self._runtime is None:
+            self._started()
             # What a worker runs, asked of a worker (the driver may differ on a remote cluster).
             probe = ray.remote(num_cpus=0, max_retries=1)(current_runtime)
-            self._runtime = await asyncio.wrap_future(probe.remote().future())
+            self._runtime = await _result(asyncio.wrap_future(probe.remote().future()))
         return self._runtime
 
     async def apply(self, apps: Sequence[AppSpec]) -> None:
-        running = (await asyncio.to_thread(self._started().details)).applications
+        running = (await self._call(self._started().details)).applications
         kept = _others(running, {a.app_name for a in apps})
         await self._hand_secrets(apps)
         config = ServeDeploySchema.model_validate(
@@ -834,7 +1055,7 @@ class RayBackend:
                 ],
             }
         )
-        await asyncio.to_thread(self._started().deploy, config)
+        await self._call(self._started().deploy, config)
 
     async def _hand_secrets(self, apps: Sequence[AppSpec]) -> None:
         """Every application's secret values to the broker, before Serve starts a replica
@@ -844,51 +1065,53 @@ class RayBackend:
         keep = [a.app_name for a in apps if a.secrets_version and not a.secrets]
         if self._broker is None:  # none needed and none running: nothing to hand over
             find = _start_broker if wanted else _running_broker
-            self._broker = await asyncio.to_thread(find)
+            self._broker = await self._call(find)
             if self._broker is None:
                 return
         try:
-            await asyncio.wrap_future(self._broker.put.remote(wanted, keep).future())
+            await _result(asyncio.wrap_future(self._broker.put.remote(wanted, keep).future()))
         except Exception:
             self._broker = None  # gone with its node or with Ray: started again next time
             raise
 
     async def observe(self) -> Mapping[str, AppObservation]:
-        details = await asyncio.to_thread(self._started().details)
+        details = await self._call(self._started().details)
         apps = details.applications
-        cluster: Mapping[str, float] = (
-            await asyncio.to_thread(ray.cluster_resources) if apps else {}
-        )
-        return {name: _observation(name, app, cluster) for name, app in apps.items()}
+        cluster: Mapping[str, float] = await self._call(_cluster_totals) if apps else {}
+        lost = await self._call(_lost_nodes) if apps else frozenset()
+        return {
+            name: replace(_observation(name, app, cluster), lost_nodes=lost)
+            for name, app in apps.items()
+        }
 
     async def nodes(self) -> Sequence[NodeResources]:
-        details = await asyncio.to_thread(self._started().details)
-        return await asyncio.to_thread(_nodes, details)
+        details = await self._call(self._started().details)
+        return await self._call(_nodes, details)
 
     async def signals(self, epoch: str, cursor: int) -> Batch:
         """The replicas' reports after ``cursor`` (workers.signals.Collector.read) and what
         Serve's proxies on every node say of requests they refused or queue."""
         self._started()
         if self._collector is None:
-            self._collector = await asyncio.to_thread(_start_collector)
+            self._collector = await self._call(_start_collector)
         try:
             ref = self._collector.read.remote(epoch, cursor)
-            batch: Batch = await asyncio.wrap_future(ref.future())
+            batch: Batch = await _result(asyncio.wrap_future(ref.future()))
         except Exception:
             # Gone with its node, or Ray itself restarted: found or started again (a new
             # one has a new epoch, and readers start over) at the next reading.
             self._collector = None
             raise
-        proxies = await asyncio.to_thread(self._proxy_figures)
+        proxies = await self._call(self._proxy_figures)
         return replace(batch, proxies=tuple(proxies))
 
     def _proxy_figures(self) -> list[Any]:
         now = time.monotonic()
         if now - self._metrics_ports_at > 10 or not self._metrics_ports:
             self._metrics_ports = [
-                f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
-                for n in ray.nodes()  # type: ignore[no-untyped-call]
-                if n.get("Alive") and n.get("MetricsExportPort")
+                f"http://{n.address}:{n.metrics_port}/metrics"
+                for n in _node_table()
+                if n.alive and n.metrics_port
             ]
             self._metrics_ports_at = now
         samples: dict[str, list[tuple[dict[str, str], float]]] = {}

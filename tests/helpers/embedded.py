@@ -8,6 +8,7 @@ import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -27,6 +28,7 @@ class Serve:
         self.grpc = ""
 
     def start(self) -> None:
+        log = self._log()
         self.popen = subprocess.Popen(
             [
                 MODELCTL,
@@ -41,14 +43,21 @@ class Serve:
                 *self.args,
             ],
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=log,
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
+        log.close()  # the process has its own copy
         assert self.popen.stdout is not None
         line = self.popen.stdout.readline().strip()
         assert line.startswith("ready grpc="), f"unexpected first line {line!r}"
         self.grpc = line.split()[1].removeprefix("grpc=")
+
+    def _log(self) -> Any:
+        """Its log, beside its data dir (serve-N.log, one per start), for a failure."""
+        self.starts = getattr(self, "starts", 0) + 1
+        self.data.parent.mkdir(parents=True, exist_ok=True)
+        return (self.data.parent / f"serve-{self.starts}.log").open("w")
 
     def stop(self) -> int:
         assert self.popen is not None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -22,8 +23,52 @@ def _ray(*args: str, env: dict[str, str]) -> None:
     subprocess.run([RAY, "start", *args], check=True, env=env, capture_output=True, timeout=180)
 
 
+def start_head(port: int, temp: str, cpus: int = 2) -> None:
+    """A head node on 127.0.0.1:``port`` (again at the same address after a stop)."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_metrics_report_interval_ms": "1000"}
+    _ray(
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={port}",
+        f"--num-cpus={cpus}",
+        "--num-gpus=0",
+        "--include-dashboard=false",
+        f"--temp-dir={temp}",
+        "--disable-usage-stats",
+        env=env,
+    )
+
+
+def kill_all(temp: str) -> None:
+    """Every process of the node(s) with this temp dir, at once (`ray stop --force`)."""
+    subprocess.run(["pkill", "-9", "-f", temp], check=False)
+
+
 @contextlib.contextmanager
 def two_nodes(cpus: int = 2, second_gpus: int = 0) -> Iterator[str]:
+    """The head's address (``nodes``: with each node's temp dir too)."""
+    with nodes(cpus, second_gpus) as (address, _):
+        yield address
+
+
+def kill_raylet(temp: str) -> int:
+    """SIGKILL to the raylet of the node with this temp dir (the node is lost); its pid."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm = (entry / "comm").read_text().strip()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if comm == "raylet" and temp.encode() in cmdline:
+            os.kill(int(entry.name), signal.SIGKILL)
+            return int(entry.name)
+    raise AssertionError(f"no raylet of {temp}")
+
+
+@contextlib.contextmanager
+def nodes(cpus: int = 2, second_gpus: int = 0) -> Iterator[tuple[str, list[str]]]:
     """The head's address; ``second_gpus``: logical GPUs on the second node only. Each
     node's metrics agent gets Serve's figures every second (RAY_metrics_report_interval_ms,
     as docs/metrics.md tells operators). Drivers that join it need RAY_AUTH_MODE=disabled."""
@@ -53,7 +98,7 @@ def two_nodes(cpus: int = 2, second_gpus: int = 0) -> Iterator[str]:
             "--disable-usage-stats",
             env=env,
         )
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}", temps
     finally:
         for temp in temps:
             subprocess.run(["pkill", "-9", "-f", temp], check=False)

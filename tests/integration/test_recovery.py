@@ -22,6 +22,7 @@ from tests.helpers.api import (
     Stub,
     build,
     create_model,
+    error_info,
     fake_settings,
     op_reason,
     resources,
@@ -189,7 +190,7 @@ async def test_a_replica_killed_from_outside_is_replaced_and_the_event_says_so(
 
     await eventually("the replica replaced", replaced)
     dep = await stub.GetDeployment(rpc.GetDeploymentRequest(name=name))
-    assert f"{victim.id} (pid {victim.pid}) stopped unexpectedly" in dep.message
+    assert f"{victim.id} (pid {victim.pid} on {victim.node}) stopped unexpectedly" in dep.message
     assert before[1].id in {r.id for r in dep.replicas}, "the other replica was kept"
 
 
@@ -242,7 +243,7 @@ async def test_a_killed_replica_whose_replacement_fails_is_explained_and_stays_d
 
     await eventually("Serve's report on the deployment", explained)
     dep = await stub.GetDeployment(rpc.GetDeploymentRequest(name=name))
-    assert f"{victim.id} (pid {victim.pid}) stopped unexpectedly" in dep.message
+    assert f"{victim.id} (pid {victim.pid} on {victim.node}) stopped unexpectedly" in dep.message
     assert "GPU driver is gone" in dep.message
     assert (await deployed(stub, model.name)).state == pb.MODEL_STATE_DEPLOYED
     del fake(server).fail_start[app_of(model.name)]
@@ -256,7 +257,9 @@ async def test_a_killed_replica_whose_replacement_fails_is_explained_and_stays_d
 
     await eventually("the application healthy again", healthy)
     dep = await stub.GetDeployment(rpc.GetDeploymentRequest(name=name))
-    assert dep.message.startswith(f"replica {victim.id} (pid {victim.pid}) stopped unexpectedly")
+    assert dep.message.startswith(
+        f"replica {victim.id} (pid {victim.pid} on {victim.node}) stopped unexpectedly"
+    )
 
 
 @contextlib.asynccontextmanager
@@ -301,15 +304,19 @@ async def test_the_loops_go_on_while_the_cluster_is_unreachable_and_recover(
         cluster = fake(server)
         cluster.unreachable = True  # then the cluster restarts: nothing runs on it
         cluster.delete_all()
-        # A change while it cannot be reached: the apply is retried, then the rollout
-        # fails and the model goes back to the deployment that served.
-        op = await redeploy(stub, model.name, 1, resources(2, cpus=1))
-        assert op.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
-        assert op_reason(op) == "APPLY_FAILED" and "cannot be reached" in op.error.message
-        m = await deployed(stub, model.name)
+        # A change while it is gone: refused at once, with a retry hint; nothing changes.
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.CreateDeployment(
+                rpc.CreateDeploymentRequest(
+                    parent=model.name, build=f"{model.name}/builds/1", resources=resources(1)
+                )
+            )
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_info(refused.value)[0] == "CLUSTER_UNAVAILABLE"
+        m = await deployed(stub, model.name)  # reads answer all along
         assert m.state == pb.MODEL_STATE_DEPLOYED
         assert m.active_deployment == f"{model.name}/deployments/1"
-        cluster.unreachable = False
+        await cluster.reconnected()  # a new, empty cluster: every model is applied again
 
         async def serving_again() -> bool:
             app = cluster.apps.get(app_of(model.name))

@@ -88,7 +88,9 @@ async def test_a_failing_build_leaves_the_last_good_one_serving(stub: Stub, serv
 
     dep = await eventually("the killed replica replaced", replaced, 120, 0.5)
     ids = {r.id for r in dep.replicas if r.state == pb.REPLICA_STATE_RUNNING}
-    assert f"{victim.id} (pid {victim.pid}) stopped unexpectedly" in dep.message, dep.message
+    assert f"{victim.id} (pid {victim.pid} on {victim.node}) stopped unexpectedly" in dep.message, (
+        dep.message
+    )
     (replacement,) = ids - {r.id for r in running}
     assert f"Serve replaced it with {replacement}" in dep.message, dep.message
 

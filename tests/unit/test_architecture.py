@@ -22,7 +22,9 @@ ALLOWED: dict[str, set[str]] = {
     # The server's entry: its key file's error, said before anything starts.
     "serve_cmd": {"api", "console", "domain", "server", "storage"},
     # On the server's machine: the data dir and the database, no server.
-    "local_cmd": {"storage"},
+    "local_cmd": {"backup", "storage"},
+    # modelctl backup / restore: a consistent copy, the GC held off meanwhile.
+    "backup": {"gc", "storage", "workers"},
     "console": {"api", "domain"},  # a client of the public API: api.client, nothing else
     "server": {
         "api",

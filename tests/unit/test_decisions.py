@@ -6,6 +6,7 @@ Serve reports, and checks the verdict or the record the lifecycle would write.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -208,7 +209,8 @@ def test_replicas_seen_running_are_remembered_while_listed() -> None:
 def test_a_replica_gone_and_its_replacement_in_one_look() -> None:
     after = judge_serving(serving(A, B), seen(ServeStatus.RUNNING, B, C), notice_replaced=True)
     assert (
-        after.note == "replica a (pid 11) stopped unexpectedly; Serve replaced it with c (pid 13)"
+        after.note
+        == "replica a (pid 11 on n1) stopped unexpectedly; Serve replaced it with c (pid 13 on n1)"
     )
     assert after.awaiting == ()
     assert [r.id for r in after.replicas] == ["b", "c"]
@@ -217,12 +219,15 @@ def test_a_replica_gone_and_its_replacement_in_one_look() -> None:
 def test_the_replacement_is_named_when_serve_lists_it_later() -> None:
     stopping = replica("a", STOPPING, 11)
     first = judge_serving(serving(A, B), seen(ServeStatus.RUNNING, stopping, B), True)
-    assert first.note == f"replica a (pid 11) stopped unexpectedly; {REPLACING}"
+    assert first.note == f"replica a (pid 11 on n1) stopped unexpectedly; {REPLACING}"
     assert [r.id for r in first.awaiting] == ["a"]
     gone = judge_serving(first, seen(ServeStatus.RUNNING, B), True)
     assert gone.note == first.note and gone.awaiting == first.awaiting
     then = judge_serving(gone, seen(ServeStatus.RUNNING, B, C), True)
-    assert then.note == "replica a (pid 11) stopped unexpectedly; Serve replaced it with c (pid 13)"
+    assert (
+        then.note
+        == "replica a (pid 11 on n1) stopped unexpectedly; Serve replaced it with c (pid 13 on n1)"
+    )
     assert then.awaiting == ()
 
 
@@ -254,7 +259,9 @@ def test_with_a_change_of_ours_in_flight_losses_are_not_reported() -> None:
 @pytest.mark.parametrize("status", [ServeStatus.UNHEALTHY, ServeStatus.DEPLOY_FAILED])
 def test_serve_health_is_said_after_the_note_and_goes_once_running(status: ServeStatus) -> None:
     record = serving(
-        A, note="replica z (pid 9) stopped unexpectedly; Serve replaced it with a (pid 11)"
+        A,
+        note="replica z (pid 9 on n1) stopped unexpectedly; "
+        "Serve replaced it with a (pid 11 on n1)",
     )
     sick = judge_serving(record, seen(status, A, message="replica crashed"), True)
     assert sick.health == f"Serve reports the application {status.value}: replica crashed"
@@ -287,3 +294,14 @@ def test_compose_message() -> None:
     assert compose_message("a", "") == "a"
     assert compose_message("", "b") == "b"
     assert compose_message("a", "b") == "a; b"
+
+
+def test_a_replica_lost_with_its_node_says_so_and_names_its_replacement() -> None:
+    before = replace(ServingRecord(), replicas=(replica("a", pid=11),), ran=frozenset({"a"}))
+    moved = replace(replica("c", pid=13), node="head")
+    lost = Observation(ServeStatus.RUNNING, "", (moved,), lost_nodes=frozenset({"n1"}))
+    after = judge_serving(before, lost, notice_replaced=True)
+    assert after.message == (
+        "replica a (pid 11 on n1) was lost with its node n1; "
+        "Serve replaced it with c (pid 13 on head)"
+    )

@@ -181,4 +181,4 @@ def test_replicas_the_autoscaler_stops_did_not_stop_unexpectedly() -> None:
     assert after.note == "" and after.awaiting == ()
     lost = Observation(ServeStatus.RUNNING, replicas=(replica("a"), replica("b")), target=3)
     crashed = judge_serving(ran, lost, notice_replaced=True)
-    assert "replica c (pid 100) stopped unexpectedly" in crashed.note
+    assert "replica c (pid 100 on n) stopped unexpectedly" in crashed.note

@@ -12,7 +12,6 @@ import pydantic
 import pytest
 from ray.serve.schema import ApplicationStatus, ReplicaDetails, ServeInstanceDetails
 
-import ray
 from workers import ray_backend
 from workers.backend import AppObservation, AppStatus, ReplicaObservation, ReplicaStatus
 from workers.ray_backend import RayBackend, _Serve
@@ -245,11 +244,12 @@ def test_an_answer_not_in_serve_s_schema_fails_loudly() -> None:
 async def test_observe_reads_every_application(monkeypatch: pytest.MonkeyPatch) -> None:
     asked: list[str] = []
 
-    def cluster_resources() -> dict[str, float]:
+    def cluster_totals() -> dict[str, float]:
         asked.append("cluster")
-        return CLUSTER
+        return dict(CLUSTER)
 
-    monkeypatch.setattr(ray, "cluster_resources", cluster_resources)
+    monkeypatch.setattr(ray_backend, "_cluster_totals", cluster_totals)
+    monkeypatch.setattr(ray_backend, "_lost_nodes", lambda: frozenset({"10.0.0.9"}))
     backend = RayBackend(None, "127.0.0.1", 8000, num_cpus=4, num_gpus=0)
     with pytest.raises(RuntimeError, match="not started"):
         await backend.observe()
@@ -273,4 +273,5 @@ async def test_observe_reads_every_application(monkeypatch: pytest.MonkeyPatch) 
         "p1--big": AppStatus.DEPLOYING,
     }
     assert seen["p1--big"].unplaceable.startswith("replicas cannot be placed")
+    assert seen[APP].lost_nodes == frozenset({"10.0.0.9"}), "nodes the cluster lost, said"
     assert asked == ["cluster"]

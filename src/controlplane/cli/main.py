@@ -201,6 +201,7 @@ def parser() -> argparse.ArgumentParser:
     serve = _sub(sub, "serve", None, "run the control plane server")
     serve_cmd.add_arguments(serve)
     local_cmd.add_secrets(sub)
+    local_cmd.add_backup(sub)
 
     console = sub.add_parser(
         "console",
@@ -470,6 +471,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _console(args)
     if args.command == "secrets":
         return local_cmd.secrets_rotate(args)
+    if args.command == "backup":
+        return local_cmd.run_backup(args)
+    if args.command == "restore":
+        return local_cmd.run_restore(args)
     try:
         return asyncio.run(run(argv))
     except KeyboardInterrupt:

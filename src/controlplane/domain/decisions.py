@@ -36,6 +36,7 @@ class Observation:
     replicas: tuple[Replica, ...] = ()
     unplaceable: str = ""  # why a replica can never be placed (the cluster is too small)
     target: int | None = None  # replicas Serve wants now (its autoscaler's); None: not said
+    lost_nodes: frozenset[str] = frozenset()  # nodes the cluster lost (dead, not back)
 
 
 @dataclass(frozen=True)
@@ -234,13 +235,18 @@ def judge_serving(record: ServingRecord, obs: Observation, notice_replaced: bool
     if not (notice_replaced and not obs.replicas and obs.target != 0):
         after = observe_replicas(record, obs)
         if notice_replaced:
-            after = _replacements(record, after, obs.target)
+            after = _replacements(record, after, obs.target, obs.lost_nodes)
     if after.note != record.note:  # a new note replaces what was said, health included
         after = replace(after, health="")
     return replace(after, health=_health(after, obs))
 
 
-def _replacements(before: ServingRecord, after: ServingRecord, target: int | None) -> ServingRecord:
+def _replacements(
+    before: ServingRecord,
+    after: ServingRecord,
+    target: int | None,
+    obs_lost_nodes: frozenset[str] = frozenset(),
+) -> ServingRecord:
     now = {r.id: r for r in after.replicas}
     lost = tuple(
         r
@@ -258,9 +264,11 @@ def _replacements(before: ServingRecord, after: ServingRecord, target: int | Non
     if lost:
         went = ", ".join(_words(r) for r in lost)
         instead = f"Serve replaced it with {came}" if new else REPLACING
+        gone = sorted({r.node for r in lost if r.node in obs_lost_nodes})
+        why = f"was lost with its node {', '.join(gone)}" if gone else "stopped unexpectedly"
         return replace(
             after,
-            note=f"replica {went} stopped unexpectedly; {instead}",
+            note=f"replica {went} {why}; {instead}",
             awaiting=() if new else lost,
         )
     if new and before.awaiting:
@@ -283,4 +291,5 @@ def _health(record: ServingRecord, obs: Observation) -> str:
 
 
 def _words(r: Replica) -> str:
-    return f"{r.id} (pid {r.pid})" if r.pid else f"{r.id} (starting)"
+    where = f" on {r.node}" if r.node else ""
+    return f"{r.id} (pid {r.pid}{where})" if r.pid else f"{r.id} (starting{where})"

@@ -193,6 +193,17 @@ class JobQueue:
             for row in tx.session.exec(self._mine()).all():
                 _requeue(tx.session, row)
 
+    def later(self, job_id: int, delay_s: float) -> None:
+        """A job of this server's goes back to the queue, not claimed before ``delay_s``
+        (what it needs, the cluster, is away for now): not failed, not counted."""
+        with self.db.write() as tx:
+            row = tx.session.get(JobRow, job_id)
+            if row is not None and row.claimed_by == self.server_id:
+                row.state = JobState.PENDING.value
+                row.not_before = _now() + timedelta(seconds=delay_s)
+                row.update_time = _now()
+                tx.session.add(row)
+
     def complete(self, job_id: int, error: str) -> None:
         with self.db.write() as tx:
             row = tx.session.get(JobRow, job_id)
