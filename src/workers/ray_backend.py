@@ -497,15 +497,7 @@ def _running_broker() -> Any:
 def _start_broker() -> Any:
     """The cluster's secret broker: found where it runs, or started (detached, no CPU).
     A restarted one is empty until the control plane's next apply fills it."""
-    actor = ray.remote(SecretBroker).options(
-        name=SECRETS_BROKER,
-        namespace=NAMESPACE,
-        lifetime="detached",
-        get_if_exists=True,
-        num_cpus=0,
-        max_restarts=-1,
-    )
-    return actor.remote(_actor_info)
+    return _detached(SecretBroker, SECRETS_BROKER, _actor_info)
 
 
 def build_app(args: dict[str, Any]) -> Any:
@@ -1140,12 +1132,18 @@ def _sample(line: str) -> tuple[str, dict[str, str], float]:
 
 def _start_collector() -> Any:
     """The cluster's collector: found where it runs, or started (detached, no CPU)."""
-    actor = ray.remote(Collector).options(
-        name=COLLECTOR,
+    return _detached(Collector, COLLECTOR)
+
+
+def _detached(cls: type, name: str, *args: Any) -> Any:
+    """The cluster's actor ``name`` of ours: found where it runs, or started (detached,
+    no CPU, started again wherever it can be when its node goes)."""
+    actor: Any = ray.remote(cls).options(
+        name=name,
         namespace=NAMESPACE,
         lifetime="detached",
         get_if_exists=True,
         num_cpus=0,
         max_restarts=-1,
     )
-    return actor.remote()
+    return actor.remote(*args)

@@ -59,6 +59,14 @@ class Serve:
         self.data.parent.mkdir(parents=True, exist_ok=True)
         return (self.data.parent / f"serve-{self.starts}.log").open("w")
 
+    def kill(self) -> None:
+        """SIGKILL, if it still runs (a test that failed before stopping it)."""
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+        if self.popen is not None and self.popen.stdout is not None:
+            self.popen.stdout.close()
+
     def stop(self) -> int:
         assert self.popen is not None
         self.popen.send_signal(signal.SIGTERM)
@@ -72,11 +80,7 @@ def serving(data: Path) -> Iterator[Serve]:
     """A server on ``data``, killed at the end if a test left it running."""
     s = Serve(data)
     yield s
-    if s.popen is not None and s.popen.poll() is None:
-        s.popen.kill()
-        s.popen.wait()
-        if s.popen.stdout is not None:
-            s.popen.stdout.close()
+    s.kill()
 
 
 async def answers(stub: Stub, model: str, seconds: float) -> dict[str, object]:

@@ -76,17 +76,7 @@ def nodes(cpus: int = 2, second_gpus: int = 0) -> Iterator[tuple[str, list[str]]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_metrics_report_interval_ms": "1000"}
     port = free_port()
     try:
-        _ray(
-            "--head",
-            "--node-ip-address=127.0.0.1",
-            f"--port={port}",
-            f"--num-cpus={cpus}",
-            "--num-gpus=0",
-            "--include-dashboard=false",
-            f"--temp-dir={temps[0]}",
-            "--disable-usage-stats",
-            env=env,
-        )
+        start_head(port, temps[0], cpus)
         _ray(
             f"--address=127.0.0.1:{port}",
             "--node-ip-address=127.0.0.2",

@@ -192,6 +192,8 @@ async def test_a_replica_killed_from_outside_is_replaced_and_the_event_says_so(
     dep = await stub.GetDeployment(rpc.GetDeploymentRequest(name=name))
     assert f"{victim.id} (pid {victim.pid} on {victim.node}) stopped unexpectedly" in dep.message
     assert before[1].id in {r.id for r in dep.replicas}, "the other replica was kept"
+    m = await stub.GetModel(rpc.GetModelRequest(name=model.name))
+    assert m.message == dep.message, "GetModel says what happened too"
 
 
 async def test_an_error_on_one_model_is_recorded_and_the_loop_goes_on(

@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
 from tests.helpers import eventually, ray_nodes
 from tests.helpers.api import MODEL_V1, Stub, build, error_info, resources, wait
@@ -45,6 +46,16 @@ async def test_models_serve_again_after_the_cluster_restarts(serve: Serve) -> No
     assert await asyncio.to_thread(serve.stop) == 0
 
 
+async def deployed(stub: Stub, project: str) -> tuple[pb.Model, pb.Operation]:
+    """A model of ``project`` built and deployed (1 replica), answering."""
+    model = await stub.CreateModel(rpc.CreateModelRequest(parent=project, model_id="x"))
+    deploy = rpc.DeployOptions(resources=resources(1, cpus=0.25))
+    op = await build(stub, model.name, MODEL_V1, deploy=deploy, seconds=240)
+    assert not op.HasField("error"), op.error
+    assert (await answers(stub, model.name, 60))["success"] is True
+    return model, op
+
+
 async def scale_refused_while_gone(stub: Stub, model: str, build_name: str) -> None:
     """A change that needs the cluster answers UNAVAILABLE with a retry hint."""
     req = rpc.CreateDeploymentRequest(parent=model, build=build_name, resources=resources(2))
@@ -76,13 +87,7 @@ async def test_the_server_reconnects_when_its_ray_cluster_restarts(
         await asyncio.to_thread(server.start)
         async with grpc.aio.insecure_channel(server.grpc) as ch:
             stub = Stub(ch)
-            model = await stub.CreateModel(
-                rpc.CreateModelRequest(parent="projects/rr", model_id="x")
-            )
-            deploy = rpc.DeployOptions(resources=resources(1, cpus=0.25))
-            op = await build(stub, model.name, MODEL_V1, deploy=deploy, seconds=240)
-            assert not op.HasField("error"), op.error
-            assert (await answers(stub, model.name, 60))["success"] is True
+            model, op = await deployed(stub, "projects/rr")
 
             ray_nodes.kill_all(temp)  # the whole cluster, at once
             await scale_refused_while_gone(stub, model.name, op.target)
@@ -101,6 +106,7 @@ async def test_the_server_reconnects_when_its_ray_cluster_restarts(
             assert not done.HasField("error"), done.error
         assert await asyncio.to_thread(server.stop) == 0
     finally:
+        server.kill()
         ray_nodes.kill_all(temp)
         shutil.rmtree(temp, ignore_errors=True)
 
@@ -112,16 +118,12 @@ async def test_a_local_ray_that_died_is_started_again(tmp_path: Path) -> None:
         await asyncio.to_thread(server.start)
         async with grpc.aio.insecure_channel(server.grpc) as ch:
             stub = Stub(ch)
-            model = await stub.CreateModel(
-                rpc.CreateModelRequest(parent="projects/rl", model_id="x")
-            )
-            deploy = rpc.DeployOptions(resources=resources(1, cpus=0.25))
-            op = await build(stub, model.name, MODEL_V1, deploy=deploy, seconds=240)
-            assert not op.HasField("error"), op.error
-            assert (await answers(stub, model.name, 60))["success"] is True
+            model, op = await deployed(stub, "projects/rl")
             ray_nodes.kill_all(str(data / "ray"))  # its GCS, raylet and workers
             body = await answers(stub, model.name, 240)  # a new local Ray, the same model
             assert body["build"] == op.target
         assert await asyncio.to_thread(server.stop) == 0
     finally:
+        server.kill()
+        ray_nodes.kill_all(str(data / "ray"))
         shutil.rmtree(data.parent, ignore_errors=True)

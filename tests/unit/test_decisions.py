@@ -305,3 +305,13 @@ def test_a_replica_lost_with_its_node_says_so_and_names_its_replacement() -> Non
         "replica a (pid 11 on n1) was lost with its node n1; "
         "Serve replaced it with c (pid 13 on head)"
     )
+
+
+def test_a_note_written_before_ray_declared_the_node_dead_is_told_again() -> None:
+    before = replace(ServingRecord(), replicas=(replica("a", pid=11),), ran=frozenset({"a"}))
+    moved = replace(replica("c", pid=13), node="head")
+    first = judge_serving(before, Observation(ServeStatus.RUNNING, "", (moved,)), True)
+    assert "a (pid 11 on n1) stopped unexpectedly" in first.note
+    later = Observation(ServeStatus.RUNNING, "", (moved,), lost_nodes=frozenset({"n1"}))
+    then = judge_serving(first, later, True)
+    assert then.note.startswith("replica a (pid 11 on n1) was lost with its node n1; ")

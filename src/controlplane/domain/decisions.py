@@ -236,6 +236,7 @@ def judge_serving(record: ServingRecord, obs: Observation, notice_replaced: bool
         after = observe_replicas(record, obs)
         if notice_replaced:
             after = _replacements(record, after, obs.target, obs.lost_nodes)
+    after = _lost_with_node(after, obs.lost_nodes)
     if after.note != record.note:  # a new note replaces what was said, health included
         after = replace(after, health="")
     return replace(after, health=_health(after, obs))
@@ -279,6 +280,18 @@ def _replacements(
             awaiting=(),
         )
     return after
+
+
+def _lost_with_node(record: ServingRecord, lost_nodes: frozenset[str]) -> ServingRecord:
+    """Ray declares a node dead some seconds after Serve sees its replicas go: a note
+    written before then is told again once the node is known lost (the note is the
+    same words this module wrote, never read back for state)."""
+    note = record.note
+    for node in sorted(lost_nodes):
+        note = note.replace(
+            f" on {node}) stopped unexpectedly", f" on {node}) was lost with its node {node}"
+        )
+    return record if note == record.note else replace(record, note=note)
 
 
 def _health(record: ServingRecord, obs: Observation) -> str:

@@ -460,6 +460,8 @@ def serving_observed(c: Changes, model: ModelRow, dep: DeploymentRow, obs: Obser
         serving_record(dep), obs, notice_replaced=not model.running_operation
     )
     _write_serving(c, dep, record)
+    if not model.running_operation and model.message != record.message:
+        c.model(model, message=record.message)  # GetModel says what happened too
 
 
 def scale_observed(
