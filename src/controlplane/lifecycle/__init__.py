@@ -456,11 +456,10 @@ def judge(
 def serving_observed(c: Changes, model: ModelRow, dep: DeploymentRow, obs: Observation) -> None:
     """A DEPLOYED model: replicas Serve replaced on its own, and Serve's health, are
     recorded (the model stays DEPLOYED: its running replicas still answer)."""
-    record = decisions.judge_serving(
-        serving_record(dep), obs, notice_replaced=not model.running_operation
-    )
+    before = serving_record(dep)
+    record = decisions.judge_serving(before, obs, notice_replaced=not model.running_operation)
     _write_serving(c, dep, record)
-    if not model.running_operation and model.message != record.message:
+    if not model.running_operation and record.message != before.message:
         c.model(model, message=record.message)  # GetModel says what happened too
 
 
