@@ -199,6 +199,11 @@ class ServeView:
             route_prefix=RAW_ROUTE,
         )
 
+    def delete_raw(self) -> None:
+        from ray import serve
+
+        serve.delete(RAW_APP)
+
     def close(self) -> None:
         import ray
 
@@ -552,6 +557,9 @@ async def phases(
                         f"{_s(got['all_replicas_s'])} s; {got['sent']} sent, "
                         f"{got['failed']} failed"
                     )
+            # Raw Serve's application was made through Serve's Python API, which the
+            # control plane's applies refuse to delete: gone first, deployed again after.
+            await asyncio.to_thread(view.delete_raw)
             await ours.deploy(0)  # in place: the same replica, the new bounds
             configs["cold_start"] = await mirror(view, app_args, sides, 0)
             colds: dict[str, list[dict[str, Any]]] = {"ours": [], "raw": []}

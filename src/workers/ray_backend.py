@@ -919,14 +919,23 @@ class RayBackend:
         Ray, and so does the old connection once a new cluster answers at the address
         (wrong cluster id). So nothing more is asked of it, and ``on_restart_needed``'s
         callbacks run at once: the server starts again as a new process, which joins
-        the cluster when it answers (or starts a new local one) and applies every model;
-        meanwhile it answers reads and refuses changes that need the cluster."""
+        the cluster when it answers and applies every model; meanwhile it answers reads
+        and refuses changes that need the cluster. A local Ray of the server's own that
+        died is not started again in a running server (tried here: the new process then
+        did not always stop on SIGTERM): changes are refused until the server is started
+        again, which starts a new local Ray and applies every model."""
         async with self._lock:
             if self._serve is None:
                 return  # closed meanwhile
             self._serve = None
             self._down_since = time.time()
             self._collector = self._broker = None
+            if self._owns_ray:  # nothing starts it again but a new server process
+                log.error(
+                    "the local Ray cluster this server started is gone: changes are refused "
+                    "until the server is started again (it then starts a new one)"
+                )
+                return
             log.error("the Ray cluster is gone; starting again to join it anew")
         for callback in self._restart_needed:
             try:

@@ -111,7 +111,7 @@ async def test_the_server_reconnects_when_its_ray_cluster_restarts(
         shutil.rmtree(temp, ignore_errors=True)
 
 
-async def test_a_local_ray_that_died_is_started_again(tmp_path: Path) -> None:
+async def test_a_local_ray_that_died_refuses_changes_until_the_server_starts_again() -> None:
     data = Path(tempfile.mkdtemp(prefix="cpl", dir="/tmp")) / "d"  # Ray's sockets in it
     server = Serve(data)
     try:
@@ -120,7 +120,13 @@ async def test_a_local_ray_that_died_is_started_again(tmp_path: Path) -> None:
             stub = Stub(ch)
             model, op = await deployed(stub, "projects/rl")
             ray_nodes.kill_all(str(data / "ray"))  # its GCS, raylet and workers
-            body = await answers(stub, model.name, 240)  # a new local Ray, the same model
+            await scale_refused_while_gone(stub, model.name, op.target)
+            read = await stub.GetModel(rpc.GetModelRequest(name=model.name))
+            assert read.name == model.name, "reads keep working"
+        assert await asyncio.to_thread(server.stop) == 0
+        await asyncio.to_thread(server.start)  # a new local Ray, the same records
+        async with grpc.aio.insecure_channel(server.grpc) as ch:
+            body = await answers(Stub(ch), model.name, 240)
             assert body["build"] == op.target
         assert await asyncio.to_thread(server.stop) == 0
     finally:
