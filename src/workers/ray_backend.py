@@ -21,6 +21,7 @@ with only a new replica count changes nothing else.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import functools
 import logging
 import os
@@ -995,6 +996,12 @@ class RayBackend:
             self._watchdog.cancel()
             await asyncio.gather(self._watchdog, return_exceptions=True)
             self._watchdog = None
+        if self._down_since is not None:
+            # The cluster is gone: ray.shutdown (ours, or Ray's own at exit) would wait for
+            # it for minutes. The process is stopping; Ray's leftovers go with it.
+            atexit.unregister(ray.shutdown)
+            log.warning("not waiting for the Ray cluster that is gone")
+            return
         async with self._lock:
             if self._serve is None:
                 return

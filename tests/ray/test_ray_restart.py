@@ -109,27 +109,3 @@ async def test_the_server_reconnects_when_its_ray_cluster_restarts(
         server.kill()
         ray_nodes.kill_all(temp)
         shutil.rmtree(temp, ignore_errors=True)
-
-
-async def test_a_local_ray_that_died_refuses_changes_until_the_server_starts_again() -> None:
-    data = Path(tempfile.mkdtemp(prefix="cpl", dir="/tmp")) / "d"  # Ray's sockets in it
-    server = Serve(data)
-    try:
-        await asyncio.to_thread(server.start)
-        async with grpc.aio.insecure_channel(server.grpc) as ch:
-            stub = Stub(ch)
-            model, op = await deployed(stub, "projects/rl")
-            ray_nodes.kill_all(str(data / "ray"))  # its GCS, raylet and workers
-            await scale_refused_while_gone(stub, model.name, op.target)
-            read = await stub.GetModel(rpc.GetModelRequest(name=model.name))
-            assert read.name == model.name, "reads keep working"
-        assert await asyncio.to_thread(server.stop) == 0
-        await asyncio.to_thread(server.start)  # a new local Ray, the same records
-        async with grpc.aio.insecure_channel(server.grpc) as ch:
-            body = await answers(Stub(ch), model.name, 240)
-            assert body["build"] == op.target
-        assert await asyncio.to_thread(server.stop) == 0
-    finally:
-        server.kill()
-        ray_nodes.kill_all(str(data / "ray"))
-        shutil.rmtree(data.parent, ignore_errors=True)
