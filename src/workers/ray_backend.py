@@ -895,8 +895,8 @@ class RayBackend:
 
     async def _watch(self) -> None:
         """Asks the cluster's GCS every WATCH_S whether it is there; after LOST_AFTER
-        misses in a row, lets go of it and connects again (a local Ray of ours: starts a
-        new one) until it answers, then says so to ``on_reconnected``'s callbacks."""
+        misses in a row the cluster is gone (``_reconnect``: calls into it stop, and for
+        an external cluster ``on_restart_needed``'s callbacks run)."""
         misses = 0
         while True:
             await asyncio.sleep(WATCH_S)
