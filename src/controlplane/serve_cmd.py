@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import signal
 import sys
 import uuid
@@ -23,10 +22,6 @@ if TYPE_CHECKING:
     from controlplane.console.web import ConsoleServer
 
 CONSOLE_PORT = 8070
-RESTART = -1  # serve()'s answer when the process must start again (its cluster came back)
-RESTART_GRACE_S = 1.0
-_BOUND: list[str] = []  # the ports this process listens on, for the next one
-_STARTED_ENV = dict(os.environ)  # before Ray changes it
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,8 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_DATA_DIR,
         help="this server's files: the SQLite database (without --database-url), uploaded "
         "sources, build artifacts (replicas load them from here), build logs, the first "
-        "admin token (admin.token) and exports' scratch folders. Ray's own files are not "
-        "in it: they stay in Ray's temp dir (default: %(default)s)",
+        "admin token (admin.token), exports' scratch folders, the secret values' key "
+        "(secrets.key) and, for a local Ray, Ray's own files (ray/) (default: %(default)s)",
     )
     p.add_argument(
         "--database-url",
@@ -343,28 +338,20 @@ async def serve(
                 await server.stop()
                 print(f"modelctl serve: error: {e.strerror or e}", file=sys.stderr)
                 return 1
-    # After start: Ray installs its own (C++) SIGTERM handler when it starts; ours replaces
-    # it so that SIGTERM drains in-flight RPCs and stops Ray in order, exiting 0.
+    # SIGTERM and SIGINT drain in-flight RPCs and stop Ray's driver (and a local Ray) in
+    # order, exiting 0.
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     metrics = f" metrics={server.metrics_address}" if server.metrics_address else ""
     web = f" console={console.address}" if console else ""
-    _BOUND[:] = [
-        f"--grpc-port={server.grpc_port}",
-        f"--http-port={server.http_address.rpartition(':')[2]}",
-        *([f"--metrics-port={server.metrics_address.rpartition(':')[2]}"] if metrics else []),
-        *([f"--console-port={console.address.rpartition(':')[2]}"] if console else []),
-    ]
     print(f"ready grpc={server.grpc_address} http={server.http_address}{metrics}{web}", flush=True)
-    restart = asyncio.ensure_future(server.restart_needed.wait())
-    await asyncio.wait([asyncio.ensure_future(stop.wait()), restart], return_when="FIRST_COMPLETED")
+    await stop.wait()
     logging.getLogger(__name__).info("shutting down: draining in-flight RPCs")
     if console is not None:
         await console.stop()
-    again = restart.done() and not stop.is_set()
-    await server.stop(RESTART_GRACE_S if again else None)  # the old connection must go soon
-    return RESTART if again else 0
+    await server.stop()
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -381,13 +368,4 @@ def run(args: argparse.Namespace) -> int:
     except SecretKeyError as e:  # a key file others can read, a bad MODELCTL_SECRET_KEYS
         print(f"modelctl serve: error: {e}", file=sys.stderr)
         return 1
-    if code == RESTART:  # the Ray cluster came back: a new process joins it
-        logging.getLogger(__name__).warning("starting again to join the Ray cluster anew")
-        sys.stdout.flush()
-        sys.stderr.flush()
-        again = [*sys.argv[1:], *_BOUND]  # the same ports (flags given again win)
-        # The environment it was started with: Ray adds its own (the old cluster's).
-        os.execve(
-            sys.executable, [sys.executable, "-m", "controlplane.cli.main", *again], _STARTED_ENV
-        )
     return code

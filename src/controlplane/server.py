@@ -50,12 +50,15 @@ def make_backend(settings: Settings) -> Backend:
             # Its simulated cluster outlives the server, as a real Ray cluster would.
             state_file=settings.data_dir / "fake-cluster.json",
         )
-    from workers.ray_backend import RayBackend
+    from workers.driver import DriverBackend, free_port
 
-    return RayBackend(
+    # Ray's driver in a process of its own, replaced when its cluster is gone.
+    port = settings.http_port or free_port(settings.http_host)
+    return DriverBackend(
+        f"http://{settings.http_host}:{port}",
         address=settings.ray_address,
         http_host=settings.http_host,
-        http_port=settings.http_port,
+        http_port=port,
         num_cpus=settings.num_cpus,
         num_gpus=settings.num_gpus,
         build_cpus=settings.build_cpus,
@@ -89,7 +92,6 @@ class Server:
         self._metrics_endpoint: MetricsEndpoint | None = None
         self._stop_tracing: Callable[[], None] | None = None
         # Set when the process must start again to join its cluster anew (it was lost).
-        self.restart_needed = asyncio.Event()
 
     @property
     def grpc_address(self) -> str:
@@ -160,7 +162,6 @@ class Server:
             cluster_up=backend.available,
         )
         backend.on_reconnected(self._cluster_back)
-        backend.on_restart_needed(self._restart)
         self.hub = EventHub(
             self.db,
             http_base,
@@ -265,11 +266,6 @@ class Server:
             return await self.backend.runtime()
         except ClusterUnavailable:
             return None
-
-    async def _restart(self) -> None:
-        """The cluster is gone and only a new process can join it again (`modelctl
-        serve` starts itself again on ``restart_needed``)."""
-        self.restart_needed.set()
 
     async def _cluster_back(self) -> None:
         """The cluster answers again after an outage (a new one knows nothing): every

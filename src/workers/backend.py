@@ -205,11 +205,6 @@ class Backend(Protocol):
         cluster knows nothing: every model is to be applied again)."""
         ...
 
-    def on_restart_needed(self, callback: Callable[[], Awaitable[None]]) -> None:
-        """``callback`` runs once the cluster answers again after an outage and only a
-        new process can join it (Ray's driver): the server starts again."""
-        ...
-
     async def build(self, spec: BuildSpec) -> BuildOutcome:
         """Runs the build on the cluster. Never raises for a failed build: ok=False."""
         ...

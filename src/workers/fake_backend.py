@@ -111,9 +111,6 @@ class FakeBackend:
     def on_reconnected(self, callback: Callable[[], Awaitable[None]]) -> None:
         self._reconnected.append(callback)
 
-    def on_restart_needed(self, callback: Callable[[], Awaitable[None]]) -> None:
-        """The fake cluster is joined again in process (``reconnected``)."""
-
     async def reconnected(self) -> None:
         """Tests: the cluster is back after an outage (a new one: nothing runs)."""
         self.unreachable = False

@@ -811,7 +811,7 @@ class RayBackend:
         self._suspect = False  # the last look at the cluster got no answer
         self._pool = ThreadPoolExecutor(RAY_THREADS, thread_name_prefix="ray-call")
         self._down_since: float | None = None  # the cluster is gone: connecting again
-        self._restart_needed: list[Callable[[], Awaitable[None]]] = []
+        self._lost_callbacks: list[Callable[[], Awaitable[None]]] = []
         self._reconnected: list[Callable[[], Awaitable[None]]] = []
         self._joining: asyncio.Future[None] | None = None
         self._metrics_ports: list[str] = []
@@ -842,12 +842,13 @@ class RayBackend:
         return await loop.run_in_executor(self._pool, functools.partial(_closed_ok, fn, *args))
 
     def on_reconnected(self, callback: Callable[[], Awaitable[None]]) -> None:
-        """Runs once a server started while its cluster did not answer has joined it (a
-        lost cluster is joined again by a new process: ``on_restart_needed``)."""
+        """Runs once a backend started while its cluster did not answer has joined it (a
+        lost cluster is joined again by a new driver process: ``on_lost``)."""
         self._reconnected.append(callback)
 
-    def on_restart_needed(self, callback: Callable[[], Awaitable[None]]) -> None:
-        self._restart_needed.append(callback)
+    def on_lost(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Runs once the cluster is gone (LOST_AFTER probes in a row got no answer)."""
+        self._lost_callbacks.append(callback)
 
     async def start(self) -> None:
         """Connects, or with ``--ray-address`` of a cluster that does not answer now,
@@ -895,8 +896,8 @@ class RayBackend:
 
     async def _watch(self) -> None:
         """Asks the cluster's GCS every WATCH_S whether it is there; after LOST_AFTER
-        misses in a row the cluster is gone (``_reconnect``: calls into it stop, and for
-        an external cluster ``on_restart_needed``'s callbacks run)."""
+        misses in a row the cluster is gone (``_lost``: calls into it stop, and
+        ``on_lost``'s callbacks run)."""
         misses = 0
         while True:
             await asyncio.sleep(WATCH_S)
@@ -912,33 +913,23 @@ class RayBackend:
                 log.warning("the Ray cluster does not answer (%s), %d time(s)", e, misses)
                 if misses >= LOST_AFTER:
                     misses = 0
-                    await self._reconnect()
+                    await self._lost()
 
-    async def _reconnect(self) -> None:
-        """The cluster is gone. Ray's driver cannot let go of a lost cluster in process:
-        measured here, ``ray.shutdown`` then sometimes ends the whole process from inside
-        Ray, and so does the old connection once a new cluster answers at the address
-        (wrong cluster id). So nothing more is asked of it, and ``on_restart_needed``'s
-        callbacks run at once: the server starts again as a new process, which joins
-        the cluster when it answers and applies every model; meanwhile it answers reads
-        and refuses changes that need the cluster. A local Ray of the server's own that
-        died is not started again in a running server (tried here: the new process then
-        did not always stop on SIGTERM): changes are refused until the server is started
-        again, which starts a new local Ray and applies every model."""
+    async def _lost(self) -> None:
+        """The cluster is gone. Ray's driver cannot let go of a lost cluster in process
+        (``ray.shutdown`` then waits for minutes or ends the process from inside Ray, and
+        the old connection ends it once a new cluster answers at the address), so nothing
+        more is asked of it: calls raise ClusterUnavailable, and ``on_lost``'s callbacks
+        run. The server's ``workers.driver`` then replaces this whole process with a new
+        driver, which joins the cluster when it answers (a local one: starts a new one)."""
         async with self._lock:
             if self._serve is None:
                 return  # closed meanwhile
             self._serve = None
             self._down_since = time.time()
             self._collector = self._broker = None
-            if self._owns_ray:  # nothing starts it again but a new server process
-                log.error(
-                    "the local Ray cluster this server started is gone: changes are refused "
-                    "until the server is started again (it then starts a new one)"
-                )
-                return
-            log.error("the Ray cluster is gone; starting again to join it anew")
-        for callback in self._restart_needed:
+            log.error("the Ray cluster (%s) is gone", self._address or "local")
+        for callback in self._lost_callbacks:
             try:
                 await callback()
             except Exception:

@@ -1,5 +1,8 @@
-"""After the whole Ray cluster restarts (the server and the local Ray it owns stop, then
-start again on the same data dir), every model that should serve serves again."""
+"""After the whole Ray cluster restarts, every model that should serve serves again: the
+server and the local Ray it owns stopped and started again on the same data dir; an
+external cluster stopped and started again under a running server; the server's own
+local Ray killed under it. In the last two the server process, its gRPC port and its
+watchers' streams stay (its Ray driver, a process of its own, is replaced)."""
 
 from __future__ import annotations
 
@@ -71,13 +74,54 @@ async def scale_refused_while_gone(stub: Stub, model: str, build_name: str) -> N
     assert await eventually("changes refused", refused, 60, 0.5) == "CLUSTER_UNAVAILABLE"
 
 
+class Watching:
+    """A WatchModel stream of its own, its events kept: it must stay open throughout."""
+
+    def __init__(self, stub: Stub, model: str) -> None:
+        self.events: list[pb.ModelEvent] = []
+        self._task = asyncio.ensure_future(self._read(stub, model))
+
+    async def _read(self, stub: Stub, model: str) -> None:
+        async for event in stub.WatchModel(rpc.WatchModelRequest(name=model)):
+            self.events.append(event)
+
+    def running(self, since: int = 0, until: int | None = None) -> set[str]:
+        """The replicas deployment events ``since`` to ``until`` showed RUNNING."""
+        return {
+            r.id
+            for e in self.events[since:until]
+            if e.HasField("deployment")
+            for r in e.deployment.replicas
+            if r.state == pb.REPLICA_STATE_RUNNING
+        }
+
+    async def still_open(self) -> None:
+        assert not self._task.done(), f"the watch ended: {self._task.exception()!r}"
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+async def new_replicas_seen(watch: Watching, outage_from: int) -> None:
+    """The watcher saw replicas other than those running before the outage run after it."""
+    lost = watch.running(0, outage_from)
+
+    async def seen() -> bool:
+        assert watch.running(outage_from) - lost, [
+            e.WhichOneof("resource") for e in watch.events[outage_from:]
+        ]
+        return True
+
+    await eventually("the watcher sees new replicas run", seen, 60, 0.5)
+
+
 async def test_the_server_reconnects_when_its_ray_cluster_restarts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`ray start --head` stopped under a running `modelctl serve --ray-address`, then
     started again at the same address: while it is gone, changes are refused with a
-    retry hint and reads answer; once it is back the server starts itself again (the
-    same process id, ports and records), re-applies every model, and each serves again."""
+    retry hint and reads answer; once it is back the same server process (a new Ray
+    driver of its) re-applies every model, and each serves again; a watch opened before
+    the outage stays open and sees it all."""
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     temp = tempfile.mkdtemp(prefix="cprr", dir="/tmp")
     port = free_port()
@@ -88,6 +132,9 @@ async def test_the_server_reconnects_when_its_ray_cluster_restarts(
         async with grpc.aio.insecure_channel(server.grpc) as ch:
             stub = Stub(ch)
             model, op = await deployed(stub, "projects/rr")
+            watch = Watching(stub, model.name)
+            await eventually("the watch started", lambda: bool(watch.events), 10)
+            before = len(watch.events)
 
             ray_nodes.kill_all(temp)  # the whole cluster, at once
             await scale_refused_while_gone(stub, model.name, op.target)
@@ -97,6 +144,8 @@ async def test_the_server_reconnects_when_its_ray_cluster_restarts(
             ray_nodes.start_head(port, temp)  # the same address, a new cluster
             body = await answers(stub, model.name, 240)
             assert body["build"] == op.target, "the same build serves again"
+            await new_replicas_seen(watch, before)
+            await watch.still_open()
             scaled = await stub.CreateDeployment(
                 rpc.CreateDeploymentRequest(
                     parent=model.name, build=op.target, resources=resources(2, cpus=0.25)
@@ -109,3 +158,36 @@ async def test_the_server_reconnects_when_its_ray_cluster_restarts(
         server.kill()
         ray_nodes.kill_all(temp)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+async def test_a_local_ray_that_died_is_started_again_by_the_running_server(
+    tmp_path: Path,
+) -> None:
+    """Every process of the server's own local Ray killed: changes are refused with a
+    retry hint, reads answer, and the same server starts a new local Ray, applies every
+    model (each serves again, a watch opened before sees it) and still stops in order."""
+    data = Path(tempfile.mkdtemp(prefix="cpl", dir="/tmp")) / "d"  # Ray's sockets in it
+    server = Serve(data)
+    try:
+        await asyncio.to_thread(server.start)
+        async with grpc.aio.insecure_channel(server.grpc) as ch:
+            stub = Stub(ch)
+            model, op = await deployed(stub, "projects/rl")
+            watch = Watching(stub, model.name)
+            await eventually("the watch started", lambda: bool(watch.events), 10)
+            before = len(watch.events)
+
+            ray_nodes.kill_all(str(data / "ray"))  # its GCS, raylet and workers
+            await scale_refused_while_gone(stub, model.name, op.target)
+            read = await stub.GetModel(rpc.GetModelRequest(name=model.name))
+            assert read.name == model.name, "reads keep working"
+
+            body = await answers(stub, model.name, 240)
+            assert body["build"] == op.target, "the same build serves again"
+            await new_replicas_seen(watch, before)
+            await watch.still_open()
+        assert await asyncio.to_thread(server.stop) == 0
+    finally:
+        server.kill()
+        ray_nodes.kill_all(str(data / "ray"))
+        shutil.rmtree(data.parent, ignore_errors=True)

@@ -1,0 +1,167 @@
+"""The Ray driver runs in a process of its own (``workers.driver``): calls and their
+errors cross the socket, a cancelled call is cancelled in the driver, a driver that ends
+is replaced (and ``on_reconnected``'s callbacks run), and no driver outlives its server.
+A probe backend stands in for Ray here; tests/ray/test_ray_restart.py runs the real one."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, eventually
+from workers.backend import AppSpec, BuildSpec, ClusterUnavailable
+from workers.driver import DriverBackend
+
+pytestmark = pytest.mark.slow
+
+
+def spec(name: str) -> AppSpec:
+    return AppSpec(
+        app_name=name,
+        route_prefix=f"/{name}",
+        model_name=f"projects/p/models/{name}",
+        deployment_name=f"projects/p/models/{name}/deployments/1",
+        build_name=f"projects/p/models/{name}/builds/1",
+        artifact_path="/nowhere",
+        file_path="model.py",
+        function_name="predict",
+        replicas=1,
+        cpus=0.1,
+        memory_mib=0,
+        gpus=0,
+    )
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    return state != "Z"
+
+
+@pytest.fixture
+async def driven(tmp_path: Path) -> AsyncIterator[DriverBackend]:
+    backend = DriverBackend(
+        "http://127.0.0.1:1",
+        "tests.helpers.driven:Probe",
+        folder=str(tmp_path),
+        http_host="127.0.0.1",
+        http_port=1,
+    )
+    await backend.start()
+    yield backend
+    await backend.close()
+
+
+async def test_calls_and_their_errors_cross_to_the_driver(
+    driven: DriverBackend, tmp_path: Path
+) -> None:
+    pid = int((tmp_path / "pid").read_text())
+    assert pid == driven.driver_pid and pid != os.getpid(), "the backend runs in the driver"
+    assert driven.available()
+    await driven.apply([spec("a"), spec("b")])
+    assert sorted(await driven.observe()) == ["a", "b"]
+    with pytest.raises(ClusterUnavailable, match="the probe says so"):
+        await driven.nodes()
+    with pytest.raises(ValueError, match="bad cursor 7"):
+        await driven.signals("e", 7)
+    assert (await driven.runtime()).python_version.startswith(f"{sys.version_info[0]}.")
+
+
+async def test_a_cancelled_call_is_cancelled_in_the_driver(
+    driven: DriverBackend, tmp_path: Path
+) -> None:
+    build = BuildSpec("projects/p/models/m/builds/9", tmp_path, "m.py", "f", tmp_path, tmp_path)
+    running = asyncio.ensure_future(driven.build(build))
+    await eventually("the build running in the driver", (tmp_path / "building").exists, 10)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    await eventually("the build cancelled in the driver", (tmp_path / "cancelled").exists, 10)
+    assert (tmp_path / "cancelled").read_text() == build.build_name
+    await driven.apply([spec("after")])  # the driver goes on
+
+
+async def test_a_driver_that_ends_is_replaced_and_models_are_applied_again(
+    driven: DriverBackend, tmp_path: Path
+) -> None:
+    told = asyncio.Event()
+
+    async def reconnected() -> None:
+        told.set()
+
+    driven.on_reconnected(reconnected)
+    await driven.apply([spec("a")])
+    first = driven.driver_pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    await asyncio.wait_for(told.wait(), 30)
+    assert driven.driver_pid not in (None, first) and driven.drivers_started == 2
+    assert int((tmp_path / "pid").read_text()) == driven.driver_pid
+    assert driven.available()
+    assert sorted(await driven.observe()) == ["a"]
+    assert not alive(first)
+
+
+async def test_close_closes_the_backend_in_the_driver_and_ends_it(tmp_path: Path) -> None:
+    backend = DriverBackend(
+        "http://127.0.0.1:1",
+        "tests.helpers.driven:Probe",
+        folder=str(tmp_path),
+        http_host="127.0.0.1",
+        http_port=1,
+    )
+    await backend.start()
+    pid = backend.driver_pid
+    assert pid is not None
+    await backend.close()
+    assert (tmp_path / "closed").read_text() == str(pid)
+    assert not alive(pid)
+    with pytest.raises(ClusterUnavailable):
+        await backend.observe()
+
+
+async def test_the_driver_dies_with_a_server_killed_with_sigkill(tmp_path: Path) -> None:
+    """A server killed with -9 leaves no driver behind (nor a local Ray it started)."""
+    program = textwrap.dedent(
+        f"""
+        import asyncio
+        from workers.driver import DriverBackend
+
+        async def main():
+            b = DriverBackend("http://127.0.0.1:1", "tests.helpers.driven:Probe",
+                              folder={str(tmp_path)!r}, http_host="127.0.0.1", http_port=1)
+            await b.start()
+            print(b.driver_pid, flush=True)
+            await asyncio.sleep(3600)
+
+        asyncio.run(main())
+        """
+    )
+    server = subprocess.Popen(
+        [sys.executable, "-c", program], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stdout is not None
+        driver = int(await asyncio.to_thread(server.stdout.readline))
+        assert alive(driver)
+    finally:
+        server.kill()
+        server.wait(10)
+        assert server.stdout is not None
+        server.stdout.close()
+
+    async def gone() -> bool:
+        return not alive(driver)
+
+    await eventually(f"driver {driver} gone with its server", gone, 10, 0.05)
