@@ -57,6 +57,7 @@ class BuildOutcome:
     packages: tuple[ResolvedPackage, ...] = ()
     cache_hit: bool = False  # the artifact existed for the same inputs: nothing was built
     size_bytes: int = 0
+    disk_full: bool = False  # it failed because the artifacts' disk was full (ENOSPC)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ with one line naming the cause, and leaves nothing behind but its log.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -57,15 +58,34 @@ class BuildLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = path.open("a", encoding="utf-8")
         self._lock = threading.Lock()
+        self.full = False  # a line did not fit on the disk: later lines are dropped
 
     def line(self, text: str) -> None:
         stamp = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         with self._lock:
-            self._file.write(f"{stamp} {text.rstrip()}\n")
-            self._file.flush()
+            if self.full:
+                return
+            try:
+                self._file.write(f"{stamp} {text.rstrip()}\n")
+                self._file.flush()
+            except OSError as e:
+                if not disk_full(e):
+                    raise
+                self.full = True  # the build goes on; its outcome says the disk is full
 
     def close(self) -> None:
-        self._file.close()
+        with contextlib.suppress(OSError):  # what could not be flushed is lost
+            self._file.close()
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether ``error``, or one it came from, is the disk being full (or over quota)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 # --------------------------------------------------------------------------- processes
@@ -361,7 +381,8 @@ def run_build(spec: BuildSpec, cancel: threading.Event | None = None) -> BuildOu
     try:
         log = BuildLog(spec.log_path)
     except OSError as e:
-        return BuildOutcome(ok=False, error=_one_line(f"cannot write the build log: {e}"))
+        error = _one_line(f"cannot write the build log: {e}")
+        return BuildOutcome(ok=False, error=error, disk_full=disk_full(e))
     try:
         return _build_logged(spec, log, deadline, started)
     finally:
@@ -373,6 +394,7 @@ def _build_logged(
 ) -> BuildOutcome:
     log.line(f"build {spec.build_name}: {spec.file_path}:{spec.function_name}")
     staging: Path | None = None
+    full = False
     try:
         spec.artifacts_dir.joinpath(STAGING_DIR).mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix="build-", dir=spec.artifacts_dir / STAGING_DIR))
@@ -386,12 +408,17 @@ def _build_logged(
     except process.Stopped as e:  # "timed out after 2 s while ...", "cancelled while ..."
         error = _one_line(f"build {e}")
     except Exception as e:  # a bug or the disk, never the model: still a failed build
-        error = _one_line(f"internal build error: {type(e).__name__}: {e}")
+        full = disk_full(e)
+        error = _one_line(
+            f"the artifacts' disk is full ({spec.artifacts_dir}): {e}"
+            if full
+            else f"internal build error: {type(e).__name__}: {e}"
+        )
     finally:
-        if staging is not None:
+        if staging is not None:  # nothing half-written is left
             shutil.rmtree(staging, ignore_errors=True)
     log.line(f"build FAILED after {time.monotonic() - started:.1f} s: {error}")
-    return BuildOutcome(ok=False, error=error)
+    return BuildOutcome(ok=False, error=error, disk_full=full or log.full)
 
 
 def _steps(

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 from collections.abc import AsyncIterator
@@ -148,18 +147,16 @@ async def test_the_driver_dies_with_a_server_killed_with_sigkill(tmp_path: Path)
         asyncio.run(main())
         """
     )
-    server = subprocess.Popen(
-        [sys.executable, "-c", program], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", program, cwd=ROOT, stdout=asyncio.subprocess.PIPE
     )
     try:
         assert server.stdout is not None
-        driver = int(await asyncio.to_thread(server.stdout.readline))
+        driver = int(await asyncio.wait_for(server.stdout.readline(), 30))
         assert alive(driver)
     finally:
         server.kill()
-        server.wait(10)
-        assert server.stdout is not None
-        server.stdout.close()
+        await server.wait()
 
     async def gone() -> bool:
         return not alive(driver)

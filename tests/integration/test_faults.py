@@ -6,6 +6,7 @@ is half-written, and the server recovers by itself once the fault is gone."""
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import subprocess
 import uuid
@@ -22,7 +23,16 @@ from grpc_status import rpc_status
 
 from modellifecycle.v1 import service_pb2 as rpc
 from modellifecycle.v1 import service_pb2_grpc
-from tests.helpers.api import MODEL_V1, build, error_info, fake_settings, running, upload
+from tests.helpers.api import (
+    MODEL_V1,
+    build,
+    error_info,
+    fake_settings,
+    op_reason,
+    running,
+    upload,
+    wait,
+)
 from tests.helpers.tcp_proxy import Proxy
 
 
@@ -80,6 +90,15 @@ def random_zip(size: int) -> bytes:
         path.unlink()
 
 
+def packed_zip(unpacked: int) -> bytes:
+    """A small zip (deflated) whose files take ``unpacked`` bytes once extracted."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("model.py", MODEL_V1)
+        z.writestr("weights.txt", b"0123456789abcdef" * (unpacked // 16))
+    return buf.getvalue()
+
+
 async def test_a_full_disk_refuses_uploads_and_writes_clearly_and_recovers(
     small_disk: Path, tmp_path: Path
 ) -> None:
@@ -112,6 +131,37 @@ async def test_a_full_disk_refuses_uploads_and_writes_clearly_and_recovers(
         assert again.name == "projects/d/models/z"
         op = await build(stub, model.name, MODEL_V1)
         assert not op.HasField("error"), op.error
+
+
+async def test_a_build_on_a_full_disk_fails_clearly_leaves_nothing_and_recovers(
+    small_disk: Path, tmp_path: Path
+) -> None:
+    """The upload fits; its 1.5 MiB unpacked does not: the build's operation ends
+    RESOURCE_EXHAUSTED / DISK_FULL, no artifact or staging folder is left, and the same
+    build succeeds once there is room."""
+    data = small_disk / "data"
+    settings = fake_settings(f"sqlite:///{data / 'cp.db'}", tmp_path, data_dir=data)
+    async with running(settings) as server, grpc.aio.insecure_channel(server.grpc_address) as ch:
+        stub = service_pb2_grpc.ModelLifecycleStub(ch)
+        model = await stub.CreateModel(rpc.CreateModelRequest(parent="projects/d", model_id="b"))
+        source = await upload(stub, model.name, packed_zip(1_500_000))
+        filler = fill(small_disk, 300_000)
+        request = rpc.CreateBuildRequest(
+            parent=model.name,
+            source_sha256=source.sha256,
+            file_path="model.py",
+            function_name="predict",
+        )
+        failed = await wait(stub, await stub.CreateBuild(request), 60)
+        assert failed.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], failed.error
+        assert op_reason(failed) == "DISK_FULL" and "disk is full" in failed.error.message
+        artifacts = data / "artifacts"
+        left = [p for p in artifacts.rglob("*") if p.is_file() or p.parent.name != "staging"]
+        assert [p for p in left if "staging" in p.parts or p.name == "model.py"] == []
+
+        filler.unlink()  # room again: the same build goes through
+        done = await wait(stub, await stub.CreateBuild(request), 60)
+        assert not done.HasField("error"), done.error
 
 
 async def test_a_postgresql_restart_answers_unavailable_and_the_server_recovers(

@@ -299,7 +299,11 @@ def build_finished(c: Changes, job: Job, outcome: BuildOutcome) -> None:
             c.deployment(dep, DeploymentState.FAILED, **_note(message))
         if model.state == ModelState.PENDING.value:
             c.model(model, ModelState.FAILED, message=message)
-        error = OperationError("FAILED_PRECONDITION", message, "BUILD_FAILED")
+        error = (
+            OperationError("RESOURCE_EXHAUSTED", message, "DISK_FULL")
+            if outcome.disk_full
+            else OperationError("FAILED_PRECONDITION", message, "BUILD_FAILED")
+        )
         c.operation_done(op, model, "build failed", error)
         return
     c.build(
