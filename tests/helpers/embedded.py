@@ -20,10 +20,12 @@ from tests.helpers.servers import MODELCTL
 
 
 class Serve:
-    def __init__(self, data: Path, *args: str) -> None:
-        """``args``: more `modelctl serve` flags (e.g. --ray-address)."""
+    def __init__(self, data: Path, *args: str, auth: bool = False) -> None:
+        """``args``: more `modelctl serve` flags (e.g. --ray-address). ``auth``: tokens
+        and invocation keys needed (the first admin token: ``admin_token()``)."""
         self.data = data
         self.args = args
+        self.auth = auth
         self.popen: subprocess.Popen[str] | None = None
         self.grpc = ""
 
@@ -33,7 +35,7 @@ class Serve:
             [
                 MODELCTL,
                 "serve",
-                "--insecure-no-auth",
+                *([] if self.auth else ["--insecure-no-auth"]),
                 "--console-port=0",
                 "--grpc-port=0",
                 "--http-port=0",
@@ -52,6 +54,9 @@ class Serve:
         line = self.popen.stdout.readline().strip()
         assert line.startswith("ready grpc="), f"unexpected first line {line!r}"
         self.grpc = line.split()[1].removeprefix("grpc=")
+
+    def admin_token(self) -> str:
+        return (self.data / "admin.token").read_text().strip()
 
     def _log(self) -> Any:
         """Its log, beside its data dir (serve-N.log, one per start), for a failure."""
@@ -83,8 +88,10 @@ def serving(data: Path) -> Iterator[Serve]:
     s.kill()
 
 
-async def answers(stub: Stub, model: str, seconds: float) -> dict[str, object]:
-    async with httpx.AsyncClient(timeout=10) as http:
+async def answers(stub: Stub, model: str, seconds: float, key: str = "") -> dict[str, object]:
+    """The model's answer once it is DEPLOYED and answers 200 (``key``: an invocation key)."""
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    async with httpx.AsyncClient(timeout=10, headers=headers) as http:
 
         async def answer() -> dict[str, object]:
             m = await stub.GetModel(rpc.GetModelRequest(name=model))
