@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -19,34 +18,10 @@ from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
 from tests.helpers import eventually, ray_nodes
 from tests.helpers.api import MODEL_V1, Stub, build, error_info, resources, wait
-from tests.helpers.embedded import Serve, answers, serving
+from tests.helpers.embedded import Serve, answers
 from tests.helpers.servers import free_port
 
 pytestmark = pytest.mark.ray
-
-
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Serve]:
-    yield from serving(tmp_path / "data")
-
-
-async def test_models_serve_again_after_the_cluster_restarts(serve: Serve) -> None:
-    await asyncio.to_thread(serve.start)
-    async with grpc.aio.insecure_channel(serve.grpc) as ch:
-        stub = Stub(ch)
-        model = await stub.CreateModel(rpc.CreateModelRequest(parent="projects/rr", model_id="m"))
-        deploy = rpc.DeployOptions(resources=resources(1, cpus=0.25))
-        op = await build(stub, model.name, MODEL_V1, deploy=deploy, seconds=240)
-        assert not op.HasField("error"), op.error
-        assert (await answers(stub, model.name, 60))["success"] is True
-    assert await asyncio.to_thread(serve.stop) == 0  # the server and its Ray are gone
-
-    await asyncio.to_thread(serve.start)  # a new Ray cluster: nothing runs on it yet
-    async with grpc.aio.insecure_channel(serve.grpc) as ch:
-        stub = Stub(ch)
-        body = await answers(stub, model.name, 180)
-        assert body["build"] == f"{model.name}/builds/1"
-    assert await asyncio.to_thread(serve.stop) == 0
 
 
 async def deployed(stub: Stub, project: str) -> tuple[pb.Model, pb.Operation]:
@@ -165,7 +140,9 @@ async def test_a_local_ray_that_died_is_started_again_by_the_running_server(
 ) -> None:
     """Every process of the server's own local Ray killed: changes are refused with a
     retry hint, reads answer, and the same server starts a new local Ray, applies every
-    model (each serves again, a watch opened before sees it) and still stops in order."""
+    model (each serves again, a watch opened before sees it) and still stops in order.
+    Then the server and its Ray stop and start again on the same data dir: a new Ray,
+    nothing on it, and the model serves again."""
     data = Path(tempfile.mkdtemp(prefix="cpl", dir="/tmp")) / "d"  # Ray's sockets in it
     server = Serve(data)
     try:
@@ -186,6 +163,12 @@ async def test_a_local_ray_that_died_is_started_again_by_the_running_server(
             assert body["build"] == op.target, "the same build serves again"
             await new_replicas_seen(watch, before)
             await watch.still_open()
+        assert await asyncio.to_thread(server.stop) == 0
+
+        await asyncio.to_thread(server.start)  # a new local Ray, the same records
+        async with grpc.aio.insecure_channel(server.grpc) as ch:
+            body = await answers(Stub(ch), model.name, 240)
+            assert body["build"] == op.target
         assert await asyncio.to_thread(server.stop) == 0
     finally:
         server.kill()
