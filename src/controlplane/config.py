@@ -58,6 +58,12 @@ class Settings:
     # Prometheus metrics at http://metrics_host:metrics_port/metrics (None: off; 0: any port).
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    # Builds served to Ray nodes that do not share the data dir's disk, at
+    # http://artifact_host:artifact_port/artifacts/ (None: off; 0: any free port), and
+    # the address nodes reach it at ("": http://artifact_host:artifact_port).
+    artifact_port: int | None = None
+    artifact_host: str = "127.0.0.1"
+    artifact_url: str = ""
     # OTLP/HTTP traces endpoint, e.g. http://collector:4318/v1/traces ("": no tracing).
     otlp_endpoint: str = ""
     # Every RPC but health wants a token (docs/security.md); True: none does (demos only).

@@ -180,6 +180,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=Path,
         help="mutual TLS: accept only clients whose certificate this CA (PEM) signed",
     )
+    c = p.add_argument_group("a Ray cluster whose nodes do not share this disk")
+    c.add_argument(
+        "--artifact-port",
+        type=int,
+        default=default("artifact_port"),
+        help="serve builds to Ray nodes that do not see --data-dir, by content hash, at "
+        "http://ARTIFACT_HOST:PORT/artifacts/ (0: any free port; default: off, every node "
+        "reads the artifact folder itself: one machine, or a shared disk)",
+    )
+    c.add_argument(
+        "--artifact-host",
+        default=default("artifact_host"),
+        help="the address the artifact port listens on (default: %(default)s; 0.0.0.0 "
+        "for nodes on other machines)",
+    )
+    c.add_argument(
+        "--artifact-url",
+        default=default("artifact_url"),
+        help="the artifact port's URL as Ray's nodes reach it, e.g. http://10.0.0.5:8071 "
+        "(default: http://ARTIFACT_HOST:PORT)",
+    )
     o = p.add_argument_group("observability (docs/operators.md)")
     o.add_argument(
         "--metrics-port",
@@ -283,6 +304,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         job_lease_s=args.job_lease,
         metrics_port=args.metrics_port,
         metrics_host=args.host,
+        artifact_port=args.artifact_port,
+        artifact_host=args.artifact_host,
+        artifact_url=args.artifact_url,
         otlp_endpoint=args.otlp_endpoint,
         insecure_no_auth=args.insecure_no_auth,
         tls_cert=args.tls_cert,

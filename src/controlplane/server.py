@@ -17,6 +17,7 @@ from controlplane.api import transport, wiring
 from controlplane.api.auth import AuthInterceptor
 from controlplane.api.interceptor import TelemetryInterceptor
 from controlplane.api.servicer import ModelLifecycleServicer
+from controlplane.artifact_endpoint import ArtifactEndpoint, artifact_key
 from controlplane.config import Settings
 from controlplane.dispatcher import Dispatcher, SourcePath
 from controlplane.exports import Exporter
@@ -40,7 +41,8 @@ MAX_MESSAGE = 8 * 1024 * 1024
 NODES_TIMEOUT_S = 10.0  # a plan waits this long for the cluster to list its nodes
 
 
-def make_backend(settings: Settings) -> Backend:
+def make_backend(settings: Settings, artifacts: ArtifactEndpoint | None = None) -> Backend:
+    """``artifacts``: where nodes that do not see the data dir fetch builds."""
     if settings.backend == "fake":
         from workers.fake_backend import FakeBackend
 
@@ -64,6 +66,8 @@ def make_backend(settings: Settings) -> Backend:
         build_cpus=settings.build_cpus,
         max_queued_requests=settings.max_queued_requests,
         temp_dir=settings.data_dir / "ray",
+        artifact_url=(settings.artifact_url or artifacts.url) if artifacts else "",
+        artifact_key=artifact_key(settings.data_dir) if artifacts else b"",
     )
 
 
@@ -76,7 +80,15 @@ class Server:
         if not settings.server_id:
             settings = replace(settings, server_id=f"cp-{uuid.uuid4().hex[:12]}")
         self.settings = settings
-        self.backend = backend or make_backend(settings)
+        self.artifacts: ArtifactEndpoint | None = None
+        if settings.artifact_port is not None:  # bound now: the backend needs its URL
+            self.artifacts = ArtifactEndpoint(
+                settings.artifacts_dir,
+                artifact_key(settings.data_dir),
+                settings.artifact_host,
+                settings.artifact_port,
+            )
+        self.backend = backend or make_backend(settings, self.artifacts)
         self.owns_backend = owns_backend or backend is None
         self.db = Database(settings.db_url, secrets=SecretBox.for_data_dir(settings.data_dir))
         self.grpc_port = 0
@@ -91,7 +103,6 @@ class Server:
         self.metrics: Metrics | None = None
         self._metrics_endpoint: MetricsEndpoint | None = None
         self._stop_tracing: Callable[[], None] | None = None
-        # Set when the process must start again to join its cluster anew (it was lost).
 
     @property
     def grpc_address(self) -> str:
@@ -119,6 +130,8 @@ class Server:
         s.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # private when made here
         for d in (s.sources_dir, s.artifacts_dir, s.logs_dir):
             d.mkdir(parents=True, exist_ok=True)
+        if self.artifacts is not None:  # before any apply: replicas may fetch at once
+            self.artifacts.start()
         if s.otlp_endpoint:
             self._stop_tracing = tracing.configure(
                 tracing.otlp_exporter(s.otlp_endpoint), server_id=s.server_id
@@ -291,6 +304,8 @@ class Server:
             await asyncio.to_thread(self._metrics_endpoint.stop)
         if self.owns_backend:
             await self.backend.close()
+        if self.artifacts is not None:
+            await asyncio.to_thread(self.artifacts.stop)
         await asyncio.to_thread(self.db.close)
         if self._stop_tracing is not None:
             await asyncio.to_thread(self._stop_tracing)

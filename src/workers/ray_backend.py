@@ -49,6 +49,7 @@ from starlette.responses import Response
 
 import ray
 from ray import serve
+from workers import artifact_archive
 from workers.backend import (
     AppObservation,
     AppSpec,
@@ -62,7 +63,14 @@ from workers.backend import (
 )
 from workers.builder import run_build
 from workers.loader import reason_in
-from workers.model_app import UNAUTHORIZED, KeyCheck, ModelFunction, invoke, load_function
+from workers.model_app import (
+    UNAUTHORIZED,
+    KeyCheck,
+    LoadError,
+    ModelFunction,
+    invoke,
+    load_function,
+)
 from workers.runtime import Runtime
 from workers.runtime import current as current_runtime
 from workers.secret_broker import ActorInfo, SecretBroker
@@ -238,6 +246,7 @@ class ModelServer:
         build: str,
         signals: bool = True,
         signals_app: str = "",
+        archive: tuple[str, ...] = (),
     ):
         _claim_secrets()  # before the model's code runs: it may read them at import
         self._signals: ReplicaSignals | None = None
@@ -247,6 +256,7 @@ class ModelServer:
             self._pusher = Pusher(self._signals, _Send())
             self._pusher.start()
         try:
+            artifact_path = _artifact_here(artifact_path, archive)
             self._fn: ModelFunction = load_function(artifact_path, file_path, function_name)
         except Exception as e:
             # The whole traceback stays in the replica's log (Serve's user logger); the
@@ -397,6 +407,28 @@ def _claim_secrets() -> None:
     os.environ.update(values)
 
 
+def _artifact_here(path: str, archive: tuple[str, ...]) -> str:
+    """The artifact folder on this replica's node: ``path`` where the node sees it, else
+    the node's cached copy, fetched from the control plane (``workers.artifact_archive``)
+    where the broker says, by the digest and SHA-256 ``archive`` names."""
+    digest, sha256 = archive if len(archive) == 2 else (Path(path).name, "")
+
+    def remote() -> artifact_archive.Remote | None:
+        if not sha256:
+            return None
+        app = serve.get_replica_context().app_name
+        actor_id = ray.get_runtime_context().get_actor_id()
+        broker = ray.get_actor(SECRETS_BROKER, namespace=NAMESPACE)
+        asked: Any = broker.source.remote(app, digest, actor_id)
+        url, token = cast(tuple[str, str], ray.get(asked, timeout=CLAIM_TIMEOUT_S))
+        return artifact_archive.Remote(digest, sha256, url, token)
+
+    try:
+        return artifact_archive.local_copy(path, digest, remote)
+    except artifact_archive.FetchFailed as e:
+        raise LoadError(str(e)) from e
+
+
 def _actor_info(actor_id: str) -> ActorInfo | None:
     """What the cluster's actor table says of an actor (the broker's check of a claim)."""
     found = ray._private.state.actors(actor_id=actor_id)
@@ -510,10 +542,18 @@ def build_app(args: dict[str, Any]) -> Any:
         args["build"],
         bool(args.get("signals", True)),
         str(args.get("signals_app", "")),
+        tuple(args.get("archive") or ()),
     )
 
 
-def _app_config(spec: AppSpec, max_queued_requests: int = -1, new: bool = True) -> dict[str, Any]:
+def _app_config(
+    spec: AppSpec,
+    max_queued_requests: int = -1,
+    new: bool = True,
+    archive: tuple[str, str] | None = None,
+) -> dict[str, Any]:
+    """``archive``: (digest, SHA-256) of the build's archive, for a replica on a node that
+    does not see ``artifact_path`` (None: every node does)."""
     env = dict(spec.environment)
     env[RESTART_ENV] = str(spec.restart_generation)
     env["CP_ARTIFACT"] = spec.artifact_path
@@ -532,6 +572,7 @@ def _app_config(spec: AppSpec, max_queued_requests: int = -1, new: bool = True) 
             "function_name": spec.function_name,
             "build": spec.build_name,
             "signals_app": spec.signals_app,
+            **({"archive": list(archive)} if archive else {}),
         },
         "runtime_env": {"env_vars": env},
         "deployments": [
@@ -790,9 +831,16 @@ class RayBackend:
         build_cpus: float = 0.25,
         max_queued_requests: int = -1,
         temp_dir: Path | None = None,
+        artifact_url: str = "",
+        artifact_key: bytes = b"",
     ) -> None:
         """``temp_dir``: where a local Ray this backend starts keeps its files (sessions,
-        logs, sockets), made private to this user (default: Ray's, under /tmp)."""
+        logs, sockets), made private to this user (default: Ray's, under /tmp).
+        ``artifact_url``: the control plane's artifact endpoint, for replicas on nodes
+        that do not see the artifact folder (its tokens made with ``artifact_key``); "":
+        every node reads the folder itself."""
+        self._artifact_url = artifact_url.rstrip("/")
+        self._artifact_key = artifact_key
         self._address = address
         self._temp_dir = temp_dir
         self._http_host = http_host
@@ -1041,13 +1089,19 @@ class RayBackend:
     async def apply(self, apps: Sequence[AppSpec]) -> None:
         running = (await self._call(self._started().details)).applications
         kept = _others(running, {a.app_name for a in apps})
-        await self._hand_secrets(apps)
+        archives = await asyncio.to_thread(self._archives, apps) if self._artifact_url else {}
+        await self._hand_secrets(apps, archives)
         config = ServeDeploySchema.model_validate(
             {
                 "http_options": {"host": self._http_host, "port": self._http_port},
                 "applications": [
                     *(
-                        _app_config(a, self._max_queued, new=a.app_name not in running)
+                        _app_config(
+                            a,
+                            self._max_queued,
+                            new=a.app_name not in running,
+                            archive=archives.get(a.app_name),
+                        )
                         for a in apps
                     ),
                     *kept,
@@ -1056,19 +1110,40 @@ class RayBackend:
         )
         await self._call(self._started().deploy, config)
 
-    async def _hand_secrets(self, apps: Sequence[AppSpec]) -> None:
-        """Every application's secret values to the broker, before Serve starts a replica
-        that claims them."""
+    def _archives(self, apps: Sequence[AppSpec]) -> dict[str, tuple[str, str]]:
+        """Each application's artifact as a node that does not see it fetches it: app ->
+        (digest, SHA-256 of its archive), the archive made now if it has none yet."""
+        out: dict[str, tuple[str, str]] = {}
+        for a in apps:
+            folder = Path(a.artifact_path)
+            if folder.is_dir():
+                out[a.app_name] = (folder.name, artifact_archive.pack(folder.parent, folder.name))
+        return out
+
+    async def _hand_secrets(
+        self, apps: Sequence[AppSpec], archives: Mapping[str, tuple[str, str]]
+    ) -> None:
+        """Every application's secret values, and where its replicas fetch their build, to
+        the broker, before Serve starts a replica that asks for them."""
         wanted = {a.app_name: (a.secrets_version, dict(a.secrets)) for a in apps if a.secrets}
         # A version without values: they could not be opened; what the broker has stays.
         keep = [a.app_name for a in apps if a.secrets_version and not a.secrets]
+        sources = {
+            app: (
+                digest,
+                f"{self._artifact_url}/artifacts/{digest}.tar",
+                artifact_archive.token(self._artifact_key, digest),
+            )
+            for app, (digest, _) in archives.items()
+        }
         if self._broker is None:  # none needed and none running: nothing to hand over
-            find = _start_broker if wanted else _running_broker
+            find = _start_broker if wanted or sources else _running_broker
             self._broker = await self._call(find)
             if self._broker is None:
                 return
         try:
-            await _result(asyncio.wrap_future(self._broker.put.remote(wanted, keep).future()))
+            put = self._broker.put.remote(wanted, keep, sources if self._artifact_url else None)
+            await _result(asyncio.wrap_future(put.future()))
         except Exception:
             self._broker = None  # gone with its node or with Ray: started again next time
             raise

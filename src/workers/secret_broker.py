@@ -40,14 +40,23 @@ class SecretBroker:
         self._actor_info = actor_info
         self._values: dict[str, dict[str, Mapping[str, str]]] = {}  # app -> version -> env
         self._claimed: dict[str, float] = {}  # actor id -> when
+        # app -> artifact digest -> (URL, token): where its replicas fetch their build
+        self._sources: dict[str, dict[str, tuple[str, str]]] = {}
 
     def put(
-        self, apps: Mapping[str, tuple[str, Mapping[str, str]]], keep: Iterable[str] = ()
+        self,
+        apps: Mapping[str, tuple[str, Mapping[str, str]]],
+        keep: Iterable[str] = (),
+        sources: Mapping[str, tuple[str, str, str]] | None = None,
     ) -> int:
         """Every application's secrets as the control plane wants them now: ``app ->
         (version, values)``; the applications in ``keep`` keep what they have (the control
         plane could not open theirs), every other one loses its values. Returns how many
-        applications have some."""
+        applications have some. ``sources``: ``app -> (digest, url, token)``, where its
+        replicas fetch their build on a node that does not see the control plane's disk
+        (None: as they were)."""
+        if sources is not None:
+            self._put_sources(sources)
         kept = set(keep)
         for app in list(self._values):
             if app not in apps and app not in kept:
@@ -59,6 +68,35 @@ class SecretBroker:
             while len(versions) > VERSIONS_KEPT:
                 del versions[next(iter(versions))]
         return len(self._values)
+
+    def _put_sources(self, sources: Mapping[str, tuple[str, str, str]]) -> None:
+        for app in [a for a in self._sources if a not in sources]:
+            del self._sources[app]
+        for app, (digest, url, token) in sources.items():
+            builds = self._sources.setdefault(app, {})
+            builds.pop(digest, None)
+            builds[digest] = (url, token)  # the newest last
+            while len(builds) > VERSIONS_KEPT:
+                del builds[next(iter(builds))]
+
+    def source(self, app: str, digest: str, actor_id: str) -> tuple[str, str]:
+        """Where the replica actor ``actor_id`` of ``app`` fetches the build ``digest``
+        (URL, token); asked again after a failed fetch."""
+        found = self._sources.get(app, {}).get(digest)
+        if found is None:
+            raise ClaimRefused(
+                f"no artifact source for {app} build {digest[:12]} here: the control plane "
+                "serves artifacts to nodes only with --artifact-port"
+            )
+        self._check_replica(app, actor_id)
+        return found
+
+    def _check_replica(self, app: str, actor_id: str) -> None:
+        info = self._actor_info(actor_id)
+        if info is None or not info.alive:
+            raise ClaimRefused(f"actor {actor_id} is not a live actor of this cluster")
+        if not info.name.startswith(f"{REPLICA_PREFIX}{app}#"):
+            raise ClaimRefused(f"actor {actor_id} is not a replica of {app}")
 
     def has(self, app: str, version: str) -> bool:
         return version in self._values.get(app, {})
@@ -76,11 +114,7 @@ class SecretBroker:
                 f"the secrets of replica actor {actor_id} were claimed already: another "
                 "process on the cluster asked for them first"
             )
-        info = self._actor_info(actor_id)
-        if info is None or not info.alive:
-            raise ClaimRefused(f"actor {actor_id} is not a live actor of this cluster")
-        if not info.name.startswith(f"{REPLICA_PREFIX}{app}#"):
-            raise ClaimRefused(f"actor {actor_id} is not a replica of {app}")
+        self._check_replica(app, actor_id)
         self._forget_old()
         self._claimed[actor_id] = time.monotonic()
         return dict(values)

@@ -29,6 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "server": {
         "api",
         "access",
+        "artifact_endpoint",
         "dispatcher",
         "exports",
         "gc",
@@ -65,6 +66,8 @@ ALLOWED: dict[str, set[str]] = {
     "watch": {"domain", "storage"},
     "exports": {"domain", "workers"},
     "metrics": {"domain"},
+    # Builds for nodes that do not share the disk (workers.artifact_archive's files).
+    "artifact_endpoint": {"workers"},
     "gc": {"storage", "workers"},
     "dispatcher": {"apply_job", "build_job", "storage", "workers"},
     "build_job": {"lifecycle", "storage", "workers"},

@@ -1,0 +1,193 @@
+"""A build's artifact as one file, and back: how a node that does not see the control
+plane's disk gets a build.
+
+The control plane keeps each artifact folder (``<artifacts_dir>/<digest>/``) and, beside
+it, ``<artifacts_dir>/.archives/<digest>.tar`` (an uncompressed tar of the folder: the
+installed packages are mostly compressed wheels' contents already, and a tar streams
+straight from the file) with its SHA-256 in ``<digest>.tar.sha256``. A replica on a node
+where the folder's path does not exist fetches the tar by that digest over HTTP
+(``fetch``), checks its SHA-256, unpacks it into the node's cache once, and every later
+replica of that build on the node uses the cache.
+
+Standard library only: it runs in replicas.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import hmac
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+ARCHIVES_DIR = ".archives"  # under artifacts_dir
+CHUNK = 1024 * 1024
+FETCH_TIMEOUT_S = 60.0  # per read: a stalled transfer fails, a long one does not
+CACHE_ENV = "CP_ARTIFACT_CACHE"  # a node's cache folder (default: under the temp dir)
+
+
+class FetchFailed(Exception):
+    """The artifact could not be fetched or did not match its SHA-256 (one line)."""
+
+
+@dataclass(frozen=True)
+class Remote:
+    """Where a replica fetches an artifact it does not see on its disk."""
+
+    digest: str  # the artifact's name (its content address)
+    sha256: str  # of the archive: checked before anything is unpacked
+    url: str  # GET, answered with the archive
+    token: str  # sent as `Authorization: Bearer <token>`
+
+
+def token(key: bytes, digest: str) -> str:
+    """What a fetch of ``digest`` must present: only holders of ``key`` can make it."""
+    return hmac.new(key, f"artifact:{digest}".encode(), hashlib.sha256).hexdigest()
+
+
+def token_ok(key: bytes, digest: str, presented: str) -> bool:
+    return hmac.compare_digest(token(key, digest), presented)
+
+
+def archive_paths(artifacts_dir: Path, digest: str) -> tuple[Path, Path]:
+    folder = artifacts_dir / ARCHIVES_DIR
+    return folder / f"{digest}.tar", folder / f"{digest}.tar.sha256"
+
+
+def archived_sha256(artifacts_dir: Path, digest: str) -> str:
+    """The SHA-256 of the artifact's archive, or "" when it has none (yet)."""
+    tar, sha = archive_paths(artifacts_dir, digest)
+    try:
+        value = sha.read_text().strip()
+    except OSError:
+        return ""
+    return value if tar.is_file() else ""
+
+
+def pack(artifacts_dir: Path, digest: str) -> str:
+    """Writes the archive of ``<artifacts_dir>/<digest>/`` (once: an existing one is
+    kept) and returns its SHA-256. Entries in name order, owners cleared."""
+    existing = archived_sha256(artifacts_dir, digest)
+    if existing:
+        return existing
+    tar_path, sha_path = archive_paths(artifacts_dir, digest)
+    tar_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{digest}-", dir=tar_path.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                tar.add(artifacts_dir / digest, arcname=".", filter=_anonymous)
+            out.flush()
+            os.fsync(out.fileno())
+        sha = _sha256_file(Path(tmp))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, tar_path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _write_atomic(sha_path, sha + "\n")
+    return sha
+
+
+def _anonymous(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_root() -> Path:
+    configured = os.environ.get(CACHE_ENV)
+    if configured:
+        return Path(configured)
+    return Path(tempfile.gettempdir()) / f"modelctl-artifacts-{os.getuid()}"
+
+
+def local_copy(
+    path: str, digest: str, remote: Callable[[], Remote | None], cache: Path | None = None
+) -> str:
+    """The artifact folder to load from: ``path`` where this node sees it (one machine,
+    or a shared disk); else this node's cached copy of ``digest``, fetched from
+    ``remote()`` (asked only then) and unpacked first if no replica on the node did it
+    before (one at a time: a file lock per digest)."""
+    if os.path.isdir(path):
+        return path
+    root = cache or cache_root()
+    here = root / digest
+    if here.is_dir():
+        return str(here)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with (root / f".{digest}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if here.is_dir():  # another replica fetched it while this one waited
+            return str(here)
+        source = remote()
+        if source is None:
+            raise FetchFailed(
+                f"the artifact {path} is not on this node's disk, and the control plane "
+                "serves no artifacts to nodes (modelctl serve --artifact-port)"
+            )
+        _fetch_into(source, root, here)
+    return str(here)
+
+
+def _fetch_into(remote: Remote, root: Path, here: Path) -> None:
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{remote.digest}-", suffix=".tar", dir=root)
+    tmp = Path(tmp_name)
+    unpacked = Path(tempfile.mkdtemp(prefix=f".{remote.digest}-", dir=root))
+    try:
+        with os.fdopen(fd, "wb") as out:
+            got = _download(remote, out)
+        if got != remote.sha256:
+            raise FetchFailed(
+                f"artifact {remote.digest[:12]} from {remote.url}: SHA-256 {got[:12]}..., "
+                f"expected {remote.sha256[:12]}...: not used"
+            )
+        with tarfile.open(tmp) as tar:
+            tar.extractall(unpacked, filter="data")
+        os.chmod(unpacked, 0o755)
+        os.rename(unpacked, here)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        shutil.rmtree(unpacked, ignore_errors=True)
+
+
+def _download(remote: Remote, out: BinaryIO) -> str:
+    """Streams the archive into ``out``; returns its SHA-256."""
+    request = urllib.request.Request(
+        remote.url, headers={"Authorization": f"Bearer {remote.token}"}
+    )
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(request, timeout=FETCH_TIMEOUT_S) as answer:
+            while block := answer.read(CHUNK):
+                digest.update(block)
+                out.write(block)
+    except OSError as e:  # URLError, HTTPError, timeouts, a full disk
+        raise FetchFailed(
+            f"cannot fetch artifact {remote.digest[:12]} from {remote.url}: {e}"
+        ) from e
+    return digest.hexdigest()
