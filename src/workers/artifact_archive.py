@@ -87,7 +87,7 @@ def pack(artifacts_dir: Path, digest: str) -> str:
                 tar.add(artifacts_dir / digest, arcname=".", filter=_anonymous)
             out.flush()
             os.fsync(out.fileno())
-        sha = _sha256_file(Path(tmp))
+        sha = sha256_file(Path(tmp))
         os.chmod(tmp, 0o644)
         os.replace(tmp, tar_path)
     except BaseException:
@@ -110,7 +110,7 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while block := f.read(CHUNK):

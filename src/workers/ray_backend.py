@@ -61,7 +61,6 @@ from workers.backend import (
     ReplicaObservation,
     ReplicaStatus,
 )
-from workers.builder import run_build
 from workers.loader import reason_in
 from workers.model_app import (
     UNAUTHORIZED,
@@ -71,6 +70,7 @@ from workers.model_app import (
     invoke,
     load_function,
 )
+from workers.remote_build import BuildResult, build_anywhere, keep
 from workers.runtime import Runtime
 from workers.runtime import current as current_runtime
 from workers.secret_broker import ActorInfo, SecretBroker
@@ -1056,12 +1056,18 @@ class RayBackend:
 
     async def build(self, spec: BuildSpec) -> BuildOutcome:
         self._started()
-        task = ray.remote(num_cpus=self._build_cpus, max_retries=0)(run_build)
-        ref = task.remote(spec)
+        # The source goes with the task (Ray's object store), for a node that does not
+        # see the data dir; one that does builds there (``remote_build``).
+        try:
+            source = await asyncio.to_thread(spec.source_zip.read_bytes)
+        except OSError as e:
+            return BuildOutcome(ok=False, error=f"cannot read the source: {e}")
+        task = ray.remote(num_cpus=self._build_cpus, max_retries=0)(build_anywhere)
+        ref = task.remote(spec, source)
         running = asyncio.wrap_future(ref.future())
         running.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
-            outcome: BuildOutcome = await _result(asyncio.shield(running))
+            result: BuildResult = await _result(asyncio.shield(running))
         except asyncio.CancelledError:
             # Interrupt the task (KeyboardInterrupt in the worker: the build's cleanup runs
             # and its staging folder goes), then wait a little for it to end.
@@ -1076,7 +1082,7 @@ class RayBackend:
                 raise ClusterUnavailable(f"the build's worker went with the cluster: {e}") from e
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             return BuildOutcome(ok=False, error=f"the build worker failed: {first}")
-        return outcome
+        return await asyncio.to_thread(keep, spec, result)
 
     async def runtime(self) -> Runtime:
         if self._runtime is None:

@@ -94,3 +94,46 @@ def nodes(cpus: int = 2, second_gpus: int = 0) -> Iterator[tuple[str, list[str]]
             subprocess.run(["pkill", "-9", "-f", temp], check=False)
         for temp in temps:
             shutil.rmtree(temp, ignore_errors=True)
+
+
+def start_hidden_node(address: str, hide: Path, cpus: int = 0, gpus: int = 1) -> str:
+    """A second node that shares no disk with this machine's processes: `ray start
+    --address` in a mount namespace of its own (`unshare --mount`, as root), where
+    ``hide`` (the data dirs' parent) is an empty tmpfs and its temp dir (and TMPDIR, so
+    its artifact cache) is a tmpfs nobody outside sees. Node address 127.0.0.2; the
+    only one with ``gpus`` (logical) GPUs. Its temp dir's name: stop it with kill_all."""
+    temp = tempfile.mkdtemp(prefix="cp-hidden-", dir="/tmp")
+    script = (
+        'set -e; mount -t tmpfs -o size=256m,mode=0700 tmpfs "$1"; '
+        'mount -t tmpfs -o size=16m,mode=0700 tmpfs "$2"; '
+        'export TMPDIR="$1"; shift 2; exec "$@"'
+    )
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_metrics_report_interval_ms": "1000"}
+    subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "--propagation=private",
+            "sh",
+            "-c",
+            script,
+            "hidden",
+            temp,
+            str(hide),
+            RAY,
+            "start",
+            f"--address={address}",
+            "--node-ip-address=127.0.0.2",
+            f"--num-cpus={cpus}",
+            f"--num-gpus={gpus}",
+            f"--temp-dir={temp}/ray",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            "--disable-usage-stats",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=180,
+    )
+    return temp
