@@ -37,6 +37,7 @@ BENCHMARKS = (
     "console",
     "traffic",
     "autoscale",
+    "artifacts",
 )
 
 

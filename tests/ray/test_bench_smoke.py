@@ -18,7 +18,7 @@ from tests.helpers import ROOT
 
 RESULTS = ROOT / "bench" / "results"
 OUR_CHANGES = ("scale", "resources", "new_build", "rollback", "restart")
-SMOKED = ("serve", "signals", "rpc", "watchers", "records", "builds", "console")
+SMOKED = ("serve", "signals", "rpc", "watchers", "records", "builds", "console", "artifacts")
 pytestmark = pytest.mark.ray
 
 
@@ -55,6 +55,7 @@ def test_one_table_with_every_benchmark(smoke: subprocess.CompletedProcess[str])
             "records",
             "builds",
             "console",
+            "artifacts",
         }
         == set(SMOKED)
     )
@@ -75,6 +76,15 @@ def test_signals_beside_the_same_replicas_without(
     check = figures["signals_check"]
     assert check["sent"] > 0 and check["counted"] == check["sent"], "signals counted every request"
     assert figures["leftover_ray_processes"] == 0
+
+
+def test_a_build_fetched_by_a_new_node_beside_one_copy(
+    smoke: subprocess.CompletedProcess[str],
+) -> None:
+    figures = result("artifacts")
+    assert figures["smoke"] is True and figures["mib"] == 32
+    assert figures["first_fetch_s"] > 0 and figures["copy_s"] > 0 and figures["pack_s"] > 0
+    assert figures["again_s"] < figures["first_fetch_s"], "a second replica uses the cache"
 
 
 def test_rpc_against_a_bare_grpc_server(smoke: subprocess.CompletedProcess[str]) -> None:

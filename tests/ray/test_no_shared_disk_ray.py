@@ -1,9 +1,10 @@
 """A Ray node that shares no disk with the control plane: the second node runs in a mount
 namespace of its own where the server's data dir is an empty tmpfs (and so is its temp
-dir), and it is the only node with a GPU, so a GPU model's replicas run there and nowhere
-else. The server serves builds by digest (--artifact-port); the replicas fetch theirs,
-and the model's workflow goes through on that node: deploy, scale in place, a new build,
-a rollback, a restart, a stop."""
+dir). It is the only node with CPUs and the only one with a GPU, so every build runs
+there (its source sent through Ray, its artifact and log sent back) and a GPU model's
+replicas run there; the server serves builds by digest (--artifact-port) and the
+replicas fetch theirs. The model's workflow goes through on that node: build and deploy,
+scale in place, a new build, a rollback, a restart, a stop."""
 
 from __future__ import annotations
 
@@ -63,8 +64,8 @@ async def test_replicas_on_a_node_without_the_data_dir_fetch_their_build(
     (hidden_from_node / "d").mkdir(parents=True)
     head = str(root / "head")
     port = free_port()
-    ray_nodes.start_head(port, head, cpus=2)
-    hidden = ray_nodes.start_hidden_node(f"127.0.0.1:{port}", hidden_from_node, cpus=0, gpus=1)
+    ray_nodes.start_head(port, head, cpus=0)  # builds and replicas go to the other node
+    hidden = ray_nodes.start_hidden_node(f"127.0.0.1:{port}", hidden_from_node, cpus=2, gpus=1)
     server = Serve(hidden_from_node / "d", f"--ray-address=127.0.0.1:{port}", "--artifact-port=0")
     try:
         await asyncio.to_thread(server.start)
@@ -73,10 +74,14 @@ async def test_replicas_on_a_node_without_the_data_dir_fetch_their_build(
             model = await stub.CreateModel(
                 rpc.CreateModelRequest(parent="projects/ns", model_id="gpu")
             )
-            # Built on the head (the hidden node has no CPU), served on the hidden node.
             deploy_opts = rpc.DeployOptions(resources=resources(1, cpus=0, gpus=0.5))
             first = await build(stub, model.name, MODEL_V1, deploy=deploy_opts, seconds=300)
             assert not first.HasField("error"), first.error
+            built = await stub.GetBuild(rpc.GetBuildRequest(name=first.target))
+            digest = built.image.removeprefix("artifact://sha256:")
+            artifacts = hidden_from_node / "d" / "artifacts"
+            assert (artifacts / digest / "model.py").is_file(), "the artifact came back"
+            assert (artifacts / ".archives" / f"{digest}.tar").is_file()
             body = await answers(stub, model.name, 120)
             assert body["build"] == first.target and body["response"] == {
                 "echo": {"x": 1},
@@ -91,6 +96,13 @@ async def test_replicas_on_a_node_without_the_data_dir_fetch_their_build(
                 stub, model.name, MODEL_V2, "classify", deploy=deploy_opts, seconds=300
             )
             assert not second.HasField("error"), second.error
+            lines = [
+                line.text
+                async for line in stub.StreamBuildLogs(
+                    rpc.StreamBuildLogsRequest(name=second.target)
+                )
+            ]
+            assert any("build succeeded" in text for text in lines), lines[-3:]
             body = await answers(stub, model.name, 120)
             assert body["build"] == second.target and body["response"] == {
                 "echo": {"x": 1},

@@ -101,4 +101,3 @@ def test_a_damaged_archive_is_not_kept(tmp_path: Path) -> None:
     outcome = keep(wanted, bad)
     assert not outcome.ok and "damaged" in outcome.error
     assert [p.name for p in (server / "artifacts").iterdir() if not p.name.startswith(".")] == []
-
