@@ -82,7 +82,7 @@ async def serve(fd: int) -> None:
     reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=fd))
 
     def send(message: object) -> None:
-        if threading_safe_loop_is(loop):
+        if _in_loop_thread(loop):
             write_frame(writer, message)
         else:
             loop.call_soon_threadsafe(write_frame, writer, message)
@@ -153,7 +153,7 @@ async def serve(fd: int) -> None:
         task.cancel()
 
 
-def threading_safe_loop_is(loop: asyncio.AbstractEventLoop) -> bool:
+def _in_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
     """Whether this thread runs ``loop`` (a Ray thread may log: its record is handed over)."""
     try:
         return asyncio.get_running_loop() is loop
