@@ -27,7 +27,7 @@ from controlplane.server import Server
 from tests.helpers import EXAMPLES, eventually
 from tests.helpers.ray_cluster import IRIS, ray_server
 from workers.archive import zip_directory
-from workers.backend import Backend
+from workers.backend import Backend, candidate_app_for
 
 pytestmark = pytest.mark.ray
 
@@ -181,9 +181,16 @@ async def test_canary_rollback_shadow_and_split_under_load(
                 bad, Strategy(StrategyKind.CANARY, (10, 100), 120.0, replace_min(gates, 20))
             )
 
-            def all_back_on_build_2() -> bool:  # the roll back's apply lands within seconds
+            async def all_back_on_build_2() -> bool:
+                # The roll back's apply lands within seconds; until Serve has deleted the
+                # candidate's application, the stable replica may still send it a share.
+                candidate = candidate_app_for("traffic", "iris")
                 last = load.answers[-20:]
-                return len(load.answers) > start + 20 and last == [(200, "2")] * 20
+                return (
+                    candidate not in await ray_backend.observe()
+                    and len(load.answers) > start + 20
+                    and last == [(200, "2")] * 20
+                )
 
             await eventually("every answer from build 2 again", all_back_on_build_2, 30)
             during = load.since(start)
