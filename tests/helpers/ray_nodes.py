@@ -53,6 +53,13 @@ def two_nodes(cpus: int = 2, second_gpus: int = 0) -> Iterator[str]:
 
 def kill_raylet(temp: str) -> int:
     """SIGKILL to the raylet of the node with this temp dir (the node is lost); its pid."""
+    pid = raylet_pid(temp)
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def raylet_pid(temp: str) -> int:
+    """The pid of the raylet of the node with this temp dir."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -62,9 +69,20 @@ def kill_raylet(temp: str) -> int:
         except OSError:
             continue
         if comm == "raylet" and temp.encode() in cmdline:
-            os.kill(int(entry.name), signal.SIGKILL)
             return int(entry.name)
     raise AssertionError(f"no raylet of {temp}")
+
+
+def seen_by_node(temp: str, path: Path) -> list[str]:
+    """What the node with this temp dir sees in the folder ``path`` (its mount namespace)."""
+    done = subprocess.run(
+        ["nsenter", "-t", str(raylet_pid(temp)), "-m", "ls", "-A", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    return done.stdout.split()
 
 
 @contextlib.contextmanager

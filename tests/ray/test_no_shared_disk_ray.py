@@ -65,9 +65,10 @@ async def test_replicas_on_a_node_without_the_data_dir_fetch_their_build(
     head = str(root / "head")
     port = free_port()
     ray_nodes.start_head(port, head, cpus=0)  # builds and replicas go to the other node
-    hidden = ray_nodes.start_hidden_node(f"127.0.0.1:{port}", hidden_from_node, cpus=2, gpus=1)
+    hidden = ray_nodes.start_hidden_node(f"127.0.0.1:{port}", hidden_from_node, cpus=2, gpus=2)
     server = Serve(hidden_from_node / "d", f"--ray-address=127.0.0.1:{port}", "--artifact-port=0")
     try:
+        assert ray_nodes.seen_by_node(hidden, hidden_from_node) == [], "the data dir is hidden"
         await asyncio.to_thread(server.start)
         async with grpc.aio.insecure_channel(server.grpc) as ch:
             stub = Stub(ch)
@@ -122,6 +123,7 @@ async def test_replicas_on_a_node_without_the_data_dir_fetch_their_build(
             stop = await stub.StopModel(rpc.StopModelRequest(name=model.name))
             done = await wait(stub, stop, 240)
             assert not done.HasField("error"), done.error
+        assert ray_nodes.seen_by_node(hidden, hidden_from_node) == [], "and stayed hidden"
         assert await asyncio.to_thread(server.stop) == 0
     finally:
         server.kill()
