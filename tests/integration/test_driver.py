@@ -48,15 +48,20 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.fixture
-async def driven(tmp_path: Path) -> AsyncIterator[DriverBackend]:
-    backend = DriverBackend(
+def probe_backend(folder: Path) -> DriverBackend:
+    """A driver running the probe backend, which reports into ``folder``."""
+    return DriverBackend(
         "http://127.0.0.1:1",
         "tests.helpers.driven:Probe",
-        folder=str(tmp_path),
+        folder=str(folder),
         http_host="127.0.0.1",
         http_port=1,
     )
+
+
+@pytest.fixture
+async def driven(tmp_path: Path) -> AsyncIterator[DriverBackend]:
+    backend = probe_backend(tmp_path)
     await backend.start()
     yield backend
     await backend.close()
@@ -113,13 +118,7 @@ async def test_a_driver_that_ends_is_replaced_and_models_are_applied_again(
 
 
 async def test_close_closes_the_backend_in_the_driver_and_ends_it(tmp_path: Path) -> None:
-    backend = DriverBackend(
-        "http://127.0.0.1:1",
-        "tests.helpers.driven:Probe",
-        folder=str(tmp_path),
-        http_host="127.0.0.1",
-        http_port=1,
-    )
+    backend = probe_backend(tmp_path)
     await backend.start()
     pid = backend.driver_pid
     assert pid is not None

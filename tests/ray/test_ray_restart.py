@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -89,6 +90,31 @@ async def new_replicas_seen(watch: Watching, outage_from: int) -> None:
     await eventually("the watcher sees new replicas run", seen, 60, 0.5)
 
 
+async def through_an_outage(
+    stub: Stub, project: str, kill: Callable[[], None], back: Callable[[], None]
+) -> tuple[pb.Model, pb.Operation]:
+    """A model deployed, a watch on it; the cluster killed (``kill``): changes refused
+    with a retry hint, reads answer; ``back`` (an external cluster started again, or
+    nothing: the server starts its own) and the same build serves again, the watch,
+    still open, having seen new replicas run."""
+    model, op = await deployed(stub, project)
+    watch = Watching(stub, model.name)
+    await eventually("the watch started", lambda: bool(watch.events), 10)
+    before = len(watch.events)
+
+    kill()
+    await scale_refused_while_gone(stub, model.name, op.target)
+    read = await stub.GetModel(rpc.GetModelRequest(name=model.name))
+    assert read.name == model.name, "reads keep working"
+
+    back()
+    body = await answers(stub, model.name, 240)
+    assert body["build"] == op.target, "the same build serves again"
+    await new_replicas_seen(watch, before)
+    await watch.still_open()
+    return model, op
+
+
 async def test_the_server_reconnects_when_its_ray_cluster_restarts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -106,21 +132,12 @@ async def test_the_server_reconnects_when_its_ray_cluster_restarts(
         await asyncio.to_thread(server.start)
         async with grpc.aio.insecure_channel(server.grpc) as ch:
             stub = Stub(ch)
-            model, op = await deployed(stub, "projects/rr")
-            watch = Watching(stub, model.name)
-            await eventually("the watch started", lambda: bool(watch.events), 10)
-            before = len(watch.events)
-
-            ray_nodes.kill_all(temp)  # the whole cluster, at once
-            await scale_refused_while_gone(stub, model.name, op.target)
-            read = await stub.GetModel(rpc.GetModelRequest(name=model.name))
-            assert read.name == model.name, "reads keep working"
-
-            ray_nodes.start_head(port, temp)  # the same address, a new cluster
-            body = await answers(stub, model.name, 240)
-            assert body["build"] == op.target, "the same build serves again"
-            await new_replicas_seen(watch, before)
-            await watch.still_open()
+            model, op = await through_an_outage(
+                stub,
+                "projects/rr",
+                lambda: ray_nodes.kill_all(temp),  # the whole cluster, at once
+                lambda: ray_nodes.start_head(port, temp),  # the same address, a new one
+            )
             scaled = await stub.CreateDeployment(
                 rpc.CreateDeploymentRequest(
                     parent=model.name, build=op.target, resources=resources(2, cpus=0.25)
@@ -148,21 +165,12 @@ async def test_a_local_ray_that_died_is_started_again_by_the_running_server(
     try:
         await asyncio.to_thread(server.start)
         async with grpc.aio.insecure_channel(server.grpc) as ch:
-            stub = Stub(ch)
-            model, op = await deployed(stub, "projects/rl")
-            watch = Watching(stub, model.name)
-            await eventually("the watch started", lambda: bool(watch.events), 10)
-            before = len(watch.events)
-
-            ray_nodes.kill_all(str(data / "ray"))  # its GCS, raylet and workers
-            await scale_refused_while_gone(stub, model.name, op.target)
-            read = await stub.GetModel(rpc.GetModelRequest(name=model.name))
-            assert read.name == model.name, "reads keep working"
-
-            body = await answers(stub, model.name, 240)
-            assert body["build"] == op.target, "the same build serves again"
-            await new_replicas_seen(watch, before)
-            await watch.still_open()
+            model, op = await through_an_outage(
+                Stub(ch),
+                "projects/rl",
+                lambda: ray_nodes.kill_all(str(data / "ray")),  # its GCS, raylet, workers
+                lambda: None,  # the server starts a new local Ray by itself
+            )
         assert await asyncio.to_thread(server.stop) == 0
 
         await asyncio.to_thread(server.start)  # a new local Ray, the same records

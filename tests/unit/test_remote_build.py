@@ -26,6 +26,15 @@ def source_zip(path: Path, model: str = MODEL) -> bytes:
     return path.read_bytes()
 
 
+def on_server(tmp_path: Path, function: str = "predict") -> tuple[Path, bytes, BuildSpec]:
+    """The server's folders with an uploaded source, and the build's spec for it."""
+    server = tmp_path / "server"
+    (server / "sources").mkdir(parents=True)
+    (server / "artifacts").mkdir()
+    source = source_zip(server / "sources" / "src.zip")
+    return server, source, spec(server, source, function)
+
+
 def spec(server: Path, source: bytes, function: str = "predict") -> BuildSpec:
     """The spec as the control plane makes it: paths on ITS disk."""
     return BuildSpec(
@@ -41,11 +50,7 @@ def spec(server: Path, source: bytes, function: str = "predict") -> BuildSpec:
 
 
 def test_a_build_away_from_the_disk_lands_as_one_on_it(tmp_path: Path) -> None:
-    server = tmp_path / "server"
-    (server / "sources").mkdir(parents=True)
-    (server / "artifacts").mkdir()
-    source = source_zip(server / "sources" / "src.zip")
-    wanted = spec(server, source)
+    server, source, wanted = on_server(tmp_path)
     elsewhere = dataclasses.replace(
         wanted,
         source_zip=tmp_path / "hidden" / "src.zip",
@@ -76,11 +81,7 @@ def test_a_build_away_from_the_disk_lands_as_one_on_it(tmp_path: Path) -> None:
 def test_a_failed_build_away_from_the_disk_keeps_its_log_and_nothing_else(
     tmp_path: Path,
 ) -> None:
-    server = tmp_path / "server"
-    (server / "sources").mkdir(parents=True)
-    (server / "artifacts").mkdir()
-    source = source_zip(server / "sources" / "src.zip")
-    wanted = spec(server, source, function="nope")
+    server, source, wanted = on_server(tmp_path, function="nope")
     elsewhere = dataclasses.replace(wanted, artifacts_dir=tmp_path / "hidden")
     result = build_anywhere(elsewhere, source)
     assert not result.outcome.ok and "nope" in result.outcome.error and not result.archive
@@ -91,11 +92,7 @@ def test_a_failed_build_away_from_the_disk_keeps_its_log_and_nothing_else(
 
 
 def test_a_damaged_archive_is_not_kept(tmp_path: Path) -> None:
-    server = tmp_path / "server"
-    (server / "sources").mkdir(parents=True)
-    (server / "artifacts").mkdir()
-    source = source_zip(server / "sources" / "src.zip")
-    wanted = spec(server, source)
+    server, source, wanted = on_server(tmp_path)
     result = build_anywhere(dataclasses.replace(wanted, artifacts_dir=tmp_path / "x"), source)
     bad = dataclasses.replace(result, archive=result.archive[:-1] + b"!")
     outcome = keep(wanted, bad)
