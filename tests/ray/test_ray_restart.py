@@ -18,7 +18,16 @@ import pytest
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
 from tests.helpers import eventually, ray_nodes
-from tests.helpers.api import MODEL_V1, Stub, build, error_info, resources, wait
+from tests.helpers.api import (
+    MODEL_V1,
+    MODEL_V2,
+    Stub,
+    build,
+    error_info,
+    resources,
+    start_build,
+    wait,
+)
 from tests.helpers.embedded import Serve, answers
 from tests.helpers.servers import free_port
 
@@ -93,14 +102,16 @@ async def new_replicas_seen(watch: Watching, outage_from: int) -> None:
 async def through_an_outage(
     stub: Stub, project: str, kill: Callable[[], None], back: Callable[[], None]
 ) -> tuple[pb.Model, pb.Operation]:
-    """A model deployed, a watch on it; the cluster killed (``kill``): changes refused
-    with a retry hint, reads answer; ``back`` (an external cluster started again, or
-    nothing: the server starts its own) and the same build serves again, the watch,
-    still open, having seen new replicas run."""
+    """A model deployed, a watch on it, a build accepted; the cluster killed (``kill``):
+    changes refused with a retry hint, reads answer; ``back`` (an external cluster
+    started again, or nothing: the server starts its own) and the same build serves
+    again, the watch, still open, having seen new replicas run, and the build accepted
+    before the outage done (neither lost nor left hanging)."""
     model, op = await deployed(stub, project)
     watch = Watching(stub, model.name)
     await eventually("the watch started", lambda: bool(watch.events), 10)
     before = len(watch.events)
+    accepted = await start_build(stub, model.name, {"model.py": MODEL_V2}, "classify")
 
     kill()
     await scale_refused_while_gone(stub, model.name, op.target)
@@ -112,6 +123,8 @@ async def through_an_outage(
     assert body["build"] == op.target, "the same build serves again"
     await new_replicas_seen(watch, before)
     await watch.still_open()
+    built = await wait(stub, accepted, 300)
+    assert built.done and not built.HasField("error"), built.error
     return model, op
 
 
