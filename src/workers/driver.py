@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 RAY_BACKEND = "workers.ray_backend:RayBackend"
 CLOSE_TIMEOUT_S = 60.0  # for the driver to stop the local Ray it started
 RESTART_DELAYS_S = (1.0, 2.0, 5.0, 10.0)  # between tries to start a new driver
+SILENT_S = 15.0  # a started driver that sends no beat this long is stuck: replaced
 _HEADER = struct.Struct(">I")
 
 Callback = Callable[[], Awaitable[None]]
@@ -89,6 +90,7 @@ class _Driver:
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self.ended = asyncio.Event()
+        self.last_beat: float | None = None  # monotonic; None: not started yet
         self._reading = asyncio.ensure_future(self._read())
 
     async def _read(self) -> None:
@@ -103,6 +105,8 @@ class _Driver:
                             done.set_result(value)
                         else:
                             done.set_exception(value)
+                elif kind == "beat":
+                    self.last_beat = time.monotonic()
                 elif kind == "log":
                     record = logging.makeLogRecord(message[1])
                     logging.getLogger(record.name).handle(record)
@@ -159,10 +163,18 @@ class DriverBackend:
     backend it runs, built there with ``options``); the driver is replaced when its
     cluster is gone or when it ends."""
 
-    def __init__(self, http_base: str, factory: str = RAY_BACKEND, **options: Any) -> None:
+    def __init__(
+        self,
+        http_base: str,
+        factory: str = RAY_BACKEND,
+        silent_s: float = SILENT_S,
+        **options: Any,
+    ) -> None:
         """``http_base``: where the backend's HTTP proxy answers (its options say so to
-        it; a port chosen here, not in a driver, stays the same across drivers)."""
+        it; a port chosen here, not in a driver, stays the same across drivers).
+        ``silent_s``: a started driver with no beat for this long is replaced."""
         self._http_base = http_base
+        self._silent_s = silent_s
         self._factory = factory
         self._options = options
         self._driver: _Driver | None = None
@@ -172,6 +184,7 @@ class DriverBackend:
         self._replacing: asyncio.Task[None] | None = None
         self._telling: asyncio.Future[None] | None = None
         self._closing = False
+        self._watching: asyncio.Task[None] | None = None
         self.drivers_started = 0  # how many driver processes this backend started
 
     @property
@@ -198,8 +211,23 @@ class DriverBackend:
             driver, self._driver = self._driver, None
             await driver.close(0.0)
             raise
+        self._driver.last_beat = time.monotonic()
         if not self._up:
             self._down_since = time.time()
+        self._watching = asyncio.ensure_future(self._watch_beats())
+
+    async def _watch_beats(self) -> None:
+        """A started driver whose beats stop (its loop hangs in a call into Ray that never
+        returns, the cluster gone) is replaced like one whose cluster is gone."""
+        while True:
+            await asyncio.sleep(1.0)
+            driver = self._driver
+            if driver is None or driver.last_beat is None or self._closing:
+                continue
+            silent = time.monotonic() - driver.last_beat
+            if silent > self._silent_s and not driver.ended.is_set():
+                driver.last_beat = None  # once
+                self._replace(f"the Ray driver gave no sign of life for {silent:.0f} s")
 
     async def _spawn(self) -> _Driver:
         ours, theirs = socket.socketpair()
@@ -252,6 +280,7 @@ class DriverBackend:
                 driver = await self._spawn()
                 self._driver = driver
                 up = bool(await driver.call("start"))
+                driver.last_beat = time.monotonic()
                 break
             except Exception as e:
                 if self._driver is not None:
@@ -286,7 +315,7 @@ class DriverBackend:
 
     async def close(self) -> None:
         self._closing = True
-        for task in (self._replacing, self._telling):
+        for task in (self._replacing, self._telling, self._watching):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)

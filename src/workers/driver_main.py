@@ -8,7 +8,7 @@ runs as a task of its own (a build and an apply run side by side) and may be can
 what the backend logs goes to the server's logger, record by record. Messages this
 process sends besides results: ("up", bool) when the backend's availability changes,
 ("lost",) when its cluster is gone, ("joined",) when a cluster that did not answer at
-start is joined.
+start is joined, ("beat",) five times a second once started.
 """
 
 from __future__ import annotations
@@ -111,6 +111,8 @@ async def serve(fd: int) -> None:
     watching: asyncio.Task[None] | None = None
 
     async def watch_up() -> None:
+        """Availability changes, and a beat each time: the server replaces a driver
+        whose loop stops (a call into Ray that hangs on it)."""
         last = backend.available()
         while True:
             await asyncio.sleep(UP_POLL_S)
@@ -118,6 +120,7 @@ async def serve(fd: int) -> None:
             if now != last:
                 send(("up", now))
                 last = now
+            send(("beat",))
 
     async def run(call: int, method: str, args: tuple[Any, ...]) -> None:
         nonlocal watching

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import functools
 import logging
 import os
@@ -1063,7 +1064,15 @@ class RayBackend:
         except OSError as e:
             return BuildOutcome(ok=False, error=f"cannot read the source: {e}")
         task = ray.remote(num_cpus=self._build_cpus, max_retries=0)(build_anywhere)
-        ref = task.remote(spec, source)
+        # Submitting puts the source into the object store: a call that can hang while
+        # the cluster goes away, so never on the event loop (the watchdog runs there).
+        submitting = asyncio.ensure_future(self._call(task.remote, spec, source))
+        try:
+            ref = await asyncio.shield(submitting)
+        except asyncio.CancelledError:  # cancelled while submitting: the task goes too
+            with contextlib.suppress(Exception):
+                ray.cancel(await submitting, force=False, recursive=True)
+            raise
         running = asyncio.wrap_future(ref.future())
         running.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
@@ -1089,7 +1098,8 @@ class RayBackend:
             self._started()
             # What a worker runs, asked of a worker (the driver may differ on a remote cluster).
             probe = ray.remote(num_cpus=0, max_retries=1)(current_runtime)
-            self._runtime = await _result(asyncio.wrap_future(probe.remote().future()))
+            ref = await self._call(probe.remote)
+            self._runtime = await _result(asyncio.wrap_future(ref.future()))
         return self._runtime
 
     async def apply(self, apps: Sequence[AppSpec]) -> None:
@@ -1148,7 +1158,8 @@ class RayBackend:
             if self._broker is None:
                 return
         try:
-            put = self._broker.put.remote(wanted, keep, sources if self._artifact_url else None)
+            given = sources if self._artifact_url else None
+            put = await self._call(self._broker.put.remote, wanted, keep, given)
             await _result(asyncio.wrap_future(put.future()))
         except Exception:
             self._broker = None  # gone with its node or with Ray: started again next time
@@ -1175,7 +1186,7 @@ class RayBackend:
         if self._collector is None:
             self._collector = await self._call(_start_collector)
         try:
-            ref = self._collector.read.remote(epoch, cursor)
+            ref = await self._call(self._collector.read.remote, epoch, cursor)
             batch: Batch = await _result(asyncio.wrap_future(ref.future()))
         except Exception:
             # Gone with its node, or Ray itself restarted: found or started again (a new

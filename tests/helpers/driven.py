@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -63,6 +64,10 @@ class Probe:
         path = self.folder / "applied"
         names = path.read_text().split() if path.exists() else []
         return {n: AppObservation(n, AppStatus.RUNNING, "", ()) for n in names}
+
+    async def freeze(self) -> None:
+        """Blocks the driver's loop (as a call into Ray that never returns would)."""
+        time.sleep(3600)  # noqa: ASYNC251 - the point: a loop that does not come back
 
     async def nodes(self) -> Sequence[NodeResources]:
         raise ClusterUnavailable("no nodes listed: the probe says so")

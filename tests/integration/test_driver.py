@@ -53,6 +53,7 @@ def probe_backend(folder: Path) -> DriverBackend:
     return DriverBackend(
         "http://127.0.0.1:1",
         "tests.helpers.driven:Probe",
+        silent_s=2.0,
         folder=str(folder),
         http_host="127.0.0.1",
         http_port=1,
@@ -115,6 +116,25 @@ async def test_a_driver_that_ends_is_replaced_and_models_are_applied_again(
     assert driven.available()
     assert sorted(await driven.observe()) == ["a"]
     assert not alive(first)
+
+
+async def test_a_driver_whose_loop_hangs_is_replaced(driven: DriverBackend) -> None:
+    """A call into Ray that never returns on the driver's loop (the cluster gone in the
+    middle of it) stops its beats: the driver is replaced, and calls work again."""
+    told = asyncio.Event()
+
+    async def reconnected() -> None:
+        told.set()
+
+    driven.on_reconnected(reconnected)
+    first = driven.driver_pid
+    hung = asyncio.ensure_future(driven._call("freeze"))
+    await asyncio.wait_for(told.wait(), 30)
+    assert driven.driver_pid != first and driven.available()
+    with pytest.raises(ClusterUnavailable):
+        await hung  # the call in flight ends with its driver
+    await driven.apply([spec("after")])
+    assert first is not None and not alive(first)
 
 
 async def test_close_closes_the_backend_in_the_driver_and_ends_it(tmp_path: Path) -> None:
