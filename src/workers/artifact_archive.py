@@ -156,7 +156,6 @@ def local_copy(
 def _fetch_into(remote: Remote, root: Path, here: Path) -> None:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{remote.digest}-", suffix=".tar", dir=root)
     tmp = Path(tmp_name)
-    unpacked = Path(tempfile.mkdtemp(prefix=f".{remote.digest}-", dir=root))
     try:
         with os.fdopen(fd, "wb") as out:
             got = _download(remote, out)
@@ -165,13 +164,27 @@ def _fetch_into(remote: Remote, root: Path, here: Path) -> None:
                 f"artifact {remote.digest[:12]} from {remote.url}: SHA-256 {got[:12]}..., "
                 f"expected {remote.sha256[:12]}...: not used"
             )
-        with tarfile.open(tmp) as tar:
-            tar.extractall(unpacked, filter="data")
-        os.chmod(unpacked, 0o755)
-        os.rename(unpacked, here)
+        unpack(tmp, here, root)
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+def unpack(tar: Path, final: Path, scratch: Path) -> None:
+    """Unpacks ``tar`` into a new folder in ``scratch``, then renames it to ``final``:
+    nothing half-unpacked is ever at ``final``. One there already (the same content, put
+    there first by another build or replica) is kept."""
+    unpacked = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=scratch))
+    try:
+        with tarfile.open(tar) as archive:
+            archive.extractall(unpacked, filter="data")
+        os.chmod(unpacked, 0o755)
+        try:
+            os.rename(unpacked, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+    finally:
         shutil.rmtree(unpacked, ignore_errors=True)
 
 

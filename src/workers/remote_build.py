@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tarfile
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,7 +32,7 @@ class BuildResult:
     # Set only when it ran away from the control plane's disk: what ``keep`` stores.
     archive: bytes = b""
     archive_sha256: str = ""
-    cache_entries: dict[str, bytes] = field(default_factory=dict)  # file name -> content
+    cache_entries: dict[str, build_cache.CacheEntry] = field(default_factory=dict)  # by key
     log: str = ""
 
 
@@ -66,7 +65,10 @@ def build_anywhere(spec: BuildSpec, source: bytes) -> BuildResult:
         sha = artifact_archive.pack(here.artifacts_dir, digest)
         tar, _ = artifact_archive.archive_paths(here.artifacts_dir, digest)
         cache = here.artifacts_dir / build_cache.CACHE_DIR
-        entries = {p.name: p.read_bytes() for p in cache.glob("*.json")} if cache.is_dir() else {}
+        found = {
+            p.stem: build_cache.lookup(here.artifacts_dir, p.stem) for p in cache.glob("*.json")
+        }
+        entries = {key: entry for key, entry in found.items() if entry is not None}
         return BuildResult(outcome, tar.read_bytes(), sha, entries, log)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -87,21 +89,13 @@ def keep(spec: BuildSpec, result: BuildResult) -> BuildOutcome:
     tar_path, sha_path = artifact_archive.archive_paths(spec.artifacts_dir, digest)
     tar_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{digest}-", dir=tar_path.parent)
-    staging = Path(tempfile.mkdtemp(prefix="kept-", dir=_staging(spec.artifacts_dir)))
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(result.archive)
         if artifact_archive.sha256_file(Path(tmp)) != result.archive_sha256:
             return replace(outcome, ok=False, error="the build's artifact arrived damaged")
         if not final.is_dir():
-            with tarfile.open(tmp) as tar:
-                tar.extractall(staging, filter="data")
-            staging.chmod(0o755)
-            try:
-                os.rename(staging, final)
-            except OSError:
-                if not final.is_dir():  # not a build of the same inputs that stored it first
-                    raise
+            artifact_archive.unpack(Path(tmp), final, _staging(spec.artifacts_dir))
         os.chmod(tmp, 0o644)
         os.replace(tmp, tar_path)
         sha_path.write_text(result.archive_sha256 + "\n")
@@ -111,13 +105,8 @@ def keep(spec: BuildSpec, result: BuildResult) -> BuildOutcome:
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        shutil.rmtree(staging, ignore_errors=True)
-    cache = spec.artifacts_dir / build_cache.CACHE_DIR
-    cache.mkdir(parents=True, exist_ok=True)
-    for name, content in result.cache_entries.items():
-        tmp_entry = cache / f".{name}.tmp"
-        tmp_entry.write_bytes(content)
-        os.replace(tmp_entry, cache / name)
+    for key, entry in result.cache_entries.items():
+        build_cache.remember(spec.artifacts_dir, key, entry)
     return replace(outcome, artifact_path=str(final.resolve()))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
+import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -48,7 +48,7 @@ class Probe:
     async def build(self, spec: BuildSpec) -> BuildOutcome:
         (self.folder / "building").write_text(spec.build_name)
         try:
-            await asyncio.sleep(3600)
+            await asyncio.Event().wait()  # until cancelled
         except asyncio.CancelledError:
             (self.folder / "cancelled").write_text(spec.build_name)
             raise
@@ -67,7 +67,7 @@ class Probe:
 
     async def freeze(self) -> None:
         """Blocks the driver's loop (as a call into Ray that never returns would)."""
-        time.sleep(3600)  # noqa: ASYNC251 - the point: a loop that does not come back
+        threading.Event().wait()  # never set: the loop does not come back
 
     async def nodes(self) -> Sequence[NodeResources]:
         raise ClusterUnavailable("no nodes listed: the probe says so")

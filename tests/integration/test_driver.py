@@ -161,7 +161,7 @@ async def test_the_driver_dies_with_a_server_killed_with_sigkill(tmp_path: Path)
                               folder={str(tmp_path)!r}, http_host="127.0.0.1", http_port=1)
             await b.start()
             print(b.driver_pid, flush=True)
-            await asyncio.sleep(3600)
+            await asyncio.Event().wait()  # until it is killed
 
         asyncio.run(main())
         """
