@@ -33,6 +33,7 @@ from typing import Any
 from serverproc import Row, save_result
 
 from controlplane.artifact_endpoint import ArtifactEndpoint, artifact_key
+from controlplane.files import Files
 from workers import artifact_archive
 
 DIGEST = "b1" * 32
@@ -62,7 +63,7 @@ def measure(mib: int, rounds: int) -> dict[str, Any]:
         sha = artifact_archive.pack(artifacts, DIGEST)
         pack_s = time.perf_counter() - started
         key = artifact_key(root / "data")
-        endpoint = ArtifactEndpoint(artifacts, key, "127.0.0.1", 0)
+        endpoint = ArtifactEndpoint(Files(artifacts, root, None).archive, key, "127.0.0.1", 0)
         endpoint.start()
         remote = artifact_archive.Remote(
             DIGEST,
@@ -76,12 +77,12 @@ def measure(mib: int, rounds: int) -> dict[str, Any]:
                 cache = root / f"node-{i}"
                 started = time.perf_counter()
                 here = artifact_archive.local_copy(
-                    str(root / "elsewhere" / DIGEST), DIGEST, lambda: remote, cache
+                    str(root / "elsewhere" / DIGEST), DIGEST, lambda: [remote], cache
                 )
                 fetch.append(time.perf_counter() - started)
                 started = time.perf_counter()
                 artifact_archive.local_copy(
-                    str(root / "elsewhere" / DIGEST), DIGEST, lambda: remote, cache
+                    str(root / "elsewhere" / DIGEST), DIGEST, lambda: [remote], cache
                 )
                 again.append(time.perf_counter() - started)
                 if not (Path(here) / "weights" / "part-000.bin").is_file():

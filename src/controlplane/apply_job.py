@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 
 from controlplane import desired, failpoints, lifecycle, tracing
 from controlplane.config import Settings
+from controlplane.files import Files
 from controlplane.storage.changes import Changes
 from controlplane.storage.db import Database
 from controlplane.storage.jobs import Job
@@ -34,11 +36,14 @@ RESYNC_AFTER_S = (5.0, 60.0)
 
 
 class ApplyJobs:
-    def __init__(self, db: Database, backend: Backend, settings: Settings, http_base: str) -> None:
+    def __init__(
+        self, db: Database, backend: Backend, settings: Settings, http_base: str, files: Files
+    ) -> None:
         self.db = db
         self.backend = backend
         self.settings = settings
         self.http_base = http_base
+        self.files = files
         self.stopping = False  # set by the dispatcher: no more retries
         self._lock = asyncio.Lock()
         self._failed_in_a_row = 0  # how long the next whole-set retry waits
@@ -101,9 +106,19 @@ class ApplyJobs:
         """The whole desired set, read fresh under the apply lock (what a rollout replaces
         was recorded when it started: ``lifecycle._start_rollout``)."""
         with self.db.read() as s:
-            return desired.desired_apps(
+            specs = desired.desired_apps(
                 s, self.db.secrets, open_endpoints=self.settings.insecure_no_auth
             )
+        return [self._here(a) for a in specs]
+
+    def _here(self, a: AppSpec) -> AppSpec:
+        """The application with its artifact on this server's disk, by digest: where the
+        build recorded it, or fetched from the database when another server built it."""
+        folder = self.files.artifact(a.artifact_path)
+        if folder is None:  # collected: its replicas cannot load it, and say so
+            log.error("%s: the artifact of %s is on no disk any more", a.app_name, a.build_name)
+            folder = self.files.artifact_dir(a.artifact_path)
+        return replace(a, artifact_path=str(folder))
 
     def _landed(self, job: Job) -> None:
         with self.db.write() as tx:

@@ -19,7 +19,7 @@ import os
 import re
 import secrets
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -54,11 +54,15 @@ def artifact_key(data_dir: Path, env: Mapping[str, str] | None = None) -> bytes:
 
 
 class ArtifactEndpoint:
-    """The artifacts of ``artifacts_dir``, over HTTP from a thread of its own (``port``
-    0: any free one; it is bound here, served from ``start``)."""
+    """Artifacts' archives, over HTTP from a thread of its own (``port`` 0: any free one;
+    it is bound here, served from ``start``)."""
 
-    def __init__(self, artifacts_dir: Path, key: bytes, host: str, port: int) -> None:
-        self._dir = artifacts_dir
+    def __init__(
+        self, archive: Callable[[str], Path | None], key: bytes, host: str, port: int
+    ) -> None:
+        """``archive(digest)``: the artifact's archive on this disk, made or fetched first
+        if need be, or None (``files.Files.archive``)."""
+        self._archive = archive
         self._key = key
         self._host = host
         self._thread: threading.Thread | None = None
@@ -100,7 +104,7 @@ class ArtifactEndpoint:
 
     def _answer(self, h: BaseHTTPRequestHandler) -> None:
         found = _PATH.match(h.path)
-        if found is None or not (self._dir / found[1]).is_dir():
+        if found is None:
             h.send_error(404, "no such artifact")
             return
         digest = found[1]
@@ -108,8 +112,15 @@ class ArtifactEndpoint:
         if not artifact_archive.token_ok(self._key, digest, presented):
             h.send_error(401, "a token for this artifact is needed")
             return
-        artifact_archive.pack(self._dir, digest)  # at once when it exists already
-        tar, _ = artifact_archive.archive_paths(self._dir, digest)
+        try:
+            tar = self._archive(digest)
+        except Exception:
+            log.exception("artifacts: %s could not be made ready", digest[:12])
+            h.send_error(503, "the artifact cannot be read now")
+            return
+        if tar is None:
+            h.send_error(404, "no such artifact")
+            return
         with tar.open("rb") as f:
             size = os.fstat(f.fileno()).st_size
             h.send_response(200)

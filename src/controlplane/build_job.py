@@ -8,30 +8,26 @@ rebuild never goes to the cluster), runs it under a deadline and hands the outco
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 from controlplane import failpoints, lifecycle, tracing
 from controlplane.config import Settings
+from controlplane.domain.errors import is_disk_full
+from controlplane.files import Files
+from controlplane.sources import SourceStore
 from controlplane.storage.changes import Changes
 from controlplane.storage.db import Database
 from controlplane.storage.jobs import Job
 from workers.backend import Backend, BuildOutcome, BuildSpec
 from workers.builder import cached_build
 
+log = logging.getLogger(__name__)
+
 # The control plane's own build deadline is the builder's plus this much (at most twice
 # the builder's): it also covers a build task that never starts (the cluster has no free
 # CPU for it) or that never ends.
 BUILD_DEADLINE_MARGIN_S = 10.0
-
-
-class SourcePath:
-    """Where an uploaded source zip lives, by its sha256."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def __call__(self, sha256: str) -> Path:
-        return self.root / f"{sha256}.zip"
 
 
 class BuildJobs:
@@ -41,13 +37,15 @@ class BuildJobs:
         backend: Backend,
         settings: Settings,
         http_base: str,
-        source_path: SourcePath,
+        sources: SourceStore,
+        files: Files,
     ) -> None:
         self.db = db
         self.backend = backend
         self.settings = settings
         self.http_base = http_base
-        self.source_path = source_path
+        self.sources = sources
+        self.files = files
 
     async def run(self, job: Job) -> None:
         spec = await asyncio.to_thread(self._start, job)
@@ -56,6 +54,7 @@ class BuildJobs:
         failpoints.hit("build.started")
         limit = spec.timeout_s + min(BUILD_DEADLINE_MARGIN_S, spec.timeout_s)
         try:
+            await asyncio.to_thread(self.sources.path, spec.source_sha256)  # another server's
             cached = await self._cached(spec)
             outcome = (
                 cached if cached is not None else await asyncio.wait_for(self._build(spec), limit)
@@ -67,8 +66,24 @@ class BuildJobs:
                 "it may have waited for a free CPU on the cluster)",
             )
         failpoints.hit("build.finished")
+        outcome = await asyncio.to_thread(self._publish, spec, outcome)
         await asyncio.to_thread(self._finish, job, outcome)
         failpoints.hit("build.recorded")
+
+    def _publish(self, spec: BuildSpec, outcome: BuildOutcome) -> BuildOutcome:
+        """The artifact and log where every server finds them, before the build is recorded
+        (with ``--artifact-store database``): a build that could not be put there failed."""
+        try:
+            self.files.publish_build(spec.build_name, outcome, spec.log_path)
+        except Exception as e:
+            log.exception("%s: storing the build for the other servers failed", spec.build_name)
+            return BuildOutcome(
+                ok=False,
+                error=f"the build could not be stored in the database for the other servers: {e}",
+                runtime=outcome.runtime,
+                disk_full=is_disk_full(e),
+            )
+        return outcome
 
     def crashed(self, job: Job, error: str) -> None:
         """The job raised: the build failed with the reason, never left hanging."""
@@ -101,7 +116,7 @@ class BuildJobs:
             log_path.parent.mkdir(parents=True, exist_ok=True)
             return BuildSpec(
                 build_name=build.name,
-                source_zip=self.source_path(build.source_sha256),
+                source_zip=self.sources.local(build.source_sha256),
                 file_path=build.file_path,
                 function_name=build.function_name,
                 artifacts_dir=self.settings.artifacts_dir,

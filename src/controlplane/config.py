@@ -9,6 +9,10 @@ from typing import Any
 from controlplane.domain.health import HealthRules
 
 MiB = 1024 * 1024
+# --artifact-store: each server's disk, or the database for servers that share no disk.
+DISK = "disk"
+DATABASE = "database"
+STORES = (DISK, DATABASE)
 # `modelctl serve`'s data dir unless --data-dir says otherwise (relative: to the working dir).
 DEFAULT_DATA_DIR = Path(".modelctl")
 ADMIN_TOKEN_FILE = "admin.token"  # in the data dir: the first admin token (mode 0600)
@@ -64,6 +68,10 @@ class Settings:
     artifact_port: int | None = None
     artifact_host: str = "127.0.0.1"
     artifact_url: str = ""
+    # Where builds, uploads and build logs are kept for the other servers: "disk" (each
+    # server's data dir: one server, or several on one shared volume) or "database"
+    # (several servers that share no disk; controlplane/files.py).
+    artifact_store: str = DISK
     # OTLP/HTTP traces endpoint, e.g. http://collector:4318/v1/traces ("": no tracing).
     otlp_endpoint: str = ""
     # Every RPC but health wants a token (docs/security.md); True: none does (demos only).

@@ -17,8 +17,10 @@ from typing import Protocol
 
 from controlplane import failpoints, logs, tracing
 from controlplane.apply_job import ApplyJobs
-from controlplane.build_job import BuildJobs, SourcePath
+from controlplane.build_job import BuildJobs
 from controlplane.config import Settings
+from controlplane.files import Files
+from controlplane.sources import SourceStore
 from controlplane.storage.db import Database
 from controlplane.storage.jobs import Job, JobKind, JobQueue
 from workers.backend import Backend, ClusterUnavailable
@@ -26,8 +28,6 @@ from workers.backend import Backend, ClusterUnavailable
 log = logging.getLogger(__name__)
 
 CLUSTER_WAIT_S = 3.0  # a job that needs the cluster, while it is gone, is tried again then
-
-__all__ = ["Dispatcher", "SourcePath"]
 
 
 class Handler(Protocol):
@@ -49,13 +49,14 @@ class Dispatcher:
         backend: Backend,
         settings: Settings,
         http_base: str,
-        source_path: SourcePath,
+        sources: SourceStore,
+        files: Files,
     ) -> None:
         self.settings = settings
         self.queue = JobQueue(db, settings.server_id, settings.job_lease_s)
-        self.applies = ApplyJobs(db, backend, settings, http_base)
+        self.applies = ApplyJobs(db, backend, settings, http_base, files)
         self.handlers: dict[JobKind, Handler] = {
-            JobKind.BUILD: BuildJobs(db, backend, settings, http_base, source_path),
+            JobKind.BUILD: BuildJobs(db, backend, settings, http_base, sources, files),
             JobKind.APPLY: self.applies,
         }
         self._db = db

@@ -13,6 +13,7 @@ import logging
 from sqlmodel import Session, col, func, select
 
 from controlplane.config import Settings
+from controlplane.files import Files
 from controlplane.storage.db import Database
 from controlplane.storage.tables import BuildRow, DeploymentRow
 from workers.artifact_gc import Collected, collect, digest_of
@@ -38,8 +39,9 @@ def kept_digests(s: Session, keep_builds: int) -> set[str]:
     return {d for d in (digest_of(str(p)) for p in paths) if d}
 
 
-def collect_once(db: Database, settings: Settings) -> Collected | None:
-    """One collection; None when another server holds the lock (it collects)."""
+def collect_once(db: Database, settings: Settings, files: Files | None = None) -> Collected | None:
+    """One collection; None when another server holds the lock (it collects). With
+    ``files``' shared store, the archives of artifacts not kept go from it too."""
     release = db.try_lock(GC_LOCK)
     if release is None:
         return None
@@ -52,8 +54,12 @@ def collect_once(db: Database, settings: Settings) -> Collected | None:
             min_age_s=settings.gc_min_age_s,
             staging_max_age_s=settings.build_timeout_s * 2 + 60,
         )
+        if files is not None:
+            done.shared_removed = files.collect(keep, settings.gc_min_age_s)
     finally:
         release()
+    if done.shared_removed:
+        log.info("gc: removed %d unused artifacts from the database", done.shared_removed)
     if done.removed or done.stale_staging:
         log.info(
             "gc: removed %d unused artifacts and %d stale staging folders, %.1f MiB freed; %d kept",
@@ -66,9 +72,10 @@ def collect_once(db: Database, settings: Settings) -> Collected | None:
 
 
 class Collector:
-    def __init__(self, db: Database, settings: Settings) -> None:
+    def __init__(self, db: Database, settings: Settings, files: Files | None = None) -> None:
         self.db = db
         self.settings = settings
+        self.files = files
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -84,6 +91,6 @@ class Collector:
         while True:
             await asyncio.sleep(self.settings.gc_interval_s)
             try:
-                await asyncio.to_thread(collect_once, self.db, self.settings)
+                await asyncio.to_thread(collect_once, self.db, self.settings, self.files)
             except Exception:  # the loop never dies; the next round tries again
                 log.exception("gc: collecting artifacts failed")

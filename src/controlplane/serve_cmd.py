@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from controlplane import logs, tracing
-from controlplane.config import DEFAULT_DATA_DIR, MiB, Settings, default
+from controlplane.config import DATABASE, DEFAULT_DATA_DIR, STORES, MiB, Settings, default
 from controlplane.domain.health import HealthRules
 from controlplane.storage.secretbox import SecretKeyError
 
@@ -201,6 +201,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the artifact port's URL as Ray's nodes reach it, e.g. http://10.0.0.5:8071 "
         "(default: http://ARTIFACT_HOST:PORT)",
     )
+    c.add_argument(
+        "--artifact-store",
+        choices=STORES,
+        default=default("artifact_store"),
+        help="where uploads, builds and build logs are kept for the other servers of this "
+        "database: disk (each server's --data-dir: one server, or several on one shared "
+        "volume) or database (servers that share no disk: each fetches what another "
+        "made; needs --artifact-port with the Ray backend; default: %(default)s)",
+    )
     o = p.add_argument_group("observability (docs/operators.md)")
     o.add_argument(
         "--metrics-port",
@@ -247,8 +256,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )  # fake: development and fast tests only
 
 
-def tls_problem(args: argparse.Namespace) -> str:
-    """What is wrong with the TLS flags ("" when nothing)."""
+def flags_problem(args: argparse.Namespace) -> str:
+    """What is wrong with the TLS flags, or with the artifact store's ("" when nothing)."""
+    if args.artifact_store == DATABASE and args.artifact_port is None and args.backend == "ray":
+        return (
+            "--artifact-store database needs --artifact-port: servers that share no disk "
+            "share none with Ray's nodes either, which fetch their builds from it"
+        )
     if (args.tls_cert is None) != (args.tls_key is None):
         return "--tls-cert and --tls-key go together"
     if args.tls_client_ca is not None and args.tls_cert is None:
@@ -307,6 +321,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         artifact_port=args.artifact_port,
         artifact_host=args.artifact_host,
         artifact_url=args.artifact_url,
+        artifact_store=args.artifact_store,
         otlp_endpoint=args.otlp_endpoint,
         insecure_no_auth=args.insecure_no_auth,
         tls_cert=args.tls_cert,
@@ -379,7 +394,7 @@ async def serve(
 
 
 def run(args: argparse.Namespace) -> int:
-    problem = tls_problem(args)
+    problem = flags_problem(args)
     if problem:
         print(f"modelctl serve: error: {problem}", file=sys.stderr)
         return 2

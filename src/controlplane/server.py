@@ -18,9 +18,10 @@ from controlplane.api.auth import AuthInterceptor
 from controlplane.api.interceptor import TelemetryInterceptor
 from controlplane.api.servicer import ModelLifecycleServicer
 from controlplane.artifact_endpoint import ArtifactEndpoint, artifact_key
-from controlplane.config import Settings
-from controlplane.dispatcher import Dispatcher, SourcePath
+from controlplane.config import DATABASE, DISK, Settings
+from controlplane.dispatcher import Dispatcher
 from controlplane.exports import Exporter
+from controlplane.files import Files
 from controlplane.gc import Collector
 from controlplane.metrics import Figures, Metrics, MetricsEndpoint
 from controlplane.reconciler import Reconciler
@@ -29,6 +30,7 @@ from controlplane.service import Service
 from controlplane.signals import Signals
 from controlplane.sources import SourceStore
 from controlplane.storage import jobs, repo
+from controlplane.storage.blobs import BlobStore
 from controlplane.storage.db import Database, FinishedOperation
 from controlplane.storage.secretbox import SecretBox
 from controlplane.watch import EventHub
@@ -68,6 +70,7 @@ def make_backend(settings: Settings, artifacts: ArtifactEndpoint | None = None) 
         temp_dir=settings.data_dir / "ray",
         artifact_url=(settings.artifact_url or artifacts.url) if artifacts else "",
         artifact_key=artifact_key(settings.data_dir) if artifacts else b"",
+        shared_disk=settings.artifact_store == DISK,
     )
 
 
@@ -80,17 +83,19 @@ class Server:
         if not settings.server_id:
             settings = replace(settings, server_id=f"cp-{uuid.uuid4().hex[:12]}")
         self.settings = settings
+        self.db = Database(settings.db_url, secrets=SecretBox.for_data_dir(settings.data_dir))
+        shared = BlobStore(self.db.engine) if settings.artifact_store == DATABASE else None
+        self.files = Files(settings.artifacts_dir, settings.logs_dir, shared)
         self.artifacts: ArtifactEndpoint | None = None
         if settings.artifact_port is not None:  # bound now: the backend needs its URL
             self.artifacts = ArtifactEndpoint(
-                settings.artifacts_dir,
+                self.files.archive,
                 artifact_key(settings.data_dir),
                 settings.artifact_host,
                 settings.artifact_port,
             )
         self.backend = backend or make_backend(settings, self.artifacts)
         self.owns_backend = owns_backend or backend is None
-        self.db = Database(settings.db_url, secrets=SecretBox.for_data_dir(settings.data_dir))
         self.grpc_port = 0
         self._grpc: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
@@ -146,13 +151,12 @@ class Server:
         await self.backend.start()
         http_base = self.backend.http_base
         sources = SourceStore(
-            s.sources_dir, s.max_source_bytes, s.max_source_entries, s.max_unpacked_bytes
+            s.sources_dir,
+            s.max_source_bytes,
+            s.max_source_entries,
+            s.max_unpacked_bytes,
+            shared=self.files if self.files.shared else None,
         )
-        logs = s.logs_dir
-
-        def log_path(model: str, version: int) -> str:
-            return str(logs / "builds" / model.replace("/", "_") / f"{version}.log")
-
         loop = asyncio.get_running_loop()
         backend = self.backend
 
@@ -169,7 +173,7 @@ class Server:
             self.db,
             sources,
             http_base,
-            log_path,
+            self.files,
             await self._cluster_runtime(),
             nodes=nodes,
             cluster_up=backend.available,
@@ -185,7 +189,7 @@ class Server:
         )
         await self.hub.start()
         await asyncio.to_thread(self._enqueue_sync)
-        self.dispatcher = Dispatcher(self.db, self.backend, s, http_base, SourcePath(s.sources_dir))
+        self.dispatcher = Dispatcher(self.db, self.backend, s, http_base, sources, self.files)
         await self.dispatcher.start()
         self.signals = Signals(self.db, self.backend, s)
         await self.signals.start()
@@ -193,7 +197,7 @@ class Server:
             self.db, self.backend, s, http_base, load=self.signals.in_flight
         )
         await self.reconciler.start()
-        self.collector = Collector(self.db, s)
+        self.collector = Collector(self.db, s, self.files)
         await self.collector.start()
         self.rollouts = Rollouts(self.db, self.signals, http_base, s.rollout_interval_s)
         await self.rollouts.start()

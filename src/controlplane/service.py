@@ -48,6 +48,7 @@ from controlplane.domain.types import (
     Source,
     validate_environment,
 )
+from controlplane.files import Files, log_path
 from controlplane.lifecycle import traffic
 from controlplane.sources import SourceStore
 from controlplane.storage import model_logs, repo
@@ -188,15 +189,13 @@ def _check_built(b: BuildRow, verb: str) -> None:
         )
 
 
-def _check_image(b: BuildRow) -> None:
-    """The build's image is still on the disk (garbage collection may have removed it)."""
-    if b.artifact_path and not Path(b.artifact_path).is_dir():
-        raise FailedPrecondition(
-            message=f"the image of build {b.name} ({b.image}) was removed as unused "
-            "(garbage collection); build the same source again",
-            reason="IMAGE_COLLECTED",
-            metadata={"build": b.name, "image": b.image},
-        )
+def _image_collected(b: BuildRow) -> FailedPrecondition:
+    return FailedPrecondition(
+        message=f"the image of build {b.name} ({b.image}) was removed as unused "
+        "(garbage collection); build the same source again",
+        reason="IMAGE_COLLECTED",
+        metadata={"build": b.name, "image": b.image},
+    )
 
 
 class Service:
@@ -205,7 +204,7 @@ class Service:
         db: Database,
         sources: SourceStore,
         http_base: str,
-        logs_dir_for: Callable[[str, int], str],
+        files: Files,
         cluster_runtime: Runtime | None = None,
         nodes: Callable[[], Sequence[NodeResources]] | None = None,
         cluster_up: Callable[[], bool] = lambda: True,
@@ -218,7 +217,7 @@ class Service:
         self.cluster_up = cluster_up
         self.sources = sources
         self.http_base = http_base
-        self._log_path = logs_dir_for
+        self.files = files
         self.cluster_runtime = cluster_runtime  # None: not known, not checked
         self.models = ModelCache(db)
 
@@ -506,6 +505,7 @@ class Service:
         check_text(req.comment, "comment", MAX_COMMENT)
         _check_request_id(req.request_id)
         self._validate_deploy(req.deploy)
+        self.sources.path(req.source_sha256)  # another server's upload: here before the write
         deploy = req.deploy
         fp = _fingerprint(
             req.source_sha256,
@@ -544,7 +544,7 @@ class Service:
                 function_name=req.function_name,
                 comment=req.comment,
                 state=BuildState.QUEUED.value,
-                log_path=self._log_path(model_name, version),
+                log_path=str(log_path(self.files.logs_dir, model_name, version)),
                 create_time=now(),
                 no_cache=req.no_cache,
             )
@@ -607,10 +607,10 @@ class Service:
         with self.db.read() as s:
             b = repo.build_row(s, name)
         _check_built(b, "exported")
-        _check_image(b)
+        self._check_image(b)
         built = parse_runtime(b.runtime)
         return OciExport(
-            artifact_path=Path(b.artifact_path),
+            artifact_path=self._artifact_here(b),
             file_path=b.file_path,
             function_name=b.function_name,
             build_name=b.name,
@@ -620,10 +620,24 @@ class Service:
             tag=tag or "latest",
         )
 
-    def build_log_path(self, name: str) -> str:
+    def build_log_path(self, name: str) -> Path:
+        """The build's log on this server's disk (fetched once the build finished when
+        another server, with ``--artifact-store database``, ran it)."""
         names.parse_build(name)
         with self.db.read() as s:
-            return repo.build_row(s, name).log_path
+            b = repo.build_row(s, name)
+        return self.files.build_log(b.log_path, b.name, b.model, b.version)
+
+    def _check_image(self, b: BuildRow) -> None:
+        """The build's image is still there (garbage collection may have removed it)."""
+        if b.artifact_path and not self.files.has_artifact(b.artifact_path):
+            raise _image_collected(b)
+
+    def _artifact_here(self, b: BuildRow) -> Path:
+        folder = self.files.artifact(b.artifact_path)
+        if folder is None:
+            raise _image_collected(b)
+        return folder
 
     def list_builds(self, parent: str, size: int, token: str) -> Page[Build]:
         model = str(names.parse_model(parent, "parent"))
@@ -690,7 +704,7 @@ class Service:
             b = repo.build_row(c.session, build)
             _check_built(b, "deployed")
             self._check_runtime(b)
-            _check_image(b)
+            self._check_image(b)
             self._ensure_idle(model)
             current = repo.maybe_deployment_row(c.session, model.active_deployment)
             wanted = resources
@@ -864,7 +878,7 @@ class Service:
                 b = repo.build_row(c.session, others[0])
                 _check_built(b, "given traffic")
                 self._check_runtime(b)
-                _check_image(b)
+                self._check_image(b)
                 new = self._deployment_row(
                     c,
                     model,

@@ -1,4 +1,5 @@
-"""Uploaded sources: streamed to disk, hashed, checked, stored content-addressed."""
+"""Uploaded sources: streamed to disk, hashed, checked, stored content-addressed (and, for
+servers that share no disk, put where the others fetch them: ``Shared``)."""
 
 from __future__ import annotations
 
@@ -8,21 +9,46 @@ import os
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Protocol
 
 from controlplane.domain.errors import InvalidArgument, invalid_field
 from workers.archive import UnsafeArchive, inspect_zip
 
 
+class Shared(Protocol):
+    """Where every server of the database finds an upload (``files.Files``)."""
+
+    def put_source(self, sha256: str, path: Path) -> None: ...
+
+    def get_source(self, sha256: str, path: Path) -> bool: ...
+
+
 class SourceStore:
-    def __init__(self, root: Path, max_bytes: int, max_entries: int, max_unpacked: int) -> None:
+    def __init__(
+        self,
+        root: Path,
+        max_bytes: int,
+        max_entries: int,
+        max_unpacked: int,
+        shared: Shared | None = None,
+    ) -> None:
         self.root = root
         self.max_bytes = max_bytes
         self.max_entries = max_entries
         self.max_unpacked = max_unpacked
+        self.shared = shared
         (root / "tmp").mkdir(parents=True, exist_ok=True)
 
-    def path(self, sha256: str) -> Path:
+    def local(self, sha256: str) -> Path:
+        """Where the upload is (or goes) on this server's disk."""
         return self.root / f"{sha256}.zip"
+
+    def path(self, sha256: str) -> Path:
+        """Where the upload is on this disk, fetched first when another server took it."""
+        path = self.local(sha256)
+        if not path.is_file() and self.shared is not None:
+            self.shared.get_source(sha256, path)
+        return path
 
     async def receive(self, chunks: AsyncIterator[bytes]) -> tuple[str, int, list[str]]:
         """Streams chunks to a temp file; returns (sha256, size, files) once checked and stored."""
@@ -52,7 +78,10 @@ class SourceStore:
 
     def _store(self, tmp: Path, sha: str) -> list[str]:
         files = self.check(tmp)
-        os.replace(tmp, self.path(sha))  # same content, same name: atomic and idempotent
+        path = self.local(sha)
+        os.replace(tmp, path)  # same content, same name: atomic and idempotent
+        if self.shared is not None:  # before the upload is answered: any server builds it
+            self.shared.put_source(sha, path)
         return files
 
     def check(self, path: Path) -> list[str]:

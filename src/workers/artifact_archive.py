@@ -23,7 +23,7 @@ import shutil
 import tarfile
 import tempfile
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -94,7 +94,7 @@ def pack(artifacts_dir: Path, digest: str) -> str:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _write_atomic(sha_path, sha + "\n")
+    write_sha256(sha_path, sha)
     return sha
 
 
@@ -104,9 +104,11 @@ def _anonymous(info: tarfile.TarInfo) -> tarfile.TarInfo:
     return info
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_sha256(path: Path, sha: str) -> None:
+    """The archive's SHA-256 sidecar (written after the archive: a sidecar means a whole
+    archive)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    tmp.write_text(sha + "\n")
     os.replace(tmp, path)
 
 
@@ -126,13 +128,14 @@ def cache_root() -> Path:
 
 
 def local_copy(
-    path: str, digest: str, remote: Callable[[], Remote | None], cache: Path | None = None
+    path: str, digest: str, remote: Callable[[], Sequence[Remote]], cache: Path | None = None
 ) -> str:
     """The artifact folder to load from: ``path`` where this node sees it (one machine,
-    or a shared disk); else this node's cached copy of ``digest``, fetched from
-    ``remote()`` (asked only then) and unpacked first if no replica on the node did it
-    before (one at a time: a file lock per digest)."""
-    if os.path.isdir(path):
+    or a shared disk); else this node's cached copy of ``digest``, fetched from the first
+    of ``remote()`` that answers (asked only then: one per control-plane server) and
+    unpacked first if no replica on the node did it before (one at a time: a file lock
+    per digest)."""
+    if path and os.path.isdir(path):
         return path
     root = cache or cache_root()
     here = root / digest
@@ -143,13 +146,21 @@ def local_copy(
         fcntl.flock(lock, fcntl.LOCK_EX)
         if here.is_dir():  # another replica fetched it while this one waited
             return str(here)
-        source = remote()
-        if source is None:
+        sources = remote()
+        if not sources:
             raise FetchFailed(
-                f"the artifact {path} is not on this node's disk, and the control plane "
-                "serves no artifacts to nodes (modelctl serve --artifact-port)"
+                f"the artifact {path or digest} is not on this node's disk, and the control "
+                "plane serves no artifacts to nodes (modelctl serve --artifact-port)"
             )
-        _fetch_into(source, root, here)
+        failures: list[str] = []
+        for source in sources:
+            try:
+                _fetch_into(source, root, here)
+                break
+            except FetchFailed as e:
+                failures.append(str(e))
+        else:
+            raise FetchFailed("; ".join(failures))
     return str(here)
 
 

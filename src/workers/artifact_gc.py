@@ -11,6 +11,7 @@ cleaning up go too, once older than ``staging_max_age_s``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -20,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workers import build_cache
+from workers import artifact_archive, build_cache
 from workers.builder import STAGING_DIR, tree_size
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -34,6 +35,7 @@ class Collected:
     kept: int = 0
     stale_staging: int = 0
     cache_entries: int = 0
+    shared_removed: int = 0  # archives removed from the control plane's shared store
 
 
 def digest_of(artifact_path: str) -> str:
@@ -47,6 +49,23 @@ def _age(path: Path, now: float) -> float:
         return now - path.stat().st_mtime
     except OSError:
         return 0.0
+
+
+def _collect_archives(artifacts_dir: Path, kept: set[str], min_age_s: float, now: float) -> int:
+    """Archives (``artifact_archive``: what nodes fetch) of artifacts not kept, whether or
+    not their folder is here (a server may hold only the archive it served); bytes freed."""
+    freed = 0
+    folder = artifacts_dir / artifact_archive.ARCHIVES_DIR
+    for tar in sorted(folder.glob("*.tar")) if folder.is_dir() else ():
+        digest = tar.stem
+        if not _DIGEST.fullmatch(digest) or digest in kept or _age(tar, now) < min_age_s:
+            continue
+        tar_path, sha_path = artifact_archive.archive_paths(artifacts_dir, digest)
+        for path in (sha_path, tar_path):  # the sidecar first: no sidecar, no archive
+            with contextlib.suppress(FileNotFoundError):
+                freed += path.stat().st_size
+                path.unlink()
+    return freed
 
 
 def _remove(path: Path, trash: Path) -> int:
@@ -80,6 +99,7 @@ def collect(
             continue
         out.freed_bytes += _remove(entry, trash)
         out.removed.append(entry.name)
+    out.freed_bytes += _collect_archives(artifacts_dir, kept, min_age_s, now)
     staging = artifacts_dir / STAGING_DIR
     for entry in sorted(staging.iterdir()) if staging.is_dir() else ():
         if _age(entry, now) >= staging_max_age_s:

@@ -414,15 +414,15 @@ def _artifact_here(path: str, archive: tuple[str, ...]) -> str:
     where the broker says, by the digest and SHA-256 ``archive`` names."""
     digest, sha256 = archive if len(archive) == 2 else (Path(path).name, "")
 
-    def remote() -> artifact_archive.Remote | None:
+    def remote() -> list[artifact_archive.Remote]:
         if not sha256:
-            return None
+            return []
         app = serve.get_replica_context().app_name
         actor_id = ray.get_runtime_context().get_actor_id()
         broker = ray.get_actor(SECRETS_BROKER, namespace=NAMESPACE)
         asked: Any = broker.source.remote(app, digest, actor_id)
-        url, token = cast(tuple[str, str], ray.get(asked, timeout=CLAIM_TIMEOUT_S))
-        return artifact_archive.Remote(digest, sha256, url, token)
+        found = cast(list[tuple[str, str]], ray.get(asked, timeout=CLAIM_TIMEOUT_S))
+        return [artifact_archive.Remote(digest, sha256, url, token) for url, token in found]
 
     try:
         return artifact_archive.local_copy(path, digest, remote)
@@ -552,12 +552,16 @@ def _app_config(
     max_queued_requests: int = -1,
     new: bool = True,
     archive: tuple[str, str] | None = None,
+    path_on_nodes: bool = True,
 ) -> dict[str, Any]:
     """``archive``: (digest, SHA-256) of the build's archive, for a replica on a node that
-    does not see ``artifact_path`` (None: every node does)."""
+    does not see ``artifact_path`` (None: every node does). ``path_on_nodes``: False when
+    no node is expected to see it (servers that share no disk): the config names the
+    build by its archive alone, the same whichever server applies it."""
     env = dict(spec.environment)
     env[RESTART_ENV] = str(spec.restart_generation)
-    env["CP_ARTIFACT"] = spec.artifact_path
+    path = spec.artifact_path if path_on_nodes or archive is None else ""
+    env["CP_ARTIFACT"] = path or Path(spec.artifact_path).name
     if spec.secrets_version:  # the values go through the broker, never the config
         env[SECRETS_ENV] = spec.secrets_version
     actor_options: dict[str, Any] = {"num_cpus": spec.cpus, "num_gpus": spec.gpus}
@@ -568,7 +572,7 @@ def _app_config(
         "route_prefix": spec.route_prefix,
         "import_path": IMPORT_PATH,
         "args": {
-            "artifact_path": spec.artifact_path,
+            "artifact_path": path,
             "file_path": spec.file_path,
             "function_name": spec.function_name,
             "build": spec.build_name,
@@ -834,14 +838,19 @@ class RayBackend:
         temp_dir: Path | None = None,
         artifact_url: str = "",
         artifact_key: bytes = b"",
+        shared_disk: bool = True,
     ) -> None:
         """``temp_dir``: where a local Ray this backend starts keeps its files (sessions,
         logs, sockets), made private to this user (default: Ray's, under /tmp).
         ``artifact_url``: the control plane's artifact endpoint, for replicas on nodes
         that do not see the artifact folder (its tokens made with ``artifact_key``); "":
-        every node reads the folder itself."""
+        every node reads the folder itself. ``shared_disk``: False when the control plane's
+        servers share no disk (each has its own data dir): an application's config then
+        names its build by digest alone, so that every server applies the same config,
+        and every replica fetches its build."""
         self._artifact_url = artifact_url.rstrip("/")
         self._artifact_key = artifact_key
+        self._shared_disk = shared_disk
         self._address = address
         self._temp_dir = temp_dir
         self._http_host = http_host
@@ -1117,6 +1126,7 @@ class RayBackend:
                             self._max_queued,
                             new=a.app_name not in running,
                             archive=archives.get(a.app_name),
+                            path_on_nodes=self._shared_disk,
                         )
                         for a in apps
                     ),

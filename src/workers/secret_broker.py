@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 REPLICA_PREFIX = "SERVE_REPLICA::"
 VERSIONS_KEPT = 4  # per application: replicas of the last few configs may still start
+URLS_KEPT = 8  # per build: the control-plane servers that applied it last
 CLAIMS_KEPT_S = 24 * 3600.0
 
 
@@ -40,8 +41,9 @@ class SecretBroker:
         self._actor_info = actor_info
         self._values: dict[str, dict[str, Mapping[str, str]]] = {}  # app -> version -> env
         self._claimed: dict[str, float] = {}  # actor id -> when
-        # app -> artifact digest -> (URL, token): where its replicas fetch their build
-        self._sources: dict[str, dict[str, tuple[str, str]]] = {}
+        # app -> artifact digest -> URL -> token: where its replicas fetch their build
+        # (one URL per server that applied it, the newest last)
+        self._sources: dict[str, dict[str, dict[str, str]]] = {}
 
     def put(
         self,
@@ -74,22 +76,27 @@ class SecretBroker:
             del self._sources[app]
         for app, (digest, url, token) in sources.items():
             builds = self._sources.setdefault(app, {})
-            builds.pop(digest, None)
-            builds[digest] = (url, token)  # the newest last
+            urls = builds.pop(digest, {})
+            urls.pop(url, None)
+            urls[url] = token  # the newest last
+            while len(urls) > URLS_KEPT:
+                del urls[next(iter(urls))]
+            builds[digest] = urls  # the newest last
             while len(builds) > VERSIONS_KEPT:
                 del builds[next(iter(builds))]
 
-    def source(self, app: str, digest: str, actor_id: str) -> tuple[str, str]:
-        """Where the replica actor ``actor_id`` of ``app`` fetches the build ``digest``
-        (URL, token); asked again after a failed fetch."""
+    def source(self, app: str, digest: str, actor_id: str) -> list[tuple[str, str]]:
+        """Where the replica actor ``actor_id`` of ``app`` fetches the build ``digest``:
+        (URL, token) of each server that applied it, the latest first (a server that is
+        gone is skipped by the replica); asked again after a failed fetch."""
         found = self._sources.get(app, {}).get(digest)
-        if found is None:
+        if not found:
             raise ClaimRefused(
                 f"no artifact source for {app} build {digest[:12]} here: the control plane "
                 "serves artifacts to nodes only with --artifact-port"
             )
         self._check_replica(app, actor_id)
-        return found
+        return [(url, token) for url, token in reversed(found.items())]
 
     def _check_replica(self, app: str, actor_id: str) -> None:
         info = self._actor_info(actor_id)

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from controlplane.artifact_endpoint import ArtifactEndpoint, artifact_key
+from controlplane.files import Files
 from workers import artifact_archive
 from workers.artifact_archive import FetchFailed, Remote
 
@@ -30,7 +31,8 @@ def artifacts(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def endpoint(artifacts: Path, tmp_path: Path) -> Iterator[ArtifactEndpoint]:
-    served = ArtifactEndpoint(artifacts, artifact_key(tmp_path / "data"), "127.0.0.1", 0)
+    files = Files(artifacts, tmp_path / "logs", None)
+    served = ArtifactEndpoint(files.archive, artifact_key(tmp_path / "data"), "127.0.0.1", 0)
     served.start()
     yield served
     served.stop()
@@ -66,8 +68,12 @@ async def test_the_endpoint_answers_only_the_artifact_s_token(
         assert (await http.get(url)).status_code == 401
         wrong = {"authorization": f"Bearer {artifact_archive.token(b'other', DIGEST)}"}
         assert (await http.get(url, headers=wrong)).status_code == 401
+        # A token comes before anything is looked up (or fetched from the database).
         other = url.replace(DIGEST, "cd" * 32)
-        assert (await http.get(other, headers=wrong)).status_code == 404
+        assert (await http.get(other, headers=wrong)).status_code == 401
+        key = artifact_key(tmp_path / "data")
+        for_other = {"authorization": f"Bearer {artifact_archive.token(key, 'cd' * 32)}"}
+        assert (await http.get(other, headers=for_other)).status_code == 404
         assert (await http.get(f"{endpoint.url}/etc/passwd")).status_code == 404
         ok = await http.get(url, headers={"authorization": f"Bearer {good.token}"})
         assert ok.status_code == 200 and ok.headers["content-type"] == "application/x-tar"
@@ -82,9 +88,9 @@ def test_a_node_fetches_once_checks_and_unpacks_once(
     cache = tmp_path / "node-cache"
     asked: list[int] = []
 
-    def source() -> Remote:
+    def source() -> list[Remote]:
         asked.append(1)
-        return remote(endpoint, tmp_path, sha)
+        return [remote(endpoint, tmp_path, sha)]
 
     missing = str(tmp_path / "not-on-this-node" / DIGEST)
     found: list[str] = []
@@ -118,12 +124,12 @@ def test_a_wrong_archive_or_token_is_refused_and_leaves_nothing(
     missing = str(tmp_path / "elsewhere" / DIGEST)
     with pytest.raises(FetchFailed, match="SHA-256"):
         artifact_archive.local_copy(
-            missing, DIGEST, lambda: remote(endpoint, tmp_path, "0" * 64), cache
+            missing, DIGEST, lambda: [remote(endpoint, tmp_path, "0" * 64)], cache
         )
     with pytest.raises(FetchFailed, match="401"):
         artifact_archive.local_copy(
-            missing, DIGEST, lambda: remote(endpoint, tmp_path, sha, "nope"), cache
+            missing, DIGEST, lambda: [remote(endpoint, tmp_path, sha, "nope")], cache
         )
     with pytest.raises(FetchFailed, match="serves no artifacts"):
-        artifact_archive.local_copy(missing, DIGEST, lambda: None, cache)
+        artifact_archive.local_copy(missing, DIGEST, list, cache)
     assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []

@@ -32,6 +32,7 @@ ALLOWED: dict[str, set[str]] = {
         "artifact_endpoint",
         "dispatcher",
         "exports",
+        "files",
         "gc",
         "metrics",
         "reconciler",
@@ -58,7 +59,7 @@ ALLOWED: dict[str, set[str]] = {
     },
     "signals": {"domain", "lifecycle", "metrics", "series", "storage", "workers"},
     "series": {"domain", "workers"},
-    "service": {"capacity", "domain", "lifecycle", "sources", "storage", "workers"},
+    "service": {"capacity", "domain", "files", "lifecycle", "sources", "storage", "workers"},
     "capacity": {"domain", "storage", "workers"},
     # Judges canary and shadow steps; lifecycle/traffic.py moves the split.
     "rollouts": {"domain", "lifecycle", "series", "signals", "storage"},
@@ -68,10 +69,12 @@ ALLOWED: dict[str, set[str]] = {
     "metrics": {"domain"},
     # Builds for nodes that do not share the disk (workers.artifact_archive's files).
     "artifact_endpoint": {"workers"},
-    "gc": {"storage", "workers"},
-    "dispatcher": {"apply_job", "build_job", "storage", "workers"},
-    "build_job": {"lifecycle", "storage", "workers"},
-    "apply_job": {"desired", "lifecycle", "storage", "workers"},
+    # A server's files on its disk, and in the database for servers that share no disk.
+    "files": {"storage", "workers"},
+    "gc": {"files", "storage", "workers"},
+    "dispatcher": {"apply_job", "build_job", "files", "sources", "storage", "workers"},
+    "build_job": {"domain", "files", "lifecycle", "sources", "storage", "workers"},
+    "apply_job": {"desired", "files", "lifecycle", "storage", "workers"},
     "reconciler": {"domain", "lifecycle", "storage", "workers"},
     "lifecycle": {"desired", "domain", "storage", "workers"},
     "desired": {"domain", "storage", "workers"},

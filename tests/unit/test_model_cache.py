@@ -10,6 +10,7 @@ from pathlib import Path
 from sqlmodel import select
 
 from controlplane.domain.states import ModelState
+from controlplane.files import Files
 from controlplane.service import Service
 from controlplane.sources import SourceStore
 from controlplane.storage.changes import Changes
@@ -23,7 +24,8 @@ def service(tmp_path: Path) -> Service:
     db = Database(Database.sqlite_url(tmp_path))
     db.migrate()
     sources = SourceStore(tmp_path / "sources", 1 << 20, 100, 1 << 20)
-    svc = Service(db, sources, "http://127.0.0.1:8000", lambda model, version: "")
+    files = Files(tmp_path / "artifacts", tmp_path / "logs", None)
+    svc = Service(db, sources, "http://127.0.0.1:8000", files)
     svc.create_model("projects/p", "m", "", "first", "")
     return svc
 

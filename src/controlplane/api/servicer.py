@@ -8,7 +8,6 @@ import functools
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -325,9 +324,12 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
 
         async def finished() -> bool:
             build = await _run(lambda: self.svc.get_build(request.name))
-            return build.state in (BuildState.BUILT, BuildState.FAILED)
+            if build.state not in (BuildState.BUILT, BuildState.FAILED):
+                return False
+            await _run(lambda: self.svc.build_log_path(request.name))  # another server's: here now
+            return True
 
-        async for line in build_logs.follow(Path(path), request.follow, finished):
+        async for line in build_logs.follow(path, request.follow, finished):
             yield rpc.BuildLogLine(
                 number=line.number, time=convert.timestamp(line.time), text=line.text
             )

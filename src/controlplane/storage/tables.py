@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Column, DateTime, Integer, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Column, DateTime, Integer, LargeBinary, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -268,3 +268,26 @@ class ModelLogLineRow(SQLModel, table=True):
     stream: str = Field(max_length=10)
     request_id: str = Field(default="", max_length=100)
     text: str = _text()
+
+
+class BlobRow(SQLModel, table=True):
+    """A file every server may need, kept in the database when the servers share no disk
+    (``--artifact-store database``): an upload, an artifact's archive, a build's log. Its
+    bytes are in ``blob_chunks``; this row is added in the same transaction as the last
+    of them, so a blob that has a row is whole (storage/blobs.py)."""
+
+    __tablename__ = "blobs"
+
+    key: str = Field(primary_key=True, max_length=300)  # e.g. artifact/<digest>
+    sha256: str = Field(max_length=64)
+    size_bytes: int = Field(sa_type=BigInteger)
+    chunks: int
+    create_time: datetime = _time()
+
+
+class BlobChunkRow(SQLModel, table=True):
+    __tablename__ = "blob_chunks"
+
+    key: str = Field(primary_key=True, max_length=300)
+    seq: int = Field(primary_key=True)
+    data: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
