@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -67,3 +68,19 @@ def test_client_imports_without_server_packages() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok Token InvocationKey AuditRecord"
+
+
+async def test_a_client_error_goes_up_through_context_managers_as_itself() -> None:
+    import contextlib
+
+    import pytest
+
+    from controlplane.api.client import ClientError
+
+    @contextlib.asynccontextmanager
+    async def session() -> AsyncIterator[None]:
+        yield
+
+    with pytest.raises(ClientError, match="EXPORT_FAILED"):
+        async with session():
+            raise ClientError("FAILED_PRECONDITION", "exporting failed", "EXPORT_FAILED")

@@ -53,7 +53,7 @@ CHUNK = 256 * 1024
 R = TypeVar("R")
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)  # not frozen: Python sets __traceback__ on it as it goes up the stack
 class ClientError(Exception):
     code: str  # grpc.StatusCode name, e.g. "NOT_FOUND"
     message: str
