@@ -1,0 +1,130 @@
+"""Two `modelctl serve` processes on one PostgreSQL, each with a data dir of its own
+(``--artifact-store database``): a source uploaded and a build made through the first is
+built from, deployed, rolled back to, exported and its log read through the second after
+the first server and its whole data dir are gone. With the default store, the second
+server says the build's image is not there instead of failing later."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import grpc
+import pytest
+
+from controlplane.api.client import Client
+from modellifecycle.v1 import resources_pb2 as pb
+from modellifecycle.v1 import service_pb2 as rpc
+from tests.helpers.api import Stub, error_info, resources, start_build, upload, wait, zip_bytes
+from tests.helpers.servers import Cluster, channel
+
+V1 = "def predict(body):\n    return {'version': 1}\n"
+V2 = "def predict(body):\n    return {'version': 2}\n"
+
+
+def server(tmp_path: Path, name: str, db_url: str, store: str = "database") -> Cluster:
+    (tmp_path / name).mkdir()
+    return Cluster(
+        tmp_path / name / "data", db_url, server_id=name, extra=[f"--artifact-store={store}"]
+    )
+
+
+async def image_of(stub: Stub, build_name: str) -> str:
+    b = await stub.GetBuild(rpc.GetBuildRequest(name=build_name))
+    assert b.state == pb.BUILD_STATE_BUILT
+    return b.image.removeprefix("artifact://sha256:")
+
+
+async def test_a_build_outlives_the_server_and_the_disk_it_was_made_on(
+    tmp_path: Path, fresh_postgres: str
+) -> None:
+    a = server(tmp_path, "a", fresh_postgres)
+    b = server(tmp_path, "b", fresh_postgres)
+    a.start()
+    try:
+        async with channel(a) as sa:
+            model = (
+                await sa.CreateModel(rpc.CreateModelRequest(parent="projects/nd", model_id="m"))
+            ).name
+            two = await upload(sa, model, zip_bytes({"model.py": V2}))
+            first = await wait(sa, await start_build(sa, model, {"model.py": V1}), 120)
+            assert not first.HasField("error"), first.error
+            first_build = str(first.target)
+            digest = await image_of(sa, first_build)
+    finally:
+        a.kill()
+    shutil.rmtree(tmp_path / "a")  # the first server's disk: gone with it
+
+    b.start()
+    try:
+        async with channel(b) as sb:
+            assert await image_of(sb, first_build) == digest
+            # A source uploaded through A builds through B (B never received it).
+            op = await sb.CreateBuild(
+                rpc.CreateBuildRequest(
+                    parent=model,
+                    source_sha256=two.sha256,
+                    file_path="model.py",
+                    function_name="predict",
+                    deploy=rpc.DeployOptions(resources=resources(1)),
+                )
+            )
+            done = await wait(sb, op, 120)
+            assert not done.HasField("error"), done.error
+            m = await sb.GetModel(rpc.GetModelRequest(name=model))
+            assert m.state == pb.MODEL_STATE_DEPLOYED
+            # A rollback to A's build: its artifact comes from the database to B's disk.
+            op = await sb.CreateDeployment(
+                rpc.CreateDeploymentRequest(parent=model, build=first_build, resources=resources(2))
+            )
+            done = await wait(sb, op, 120)
+            assert not done.HasField("error"), done.error
+            artifact = b.data / "artifacts" / digest
+            assert (artifact / "model.py").read_text() == V1
+            app = b.running_apps()["nd.m"]["spec"]
+            assert isinstance(app, dict) and app["artifact_path"] == str(artifact)
+            assert app["build_name"] == first_build
+            # Its log, written on A's disk, read through B.
+            lines = [
+                line.text
+                async for line in sb.StreamBuildLogs(rpc.StreamBuildLogsRequest(name=first_build))
+            ]
+            assert any("build succeeded" in text for text in lines), lines[-3:]
+        # Exported through B.
+        async with Client(b.address) as c:
+            manifest = await c.export_build(
+                first_build, tmp_path / "layout", base_image="scratch", tag="v1"
+            )
+        assert manifest.startswith("sha256:") and (tmp_path / "layout" / "index.json").is_file()
+    finally:
+        b.kill()
+
+
+async def test_without_the_database_store_another_disk_says_the_image_is_not_there(
+    tmp_path: Path, fresh_postgres: str
+) -> None:
+    a = server(tmp_path, "a", fresh_postgres, store="disk")
+    b = server(tmp_path, "b", fresh_postgres, store="disk")
+    a.start()
+    try:
+        async with channel(a) as sa:
+            model = (
+                await sa.CreateModel(rpc.CreateModelRequest(parent="projects/nd2", model_id="m"))
+            ).name
+            first = await wait(sa, await start_build(sa, model, {"model.py": V1}), 120)
+            assert not first.HasField("error"), first.error
+    finally:
+        a.kill()
+    b.start()
+    try:
+        async with channel(b) as sb:
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await sb.CreateDeployment(
+                    rpc.CreateDeploymentRequest(
+                        parent=model, build=first.target, resources=resources(1)
+                    )
+                )
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert error_info(e.value)[0] == "IMAGE_COLLECTED"
+    finally:
+        b.kill()
