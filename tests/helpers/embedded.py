@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +20,16 @@ from tests.helpers.servers import MODELCTL
 
 
 class Serve:
-    def __init__(self, data: Path, *args: str, auth: bool = False) -> None:
+    def __init__(
+        self, data: Path, *args: str, auth: bool = False, prefix: Sequence[str] = ()
+    ) -> None:
         """``args``: more `modelctl serve` flags (e.g. --ray-address). ``auth``: tokens
-        and invocation keys needed (the first admin token: ``admin_token()``)."""
+        and invocation keys needed (the first admin token: ``admin_token()``). ``prefix``:
+        what the command runs under (e.g. ``ray_nodes.sharing_no_disk``)."""
         self.data = data
         self.args = args
         self.auth = auth
+        self.prefix = list(prefix)
         self.popen: subprocess.Popen[str] | None = None
         self.grpc = ""
 
@@ -33,6 +37,7 @@ class Serve:
         log = self._log()
         self.popen = subprocess.Popen(
             [
+                *self.prefix,
                 MODELCTL,
                 "serve",
                 *([] if self.auth else ["--insecure-no-auth"]),

@@ -73,16 +73,26 @@ def raylet_pid(temp: str) -> int:
     raise AssertionError(f"no raylet of {temp}")
 
 
-def seen_by_node(temp: str, path: Path) -> list[str]:
-    """What the node with this temp dir sees in the folder ``path`` (its mount namespace)."""
+def in_namespace_of(pid: int, *command: str) -> str:
+    """Runs ``command`` in the mount namespace of process ``pid``; its output ("" when
+    it failed)."""
     done = subprocess.run(
-        ["nsenter", "-t", str(raylet_pid(temp)), "-m", "ls", "-A", str(path)],
+        ["nsenter", "-t", str(pid), "-m", *command],
         capture_output=True,
         text=True,
-        check=True,
         timeout=30,
     )
-    return done.stdout.split()
+    return done.stdout if done.returncode == 0 else ""
+
+
+def seen_by(pid: int, path: Path) -> list[str]:
+    """What the process ``pid`` sees in the folder ``path`` (its mount namespace)."""
+    return in_namespace_of(pid, "ls", "-A", str(path)).split()
+
+
+def seen_by_node(temp: str, path: Path) -> list[str]:
+    """What the node with this temp dir sees in the folder ``path`` (its mount namespace)."""
+    return seen_by(raylet_pid(temp), path)
 
 
 @contextlib.contextmanager
@@ -114,30 +124,39 @@ def nodes(cpus: int = 2, second_gpus: int = 0) -> Iterator[tuple[str, list[str]]
             shutil.rmtree(temp, ignore_errors=True)
 
 
-def start_hidden_node(address: str, hide: Path, cpus: int = 0, gpus: int = 1) -> str:
-    """A second node that shares no disk with this machine's processes: `ray start
-    --address` in a mount namespace of its own (`unshare --mount`, as root), where
-    ``hide`` (the data dirs' parent) is an empty tmpfs and its temp dir (and TMPDIR, so
-    its artifact cache) is a tmpfs nobody outside sees. Node address 127.0.0.2; the
-    only one with ``gpus`` (logical) GPUs. Its temp dir's name: stop it with kill_all."""
-    temp = tempfile.mkdtemp(prefix="cp-hidden-", dir="/tmp")
+def sharing_no_disk(hide: Path, temp: str) -> list[str]:
+    """The command prefix that runs a process as on a machine of its own: in a mount
+    namespace of its own (`unshare --mount`, as root) where ``hide`` (the data dirs'
+    parent) is an empty tmpfs and ``temp`` (its TMPDIR: caches, Ray's files) a tmpfs
+    nobody outside sees."""
     script = (
         'set -e; mount -t tmpfs -o size=256m,mode=0700 tmpfs "$1"; '
         'mount -t tmpfs -o size=16m,mode=0700 tmpfs "$2"; '
         'export TMPDIR="$1"; shift 2; exec "$@"'
     )
+    return [
+        "unshare",
+        "--mount",
+        "--propagation=private",
+        "sh",
+        "-c",
+        script,
+        "own",
+        temp,
+        str(hide),
+    ]
+
+
+def start_hidden_node(address: str, hide: Path, cpus: int = 0, gpus: int = 1) -> str:
+    """A second node that shares no disk with this machine's processes: `ray start
+    --address` under ``sharing_no_disk`` (``hide``: the data dirs' parent; its temp dir
+    also holds its artifact cache). Node address 127.0.0.2; the only one with ``gpus``
+    (logical) GPUs. Its temp dir's name: stop it with kill_all."""
+    temp = tempfile.mkdtemp(prefix="cp-hidden-", dir="/tmp")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_metrics_report_interval_ms": "1000"}
     subprocess.run(
         [
-            "unshare",
-            "--mount",
-            "--propagation=private",
-            "sh",
-            "-c",
-            script,
-            "hidden",
-            temp,
-            str(hide),
+            *sharing_no_disk(hide, temp),
             RAY,
             "start",
             f"--address={address}",

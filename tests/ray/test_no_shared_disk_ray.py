@@ -1,14 +1,18 @@
-"""A Ray node that shares no disk with the control plane: the second node runs in a mount
-namespace of its own where the server's data dir is an empty tmpfs (and so is its temp
-dir). It is the only node with CPUs and the only one with a GPU, so every build runs
-there (its source sent through Ray, its artifact and log sent back) and a GPU model's
-replicas run there; the server serves builds by digest (--artifact-port) and the
-replicas fetch theirs. The model's workflow goes through on that node: build and deploy,
-scale in place, a new build, a rollback, a restart, a stop."""
+"""A Ray node, and then a second control-plane server, that share no disk with the first
+server. The second node runs in a mount namespace of its own where the server's data dir
+is an empty tmpfs (and so is its temp dir). It is the only node with CPUs and the only one
+with a GPU, so every build runs there (its source sent through Ray, its artifact and log
+sent back) and a GPU model's replicas run there; the server serves builds by digest
+(--artifact-port) and the replicas fetch theirs. Server A (PostgreSQL,
+--artifact-store database) takes the model through build and deploy, scale in place, a
+new build and a rollback; then A is gone, and server B, in a mount namespace of its own
+where A's data dir is hidden, rolls back again (its replicas fetch the build from B, which
+had it from the database), reads a log and exports a build A made, restarts and stops."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,6 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from controlplane.api.client import Client
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
 from tests.helpers import eventually, ray_nodes
@@ -55,8 +60,8 @@ async def deploy(stub: Stub, model: str, build_name: str, replicas: int) -> None
     assert not done.HasField("error"), done.error
 
 
-async def test_replicas_on_a_node_without_the_data_dir_fetch_their_build(
-    monkeypatch: pytest.MonkeyPatch,
+async def test_replicas_and_a_second_server_without_the_data_dir_carry_on(
+    monkeypatch: pytest.MonkeyPatch, fresh_postgres: str, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     root = Path(tempfile.mkdtemp(prefix="cpns", dir="/tmp"))  # short: Ray's sockets
@@ -66,7 +71,20 @@ async def test_replicas_on_a_node_without_the_data_dir_fetch_their_build(
     port = free_port()
     ray_nodes.start_head(port, head, cpus=0)  # builds and replicas go to the other node
     hidden = ray_nodes.start_hidden_node(f"127.0.0.1:{port}", hidden_from_node, cpus=2, gpus=2)
-    server = Serve(hidden_from_node / "d", f"--ray-address=127.0.0.1:{port}", "--artifact-port=0")
+    shared = (  # one Serve proxy for the cluster: every server says the same port
+        f"--ray-address=127.0.0.1:{port}",
+        f"--http-port={free_port()}",
+        "--artifact-port=0",
+        "--artifact-store=database",
+        f"--database-url={fresh_postgres}",
+    )
+    server = Serve(hidden_from_node / "d", *shared)
+    b_temp = tempfile.mkdtemp(prefix="cp-server-b-", dir="/tmp")
+    other = Serve(
+        hidden_from_node / "b" / "d",
+        *shared,
+        prefix=ray_nodes.sharing_no_disk(hidden_from_node, b_temp),
+    )
     try:
         assert ray_nodes.seen_by_node(hidden, hidden_from_node) == [], "the data dir is hidden"
         await asyncio.to_thread(server.start)
@@ -115,19 +133,55 @@ async def test_replicas_on_a_node_without_the_data_dir_fetch_their_build(
             assert body["build"] == first.target
             assert await replica_nodes(stub, model.name, 1) == {HIDDEN}
 
+        assert await asyncio.to_thread(server.stop) == 0
+
+        # Server A is gone; B never saw its disk, nor has the node kept its builds.
+        await asyncio.to_thread(other.start)
+        assert other.popen is not None
+        assert ray_nodes.seen_by(other.popen.pid, hidden_from_node) == ["b"]
+        cache = f"{hidden}/modelctl-artifacts-0"
+        ray_nodes.in_namespace_of(ray_nodes.raylet_pid(hidden), "rm", "-rf", cache)
+        assert not ray_nodes.in_namespace_of(ray_nodes.raylet_pid(hidden), "ls", "-d", cache)
+        async with grpc.aio.insecure_channel(other.grpc) as ch:
+            stub = Stub(ch)
+            await deploy(stub, model.name, second.target, 2)  # back to the second build
+            body = await answers(stub, model.name, 120)
+            assert body["build"] == second.target
+            assert await replica_nodes(stub, model.name, 2) == {HIDDEN}
+            again = (await stub.GetBuild(rpc.GetBuildRequest(name=second.target))).image
+            cached = [n for n in ray_nodes.seen_by_node(hidden, Path(cache)) if n[0] != "."]
+            assert cached == [again.removeprefix("artifact://sha256:")], (
+                "fetched again (from B: A is gone), and only the build that runs"
+            )
+            lines = [
+                line.text
+                async for line in stub.StreamBuildLogs(
+                    rpc.StreamBuildLogsRequest(name=first.target)
+                )
+            ]
+            assert any("build succeeded" in text for text in lines), lines[-3:]
+
             restart = await stub.RestartModel(rpc.RestartModelRequest(name=model.name))
             done = await wait(stub, restart, 240)
             assert not done.HasField("error"), done.error
-            assert (await answers(stub, model.name, 120))["build"] == first.target
+            assert (await answers(stub, model.name, 120))["build"] == second.target
 
             stop = await stub.StopModel(rpc.StopModelRequest(name=model.name))
             done = await wait(stub, stop, 240)
             assert not done.HasField("error"), done.error
+        async with Client(other.grpc) as c:
+            manifest = await c.export_build(
+                first.target, tmp_path / "layout", base_image="scratch", tag="v1"
+            )
+        assert manifest.startswith("sha256:")
         assert ray_nodes.seen_by_node(hidden, hidden_from_node) == [], "and stayed hidden"
-        assert await asyncio.to_thread(server.stop) == 0
+        assert await asyncio.to_thread(other.stop) == 0
     finally:
         server.kill()
+        other.kill()
+        shutil.rmtree(b_temp, ignore_errors=True)
         ray_nodes.kill_all(hidden)
         ray_nodes.kill_all(head)
-        shutil.rmtree(root, ignore_errors=True)
+        if not os.environ.get("CP_KEEP"):
+            shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(hidden, ignore_errors=True)
