@@ -78,7 +78,7 @@ class Files:
         the database goes into it now, so that the other servers find it too."""
         folder = self.artifact_dir(recorded)
         if folder.is_dir():
-            self._share(folder.name)
+            self.share(folder.name)
             return folder
         tar = self.archive(folder.name)
         if tar is None:
@@ -115,7 +115,7 @@ class Files:
         self._shared.add(digest)
         return tar
 
-    def _share(self, digest: str) -> None:
+    def share(self, digest: str) -> None:
         """The artifact's archive in the shared store (once per digest and process)."""
         if self.blobs is None or digest in self._shared:
             return
@@ -129,7 +129,7 @@ class Files:
         if self.blobs is None:
             return
         if outcome.ok and outcome.artifact_path:
-            self._share(Path(outcome.artifact_path).name)
+            self.share(Path(outcome.artifact_path).name)
         if log_file.is_file():
             self.blobs.put(log_key(build_name), log_file)
 

@@ -85,6 +85,8 @@ def test_a_build_fetched_by_a_new_node_beside_one_copy(
     assert figures["smoke"] is True and figures["mib"] == 32
     assert figures["first_fetch_s"] > 0 and figures["copy_s"] > 0 and figures["pack_s"] > 0
     assert figures["again_s"] < figures["first_fetch_s"], "a second replica uses the cache"
+    assert figures["database"] == "sqlite", "the embedded default, unless --database-url"
+    assert figures["db_put_s"] > 0 and figures["db_first_use_s"] > 0
 
 
 def test_rpc_against_a_bare_grpc_server(smoke: subprocess.CompletedProcess[str]) -> None:
