@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -13,8 +13,18 @@ import pytest
 from controlplane.cli import main as modelctl
 from controlplane.console.web import ConsoleServer
 from controlplane.server import Server
+from controlplane.storage.db import Database
 from tests.helpers.api import Stub, fake_settings, running
 from tests.helpers.console import Web, console_of, web_of
+
+
+@pytest.fixture
+def db(fresh_db: str) -> Iterator[Database]:
+    """A migrated database of this test's own (no server)."""
+    database = Database(fresh_db)
+    database.migrate()
+    yield database
+    database.close()
 
 
 @pytest.fixture

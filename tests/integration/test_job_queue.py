@@ -6,10 +6,8 @@ milliseconds stands for a server that died (it stopped renewing).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 
-import pytest
 from sqlmodel import select
 
 from controlplane.storage import jobs
@@ -17,14 +15,6 @@ from controlplane.storage.changes import now
 from controlplane.storage.db import Database
 from controlplane.storage.jobs import JobKind, JobQueue, JobState
 from controlplane.storage.tables import JobRow, OperationRow
-
-
-@pytest.fixture
-def db(fresh_db: str) -> Iterator[Database]:
-    database = Database(fresh_db)
-    database.migrate()
-    yield database
-    database.close()
 
 
 def enqueue(db: Database, kind: JobKind = JobKind.APPLY, **kw: object) -> None:

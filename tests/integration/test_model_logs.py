@@ -3,10 +3,7 @@ from the collector, read back filtered and tailed, and trimmed to the newest byt
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-
-import pytest
 
 from controlplane.storage import model_logs
 from controlplane.storage.db import Database
@@ -14,14 +11,6 @@ from controlplane.storage.model_logs import ROW_OVERHEAD, LogQuery
 
 M = "projects/p/models/m"
 T = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def db(fresh_db: str) -> Iterator[Database]:
-    database = Database(fresh_db)
-    database.migrate()
-    yield database
-    database.close()
 
 
 def row(seq: int, text: str = "x" * 36, replica: str = "r1", model: str = M) -> dict[str, object]:

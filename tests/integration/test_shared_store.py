@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,14 +21,6 @@ from workers import artifact_archive
 from workers.backend import BuildOutcome
 
 DIGEST = "ab" * 32
-
-
-@pytest.fixture
-def db(fresh_db: str) -> Iterator[Database]:
-    database = Database(fresh_db)
-    database.migrate()
-    yield database
-    database.close()
 
 
 def random_file(path: Path, size: int) -> bytes:
