@@ -116,13 +116,24 @@ class Files:
         return tar
 
     def share(self, digest: str) -> None:
-        """The artifact's archive in the shared store (once per digest and process)."""
+        """The artifact's archive in the shared store (once per digest and process). Two
+        servers that built the same digest each packed their own archive (other file
+        times, so other bytes): the first one stored is kept, and the other server takes
+        it in place of its own, so that every server pins the same SHA-256 in Serve's
+        config and serves the same bytes."""
         if self.blobs is None or digest in self._shared:
             return
         tar = self.archive(digest)
-        if tar is not None:
-            self.blobs.put(artifact_key(digest), tar)
-            self._shared.add(digest)
+        if tar is None:
+            return
+        stored = self.blobs.put(artifact_key(digest), tar)
+        if stored.sha256 != artifact_archive.archived_sha256(self.artifacts_dir, digest):
+            with self._one_at_a_time(digest):
+                _, sha = artifact_archive.archive_paths(self.artifacts_dir, digest)
+                sha.unlink(missing_ok=True)  # no sidecar, no archive: until the stored one is in
+                self.blobs.get(artifact_key(digest), tar)
+                artifact_archive.write_sha256(sha, stored.sha256)
+        self._shared.add(digest)
 
     def publish_build(self, build_name: str, outcome: BuildOutcome, log_file: Path) -> None:
         """A finished build's archive and log into the shared store (nothing without one)."""

@@ -148,3 +148,21 @@ def test_without_the_database_store_nothing_is_put_there(db: Database, tmp_path:
     assert not alone.shared and BlobStore(db.engine).keys("") == []
     other = Files(tmp_path / "b" / "artifacts", tmp_path / "b" / "logs", None)
     assert not other.has_artifact(outcome.artifact_path)
+
+
+def test_two_servers_that_built_the_same_digest_end_with_one_archive(
+    db: Database, tmp_path: Path
+) -> None:
+    store = BlobStore(db.engine)
+    a, b = files_of(tmp_path / "a", store), files_of(tmp_path / "b", store)
+    first = build_here(a)
+    second = build_here(b)
+    os.utime(b.artifacts_dir / DIGEST / "model.py", (1, 1))  # packed apart: other bytes
+    a.publish_build("projects/p/models/m/builds/1", first, tmp_path / "none.log")
+    b.publish_build("projects/p/models/n/builds/1", second, tmp_path / "none.log")
+    stored = store.info(blob_key(DIGEST))
+    assert stored is not None
+    assert artifact_archive.archived_sha256(a.artifacts_dir, DIGEST) == stored.sha256
+    assert artifact_archive.archived_sha256(b.artifacts_dir, DIGEST) == stored.sha256
+    tar, _ = artifact_archive.archive_paths(b.artifacts_dir, DIGEST)
+    assert artifact_archive.sha256_file(tar) == stored.sha256, "B serves the stored bytes"
