@@ -8,13 +8,15 @@ rebuild never goes to the cluster), runs it under a deadline and hands the outco
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from controlplane import failpoints, lifecycle, tracing
 from controlplane.config import Settings
 from controlplane.domain.errors import is_disk_full
-from controlplane.files import Files
+from controlplane.files import Files, LiveLog
 from controlplane.sources import SourceStore
 from controlplane.storage.changes import Changes
 from controlplane.storage.db import Database
@@ -28,6 +30,7 @@ log = logging.getLogger(__name__)
 # the builder's): it also covers a build task that never starts (the cluster has no free
 # CPU for it) or that never ends.
 BUILD_DEADLINE_MARGIN_S = 10.0
+LIVE_LOG_S = 0.5  # how often a running build's log goes to other servers' readers
 
 
 class BuildJobs:
@@ -56,9 +59,12 @@ class BuildJobs:
         try:
             await asyncio.to_thread(self.sources.path, spec.source_sha256)  # another server's
             cached = await self._cached(spec)
-            outcome = (
-                cached if cached is not None else await asyncio.wait_for(self._build(spec), limit)
-            )
+            async with self._log_shared(spec):
+                outcome = (
+                    cached
+                    if cached is not None
+                    else await asyncio.wait_for(self._build(spec), limit)
+                )
         except TimeoutError:  # the build task was stopped (as a cancelled one is)
             outcome = BuildOutcome(
                 ok=False,
@@ -84,6 +90,32 @@ class BuildJobs:
                 disk_full=is_disk_full(e),
             )
         return outcome
+
+    @contextlib.asynccontextmanager
+    async def _log_shared(self, spec: BuildSpec) -> AsyncIterator[None]:
+        """While the build runs, its log goes to the other servers' readers every
+        ``LIVE_LOG_S`` (``files.LiveLog``; nothing without a shared store). Best effort:
+        the whole log is stored when the build ends whatever happens here."""
+        live = await asyncio.to_thread(self.files.live_log, spec.build_name, spec.log_path)
+        if live is None:
+            yield
+            return
+
+        async def pump(live: LiveLog) -> None:
+            while True:
+                await asyncio.sleep(LIVE_LOG_S)
+                try:
+                    await asyncio.to_thread(live.flush)
+                except Exception as e:  # the database is away: readers wait for the end
+                    log.warning("%s: sharing the running log failed: %s", spec.build_name, e)
+
+        task = asyncio.create_task(pump(live))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     def crashed(self, job: Job, error: str) -> None:
         """The job raised: the build failed with the reason, never left hanging."""

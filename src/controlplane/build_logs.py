@@ -1,10 +1,14 @@
 """Reading a build's log: replayed from its first line, then followed as it grows.
 
-The builder appends timestamped lines (``<ISO time> <text>``) and flushes each one,
-to a file on the disk the control plane shares with the cluster; a reader tails it.
-Following ends once the build is BUILT or FAILED and every line is read; the
-``finished`` check runs only when the file has nothing new, so a busy build's lines
-stream without database reads.
+The builder appends timestamped lines (``<ISO time> <text>``) and flushes each one to the
+build's log on the disk of the server that runs the build (a build on a node away from
+that disk sends its lines there as it writes them); a reader on that server tails the
+file. A reader on another server (``--artifact-store database``) reads, while the build
+runs, the parts the building server puts in the database as the log grows, then the
+whole log fetched once the build ended: the parts are a prefix of that file, so the
+offset carries over (``LogSource``). Following ends once the build is BUILT or FAILED and
+every line is read; the ``finished`` check runs only when nothing new came, so a busy
+build's lines stream without reading its state.
 """
 
 from __future__ import annotations
@@ -35,17 +39,38 @@ def parse(number: int, raw: bytes) -> LogLine:
         return LogLine(number, None, line)
 
 
-def _read(path: Path, offset: int) -> bytes:
+def read_file(path: Path, offset: int) -> bytes:
     try:
         with path.open("rb") as f:
             f.seek(offset)
             return f.read(CHUNK)
     except FileNotFoundError:
-        return b""  # the build has not started yet
+        return b""  # the build has not started yet (or runs on another server)
+
+
+class LogSource:
+    """A build's log read from an offset: the file at ``path()`` once this server has it,
+    else (``parts`` given: the log is only on the server that runs the build) the parts
+    that server has shared so far, in order. ``parts(n)`` returns parts n, n+1, ..."""
+
+    def __init__(
+        self, path: Callable[[], Path], parts: Callable[[int], list[bytes]] | None = None
+    ) -> None:
+        self._path = path
+        self._parts = parts
+        self._next_part = 0
+
+    def read(self, offset: int) -> bytes:
+        path = self._path()
+        if self._parts is None or path.is_file():
+            return read_file(path, offset)
+        parts = self._parts(self._next_part)
+        self._next_part += len(parts)
+        return b"".join(parts)
 
 
 async def follow(
-    path: Path,
+    read: Callable[[int], bytes],
     follow: bool,
     finished: Callable[[], Awaitable[bool]],
     poll_s: float = POLL_S,
@@ -54,7 +79,7 @@ async def follow(
     offset, number, pending = 0, 0, b""
     ended = not follow
     while True:
-        data = await asyncio.to_thread(_read, path, offset)
+        data = await asyncio.to_thread(read, offset)
         if data:
             offset += len(data)
             *complete, pending = (pending + data).split(b"\n")

@@ -10,8 +10,9 @@ makes is also put in the database (``storage.blobs``): the upload when it arrive
 artifact's archive and the build's log before the build is recorded BUILT or FAILED.
 Another server fetches them on first use: the artifact (archive, then folder) before it
 applies, exports or serves it to a node; the log when a reader asks for a finished build's.
-A build recorded BUILT therefore always has its artifact where any server can get it,
-even after the server that built it is gone.
+While a build runs, its log also goes in part by part (``LiveLog``), so a reader on
+another server follows it live. A build recorded BUILT therefore always has its artifact
+where any server can get it, even after the server that built it is gone.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from workers.builder import STAGING_DIR
 log = logging.getLogger(__name__)
 
 LOCKS_DIR = ".locks"  # under the artifacts dir: one fetch of an artifact at a time
+PART_BYTES = 1024 * 1024  # at most this much of a running build's log per part
 
 
 def artifact_key(digest: str) -> str:
@@ -42,6 +44,11 @@ def source_key(sha256: str) -> str:
 
 def log_key(build_name: str) -> str:
     return f"log/{build_name}"
+
+
+def live_log_key(build_name: str) -> str:
+    """The parts of a running build's log (``LiveLog``), gone once the whole log is in."""
+    return f"log-live/{build_name}"
 
 
 def log_path(logs_dir: Path, model: str, version: int) -> Path:
@@ -143,6 +150,18 @@ class Files:
             self.share(Path(outcome.artifact_path).name)
         if log_file.is_file():
             self.blobs.put(log_key(build_name), log_file)
+        self.blobs.delete(live_log_key(build_name))  # readers now fetch the whole log
+
+    def live_log(self, build_name: str, log_file: Path) -> LiveLog | None:
+        """What shares a running build's log with readers on other servers (None: there
+        are none, this server's disk is all there is)."""
+        if self.blobs is None:
+            return None
+        return LiveLog(self.blobs, live_log_key(build_name), log_file)
+
+    def log_parts(self, build_name: str, start: int) -> list[bytes]:
+        """Parts ``start``, ... of the log of a build running on any server."""
+        return [] if self.blobs is None else self.blobs.parts(live_log_key(build_name), start)
 
     def put_source(self, sha256: str, path: Path) -> None:
         if self.blobs is not None:
@@ -151,12 +170,17 @@ class Files:
     def get_source(self, sha256: str, path: Path) -> bool:
         return self.blobs is not None and self.blobs.get(source_key(sha256), path) is not None
 
-    def build_log(self, recorded: str, build_name: str, model: str, version: int) -> Path:
-        """The build's log on this disk: where it was recorded if this server has it, else
-        this server's place for it, fetched there once the build put it in the store."""
+    def log_here(self, recorded: str, model: str, version: int) -> Path:
+        """Where the build's log is on this disk: where it was recorded if this server has
+        it (it runs or ran the build), else this server's place for a fetched copy."""
         if recorded and Path(recorded).is_file():
             return Path(recorded)
-        here = log_path(self.logs_dir, model, version)
+        return log_path(self.logs_dir, model, version)
+
+    def build_log(self, recorded: str, build_name: str, model: str, version: int) -> Path:
+        """The build's log on this disk (``log_here``), fetched there once the build put
+        it in the store."""
+        here = self.log_here(recorded, model, version)
         if not here.is_file() and self.blobs is not None:
             self.blobs.get(log_key(build_name), here)
         return here
@@ -188,6 +212,32 @@ class Files:
         folder = self.artifacts_dir / LOCKS_DIR
         folder.mkdir(parents=True, exist_ok=True)
         return _FileLock(folder / f"{digest}.lock")
+
+
+class LiveLog:
+    """A running build's log put in the shared store as it grows, part by part, so that a
+    reader on another server follows it live (``build_logs.LogSource``). ``flush`` sends
+    what the file gained since the last one. A build that runs again (its server died)
+    starts the parts over."""
+
+    def __init__(self, blobs: BlobStore, key: str, log_file: Path) -> None:
+        self._blobs = blobs
+        self._key = key
+        self._file = log_file
+        self._sent = 0
+        self._seq = 0
+        blobs.delete(key)
+
+    def flush(self) -> None:
+        try:
+            with self._file.open("rb") as f:
+                f.seek(self._sent)
+                while data := f.read(PART_BYTES):
+                    self._blobs.append(self._key, self._seq, data)
+                    self._sent += len(data)
+                    self._seq += 1
+        except FileNotFoundError:
+            return  # not started yet
 
 
 class _FileLock:

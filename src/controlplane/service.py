@@ -6,6 +6,7 @@ Methods are synchronous (SQLModel); the API layer calls them in worker threads.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import keyword
@@ -19,6 +20,7 @@ from typing import Any, TypeVar
 from sqlmodel import Session, SQLModel, col, select
 
 from controlplane import capacity, lifecycle
+from controlplane.build_logs import LogSource
 from controlplane.domain import names, scaling
 from controlplane.domain import traffic as tr
 from controlplane.domain.errors import (
@@ -627,6 +629,20 @@ class Service:
         with self.db.read() as s:
             b = repo.build_row(s, name)
         return self.files.build_log(b.log_path, b.name, b.model, b.version)
+
+    def build_log_source(self, name: str) -> LogSource:
+        """Where a reader reads the build's log: this server's file (a finished build's
+        fetched first when another server ran it), or while another server runs it
+        (``--artifact-store database``), the parts that server shares as it goes."""
+        names.parse_build(name)
+        with self.db.read() as s:
+            b = repo.build_row(s, name)
+        recorded, model, version = b.log_path, b.model, b.version
+        if b.state in (BuildState.BUILT, BuildState.FAILED) or not self.files.shared:
+            path = self.files.build_log(recorded, b.name, model, version)
+            return LogSource(lambda: path)
+        parts = functools.partial(self.files.log_parts, b.name)
+        return LogSource(lambda: self.files.log_here(recorded, model, version), parts)
 
     def _check_image(self, b: BuildRow) -> None:
         """The build's image is still there (garbage collection may have removed it)."""

@@ -71,7 +71,7 @@ from workers.model_app import (
     invoke,
     load_function,
 )
-from workers.remote_build import BuildResult, build_anywhere, keep
+from workers.remote_build import BuildResult, append_log, build_streamed, keep
 from workers.runtime import Runtime
 from workers.runtime import current as current_runtime
 from workers.secret_broker import ActorInfo, SecretBroker
@@ -483,6 +483,22 @@ def _closed_ok(fn: Callable[..., T], *args: Any) -> T:
         return fn(*args)
     except SystemExit as e:
         raise ClusterUnavailable(f"the connection to the Ray cluster was closed ({e})") from None
+
+
+async def _streamed(spec: BuildSpec, stream: Any) -> BuildResult:
+    """What the build task yields (``remote_build.build_streamed``): log bytes, appended
+    to the build's log as they come, then the result. A task that failed yields its error
+    (raised here as the RayError it is)."""
+    result: BuildResult | None = None
+    async for ref in stream:
+        item = await _result(asyncio.wrap_future(ref.future()))
+        if isinstance(item, bytes):
+            await asyncio.to_thread(append_log, spec, item)
+        elif isinstance(item, BuildResult):
+            result = item
+    if result is None:
+        raise ray.exceptions.RayError("the build task ended without its result")
+    return result
 
 
 async def _result(future: Awaitable[T]) -> T:
@@ -1072,28 +1088,30 @@ class RayBackend:
             source = await asyncio.to_thread(spec.source_zip.read_bytes)
         except OSError as e:
             return BuildOutcome(ok=False, error=f"cannot read the source: {e}")
-        task = ray.remote(num_cpus=self._build_cpus, max_retries=0)(build_anywhere)
+        task = ray.remote(num_cpus=self._build_cpus, max_retries=0, num_returns="streaming")(
+            build_streamed
+        )
         # Submitting puts the source into the object store: a call that can hang while
         # the cluster goes away, so never on the event loop (the watchdog runs there).
         submitting = asyncio.ensure_future(self._call(task.remote, spec, source))
         try:
-            ref = await asyncio.shield(submitting)
+            stream = await asyncio.shield(submitting)
         except asyncio.CancelledError:  # cancelled while submitting: the task goes too
             with contextlib.suppress(Exception):
                 ray.cancel(await submitting, force=False, recursive=True)
             raise
-        running = asyncio.wrap_future(ref.future())
+        running = asyncio.ensure_future(_streamed(spec, stream))
         running.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
-            result: BuildResult = await _result(asyncio.shield(running))
+            result = await _result(asyncio.shield(running))
         except asyncio.CancelledError:
             # Interrupt the task (KeyboardInterrupt in the worker: the build's cleanup runs
             # and its staging folder goes), then wait a little for it to end.
-            ray.cancel(ref, force=False, recursive=True)
+            ray.cancel(stream, force=False, recursive=True)
             await asyncio.wait([running], timeout=10)
             if not running.done():  # stuck where no interrupt reaches: kill its worker
                 log.warning("build %s did not stop when interrupted; killing it", spec.build_name)
-                ray.cancel(ref, force=True)
+                ray.cancel(stream, force=True)
             raise
         except ray.exceptions.RayError as e:  # the worker died, not the build's own failure
             if not self.available():  # with the cluster: the job waits for it, and runs again

@@ -47,10 +47,13 @@ class Cluster:
         backend: str = "fake",
         extra: Sequence[str] = (),
         auth: bool = False,
+        prefix: Sequence[str] = (),
     ) -> None:
         """``extra``: more flags (a flag given again overrides the default above it);
-        ``auth``: tokens needed (the first admin token is DATA/admin.token)."""
+        ``auth``: tokens needed (the first admin token is DATA/admin.token); ``prefix``:
+        what the command runs under (``ray_nodes.sharing_no_disk``: a machine of its own)."""
         self.auth = auth
+        self.prefix = list(prefix)
         self.backend = backend
         self.extra = list(extra)
         self.data = data
@@ -66,6 +69,7 @@ class Cluster:
         self.armed.write_text("")
         self.popen = subprocess.Popen(
             [
+                *self.prefix,
                 MODELCTL,
                 "serve",
                 *([] if self.auth else ["--insecure-no-auth"]),

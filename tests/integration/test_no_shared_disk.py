@@ -1,12 +1,15 @@
 """Two `modelctl serve` processes on one PostgreSQL, each with a data dir of its own
 (``--artifact-store database``): a source uploaded and a build made through the first is
 built from, deployed, rolled back to, exported and its log read through the second after
-the first server and its whole data dir are gone. With the default store, the second
-server says the build's image is not there instead of failing later."""
+the first server and its whole data dir are gone. A build running on the first is
+followed live through the second. With the default store, the second server says the
+build's image is not there instead of failing later."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -15,17 +18,25 @@ import pytest
 from controlplane.api.client import Client
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
+from tests.helpers import eventually
 from tests.helpers.api import Stub, error_info, resources, start_build, upload, wait, zip_bytes
+from tests.helpers.ray_nodes import seen_by, sharing_no_disk
 from tests.helpers.servers import Cluster, channel
 
 V1 = "def predict(body):\n    return {'version': 1}\n"
 V2 = "def predict(body):\n    return {'version': 2}\n"
 
 
-def server(tmp_path: Path, name: str, db_url: str, store: str = "database") -> Cluster:
+def server(
+    tmp_path: Path, name: str, db_url: str, store: str = "database", prefix: Sequence[str] = ()
+) -> Cluster:
     (tmp_path / name).mkdir()
     return Cluster(
-        tmp_path / name / "data", db_url, server_id=name, extra=[f"--artifact-store={store}"]
+        tmp_path / name / "data",
+        db_url,
+        server_id=name,
+        extra=[f"--artifact-store={store}"],
+        prefix=prefix,
     )
 
 
@@ -128,3 +139,57 @@ async def test_without_the_database_store_another_disk_says_the_image_is_not_the
             assert error_info(e.value)[0] == "IMAGE_COLLECTED"
     finally:
         b.kill()
+
+
+SLOW = "import time\ntime.sleep(6)\n\ndef predict(body):\n    return {'slow': True}\n"
+
+
+async def test_a_build_running_on_one_server_is_followed_live_through_another(
+    tmp_path: Path, fresh_postgres: str
+) -> None:
+    a = server(tmp_path, "a", fresh_postgres)
+    b_temp = tmp_path / "b-temp"
+    b_temp.mkdir()  # B runs as on a machine of its own: A's disk hidden from it
+    b = server(tmp_path, "b", fresh_postgres, prefix=sharing_no_disk(tmp_path / "a", str(b_temp)))
+    a.start()
+    try:
+        async with channel(a) as sa:
+            model = (
+                await sa.CreateModel(rpc.CreateModelRequest(parent="projects/nd3", model_id="m"))
+            ).name
+            op = await start_build(sa, model, {"model.py": SLOW})
+            build_name = str(op.target)
+
+            async def building() -> bool:
+                got = await sa.GetBuild(rpc.GetBuildRequest(name=build_name))
+                assert got.state == pb.BUILD_STATE_BUILDING, pb.BuildState.Name(got.state)
+                return True
+
+            await eventually("the build runs on A", building, 30, 0.1)
+            await asyncio.to_thread(b.start)  # after A took the job: A runs the build
+            async with channel(b) as sb:
+                lines = []
+                while_building = []
+                async for line in sb.StreamBuildLogs(
+                    rpc.StreamBuildLogsRequest(name=build_name, follow=True)
+                ):
+                    lines.append(line)
+                    got = await sb.GetBuild(rpc.GetBuildRequest(name=build_name))
+                    if got.state == pb.BUILD_STATE_BUILDING:
+                        while_building.append(line.text)
+            done = await wait(sa, op, 60)
+            assert not done.HasField("error"), done.error
+            on_a = [
+                line
+                async for line in sa.StreamBuildLogs(rpc.StreamBuildLogsRequest(name=build_name))
+            ]
+            assert b.popen is not None and seen_by(b.popen.pid, tmp_path / "a") == []
+    finally:
+        a.kill()
+        b.kill()
+    assert any("step 3/4" in text for text in while_building), (
+        "B streamed A's lines while A still built",
+        while_building,
+    )
+    assert [(x.number, x.text) for x in lines] == [(x.number, x.text) for x in on_a]
+    assert "build succeeded" in lines[-1].text, [x.text for x in lines[-3:]]

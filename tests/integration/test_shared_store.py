@@ -4,6 +4,7 @@ one database: what one built, the other applies, exports and serves to nodes."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -13,7 +14,8 @@ import pytest
 from sqlalchemy import text
 
 from controlplane.artifact_endpoint import ArtifactEndpoint, artifact_key
-from controlplane.files import Files, log_key
+from controlplane.build_logs import CHUNK, LogSource
+from controlplane.files import PART_BYTES, Files, log_key
 from controlplane.files import artifact_key as blob_key
 from controlplane.storage.blobs import CHUNK_BYTES, BlobDamaged, BlobStore
 from controlplane.storage.db import Database
@@ -60,6 +62,48 @@ def test_a_blob_goes_in_chunks_and_comes_back_whole_or_not_at_all(
     assert store.info("artifact/x") is None and store.keys("") == []
     with db.engine.connect() as c:
         assert c.execute(text("SELECT count(*) FROM blob_chunks")).scalar_one() == 0
+
+
+def test_a_running_builds_log_reaches_another_servers_reader_part_by_part(
+    db: Database, tmp_path: Path
+) -> None:
+    here = Files(tmp_path / "a" / "artifacts", tmp_path / "a" / "logs", BlobStore(db.engine))
+    there = Files(tmp_path / "b" / "artifacts", tmp_path / "b" / "logs", BlobStore(db.engine))
+    name = "projects/p/models/m/builds/1"
+    log_file = tmp_path / "a" / "logs" / "1.log"
+    live = here.live_log(name, log_file)
+    assert live is not None
+    live.flush()  # the build has not written a line yet
+    recorded = "/on/the/other/server/1.log"  # the path A recorded: not on B's disk
+    source = LogSource(
+        lambda: there.log_here(recorded, "projects/p/models/m", 1),
+        functools.partial(there.log_parts, name),
+    )
+    assert source.read(0) == b""
+    log_file.parent.mkdir(parents=True)
+    with log_file.open("ab") as f:
+        f.write(b"line 1\n")
+        f.flush()
+        live.flush()
+        f.write(b"line 2\nline")
+        f.flush()
+        live.flush()
+    got = source.read(0)
+    assert got == b"line 1\nline 2\nline"
+    assert source.read(len(got)) == b"", "each part is read once"
+    with log_file.open("ab") as f:
+        f.write(b" 3\n" + os.urandom(PART_BYTES + 10).hex().encode() + b"\n")
+    live.flush()
+    got += source.read(len(got))
+    assert got == log_file.read_bytes(), "a big write goes in parts of PART_BYTES"
+    # The build ends: the whole log goes in, the parts go; the reader switches to the
+    # fetched file at the offset it reached (the parts were its prefix).
+    here.publish_build(name, BuildOutcome(ok=False, error="x"), log_file)
+    assert there.log_parts(name, 0) == []
+    fetched = there.build_log(recorded, name, "projects/p/models/m", 1)
+    assert fetched.read_bytes() == log_file.read_bytes()
+    assert source.read(len(got)) == b""
+    assert source.read(0) == log_file.read_bytes()[:CHUNK]
 
 
 def build_here(files: Files) -> BuildOutcome:

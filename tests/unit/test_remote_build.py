@@ -1,19 +1,24 @@
 """A build on a node that does not see the control plane's disk (``workers.remote_build``):
 the task gets its source as bytes, builds in a scratch folder of its own, and what it
 returns lands where a build on the disk would have left it: the artifact under its
-digest, its archive beside it, the build-cache entry, the log lines."""
+digest, its archive beside it, the build-cache entry, the log lines (sent while the build
+runs, so a reader follows it live)."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import tempfile
+import time
 import zipfile
 from pathlib import Path
+
+import pytest
 
 from workers import artifact_archive
 from workers.backend import BuildSpec
 from workers.builder import cached_build, run_build
-from workers.remote_build import build_anywhere, keep, sees
+from workers.remote_build import BuildResult, append_log, build_streamed, keep, sees
 from workers.runtime import current
 
 MODEL = "import helper\n\ndef predict(body):\n    return {'echo': helper.twice(body)}\n"
@@ -24,6 +29,22 @@ def source_zip(path: Path, model: str = MODEL) -> bytes:
         z.writestr("model.py", model)
         z.writestr("helper.py", "def twice(x):\n    return [x, x]\n")
     return path.read_bytes()
+
+
+def build_away(server_spec: BuildSpec, elsewhere: BuildSpec, source: bytes) -> BuildResult:
+    """The task run to its end, as the driver takes it: each log message appended to the
+    server's log on arrival (the log grows while the build runs), the result last."""
+    result = None
+    messages: list[bytes] = []
+    for item in build_streamed(elsewhere, source):
+        assert result is None, "the result comes last"
+        if isinstance(item, bytes):
+            append_log(server_spec, item)
+            messages.append(item)
+        else:
+            result = item
+    assert result is not None and messages
+    return result
 
 
 def on_server(tmp_path: Path, function: str = "predict") -> tuple[Path, bytes, BuildSpec]:
@@ -59,7 +80,7 @@ def test_a_build_away_from_the_disk_lands_as_one_on_it(tmp_path: Path) -> None:
     )
     assert not sees(elsewhere) and sees(wanted)
 
-    result = build_anywhere(elsewhere, source)  # on the other node: its paths do not exist
+    result = build_away(wanted, elsewhere, source)  # on the other node: its paths do not exist
     assert result.outcome.ok and result.archive and result.cache_entries, result.outcome.error
     assert not (tmp_path / "hidden").exists(), "nothing is written where the server's disk is"
     outcome = keep(wanted, result)  # in the driver, with the server's paths
@@ -83,7 +104,7 @@ def test_a_failed_build_away_from_the_disk_keeps_its_log_and_nothing_else(
 ) -> None:
     server, source, wanted = on_server(tmp_path, function="nope")
     elsewhere = dataclasses.replace(wanted, artifacts_dir=tmp_path / "hidden")
-    result = build_anywhere(elsewhere, source)
+    result = build_away(wanted, elsewhere, source)
     assert not result.outcome.ok and "nope" in result.outcome.error and not result.archive
     outcome = keep(wanted, result)
     assert not outcome.ok
@@ -93,8 +114,44 @@ def test_a_failed_build_away_from_the_disk_keeps_its_log_and_nothing_else(
 
 def test_a_damaged_archive_is_not_kept(tmp_path: Path) -> None:
     server, source, wanted = on_server(tmp_path)
-    result = build_anywhere(dataclasses.replace(wanted, artifacts_dir=tmp_path / "x"), source)
+    elsewhere = dataclasses.replace(wanted, artifacts_dir=tmp_path / "x")
+    result = build_away(wanted, elsewhere, source)
     bad = dataclasses.replace(result, archive=result.archive[:-1] + b"!")
     outcome = keep(wanted, bad)
     assert not outcome.ok and "damaged" in outcome.error
     assert [p.name for p in (server / "artifacts").iterdir() if not p.name.startswith(".")] == []
+
+
+def test_the_log_comes_while_the_build_runs(tmp_path: Path) -> None:
+    slow = "import time\ntime.sleep(1.5)\n\ndef predict(body):\n    return body\n"
+    server = tmp_path / "server"
+    (server / "sources").mkdir(parents=True)
+    source = source_zip(server / "sources" / "src.zip", slow)
+    elsewhere = dataclasses.replace(spec(server, source), artifacts_dir=tmp_path / "hidden")
+    task = build_streamed(elsewhere, source)
+    first = next(task)
+    assert isinstance(first, bytes) and b"step 1/4" in first
+    assert b"build succeeded" not in first, "sent while the import check still runs"
+    rest = list(task)
+    assert isinstance(rest[-1], BuildResult) and rest[-1].outcome.ok, rest[-1]
+    assert any(isinstance(m, bytes) and b"build succeeded" in m for m in rest[:-1])
+
+
+def test_closing_the_task_stops_the_build_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slow = "import time\ntime.sleep(60)\n\ndef predict(body):\n    return body\n"
+    server = tmp_path / "server"
+    (server / "sources").mkdir(parents=True)
+    source = source_zip(server / "sources" / "src.zip", slow)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    elsewhere = dataclasses.replace(spec(server, source), artifacts_dir=tmp_path / "hidden")
+    task = build_streamed(elsewhere, source)
+    first = next(task)
+    assert isinstance(first, bytes) and b"step 1/4" in first
+    started = time.monotonic()
+    task.close()  # what Ray's cancel does to the generator (it raises in it)
+    assert time.monotonic() - started < 30, "the import check was stopped, not waited for"
+    assert list(scratch.iterdir()) == [], "the scratch folder went"

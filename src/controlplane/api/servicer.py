@@ -320,7 +320,7 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
     async def StreamBuildLogs(
         self, request: rpc.StreamBuildLogsRequest, context: Ctx
     ) -> AsyncIterator[rpc.BuildLogLine]:
-        path = await _run(lambda: self.svc.build_log_path(request.name))
+        source = await _run(lambda: self.svc.build_log_source(request.name))
 
         async def finished() -> bool:
             build = await _run(lambda: self.svc.get_build(request.name))
@@ -329,7 +329,7 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
             await _run(lambda: self.svc.build_log_path(request.name))  # another server's: here now
             return True
 
-        async for line in build_logs.follow(path, request.follow, finished):
+        async for line in build_logs.follow(source.read, request.follow, finished):
             yield rpc.BuildLogLine(
                 number=line.number, time=convert.timestamp(line.time), text=line.text
             )

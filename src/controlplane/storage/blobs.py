@@ -127,6 +127,29 @@ class BlobStore:
             raise
         return found
 
+    def append(self, key: str, seq: int, data: bytes) -> None:
+        """Part ``seq`` of a file still being written (a running build's log), seen by
+        readers at once. Parts have no ``blobs`` row: ``parts`` reads them, ``delete``
+        removes them."""
+        with self._engine.begin() as c:
+            c.execute(insert(_chunks).values(key=key, seq=seq, data=data))
+
+    def parts(self, key: str, start: int, limit: int = 16) -> list[bytes]:
+        """Parts ``start``, ``start + 1``, ... written so far (at most ``limit``)."""
+        with self._engine.connect() as c:
+            rows = c.execute(
+                select(_chunks.c.seq, _chunks.c.data)
+                .where(_chunks.c.key == key, _chunks.c.seq >= start)
+                .order_by(_chunks.c.seq)
+                .limit(limit)
+            ).all()
+        found: list[bytes] = []
+        for seq, row in enumerate(rows, start):
+            if row.seq != seq:  # not written yet (never: one writer, in order)
+                break
+            found.append(row.data)
+        return found
+
     def keys(self, prefix: str) -> list[BlobInfo]:
         with self._engine.connect() as c:
             rows = c.execute(
