@@ -23,15 +23,16 @@ def _ray(*args: str, env: dict[str, str]) -> None:
     subprocess.run([RAY, "start", *args], check=True, env=env, capture_output=True, timeout=180)
 
 
-def start_head(port: int, temp: str, cpus: int = 2) -> None:
-    """A head node on 127.0.0.1:``port`` (again at the same address after a stop)."""
+def start_head(port: int, temp: str, cpus: int = 2, gpus: int = 0) -> None:
+    """A head node on 127.0.0.1:``port`` (again at the same address after a stop);
+    ``gpus``: logical GPUs."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_metrics_report_interval_ms": "1000"}
     _ray(
         "--head",
         "--node-ip-address=127.0.0.1",
         f"--port={port}",
         f"--num-cpus={cpus}",
-        "--num-gpus=0",
+        f"--num-gpus={gpus}",
         "--include-dashboard=false",
         f"--temp-dir={temp}",
         "--disable-usage-stats",

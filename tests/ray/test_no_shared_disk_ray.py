@@ -1,13 +1,16 @@
 """A Ray node, and then a second control-plane server, that share no disk with the first
 server. The second node runs in a mount namespace of its own where the server's data dir
-is an empty tmpfs (and so is its temp dir). It is the only node with CPUs and the only one
-with a GPU, so every build runs there (its source sent through Ray, its artifact and log
-sent back) and a GPU model's replicas run there; the server serves builds by digest
+is an empty tmpfs (and so is its temp dir). It is the only node with CPUs, so every build
+runs there (its source sent through Ray, its log streamed back as it is written, its
+artifact sent back at the end). Replicas take one (logical) GPU each: the head has one
+and the hidden node two, so three replicas run on both nodes, and wherever the head's
+GPU is taken, the replicas run on the hidden node; the server serves builds by digest
 (--artifact-port) and the replicas fetch theirs. Server A (PostgreSQL,
---artifact-store database) takes the model through build and deploy, scale in place, a
-new build and a rollback; then A is gone, and server B, in a mount namespace of its own
-where A's data dir is hidden, rolls back again (its replicas fetch the build from B, which
-had it from the database), reads a log and exports a build A made, restarts and stops."""
+--artifact-store database) takes the model through build and deploy, scale in place to
+both nodes and back, a new build (its log followed live) and a rollback; then A is gone,
+and server B, in a mount namespace of its own where A's data dir is hidden, rolls back
+again (replicas on the hidden node fetch the build from B, which had it from the
+database), reads a log and exports a build A made, restarts and stops."""
 
 from __future__ import annotations
 
@@ -24,13 +27,16 @@ from controlplane.api.client import Client
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
 from tests.helpers import eventually, ray_nodes
-from tests.helpers.api import MODEL_V1, MODEL_V2, Stub, build, resources, wait
+from tests.helpers.api import MODEL_V1, MODEL_V2, Stub, build, resources, start_build, wait
 from tests.helpers.embedded import Serve, answers
 from tests.helpers.servers import free_port
 
 pytestmark = pytest.mark.ray
 
 HIDDEN = "127.0.0.2"
+# V2, slow to import: its build (the import check) is still running for a while, so its
+# log is seen arriving while the build runs on the hidden node.
+SLOW_V2 = "import time\ntime.sleep(2)\n" + MODEL_V2
 
 
 def answer(version: int) -> dict[str, object]:
@@ -53,7 +59,7 @@ async def replica_nodes(stub: Stub, model: str, count: int) -> set[str]:
 async def deploy(stub: Stub, model: str, build_name: str, replicas: int) -> None:
     op = await stub.CreateDeployment(
         rpc.CreateDeploymentRequest(
-            parent=model, build=build_name, resources=resources(replicas, cpus=0, gpus=0.5)
+            parent=model, build=build_name, resources=resources(replicas, cpus=0, gpus=1)
         )
     )
     done = await wait(stub, op, 240)
@@ -69,7 +75,7 @@ async def test_replicas_and_a_second_server_without_the_data_dir_carry_on(
     (hidden_from_node / "d").mkdir(parents=True)
     head = str(root / "head")
     port = free_port()
-    ray_nodes.start_head(port, head, cpus=0)  # builds and replicas go to the other node
+    ray_nodes.start_head(port, head, cpus=0, gpus=1)  # builds go to the other node
     hidden = ray_nodes.start_hidden_node(f"127.0.0.1:{port}", hidden_from_node, cpus=2, gpus=2)
     shared = (  # one Serve proxy for the cluster: every server says the same port
         f"--ray-address=127.0.0.1:{port}",
@@ -93,7 +99,7 @@ async def test_replicas_and_a_second_server_without_the_data_dir_carry_on(
             model = await stub.CreateModel(
                 rpc.CreateModelRequest(parent="projects/ns", model_id="gpu")
             )
-            deploy_opts = rpc.DeployOptions(resources=resources(1, cpus=0, gpus=0.5))
+            deploy_opts = rpc.DeployOptions(resources=resources(1, cpus=0, gpus=1))
             first = await build(stub, model.name, MODEL_V1, deploy=deploy_opts, seconds=300)
             assert not first.HasField("error"), first.error
             built = await stub.GetBuild(rpc.GetBuildRequest(name=first.target))
@@ -106,22 +112,31 @@ async def test_replicas_and_a_second_server_without_the_data_dir_carry_on(
                 "echo": {"x": 1},
                 "version": 1,
             }
-            assert await replica_nodes(stub, model.name, 1) == {HIDDEN}
+            await replica_nodes(stub, model.name, 1)
 
-            await deploy(stub, model.name, first.target, 2)  # in place: one more replica
-            assert await replica_nodes(stub, model.name, 2) == {HIDDEN}
+            await deploy(stub, model.name, first.target, 3)  # in place: on both nodes
+            both = await replica_nodes(stub, model.name, 3)
+            assert len(both) == 2 and HIDDEN in both, both
+            assert (await answers(stub, model.name, 60))["build"] == first.target
+            await deploy(stub, model.name, first.target, 1)  # and back, in place
+            await replica_nodes(stub, model.name, 1)
 
-            second = await build(
-                stub, model.name, MODEL_V2, "classify", deploy=deploy_opts, seconds=300
+            op = await start_build(
+                stub, model.name, {"model.py": SLOW_V2}, "classify", deploy=deploy_opts
             )
+            while_building = []
+            async for line in stub.StreamBuildLogs(
+                rpc.StreamBuildLogsRequest(name=op.target, follow=True)
+            ):
+                state = (await stub.GetBuild(rpc.GetBuildRequest(name=op.target))).state
+                if state == pb.BUILD_STATE_BUILDING:
+                    while_building.append(line.text)
+            assert any("step 3/4" in text for text in while_building), (
+                "the hidden node's build streamed its log as it ran",
+                while_building,
+            )
+            second = await wait(stub, op, 300)
             assert not second.HasField("error"), second.error
-            lines = [
-                line.text
-                async for line in stub.StreamBuildLogs(
-                    rpc.StreamBuildLogsRequest(name=second.target)
-                )
-            ]
-            assert any("build succeeded" in text for text in lines), lines[-3:]
             body = await answers(stub, model.name, 120)
             assert body["build"] == second.target and body["response"] == {
                 "echo": {"x": 1},
@@ -131,7 +146,7 @@ async def test_replicas_and_a_second_server_without_the_data_dir_carry_on(
             await deploy(stub, model.name, first.target, 1)  # a rollback to the first build
             body = await answers(stub, model.name, 120)
             assert body["build"] == first.target
-            assert await replica_nodes(stub, model.name, 1) == {HIDDEN}
+            await replica_nodes(stub, model.name, 1)
 
         assert await asyncio.to_thread(server.stop) == 0
 
@@ -144,10 +159,12 @@ async def test_replicas_and_a_second_server_without_the_data_dir_carry_on(
         assert not ray_nodes.in_namespace_of(ray_nodes.raylet_pid(hidden), "ls", "-d", cache)
         async with grpc.aio.insecure_channel(other.grpc) as ch:
             stub = Stub(ch)
-            await deploy(stub, model.name, second.target, 2)  # back to the second build
+            # Back to the second build: two new replicas beside the old one take all three
+            # GPUs, so at least one runs on the hidden node, whose cache is empty.
+            await deploy(stub, model.name, second.target, 2)
             body = await answers(stub, model.name, 120)
             assert body["build"] == second.target
-            assert await replica_nodes(stub, model.name, 2) == {HIDDEN}
+            assert HIDDEN in await replica_nodes(stub, model.name, 2)
             again = (await stub.GetBuild(rpc.GetBuildRequest(name=second.target))).image
             cached = [n for n in ray_nodes.seen_by_node(hidden, Path(cache)) if n[0] != "."]
             assert cached == [again.removeprefix("artifact://sha256:")], (
