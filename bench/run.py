@@ -38,6 +38,7 @@ BENCHMARKS = (
     "traffic",
     "autoscale",
     "artifacts",
+    "big_build",
 )
 
 

@@ -133,6 +133,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="upload size limit (default: %(default)s)",
     )
     p.add_argument(
+        "--max-unpacked-mib",
+        type=int,
+        default=default("max_unpacked_bytes") // MiB,
+        help="size limit of an upload's files once unpacked (default: %(default)s)",
+    )
+    p.add_argument(
         "--gc-interval",
         type=float,
         default=default("gc_interval_s"),
@@ -307,6 +313,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         placement_timeout_s=args.placement_timeout,
         build_timeout_s=args.build_timeout,
         build_max_bytes=args.build_max_mib * MiB,
+        max_unpacked_bytes=args.max_unpacked_mib * MiB,
         build_cpus=args.build_cpus,
         max_queued_requests=args.max_queued_requests,
         health_rules=health_rules(args.health_rules),

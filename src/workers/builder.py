@@ -32,7 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from workers import build_cache, import_check, loader, process, requirements, runtime
-from workers.archive import UnsafeArchive, check_member_path, safe_extract
+from workers.archive import (
+    DEFAULT_MAX_UNCOMPRESSED_BYTES,
+    UnsafeArchive,
+    check_member_path,
+    safe_extract,
+)
 from workers.backend import BuildOutcome, BuildSpec, ResolvedPackage
 
 SITE_DIR = loader.SITE_DIR  # where requirements are installed, inside the artifact
@@ -167,8 +172,10 @@ def _extract(spec: BuildSpec, staging: Path, log: BuildLog) -> str:
         file_path = check_member_path(spec.file_path)
     except ValueError as e:
         raise BuildFailed(str(e)) from None
-    try:
-        files = safe_extract(spec.source_zip, staging)
+    try:  # a bomb guard (the upload was checked against the server's own limit): a build
+        # may be as big as its size limit allows, whose check after the steps says so
+        limit = max(spec.max_size_bytes, DEFAULT_MAX_UNCOMPRESSED_BYTES)
+        files = safe_extract(spec.source_zip, staging, max_uncompressed_bytes=limit)
     except UnsafeArchive as e:
         raise BuildFailed(f"rejected source archive: {e}") from None
     log.line(f"extracted {len(files)} files")

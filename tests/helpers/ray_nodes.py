@@ -125,13 +125,13 @@ def nodes(cpus: int = 2, second_gpus: int = 0) -> Iterator[tuple[str, list[str]]
             shutil.rmtree(temp, ignore_errors=True)
 
 
-def sharing_no_disk(hide: Path, temp: str) -> list[str]:
+def sharing_no_disk(hide: Path, temp: str, temp_size: str = "256m") -> list[str]:
     """The command prefix that runs a process as on a machine of its own: in a mount
     namespace of its own (`unshare --mount`, as root) where ``hide`` (the data dirs'
-    parent) is an empty tmpfs and ``temp`` (its TMPDIR: caches, Ray's files) a tmpfs
-    nobody outside sees."""
+    parent) is an empty tmpfs and ``temp`` (its TMPDIR: caches, Ray's files) a tmpfs of
+    ``temp_size`` nobody outside sees."""
     script = (
-        'set -e; mount -t tmpfs -o size=256m,mode=0700 tmpfs "$1"; '
+        f'set -e; mount -t tmpfs -o size={temp_size},mode=0700 tmpfs "$1"; '
         'mount -t tmpfs -o size=16m,mode=0700 tmpfs "$2"; '
         'export TMPDIR="$1"; shift 2; exec "$@"'
     )
@@ -148,7 +148,9 @@ def sharing_no_disk(hide: Path, temp: str) -> list[str]:
     ]
 
 
-def start_hidden_node(address: str, hide: Path, cpus: int = 0, gpus: int = 1) -> str:
+def start_hidden_node(
+    address: str, hide: Path, cpus: int = 0, gpus: int = 1, temp_size: str = "256m"
+) -> str:
     """A second node that shares no disk with this machine's processes: `ray start
     --address` under ``sharing_no_disk`` (``hide``: the data dirs' parent; its temp dir
     also holds its artifact cache). Node address 127.0.0.2; the only one with ``gpus``
@@ -157,7 +159,7 @@ def start_hidden_node(address: str, hide: Path, cpus: int = 0, gpus: int = 1) ->
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_metrics_report_interval_ms": "1000"}
     subprocess.run(
         [
-            *sharing_no_disk(hide, temp),
+            *sharing_no_disk(hide, temp, temp_size),
             RAY,
             "start",
             f"--address={address}",

@@ -18,7 +18,17 @@ from tests.helpers import ROOT
 
 RESULTS = ROOT / "bench" / "results"
 OUR_CHANGES = ("scale", "resources", "new_build", "rollback", "restart")
-SMOKED = ("serve", "signals", "rpc", "watchers", "records", "builds", "console", "artifacts")
+SMOKED = (
+    "serve",
+    "signals",
+    "rpc",
+    "watchers",
+    "records",
+    "builds",
+    "console",
+    "artifacts",
+    "big_build",
+)
 pytestmark = pytest.mark.ray
 
 
@@ -56,6 +66,7 @@ def test_one_table_with_every_benchmark(smoke: subprocess.CompletedProcess[str])
             "builds",
             "console",
             "artifacts",
+            "big_build",
         }
         == set(SMOKED)
     )
@@ -87,6 +98,15 @@ def test_a_build_fetched_by_a_new_node_beside_one_copy(
     assert figures["again_s"] < figures["first_fetch_s"], "a second replica uses the cache"
     assert figures["database"] == "sqlite", "the embedded default, unless --database-url"
     assert figures["db_put_s"] > 0 and figures["db_first_use_s"] > 0
+
+
+def test_a_build_made_and_deployed_on_a_node_without_the_disk(
+    smoke: subprocess.CompletedProcess[str],
+) -> None:
+    figures = result("big_build")
+    assert figures["smoke"] is True and figures["mib"] == 32
+    for key in ("big_build_s", "big_deploy_s", "small_deploy_s", "copy_once_s"):
+        assert figures[key] > 0, key
 
 
 def test_rpc_against_a_bare_grpc_server(smoke: subprocess.CompletedProcess[str]) -> None:
