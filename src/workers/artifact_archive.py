@@ -9,6 +9,13 @@ where the folder's path does not exist fetches the tar by that digest over HTTP
 (``fetch``), checks its SHA-256, unpacks it into the node's cache once, and every later
 replica of that build on the node uses the cache.
 
+The cache is collected as builds come: each replica holds a shared lock on its build's
+``.<digest>.use`` for as long as it lives (taken before it looks for the folder), and
+after each fetch the node removes the folders of builds no replica holds beyond the
+``CP_ARTIFACT_CACHE_KEEP`` (default 3) most recently used (kept for a quick rollback).
+A folder goes only under an exclusive lock that no replica holds, so none is removed
+under a replica, and a replica that starts meanwhile waits, then fetches it again.
+
 Standard library only: it runs in replicas.
 """
 
@@ -22,6 +29,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import threading
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +40,12 @@ ARCHIVES_DIR = ".archives"  # under artifacts_dir
 CHUNK = 1024 * 1024
 FETCH_TIMEOUT_S = 60.0  # per read: a stalled transfer fails, a long one does not
 CACHE_ENV = "CP_ARTIFACT_CACHE"  # a node's cache folder (default: under the temp dir)
+KEEP_ENV = "CP_ARTIFACT_CACHE_KEEP"  # builds no replica uses kept in a node's cache
+KEEP_DEFAULT = 3
+
+# This process's shared locks on the builds it loaded from the cache: held until it exits.
+_in_use: dict[str, BinaryIO] = {}
+_holding = threading.Lock()
 
 
 class FetchFailed(Exception):
@@ -139,9 +153,10 @@ def local_copy(
         return path
     root = cache or cache_root()
     here = root / digest
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _hold(root, digest)
     if here.is_dir():
         return str(here)
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
     with (root / f".{digest}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if here.is_dir():  # another replica fetched it while this one waited
@@ -161,7 +176,53 @@ def local_copy(
                 failures.append(str(e))
         else:
             raise FetchFailed("; ".join(failures))
+    collect(root, _keep())
     return str(here)
+
+
+def _hold(root: Path, digest: str) -> None:
+    """This process uses ``digest`` from the cache (a shared lock, held until it exits;
+    touched: the most recently used are kept)."""
+    with _holding:
+        if digest in _in_use:
+            return
+        use: BinaryIO = (root / f".{digest}.use").open("ab")
+        fcntl.flock(use, fcntl.LOCK_SH)  # waits while a collection removes the folder
+        os.utime(use.fileno())
+        _in_use[digest] = use
+
+
+def _keep() -> int:
+    try:
+        return max(0, int(os.environ.get(KEEP_ENV, KEEP_DEFAULT)))
+    except ValueError:
+        return KEEP_DEFAULT
+
+
+def collect(root: Path, keep: int) -> list[str]:
+    """Removes the cached builds no replica on this node holds, beyond the ``keep`` most
+    recently used; returns the digests removed."""
+    unused: list[tuple[float, str, BinaryIO]] = []
+    for folder in root.iterdir():
+        if folder.name.startswith(".") or not folder.is_dir():
+            continue
+        lock: BinaryIO = (root / f".{folder.name}.use").open("ab")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a replica uses it
+            lock.close()
+            continue
+        unused.append((os.fstat(lock.fileno()).st_mtime, folder.name, lock))
+    unused.sort(reverse=True)
+    removed: list[str] = []
+    for i, (_, digest, use) in enumerate(unused):
+        with use:  # closing it releases the lock
+            if i >= keep:  # renamed first: never a half-removed folder under its name
+                gone = Path(tempfile.mkdtemp(prefix=f".{digest}-gone-", dir=root))
+                os.replace(root / digest, gone / digest)
+                shutil.rmtree(gone, ignore_errors=True)
+                removed.append(digest)
+    return removed
 
 
 def _fetch_into(remote: Remote, root: Path, here: Path) -> None:

@@ -4,6 +4,8 @@ and unpacked once per node, however many replicas start there at once."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -111,9 +113,28 @@ def test_a_node_fetches_once_checks_and_unpacks_once(
     assert (here / "model.py").read_text().startswith("def predict")
     assert artifact_archive.local_copy(missing, DIGEST, source, cache) == str(here)
     assert endpoint.served == 1 and len(asked) == 1, "the cache answers, the broker is not asked"
+    assert artifact_archive.collect(cache, keep=0) == [], "a replica here uses it"
     # A node that sees the folder uses it as it is, and asks nobody.
     seen = str(artifacts / DIGEST)
     assert artifact_archive.local_copy(seen, DIGEST, source, cache) == seen and len(asked) == 1
+
+
+def test_a_node_cache_keeps_what_replicas_use_and_the_latest_builds(tmp_path: Path) -> None:
+    cache = tmp_path / "node-cache"
+    for i in range(5):  # d0 used longest ago, d4 last
+        (cache / f"d{i}").mkdir(parents=True)
+        (cache / f".d{i}.use").touch()
+        os.utime(cache / f".d{i}.use", (1000 + i, 1000 + i))
+    with (cache / ".d0.use").open("ab") as replica:  # a replica of d0 still runs
+        fcntl.flock(replica, fcntl.LOCK_SH)
+        assert sorted(artifact_archive.collect(cache, keep=2)) == ["d1", "d2"]
+    assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")) == [
+        "d0",
+        "d3",
+        "d4",
+    ]
+    assert [p.name for p in cache.iterdir() if "gone" in p.name] == [], "nothing half-removed"
+    assert sorted(artifact_archive.collect(cache, keep=0)) == ["d0", "d3", "d4"]
 
 
 def test_a_wrong_archive_or_token_is_refused_and_leaves_nothing(
