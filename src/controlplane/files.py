@@ -188,19 +188,27 @@ class Files:
     def collect(self, keep: set[str], min_age_s: float) -> int:
         """Removes archives from the shared store that no kept build uses (older than
         ``min_age_s``: a build may be about to be recorded); how many went."""
+        removed = self._collect(artifact_key(""), keep, min_age_s)
+        self._shared.difference_update(removed)
+        return len(removed)
+
+    def collect_sources(self, keep: set[str], min_age_s: float) -> int:
+        """Removes uploads from the shared store that no kept or unfinished build uses."""
+        return len(self._collect(source_key(""), keep, min_age_s))
+
+    def _collect(self, prefix: str, keep: set[str], min_age_s: float) -> list[str]:
         if self.blobs is None:
-            return 0
+            return []
         cutoff = datetime.now(UTC) - timedelta(seconds=min_age_s)
-        removed = 0
-        for blob in self.blobs.keys(artifact_key("")):
+        removed: list[str] = []
+        for blob in self.blobs.keys(prefix):
             created = blob.create_time
             if created.tzinfo is None:  # SQLite gives naive UTC times back
                 created = created.replace(tzinfo=UTC)
-            digest = blob.key.removeprefix(artifact_key(""))
-            if digest not in keep and created < cutoff:
+            name = blob.key.removeprefix(prefix)
+            if name not in keep and created < cutoff:
                 self.blobs.delete(blob.key)
-                self._shared.discard(digest)
-                removed += 1
+                removed.append(name)
         return removed
 
     def _scratch(self) -> Path:

@@ -197,7 +197,7 @@ class Server:
             self.db, self.backend, s, http_base, load=self.signals.in_flight
         )
         await self.reconciler.start()
-        self.collector = Collector(self.db, s, self.files)
+        self.collector = Collector(self.db, s, self.files, sources)
         await self.collector.start()
         self.rollouts = Rollouts(self.db, self.signals, http_base, s.rollout_interval_s)
         await self.rollouts.start()

@@ -7,11 +7,12 @@ import asyncio
 import hashlib
 import os
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Protocol
 
-from controlplane.domain.errors import InvalidArgument, invalid_field
+from controlplane.domain.errors import FailedPrecondition, InvalidArgument, invalid_field
 from workers.archive import UnsafeArchive, inspect_zip
 
 
@@ -21,6 +22,8 @@ class Shared(Protocol):
     def put_source(self, sha256: str, path: Path) -> None: ...
 
     def get_source(self, sha256: str, path: Path) -> bool: ...
+
+    def collect_sources(self, keep: set[str], min_age_s: float) -> int: ...
 
 
 class SourceStore:
@@ -42,6 +45,21 @@ class SourceStore:
     def local(self, sha256: str) -> Path:
         """Where the upload is (or goes) on this server's disk."""
         return self.root / f"{sha256}.zip"
+
+    def collect(self, keep: set[str], min_age_s: float) -> int:
+        """Removes the uploads not in ``keep`` older than ``min_age_s`` from this disk and
+        the shared store; how many went (from either)."""
+        cutoff = time.time() - min_age_s
+        gone: set[str] = set()
+        for path in self.root.glob("*.zip"):
+            try:
+                if path.stem not in keep and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    gone.add(path.stem)
+            except FileNotFoundError:
+                continue
+        shared = self.shared.collect_sources(keep, min_age_s) if self.shared is not None else 0
+        return max(len(gone), shared)
 
     def path(self, sha256: str) -> Path:
         """Where the upload is on this disk, fetched first when another server took it."""
@@ -93,4 +111,12 @@ class SourceStore:
             ) from None
 
     def files(self, sha256: str) -> list[str]:
-        return self.check(self.path(sha256))
+        path = self.path(sha256)
+        if not path.is_file():
+            raise FailedPrecondition(
+                message=f"the upload {sha256} was removed as unused (garbage collection: no "
+                "kept or unfinished build was made from it); upload it again",
+                reason="SOURCE_COLLECTED",
+                metadata={"source_sha256": sha256},
+            )
+        return self.check(path)

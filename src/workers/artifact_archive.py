@@ -21,6 +21,7 @@ Standard library only: it runs in replicas.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import hashlib
@@ -46,6 +47,12 @@ KEEP_DEFAULT = 3
 # This process's shared locks on the builds it loaded from the cache: held until it exits.
 _in_use: dict[str, BinaryIO] = {}
 _holding = threading.Lock()
+
+
+@atexit.register
+def _release_all() -> None:
+    for use in _in_use.values():
+        use.close()
 
 
 class FetchFailed(Exception):

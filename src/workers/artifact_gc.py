@@ -36,6 +36,7 @@ class Collected:
     stale_staging: int = 0
     cache_entries: int = 0
     shared_removed: int = 0  # archives removed from the control plane's shared store
+    sources_removed: int = 0  # uploads no kept build uses (on disk, and shared)
 
 
 def digest_of(artifact_path: str) -> str:

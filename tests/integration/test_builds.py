@@ -23,7 +23,9 @@ from tests.helpers.api import (
     resources,
     running,
     start_build,
+    upload,
     wait,
+    zip_bytes,
 )
 from workers.fake_backend import FakeBackend
 from workers.runtime import Runtime, current
@@ -219,12 +221,30 @@ async def test_gc_keeps_deployed_and_newest_builds(fresh_db: str, tmp_path: Path
         deploy = rpc.CreateDeploymentRequest(parent=model, build=builds[0].name)
         assert not (await wait(stub, await stub.CreateDeployment(deploy))).HasField("error")
 
-        done = await asyncio.to_thread(collect_once, srv.db, srv.settings)
+        never_built = await upload(stub, model, zip_bytes({"model.py": MODEL_V1 + "# v9\n"}))
+        assert srv.collector is not None and srv.collector.sources is not None
+        sources = srv.collector.sources
+        done = await asyncio.to_thread(collect_once, srv.db, srv.settings, None, sources)
         assert done is not None
         digests = [b.image.removeprefix("artifact://sha256:") for b in builds]
         assert done.removed == [digests[1]], "neither deployed nor the newest: removed"
         remaining = {p.name for p in settings.artifacts_dir.iterdir() if p.name[0] != "."}
         assert remaining == {digests[0], digests[2]}
+        # The uploads go with them: v1's and the one never built; v0's and v2's stay.
+        assert done.sources_removed == 2
+        uploads = {p.stem for p in settings.sources_dir.glob("*.zip")}
+        assert uploads == {builds[0].source_sha256, builds[2].source_sha256}
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stub.CreateBuild(
+                rpc.CreateBuildRequest(
+                    parent=model,
+                    source_sha256=never_built.sha256,
+                    file_path="model.py",
+                    function_name="predict",
+                )
+            )
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert error_info(e.value)[0] == "SOURCE_COLLECTED"
 
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await stub.CreateDeployment(

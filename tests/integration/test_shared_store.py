@@ -180,6 +180,8 @@ def test_what_one_server_built_another_applies_exports_and_serves(
     assert a.collect(set(), 3600) == 0
     assert a.collect(set(), 0) == 1 and store.info(blob_key(DIGEST)) is None
     assert store.info(log_key("projects/p/models/m/builds/1")) is not None, "logs stay"
+    assert a.collect_sources({"cd" * 32}, 0) == 0, "an upload a kept build uses stays"
+    assert a.collect_sources(set(), 0) == 1 and not b.get_source("cd" * 32, tmp_path / "y.zip")
     d = files_of(tmp_path / "d", store)
     assert not d.has_artifact(recorded) and d.artifact(recorded) is None
 

@@ -71,7 +71,7 @@ ALLOWED: dict[str, set[str]] = {
     "artifact_endpoint": {"workers"},
     # A server's files on its disk, and in the database for servers that share no disk.
     "files": {"storage", "workers"},
-    "gc": {"files", "storage", "workers"},
+    "gc": {"domain", "files", "sources", "storage", "workers"},
     "dispatcher": {"apply_job", "build_job", "files", "sources", "storage", "workers"},
     "build_job": {"domain", "files", "lifecycle", "sources", "storage", "workers"},
     "apply_job": {"desired", "files", "lifecycle", "storage", "workers"},
