@@ -35,10 +35,11 @@ from sqlalchemy import Connection, inspect, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
-from controlplane.config import ADMIN_TOKEN_FILE, Settings
+from controlplane.config import ADMIN_TOKEN_FILE, DATABASE, Settings
 from controlplane.gc import GC_LOCK
 from controlplane.storage.db import Database
 from controlplane.storage.secretbox import KEY_FILE
+from workers.artifact_gc import digest_of
 from workers.build_cache import CACHE_DIR
 
 FORMAT = 1
@@ -336,6 +337,13 @@ def _copy_files(
     for raw in sorted(set(artifact_paths)):
         path = Path(raw)
         rel = _inside(path, data_dir)
+        if rel is None and digest_of(raw) and settings.artifact_store == DATABASE:
+            # Recorded by another server (no shared disk): this server keeps it under its
+            # digest if it has it; the database dump holds it either way.
+            path = settings.artifacts_dir / path.name
+            if not path.is_dir():
+                continue
+            rel = _inside(path, data_dir)
         if rel is None:
             done.outside.append(raw)
             continue

@@ -18,9 +18,10 @@ import pytest
 from alembic.script import ScriptDirectory
 from sqlmodel import select
 
+import controlplane.backup as backups
 from controlplane.backup import BackupError, backup, libpq_url
 from controlplane.cli.main import main
-from controlplane.config import Settings
+from controlplane.config import DATABASE, Settings
 from controlplane.desired import endpoint_keys
 from controlplane.domain.access import hash_secret
 from controlplane.gc import GC_LOCK
@@ -267,3 +268,20 @@ async def test_postgresql_backup_waits_for_gc_and_without_pg_dump_writes_its_com
     new = ["--data-dir", str(tmp_path / "new"), "--database-url", fresh_postgres]
     assert await modelctl("restore", str(out_dir), *new) == 2
     assert "has no database.dump" in capsys.readouterr().err
+
+
+def test_with_the_database_store_another_servers_builds_are_not_called_outside(
+    tmp_path: Path,
+) -> None:
+    """Builds recorded by another server (its path, not this data dir's) are copied from
+    this server's disk under their digest when it has them, and left to the database dump
+    when it has not; only a path that names no digest is reported outside."""
+    here, there = "ab" * 32, "cd" * 32
+    settings = fake_settings("sqlite://", tmp_path, artifact_store=DATABASE)
+    (settings.artifacts_dir / here).mkdir(parents=True)
+    (settings.artifacts_dir / here / "model.py").write_text("def predict(b):\n    return b\n")
+    recorded = [f"/srv/other/artifacts/{here}", f"/srv/other/artifacts/{there}", "/elsewhere/x"]
+    copied = backups._copy_files(settings, settings.data_dir, recorded, tmp_path / "out")
+    assert copied.outside == ["/elsewhere/x"] and copied.collected == []
+    assert copied.artifacts == 1
+    assert (tmp_path / "out" / "artifacts" / here / "model.py").is_file()
