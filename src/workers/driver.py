@@ -206,7 +206,7 @@ class DriverBackend:
         answer yet, the driver joins it later and ``on_reconnected``'s callbacks run)."""
         self._driver = await self._spawn()
         try:
-            self._up = bool(await self._driver.call("start"))
+            self._up = await self._started(self._driver)
         except BaseException:
             driver, self._driver = self._driver, None
             await driver.close(0.0)
@@ -215,6 +215,14 @@ class DriverBackend:
         if not self._up:
             self._down_since = time.time()
         self._watching = asyncio.ensure_future(self._watch_beats())
+
+    async def _started(self, driver: _Driver) -> bool:
+        """Starts the driver's backend: whether its cluster is up. Where a cluster's Serve
+        runs already with another HTTP port, the backend uses that one: so does this."""
+        up, http_base = await driver.call("start")
+        if http_base != self._http_base:
+            self._http_base = str(http_base)
+        return bool(up)
 
     async def _watch_beats(self) -> None:
         """A started driver whose beats stop (its loop hangs in a call into Ray that never
@@ -279,7 +287,7 @@ class DriverBackend:
             try:
                 driver = await self._spawn()
                 self._driver = driver
-                up = bool(await driver.call("start"))
+                up = await self._started(driver)
                 driver.last_beat = time.monotonic()
                 break
             except Exception as e:

@@ -125,9 +125,9 @@ async def serve(fd: int) -> None:
     async def run(call: int, method: str, args: tuple[Any, ...]) -> None:
         nonlocal watching
         try:
-            if method == "start":
+            if method == "start":  # up, and where its HTTP proxy answers (Serve's own port)
                 await backend.start()
-                value: Any = backend.available()
+                value: Any = (backend.available(), backend.http_base)
                 watching = watching or asyncio.ensure_future(watch_up())
             elif method == "close":
                 if watching is not None:

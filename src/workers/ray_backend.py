@@ -1021,6 +1021,19 @@ class RayBackend:
                 self._start_local()
                 self._owns_ray = True
         started = _Serve.start(self._http_host, self._http_port)
+        options = started.details().http_options
+        running = options.port if options is not None else None
+        if running and running != self._http_port:
+            # Serve has one HTTP proxy port per cluster, set by whoever started it: this
+            # server answers with that one (its model URLs, every config it hands Serve).
+            log.warning(
+                "Serve already runs on this cluster with its HTTP proxy on port %d, not "
+                "--http-port %d: using %d (give every server of a cluster the same port)",
+                running,
+                self._http_port,
+                running,
+            )
+            self._http_port = running
         self._collector = _start_collector()
         _ray_logs_through_root()  # and any Ray logger that got its own handler since
         return started

@@ -8,8 +8,9 @@ GPU is taken, the replicas run on the hidden node; the server serves builds by d
 (--artifact-port) and the replicas fetch theirs. Server A (PostgreSQL,
 --artifact-store database) takes the model through build and deploy, scale in place to
 both nodes and back, a new build (its log followed live) and a rollback; then A is gone,
-and server B, in a mount namespace of its own where A's data dir is hidden, rolls back
-again (replicas on the hidden node fetch the build from B, which had it from the
+and server B, in a mount namespace of its own where A's data dir is hidden (and given
+another --http-port: it answers with the cluster's one Serve proxy), rolls back again
+(replicas on the hidden node fetch the build from B, which had it from the
 database), reads a log and exports a build A made, restarts and stops."""
 
 from __future__ import annotations
@@ -77,18 +78,18 @@ async def test_replicas_and_a_second_server_without_the_data_dir_carry_on(
     port = free_port()
     ray_nodes.start_head(port, head, cpus=0, gpus=1)  # builds go to the other node
     hidden = ray_nodes.start_hidden_node(f"127.0.0.1:{port}", hidden_from_node, cpus=2, gpus=2)
-    shared = (  # one Serve proxy for the cluster: every server says the same port
+    shared = (
         f"--ray-address=127.0.0.1:{port}",
-        f"--http-port={free_port()}",
         "--artifact-port=0",
         "--artifact-store=database",
         f"--database-url={fresh_postgres}",
     )
-    server = Serve(hidden_from_node / "d", *shared)
+    server = Serve(hidden_from_node / "d", *shared, f"--http-port={free_port()}")
     b_temp = tempfile.mkdtemp(prefix="cp-server-b-", dir="/tmp")
-    other = Serve(
+    other = Serve(  # another --http-port: Serve has one proxy per cluster, and B uses it
         hidden_from_node / "b" / "d",
         *shared,
+        f"--http-port={free_port()}",
         prefix=ray_nodes.sharing_no_disk(hidden_from_node, b_temp),
     )
     try:
