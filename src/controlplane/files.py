@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 LOCKS_DIR = ".locks"  # under the artifacts dir: one fetch of an artifact at a time
 PART_BYTES = 1024 * 1024  # at most this much of a running build's log per part
+SHARED_RECHECK_S = 300.0  # how long "this archive is in the database" is taken as known
 
 
 def artifact_key(digest: str) -> str:
@@ -62,7 +64,9 @@ class Files:
         self.artifacts_dir = artifacts_dir
         self.logs_dir = logs_dir
         self.blobs = blobs
-        self._shared: set[str] = set()  # digests known to be in the shared store
+        # Digests known to be in the shared store, and since when (monotonic): known for
+        # SHARED_RECHECK_S, then asked again (another server's GC may have removed one).
+        self._shared: dict[str, float] = {}
 
     @property
     def shared(self) -> bool:
@@ -119,16 +123,20 @@ class Files:
                 log.info(
                     "artifact %s: fetched from the database (%d B)", digest[:12], got.size_bytes
                 )
-        self._shared.add(digest)
+        self._shared[digest] = time.monotonic()
         return tar
 
     def share(self, digest: str) -> None:
-        """The artifact's archive in the shared store (once per digest and process). Two
+        """The artifact's archive in the shared store (asked once per ``SHARED_RECHECK_S``
+        and digest: put again if another server's GC removed it meanwhile). Two
         servers that built the same digest each packed their own archive (other file
         times, so other bytes): the first one stored is kept, and the other server takes
         it in place of its own, so that every server pins the same SHA-256 in Serve's
         config and serves the same bytes."""
-        if self.blobs is None or digest in self._shared:
+        if self.blobs is None:
+            return
+        known = self._shared.get(digest)
+        if known is not None and time.monotonic() - known < SHARED_RECHECK_S:
             return
         tar = self.archive(digest)
         if tar is None:
@@ -140,7 +148,7 @@ class Files:
                 sha.unlink(missing_ok=True)  # no sidecar, no archive: until the stored one is in
                 self.blobs.get(artifact_key(digest), tar)
                 artifact_archive.write_sha256(sha, stored.sha256)
-        self._shared.add(digest)
+        self._shared[digest] = time.monotonic()
 
     def publish_build(self, build_name: str, outcome: BuildOutcome, log_file: Path) -> None:
         """A finished build's archive and log into the shared store (nothing without one)."""
@@ -189,7 +197,8 @@ class Files:
         """Removes archives from the shared store that no kept build uses (older than
         ``min_age_s``: a build may be about to be recorded); how many went."""
         removed = self._collect(artifact_key(""), keep, min_age_s)
-        self._shared.difference_update(removed)
+        for digest in removed:
+            self._shared.pop(digest, None)
         return len(removed)
 
     def collect_sources(self, keep: set[str], min_age_s: float) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
+from controlplane import files as files_module
 from controlplane.artifact_endpoint import ArtifactEndpoint, artifact_key
 from controlplane.build_logs import CHUNK, LogSource
 from controlplane.files import PART_BYTES, Files, log_key
@@ -121,7 +122,7 @@ def files_of(root: Path, store: BlobStore) -> Files:
 
 
 def test_what_one_server_built_another_applies_exports_and_serves(
-    db: Database, tmp_path: Path
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = BlobStore(db.engine)
     a, b = files_of(tmp_path / "a", store), files_of(tmp_path / "b", store)
@@ -180,6 +181,14 @@ def test_what_one_server_built_another_applies_exports_and_serves(
     assert a.collect(set(), 3600) == 0
     assert a.collect(set(), 0) == 1 and store.info(blob_key(DIGEST)) is None
     assert store.info(log_key("projects/p/models/m/builds/1")) is not None, "logs stay"
+    # B still has the build on its disk: its next use puts it back (not at once: B took it
+    # as stored a moment ago; once that is old, B asks again).
+    b.share(DIGEST)
+    assert store.info(blob_key(DIGEST)) is None
+    monkeypatch.setattr(files_module, "SHARED_RECHECK_S", 0.0)
+    b.share(DIGEST)
+    assert store.info(blob_key(DIGEST)) is not None
+    assert a.collect(set(), 0) == 1
     assert a.collect_sources({"cd" * 32}, 0) == 0, "an upload a kept build uses stays"
     assert a.collect_sources(set(), 0) == 1 and not b.get_source("cd" * 32, tmp_path / "y.zip")
     d = files_of(tmp_path / "d", store)
