@@ -79,13 +79,15 @@ check-generated:
 # it pass, e.g. where make setup is not run as root.
 # The tests without Ray (unit, integration, browser) run on two processes (pytest-xdist:
 # each its own databases, ports and servers); those on Ray after them, one at a time, on
-# the session's cluster. Each run fails on its own (exit code 5, no tests, included).
+# the session's cluster. Each run fails on its own (exit code 5, no tests, included), and
+# ends with its slowest tests (the suite's time budget: README).
 CP_NO_SKIPS ?= 1
 PYTEST_WORKERS ?= 2
 pytest:
-	CP_NO_SKIPS=$(CP_NO_SKIPS) $(BIN)/python -m pytest -p no:cacheprovider -rs \
+	CP_NO_SKIPS=$(CP_NO_SKIPS) $(BIN)/python -m pytest -p no:cacheprovider -rs --durations=15 \
 		-n $(PYTEST_WORKERS) tests/unit tests/integration tests/browser
-	CP_NO_SKIPS=$(CP_NO_SKIPS) $(BIN)/python -m pytest -p no:cacheprovider -rs tests/ray
+	CP_NO_SKIPS=$(CP_NO_SKIPS) $(BIN)/python -m pytest -p no:cacheprovider -rs --durations=30 \
+		tests/ray
 
 # The pages' screenshots in docs/console/ (README and docs/console.md show them), taken by
 # the browser tests, the Ray ones included.
