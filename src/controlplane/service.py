@@ -299,12 +299,14 @@ class Service:
         convert: Callable[[R], T],
         newest_first: bool = True,
     ) -> Page[T]:
-        """One page of a list; ``parent`` (a model) must exist."""
+        """One page of a list; ``parent`` (a model) must exist: asked only when the page is
+        empty (a model's records name it, so a page with any proves it; one query less)."""
         size = repo.page_size(size)  # a bad size is refused before anything is read
         with self.db.read() as s:
-            if parent is not None:
+            found = repo.list_page(s, table, where, scope, size, token, convert, newest_first)
+            if parent is not None and not found.items:
                 repo.model_row(s, parent)
-            return repo.list_page(s, table, where, scope, size, token, convert, newest_first)
+            return found
 
     @staticmethod
     def _ensure_idle(model: ModelRow) -> None:

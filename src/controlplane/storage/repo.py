@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any, Protocol, TypeVar, cast
 
 from sqlalchemy import func
+from sqlalchemy import select as sa_select
 from sqlmodel import Session, SQLModel, col, select
 
 from controlplane.domain import scaling, traffic
@@ -323,13 +324,15 @@ def page(
     token: str,
     newest_first: bool = False,
 ) -> tuple[list[R], str]:
+    """Rows as plain tuples read by column name (a Core select: no ORM objects to build
+    and track for a page only read; every converter reads attributes alone)."""
     ident = col(table.id)  # type: ignore[attr-defined]
-    query = select(table).where(*where)
+    query = sa_select(table.__table__).where(*where)  # type: ignore[attr-defined]
     if token:
         last = _decode_token(token, scope)
         query = query.where(ident < last if newest_first else ident > last)
     query = query.order_by(ident.desc() if newest_first else ident).limit(size + 1)
-    rows = list(s.exec(query).all())
+    rows = cast(list[R], list(s.execute(query).all()))
     more = len(rows) > size
     rows = rows[:size]
     next_token = _encode_token(scope, rows[-1].id) if more and rows else ""  # type: ignore[attr-defined]
