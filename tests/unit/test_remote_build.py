@@ -11,6 +11,7 @@ import hashlib
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,18 @@ def test_a_damaged_archive_is_not_kept(tmp_path: Path) -> None:
     assert [p.name for p in (server / "artifacts").iterdir() if not p.name.startswith(".")] == []
 
 
+def until_the_import_check(task: Iterator[bytes | BuildResult]) -> bytes:
+    """The log messages the task sends until the build is at its import check (step 3/4);
+    their bytes together. Messages come every POLL_S with whatever lines were new."""
+    sent = b""
+    for item in task:
+        assert isinstance(item, bytes), "the result came before the import check"
+        sent += item
+        if b"step 3/4" in sent:
+            return sent
+    raise AssertionError(f"the task ended without reaching its import check: {sent!r}")
+
+
 def test_the_log_comes_while_the_build_runs(tmp_path: Path) -> None:
     slow = "import time\ntime.sleep(1.5)\n\ndef predict(body):\n    return body\n"
     server = tmp_path / "server"
@@ -129,9 +142,8 @@ def test_the_log_comes_while_the_build_runs(tmp_path: Path) -> None:
     source = source_zip(server / "sources" / "src.zip", slow)
     elsewhere = dataclasses.replace(spec(server, source), artifacts_dir=tmp_path / "hidden")
     task = build_streamed(elsewhere, source)
-    first = next(task)
-    assert isinstance(first, bytes) and b"step 1/4" in first
-    assert b"build succeeded" not in first, "sent while the import check still runs"
+    sent = until_the_import_check(task)
+    assert b"build succeeded" not in sent, "sent while the import check still runs"
     rest = list(task)
     assert isinstance(rest[-1], BuildResult) and rest[-1].outcome.ok, rest[-1]
     assert any(isinstance(m, bytes) and b"build succeeded" in m for m in rest[:-1])
@@ -149,8 +161,7 @@ def test_closing_the_task_stops_the_build_and_leaves_nothing(
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     elsewhere = dataclasses.replace(spec(server, source), artifacts_dir=tmp_path / "hidden")
     task = build_streamed(elsewhere, source)
-    first = next(task)
-    assert isinstance(first, bytes) and b"step 1/4" in first
+    until_the_import_check(task)
     started = time.monotonic()
     task.close()  # what Ray's cancel does to the generator (it raises in it)
     assert time.monotonic() - started < 30, "the import check was stopped, not waited for"
