@@ -1,6 +1,7 @@
 """What the tests share besides fixtures (those stay in the conftest.py files):
 
-- here: ``eventually`` (every wait for something to become true) and the repository's paths;
+- here: ``eventually`` (every wait for something to become true), ``gated`` (a model whose
+  import waits for a file the test creates) and the repository's paths;
 - ``databases``: PostgreSQL databases of a test's own;
 - ``api``: a control plane in this process on the fake backend, and the gRPC calls of a
   workflow (create, upload, build, wait) with their errors;
@@ -80,3 +81,14 @@ async def eventually(
         if left <= 0:
             raise AssertionError(f"{what}: not true after {timeout:g} s; {last}") from cause
         await asyncio.sleep(min(interval, left))
+
+
+def gated(gate: Path, model: str) -> str:
+    """``model``'s source, its import held until the file ``gate`` exists: its build stays
+    at the import check (step 3/4) until the test, having seen what it waits for, creates
+    ``gate``. The build's own timeout bounds a gate never opened."""
+    wait = (
+        f"import os as _os, time as _time\nwhile not _os.path.exists({str(gate)!r}):\n"
+        "    _time.sleep(0.02)\n"
+    )
+    return wait + model

@@ -18,7 +18,7 @@ import pytest
 from controlplane.api.client import Client
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
-from tests.helpers import eventually
+from tests.helpers import eventually, gated
 from tests.helpers.api import Stub, error_info, resources, start_build, upload, wait, zip_bytes
 from tests.helpers.ray_nodes import seen_by, sharing_no_disk
 from tests.helpers.servers import Cluster, channel
@@ -141,13 +141,11 @@ async def test_without_the_database_store_another_disk_says_the_image_is_not_the
         b.kill()
 
 
-SLOW = "import time\ntime.sleep(6)\n\ndef predict(body):\n    return {'slow': True}\n"
-
-
 async def test_a_build_running_on_one_server_is_followed_live_through_another(
     tmp_path: Path, fresh_postgres: str
 ) -> None:
     a = server(tmp_path, "a", fresh_postgres)
+    gate = tmp_path / "gate"  # A's build stays at its import check until B saw it there
     b_temp = tmp_path / "b-temp"
     b_temp.mkdir()  # B runs as on a machine of its own: A's disk hidden from it
     b = server(tmp_path, "b", fresh_postgres, prefix=sharing_no_disk(tmp_path / "a", str(b_temp)))
@@ -157,7 +155,7 @@ async def test_a_build_running_on_one_server_is_followed_live_through_another(
             model = (
                 await sa.CreateModel(rpc.CreateModelRequest(parent="projects/nd3", model_id="m"))
             ).name
-            op = await start_build(sa, model, {"model.py": SLOW})
+            op = await start_build(sa, model, {"model.py": gated(gate, V1)})
             build_name = str(op.target)
 
             async def building() -> bool:
@@ -170,13 +168,17 @@ async def test_a_build_running_on_one_server_is_followed_live_through_another(
             async with channel(b) as sb:
                 lines = []
                 while_building = []
-                async for line in sb.StreamBuildLogs(
-                    rpc.StreamBuildLogsRequest(name=build_name, follow=True)
-                ):
-                    lines.append(line)
-                    got = await sb.GetBuild(rpc.GetBuildRequest(name=build_name))
-                    if got.state == pb.BUILD_STATE_BUILDING:
-                        while_building.append(line.text)
+                # Fails loudly (TimeoutError) if B never shows the line the gate waits on.
+                async with asyncio.timeout(60):
+                    async for line in sb.StreamBuildLogs(
+                        rpc.StreamBuildLogsRequest(name=build_name, follow=True)
+                    ):
+                        lines.append(line)
+                        got = await sb.GetBuild(rpc.GetBuildRequest(name=build_name))
+                        if got.state == pb.BUILD_STATE_BUILDING:
+                            while_building.append(line.text)
+                        if "step 3/4" in line.text:
+                            gate.touch()  # seen through B while A builds: the build goes on
             done = await wait(sa, op, 60)
             assert not done.HasField("error"), done.error
             on_a = [
@@ -185,6 +187,7 @@ async def test_a_build_running_on_one_server_is_followed_live_through_another(
             ]
             assert b.popen is not None and seen_by(b.popen.pid, tmp_path / "a") == []
     finally:
+        gate.touch()
         a.kill()
         b.kill()
     assert any("step 3/4" in text for text in while_building), (

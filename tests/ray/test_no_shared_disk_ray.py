@@ -27,7 +27,7 @@ import pytest
 from controlplane.api.client import Client
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
-from tests.helpers import eventually, ray_nodes
+from tests.helpers import eventually, gated, ray_nodes
 from tests.helpers.api import MODEL_V1, MODEL_V2, Stub, build, resources, start_build, wait
 from tests.helpers.embedded import Serve, answers
 from tests.helpers.servers import free_port
@@ -35,9 +35,6 @@ from tests.helpers.servers import free_port
 pytestmark = pytest.mark.ray
 
 HIDDEN = "127.0.0.2"
-# V2, slow to import: its build (the import check) is still running for a while, so its
-# log is seen arriving while the build runs on the hidden node.
-SLOW_V2 = "import time\ntime.sleep(2)\n" + MODEL_V2
 
 
 def answer(version: int) -> dict[str, object]:
@@ -72,6 +69,7 @@ async def test_replicas_and_a_second_server_without_the_data_dir_carry_on(
 ) -> None:
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     root = Path(tempfile.mkdtemp(prefix="cpns", dir="/tmp"))  # short: Ray's sockets
+    gate = root / "gate"  # outside the hidden folder: the hidden node sees it
     hidden_from_node = root / "cp"
     (hidden_from_node / "d").mkdir(parents=True)
     head = str(root / "head")
@@ -122,16 +120,22 @@ async def test_replicas_and_a_second_server_without_the_data_dir_carry_on(
             await deploy(stub, model.name, first.target, 1)  # and back, in place
             await replica_nodes(stub, model.name, 1)
 
+            # V2's import waits for a gate (in /tmp, which the hidden node sees) that opens
+            # once the server streamed its import-check line: seen while it still builds.
+            v2 = gated(gate, MODEL_V2)
             op = await start_build(
-                stub, model.name, {"model.py": SLOW_V2}, "classify", deploy=deploy_opts
+                stub, model.name, {"model.py": v2}, "classify", deploy=deploy_opts
             )
             while_building = []
-            async for line in stub.StreamBuildLogs(
-                rpc.StreamBuildLogsRequest(name=op.target, follow=True)
-            ):
-                state = (await stub.GetBuild(rpc.GetBuildRequest(name=op.target))).state
-                if state == pb.BUILD_STATE_BUILDING:
-                    while_building.append(line.text)
+            async with asyncio.timeout(300):  # loudly, if the line never comes
+                async for line in stub.StreamBuildLogs(
+                    rpc.StreamBuildLogsRequest(name=op.target, follow=True)
+                ):
+                    state = (await stub.GetBuild(rpc.GetBuildRequest(name=op.target))).state
+                    if state == pb.BUILD_STATE_BUILDING:
+                        while_building.append(line.text)
+                    if "step 3/4" in line.text:
+                        gate.touch()
             assert any("step 3/4" in text for text in while_building), (
                 "the hidden node's build streamed its log as it ran",
                 while_building,
@@ -195,6 +199,7 @@ async def test_replicas_and_a_second_server_without_the_data_dir_carry_on(
         assert ray_nodes.seen_by_node(hidden, hidden_from_node) == [], "and stayed hidden"
         assert await asyncio.to_thread(other.stop) == 0
     finally:
+        gate.touch()
         server.kill()
         other.kill()
         shutil.rmtree(b_temp, ignore_errors=True)

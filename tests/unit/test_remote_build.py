@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import gated
 from workers import artifact_archive
 from workers.backend import BuildSpec
 from workers.builder import cached_build, run_build
@@ -136,14 +137,17 @@ def until_the_import_check(task: Iterator[bytes | BuildResult]) -> bytes:
 
 
 def test_the_log_comes_while_the_build_runs(tmp_path: Path) -> None:
-    slow = "import time\ntime.sleep(1.5)\n\ndef predict(body):\n    return body\n"
     server = tmp_path / "server"
     (server / "sources").mkdir(parents=True)
-    source = source_zip(server / "sources" / "src.zip", slow)
+    gate = tmp_path / "gate"
+    source = source_zip(server / "sources" / "src.zip", gated(gate, MODEL))
     elsewhere = dataclasses.replace(spec(server, source), artifacts_dir=tmp_path / "hidden")
     task = build_streamed(elsewhere, source)
-    sent = until_the_import_check(task)
-    assert b"build succeeded" not in sent, "sent while the import check still runs"
+    try:
+        sent = until_the_import_check(task)
+        assert b"build succeeded" not in sent, "sent while the import check still runs"
+    finally:
+        gate.touch()  # the import goes on
     rest = list(task)
     assert isinstance(rest[-1], BuildResult) and rest[-1].outcome.ok, rest[-1]
     assert any(isinstance(m, bytes) and b"build succeeded" in m for m in rest[:-1])
@@ -152,10 +156,10 @@ def test_the_log_comes_while_the_build_runs(tmp_path: Path) -> None:
 def test_closing_the_task_stops_the_build_and_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    slow = "import time\ntime.sleep(60)\n\ndef predict(body):\n    return body\n"
     server = tmp_path / "server"
     (server / "sources").mkdir(parents=True)
-    source = source_zip(server / "sources" / "src.zip", slow)
+    never = tmp_path / "never"  # the import waits until the task is closed
+    source = source_zip(server / "sources" / "src.zip", gated(never, MODEL))
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
