@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import signal
@@ -389,6 +390,7 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    freeze_startup_heap()
     metrics = f" metrics={server.metrics_address}" if server.metrics_address else ""
     web = f" console={console.address}" if console else ""
     print(f"ready grpc={server.grpc_address} http={server.http_address}{metrics}{web}", flush=True)
@@ -398,6 +400,15 @@ async def serve(
         await console.stop()
     await server.stop()
     return 0
+
+
+def freeze_startup_heap() -> None:
+    """Moves what the server holds once started (modules, the ORM's mappings, gRPC's and
+    Ray's clients: well over a million objects) out of the cyclic collector's sight.
+    They live as long as the process, and every full collection would walk them all again:
+    under a thousand streams' fan-out, that walk was a sixth of the server's CPU."""
+    gc.collect()
+    gc.freeze()
 
 
 def run(args: argparse.Namespace) -> int:

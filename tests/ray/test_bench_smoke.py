@@ -106,11 +106,15 @@ def test_rpc_against_a_bare_grpc_server(smoke: subprocess.CompletedProcess[str])
 
 def test_watchers_get_every_event(smoke: subprocess.CompletedProcess[str]) -> None:
     figures = result("watchers")
-    assert figures["watchers"] == 50
-    for side in ("ours", "bare"):
-        got = figures[side]
-        assert got["events_per_watcher"] >= 2 * 2, "each change makes several events"
-        assert got["events_delivered"] == 50 * got["events_per_watcher"], side
+    assert figures["watchers"] == 50 and figures["processes"] == 2
+    assert set(figures["kinds"]) == {"model", "models"}, "WatchModel and WatchModels"
+    for kind, sides in figures["kinds"].items():
+        for side in ("ours", "bare"):
+            got = sides[side]
+            assert got["events_per_watcher"] >= 2 * 2, "each change makes several events"
+            assert got["watchers_complete"] == 50, (kind, side)
+            assert got["events_delivered"] == 50 * got["events_per_watcher"], (kind, side)
+            assert got["server_cpu_us_per_event"] > 0, (kind, side)
 
 
 def test_records_pages_see_every_record(smoke: subprocess.CompletedProcess[str]) -> None:

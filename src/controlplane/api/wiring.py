@@ -2,21 +2,82 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from controlplane.api.servicer import ModelLifecycleServicer
-from modellifecycle.v1 import service_pb2, service_pb2_grpc
+from modellifecycle.v1 import service_pb2
 
-SERVICE_NAME: str = service_pb2.DESCRIPTOR.services_by_name["ModelLifecycle"].full_name
+SERVICE = service_pb2.DESCRIPTOR.services_by_name["ModelLifecycle"]
+SERVICE_NAME: str = SERVICE.full_name
+# Streams that send every watcher the same message objects (the servicer converts each
+# change once): each is serialized once, whatever the number of streams it goes to.
+SHARED_MESSAGES = frozenset({"WatchModel", "WatchModels"})
+ENCODED_KEPT = 4096
+
+_HANDLER_KINDS: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler[Any, Any]]] = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+class EncodeOnce:
+    """A response serializer that remembers the bytes of the last ``kept`` message
+    objects it serialized: the same object sent on a thousand streams is encoded once.
+    Keyed by identity (an entry holds its message, so the id is not reused while kept);
+    the messages it sees are never changed once sent."""
+
+    def __init__(self, serialize: Callable[[Message], bytes], kept: int = ENCODED_KEPT) -> None:
+        self.serialize = serialize
+        self.kept = kept
+        self._bytes: OrderedDict[int, tuple[Message, bytes]] = OrderedDict()
+
+    def __call__(self, message: Message) -> bytes:
+        hit = self._bytes.get(id(message))
+        if hit is not None and hit[0] is message:
+            return hit[1]
+        data = self.serialize(message)
+        self._bytes[id(message)] = (message, data)
+        if len(self._bytes) > self.kept:
+            self._bytes.popitem(last=False)
+        return data
+
+
+def method_handlers(servicer: ModelLifecycleServicer) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+    """Each method of the service, as the generated code registers it, except that the
+    watch streams encode a shared message once."""
+    table = {}
+    for method in SERVICE.methods:
+        request = message_factory.GetMessageClass(method.input_type)
+        response = message_factory.GetMessageClass(method.output_type)
+        encode: Callable[[Message], bytes] = response.SerializeToString
+        if method.name in SHARED_MESSAGES:
+            encode = EncodeOnce(response.SerializeToString)
+        kind = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        table[method.name] = kind(
+            getattr(servicer, method.name),
+            request_deserializer=request.FromString,
+            response_serializer=encode,
+        )
+    return table
 
 
 def register(
     server: grpc.aio.Server, servicer: ModelLifecycleServicer
 ) -> health.aio.HealthServicer:
     """Adds every service; returns the health servicer so the server can flip its status."""
-    service_pb2_grpc.add_ModelLifecycleServicer_to_server(servicer, server)
+    table = method_handlers(servicer)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, table),))
+    server.add_registered_method_handlers(SERVICE_NAME, table)
     checker = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     reflection.enable_server_reflection(
