@@ -31,6 +31,7 @@ BENCHMARKS = (
     "serve",
     "signals",
     "rpc",
+    "pgreads",
     "watchers",
     "records",
     "builds",

@@ -100,6 +100,7 @@ class Server:
         self._grpc: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self.hub: EventHub | None = None
+        self.service: Service | None = None
         self.dispatcher: Dispatcher | None = None
         self.reconciler: Reconciler | None = None
         self.collector: Collector | None = None
@@ -169,7 +170,7 @@ class Server:
                 asked.cancel()
                 raise
 
-        service = Service(
+        self.service = service = Service(
             self.db,
             sources,
             http_base,
@@ -308,6 +309,8 @@ class Server:
             await asyncio.to_thread(self._metrics_endpoint.stop)
         if self.owns_backend:
             await self.backend.close()
+        if self.service is not None and self.service.head_reader is not None:
+            await self.service.head_reader.close()
         if self.artifacts is not None:
             await asyncio.to_thread(self.artifacts.stop)
         await asyncio.to_thread(self.db.close)

@@ -56,7 +56,7 @@ from controlplane.sources import SourceStore
 from controlplane.storage import model_logs, repo
 from controlplane.storage.changes import Changes, now
 from controlplane.storage.db import Database
-from controlplane.storage.model_cache import ModelCache
+from controlplane.storage.model_cache import HeadCheck, ModelCache, PostgresHead
 from controlplane.storage.tables import (
     BuildRow,
     DeploymentRow,
@@ -222,6 +222,9 @@ class Service:
         self.files = files
         self.cluster_runtime = cluster_runtime  # None: not known, not checked
         self.models = ModelCache(db)
+        # PostgreSQL: what is kept is checked against the head revision (model_cache.py).
+        self.head_reader = None if db.is_sqlite else PostgresHead(db.url)
+        self.head = None if self.head_reader is None else HeadCheck(self.head_reader)
 
     # ---- helpers ---------------------------------------------------------------------------
 
@@ -400,9 +403,12 @@ class Service:
             create,
         )
 
-    def cached_model(self, name: str) -> Model | None:
-        """The model if it is in memory (no thread, no database): else call get_model."""
-        return self.models.get(name)
+    def cached_model(self, name: str, head: int | None = None) -> Model | None:
+        """The model if it is in memory (no thread, no database): else call get_model.
+        On PostgreSQL, only with ``head``: the head revision from ``self.head.now()``."""
+        if head is None:
+            return self.models.get(name)
+        return self.models.get_at(name, head)
 
     def get_model(self, name: str) -> Model:
         names.parse_model(name)

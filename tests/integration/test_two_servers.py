@@ -174,3 +174,23 @@ async def test_a_token_revoked_on_one_server_ends_its_idle_watch_on_the_other_wi
     finally:
         a.kill()
         b.kill()
+
+
+async def test_a_model_changed_on_one_server_is_read_at_once_on_the_other(
+    pair: tuple[Cluster, Cluster],
+) -> None:
+    """GetModel on PostgreSQL answers from memory only while the head revision has not
+    moved: what one server wrote, the other reads in the very next call, however many
+    times it was read (and kept) before."""
+    a, b = pair
+    project = "projects/ryw"
+    async with channel(a) as sa, channel(b) as sb:
+        for i in range(5):
+            made = await sa.CreateModel(rpc.CreateModelRequest(parent=project, model_id="m"))
+            for _ in range(3):  # kept on B after the first
+                got = await sb.GetModel(rpc.GetModelRequest(name=made.name))
+                assert got.create_time == made.create_time, i  # this one, not an earlier one
+            await sa.DeleteModel(rpc.DeleteModelRequest(name=made.name))
+            with pytest.raises(grpc.aio.AioRpcError) as gone:
+                await sb.GetModel(rpc.GetModelRequest(name=made.name))
+            assert gone.value.code() == grpc.StatusCode.NOT_FOUND, i

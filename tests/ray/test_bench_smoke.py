@@ -22,6 +22,7 @@ SMOKED = (
     "serve",
     "signals",
     "rpc",
+    "pgreads",
     "watchers",
     "records",
     "builds",
@@ -102,6 +103,19 @@ def test_rpc_against_a_bare_grpc_server(smoke: subprocess.CompletedProcess[str])
         p["ours"]["calls_per_s"] > 0 and p["bare"]["calls_per_s"] > 0 for p in figures["points"]
     )
     assert figures["paced"]["ours"]["p99_ms"] > 0
+
+
+def test_pgreads_on_both_databases(smoke: subprocess.CompletedProcess[str]) -> None:
+    figures = result("pgreads")
+    assert [(p["method"], p["callers"]) for p in figures["points"]] == [
+        ("GetModel", 1),
+        ("GetModel", 10),
+        ("GetModel", 100),
+        ("ListModels", 10),
+    ]
+    for point in figures["points"]:
+        for side in ("postgresql", "sqlite"):
+            assert point[side]["calls_per_s"] > 0, (point["method"], side)
 
 
 def test_watchers_get_every_event(smoke: subprocess.CompletedProcess[str]) -> None:

@@ -86,6 +86,9 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
     @unary
     async def GetModel(self, request: rpc.GetModelRequest, context: Ctx) -> pb.Model:
         model = self.svc.cached_model(request.name)  # in memory: no thread, no query
+        if model is None and self.svc.head is not None:  # PostgreSQL: if the head is where it was
+            with contextlib.suppress(Exception):  # the database away: the plain read says so
+                model = self.svc.cached_model(request.name, await self.svc.head.now())
         if model is None:
             model = await _run(lambda: self.svc.get_model(request.name))
         return convert.model_to_pb(model)
