@@ -212,16 +212,14 @@ class Server:
         else:
             await asyncio.to_thread(access.ensure_admin_token, s.data_dir)
         server = grpc.aio.server(
-            interceptors=[
-                TelemetryInterceptor(self.metrics),
-                AuthInterceptor(access, enabled=not s.insecure_no_auth),
-            ],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE),
                 ("grpc.max_send_message_length", MAX_MESSAGE),
                 ("grpc.so_reuseport", 0),
             ],
         )
+        telemetry = TelemetryInterceptor(self.metrics)
+        auth = AuthInterceptor(access, enabled=not s.insecure_no_auth)
         checker = wiring.register(
             server,
             ModelLifecycleServicer(
@@ -233,6 +231,7 @@ class Server:
                 access,
                 self.signals,
             ),
+            lambda method, handler: telemetry.wrap(method, auth.wrap(method, handler)),
         )
         self._health = checker
         address = f"{s.grpc_host}:{s.grpc_port}"

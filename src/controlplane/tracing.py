@@ -33,6 +33,11 @@ _propagator = TraceContextTextMapPropagator()
 _tracer: Tracer = trace.NoOpTracer()
 
 
+def active() -> bool:
+    """Whether spans go anywhere (``configure`` ran): when not, callers may skip them."""
+    return not isinstance(_tracer, trace.NoOpTracer)
+
+
 def endpoint_from_env() -> str:
     """The OTLP/HTTP traces endpoint the standard OpenTelemetry variables name, if any."""
     explicit = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "")

@@ -17,7 +17,7 @@ import grpc
 
 from controlplane.access import Access, PendingAudit, end_audit, expect_audit
 from controlplane.api import status
-from controlplane.api.interceptor import Continuation, code_of, rewrap
+from controlplane.api.interceptor import code_of, rewrap
 from controlplane.domain import errors
 from controlplane.domain.access import (
     ANONYMOUS,
@@ -68,21 +68,19 @@ def resource_of(method: str, request: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor:
     def __init__(self, access: Access, enabled: bool) -> None:
         self.access = access
         self.enabled = enabled
 
-    async def intercept_service(
-        self, continuation: Continuation, details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        service, _, method = details.method.lstrip("/").rpartition("/")
+    def wrap(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """``method`` (/package.Service/Method) guarded: wrapped once, at registration."""
+        service, _, name = method.lstrip("/").rpartition("/")
         if service in OPEN_SERVICES:
             return handler
-        guard = _Guard(self, details.method, method if service == LIFECYCLE else "")
+        guard = _Guard(self, method, name if service == LIFECYCLE else "")
         return rewrap(handler, guard.unary, guard.stream, guard.upload, guard.bidi)
 
 
@@ -182,7 +180,9 @@ class _Guard:
         async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             principal, resource, project = await self._admit(request, context)
             pending = self._pending(principal, resource, project, context, request)
-            expected = expect_audit(pending) if pending is not None else None
+            if pending is None:  # a read: no record to write
+                return await behavior(request, context)
+            expected = expect_audit(pending)
             exc: BaseException | None = None
             try:
                 return await behavior(request, context)
@@ -190,8 +190,7 @@ class _Guard:
                 exc = e
                 raise
             finally:
-                if expected is not None:
-                    end_audit(expected)
+                end_audit(expected)
                 await self._audit(pending, context, exc)
 
         return guarded
