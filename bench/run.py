@@ -32,6 +32,7 @@ BENCHMARKS = (
     "signals",
     "rpc",
     "pgreads",
+    "operations",
     "watchers",
     "records",
     "builds",

@@ -23,6 +23,7 @@ SMOKED = (
     "signals",
     "rpc",
     "pgreads",
+    "operations",
     "watchers",
     "records",
     "builds",
@@ -116,6 +117,16 @@ def test_pgreads_on_both_databases(smoke: subprocess.CompletedProcess[str]) -> N
     for point in figures["points"]:
         for side in ("postgresql", "sqlite"):
             assert point[side]["calls_per_s"] > 0, (point["method"], side)
+
+
+def test_concurrent_operations_each_job_runs_once(
+    smoke: subprocess.CompletedProcess[str],
+) -> None:
+    figures = result("operations")
+    assert figures["models"] == 10 and figures["servers"] == 2
+    assert figures["jobs"] >= 10, "each change made its apply job"
+    assert figures["jobs_run_twice"] == 0 and figures["jobs_unfinished"] == 0
+    assert figures["operations_per_s"] > 0
 
 
 def test_watchers_get_every_event(smoke: subprocess.CompletedProcess[str]) -> None:
