@@ -29,6 +29,7 @@ from serverproc import RESULTS, ROOT, Row
 
 BENCHMARKS = (
     "serve",
+    "models",
     "signals",
     "rpc",
     "pgreads",

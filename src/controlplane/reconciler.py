@@ -7,6 +7,12 @@ runs, judged by replica identities, not one status field; failed when Serve says
 a deadline passes; stopped when the application is gone). The loop never dies: an error
 on one model is recorded on that model and the loop goes on (after Ray Serve's
 controller).
+
+A settled model (DEPLOYED, no operation, every replica Serve wants running) whose
+record and observation are both what they were at its last look is not looked at again
+(a look is a write transaction, and they are serialized): with hundreds of models, the
+loop's cost while nothing changes stays flat. Such a model is still looked at every
+``SETTLED_REFRESH_S``.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ log = logging.getLogger(__name__)
 
 MISSING_GRACE_S = 2.0
 OBSERVE_TIMEOUT_S = 30.0
+SETTLED_REFRESH_S = 10.0
 
 WATCHED = (ModelState.DEPLOYING.value, ModelState.DEPLOYED.value, ModelState.STOPPING.value)
 CHANGING = (ModelState.DEPLOYING.value, ModelState.STOPPING.value)
@@ -75,6 +82,19 @@ def observation(app: AppObservation) -> Observation:
     )
 
 
+def settled(obs: Observation | None) -> bool:
+    """Serve runs every replica it wants and nothing else is under way: no decision
+    about this application depends on time (scale records wait only while counts move)."""
+    if obs is None or obs.status is not ServeStatus.RUNNING or obs.unplaceable:
+        return False
+    if obs.lost_nodes or any(r.state is not ReplicaState.RUNNING for r in obs.replicas):
+        return False
+    return obs.target is None or obs.target == len(obs.replicas)
+
+
+Seen = tuple[int, Observation | None, Observation | None]  # (model revision, its apps)
+
+
 class Reconciler:
     def __init__(
         self,
@@ -99,6 +119,9 @@ class Reconciler:
         self._unreachable = ""  # why the backend could not be observed, while it cannot
         self._observing: asyncio.Future[Mapping[str, AppObservation]] | None = None
         self._busy = False  # a model is changing: look again soon
+        # A settled model's last look: what it saw, and when (its records not changed since).
+        self._seen: dict[str, tuple[Seen, float]] = {}
+        self.looks = 0  # models looked at (written), for tests and benchmarks
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="reconciler")
@@ -136,13 +159,18 @@ class Reconciler:
     async def tick(self) -> None:
         observed = await self._observe()
         watched = await asyncio.to_thread(self._watched_models)
-        self._busy = any(state in CHANGING or operation for _, state, operation in watched)
-        for model_name, _, operation in watched:
+        self._busy = any(state in CHANGING or operation for _, state, operation, _ in watched)
+        now_s = time.monotonic()
+        for model_name, state, operation, revision in watched:
             n = names.parse_model(model_name)
             app = observed.get(app_name_for(n.project, n.model))
             obs = observation(app) if app is not None else None
             other = observed.get(candidate_app_for(n.project, n.model))
             second = observation(other) if other is not None else None
+            seen: Seen = (revision, obs, second)
+            if self._unchanged(model_name, state, operation, seen, now_s):
+                continue
+            self.looks += 1
             with logs.about(model=model_name, operation=operation):
                 try:
                     await asyncio.to_thread(self.reconcile, model_name, obs, second)
@@ -150,6 +178,30 @@ class Reconciler:
                     log.exception("reconciler: model %s", model_name)
                     why = f"{type(e).__name__}: {e}"
                     await asyncio.to_thread(self._record_error, model_name, why)
+        self._seen = {k: v for k, v in self._seen.items() if k in {w[0] for w in watched}}
+
+    def _unchanged(
+        self, model_name: str, state: str, operation: str, seen: Seen, now_s: float
+    ) -> bool:
+        """A settled model whose record and applications are as at its last look (which
+        wrote nothing new since: its revision is the same), looked at under
+        ``SETTLED_REFRESH_S`` ago. Otherwise this look is remembered, if it is settled."""
+        calm = (
+            state == ModelState.DEPLOYED.value
+            and not operation
+            and settled(seen[1])
+            and (seen[2] is None or settled(seen[2]))
+        )
+        if not calm:
+            self._seen.pop(model_name, None)
+            return False
+        last = self._seen.get(model_name)
+        if last is not None and last[0] == seen and now_s - last[1] < SETTLED_REFRESH_S:
+            return True
+        # Looked at now. Seen the same next time (this look wrote nothing: the revision
+        # stays), it is skipped; a look that wrote moves the revision, and is looked again.
+        self._seen[model_name] = (seen, now_s)
+        return False
 
     async def _observe(self) -> Mapping[str, AppObservation]:
         """The backend's view. A look that hangs (a cluster that stopped answering) fails
@@ -165,13 +217,14 @@ class Reconciler:
                 f"the backend did not answer within {OBSERVE_TIMEOUT_S:g}s"
             ) from None
 
-    def _watched_models(self) -> list[tuple[str, str, str]]:
-        """(name, state, running operation) of every model the cluster should reflect."""
-        query = select(ModelRow.name, ModelRow.state, ModelRow.running_operation).where(
-            col(ModelRow.state).in_(WATCHED)
-        )
+    def _watched_models(self) -> list[tuple[str, str, str, int]]:
+        """(name, state, running operation, revision) of every model the cluster should
+        reflect."""
+        query = select(
+            ModelRow.name, ModelRow.state, ModelRow.running_operation, ModelRow.revision
+        ).where(col(ModelRow.state).in_(WATCHED))
         with self.db.read() as s:
-            return [(name, state, op) for name, state, op in s.exec(query)]
+            return [(name, state, op, rev) for name, state, op, rev in s.exec(query)]
 
     def _resync(self) -> None:
         with self.db.write() as tx:

@@ -700,6 +700,10 @@ class _Serve:
 
     def __init__(self, client: ServeControllerClient) -> None:
         self._client = client
+        # Each application's details as last received and as parsed: parsing is costly
+        # (Serve's schema pickles each deployment's request router class on the way), and
+        # with hundreds of settled applications almost none changes between two looks.
+        self._parsed: dict[str, tuple[Any, ApplicationDetails]] = {}
 
     @classmethod
     def start(cls, http_host: str, http_port: int) -> _Serve:
@@ -711,8 +715,19 @@ class _Serve:
         self._client.deploy_apps(config)
 
     def details(self) -> ServeInstanceDetails:
-        # A dict of Serve's own schema (dumped with exclude_unset; enums as members).
-        return ServeInstanceDetails.model_validate(self._client.get_serve_details())
+        # A dict of Serve's own schema (dumped with exclude_unset; enums as members). Only
+        # the applications whose details changed since the last look are parsed again.
+        raw = dict(self._client.get_serve_details())
+        apps: dict[str, Any] = raw.pop("applications", None) or {}
+        parsed: dict[str, tuple[Any, ApplicationDetails]] = {}
+        for name, app in apps.items():
+            kept = self._parsed.get(name)
+            if kept is None or kept[0] != app:
+                kept = (app, ApplicationDetails.model_validate(app))
+            parsed[name] = kept
+        self._parsed = parsed
+        details = ServeInstanceDetails.model_validate({**raw, "applications": {}})
+        return details.model_copy(update={"applications": {n: p for n, (_, p) in parsed.items()}})
 
 
 class ForeignApplications(RuntimeError):

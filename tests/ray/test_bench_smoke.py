@@ -20,6 +20,7 @@ RESULTS = ROOT / "bench" / "results"
 OUR_CHANGES = ("scale", "resources", "new_build", "rollback", "restart")
 SMOKED = (
     "serve",
+    "models",
     "signals",
     "rpc",
     "pgreads",
@@ -104,6 +105,15 @@ def test_rpc_against_a_bare_grpc_server(smoke: subprocess.CompletedProcess[str])
         p["ours"]["calls_per_s"] > 0 and p["bare"]["calls_per_s"] > 0 for p in figures["points"]
     )
     assert figures["paced"]["ours"]["p99_ms"] > 0
+
+
+def test_models_grow_on_one_cluster(smoke: subprocess.CompletedProcess[str]) -> None:
+    figures = result("models")
+    assert [p["models"] for p in figures["points"]] == [1, 2]
+    for point in figures["points"]:
+        assert point["scale_s"] > 0 and point["new_build_s"] > 0, point
+        assert 0 < point["idle_cpu_server_pct"] <= point["idle_cpu_pct"], point
+    assert figures["leftover_ray_processes"] == 0
 
 
 def test_pgreads_on_both_databases(smoke: subprocess.CompletedProcess[str]) -> None:

@@ -1,0 +1,275 @@
+"""Models on one cluster: how the control plane's cost grows with the number of models.
+
+Starts one local Ray cluster (4 logical CPUs) and `modelctl serve` on it (SQLite). For each
+size N (default 1, 10, 25), models are added until N run (1 replica, 0.01 CPU each; every
+model builds the same iris source, so all but the first build are cache hits), then:
+
+- idle: 10 s with nothing changing: the control plane's CPU (the server and its driver
+  process, as % of one core) and RSS;
+- scale: one model 1 -> 2 replicas in place, seconds until DEPLOYED, and the control
+  plane's CPU while it ran; then back to 1;
+- new build: one model's new build (a changed source) built and deployed, seconds from
+  CreateBuild to DEPLOYED.
+
+Targets (issue 22): a change at the largest N within 1.25x of the same change at 1 model;
+idle control-plane CPU under 5% of one core. The anchor the issue also asks for, raw Serve
+given the same multi-application config, is not run here yet (see bench/README.md).
+Writes bench/results/models.json.
+
+    .venv/bin/python bench/models.py [--sizes 1,10,25] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from raycluster import free_port, start_cluster, stop_cluster
+from serve import build
+from serverproc import MODELCTL, ROOT, Row, save_result, start_process
+
+from controlplane.api.client import Client
+from controlplane.domain.states import ModelState
+from controlplane.domain.types import DeployOptions, Resources
+from workers.archive import zip_directory
+
+IDLE_S = 10.0
+PROJECT = "projects/many"
+TARGET_CHANGE_RATIO = 1.25
+TARGET_IDLE_CPU_PCT = 5.0
+
+
+def family(pid: int) -> list[int]:
+    """``pid`` and every process below it (the server's driver process, its children)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_s(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def rss_mb(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+        except OSError:
+            continue
+    return total
+
+
+async def deployed(c: Client, op_name: str) -> None:
+    op = await c.wait(op_name, timeout_s=600)
+    if op.error is not None:
+        raise SystemExit(f"{op.name} failed: {op.error.message}")
+
+
+async def add_model(c: Client, i: int, tmp: Path) -> str:
+    model = (await c.create_model(PROJECT, f"m{i:03d}")).name
+    v1 = await build(c, model, ROOT / "examples" / "iris-v1", "predict", tmp)
+    await deployed(c, (await c.create_deployment(model, v1.name, small(1))).name)
+    return model
+
+
+def small(replicas: int) -> Resources:
+    return Resources(replicas=replicas, cpus=0.01)
+
+
+async def timed(c: Client, pids: list[int], change: Any) -> tuple[float, float]:
+    """(seconds, control-plane CPU seconds) of ``change()`` until its operation is done
+    and the model DEPLOYED."""
+    cpu, started = cpu_s(pids), time.perf_counter()
+    model, op_name = await change()
+    await deployed(c, op_name)
+    m = await c.get_model(model)
+    if m.state != ModelState.DEPLOYED:
+        raise SystemExit(f"{model} is {m.state} after the change: {m.message}")
+    return time.perf_counter() - started, cpu_s(pids) - cpu
+
+
+async def new_source(c: Client, model: str, tmp: Path, n: int) -> str:
+    """The iris model with a line changed: a new build (not a cache hit)."""
+    folder = tmp / f"iris-{n}"
+    folder.mkdir(exist_ok=True)
+    text = (ROOT / "examples" / "iris-v1" / "model.py").read_text()
+    (folder / "model.py").write_text(f"{text}\n# revision {n}\n")
+    for extra in (ROOT / "examples" / "iris-v1").iterdir():
+        if extra.name != "model.py" and extra.is_file():
+            (folder / extra.name).write_bytes(extra.read_bytes())
+    zip_path = tmp / f"iris-{n}.zip"
+    zip_directory(folder, zip_path)
+    return (await c.upload_source(model, zip_path.read_bytes())).sha256
+
+
+async def measure(c: Client, server_pid: int, models: list[str], tmp: Path) -> dict[str, Any]:
+    pids = family(server_pid)
+    await asyncio.sleep(2)  # the last deploy's looks settle
+    cpu, own, started = cpu_s(pids), cpu_s([server_pid]), time.perf_counter()
+    await asyncio.sleep(IDLE_S)
+    idle_pct = (cpu_s(pids) - cpu) / (time.perf_counter() - started) * 100
+    server_pct = (cpu_s([server_pid]) - own) / (time.perf_counter() - started) * 100
+    rss = rss_mb(pids)
+    target = models[0]
+    v1 = f"{target}/builds/1"
+
+    async def scale() -> tuple[str, str]:
+        return target, (await c.create_deployment(target, v1, small(2))).name
+
+    scale_s, scale_cpu = await timed(c, pids, scale)
+    await deployed(c, (await c.create_deployment(target, v1, small(1))).name)
+    sha = await new_source(c, target, tmp, len(models))
+
+    async def new_build() -> tuple[str, str]:
+        op = await c.create_build(
+            target, sha, "model.py", "predict", deploy=DeployOptions(resources=small(1))
+        )
+        return target, op.name
+
+    build_s, build_cpu = await timed(c, pids, new_build)
+    await deployed(c, (await c.create_deployment(target, v1, small(1))).name)  # back to v1
+    return {
+        "models": len(models),
+        "idle_cpu_pct": idle_pct,
+        "idle_cpu_server_pct": server_pct,  # the rest: its driver process (Ray's client)
+        "rss_mb": rss,
+        "scale_s": scale_s,
+        "scale_cpu_s": scale_cpu,
+        "new_build_s": build_s,
+        "new_build_cpu_s": build_cpu,
+    }
+
+
+async def grow(address: str, server_pid: int, sizes: list[int], tmp: Path) -> list[dict[str, Any]]:
+    points = []
+    models: list[str] = []
+    async with Client(address) as c:
+        for n in sizes:
+            started = time.perf_counter()
+            while len(models) < n:
+                models.append(await add_model(c, len(models), tmp))
+            print(
+                f"{n} models running (added in {time.perf_counter() - started:.0f} s)", flush=True
+            )
+            point = await measure(c, server_pid, models, tmp)
+            print(
+                f"  idle CPU {point['idle_cpu_pct']:.1f}% "
+                f"(server {point['idle_cpu_server_pct']:.1f}%) RSS {point['rss_mb']:.0f} MB; "
+                f"scale {point['scale_s']:.2f} s; new build {point['new_build_s']:.2f} s",
+                flush=True,
+            )
+            points.append(point)
+    return points
+
+
+def run(sizes: list[int]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="bm", dir="/tmp") as name:
+        tmp = Path(name)
+        cluster = start_cluster(tmp / "ray", tmp / "ray.log")
+        try:
+            proc, address = start_process(
+                [
+                    MODELCTL,
+                    "serve",
+                    "--insecure-no-auth",
+                    "--console-port=0",
+                    f"--ray-address={cluster.address}",
+                    "--grpc-port=0",
+                    f"--http-port={free_port()}",
+                    f"--data-dir={tmp / 'data'}",
+                ]
+            )
+            try:
+                points = asyncio.run(grow(address, proc.pid, sizes, tmp))
+            finally:
+                proc.terminate()
+                proc.wait(120)
+        finally:
+            stop_cluster(cluster)
+    first, last = points[0], points[-1]
+    return {
+        "sizes": sizes,
+        "points": points,
+        "scale_ratio": last["scale_s"] / first["scale_s"],
+        "new_build_ratio": last["new_build_s"] / first["new_build_s"],
+        "leftover_ray_processes": len(cluster.leftovers),
+    }
+
+
+def summary(result: dict[str, Any]) -> list[Row]:
+    first, last = result["points"][0], result["points"][-1]
+    n, one = last["models"], first["models"]
+    return [
+        Row(
+            f"one model's in-place scale 1 -> 2 with {n} models running s (anchor: with {one})",
+            last["scale_s"],
+            first["scale_s"],
+            f"ratio <= {TARGET_CHANGE_RATIO:g}",
+            result["scale_ratio"] <= TARGET_CHANGE_RATIO,
+        ),
+        Row(
+            f"one model's new build, built and deployed, with {n} models running s "
+            f"(anchor: with {one})",
+            last["new_build_s"],
+            first["new_build_s"],
+            f"ratio <= {TARGET_CHANGE_RATIO:g}",
+            result["new_build_ratio"] <= TARGET_CHANGE_RATIO,
+        ),
+        Row(
+            f"control plane idle CPU with {n} models, % of one core",
+            last["idle_cpu_pct"],
+            first["idle_cpu_pct"],
+            f"< {TARGET_IDLE_CPU_PCT:g}",
+            last["idle_cpu_pct"] < TARGET_IDLE_CPU_PCT,
+        ),
+    ]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="1,10,25", help="numbers of models, growing")
+    p.add_argument("--smoke", action="store_true", help="sizes 1 and 2")
+    args = p.parse_args()
+    sizes = [1, 2] if args.smoke else [int(x) for x in args.sizes.split(",")]
+    if sizes != sorted(sizes) or sizes[0] < 1:
+        p.error("--sizes: growing numbers of models, from 1")
+    result = run(sizes)
+    result["smoke"] = args.smoke
+    print(f"{'models':>8}{'idle CPU %':>12}{'RSS MB':>10}{'scale s':>10}{'build s':>10}")
+    for pt in result["points"]:
+        print(
+            f"{pt['models']:>8}{pt['idle_cpu_pct']:>12.1f}{pt['rss_mb']:>10.0f}"
+            f"{pt['scale_s']:>10.2f}{pt['new_build_s']:>10.2f}"
+        )
+    save_result("models", result)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

@@ -1,0 +1,64 @@
+"""A settled model is not looked at again while nothing about it changes: the
+reconciler's cost while idle does not grow with the number of models (bench/models.py).
+A change to it, or to what Serve runs for it, is looked at as before."""
+
+from __future__ import annotations
+
+import pytest
+
+from controlplane.reconciler import Reconciler
+from controlplane.server import Server
+from modellifecycle.v1 import resources_pb2 as pb
+from modellifecycle.v1 import service_pb2 as rpc
+from tests.helpers import eventually
+from tests.helpers.api import Stub, build, create_model, resources, wait
+
+
+async def passes(reconciler: Reconciler, monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    """Returns once the reconciler has made ``n`` more passes."""
+    tick, done = reconciler.tick, 0
+
+    async def counted() -> None:
+        nonlocal done
+        await tick()
+        done += 1
+
+    monkeypatch.setattr(reconciler, "tick", counted)
+    await eventually(f"{n} reconciler passes", lambda: done >= n)
+    monkeypatch.setattr(reconciler, "tick", tick)
+
+
+async def test_a_settled_model_is_left_alone_until_it_changes(
+    stub: Stub, project: str, server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reconciler = server.reconciler
+    assert reconciler is not None
+    models = []
+    for i in range(3):
+        m = await create_model(stub, project, f"m{i}")
+        op = await build(stub, m.name, deploy=rpc.DeployOptions(resources=resources(1)))
+        assert not op.HasField("error"), op
+        models.append(m.name)
+    await passes(reconciler, monkeypatch, 4)  # each settled model looked at, then seen again
+    looks = reconciler.looks
+    await passes(reconciler, monkeypatch, 5)
+    assert reconciler.looks == looks, "nothing changed: no model was looked at"
+
+    op = await stub.CreateDeployment(
+        rpc.CreateDeploymentRequest(
+            parent=models[1], build=f"{models[1]}/builds/1", resources=resources(2)
+        )
+    )
+    assert not (await wait(stub, op)).HasField("error")
+    assert reconciler.looks > looks, "the change was followed"
+    model = await stub.GetModel(rpc.GetModelRequest(name=models[1]))
+    assert model.state == pb.MODEL_STATE_DEPLOYED
+    deployment = await stub.GetDeployment(rpc.GetDeploymentRequest(name=model.active_deployment))
+
+    async def two_running() -> bool:
+        d = await stub.GetDeployment(rpc.GetDeploymentRequest(name=model.active_deployment))
+        assert len(d.replicas) == 2, d.replicas
+        return True
+
+    await eventually("two replicas recorded", two_running)
+    assert deployment.resources.replicas == 2
