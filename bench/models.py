@@ -9,14 +9,16 @@ model builds the same iris source, so all but the first build are cache hits), t
 - scale: one model 1 -> 2 replicas in place, seconds until DEPLOYED, and the control
   plane's CPU while it ran; then back to 1;
 - new build: one model's new build (a changed source) built and deployed, seconds from
-  CreateBuild to DEPLOYED.
+  CreateBuild to DEPLOYED; then back to its first build.
+
+Each change is made ``--trials`` times per size (median reported, every trial kept).
 
 Targets (issue 22): a change at the largest N within 1.25x of the same change at 1 model;
 idle control-plane CPU under 5% of one core. The anchor the issue also asks for, raw Serve
 given the same multi-application config, is not run here yet (see bench/README.md).
 Writes bench/results/models.json.
 
-    .venv/bin/python bench/models.py [--sizes 1,10,25] [--smoke]
+    .venv/bin/python bench/models.py [--sizes 1,10,25] [--trials 3] [--smoke]
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -128,7 +131,9 @@ async def new_source(c: Client, model: str, tmp: Path, n: int) -> str:
     return (await c.upload_source(model, zip_path.read_bytes())).sha256
 
 
-async def measure(c: Client, server_pid: int, models: list[str], tmp: Path) -> dict[str, Any]:
+async def measure(
+    c: Client, server_pid: int, models: list[str], tmp: Path, trials: int
+) -> dict[str, Any]:
     pids = family(server_pid)
     await asyncio.sleep(2)  # the last deploy's looks settle
     cpu, own, started = cpu_s(pids), cpu_s([server_pid]), time.perf_counter()
@@ -138,35 +143,45 @@ async def measure(c: Client, server_pid: int, models: list[str], tmp: Path) -> d
     rss = rss_mb(pids)
     target = models[0]
     v1 = f"{target}/builds/1"
+    scales: list[tuple[float, float]] = []
+    builds: list[tuple[float, float]] = []
+    for trial in range(trials):
 
-    async def scale() -> tuple[str, str]:
-        return target, (await c.create_deployment(target, v1, small(2))).name
+        async def scale() -> tuple[str, str]:
+            return target, (await c.create_deployment(target, v1, small(2))).name
 
-    scale_s, scale_cpu = await timed(c, pids, scale)
-    await deployed(c, (await c.create_deployment(target, v1, small(1))).name)
-    sha = await new_source(c, target, tmp, len(models))
+        scales.append(await timed(c, pids, scale))
+        await deployed(c, (await c.create_deployment(target, v1, small(1))).name)
+        sha = await new_source(c, target, tmp, len(models) * 100 + trial)
 
-    async def new_build() -> tuple[str, str]:
-        op = await c.create_build(
-            target, sha, "model.py", "predict", deploy=DeployOptions(resources=small(1))
-        )
-        return target, op.name
+        async def new_build(sha: str = sha) -> tuple[str, str]:
+            op = await c.create_build(
+                target, sha, "model.py", "predict", deploy=DeployOptions(resources=small(1))
+            )
+            return target, op.name
 
-    build_s, build_cpu = await timed(c, pids, new_build)
-    await deployed(c, (await c.create_deployment(target, v1, small(1))).name)  # back to v1
+        builds.append(await timed(c, pids, new_build))
+        await deployed(c, (await c.create_deployment(target, v1, small(1))).name)  # v1 again
+    scale_s, scale_cpu = (statistics.median(x) for x in zip(*scales, strict=True))
+    build_s, build_cpu = (statistics.median(x) for x in zip(*builds, strict=True))
     return {
         "models": len(models),
         "idle_cpu_pct": idle_pct,
         "idle_cpu_server_pct": server_pct,  # the rest: its driver process (Ray's client)
         "rss_mb": rss,
-        "scale_s": scale_s,
+        "trials": trials,
+        "scale_s": scale_s,  # medians of the trials
+        "scale_all_s": [t for t, _ in scales],
         "scale_cpu_s": scale_cpu,
         "new_build_s": build_s,
+        "new_build_all_s": [t for t, _ in builds],
         "new_build_cpu_s": build_cpu,
     }
 
 
-async def grow(address: str, server_pid: int, sizes: list[int], tmp: Path) -> list[dict[str, Any]]:
+async def grow(
+    address: str, server_pid: int, sizes: list[int], tmp: Path, trials: int
+) -> list[dict[str, Any]]:
     points = []
     models: list[str] = []
     async with Client(address) as c:
@@ -177,7 +192,7 @@ async def grow(address: str, server_pid: int, sizes: list[int], tmp: Path) -> li
             print(
                 f"{n} models running (added in {time.perf_counter() - started:.0f} s)", flush=True
             )
-            point = await measure(c, server_pid, models, tmp)
+            point = await measure(c, server_pid, models, tmp, trials)
             print(
                 f"  idle CPU {point['idle_cpu_pct']:.1f}% "
                 f"(server {point['idle_cpu_server_pct']:.1f}%) RSS {point['rss_mb']:.0f} MB; "
@@ -188,7 +203,7 @@ async def grow(address: str, server_pid: int, sizes: list[int], tmp: Path) -> li
     return points
 
 
-def run(sizes: list[int]) -> dict[str, Any]:
+def run(sizes: list[int], trials: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bm", dir="/tmp") as name:
         tmp = Path(name)
         cluster = start_cluster(tmp / "ray", tmp / "ray.log")
@@ -206,7 +221,7 @@ def run(sizes: list[int]) -> dict[str, Any]:
                 ]
             )
             try:
-                points = asyncio.run(grow(address, proc.pid, sizes, tmp))
+                points = asyncio.run(grow(address, proc.pid, sizes, tmp, trials))
             finally:
                 proc.terminate()
                 proc.wait(120)
@@ -254,12 +269,13 @@ def summary(result: dict[str, Any]) -> list[Row]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="1,10,25", help="numbers of models, growing")
-    p.add_argument("--smoke", action="store_true", help="sizes 1 and 2")
+    p.add_argument("--trials", type=int, default=3, help="of each change, per size (median)")
+    p.add_argument("--smoke", action="store_true", help="sizes 1 and 2, one trial")
     args = p.parse_args()
     sizes = [1, 2] if args.smoke else [int(x) for x in args.sizes.split(",")]
     if sizes != sorted(sizes) or sizes[0] < 1:
         p.error("--sizes: growing numbers of models, from 1")
-    result = run(sizes)
+    result = run(sizes, 1 if args.smoke else args.trials)
     result["smoke"] = args.smoke
     print(f"{'models':>8}{'idle CPU %':>12}{'RSS MB':>10}{'scale s':>10}{'build s':>10}")
     for pt in result["points"]:

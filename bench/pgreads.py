@@ -19,14 +19,13 @@ import os
 import statistics
 import subprocess
 import tempfile
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 from records import create_database, drop_database
-from serverproc import Row, Stub, save_result, start_server
+from serverproc import Row, Stub, back_to_back, save_result, start_server
 
 from modellifecycle.v1 import service_pb2 as rpc
 
@@ -56,28 +55,7 @@ async def load(
     address: str, method: str, names: list[str], callers: int, seconds: float
 ) -> dict[str, float]:
     """``callers`` coroutines calling back to back for ``seconds``."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        call = call_of(Stub(channel), method, names)
-        await call(0)  # connected and warm
-        latencies: list[float] = []
-        end = time.perf_counter() + seconds
-
-        async def caller(k: int) -> None:
-            i = k
-            while (now := time.perf_counter()) < end:
-                await call(i)
-                latencies.append(time.perf_counter() - now)
-                i += callers
-
-        started = time.perf_counter()
-        await asyncio.gather(*(caller(k) for k in range(callers)))
-        elapsed = time.perf_counter() - started
-    ms = sorted(x * 1000 for x in latencies)
-    return {
-        "calls_per_s": len(ms) / elapsed,
-        "p50_ms": statistics.median(ms),
-        "p99_ms": ms[max(0, int(len(ms) * 0.99) - 1)],
-    }
+    return await back_to_back(address, lambda stub: call_of(stub, method, names), callers, seconds)
 
 
 def merged(rounds: list[dict[str, float]]) -> dict[str, float]:

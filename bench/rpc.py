@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from serverproc import Row, Stub, save_result, serve_bare, start_process, start_server
+from serverproc import Row, Stub, back_to_back, save_result, serve_bare, start_process, start_server
 
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
@@ -55,27 +55,10 @@ def start_bare(model_file: Path) -> tuple[subprocess.Popen[str], str]:
 
 async def load(address: str, name: str, callers: int, seconds: float) -> dict[str, float]:
     """``callers`` coroutines calling GetModel back to back for ``seconds``."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = Stub(channel)
-        request = rpc.GetModelRequest(name=name)
-        await stub.GetModel(request)  # connected and warm
-        latencies: list[float] = []
-        end = time.perf_counter() + seconds
-
-        async def caller() -> None:
-            while (now := time.perf_counter()) < end:
-                await stub.GetModel(request)
-                latencies.append(time.perf_counter() - now)
-
-        started = time.perf_counter()
-        await asyncio.gather(*(caller() for _ in range(callers)))
-        elapsed = time.perf_counter() - started
-    ms = sorted(x * 1000 for x in latencies)
-    return {
-        "calls_per_s": len(ms) / elapsed,
-        "p50_ms": statistics.median(ms),
-        "p99_ms": ms[max(0, int(len(ms) * 0.99) - 1)],
-    }
+    request = rpc.GetModelRequest(name=name)
+    return await back_to_back(
+        address, lambda stub: lambda i: stub.GetModel(request), callers, seconds
+    )
 
 
 async def paced(

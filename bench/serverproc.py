@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,6 +71,41 @@ async def serve_bare(servicer: service_pb2_grpc.ModelLifecycleServicer) -> None:
     await server.start()
     print(f"ready grpc=127.0.0.1:{port}", flush=True)
     await server.wait_for_termination()
+
+
+async def back_to_back(
+    address: str,
+    call_of: Callable[[Stub], Callable[[int], Awaitable[object]]],
+    callers: int,
+    seconds: float,
+) -> dict[str, float]:
+    """``callers`` coroutines making calls back to back for ``seconds`` on one channel:
+    calls/s and latency. ``call_of(stub)`` gives the call; its argument counts each
+    caller's calls (caller k makes calls k, k + callers, ...), to vary what is asked."""
+    import grpc
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = call_of(Stub(channel))
+        await call(0)  # connected and warm
+        latencies: list[float] = []
+        end = time.perf_counter() + seconds
+
+        async def caller(k: int) -> None:
+            i = k
+            while (now := time.perf_counter()) < end:
+                await call(i)
+                latencies.append(time.perf_counter() - now)
+                i += callers
+
+        started = time.perf_counter()
+        await asyncio.gather(*(caller(k) for k in range(callers)))
+        elapsed = time.perf_counter() - started
+    ms = sorted(x * 1000 for x in latencies)
+    return {
+        "calls_per_s": len(ms) / elapsed,
+        "p50_ms": statistics.median(ms),
+        "p99_ms": ms[max(0, int(len(ms) * 0.99) - 1)],
+    }
 
 
 def save_result(name: str, result: dict[str, Any]) -> None:

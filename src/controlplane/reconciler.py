@@ -175,10 +175,12 @@ class Reconciler:
                 try:
                     await asyncio.to_thread(self.reconcile, model_name, obs, second)
                 except Exception as e:
+                    self._seen.pop(model_name, None)  # looked at again next time
                     log.exception("reconciler: model %s", model_name)
                     why = f"{type(e).__name__}: {e}"
                     await asyncio.to_thread(self._record_error, model_name, why)
-        self._seen = {k: v for k, v in self._seen.items() if k in {w[0] for w in watched}}
+        still = {name for name, _, _, _ in watched}
+        self._seen = {k: v for k, v in self._seen.items() if k in still}
 
     def _unchanged(
         self, model_name: str, state: str, operation: str, seen: Seen, now_s: float

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import pytest
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -173,3 +174,20 @@ def error_info(err: grpc.aio.AioRpcError) -> tuple[str, dict[str, str], list[str
             detail.Unpack(bad)
             fields = [v.field for v in bad.field_violations]
     return reason, metadata, fields
+
+
+async def reconciler_passes(server: Server, monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    """Returns once the reconciler has made ``n`` more passes (each a look at what Serve
+    runs; a settled model that did not change is skipped in it)."""
+    reconciler = server.reconciler
+    assert reconciler is not None
+    tick, passes = reconciler.tick, 0
+
+    async def counted() -> None:
+        nonlocal passes
+        await tick()
+        passes += 1
+
+    monkeypatch.setattr(reconciler, "tick", counted)
+    await eventually(f"{n} reconciler passes", lambda: passes >= n)
+    monkeypatch.setattr(reconciler, "tick", tick)

@@ -25,6 +25,7 @@ from tests.helpers.api import (
     error_info,
     fake_settings,
     op_reason,
+    reconciler_passes,
     resources,
     running,
     wait,
@@ -58,21 +59,6 @@ async def redeploy(
         )
     )
     return await wait(stub, op)
-
-
-async def reconciler_passes(server: Server, monkeypatch: pytest.MonkeyPatch, n: int) -> None:
-    """Returns once the reconciler has made ``n`` more passes (each a full look)."""
-    reconciler = server.reconciler
-    assert reconciler is not None
-    tick, passes = reconciler.tick, 0
-
-    async def counted() -> None:
-        nonlocal passes
-        await tick()
-        passes += 1
-
-    monkeypatch.setattr(reconciler, "tick", counted)
-    await eventually(f"{n} reconciler passes", lambda: passes >= n)
 
 
 async def test_a_failing_new_build_goes_back_to_the_last_good_deployment(

@@ -6,26 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from controlplane.reconciler import Reconciler
 from controlplane.server import Server
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
 from tests.helpers import eventually
-from tests.helpers.api import Stub, build, create_model, resources, wait
-
-
-async def passes(reconciler: Reconciler, monkeypatch: pytest.MonkeyPatch, n: int) -> None:
-    """Returns once the reconciler has made ``n`` more passes."""
-    tick, done = reconciler.tick, 0
-
-    async def counted() -> None:
-        nonlocal done
-        await tick()
-        done += 1
-
-    monkeypatch.setattr(reconciler, "tick", counted)
-    await eventually(f"{n} reconciler passes", lambda: done >= n)
-    monkeypatch.setattr(reconciler, "tick", tick)
+from tests.helpers.api import Stub, build, create_model, reconciler_passes, resources, wait
 
 
 async def test_a_settled_model_is_left_alone_until_it_changes(
@@ -39,9 +24,9 @@ async def test_a_settled_model_is_left_alone_until_it_changes(
         op = await build(stub, m.name, deploy=rpc.DeployOptions(resources=resources(1)))
         assert not op.HasField("error"), op
         models.append(m.name)
-    await passes(reconciler, monkeypatch, 4)  # each settled model looked at, then seen again
+    await reconciler_passes(server, monkeypatch, 4)  # each settled model looked at, then seen again
     looks = reconciler.looks
-    await passes(reconciler, monkeypatch, 5)
+    await reconciler_passes(server, monkeypatch, 5)
     assert reconciler.looks == looks, "nothing changed: no model was looked at"
 
     op = await stub.CreateDeployment(
