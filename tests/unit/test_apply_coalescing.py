@@ -12,6 +12,7 @@ from controlplane.config import Settings
 from controlplane.files import Files
 from controlplane.storage.db import Database
 from controlplane.storage.jobs import Job, JobKind
+from tests.helpers import eventually
 from workers.backend import AppSpec
 
 
@@ -45,8 +46,15 @@ async def test_jobs_waiting_behind_an_apply_that_read_before_them_apply_once_mor
     first = asyncio.create_task(applies.run(job(1)))
     await asyncio.wait_for(backend.entered.wait(), 10)
     # Claimed while the first apply is on its way: it read the desired set before them.
-    later = [asyncio.create_task(applies.run(job(i))) for i in (2, 3, 4)]
-    await asyncio.sleep(0)
+    came = 0
+
+    async def run(i: int) -> None:
+        nonlocal came
+        came += 1  # run() notes when the job came in this same step, before waiting
+        await applies.run(job(i))
+
+    later = [asyncio.create_task(run(i)) for i in (2, 3, 4)]
+    await eventually("three jobs waiting behind the first apply", lambda: came == 3)
     backend.release.set()
     await asyncio.wait_for(asyncio.gather(first, *later), 10)
     assert backend.applies == 2, "one for the first job, one for the three behind it"

@@ -21,6 +21,7 @@ from controlplane.storage.changes import Changes
 from controlplane.storage.db import Database
 from controlplane.storage.model_cache import HeadCheck
 from controlplane.storage.tables import EventRow, ModelRow
+from tests.helpers import eventually
 
 MODEL = "projects/p/models/m"
 
@@ -133,8 +134,15 @@ async def test_callers_that_come_during_a_head_read_share_the_next_one() -> None
     first = asyncio.create_task(check.now())
     assert await asyncio.to_thread(started.wait, 10)
     head[0] = 2  # a write commits while the first read is under way...
-    later = [asyncio.create_task(check.now()) for _ in range(10)]  # ...then these come
-    await asyncio.sleep(0)
+    came = 0
+
+    async def caller() -> int:
+        nonlocal came
+        came += 1  # now() queues the caller in this same step, before its first await
+        return await check.now()
+
+    later = [asyncio.create_task(caller()) for _ in range(10)]  # ...then these come
+    await eventually("ten callers waiting for the next read", lambda: came == 10)
     release.set()
     assert await first == 1
     assert await asyncio.gather(*later) == [2] * 10, "each saw a read begun after it came"
