@@ -15,23 +15,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import os
 import statistics
 import subprocess
 import tempfile
 import time
-import zipfile
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import psycopg
-from google.protobuf import duration_pb2
 from records import create_database, drop_database
-from serverproc import Row, Stub, save_result, start_server
+from serverproc import Row, Stub, finished, save_result, start_build, start_server
 
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
@@ -40,39 +36,12 @@ PROJECT = "projects/ops"
 MODEL = "def predict(body):\n    return body\n"
 
 
-async def done(stub: Stub, name: str, deadline_s: float = 300) -> pb.Operation:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        op = await stub.WaitOperation(
-            rpc.WaitOperationRequest(name=name, timeout=duration_pb2.Duration(seconds=10))
-        )
-        if op.done:
-            return op
-    raise SystemExit(f"{name} not done in {deadline_s:g} s")
-
-
 async def built_model(stub: Stub, i: int) -> tuple[str, str]:
     """A model with one build; (model, build)."""
     model = await stub.CreateModel(rpc.CreateModelRequest(parent=PROJECT, model_id=f"m{i:03d}"))
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        z.writestr("model.py", MODEL)
-
-    async def chunks() -> AsyncIterator[rpc.UploadSourceRequest]:
-        yield rpc.UploadSourceRequest(parent=model.name, chunk=buf.getvalue())
-
-    src = await stub.UploadSource(chunks())
-    op = await stub.CreateBuild(
-        rpc.CreateBuildRequest(
-            parent=model.name,
-            source_sha256=src.sha256,
-            file_path="model.py",
-            function_name="predict",
-        )
-    )
-    finished = await done(stub, op.name)
-    if finished.HasField("error"):
-        raise SystemExit(f"build of {model.name} failed: {finished.error.message}")
+    op = await finished(stub, await start_build(stub, model.name, MODEL))
+    if op.HasField("error"):
+        raise SystemExit(f"build of {model.name} failed: {op.error.message}")
     return str(model.name), f"{model.name}/builds/1"
 
 
@@ -124,9 +93,9 @@ async def run(models: int) -> dict[str, Any]:
                             resources=pb.Resources(replicas=1, cpus=0.01),
                         )
                     )
-                    finished = await done(stub, op.name)
-                    if finished.HasField("error"):
-                        raise SystemExit(f"{model}: {finished.error.message}")
+                    ended = await finished(stub, op.name)
+                    if ended.HasField("error"):
+                        raise SystemExit(f"{model}: {ended.error.message}")
                     return time.perf_counter() - t0
 
                 each = await asyncio.gather(

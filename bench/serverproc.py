@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -106,6 +106,50 @@ async def back_to_back(
         "p50_ms": statistics.median(ms),
         "p99_ms": ms[max(0, int(len(ms) * 0.99) - 1)],
     }
+
+
+async def start_build(stub: Stub, model: str, source: str, deploy: Any = None) -> str:
+    """Uploads ``source`` as ``model``'s model.py and starts building its ``predict``
+    (deploying it after with ``deploy``, a DeployOptions); the operation's name."""
+    import io
+    import zipfile
+
+    from modellifecycle.v1 import service_pb2 as rpc
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("model.py", source)
+
+    async def chunks() -> AsyncIterator[rpc.UploadSourceRequest]:
+        yield rpc.UploadSourceRequest(parent=model, chunk=buf.getvalue())
+
+    src = await stub.UploadSource(chunks())
+    op = await stub.CreateBuild(
+        rpc.CreateBuildRequest(
+            parent=model,
+            source_sha256=src.sha256,
+            file_path="model.py",
+            function_name="predict",
+            deploy=deploy,
+        )
+    )
+    return str(op.name)
+
+
+async def finished(stub: Stub, name: str, deadline_s: float = 300) -> Any:
+    """The operation ``name`` once done (a pb.Operation), asked with WaitOperation."""
+    from google.protobuf import duration_pb2
+
+    from modellifecycle.v1 import service_pb2 as rpc
+
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        op = await stub.WaitOperation(
+            rpc.WaitOperationRequest(name=name, timeout=duration_pb2.Duration(seconds=10))
+        )
+        if op.done:
+            return op
+    raise SystemExit(f"{name} not done in {deadline_s:g} s")
 
 
 def save_result(name: str, result: dict[str, Any]) -> None:

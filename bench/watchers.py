@@ -34,7 +34,16 @@ from queue import Empty
 from typing import Any
 
 import grpc
-from serverproc import Row, Stub, save_result, serve_bare, start_process, start_server
+from serverproc import (
+    Row,
+    Stub,
+    finished,
+    save_result,
+    serve_bare,
+    start_build,
+    start_process,
+    start_server,
+)
 
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
@@ -61,41 +70,11 @@ def rss_mb(pid: int) -> float:
 
 
 async def deploy(stub: Stub) -> str:
-    import io
-    import zipfile
-
     model = await stub.CreateModel(rpc.CreateModelRequest(parent=PROJECT, model_id="m"))
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        z.writestr("model.py", "def predict(body):\n    return body\n")
-
-    async def chunks() -> AsyncIterator[rpc.UploadSourceRequest]:
-        yield rpc.UploadSourceRequest(parent=model.name, chunk=buf.getvalue())
-
-    src = await stub.UploadSource(chunks())
-    op = await stub.CreateBuild(
-        rpc.CreateBuildRequest(
-            parent=model.name,
-            source_sha256=src.sha256,
-            file_path="model.py",
-            function_name="predict",
-            deploy=rpc.DeployOptions(resources=pb.Resources(replicas=1)),
-        )
-    )
-    await done(stub, op.name)
+    deploy = rpc.DeployOptions(resources=pb.Resources(replicas=1))
+    source = "def predict(body):\n    return body\n"
+    await finished(stub, await start_build(stub, model.name, source, deploy), 120)
     return str(model.name)
-
-
-async def done(stub: Stub, name: str) -> None:
-    from google.protobuf import duration_pb2
-
-    for _ in range(120):
-        op = await stub.WaitOperation(
-            rpc.WaitOperationRequest(name=name, timeout=duration_pb2.Duration(seconds=1))
-        )
-        if op.done:
-            return
-    raise SystemExit(f"{name} not done")
 
 
 class Bare(service_pb2_grpc.ModelLifecycleServicer):
@@ -255,7 +234,7 @@ async def make_changes(address: str, model: str, changes: int) -> None:
         stub = Stub(channel)
         for _ in range(changes):
             op = await stub.RestartModel(rpc.RestartModelRequest(name=model))
-            await done(stub, op.name)
+            await finished(stub, op.name, 120)
 
 
 async def changes_alone(
