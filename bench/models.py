@@ -34,7 +34,7 @@ from typing import Any
 
 from raycluster import free_port, start_cluster, stop_cluster
 from serve import build
-from serverproc import MODELCTL, ROOT, Row, save_result, start_process
+from serverproc import ROOT, Row, save_result, start_on_ray
 
 from controlplane.api.client import Client
 from controlplane.domain.states import ModelState
@@ -208,18 +208,7 @@ def run(sizes: list[int], trials: int) -> dict[str, Any]:
         tmp = Path(name)
         cluster = start_cluster(tmp / "ray", tmp / "ray.log")
         try:
-            proc, address = start_process(
-                [
-                    MODELCTL,
-                    "serve",
-                    "--insecure-no-auth",
-                    "--console-port=0",
-                    f"--ray-address={cluster.address}",
-                    "--grpc-port=0",
-                    f"--http-port={free_port()}",
-                    f"--data-dir={tmp / 'data'}",
-                ]
-            )
+            proc, address = start_on_ray(cluster.address, tmp / "data", free_port())
             try:
                 points = asyncio.run(grow(address, proc.pid, sizes, tmp, trials))
             finally:

@@ -54,7 +54,7 @@ from typing import Any
 
 from httpload import CALLERS, PAUSE_S, TAIL_S, changes_under_load
 from raycluster import Cluster, free_port, start_cluster, stop_cluster
-from serverproc import MODELCTL, ROOT, Row, save_result, start_process
+from serverproc import ROOT, Row, save_result, start_on_ray
 
 from controlplane.api.client import Client
 from controlplane.config import Settings
@@ -264,18 +264,7 @@ async def phases(run: Run, address: str, anchor_args: dict[str, Any], tmp: Path)
 
 def on_cluster(run: Run, cluster: Cluster, tmp: Path) -> None:
     http_port = free_port()
-    proc, address = start_process(
-        [
-            MODELCTL,
-            "serve",
-            "--insecure-no-auth",
-            "--console-port=0",
-            f"--ray-address={cluster.address}",
-            "--grpc-port=0",
-            f"--http-port={http_port}",
-            f"--data-dir={tmp / 'data'}",
-        ]
-    )
+    proc, address = start_on_ray(cluster.address, tmp / "data", http_port)
     anchor_args = {"address": cluster.address, "http_port": http_port, "settle_s": run.settle_s}
     try:
         asyncio.run(phases(run, address, anchor_args, tmp))

@@ -61,6 +61,23 @@ def start_server(
     )
 
 
+def start_on_ray(ray_address: str, data: Path, http_port: int) -> tuple[subprocess.Popen[str], str]:
+    """`modelctl serve` on the Ray cluster at ``ray_address`` (SQLite under ``data``), as
+    its own process."""
+    return start_process(
+        [
+            MODELCTL,
+            "serve",
+            "--insecure-no-auth",
+            "--console-port=0",
+            f"--ray-address={ray_address}",
+            "--grpc-port=0",
+            f"--http-port={http_port}",
+            f"--data-dir={data}",
+        ]
+    )
+
+
 async def serve_bare(servicer: service_pb2_grpc.ModelLifecycleServicer) -> None:
     """An anchor: ``servicer`` alone on a grpc.aio server; prints the ready line."""
     import grpc
