@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from httpload import PAYLOAD, POLL_S
+from procstat import cpu_s
 from raycluster import HOST, Cluster, free_port, ours_pids, start_cluster, stop_cluster
 from serverproc import ROOT, Row, save_result
 
@@ -54,7 +55,6 @@ WARM_UP = 50  # requests to each side before it is measured (counted too)
 TARGET_THROUGHPUT = 0.95  # signals / plain, at least
 TARGET_P50 = 1.05  # signals / plain, at most
 COUNT_WAIT_S = 15.0  # for the replicas' last reports to reach the collector
-TICK = os.sysconf("SC_CLK_TCK")
 FIGURES = ("requests_per_s", "p50_ms", "p99_ms")
 
 
@@ -257,14 +257,6 @@ async def warm_up(port: int, side: str, n: int) -> int:
 # ---- CPU of every process that serves (from /proc) ----------------------------------------
 
 
-def _cpu_s(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime, every thread
-
-
 def _title(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
@@ -300,7 +292,7 @@ def process_groups(cluster: Cluster, replicas: dict[str, list[int]]) -> dict[str
 
 
 def cpu_now(groups: dict[str, list[int]]) -> dict[str, float]:
-    now = {group: sum(_cpu_s(p) for p in pids) for group, pids in groups.items()}
+    now = {group: cpu_s(pids) for group, pids in groups.items()}
     now["client"] = time.process_time()
     return now
 

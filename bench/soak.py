@@ -70,11 +70,11 @@ from typing import Any, TypeVar, cast
 
 import grpc
 from httpload import warm_up
+from procstat import rss_mb
 from raycluster import Cluster, free_port, start_cluster, stop_cluster
 from run import machine
 from serverproc import MODELCTL, Row, Stub, save_result, start_process
 from traffic import EXAMPLE, Answer, Endpoint, Paced
-from watchers import rss_mb
 
 from controlplane.api.client import Client, ClientError
 from controlplane.domain.states import BuildState, EventType, ReplicaState
@@ -484,10 +484,10 @@ class Soak:
     # ---- the kills ----------------------------------------------------------------------
 
     def start_incarnation_sample(self) -> None:
-        self.rss.append({"pid": self.proc.pid, "start_mb": rss_mb(self.proc.pid)})
+        self.rss.append({"pid": self.proc.pid, "start_mb": rss_mb([self.proc.pid])})
 
     async def kill_server(self) -> None:
-        self.rss[-1]["end_mb"] = rss_mb(self.proc.pid)
+        self.rss[-1]["end_mb"] = rss_mb([self.proc.pid])
         killed = time.perf_counter()
         self.proc.kill()
         await asyncio.to_thread(self.proc.wait)
@@ -502,7 +502,7 @@ class Soak:
         self.clients.append(self.c)
         say(f"server back after {back - killed:.1f} s (pid {self.proc.pid})")
         await asyncio.sleep(5.0)  # its watchers back, its loops running
-        self.rss.append({"pid": self.proc.pid, "start_mb": rss_mb(self.proc.pid)})
+        self.rss.append({"pid": self.proc.pid, "start_mb": rss_mb([self.proc.pid])})
 
     async def running_pids(self, m: ModelState) -> list[int]:
         """The pids of the model's running replicas (GetDeployment)."""
@@ -725,7 +725,7 @@ async def phases(s: Soak, tmp: Path, sizes: Sizes) -> dict[str, Any]:
         await asyncio.gather(*s.replacements)  # each ends by REPLACED_S
         await asyncio.sleep(1.0)
         await s.load.stop()
-        s.rss[-1]["end_mb"] = rss_mb(s.proc.pid)
+        s.rss[-1]["end_mb"] = rss_mb([s.proc.pid])
         head = await head_revision(s.c)
         reference = await replay(s.c, since, head)
         say(f"head revision {head}; waiting for every stream to reach it")

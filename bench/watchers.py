@@ -34,6 +34,7 @@ from queue import Empty
 from typing import Any
 
 import grpc
+from procstat import cpu_s, rss_mb
 from serverproc import (
     Row,
     Stub,
@@ -54,19 +55,6 @@ TARGET_RSS_MB = 500.0
 PROJECT = "projects/bench"
 KINDS = ("model", "models")
 SETTLE_S = 1.0  # after the last change: what is still on its way arrives
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 async def deploy(stub: Stub) -> str:
@@ -242,10 +230,10 @@ async def changes_alone(
 ) -> float:
     """The server's CPU seconds for the changes (and the settle time) with no watcher: what
     the changes themselves cost, taken off before CPU per delivered event."""
-    before = cpu_s(proc.pid)
+    before = cpu_s([proc.pid])
     await make_changes(address, model, changes)
     await asyncio.sleep(SETTLE_S)
-    return cpu_s(proc.pid) - before
+    return cpu_s([proc.pid]) - before
 
 
 async def measure(
@@ -261,17 +249,17 @@ async def measure(
     """Opens ``n`` watches of one ``kind``, makes ``changes`` restarts of ``model``; also
     returns the events (offset from the first, serialized) of a typical change, as
     the first stream saw them."""
-    rss_idle = rss_mb(proc.pid)
+    rss_idle = rss_mb([proc.pid])
     watchers = Watchers(address, model, kind, n, processes)
     try:
         await asyncio.to_thread(watchers.wait_ready, 120)
-        rss_watching = rss_mb(proc.pid)
-        server_cpu, started = cpu_s(proc.pid), time.perf_counter()
+        rss_watching = rss_mb([proc.pid])
+        server_cpu, started = cpu_s([proc.pid]), time.perf_counter()
         await make_changes(address, model, changes)
         await asyncio.sleep(SETTLE_S)
         wall = time.perf_counter() - started
-        server_cpu = cpu_s(proc.pid) - server_cpu
-        rss_watching = max(rss_watching, rss_mb(proc.pid))
+        server_cpu = cpu_s([proc.pid]) - server_cpu
+        rss_watching = max(rss_watching, rss_mb([proc.pid]))
     finally:
         results = await asyncio.to_thread(watchers.finish)
     ms = sorted(x * 1000 for r in results for _, x in r["latencies"])
