@@ -54,6 +54,22 @@ def _value(v: Any) -> str:
     return str(getattr(v, "value", v))
 
 
+def described(app: dict[str, Any] | None) -> str:
+    """What Serve says of the application, in the words of our reconciler's debug log."""
+    if app is None:
+        return "no application"
+    counts: dict[str, int] = {}
+    target = None
+    for d in (app.get("deployments") or {}).values():
+        target = d.get("target_num_replicas")
+        for r in d["replicas"]:
+            state = _value(r.get("state"))
+            counts[state] = counts.get(state, 0) + 1
+    replicas = ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "none"
+    wants = f", wants {target}" if target is not None else ""
+    return f"{_value(app.get('status'))}, replicas {replicas}{wants}"
+
+
 class RawServe:
     """Serve's controller, driven as `serve deploy` does: a whole config, then looks."""
 
@@ -66,6 +82,9 @@ class RawServe:
         self.args = args
         self.client = serve_api.serve_start(http_options={"host": HOST, "port": args["http_port"]})
         self.generation = 0
+        self.seen: list[tuple[float, str]] = []  # each new thing Serve said, and when
+        self.events: list[dict[str, Any]] = []  # the last timed change's, from its start
+        self.cpu_s = 0.0  # the last timed change's: this driver's CPU
 
     def deploy(self, replicas: int, roll: bool) -> None:
         from ray.serve.schema import ServeDeploySchema
@@ -78,6 +97,9 @@ class RawServe:
     def replicas(self) -> dict[str, int] | None:
         """{replica id: pid} while RUNNING with only RUNNING replicas listed, else None."""
         app = (self.client.get_serve_details().get("applications") or {}).get(APP)
+        said = described(app)
+        if not self.seen or self.seen[-1][1] != said:  # what it says, when it first said it
+            self.seen.append((time.perf_counter(), said))
         if app is None or _value(app.get("status")) != "RUNNING":
             return None
         found = [r for d in (app.get("deployments") or {}).values() for r in d["replicas"]]
@@ -96,10 +118,18 @@ class RawServe:
 
     def timed(self, n: int, old: frozenset[str] = frozenset()) -> tuple[float, dict[str, int]]:
         """Seconds from handing Serve the config until ``n`` replicas run; with ``old``
-        (the replicas running now), a rolling replacement until none of them is left."""
-        started = time.perf_counter()
+        (the replicas running now), a rolling replacement until none of them is left.
+        What Serve said on the way is in ``events`` (as bench/timeline.py shows ours)."""
+        started, cpu = time.perf_counter(), time.process_time()
+        self.seen = []
         self.deploy(n, roll=bool(old))
+        self.seen.append((time.perf_counter(), "config handed to Serve"))
         got = self.wait(n, old)
+        self.cpu_s = time.process_time() - cpu
+        self.events = [
+            {"ms": round((at - started) * 1000), "side": "anchor", "what": what}
+            for at, what in self.seen
+        ]
         return time.perf_counter() - started, got
 
     def delete(self) -> None:
@@ -108,17 +138,22 @@ class RawServe:
 
 def anchor_trials(raw: RawServe) -> dict[str, Any]:
     deploy_s, first = raw.timed(1)
+    timelines, cpu = {"deploy_s": raw.events}, {"deploy_s": raw.cpu_s}
     scale_s, scaled = raw.timed(3)
+    timelines["scale_s"], cpu["scale_s"] = raw.events, raw.cpu_s
     if not first.items() <= scaled.items():
         raise SystemExit(f"raw Serve restarted a replica while scaling: {first} -> {scaled}")
     _, two = raw.timed(2)
     restart_s, rolled = raw.timed(2, frozenset(two))
+    timelines["restart_s"], cpu["restart_s"] = raw.events, raw.cpu_s
     return {
         "deploy_s": deploy_s,
         "scale_s": scale_s,
         "restart_s": restart_s,
         "scale_kept_replica": True,
         "restart_replaced_all": not two.keys() & rolled.keys(),
+        "timelines": timelines,
+        "cpu_s": cpu,
     }
 
 

@@ -26,11 +26,17 @@ RESULTS = ROOT / "bench" / "results"
 MODELCTL = str(Path(sys.executable).with_name("modelctl"))
 
 
-def start_process(cmd: Sequence[str]) -> tuple[subprocess.Popen[str], str]:
+def start_process(
+    cmd: Sequence[str], log_path: Path | None = None
+) -> tuple[subprocess.Popen[str], str]:
     """Starts a server that prints ``ready grpc=ADDRESS ...``; returns it and ADDRESS.
 
-    Its log goes to a temporary file, shown if it does not start."""
-    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (lives as long as the process)
+    Its log goes to ``log_path`` (read afterwards) or a temporary file, shown if it does
+    not start."""
+    # Either lives as long as the process.
+    log = (
+        log_path.open("w+") if log_path is not None else tempfile.TemporaryFile("w+")  # noqa: SIM115
+    )
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline().strip()
@@ -61,7 +67,13 @@ def start_server(
     )
 
 
-def start_on_ray(ray_address: str, data: Path, http_port: int) -> tuple[subprocess.Popen[str], str]:
+def start_on_ray(
+    ray_address: str,
+    data: Path,
+    http_port: int,
+    extra: Sequence[str] = (),
+    log_path: Path | None = None,
+) -> tuple[subprocess.Popen[str], str]:
     """`modelctl serve` on the Ray cluster at ``ray_address`` (SQLite under ``data``), as
     its own process."""
     return start_process(
@@ -74,7 +86,9 @@ def start_on_ray(ray_address: str, data: Path, http_port: int) -> tuple[subproce
             "--grpc-port=0",
             f"--http-port={http_port}",
             f"--data-dir={data}",
-        ]
+            *extra,
+        ],
+        log_path,
     )
 
 

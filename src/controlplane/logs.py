@@ -84,8 +84,14 @@ class _TextFormatter(logging.Formatter):
         return f"{text} [{about}]" if about else text
 
 
+OWN = ("controlplane", "workers")  # the loggers ``level`` reaches below INFO
+
+
 def setup(fmt: str = "text", server_id: str = "", level: int = logging.INFO) -> None:
-    """The root logger writes to stderr in ``fmt`` ("text" or "json"), warnings included."""
+    """The root logger writes to stderr in ``fmt`` ("text" or "json"), warnings included.
+
+    ``level`` below INFO (DEBUG: each reconciler look at a changing model, each apply's
+    steps) applies to this project's loggers only; the libraries' stay at INFO."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_ContextFilter(server_id))
     if fmt == "json":
@@ -96,6 +102,8 @@ def setup(fmt: str = "text", server_id: str = "", level: int = logging.INFO) -> 
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(level)
+    root.setLevel(max(level, logging.INFO))
+    for name in OWN:
+        logging.getLogger(name).setLevel(level)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.captureWarnings(True)  # warnings.warn's lines too, not plain text beside them

@@ -238,6 +238,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="text",
         help="json: one object per line, with the model, operation, RPC and trace id",
     )
+    o.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning"),
+        default="info",
+        help="debug adds, for a model that changes, each reconciler look (what Serve says "
+        "of its replicas) and each apply's steps: the timeline of a slow change "
+        "(default: %(default)s)",
+    )
     c = p.add_argument_group("web console (docs/console.md)")
     c.add_argument(
         "--console-port",
@@ -417,7 +425,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"modelctl serve: error: {problem}", file=sys.stderr)
         return 2
     settings = settings_from(args)
-    logs.setup(args.log_format, settings.server_id)
+    logs.setup(args.log_format, settings.server_id, getattr(logging, args.log_level.upper()))
     try:
         code = asyncio.run(
             serve(settings, args.console_host, args.console_port, args.console_ca_file)

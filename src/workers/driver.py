@@ -253,7 +253,9 @@ class DriverBackend:
         finally:
             theirs.close()
         reader, writer = await asyncio.open_connection(sock=ours)
-        write_frame(writer, ("init", self._factory, self._options, logging.getLogger().level))
+        # The driver logs as this process's own loggers would (their debug lines included).
+        level = logging.getLogger(__name__).getEffectiveLevel()
+        write_frame(writer, ("init", self._factory, self._options, level))
         self.drivers_started += 1
         return _Driver(process, reader, writer, self._event)
 

@@ -94,7 +94,8 @@ async def serve(fd: int) -> None:
     root = logging.getLogger()
     root.handlers[:] = [_ToServer(send)]
     root.handlers[0].setFormatter(logging.Formatter())
-    root.setLevel(level)
+    root.setLevel(max(level, logging.INFO))  # as the server's: libraries stay at INFO
+    logging.getLogger("workers").setLevel(level)
     module, _, name = factory.partition(":")
     backend = getattr(importlib.import_module(module), name)(**options)
 

@@ -530,9 +530,8 @@ def _gcs_answers() -> None:
     gcs.internal_kv_get(b"modelctl-probe", namespace=None, timeout=PROBE_TIMEOUT_S)
 
 
-def _lost_nodes() -> frozenset[str]:
+def _lost_nodes(nodes: list[_Node]) -> frozenset[str]:
     """Addresses of the nodes Ray lists as dead (and not alive again at that address)."""
-    nodes = _node_table()
     alive = {n.address for n in nodes if n.alive}
     return frozenset(n.address for n in nodes if not n.alive) - alive
 
@@ -811,13 +810,19 @@ def _free_per_node() -> dict[str, dict[str, float]]:
     return {u.node_id.hex(): dict(u.resources_available) for u in usage.batch}
 
 
-def _cluster_totals() -> dict[str, float]:
+def _cluster_totals(nodes: list[_Node]) -> dict[str, float]:
     totals: dict[str, float] = {}
-    for node in _node_table():
+    for node in nodes:
         if node.alive:
             for resource, amount in node.total.items():
                 totals[resource] = totals.get(resource, 0.0) + amount
     return totals
+
+
+def _cluster_facts() -> tuple[dict[str, float], frozenset[str]]:
+    """The live nodes' resources in all, and the nodes lost: one read of the node table."""
+    nodes = _node_table()
+    return _cluster_totals(nodes), _lost_nodes(nodes)
 
 
 def _nodes(details: ServeInstanceDetails) -> list[NodeResources]:
@@ -1158,10 +1163,13 @@ class RayBackend:
         return self._runtime
 
     async def apply(self, apps: Sequence[AppSpec]) -> None:
+        started = time.monotonic()
         running = (await self._call(self._started().details)).applications
+        read_s = time.monotonic()
         kept = _others(running, {a.app_name for a in apps})
         archives = await asyncio.to_thread(self._archives, apps) if self._artifact_url else {}
         await self._hand_secrets(apps, archives)
+        handed_s = time.monotonic()
         config = ServeDeploySchema.model_validate(
             {
                 "http_options": {"host": self._http_host, "port": self._http_port},
@@ -1181,6 +1189,14 @@ class RayBackend:
             }
         )
         await self._call(self._started().deploy, config)
+        log.debug(
+            "apply: %d applications; Serve's details read in %.0f ms, archives and secrets "
+            "%.0f ms, config built and handed to Serve %.0f ms",
+            len(apps) + len(kept),
+            (read_s - started) * 1000,
+            (handed_s - read_s) * 1000,
+            (time.monotonic() - handed_s) * 1000,
+        )
 
     def _archives(self, apps: Sequence[AppSpec]) -> dict[str, tuple[str, str]]:
         """Each application's artifact as a node that does not see it fetches it: app ->
@@ -1224,8 +1240,10 @@ class RayBackend:
     async def observe(self) -> Mapping[str, AppObservation]:
         details = await self._call(self._started().details)
         apps = details.applications
-        cluster: Mapping[str, float] = await self._call(_cluster_totals) if apps else {}
-        lost = await self._call(_lost_nodes) if apps else frozenset()
+        cluster: Mapping[str, float] = {}
+        lost: frozenset[str] = frozenset()
+        if apps:
+            cluster, lost = await self._call(_cluster_facts)
         return {
             name: replace(_observation(name, app, cluster), lost_nodes=lost)
             for name, app in apps.items()

@@ -29,6 +29,8 @@ def root_logger() -> Iterator[None]:
     logging.captureWarnings(False)
     root.handlers[:] = handlers
     root.setLevel(level)
+    for name in logs.OWN:
+        logging.getLogger(name).setLevel(logging.NOTSET)
 
 
 def setup(fmt: str) -> io.StringIO:
@@ -117,3 +119,18 @@ def test_requests_name_their_model_or_operation() -> None:
     assert about(object()) == {}
     # A 100 KB name names nothing: it never reaches a log line or a span.
     assert about(rpc.GetModelRequest(name=MODEL + "x" * 100_000)) == {}
+
+
+def test_debug_reaches_this_projects_loggers_only() -> None:
+    """--log-level debug: each reconciler look and apply step, not every library's chatter."""
+    logs.setup("json", server_id="cp-test", level=logging.DEBUG)
+    (handler,) = logging.getLogger().handlers
+    assert isinstance(handler, logging.StreamHandler)
+    out = io.StringIO()
+    handler.setStream(out)
+    logging.getLogger("controlplane.reconciler").debug("look: model DEPLOYING")
+    logging.getLogger("workers.ray_backend").debug("apply: 1 applications")
+    logging.getLogger("sqlalchemy.engine").debug("SELECT 1")
+    logging.getLogger("sqlalchemy.engine").info("BEGIN")
+    said = [json.loads(line)["message"] for line in out.getvalue().splitlines()]
+    assert said == ["look: model DEPLOYING", "apply: 1 applications", "BEGIN"]

@@ -244,12 +244,11 @@ def test_an_answer_not_in_serve_s_schema_fails_loudly() -> None:
 async def test_observe_reads_every_application(monkeypatch: pytest.MonkeyPatch) -> None:
     asked: list[str] = []
 
-    def cluster_totals() -> dict[str, float]:
+    def cluster_facts() -> tuple[dict[str, float], frozenset[str]]:
         asked.append("cluster")
-        return dict(CLUSTER)
+        return dict(CLUSTER), frozenset({"10.0.0.9"})
 
-    monkeypatch.setattr(ray_backend, "_cluster_totals", cluster_totals)
-    monkeypatch.setattr(ray_backend, "_lost_nodes", lambda: frozenset({"10.0.0.9"}))
+    monkeypatch.setattr(ray_backend, "_cluster_facts", cluster_facts)
     backend = RayBackend(None, "127.0.0.1", 8000, num_cpus=4, num_gpus=0)
     with pytest.raises(RuntimeError, match="not started"):
         await backend.observe()
