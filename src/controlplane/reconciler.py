@@ -8,11 +8,14 @@ a deadline passes; stopped when the application is gone). The loop never dies: a
 on one model is recorded on that model and the loop goes on (after Ray Serve's
 controller).
 
-A settled model (DEPLOYED, no operation, every replica Serve wants running) whose
-record and observation are both what they were at its last look is not looked at again
-(a look is a write transaction, and they are serialized): with hundreds of models, the
-loop's cost while nothing changes stays flat. Such a model is still looked at every
-``SETTLED_REFRESH_S``.
+A model whose record and observation are both what they were at its last look is not
+looked at again (a look is a write transaction, and they are serialized; what it would
+decide differs only with time): a settled model (DEPLOYED, no operation, every replica
+Serve wants running) for ``SETTLED_REFRESH_S``, so that with hundreds of models the
+loop's cost while nothing changes stays flat; a changing one for ``CHANGING_REFRESH_S``,
+so that a rollout's looks between two of Serve's steps (a replica starting takes
+seconds) cost nothing, and a deadline is still seen within a second. A model whose
+application Serve does not list, or whose traffic is split, is looked at every time.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
+import sqlalchemy as sa
 from sqlmodel import col, select
 
 from controlplane import failpoints, lifecycle, logs
@@ -35,7 +40,7 @@ from controlplane.lifecycle import traffic
 from controlplane.storage import repo
 from controlplane.storage.changes import Changes, now
 from controlplane.storage.db import Database
-from controlplane.storage.tables import ModelRow
+from controlplane.storage.tables import DeploymentRow, ModelRow
 from workers.backend import (
     AppObservation,
     Backend,
@@ -49,6 +54,7 @@ log = logging.getLogger(__name__)
 MISSING_GRACE_S = 2.0
 OBSERVE_TIMEOUT_S = 30.0
 SETTLED_REFRESH_S = 10.0
+CHANGING_REFRESH_S = 1.0
 
 WATCHED = (ModelState.DEPLOYING.value, ModelState.DEPLOYED.value, ModelState.STOPPING.value)
 CHANGING = (ModelState.DEPLOYING.value, ModelState.STOPPING.value)
@@ -92,7 +98,36 @@ def settled(obs: Observation | None) -> bool:
     return obs.target is None or obs.target == len(obs.replicas)
 
 
-Seen = tuple[int, Observation | None, Observation | None]  # (model revision, its apps)
+def described(obs: Observation | None, second: Observation | None = None) -> str:
+    """One line of what Serve says of a model's application(s), for the debug log."""
+
+    def one(o: Observation | None) -> str:
+        if o is None:
+            return "no application"
+        counts: dict[str, int] = {}
+        for r in o.replicas:
+            counts[r.state.value] = counts.get(r.state.value, 0) + 1
+        replicas = ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "none"
+        wants = f", wants {o.target}" if o.target is not None else ""
+        return f"{o.status.value}, replicas {replicas}{wants}"
+
+    return one(obs) if second is None else f"{one(obs)}; second build: {one(second)}"
+
+
+# A model's last look: its revision, whether Serve was handed its serving deployment (a
+# silent write), and its applications as observed.
+Seen = tuple[int, bool, Observation | None, Observation | None]
+
+
+class Watched(NamedTuple):
+    """A model the cluster should reflect, as the loop reads it every tick."""
+
+    name: str
+    state: str
+    operation: str  # running, if any
+    revision: int
+    applied: bool  # its serving deployment handed to Serve
+    split: bool  # two builds live
 
 
 class Reconciler:
@@ -157,52 +192,64 @@ class Reconciler:
                 await asyncio.wait_for(self._stopping.wait(), interval)
 
     async def tick(self) -> None:
+        started = time.monotonic()
         observed = await self._observe()
+        seen_s = time.monotonic()
         watched = await asyncio.to_thread(self._watched_models)
-        self._busy = any(state in CHANGING or operation for _, state, operation, _ in watched)
+        self._busy = any(w.state in CHANGING or w.operation for w in watched)
+        if self._busy:
+            log.debug(
+                "tick: Serve observed in %.0f ms, records read in %.0f ms",
+                (seen_s - started) * 1000,
+                (time.monotonic() - seen_s) * 1000,
+            )
         now_s = time.monotonic()
-        for model_name, state, operation, revision in watched:
-            n = names.parse_model(model_name)
+        for w in watched:
+            n = names.parse_model(w.name)
             app = observed.get(app_name_for(n.project, n.model))
             obs = observation(app) if app is not None else None
             other = observed.get(candidate_app_for(n.project, n.model))
             second = observation(other) if other is not None else None
-            seen: Seen = (revision, obs, second)
-            if self._unchanged(model_name, state, operation, seen, now_s):
+            if self._unchanged(w, (w.revision, w.applied, obs, second), now_s):
                 continue
             self.looks += 1
-            with logs.about(model=model_name, operation=operation):
+            with logs.about(model=w.name, operation=w.operation):
+                if w.operation or w.state in CHANGING:
+                    log.debug("look: model %s; Serve: %s", w.state, described(obs, second))
                 try:
-                    await asyncio.to_thread(self.reconcile, model_name, obs, second)
+                    await asyncio.to_thread(self.reconcile, w.name, obs, second)
                 except Exception as e:
-                    self._seen.pop(model_name, None)  # looked at again next time
-                    log.exception("reconciler: model %s", model_name)
+                    self._seen.pop(w.name, None)  # looked at again next time
+                    log.exception("reconciler: model %s", w.name)
                     why = f"{type(e).__name__}: {e}"
-                    await asyncio.to_thread(self._record_error, model_name, why)
-        still = {name for name, _, _, _ in watched}
+                    await asyncio.to_thread(self._record_error, w.name, why)
+        still = {w.name for w in watched}
         self._seen = {k: v for k, v in self._seen.items() if k in still}
 
-    def _unchanged(
-        self, model_name: str, state: str, operation: str, seen: Seen, now_s: float
-    ) -> bool:
-        """A settled model whose record and applications are as at its last look (which
-        wrote nothing new since: its revision is the same), looked at under
-        ``SETTLED_REFRESH_S`` ago. Otherwise this look is remembered, if it is settled."""
-        calm = (
-            state == ModelState.DEPLOYED.value
-            and not operation
-            and settled(seen[1])
-            and (seen[2] is None or settled(seen[2]))
-        )
-        if not calm:
-            self._seen.pop(model_name, None)
+    def _unchanged(self, w: Watched, seen: Seen, now_s: float) -> bool:
+        """A model whose record and applications are as at its last look (which wrote
+        nothing new since: its revision is the same), looked at under its refresh ago:
+        ``SETTLED_REFRESH_S`` if settled, else ``CHANGING_REFRESH_S``. Otherwise this look
+        is remembered, unless Serve does not list its application or its traffic is split
+        (both looked at every time: a missing application's grace, and the second build's
+        records, are not in ``seen``)."""
+        obs, second = seen[2], seen[3]
+        if obs is None or w.split:
+            self._seen.pop(w.name, None)
             return False
-        last = self._seen.get(model_name)
-        if last is not None and last[0] == seen and now_s - last[1] < SETTLED_REFRESH_S:
+        calm = (
+            w.state == ModelState.DEPLOYED.value
+            and not w.operation
+            and settled(obs)
+            and (second is None or settled(second))
+        )
+        refresh = SETTLED_REFRESH_S if calm else CHANGING_REFRESH_S
+        last = self._seen.get(w.name)
+        if last is not None and last[0] == seen and now_s - last[1] < refresh:
             return True
         # Looked at now. Seen the same next time (this look wrote nothing: the revision
         # stays), it is skipped; a look that wrote moves the revision, and is looked again.
-        self._seen[model_name] = (seen, now_s)
+        self._seen[w.name] = (seen, now_s)
         return False
 
     async def _observe(self) -> Mapping[str, AppObservation]:
@@ -219,14 +266,29 @@ class Reconciler:
                 f"the backend did not answer within {OBSERVE_TIMEOUT_S:g}s"
             ) from None
 
-    def _watched_models(self) -> list[tuple[str, str, str, int]]:
-        """(name, state, running operation, revision) of every model the cluster should
-        reflect."""
-        query = select(
-            ModelRow.name, ModelRow.state, ModelRow.running_operation, ModelRow.revision
-        ).where(col(ModelRow.state).in_(WATCHED))
+    def _watched_models(self) -> list[Watched]:
+        """Every model the cluster should reflect."""
+        query = (
+            sa.select(  # sqlmodel's select types four columns at most
+                col(ModelRow.name),
+                col(ModelRow.state),
+                col(ModelRow.running_operation),
+                col(ModelRow.revision),
+                col(DeploymentRow.applied),
+                col(ModelRow.traffic),
+            )
+            .join(
+                DeploymentRow,
+                col(DeploymentRow.name) == col(ModelRow.active_deployment),
+                isouter=True,
+            )
+            .where(col(ModelRow.state).in_(WATCHED))
+        )
         with self.db.read() as s:
-            return [(name, state, op, rev) for name, state, op, rev in s.exec(query)]
+            return [
+                Watched(name, state, op, rev, bool(applied), bool(traffic))
+                for name, state, op, rev, applied, traffic in s.execute(query)
+            ]
 
     def _resync(self) -> None:
         with self.db.write() as tx:
