@@ -13,10 +13,13 @@ model builds the same iris source, so all but the first build are cache hits), t
 
 Each change is made ``--trials`` times per size (median reported, every trial kept).
 
-Targets (issue 22): a change at the largest N within 1.25x of the same change at 1 model;
-idle control-plane CPU under 5% of one core. The anchor the issue also asks for, raw Serve
-given the same multi-application config, is not run here yet (see bench/README.md).
-Writes bench/results/models.json.
+Then the server stops and the anchor runs on the same cluster (bench/models_anchor.py,
+a driver of its own): raw Serve given the same application N times in one declarative
+config, at the same sizes, and the same scale of one of them, timed to RUNNING.
+
+Targets (issue 22): a change at the largest N within 1.25x of the same change at 1 model,
+and the scale within 1.10x of raw Serve's at the same N; idle control-plane CPU under 5%
+of one core. Writes bench/results/models.json.
 
     .venv/bin/python bench/models.py [--sizes 1,10,25] [--trials 3] [--smoke]
 """
@@ -25,15 +28,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from procstat import cpu_s, family, rss_mb
 from raycluster import free_port, start_cluster, stop_cluster
-from serve import build
+from serve import artifact_of, build
 from serverproc import ROOT, Row, save_result, start_on_ray
 
 from controlplane.api.client import Client
@@ -44,48 +51,8 @@ from workers.archive import zip_directory
 IDLE_S = 10.0
 PROJECT = "projects/many"
 TARGET_CHANGE_RATIO = 1.25
+TARGET_ANCHOR_RATIO = 1.10
 TARGET_IDLE_CPU_PCT = 5.0
-
-
-def family(pid: int) -> list[int]:
-    """``pid`` and every process below it (the server's driver process, its children)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
-
-
-def cpu_s(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
-
-
-def rss_mb(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) / 1024
-        except OSError:
-            continue
-    return total
 
 
 async def deployed(c: Client, op_name: str) -> None:
@@ -181,7 +148,8 @@ async def measure(
 
 async def grow(
     address: str, server_pid: int, sizes: list[int], tmp: Path, trials: int
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Each size's figures, and the args of the anchor's application (our first build)."""
     points = []
     models: list[str] = []
     async with Client(address) as c:
@@ -200,6 +168,35 @@ async def grow(
                 flush=True,
             )
             points.append(point)
+        v1 = await c.get_build(f"{models[0]}/builds/1")
+    app_args = {
+        "artifact_path": artifact_of(tmp / "data", v1.image),
+        "file_path": v1.file_path,
+        "function_name": v1.function_name,
+        "build": v1.name,
+    }
+    return points, app_args
+
+
+def run_anchor(args: dict[str, Any], tmp: Path) -> list[dict[str, Any]]:
+    """Raw Serve at the same sizes, from a driver of its own (bench/models_anchor.py)."""
+    args_file = tmp / "anchor.json"
+    args_file.write_text(json.dumps(args))
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("models_anchor.py")),
+            str(tmp / "anchor.json"),
+        ],
+        stdout=subprocess.PIPE,
+        timeout=3600,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"the raw Serve driver failed ({done.returncode})")
+    points: list[dict[str, Any]] = json.loads(done.stdout.decode().strip().splitlines()[-1])[
+        "points"
+    ]
     return points
 
 
@@ -208,20 +205,34 @@ def run(sizes: list[int], trials: int) -> dict[str, Any]:
         tmp = Path(name)
         cluster = start_cluster(tmp / "ray", tmp / "ray.log")
         try:
-            proc, address = start_on_ray(cluster.address, tmp / "data", free_port())
+            http_port = free_port()
+            proc, address = start_on_ray(cluster.address, tmp / "data", http_port)
             try:
-                points = asyncio.run(grow(address, proc.pid, sizes, tmp, trials))
+                points, app_args = asyncio.run(grow(address, proc.pid, sizes, tmp, trials))
             finally:
                 proc.terminate()
                 proc.wait(120)
+            # Ours stopped (its applications stay on Serve until the anchor deletes them).
+            anchor_args = {
+                "address": cluster.address,
+                "http_port": http_port,
+                "app_args": app_args,
+                "sizes": sizes,
+                "trials": trials,
+            }
+            anchor = run_anchor(anchor_args, tmp)
         finally:
             stop_cluster(cluster)
+    for point, raw in zip(points, anchor, strict=True):
+        point["anchor_scale_s"] = raw["scale_s"]
+        point["anchor_scale_all_s"] = raw["scale_all_s"]
     first, last = points[0], points[-1]
     return {
         "sizes": sizes,
         "points": points,
         "scale_ratio": last["scale_s"] / first["scale_s"],
         "new_build_ratio": last["new_build_s"] / first["new_build_s"],
+        "scale_anchor_ratio": last["scale_s"] / last["anchor_scale_s"],
         "leftover_ray_processes": len(cluster.leftovers),
     }
 
@@ -230,6 +241,14 @@ def summary(result: dict[str, Any]) -> list[Row]:
     first, last = result["points"][0], result["points"][-1]
     n, one = last["models"], first["models"]
     return [
+        Row(
+            f"one model's in-place scale 1 -> 2 with {n} models running s (anchor: raw "
+            f"Serve given {n} applications in one config, the same scale)",
+            last["scale_s"],
+            last["anchor_scale_s"],
+            f"ratio <= {TARGET_ANCHOR_RATIO:g}",
+            result["scale_anchor_ratio"] <= TARGET_ANCHOR_RATIO,
+        ),
         Row(
             f"one model's in-place scale 1 -> 2 with {n} models running s (anchor: with {one})",
             last["scale_s"],
@@ -266,11 +285,14 @@ def main() -> None:
         p.error("--sizes: growing numbers of models, from 1")
     result = run(sizes, 1 if args.smoke else args.trials)
     result["smoke"] = args.smoke
-    print(f"{'models':>8}{'idle CPU %':>12}{'RSS MB':>10}{'scale s':>10}{'build s':>10}")
+    print(
+        f"{'models':>8}{'idle CPU %':>12}{'RSS MB':>10}{'scale s':>10}{'raw Serve':>11}"
+        f"{'build s':>10}"
+    )
     for pt in result["points"]:
         print(
             f"{pt['models']:>8}{pt['idle_cpu_pct']:>12.1f}{pt['rss_mb']:>10.0f}"
-            f"{pt['scale_s']:>10.2f}{pt['new_build_s']:>10.2f}"
+            f"{pt['scale_s']:>10.2f}{pt['anchor_scale_s']:>11.2f}{pt['new_build_s']:>10.2f}"
         )
     save_result("models", result)
 

@@ -113,6 +113,7 @@ def test_models_grow_on_one_cluster(smoke: subprocess.CompletedProcess[str]) -> 
     for point in figures["points"]:
         assert point["scale_s"] > 0 and point["new_build_s"] > 0, point
         assert 0 < point["idle_cpu_server_pct"] <= point["idle_cpu_pct"], point
+        assert point["anchor_scale_s"] > 0, "raw Serve ran the same sizes"
     assert figures["leftover_ray_processes"] == 0
 
 
@@ -173,6 +174,20 @@ def test_serve_beside_raw_serve(smoke: subprocess.CompletedProcess[str]) -> None
     assert figures["scale_kept_replica"] is True, "scaling in place restarted a replica"
     assert figures["restart_replaced_all"] is True
     assert figures["leftover_ray_processes"] == 0
+
+
+def test_serve_timeline_of_a_change(smoke: subprocess.CompletedProcess[str]) -> None:
+    """The worst round's timeline has the client's marks and the server's own steps in it:
+    the job, the apply's, and the reconciler's looks at the changing model."""
+    events = result("serve")["timelines"]["deploy_s"]["worst"]["events"]
+    said = [e["what"] for e in events]
+    assert said[0].startswith("CREATE_DEPLOYMENT returned"), said
+    assert said[-1] == "GetModel returned: DEPLOYED", said
+    assert any(w.startswith("apply_job: ") or w.startswith("dispatcher: job ") for w in said)
+    assert any(w.startswith("ray_backend: apply: ") for w in said), said
+    looks = [w for w in said if w.startswith("reconciler: look: model DEPLOYING")]
+    assert looks and "RUNNING, replicas 1 RUNNING" in looks[-1], said
+    assert [e["ms"] for e in events] == sorted(e["ms"] for e in events)
 
 
 def test_no_request_fails_during_any_change(smoke: subprocess.CompletedProcess[str]) -> None:
