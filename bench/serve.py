@@ -17,7 +17,8 @@ which would delete the other's applications; the order alternates between rounds
   to the controller's deploy_apps) with Serve's own rollout defaults, polling
   get_serve_details every 0.1 s until RUNNING with the expected RUNNING replicas: deploy
   1 replica, scale 1 -> 3 (the first replica must survive), a rolling replacement of 2
-  (a runtime_env variable changes the code version) until every replica is new.
+  (a new generation in the application's args changes the code version, as ours does on
+  a restart) until every replica is new.
   Serve's defaults there: no surge (an old replica stops before its replacement
   starts, 20% at a time), graceful shutdown 20 s polled every 2 s; ours rolls with
   max_surge_percent=100 and a 0.5 s shutdown poll (src/workers/ray_backend.py).

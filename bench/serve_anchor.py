@@ -33,8 +33,9 @@ def anchor_config(args: dict[str, Any], replicas: int, generation: int) -> dict[
                 "name": APP,
                 "route_prefix": ROUTE,
                 "import_path": IMPORT_PATH,
-                "args": args["app_args"],
-                "runtime_env": {"env_vars": {"ANCHOR_GENERATION": str(generation)}},
+                # A new generation is a new code version (Serve hashes the args): every
+                # replica is replaced, as ours are on a restart.
+                "args": {**args["app_args"], "restart_generation": generation},
                 "deployments": [
                     {
                         "name": "model",
@@ -89,7 +90,7 @@ class RawServe:
     def deploy(self, replicas: int, roll: bool) -> None:
         from ray.serve.schema import ServeDeploySchema
 
-        if roll:  # a new runtime_env: a new code version, so Serve replaces every replica
+        if roll:  # new args: a new code version, so Serve replaces every replica
             self.generation += 1
         config = anchor_config(self.args, replicas, self.generation)
         self.client.deploy_apps(ServeDeploySchema.model_validate(config))

@@ -118,9 +118,8 @@ def _ray_logs_through_root() -> None:
 _ray_logs_through_root()  # before ray.init, which already logs (its SIGTERM warning)
 
 DEPLOYMENT = "model"  # the one Serve deployment of every model application
-RESTART_ENV = "CP_RESTART_GENERATION"
+RESTART_ENV = "CP_RESTART_GENERATION"  # in a replica's environment, not the build's check
 IMPORT_PATH = f"{__name__}:build_app"  # every model application's, and no one else's
-SECRETS_ENV = "CP_SECRETS_VERSION"  # the version a replica claims from the broker
 SECRETS_BROKER = "modelctl-secrets"  # the detached actor holding secret values
 CLAIM_TIMEOUT_S = 30.0
 MiB = 1024 * 1024
@@ -248,8 +247,13 @@ class ModelServer:
         signals: bool = True,
         signals_app: str = "",
         archive: tuple[str, ...] = (),
+        secrets_version: str = "",
+        restart_generation: int = 0,
     ):
-        _claim_secrets()  # before the model's code runs: it may read them at import
+        # The model's code can tell a replica from the build's import check by this, set
+        # before it is imported (how many times the model was restarted).
+        os.environ[RESTART_ENV] = str(restart_generation)
+        _claim_secrets(secrets_version)  # before the model's code runs: it may read them
         self._signals: ReplicaSignals | None = None
         if signals:
             self._signals = ReplicaSignals(_identity(build, signals_app))
@@ -394,10 +398,9 @@ class _Share:
         task.add_done_callback(self._copies.discard)
 
 
-def _claim_secrets() -> None:
+def _claim_secrets(version: str) -> None:
     """A replica's secret values, claimed once from the broker (``workers.secret_broker``)
     and put into its own environment; nothing when its application has none."""
-    version = os.environ.get(SECRETS_ENV, "")
     if not version:
         return
     app = serve.get_replica_context().app_name
@@ -559,6 +562,8 @@ def build_app(args: dict[str, Any]) -> Any:
         bool(args.get("signals", True)),
         str(args.get("signals_app", "")),
         tuple(args.get("archive") or ()),
+        str(args.get("secrets_version", "")),
+        int(args.get("restart_generation", 0)),
     )
 
 
@@ -573,16 +578,16 @@ def _app_config(
     does not see ``artifact_path`` (None: every node does). ``path_on_nodes``: False when
     no node is expected to see it (servers that share no disk): the config names the
     build by its archive alone, the same whichever server applies it."""
-    env = dict(spec.environment)
-    env[RESTART_ENV] = str(spec.restart_generation)
     path = spec.artifact_path if path_on_nodes or archive is None else ""
-    env["CP_ARTIFACT"] = path or Path(spec.artifact_path).name
-    if spec.secrets_version:  # the values go through the broker, never the config
-        env[SECRETS_ENV] = spec.secrets_version
     actor_options: dict[str, Any] = {"num_cpus": spec.cpus, "num_gpus": spec.gpus}
     if spec.memory_mib:
         actor_options["memory"] = spec.memory_mib * MiB
-    return {
+    # What the replicas need besides the user's variables goes in the args: they are in
+    # Serve's code version (a new generation or secrets version replaces every replica),
+    # and a runtime_env is left out when the user sets no variable, so that Ray starts a
+    # replica in one of its ready worker processes (a runtime_env of any kind needs a new
+    # one: ~0.4 s more per replica, measured with bench/models.py's anchor).
+    config: dict[str, Any] = {
         "name": spec.app_name,
         "route_prefix": spec.route_prefix,
         "import_path": IMPORT_PATH,
@@ -592,9 +597,12 @@ def _app_config(
             "function_name": spec.function_name,
             "build": spec.build_name,
             "signals_app": spec.signals_app,
+            "restart_generation": spec.restart_generation,
+            # The version the replica claims its values with; they go through the broker,
+            # never the config.
+            **({"secrets_version": spec.secrets_version} if spec.secrets_version else {}),
             **({"archive": list(archive)} if archive else {}),
         },
-        "runtime_env": {"env_vars": env},
         "deployments": [
             {
                 "name": DEPLOYMENT,
@@ -612,6 +620,9 @@ def _app_config(
             }
         ],
     }
+    if spec.environment:
+        config["runtime_env"] = {"env_vars": dict(spec.environment)}
+    return config
 
 
 def _autoscaling(spec: AppSpec, new: bool) -> dict[str, Any]:

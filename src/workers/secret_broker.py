@@ -3,7 +3,7 @@
 Ray writes a ``runtime_env``'s environment variables into its logs, and Serve shows an
 application's whole config (``serve config``, the dashboard, ``get_serve_details``) to
 anyone on the cluster. So an application's config carries only a version of its secrets
-(``CP_SECRETS_VERSION``), and the values wait in the broker, an actor of the control
+(its ``secrets_version`` argument), and the values wait in the broker, an actor of the control
 plane's that the control plane fills on every apply (``put``). A starting replica claims
 them (``claim``) with its own actor id before it loads the model: the broker answers only
 for a live actor that Serve named as a replica of that application, and only once per

@@ -45,8 +45,8 @@ def predict(body):
     version = ""
     for name, a in json.loads(details)["applications"].items():
         if name == app:
-            env = (a.get("deployed_app_config") or {}).get("runtime_env", {})
-            version = env.get("env_vars", {}).get("CP_SECRETS_VERSION", "")
+            args = (a.get("deployed_app_config") or {}).get("args", {})
+            version = args.get("secrets_version", "")
     broker = ray.get_actor("modelctl-secrets", namespace="modelctl")
     own = ray.get_runtime_context().get_actor_id()
     theirs = [

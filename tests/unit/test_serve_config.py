@@ -55,3 +55,24 @@ def test_an_autoscaled_application_starts_with_its_count_and_then_keeps_what_it_
     # Serve sets the count to initial_replicas on every config change: a running
     # application gets none, and keeps the count its autoscaler reached.
     assert "initial_replicas" not in deployment(spec, new=False)["autoscaling_config"]
+
+
+def test_no_runtime_env_unless_the_user_sets_variables() -> None:
+    """A runtime_env of any kind makes Ray start a new worker process for each replica;
+    without one a replica starts in a worker Ray has ready."""
+    assert "runtime_env" not in _app_config(SPEC)
+    spec = AppSpec(**{**SPEC.__dict__, "environment": {"MODEL_MODE": "fast"}})
+    assert _app_config(spec)["runtime_env"] == {"env_vars": {"MODEL_MODE": "fast"}}
+
+
+def test_a_restart_or_new_secrets_change_the_args_serve_hashes_into_the_code_version() -> None:
+    """Serve replaces every replica when an application's args change (its code version
+    hashes import path, runtime_env and args): a restart is a new generation there."""
+    args = _app_config(SPEC)["args"]
+    assert args["restart_generation"] == 0 and "secrets_version" not in args
+    restarted = AppSpec(**{**SPEC.__dict__, "restart_generation": 1})
+    assert _app_config(restarted)["args"] == {**args, "restart_generation": 1}
+    secret = AppSpec(**{**SPEC.__dict__, "secrets_version": "v2"})
+    assert _app_config(secret)["args"] == {**args, "secrets_version": "v2"}
+    # The values never: only the version the replica claims them with.
+    assert "secrets" not in _app_config(secret)["args"]
