@@ -130,7 +130,7 @@ def test_debug_reaches_this_projects_loggers_only() -> None:
     handler.setStream(out)
     logging.getLogger("controlplane.reconciler").debug("look: model DEPLOYING")
     logging.getLogger("workers.ray_backend").debug("apply: 1 applications")
-    logging.getLogger("sqlalchemy.engine").debug("SELECT 1")
-    logging.getLogger("sqlalchemy.engine").info("BEGIN")
+    logging.getLogger("a_library.engine").debug("SELECT 1")
+    logging.getLogger("a_library.engine").info("BEGIN")
     said = [json.loads(line)["message"] for line in out.getvalue().splitlines()]
     assert said == ["look: model DEPLOYING", "apply: 1 applications", "BEGIN"]

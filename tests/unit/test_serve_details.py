@@ -274,3 +274,43 @@ async def test_observe_reads_every_application(monkeypatch: pytest.MonkeyPatch) 
     assert seen["p1--big"].unplaceable.startswith("replicas cannot be placed")
     assert seen[APP].lost_nodes == frozenset({"10.0.0.9"}), "nodes the cluster lost, said"
     assert asked == ["cluster"]
+
+
+def test_details_are_read_without_pickling_any_request_router(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Serve's schema would import and cloudpickle each deployment's router class as it
+    parses it (milliseconds each, for nothing this backend reads): the details are read
+    with the class marked as serialized already."""
+    from ray._common.utils import import_module_and_attr
+    from ray.serve import config as serve_config
+
+    config = {
+        "name": APP,
+        "route_prefix": "/p1/iris",
+        "import_path": "workers.ray_backend:build_app",
+        "deployments": [{"name": "model", "num_replicas": 2}],
+    }
+    model = deployment(replicas=[replica("r1", "RUNNING")])
+    # As the controller sends it: the router's config set (its default class).
+    model["deployment_config"]["request_router_config"] = {
+        "request_router_class": "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter",
+        "request_router_kwargs": {},
+    }
+    app = application("RUNNING", {"model": model}, deployed_app_config=config)
+    client = FakeClient({APP: app})  # built before the imports are counted
+
+    imported: list[str] = []  # (an exception in there would be taken for a failed branch)
+    real = import_module_and_attr
+
+    def counted(path: str) -> Any:
+        imported.append(path)
+        return real(path)
+
+    monkeypatch.setattr(serve_config, "import_module_and_attr", counted)
+    details = _Serve(cast(Any, client)).details()
+    assert imported == [], "a request router was imported to be pickled"
+    parsed = details.applications[APP]
+    assert [r.replica_id for r in parsed.deployments["model"].replicas] == ["r1"]
+    assert parsed.deployed_app_config is not None
+    assert parsed.deployed_app_config.deployments[0].name == "model"
