@@ -48,7 +48,8 @@ from controlplane.domain.states import ModelState
 from controlplane.domain.types import DeployOptions, Resources
 from workers.archive import zip_directory
 
-IDLE_S = 10.0
+IDLE_S = 10.0  # --smoke: SMOKE_IDLE_S
+SMOKE_IDLE_S = 3.0
 PROJECT = "projects/many"
 TARGET_CHANGE_RATIO = 1.25
 TARGET_ANCHOR_RATIO = 1.10
@@ -99,12 +100,12 @@ async def new_source(c: Client, model: str, tmp: Path, n: int) -> str:
 
 
 async def measure(
-    c: Client, server_pid: int, models: list[str], tmp: Path, trials: int
+    c: Client, server_pid: int, models: list[str], tmp: Path, trials: int, idle_s: float
 ) -> dict[str, Any]:
     pids = family(server_pid)
     await asyncio.sleep(2)  # the last deploy's looks settle
     cpu, own, started = cpu_s(pids), cpu_s([server_pid]), time.perf_counter()
-    await asyncio.sleep(IDLE_S)
+    await asyncio.sleep(idle_s)
     idle_pct = (cpu_s(pids) - cpu) / (time.perf_counter() - started) * 100
     server_pct = (cpu_s([server_pid]) - own) / (time.perf_counter() - started) * 100
     rss = rss_mb(pids)
@@ -147,7 +148,7 @@ async def measure(
 
 
 async def grow(
-    address: str, server_pid: int, sizes: list[int], tmp: Path, trials: int
+    address: str, server_pid: int, sizes: list[int], tmp: Path, trials: int, idle_s: float
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Each size's figures, and the args of the anchor's application (our first build)."""
     points = []
@@ -160,7 +161,7 @@ async def grow(
             print(
                 f"{n} models running (added in {time.perf_counter() - started:.0f} s)", flush=True
             )
-            point = await measure(c, server_pid, models, tmp, trials)
+            point = await measure(c, server_pid, models, tmp, trials, idle_s)
             print(
                 f"  idle CPU {point['idle_cpu_pct']:.1f}% "
                 f"(server {point['idle_cpu_server_pct']:.1f}%) RSS {point['rss_mb']:.0f} MB; "
@@ -200,7 +201,7 @@ def run_anchor(args: dict[str, Any], tmp: Path) -> list[dict[str, Any]]:
     return points
 
 
-def run(sizes: list[int], trials: int) -> dict[str, Any]:
+def run(sizes: list[int], trials: int, idle_s: float = IDLE_S) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bm", dir="/tmp") as name:
         tmp = Path(name)
         cluster = start_cluster(tmp / "ray", tmp / "ray.log")
@@ -208,7 +209,7 @@ def run(sizes: list[int], trials: int) -> dict[str, Any]:
             http_port = free_port()
             proc, address = start_on_ray(cluster.address, tmp / "data", http_port)
             try:
-                points, app_args = asyncio.run(grow(address, proc.pid, sizes, tmp, trials))
+                points, app_args = asyncio.run(grow(address, proc.pid, sizes, tmp, trials, idle_s))
             finally:
                 proc.terminate()
                 proc.wait(120)
@@ -278,12 +279,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="1,10,25", help="numbers of models, growing")
     p.add_argument("--trials", type=int, default=3, help="of each change, per size (median)")
-    p.add_argument("--smoke", action="store_true", help="sizes 1 and 2, one trial")
+    p.add_argument("--smoke", action="store_true", help="sizes 1 and 2, one trial, 3 s idle")
     args = p.parse_args()
     sizes = [1, 2] if args.smoke else [int(x) for x in args.sizes.split(",")]
     if sizes != sorted(sizes) or sizes[0] < 1:
         p.error("--sizes: growing numbers of models, from 1")
-    result = run(sizes, 1 if args.smoke else args.trials)
+    result = run(sizes, 1, SMOKE_IDLE_S) if args.smoke else run(sizes, args.trials)
     result["smoke"] = args.smoke
     print(
         f"{'models':>8}{'idle CPU %':>12}{'RSS MB':>10}{'scale s':>10}{'raw Serve':>11}"
