@@ -314,3 +314,18 @@ def test_details_are_read_without_pickling_any_request_router(
     assert [r.replica_id for r in parsed.deployments["model"].replicas] == ["r1"]
     assert parsed.deployed_app_config is not None
     assert parsed.deployed_app_config.deployments[0].name == "model"
+
+
+def test_each_look_reads_what_serve_says_now() -> None:
+    """What is parsed once is kept only while Serve says the same: an application that
+    changed, and the instance's own fields, are read again."""
+    client = FakeClient({APP: application("DEPLOYING", {"model": deployment()})})
+    serve = _Serve(cast(Any, client))
+    first = serve.details()
+    assert first.applications[APP].status == ApplicationStatus.DEPLOYING
+    again = FakeClient({APP: application("RUNNING", {"model": deployment()})}).answer
+    again["target_capacity"] = 50.0
+    client.answer = again
+    second = serve.details()
+    assert second.applications[APP].status == ApplicationStatus.RUNNING
+    assert second.target_capacity == 50.0 and first.target_capacity is None
