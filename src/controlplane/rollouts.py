@@ -105,7 +105,7 @@ class Rollouts:
         at = now()
         elapsed = max(0.0, (at - record.step_start).total_seconds())
         window = max(STEP_S, math.ceil(elapsed / STEP_S) * STEP_S)
-        builds = self.signals.series(model_name, window, window).builds
+        builds = self.signals.series(model_name, window, window, replicas=False).builds
         candidate = step_figures(builds.get(split.candidate_build))
         current = step_figures(builds.get(split.stable_build))
         with self.db.write() as tx:

@@ -190,10 +190,15 @@ class Window:
         step_s: int = STEP_S,
         now: float | None = None,
         alive: Collection[str] | None = None,
+        builds: bool = True,
+        replicas: bool = True,
     ) -> ModelSeries:
         """The figures of ``app`` over the last ``window_s``, in points of ``step_s``.
         ``alive``: the replicas Serve lists now, when known; a replica that reported lately
-        but is not among them has stopped (its last report may be seconds old)."""
+        but is not among them has stopped (its last report may be seconds old).
+        ``builds``/``replicas`` False: those series are left empty (a caller that reads
+        only the model's figures, as the health judge does for every model, pays for
+        those alone)."""
         now = time.time() if now is None else now
 
         def running(t: _Track) -> bool:
@@ -226,10 +231,10 @@ class Window:
             return Series(totals, tuple(points))
 
         everything = list(tracks.values())
-        builds: dict[str, list[_Track]] = {}
-        for t in everything:
-            builds.setdefault(t.last.build, []).append(t)
-        replicas = tuple(
+        by_build: dict[str, list[_Track]] = {}
+        for t in everything if builds else ():
+            by_build.setdefault(t.last.build, []).append(t)
+        per_replica = tuple(
             ReplicaSeries(
                 replica=t.last.replica,
                 build=t.last.build,
@@ -238,7 +243,9 @@ class Window:
                 running=running(t),
                 series=series([t], False),
             )
-            for t in sorted(everything, key=lambda t: (t.last.build, t.last.start_time))
+            for t in sorted(
+                everything if replicas else (), key=lambda t: (t.last.build, t.last.start_time)
+            )
             if any(first <= at <= last for at in t.steps) or running(t)
         )
         return ModelSeries(
@@ -247,8 +254,8 @@ class Window:
             end=(last + 1) * STEP_S,
             step_s=step_s,
             model=series(everything, True),
-            builds={b: series(ts, False) for b, ts in sorted(builds.items())},
-            replicas=replicas,
+            builds={b: series(ts, False) for b, ts in sorted(by_build.items())},
+            replicas=per_replica,
         )
 
 

@@ -203,21 +203,33 @@ class Signals:
     # ---- figures -------------------------------------------------------------------------
 
     def series(
-        self, model: str, window_s: int, step_s: int, alive: Collection[str] | None = None
+        self,
+        model: str,
+        window_s: int,
+        step_s: int,
+        alive: Collection[str] | None = None,
+        builds: bool = True,
+        replicas: bool = True,
     ) -> ModelSeries:
-        """``alive``: the replica ids Serve lists for the model now, when known."""
-        return self.window.query(app_of(model), window_s, step_s, alive=alive)
+        """``alive``: the replica ids Serve lists for the model now, when known;
+        ``builds``/``replicas`` False: those series left empty (``Window.query``)."""
+        return self.window.query(
+            app_of(model), window_s, step_s, alive=alive, builds=builds, replicas=replicas
+        )
 
     def recent(self, model: str) -> Recent:
         """The figures the health rules look at, from the window."""
         r = self.rules
         alive = self._known.alive.get(model, frozenset())
-        usage = self.series(model, int(r.provisioning_minutes * 60), STEP_S, alive)
+        # Judged for every model every health_interval_s: only the series read are made.
+        usage = self.series(
+            model, int(r.provisioning_minutes * 60), STEP_S, alive, builds=False, replicas=False
+        )
         covered = sum(1 for p in usage.model.points if p.figures.replicas) * STEP_S / 60
         u = usage.model.totals
         period = int(r.dropping_minutes * 60)
-        dropping = self.series(model, period, period, alive)
-        errors = self.series(model, int(r.error_minutes * 60), STEP_S, alive)
+        dropping = self.series(model, period, period, alive, builds=False, replicas=False)
+        errors = self.series(model, int(r.error_minutes * 60), STEP_S, alive, replicas=False)
         builds = []
         for build, s in errors.builds.items():
             failing = [p for p in s.points if p.figures.errors]
@@ -247,7 +259,9 @@ class Signals:
             if app not in models:
                 continue
             alive = self._known.alive.get(models[app], frozenset())
-            now = self.window.query(app, 60, 60, alive=alive).model.totals
+            now = self.window.query(
+                app, 60, 60, alive=alive, builds=False, replicas=False
+            ).model.totals
             use.append(
                 ModelUse(
                     model=models[app],
@@ -269,7 +283,9 @@ class Signals:
         """Requests in flight on the model's replicas or queued for one in the last
         minute (the most seen), or None when no replica reported."""
         alive = self._known.alive.get(model, frozenset())
-        now = self.window.query(app_of(model), 60, 60, alive=alive).model.totals
+        now = self.window.query(
+            app_of(model), 60, 60, alive=alive, builds=False, replicas=False
+        ).model.totals
         if not now.replicas and not now.queued:
             return None
         return float(now.in_flight + now.queued)

@@ -77,6 +77,25 @@ def test_builds_and_replicas_are_apart_and_the_model_is_their_sum() -> None:
     assert s.builds[BUILD2].totals.latency_p50_ms > 36 > s.builds[BUILD1].totals.latency_p99_ms
 
 
+def test_a_query_for_the_model_alone_gives_the_same_model_figures() -> None:
+    """The health judge asks for the model's series only (no builds, no replicas): the
+    same model figures, for a fraction of the work."""
+    w = Window(clock=T0 - 1)
+    w.add(
+        [
+            reading("old", T0 + 5, requests=100, latency=lat(3, 100)),
+            reading("new", T0 + 5, build=BUILD2, requests=30, model_errors=10),
+        ],
+        [],
+    )
+    whole = w.query("p.m", 60, now=T0 + 6)
+    alone = w.query("p.m", 60, now=T0 + 6, builds=False, replicas=False)
+    assert alone.model == whole.model and alone.model.totals.requests == 130
+    assert alone.builds == {} and alone.replicas == ()
+    builds_only = w.query("p.m", 60, now=T0 + 6, replicas=False)
+    assert builds_only.builds == whole.builds and builds_only.replicas == ()
+
+
 def test_cpu_use_is_cores_on_average_beside_what_was_requested() -> None:
     w = Window(clock=T0 - 1)
     for i in range(7):  # a replica burning half a core for a minute
