@@ -42,6 +42,7 @@ from procstat import cpu_s, family, rss_mb
 from raycluster import free_port, start_cluster, stop_cluster
 from serve import artifact_of, build
 from serverproc import ROOT, Row, save_result, start_on_ray
+from timeline import Window, server_lines, show, timeline
 
 from controlplane.api.client import Client
 from controlplane.domain.states import ModelState
@@ -73,16 +74,20 @@ def small(replicas: int) -> Resources:
     return Resources(replicas=replicas, cpus=0.01)
 
 
-async def timed(c: Client, pids: list[int], change: Any) -> tuple[float, float]:
-    """(seconds, control-plane CPU seconds) of ``change()`` until its operation is done
-    and the model DEPLOYED."""
-    cpu, started = cpu_s(pids), time.perf_counter()
+async def timed(c: Client, pids: list[int], change: Any) -> tuple[float, float, Window]:
+    """(seconds, control-plane CPU seconds, the client's marks) of ``change()`` until its
+    operation is done and the model DEPLOYED."""
+    cpu, w = cpu_s(pids), Window("change", "")
     model, op_name = await change()
+    w.model = model
+    w.mark("the call returned its operation")
     await deployed(c, op_name)
+    w.mark("WaitOperation returned: done")
     m = await c.get_model(model)
+    w.mark(f"GetModel returned: {m.state}")
     if m.state != ModelState.DEPLOYED:
         raise SystemExit(f"{model} is {m.state} after the change: {m.message}")
-    return time.perf_counter() - started, cpu_s(pids) - cpu
+    return w.seconds, cpu_s(pids) - cpu, w
 
 
 async def new_source(c: Client, model: str, tmp: Path, n: int) -> str:
@@ -111,8 +116,8 @@ async def measure(
     rss = rss_mb(pids)
     target = models[0]
     v1 = f"{target}/builds/1"
-    scales: list[tuple[float, float]] = []
-    builds: list[tuple[float, float]] = []
+    scales: list[tuple[float, float, Window]] = []
+    builds: list[tuple[float, float, Window]] = []
     for trial in range(trials):
 
         async def scale() -> tuple[str, str]:
@@ -130,8 +135,10 @@ async def measure(
 
         builds.append(await timed(c, pids, new_build))
         await deployed(c, (await c.create_deployment(target, v1, small(1))).name)  # v1 again
-    scale_s, scale_cpu = (statistics.median(x) for x in zip(*scales, strict=True))
-    build_s, build_cpu = (statistics.median(x) for x in zip(*builds, strict=True))
+    scale_s = statistics.median(t for t, _, _ in scales)
+    scale_cpu = statistics.median(cpu for _, cpu, _ in scales)
+    build_s = statistics.median(t for t, _, _ in builds)
+    build_cpu = statistics.median(cpu for _, cpu, _ in builds)
     return {
         "models": len(models),
         "idle_cpu_pct": idle_pct,
@@ -139,10 +146,12 @@ async def measure(
         "rss_mb": rss,
         "trials": trials,
         "scale_s": scale_s,  # medians of the trials
-        "scale_all_s": [t for t, _ in scales],
+        "scale_all_s": [t for t, _, _ in scales],
         "scale_cpu_s": scale_cpu,
         "new_build_s": build_s,
-        "new_build_all_s": [t for t, _ in builds],
+        "new_build_all_s": [t for t, _, _ in builds],
+        # the slowest scale's marks, for its timeline (taken out before the result is saved)
+        "_worst_scale": max((w for _, _, w in scales), key=lambda w: w.seconds),
         "new_build_cpu_s": build_cpu,
     }
 
@@ -207,12 +216,19 @@ def run(sizes: list[int], trials: int, idle_s: float = IDLE_S) -> dict[str, Any]
         cluster = start_cluster(tmp / "ray", tmp / "ray.log")
         try:
             http_port = free_port()
-            proc, address = start_on_ray(cluster.address, tmp / "data", http_port)
+            # Its debug log in JSON: the slowest scale's timeline (bench/timeline.py).
+            debug = ["--log-format=json", "--log-level=debug"]
+            proc, address = start_on_ray(
+                cluster.address, tmp / "data", http_port, debug, tmp / "log"
+            )
             try:
                 points, app_args = asyncio.run(grow(address, proc.pid, sizes, tmp, trials, idle_s))
             finally:
                 proc.terminate()
                 proc.wait(120)
+            lines = server_lines(tmp / "log")
+            for point in points:
+                point["scale_timeline"] = timeline(point.pop("_worst_scale"), lines)
             # Ours stopped (its applications stay on Serve until the anchor deletes them).
             anchor_args = {
                 "address": cluster.address,
@@ -227,6 +243,7 @@ def run(sizes: list[int], trials: int, idle_s: float = IDLE_S) -> dict[str, Any]
     for point, raw in zip(points, anchor, strict=True):
         point["anchor_scale_s"] = raw["scale_s"]
         point["anchor_scale_all_s"] = raw["scale_all_s"]
+        point["anchor_scale_timeline"] = raw["worst_events"]
     first, last = points[0], points[-1]
     return {
         "sizes": sizes,
@@ -295,6 +312,10 @@ def main() -> None:
             f"{pt['models']:>8}{pt['idle_cpu_pct']:>12.1f}{pt['rss_mb']:>10.0f}"
             f"{pt['scale_s']:>10.2f}{pt['anchor_scale_s']:>11.2f}{pt['new_build_s']:>10.2f}"
         )
+    last = result["points"][-1]
+    n = last["models"]
+    show(f"ours, the slowest scale with {n} models", last["scale_timeline"])
+    show(f"raw Serve, its slowest scale with {n} applications", last["anchor_scale_timeline"])
     save_result("models", result)
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from httpload import POLL_S
 from raycluster import HOST
-from serve_anchor import IMPORT_PATH, _value
+from serve_anchor import IMPORT_PATH, _value, described
 
 DEADLINE_S = 900.0
 
@@ -65,10 +65,14 @@ class Anchor:
         ray.init(address=args["address"], logging_level=logging.WARNING, log_to_driver=False)
         self.args = args
         self.client = serve_api.serve_start(http_options={"host": HOST, "port": args["http_port"]})
+        self.seen: list[tuple[float, str]] = []  # while a scale is timed: what Serve said
 
     def running(self) -> dict[str, int]:
         """Each application's RUNNING replicas, for those Serve says are RUNNING."""
         apps = self.client.get_serve_details().get("applications") or {}
+        said = described(apps.get(app_name(0)))
+        if self.seen and self.seen[-1][1] != said:  # while a scale is timed: its steps
+            self.seen.append((time.perf_counter(), said))
         out = {}
         for name, app in apps.items():
             if _value(app.get("status")) != "RUNNING":
@@ -92,14 +96,22 @@ class Anchor:
             time.sleep(POLL_S)
         raise SystemExit(f"raw Serve: {what} not seen in {DEADLINE_S:g} s")
 
-    def scale_s(self, n: int) -> float:
+    def scale_s(self, n: int) -> tuple[float, list[dict[str, Any]]]:
+        """Seconds to the scaled application RUNNING 2 replicas, and what Serve said of
+        it on the way (as bench/timeline.py shows ours)."""
         started = time.perf_counter()
+        self.seen = [(started, "config handed to Serve")]
         self.deploy(n, scaled=0)
         self.until({app_name(0): 2}, "the scaled application")
         took = time.perf_counter() - started
+        events = [
+            {"ms": round((at - started) * 1000), "side": "anchor", "what": what}
+            for at, what in self.seen
+        ]
+        self.seen = []
         self.deploy(n)
         self.until({app_name(0): 1}, "the application back at 1 replica")
-        return took
+        return took, events
 
 
 def main(args_file: Path) -> None:
@@ -120,7 +132,15 @@ def main(args_file: Path) -> None:
         )
         time.sleep(2)  # as ours: the last deploy's looks settle
         trials = [anchor.scale_s(n) for _ in range(args["trials"])]
-        points.append({"models": n, "scale_s": statistics.median(trials), "scale_all_s": trials})
+        times = [t for t, _ in trials]
+        points.append(
+            {
+                "models": n,
+                "scale_s": statistics.median(times),
+                "scale_all_s": times,
+                "worst_events": max(trials, key=lambda t: t[0])[1],
+            }
+        )
     anchor.client.delete_apps([app_name(i) for i in range(args["sizes"][-1])], blocking=True)
     print(json.dumps({"points": points}), flush=True)
 

@@ -114,6 +114,11 @@ def test_models_grow_on_one_cluster(smoke: subprocess.CompletedProcess[str]) -> 
         assert point["scale_s"] > 0 and point["new_build_s"] > 0, point
         assert 0 < point["idle_cpu_server_pct"] <= point["idle_cpu_pct"], point
         assert point["anchor_scale_s"] > 0, "raw Serve ran the same sizes"
+        said = [e["what"] for e in point["scale_timeline"]]
+        assert said[-1] == "GetModel returned: DEPLOYED", said
+        assert any(w.startswith("reconciler: look: model DEPLOYING") for w in said), said
+        anchor = [e["what"] for e in point["anchor_scale_timeline"]]
+        assert anchor[0] == "config handed to Serve" and "2 RUNNING" in anchor[-1], anchor
     assert figures["leftover_ray_processes"] == 0
 
 
