@@ -214,7 +214,7 @@ class Reconciler:
                 continue
             self.looks += 1
             with logs.about(model=w.name, operation=w.operation):
-                if w.operation or w.state in CHANGING:
+                if (w.operation or w.state in CHANGING) and log.isEnabledFor(logging.DEBUG):
                     log.debug("look: model %s; Serve: %s", w.state, described(obs, second))
                 try:
                     await asyncio.to_thread(self.reconcile, w.name, obs, second)
