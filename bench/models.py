@@ -28,11 +28,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,7 +37,7 @@ from typing import Any
 
 from procstat import cpu_s, family, rss_mb
 from raycluster import free_port, start_cluster, stop_cluster
-from serve import artifact_of, build
+from serve import artifact_of, build, run_driver
 from serverproc import ROOT, Row, save_result, start_on_ray
 from timeline import Window, server_lines, show, timeline
 
@@ -190,23 +187,7 @@ async def grow(
 
 def run_anchor(args: dict[str, Any], tmp: Path) -> list[dict[str, Any]]:
     """Raw Serve at the same sizes, from a driver of its own (bench/models_anchor.py)."""
-    args_file = tmp / "anchor.json"
-    args_file.write_text(json.dumps(args))
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(Path(__file__).with_name("models_anchor.py")),
-            str(tmp / "anchor.json"),
-        ],
-        stdout=subprocess.PIPE,
-        timeout=3600,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"the raw Serve driver failed ({done.returncode})")
-    points: list[dict[str, Any]] = json.loads(done.stdout.decode().strip().splitlines()[-1])[
-        "points"
-    ]
+    points: list[dict[str, Any]] = run_driver("models_anchor.py", args, tmp, 3600, True)["points"]
     return points
 
 

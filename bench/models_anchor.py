@@ -14,7 +14,6 @@ reconciler does; then back to 1. Its figures as one JSON line on stdout.
 from __future__ import annotations
 
 import json
-import logging
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ from typing import Any
 
 from httpload import POLL_S
 from raycluster import HOST
-from serve_anchor import IMPORT_PATH, _value, described
+from serve_anchor import IMPORT_PATH, _value, described, events, serve_controller
 
 DEADLINE_S = 900.0
 
@@ -58,13 +57,8 @@ def config(args: dict[str, Any], n: int, scaled: int = -1) -> dict[str, Any]:
 
 class Anchor:
     def __init__(self, args: dict[str, Any]) -> None:
-        from ray.serve._private import api as serve_api
-
-        import ray
-
-        ray.init(address=args["address"], logging_level=logging.WARNING, log_to_driver=False)
         self.args = args
-        self.client = serve_api.serve_start(http_options={"host": HOST, "port": args["http_port"]})
+        self.client = serve_controller(args)
         self.seen: list[tuple[float, str]] = []  # while a scale is timed: what Serve said
 
     def running(self) -> dict[str, int]:
@@ -104,14 +98,11 @@ class Anchor:
         self.deploy(n, scaled=0)
         self.until({app_name(0): 2}, "the scaled application")
         took = time.perf_counter() - started
-        events = [
-            {"ms": round((at - started) * 1000), "side": "anchor", "what": what}
-            for at, what in self.seen
-        ]
+        said = events(self.seen, started)
         self.seen = []
         self.deploy(n)
         self.until({app_name(0): 1}, "the application back at 1 replica")
-        return took, events
+        return took, said
 
 
 def main(args_file: Path) -> None:

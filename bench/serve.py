@@ -79,25 +79,31 @@ ANCHOR_CHANGES = ("scale", "rolling")
 # ---- the anchor: raw Ray Serve, from a driver process of its own (serve_anchor.py) ----
 
 
-def run_anchor(args: dict[str, Any], tmp: Path) -> dict[str, Any]:
-    (tmp / "anchor.json").write_text(json.dumps(args))
-    with (tmp / "anchor.log").open("ab") as log:
+def run_driver(
+    script: str, args: dict[str, Any], tmp: Path, timeout_s: float, shown: bool = False
+) -> dict[str, Any]:
+    """Runs an anchor's driver (``bench/<script>``, a process of its own, given ``args``
+    as a JSON file) and returns the JSON object its last stdout line holds. Its stderr is
+    shown as it comes (``shown``) or kept in a log whose tail a failure shows."""
+    args_file, log_file = tmp / f"{script}.json", tmp / f"{script}.log"
+    args_file.write_text(json.dumps(args))
+    with log_file.open("ab") as log:
         done = subprocess.run(
-            [
-                sys.executable,
-                str(Path(__file__).with_name("serve_anchor.py")),
-                str(tmp / "anchor.json"),
-            ],
+            [sys.executable, str(Path(__file__).with_name(script)), str(args_file)],
             stdout=subprocess.PIPE,
-            stderr=log,
-            timeout=900,
+            stderr=None if shown else log,
+            timeout=timeout_s,
             check=False,
         )
     if done.returncode != 0:
-        tail = (tmp / "anchor.log").read_text(errors="replace")[-3000:]
-        raise SystemExit(f"the raw Serve driver failed ({done.returncode}):\n{tail}")
+        tail = log_file.read_text(errors="replace")[-3000:]
+        raise SystemExit(f"the raw Serve driver {script} failed ({done.returncode}):\n{tail}")
     result: dict[str, Any] = json.loads(done.stdout.decode().strip().splitlines()[-1])
     return result
+
+
+def run_anchor(args: dict[str, Any], tmp: Path) -> dict[str, Any]:
+    return run_driver("serve_anchor.py", args, tmp, 900)
 
 
 # ---- ours: the control plane, a client over gRPC -----------------------------------------

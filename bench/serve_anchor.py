@@ -71,17 +71,30 @@ def described(app: dict[str, Any] | None) -> str:
     return f"{_value(app.get('status'))}, replicas {replicas}{wants}"
 
 
+def serve_controller(args: dict[str, Any]) -> Any:
+    """This driver on the cluster at ``args["address"]``, and Serve's controller client."""
+    from ray.serve._private import api as serve_api
+
+    import ray
+
+    ray.init(address=args["address"], logging_level=logging.WARNING, log_to_driver=False)
+    return serve_api.serve_start(http_options={"host": HOST, "port": args["http_port"]})
+
+
+def events(seen: list[tuple[float, str]], started: float) -> list[dict[str, Any]]:
+    """What Serve said and when (``time.perf_counter()``), from ``started``, as
+    bench/timeline.py shows ours."""
+    return [
+        {"ms": round((at - started) * 1000), "side": "anchor", "what": what} for at, what in seen
+    ]
+
+
 class RawServe:
     """Serve's controller, driven as `serve deploy` does: a whole config, then looks."""
 
     def __init__(self, args: dict[str, Any]) -> None:
-        from ray.serve._private import api as serve_api
-
-        import ray
-
-        ray.init(address=args["address"], logging_level=logging.WARNING, log_to_driver=False)
         self.args = args
-        self.client = serve_api.serve_start(http_options={"host": HOST, "port": args["http_port"]})
+        self.client = serve_controller(args)
         self.generation = 0
         self.seen: list[tuple[float, str]] = []  # each new thing Serve said, and when
         self.events: list[dict[str, Any]] = []  # the last timed change's, from its start
@@ -127,10 +140,7 @@ class RawServe:
         self.seen.append((time.perf_counter(), "config handed to Serve"))
         got = self.wait(n, old)
         self.cpu_s = time.process_time() - cpu
-        self.events = [
-            {"ms": round((at - started) * 1000), "side": "anchor", "what": what}
-            for at, what in self.seen
-        ]
+        self.events = events(self.seen, started)
         return time.perf_counter() - started, got
 
     def delete(self) -> None:
