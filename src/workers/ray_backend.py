@@ -71,6 +71,7 @@ from workers.model_app import (
     invoke,
     load_function,
 )
+from workers.releasing import Releasing, Seen
 from workers.remote_build import BuildResult, append_log, build_streamed, keep
 from workers.runtime import Runtime
 from workers.runtime import current as current_runtime
@@ -714,6 +715,7 @@ class _Serve:
         # (Serve's schema pickles each deployment's request router class on the way), and
         # with hundreds of settled applications almost none changes between two looks.
         self._parsed: dict[str, tuple[Any, ApplicationDetails]] = {}
+        self.releasing = Releasing()  # what replicas stopping hold, as the looks saw them
 
     @classmethod
     def start(cls, http_host: str, http_port: int) -> _Serve:
@@ -737,7 +739,11 @@ class _Serve:
             parsed[name] = kept
         self._parsed = parsed
         details = ServeInstanceDetails.model_validate({**raw, "applications": {}})
-        return details.model_copy(update={"applications": {n: p for n, (_, p) in parsed.items()}})
+        details = details.model_copy(
+            update={"applications": {n: p for n, (_, p) in parsed.items()}}
+        )
+        self.releasing.saw(_replicas(details))
+        return details
 
 
 # What a parsed deployment says its request-router class was serialized as: never read.
@@ -797,18 +803,17 @@ def _others(running: Mapping[str, ApplicationDetails], ours: set[str]) -> list[d
     return kept
 
 
-def _stopping(details: ServeInstanceDetails) -> dict[str, dict[str, float]]:
-    """What replicas Serve is stopping still reserve, by node address: free very soon."""
-    held: dict[str, dict[str, float]] = {}
+def _replicas(details: ServeInstanceDetails) -> dict[str, Seen]:
+    """Every replica Serve lists, by id: its node, whether it stops, and what its
+    deployment asks of a replica now."""
+    out: dict[str, Seen] = {}
     for app in details.applications.values():
         for d in app.deployments.values():
+            need = {k: float(v) for k, v in d.required_resources.items()}
             for r in d.replicas:
-                if r.state.value != "STOPPING" or not r.node_ip:
-                    continue
-                on = held.setdefault(r.node_ip, {})
-                for resource, amount in d.required_resources.items():
-                    on[resource] = on.get(resource, 0.0) + float(amount)
-    return held
+                if r.node_ip:
+                    out[r.replica_id] = Seen(r.node_ip, r.state.value == "STOPPING", need)
+    return out
 
 
 @dataclass(frozen=True)
@@ -858,12 +863,11 @@ def _cluster_facts() -> tuple[dict[str, float], frozenset[str]]:
     return _cluster_totals(nodes), _lost_nodes(nodes)
 
 
-def _nodes(details: ServeInstanceDetails) -> list[NodeResources]:
+def _nodes(releasing: Mapping[str, Mapping[str, float]]) -> list[NodeResources]:
     """Every live node, its resources and what is not reserved now (Ray's own view, which
-    lags a moment behind actors starting and stopping), counting what replicas Serve is
-    stopping reserve as free: they give it back within their graceful shutdown."""
+    lags a moment behind actors starting and stopping), counting what ``releasing``
+    replicas reserve (by node address) as free: they give it back within moments."""
     free = _free_per_node()
-    stopping = _stopping(details)
     out = []
     for node in _node_table():
         if not node.alive:
@@ -871,7 +875,7 @@ def _nodes(details: ServeInstanceDetails) -> list[NodeResources]:
         address = node.address or node.id
         total = node.total
         have = dict(free.get(node.id, {}))
-        for resource, amount in stopping.get(address, {}).items():
+        for resource, amount in releasing.get(address, {}).items():
             have[resource] = min(total.get(resource, 0.0), have.get(resource, 0.0) + amount)
         out.append(
             NodeResources(
@@ -1283,8 +1287,9 @@ class RayBackend:
         }
 
     async def nodes(self) -> Sequence[NodeResources]:
-        details = await self._call(self._started().details)
-        return await self._call(_nodes, details)
+        started = self._started()
+        await self._call(started.details)  # and so what replicas are stopping now
+        return await self._call(_nodes, started.releasing.held())
 
     async def signals(self, epoch: str, cursor: int) -> Batch:
         """The replicas' reports after ``cursor`` (workers.signals.Collector.read) and what
