@@ -17,8 +17,9 @@ from tests.helpers import ROOT
 pytestmark = pytest.mark.slow  # two server processes and 10 sessions: seconds
 
 
-@pytest.fixture(scope="module")
-def figures() -> dict[str, Any]:
+def test_a_smoke_run_of_the_console_benchmark() -> None:
+    """One test, so that the run is made once: a module fixture would run again on each
+    xdist worker that takes one of the module's tests."""
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "console.py"), "--smoke"],
         capture_output=True,
@@ -28,11 +29,13 @@ def figures() -> dict[str, Any]:
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Models page p95 ms" in done.stdout and "target" in done.stdout
-    loaded: dict[str, Any] = json.loads((ROOT / "bench" / "results" / "console.json").read_text())
-    return loaded
+    figures: dict[str, Any] = json.loads((ROOT / "bench" / "results" / "console.json").read_text())
+    the_pages_are_timed_beside_the_api_reads_they_make(figures)
+    every_live_page_and_every_watcher_sees_the_change(figures)
+    one_row_per_figure_for_the_table(figures)
 
 
-def test_the_pages_are_timed_beside_the_api_reads_they_make(figures: dict[str, Any]) -> None:
+def the_pages_are_timed_beside_the_api_reads_they_make(figures: dict[str, Any]) -> None:
     assert figures["smoke"] is True and figures["models"] == 50
     render = figures["render"]
     assert render["models_status"] == 200
@@ -42,7 +45,7 @@ def test_the_pages_are_timed_beside_the_api_reads_they_make(figures: dict[str, A
         assert render[key]["n"] == figures["requests"] and render[key]["p95_ms"] > 0, key
 
 
-def test_every_live_page_and_every_watcher_sees_the_change(figures: dict[str, Any]) -> None:
+def every_live_page_and_every_watcher_sees_the_change(figures: dict[str, Any]) -> None:
     live, anchor = figures["live"], figures["anchor_live"]
     assert live["pages"] == 10 and live["reached"] == 10
     assert anchor["watchers"] == 10 and anchor["reached"] == 10
@@ -52,7 +55,7 @@ def test_every_live_page_and_every_watcher_sees_the_change(figures: dict[str, An
     assert live["updates_per_page"] >= 1
 
 
-def test_one_row_per_figure_for_the_table(figures: dict[str, Any]) -> None:
+def one_row_per_figure_for_the_table(figures: dict[str, Any]) -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         bench: Any = importlib.import_module("console")  # as bench/run.py imports it

@@ -1,5 +1,7 @@
 """The benchmarks never rot: `make bench-smoke` (bench/run.py --smoke) runs every one of
-them at tiny sizes, and each reports its figures beside its anchor's.
+them at tiny sizes, and each reports its figures beside its anchor's. Those on Ray are
+run here; those without (the fake backend, databases, files) in
+tests/integration/test_bench_smoke.py, beside the other tests without Ray.
 
 bench/serve.py starts a Ray cluster of its own: tests/ray/conftest.py runs this module
 (as every test with a Ray of its own) before the session's cluster starts, so two
@@ -18,20 +20,7 @@ from tests.helpers import ROOT
 
 RESULTS = ROOT / "bench" / "results"
 OUR_CHANGES = ("scale", "resources", "new_build", "rollback", "restart")
-SMOKED = (
-    "serve",
-    "models",
-    "signals",
-    "rpc",
-    "pgreads",
-    "operations",
-    "watchers",
-    "records",
-    "builds",
-    "console",
-    "artifacts",
-    "big_build",
-)
+SMOKED = ("serve", "models", "signals", "big_build")  # those on Ray; the rest: tests/integration
 pytestmark = pytest.mark.ray
 
 
@@ -78,17 +67,6 @@ def test_signals_beside_the_same_replicas_without(
     assert figures["leftover_ray_processes"] == 0
 
 
-def test_a_build_fetched_by_a_new_node_beside_one_copy(
-    smoke: subprocess.CompletedProcess[str],
-) -> None:
-    figures = result("artifacts")
-    assert figures["smoke"] is True and figures["mib"] == 32
-    assert figures["first_fetch_s"] > 0 and figures["copy_s"] > 0 and figures["pack_s"] > 0
-    assert figures["again_s"] < figures["first_fetch_s"], "a second replica uses the cache"
-    assert figures["database"] == "sqlite", "the embedded default, unless --database-url"
-    assert figures["db_put_s"] > 0 and figures["db_first_use_s"] > 0
-
-
 def test_a_build_made_and_deployed_on_a_node_without_the_disk(
     smoke: subprocess.CompletedProcess[str],
 ) -> None:
@@ -96,15 +74,6 @@ def test_a_build_made_and_deployed_on_a_node_without_the_disk(
     assert figures["smoke"] is True and figures["mib"] == 32
     for key in ("big_build_s", "big_deploy_s", "small_deploy_s", "copy_once_s"):
         assert figures[key] > 0, key
-
-
-def test_rpc_against_a_bare_grpc_server(smoke: subprocess.CompletedProcess[str]) -> None:
-    figures = result("rpc")
-    assert [p["callers"] for p in figures["points"]] == [1, 10, 100]
-    assert all(
-        p["ours"]["calls_per_s"] > 0 and p["bare"]["calls_per_s"] > 0 for p in figures["points"]
-    )
-    assert figures["paced"]["ours"]["p99_ms"] > 0
 
 
 def test_models_grow_on_one_cluster(smoke: subprocess.CompletedProcess[str]) -> None:
@@ -120,54 +89,6 @@ def test_models_grow_on_one_cluster(smoke: subprocess.CompletedProcess[str]) -> 
         anchor = [e["what"] for e in point["anchor_scale_timeline"]]
         assert anchor[0] == "config handed to Serve" and "2 RUNNING" in anchor[-1], anchor
     assert figures["leftover_ray_processes"] == 0
-
-
-def test_pgreads_on_both_databases(smoke: subprocess.CompletedProcess[str]) -> None:
-    figures = result("pgreads")
-    assert [(p["method"], p["callers"]) for p in figures["points"]] == [
-        ("GetModel", 1),
-        ("GetModel", 10),
-        ("GetModel", 100),
-        ("ListModels", 10),
-    ]
-    for point in figures["points"]:
-        for side in ("postgresql", "sqlite"):
-            assert point[side]["calls_per_s"] > 0, (point["method"], side)
-
-
-def test_concurrent_operations_each_job_runs_once(
-    smoke: subprocess.CompletedProcess[str],
-) -> None:
-    figures = result("operations")
-    assert figures["models"] == 10 and figures["servers"] == 2
-    assert figures["jobs"] >= 10, "each change made its apply job"
-    assert figures["jobs_run_twice"] == 0 and figures["jobs_unfinished"] == 0
-    assert figures["operations_per_s"] > 0
-
-
-def test_watchers_get_every_event(smoke: subprocess.CompletedProcess[str]) -> None:
-    figures = result("watchers")
-    assert figures["watchers"] == 50 and figures["processes"] == 2
-    assert set(figures["kinds"]) == {"model", "models"}, "WatchModel and WatchModels"
-    for kind, sides in figures["kinds"].items():
-        for side in ("ours", "bare"):
-            got = sides[side]
-            assert got["events_per_watcher"] >= 2 * 2, "each change makes several events"
-            assert got["watchers_complete"] == 50, (kind, side)
-            assert got["events_delivered"] == 50 * got["events_per_watcher"], (kind, side)
-            assert got["server_cpu_us_per_event"] > 0, (kind, side)
-
-
-def test_records_pages_see_every_record(smoke: subprocess.CompletedProcess[str]) -> None:
-    figures = result("records")
-    assert figures["deployments"] == 200 * 9 + 1000
-    assert figures["list_deployments_big"]["records"] == 1000, "paging saw every record once"
-
-
-def test_builds_rebuilds_are_cache_hits(smoke: subprocess.CompletedProcess[str]) -> None:
-    figures = result("builds")
-    assert figures["rebuilds"] == 3, "every rebuild was checked to be a cache hit"
-    assert figures["hit_p50_s"] < figures["cold_build_s"]
 
 
 def test_serve_beside_raw_serve(smoke: subprocess.CompletedProcess[str]) -> None:
