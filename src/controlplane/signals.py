@@ -221,15 +221,20 @@ class Signals:
         """The figures the health rules look at, from the window."""
         r = self.rules
         alive = self._known.alive.get(model, frozenset())
-        # Judged for every model every health_interval_s: only the series read are made.
+        # Judged for every model every health_interval_s: only the series read are made,
+        # and the errors' series come with the usage's when both look back as far (the
+        # default rules: 10 minutes).
+        usage_s, error_s = int(r.provisioning_minutes * 60), int(r.error_minutes * 60)
         usage = self.series(
-            model, int(r.provisioning_minutes * 60), STEP_S, alive, builds=False, replicas=False
+            model, usage_s, STEP_S, alive, builds=usage_s == error_s, replicas=False
         )
         covered = sum(1 for p in usage.model.points if p.figures.replicas) * STEP_S / 60
         u = usage.model.totals
         period = int(r.dropping_minutes * 60)
         dropping = self.series(model, period, period, alive, builds=False, replicas=False)
-        errors = self.series(model, int(r.error_minutes * 60), STEP_S, alive, replicas=False)
+        errors = usage
+        if error_s != usage_s:
+            errors = self.series(model, error_s, STEP_S, alive, replicas=False)
         builds = []
         for build, s in errors.builds.items():
             failing = [p for p in s.points if p.figures.errors]

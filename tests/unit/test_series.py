@@ -5,8 +5,15 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import replace
+from pathlib import Path
+from typing import cast
 
+from controlplane.config import Settings
+from controlplane.domain.health import HealthRules, Recent
 from controlplane.series import STEP_S, Window, quantile
+from controlplane.signals import Signals
+from controlplane.storage.db import Database
+from workers.backend import Backend
 from workers.signals import ProxyFigures, ReplicaFigures, latency_bucket
 
 T0 = float(int(time.time()) // 10 * 10 - 300)  # a step boundary, a few minutes ago
@@ -137,3 +144,32 @@ def test_a_query_has_whole_points_of_the_step_asked() -> None:
     assert len(s.model.points) == 10 and s.step_s == 60
     assert all(b.time - a.time == 60 for a, b in itertools.pairwise(s.model.points))
     assert s.end - s.start == 600 and s.end > T0 + 5 >= s.end - STEP_S
+
+
+def test_the_health_judge_reads_the_same_figures_with_one_query_or_two(tmp_path: Path) -> None:
+    """With the default rules the errors' window is the usage's, and one query gives both;
+    with another usage window, a query of its own: the same errors either way."""
+    now = time.time()
+    first = float(int(now) // 10 * 10 - 120)
+
+    def recent(rules: HealthRules) -> Recent:
+        db, backend = cast(Database, None), cast(Backend, None)  # recent() reads neither
+        signals = Signals(db, backend, Settings(data_dir=tmp_path, health_rules=rules))
+        signals.window = Window(clock=first - 1)
+        for k in range(0, 12):
+            at = first + k * 10 + 1
+            signals.window.add(
+                [
+                    reading("r1", at, requests=10 * k, model_errors=k, latency=lat(2, 10 * k)),
+                    reading("r2", at, build=BUILD2, requests=5 * k, latency=lat(3, 5 * k)),
+                ],
+                [],
+                now=at,
+            )
+        return signals.recent("projects/p/models/m")
+
+    one = recent(HealthRules())
+    two = recent(HealthRules(provisioning_minutes=20))
+    assert one.builds == two.builds
+    by_label = {b.build: (b.requests, b.errors) for b in one.builds}
+    assert by_label == {"build 1": (110, 11), "build 2": (55, 0)}, one.builds
