@@ -95,7 +95,9 @@ def watchers_get_every_event() -> None:
             assert got["events_per_watcher"] >= 2 * 2, "each change makes several events"
             assert got["watchers_complete"] == 50, (kind, side)
             assert got["events_delivered"] == 50 * got["events_per_watcher"], (kind, side)
-            assert got["server_cpu_us_per_event"] > 0, (kind, side)
+            # CPU per event is what the watchers add to the changes' own (clock ticks of
+            # 10 ms, a smoke of 50 watchers beside other tests: it may round to 0).
+            assert got["server_cpu_s"] > 0 and got["server_cpu_us_per_event"] >= 0, (kind, side)
 
 
 def records_pages_see_every_record() -> None:
