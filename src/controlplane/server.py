@@ -267,7 +267,7 @@ class Server:
             replicas = repo.replicas_by_model(s)
             queue = {state.value: n for state, n in jobs.counts(s).items()}
         watchers = self.hub.watchers if self.hub is not None else 0
-        invocations, use = self.signals.exported if self.signals is not None else ((), ())
+        invocations, use = self.signals.exported() if self.signals is not None else ((), ())
         return Figures(
             models=models,
             replicas=replicas,

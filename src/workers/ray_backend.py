@@ -80,6 +80,8 @@ from workers.signals import (
     Batch,
     Collector,
     Identity,
+    ProxyFigures,
+    ProxyPace,
     Pusher,
     ReplicaSignals,
     Report,
@@ -947,6 +949,7 @@ class RayBackend:
         self._joining: asyncio.Future[None] | None = None
         self._metrics_ports: list[str] = []
         self._metrics_ports_at = 0.0
+        self._proxy_pace = ProxyPace()  # how often the proxies' metrics pages are read
 
     @property
     def http_base(self) -> str:
@@ -1305,10 +1308,14 @@ class RayBackend:
             # one has a new epoch, and readers start over) at the next reading.
             self._collector = None
             raise
-        proxies = await self._call(self._proxy_figures)
+        proxies: list[ProxyFigures] = []
+        now = time.monotonic()
+        if self._proxy_pace.due(now, batch.replicas):
+            proxies = await self._call(self._proxy_figures)
+            self._proxy_pace.read(now, proxies)
         return replace(batch, proxies=tuple(proxies))
 
-    def _proxy_figures(self) -> list[Any]:
+    def _proxy_figures(self) -> list[ProxyFigures]:
         now = time.monotonic()
         if now - self._metrics_ports_at > 10 or not self._metrics_ports:
             self._metrics_ports = [

@@ -399,6 +399,38 @@ def proxy_figures(
     ]
 
 
+PROXIES_IDLE_S = 10.0  # Serve's proxy metrics are read this often while nothing presses
+
+
+class ProxyPace:
+    """When to read Serve's proxies' metrics again. Reading them is not free: a node's
+    metrics page holds every metric of every replica on it (at 50 replicas: 4.7 MB,
+    11,700 lines, ~1 s of its agent's time to make), and only two of them are of use. So
+    they are read at every reading of the replicas' signals while what they say matters
+    (a replica has as many requests as it takes at once, or the proxies queue or refused
+    requests at the last read), and every ``idle_s`` otherwise: refused requests are a
+    counter, and a reading later still counts them all."""
+
+    def __init__(self, idle_s: float = PROXIES_IDLE_S) -> None:
+        self.idle_s = idle_s
+        self._at: float | None = None
+        self._pressed = False
+        self._refused: dict[str, int] = {}
+
+    def due(self, now: float, replicas: Iterable[ReplicaFigures]) -> bool:
+        if self._at is None or self._pressed or now - self._at >= self.idle_s:
+            return True
+        return any(f.busy_limit > 0 and f.in_flight >= f.busy_limit for f in replicas)
+
+    def read(self, now: float, proxies: Iterable[ProxyFigures]) -> None:
+        """What a reading at ``now`` found."""
+        refused = {p.app: p.refused for p in proxies}
+        self._pressed = any(p.queued > 0 for p in proxies) or any(
+            n > self._refused.get(app, n) for app, n in refused.items()
+        )
+        self._at, self._refused = now, refused
+
+
 @dataclass
 class Pusher:
     """Sends a replica's reports every ``interval_s`` (sooner when lines wait), on a
