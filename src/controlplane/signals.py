@@ -45,7 +45,11 @@ log = logging.getLogger(__name__)
 Exported = tuple[tuple[Invocations, ...], tuple[ModelUse, ...]]  # what /metrics shows
 
 EXPORT_TIMEOUT_S = 5.0  # for the event loop to make a /metrics scrape's figures
-KNOWN_MODELS_S = 2.0  # how often the list of this database's models is read again
+# How often the database is asked whether anything was written since the models were
+# last read (one row: the revision counter), and how long they are kept however it
+# answers (a write that moved no revision is still seen then).
+KNOWN_MODELS_S = 2.0
+KNOWN_MODELS_MAX_S = 30.0
 TRIM_S = 30.0
 
 
@@ -93,7 +97,9 @@ class Signals:
         self._epoch = ""
         self._cursor = 0
         self._known = _Known({}, {}, frozenset(), {})
-        self._known_at = 0.0
+        self._known_at = 0.0  # when the models were last asked after
+        self._known_read_at = 0.0  # when they were last read
+        self._known_revision = -1  # the database's revision they were read at
         self._others: set[str] = set()  # applications on the cluster not of our models
         self._health_at = time.monotonic()
         self._judged: frozenset[str] = frozenset()  # the models serving when last judged
@@ -138,8 +144,7 @@ class Signals:
         stale = time.monotonic() - self._known_at > KNOWN_MODELS_S
         new = apps - self._known.app_to_model.keys() - self._others
         if stale or new:  # a model made since the last look (or someone else's app)
-            self._known = await asyncio.to_thread(_known, self.db)
-            self._known_at = time.monotonic()
+            await asyncio.to_thread(self._know, bool(new))
             self._others = apps - self._known.app_to_model.keys()
         await self._take(batch)
         self._epoch, self._cursor = batch.epoch, batch.cursor
@@ -152,6 +157,19 @@ class Signals:
             self._trim_at = time.monotonic()
             grown, self._grown = self._grown, set()
             await asyncio.to_thread(self._trim, grown)
+
+    def _know(self, now: bool) -> None:
+        """The models read again (``now``: whatever the revision says), unless nothing was
+        written since they were last read and that was under KNOWN_MODELS_MAX_S ago: with
+        hundreds of models, reading each one's replicas and secrets every 2 s was a
+        growing part of an idle server's CPU."""
+        asked = time.monotonic()
+        revision = self.db.head_revision()
+        kept = asked - self._known_read_at < KNOWN_MODELS_MAX_S
+        if now or revision != self._known_revision or not kept:
+            self._known = _known(self.db)
+            self._known_revision, self._known_read_at = revision, asked
+        self._known_at = asked
 
     async def _take(self, batch: Batch) -> None:
         apps = self._known.app_to_model
