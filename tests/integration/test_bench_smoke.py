@@ -7,13 +7,12 @@ the module's tests."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from typing import Any
 
 import pytest
 
 from tests.helpers import ROOT
+from tests.helpers.bench_smoke import smoke_table
 
 RESULTS = ROOT / "bench" / "results"
 SMOKED = ("rpc", "pgreads", "operations", "watchers", "records", "builds", "artifacts")
@@ -26,15 +25,7 @@ def result(name: str) -> dict[str, Any]:
 
 
 def test_a_smoke_run_of_each_in_one_table() -> None:
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--only", *SMOKED],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "| benchmark | figure | ours | anchor | ratio | target | met |" in done.stdout
+    done = smoke_table(SMOKED, 600)
     for name in SMOKED:
         assert f"| {name} |" in done.stdout, name
     a_build_fetched_by_a_new_node_beside_one_copy()
