@@ -274,10 +274,10 @@ class Signals:
         )
 
     def exported(self, timeout_s: float = EXPORT_TIMEOUT_S) -> Exported:
-        """The figures /metrics shows, made when it is scraped (made after every reading,
-        they cost ~1.4% of a core at 50 models, scraped or not). A scrape runs in the
-        metrics endpoint's thread: they are made on the event loop that feeds the window.
-        A loop that does not get to it within ``timeout_s`` gets the last scrape's."""
+        """The figures /metrics shows, made when it is scraped (made after every reading
+        instead, scraped or not, they cost ~1.4% of a core at 50 models). A scrape runs in
+        the metrics endpoint's thread: they are made on the event loop that feeds the
+        window. A loop that does not get to it within ``timeout_s`` gets the last scrape's."""
         loop = self._loop
         if loop is None or loop.is_closed():
             return self._exported
