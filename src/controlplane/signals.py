@@ -27,7 +27,7 @@ from sqlmodel import col, select
 from controlplane import lifecycle
 from controlplane.config import Settings
 from controlplane.domain import names
-from controlplane.domain.figures import ModelSeries
+from controlplane.domain.figures import Figures, ModelSeries
 from controlplane.domain.health import BuildErrors, HealthRules, Recent, Usage, judge, merge
 from controlplane.domain.redaction import redact
 from controlplane.domain.states import ModelState
@@ -310,10 +310,7 @@ class Signals:
         for app in self.window.apps():
             if app not in models:
                 continue
-            alive = self._known.alive.get(models[app], frozenset())
-            now = self.window.query(
-                app, 60, 60, alive=alive, builds=False, replicas=False
-            ).model.totals
+            now = self._last_minute(app, models[app])
             use.append(
                 ModelUse(
                     model=models[app],
@@ -334,13 +331,17 @@ class Signals:
     def in_flight(self, model: str) -> float | None:
         """Requests in flight on the model's replicas or queued for one in the last
         minute (the most seen), or None when no replica reported."""
-        alive = self._known.alive.get(model, frozenset())
-        now = self.window.query(
-            app_of(model), 60, 60, alive=alive, builds=False, replicas=False
-        ).model.totals
+        now = self._last_minute(app_of(model), model)
         if not now.replicas and not now.queued:
             return None
         return float(now.in_flight + now.queued)
+
+    def _last_minute(self, app: str, model: str) -> Figures:
+        """The model's figures over the last minute, its own alone (no builds' or
+        replicas' series): requests in flight and queued, the most seen."""
+        alive = self._known.alive.get(model, frozenset())
+        query = self.window.query(app, 60, 60, alive=alive, builds=False, replicas=False)
+        return query.model.totals
 
     def health(self, model: str) -> str:
         return judge(self.recent(model), self.rules)
