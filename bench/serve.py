@@ -67,7 +67,8 @@ from controlplane.domain.states import ModelState
 from controlplane.domain.types import Build, Operation, Resources
 from workers.archive import zip_directory
 
-PHASE_GAP_S = 5.0  # between one side's phase and the other's
+PHASE_GAP_S = 5.0  # between one side's phase and the other's (--smoke: SMOKE_GAP_S)
+SMOKE_GAP_S = 1.0
 TIMED = ("deploy_s", "scale_s", "restart_s")
 # Medians, then each side's worst round against the other's worst.
 TARGETS = {"deploy_s": 1.05, "scale_s": 1.05, "restart_s": 1.0}
@@ -260,6 +261,7 @@ def artifact_of(data: Path, image: str) -> str:
 class Run:
     rounds: int
     settle_s: float
+    gap_s: float = PHASE_GAP_S
     sides: dict[str, list[dict[str, Any]]] = field(
         default_factory=lambda: {"ours": [], "anchor": []}
     )
@@ -283,7 +285,7 @@ async def phases(
             order = ("anchor", "ours") if r % 2 == 0 else ("ours", "anchor")
             for side in order:
                 # The other side's last replicas may still be exiting: let them go first.
-                await asyncio.sleep(PHASE_GAP_S)
+                await asyncio.sleep(run.gap_s)
                 print(f"round {r + 1}/{run.rounds}: {side}", flush=True)
                 if side == "ours":
                     got = await our_round(o, run.settle_s)
@@ -374,9 +376,9 @@ def timelines_of(run: Run, lines: list[Line]) -> dict[str, Any]:
     return out
 
 
-def run(rounds: int, settle_s: float) -> dict[str, Any]:
+def run(rounds: int, settle_s: float, gap_s: float = PHASE_GAP_S) -> dict[str, Any]:
     started = time.perf_counter()
-    this = Run(rounds, settle_s)
+    this = Run(rounds, settle_s, gap_s)
     # A short temp dir: Ray's socket paths under it must stay under 107 bytes.
     with tempfile.TemporaryDirectory(prefix="bs", dir="/tmp") as name:
         tmp = Path(name)
@@ -469,7 +471,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4, help="even: each side goes first as often")
     p.add_argument("--smoke", action="store_true", help="one round, a short load (minutes)")
     args = p.parse_args()
-    result = run(1, 0.2) if args.smoke else run(args.rounds, 2.0)
+    result = run(1, 0.2, SMOKE_GAP_S) if args.smoke else run(args.rounds, 2.0)
     result["smoke"] = args.smoke
     show(result)
     save_result("serve", result)

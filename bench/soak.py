@@ -8,7 +8,7 @@ once), so that after a `kill -9` the same command starts it again at the same ad
 it takes its unfinished jobs back at once. Three models serve the iris example
 (examples/iris-v1, `predict`; 1 replica, 0.1 CPU each) under a paced open-loop load of 4
 requests/s each (--rate; traffic.py's Paced, raw HTTP/1.1 on 127.0.0.1 only). Then, for
-600 s (--seconds; --smoke: 45 s):
+600 s (--seconds; --smoke: 30 s):
 
 - **changes**, one at a time, on a random model, each call with a request_id (a uuid):
   scale (1 <-> 2 replicas), a new build deployed with it, a rollback (deploy an older
@@ -17,10 +17,10 @@ requests/s each (--rate; traffic.py's Paced, raw HTTP/1.1 on 127.0.0.1 only). Th
   A call that fails UNAVAILABLE (or past its deadline) while the server is down is sent
   again with the SAME request_id; every operation accepted is waited on (WaitOperation)
   through every restart.
-- **the server killed**: every 60 s (--smoke: once, at ~15 s) SIGKILL, then the same
+- **the server killed**: every 60 s (--smoke: once, at ~10 s) SIGKILL, then the same
   command again. Its RSS (VmRSS) is read after the first warm-up, 5 s into each later
   incarnation, and before each kill and at the end: growth per incarnation.
-- **a replica killed**: every 30 s (--smoke: once, at ~30 s) SIGKILL to a random replica
+- **a replica killed**: every 30 s (--smoke: once, at ~20 s) SIGKILL to a random replica
   of a serving model (its pid from GetDeployment's replicas), of a model with two running
   when there is one; then the time until GetDeployment shows it replaced.
 - **watchers**: 1,000 WatchModels streams on the project (--watchers; --smoke: 50) in 4
@@ -670,7 +670,7 @@ class Sizes:
 
 def schedule(seconds: float, smoke: bool) -> list[tuple[float, str]]:
     if smoke:
-        return [(15.0, "server"), (30.0, "replica")]
+        return [(10.0, "server"), (20.0, "replica")]
     kills = [(float(t), "server") for t in range(60, int(seconds) - 10, 60)]
     kills += [(float(t), "replica") for t in range(15, int(seconds) - 10, 30)]
     return sorted(kills)
@@ -943,9 +943,9 @@ def main() -> None:
     p.add_argument("--watchers", type=int, default=1000, help="WatchModels streams")
     p.add_argument("--processes", type=int, default=4, help="child processes of the streams")
     p.add_argument("--rate", type=float, default=RATE, help="requests/s to each model")
-    p.add_argument("--smoke", action="store_true", help="45 s, 50 streams, one kill of each")
+    p.add_argument("--smoke", action="store_true", help="30 s, 50 streams, one kill of each")
     args = p.parse_args()
-    seconds, watchers = (45.0, 50) if args.smoke else (args.seconds, args.watchers)
+    seconds, watchers = (30.0, 50) if args.smoke else (args.seconds, args.watchers)
     sizes = Sizes(seconds, watchers, args.processes, args.rate, schedule(seconds, args.smoke))
     result = run(sizes)
     result["smoke"] = args.smoke
