@@ -12,7 +12,10 @@ A model whose record and observation are both what they were at its last look is
 looked at again (a look is a write transaction, and they are serialized; what it would
 decide differs only with time): a settled model (DEPLOYED, no operation, every replica
 Serve wants running) for ``SETTLED_REFRESH_S``, so that with hundreds of models the
-loop's cost while nothing changes stays flat; a changing one for ``CHANGING_REFRESH_S``,
+loop's cost while nothing changes stays flat (no decision about a settled model depends
+on time: no deadline runs, and its scale record waits for nothing, see ``settled``; the
+refresh is only a net under what a look might have missed); a changing one for
+``CHANGING_REFRESH_S``,
 so that a rollout's looks between two of Serve's steps (a replica starting takes
 seconds) cost nothing, and a deadline is still seen within a second. A model whose
 application Serve does not list, or whose traffic is split, is looked at every time.
@@ -53,7 +56,7 @@ log = logging.getLogger(__name__)
 
 MISSING_GRACE_S = 2.0
 OBSERVE_TIMEOUT_S = 30.0
-SETTLED_REFRESH_S = 10.0
+SETTLED_REFRESH_S = 60.0
 CHANGING_REFRESH_S = 1.0
 
 WATCHED = (ModelState.DEPLOYING.value, ModelState.DEPLOYED.value, ModelState.STOPPING.value)
@@ -117,6 +120,25 @@ def described(obs: Observation | None, second: Observation | None = None) -> str
 # A model's last look: its revision, whether Serve was handed its serving deployment (a
 # silent write), and its applications as observed.
 Seen = tuple[int, bool, Observation | None, Observation | None]
+
+
+# Every model the cluster should reflect, read at every pass: built once.
+_WATCHED = (
+    sa.select(  # sqlmodel's select types four columns at most
+        col(ModelRow.name),
+        col(ModelRow.state),
+        col(ModelRow.running_operation),
+        col(ModelRow.revision),
+        col(DeploymentRow.applied),
+        col(ModelRow.traffic),
+    )
+    .join(
+        DeploymentRow,
+        col(DeploymentRow.name) == col(ModelRow.active_deployment),
+        isouter=True,
+    )
+    .where(col(ModelRow.state).in_(WATCHED))
+)
 
 
 class Watched(NamedTuple):
@@ -268,26 +290,10 @@ class Reconciler:
 
     def _watched_models(self) -> list[Watched]:
         """Every model the cluster should reflect."""
-        query = (
-            sa.select(  # sqlmodel's select types four columns at most
-                col(ModelRow.name),
-                col(ModelRow.state),
-                col(ModelRow.running_operation),
-                col(ModelRow.revision),
-                col(DeploymentRow.applied),
-                col(ModelRow.traffic),
-            )
-            .join(
-                DeploymentRow,
-                col(DeploymentRow.name) == col(ModelRow.active_deployment),
-                isouter=True,
-            )
-            .where(col(ModelRow.state).in_(WATCHED))
-        )
         with self.db.read() as s:
             return [
                 Watched(name, state, op, rev, bool(applied), bool(traffic))
-                for name, state, op, rev, applied, traffic in s.execute(query)
+                for name, state, op, rev, applied, traffic in s.connection().execute(_WATCHED)
             ]
 
     def _resync(self) -> None:
