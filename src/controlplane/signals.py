@@ -242,30 +242,34 @@ class Signals:
         """The figures the health rules look at, from the window."""
         r = self.rules
         alive = self._known.alive.get(model, frozenset())
-        # Judged for every model every health_interval_s: only the series read are made,
-        # and the errors' series come with the usage's when both look back as far (the
-        # default rules: 10 minutes).
+        # Judged for every model every health_interval_s: the windows' totals only, no
+        # points (Window.brief), and the errors come with the usage when both look back
+        # as far (the default rules: 10 minutes).
         usage_s, error_s = int(r.provisioning_minutes * 60), int(r.error_minutes * 60)
-        usage = self.series(
-            model, usage_s, STEP_S, alive, builds=usage_s == error_s, replicas=False
-        )
-        covered = sum(1 for p in usage.model.points if p.figures.replicas) * STEP_S / 60
-        u = usage.model.totals
+        app = app_of(model)
+        usage = self.window.brief(app, usage_s, alive=alive)
+        u = usage.totals
         period = int(r.dropping_minutes * 60)
         dropping = self.series(model, period, period, alive, builds=False, replicas=False)
-        errors = usage
-        if error_s != usage_s:
-            errors = self.series(model, error_s, STEP_S, alive, replicas=False)
-        builds = []
-        for build, s in errors.builds.items():
-            failing = [p for p in s.points if p.figures.errors]
-            since = datetime.fromtimestamp(failing[0].time, UTC) if failing else None
-            builds.append(
-                BuildErrors(names.build_label(build), s.totals.requests, s.totals.errors, since)
+        errors = usage if error_s == usage_s else self.window.brief(app, error_s, alive=alive)
+        builds = [
+            BuildErrors(
+                names.build_label(build),
+                b.requests,
+                b.errors,
+                datetime.fromtimestamp(b.first_error, UTC) if b.first_error is not None else None,
             )
+            for build, b in errors.builds.items()
+        ]
         d = dropping.model.totals
         return Recent(
-            usage=Usage(covered, u.cpu_used, u.cpu_requested, u.gpu_used, u.gpu_requested),
+            usage=Usage(
+                usage.covered_steps * STEP_S / 60,
+                u.cpu_used,
+                u.cpu_requested,
+                u.gpu_used,
+                u.gpu_requested,
+            ),
             refused=d.refused,
             queued=d.queued,
             replicas=d.replicas,

@@ -173,3 +173,37 @@ def test_the_health_judge_reads_the_same_figures_with_one_query_or_two(tmp_path:
     assert one.builds == two.builds
     by_label = {b.build: (b.requests, b.errors) for b in one.builds}
     assert by_label == {"build 1": (110, 11), "build 2": (55, 0)}, one.builds
+
+
+def test_the_judge_s_brief_says_what_the_full_query_says() -> None:
+    """Window.brief (totals, steps covered, each build's errors and its first failing
+    step) against the same figures read from a query's points: two builds, errors in
+    some steps only, a step nobody reported in, a replica Serve no longer lists, refusals."""
+    w = Window(clock=T0 - 1)
+    for k in range(0, 24):
+        if k == 7:
+            continue  # no reading in this step
+        at = T0 + k * 10 + 1
+        errs = 3 * sum(1 for failed in (9, 15) if failed <= k)  # counters: cumulative
+        figures = [
+            reading("r1", at, requests=10 * k, model_errors=errs, latency=lat(2, 10 * k)),
+            reading("r2", at, build=BUILD2, requests=5 * k, server_errors=k // 12, cpu_seconds=k),
+        ]
+        if k < 20:
+            figures.append(reading("r3", at, requests=k, requested_gpus=1.0, gpu_used=0.5))
+        w.add(figures, [ProxyFigures(app="p.m", refused=k // 5, queued=k % 3)], now=at)
+    now = T0 + 24 * 10 + 3
+    for window_s in (60, 120, 600, 3600):
+        for alive in (None, frozenset({"r1", "r2"})):
+            brief = w.brief("p.m", window_s, now=now, alive=alive)
+            full = w.query("p.m", window_s, STEP_S, now=now, alive=alive, replicas=False)
+            assert brief.totals == full.model.totals, window_s
+            assert brief.covered_steps == sum(1 for p in full.model.points if p.figures.replicas)
+            assert set(brief.builds) == set(full.builds) == {BUILD1, BUILD2}
+            for build, series in full.builds.items():
+                failing = [p.time for p in series.points if p.figures.errors]
+                got = brief.builds[build]
+                assert (got.requests, got.errors) == (series.totals.requests, series.totals.errors)
+                assert got.first_error == (failing[0] if failing else None), (window_s, build)
+    assert w.brief("p.m", 600, now=now).builds[BUILD1].first_error == T0 + 90
+    assert w.brief("other.app", 600, now=now).covered_steps == 0
