@@ -178,6 +178,8 @@ class Reconciler:
         self._busy = False  # a model is changing: look again soon
         # A settled model's last look: what it saw, and when (its records not changed since).
         self._seen: dict[str, tuple[Seen, float]] = {}
+        # Each application's observation as the backend reported it and as converted.
+        self._converted: dict[str, tuple[AppObservation, Observation]] = {}
         self.looks = 0  # models looked at (written), for tests and benchmarks
 
     async def start(self) -> None:
@@ -226,12 +228,12 @@ class Reconciler:
                 (time.monotonic() - seen_s) * 1000,
             )
         now_s = time.monotonic()
+        converted = self._converted
+        self._converted = {}
         for w in watched:
             n = names.parse_model(w.name)
-            app = observed.get(app_name_for(n.project, n.model))
-            obs = observation(app) if app is not None else None
-            other = observed.get(candidate_app_for(n.project, n.model))
-            second = observation(other) if other is not None else None
+            obs = self._observation(observed, converted, app_name_for(n.project, n.model))
+            second = self._observation(observed, converted, candidate_app_for(n.project, n.model))
             if self._unchanged(w, (w.revision, w.applied, obs, second), now_s):
                 continue
             self.looks += 1
@@ -247,6 +249,23 @@ class Reconciler:
                     await asyncio.to_thread(self._record_error, w.name, why)
         still = {w.name for w in watched}
         self._seen = {k: v for k, v in self._seen.items() if k in still}
+
+    def _observation(
+        self,
+        observed: Mapping[str, AppObservation],
+        converted: Mapping[str, tuple[AppObservation, Observation]],
+        app_name: str,
+    ) -> Observation | None:
+        """The application's observation in the domain's terms: the same object as at the
+        last pass while the backend reports the same object (workers.observations), so
+        that comparing it with the last look's is an identity check."""
+        app = observed.get(app_name)
+        if app is None:
+            return None
+        was = converted.get(app_name)
+        obs = was[1] if was is not None and was[0] is app else observation(app)
+        self._converted[app_name] = (app, obs)
+        return obs
 
     def _unchanged(self, w: Watched, seen: Seen, now_s: float) -> bool:
         """A model whose record and applications are as at its last look (which wrote

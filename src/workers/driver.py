@@ -39,6 +39,7 @@ from workers.backend import (
     ClusterUnavailable,
     NodeResources,
 )
+from workers.observations import Changes, Holder
 from workers.runtime import Runtime
 from workers.signals import Batch
 
@@ -185,6 +186,8 @@ class DriverBackend:
         self._telling: asyncio.Future[None] | None = None
         self._closing = False
         self._watching: asyncio.Task[None] | None = None
+        self._observed = Holder()  # the applications as the driver last reported them
+        self._observing = asyncio.Lock()
         self.drivers_started = 0  # how many driver processes this backend started
 
     @property
@@ -345,7 +348,11 @@ class DriverBackend:
         await self._call("apply", list(apps))
 
     async def observe(self) -> Mapping[str, AppObservation]:
-        return cast(Mapping[str, AppObservation], await self._call("observe"))
+        """Only what changed since the last look crosses the socket (workers.observations);
+        one look at a time, so that changes apply to the set they were made against."""
+        async with self._observing:
+            changes = await self._call("observe_changes", self._observed.number)
+            return self._observed.apply(cast(Changes, changes))
 
     async def nodes(self) -> Sequence[NodeResources]:
         return cast(Sequence[NodeResources], await self._call("nodes"))

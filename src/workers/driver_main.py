@@ -26,6 +26,7 @@ import sys
 from typing import Any
 
 from workers.driver import read_frame, write_frame
+from workers.observations import Sender
 
 PR_SET_PDEATHSIG = 1
 UP_POLL_S = 0.2
@@ -109,6 +110,7 @@ async def serve(fd: int) -> None:
         backend.on_lost(lost)
     backend.on_reconnected(joined)
     calls: dict[int, asyncio.Task[None]] = {}
+    sent = Sender()  # the observations, as last sent
     watching: asyncio.Task[None] | None = None
 
     async def watch_up() -> None:
@@ -130,6 +132,8 @@ async def serve(fd: int) -> None:
                 await backend.start()
                 value: Any = (backend.available(), backend.http_base)
                 watching = watching or asyncio.ensure_future(watch_up())
+            elif method == "observe_changes":  # what changed since the server's set
+                value = sent.changes(await backend.observe(), *args)
             elif method == "close":
                 if watching is not None:
                     watching.cancel()

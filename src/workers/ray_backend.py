@@ -954,6 +954,8 @@ class RayBackend:
         # The cluster's totals and lost nodes, and when they were read (observe).
         self._facts: tuple[dict[str, float], frozenset[str]] = ({}, frozenset())
         self._facts_at = -CLUSTER_FACTS_S
+        # Each application's last observation, and the details and facts it was made of.
+        self._observed: dict[str, tuple[Any, object, AppObservation]] = {}
 
     @property
     def http_base(self) -> str:
@@ -1294,10 +1296,16 @@ class RayBackend:
                 self._facts = await self._call(_cluster_facts)
                 self._facts_at = time.monotonic()
             cluster, lost = self._facts
-        return {
-            name: replace(_observation(name, app, cluster), lost_nodes=lost)
-            for name, app in apps.items()
-        }
+        # An application whose parsed details are the same object as at the last look
+        # (_Serve.details parses only what changed), under the same cluster facts, keeps
+        # its observation object: what is sent on is only what changed (observations.py).
+        kept, self._observed = self._observed, {}
+        for name, app in apps.items():
+            was = kept.get(name)
+            if was is None or was[0] is not app or was[1] is not self._facts:
+                was = (app, self._facts, replace(_observation(name, app, cluster), lost_nodes=lost))
+            self._observed[name] = was
+        return {name: obs for name, (_, _, obs) in self._observed.items()}
 
     async def nodes(self) -> Sequence[NodeResources]:
         started = self._started()

@@ -75,7 +75,13 @@ async def test_calls_and_their_errors_cross_to_the_driver(
     assert pid == driven.driver_pid and pid != os.getpid(), "the backend runs in the driver"
     assert driven.available()
     await driven.apply([spec("a"), spec("b")])
-    assert sorted(await driven.observe()) == ["a", "b"]
+    first = await driven.observe()
+    assert sorted(first) == ["a", "b"]
+    # Only changes cross (workers.observations): the server still holds the whole set,
+    # and what did not change is the object it had.
+    await driven.apply([spec("b"), spec("c")])
+    second = await driven.observe()
+    assert sorted(second) == ["b", "c"] and second["b"] is first["b"]
     with pytest.raises(ClusterUnavailable, match="the probe says so"):
         await driven.nodes()
     with pytest.raises(ValueError, match="bad cursor 7"):
