@@ -149,7 +149,7 @@ class Window:
                 into.latency[b] = into.latency.get(b, 0) + n
         s.cpu_seconds += step.cpu_seconds
         s.in_flight = max(s.in_flight, f.in_flight)
-        s.busy = s.busy or (f.busy_limit > 0 and f.in_flight >= f.busy_limit)
+        s.busy = s.busy or f.at_limit
         s.rss_bytes = f.rss_bytes
         s.gpu_used = f.gpu_used
         s.requested_cpus = f.requested_cpus

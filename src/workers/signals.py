@@ -101,6 +101,11 @@ class ReplicaFigures:
     requested_memory_bytes: int = 0
     requested_gpus: float = 0.0
 
+    @property
+    def at_limit(self) -> bool:
+        """The replica has as many requests as it takes at once (when its limit is known)."""
+        return self.busy_limit > 0 and self.in_flight >= self.busy_limit
+
 
 @dataclass(frozen=True)
 class LogLine:
@@ -420,7 +425,7 @@ class ProxyPace:
     def due(self, now: float, replicas: Iterable[ReplicaFigures]) -> bool:
         if self._at is None or self._pressed or now - self._at >= self.idle_s:
             return True
-        return any(f.busy_limit > 0 and f.in_flight >= f.busy_limit for f in replicas)
+        return any(f.at_limit for f in replicas)
 
     def read(self, now: float, proxies: Iterable[ProxyFigures]) -> None:
         """What a reading at ``now`` found."""
