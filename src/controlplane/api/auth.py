@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -195,7 +196,10 @@ class _Guard:
 
         return guarded
 
-    def stream(self, behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
+    def stream(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        if not inspect.isasyncgenfunction(behavior):
+            return self._written(behavior)
+
         async def guarded(
             request: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
@@ -217,6 +221,46 @@ class _Guard:
                 await self._audit(pending, context, exc)
 
         return guarded
+
+    def _written(self, behavior: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+        """A stream that sends with ``context.write`` (the watches): checked as it opens,
+        then its token again every STREAM_RECHECK_S by this call's own task while the
+        handler runs in another; nothing is added to each message sent."""
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            principal, resource, project = await self._admit(request, context)
+            pending = self._pending(principal, resource, project, context, request)
+            exc: BaseException | None = None
+            try:
+                if not self.enabled:
+                    await behavior(request, context)
+                else:
+                    await self._run_while_valid(behavior(request, context), context)
+            except BaseException as e:
+                exc = e
+                raise
+            finally:
+                await self._audit(pending, context, exc)
+
+        return guarded
+
+    async def _run_while_valid(
+        self, call: Awaitable[None], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        """Runs ``call`` as its own task; ends it (UNAUTHENTICATED) once the token is no
+        longer live, checked every STREAM_RECHECK_S whether or not anything is sent."""
+        task = asyncio.ensure_future(call)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=STREAM_RECHECK_S)
+                if done:
+                    task.result()
+                    return
+                await self._still_valid(context)
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     async def _while_valid(
         self, items: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]

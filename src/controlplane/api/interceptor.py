@@ -167,16 +167,17 @@ class _Observer:
 
         return observed
 
-    def stream(self, behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
+    def stream(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        if not inspect.isasyncgenfunction(behavior):
+            # A stream that sends with context.write(): observed as one await, and
+            # still a coroutine function, which is how gRPC tells it from a generator.
+            return self.unary(behavior)
+
         async def observed(
             request: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
             with self._observing(request, context):
-                result = behavior(request, context)
-                if inspect.isasyncgen(result):
-                    async for item in result:
-                        yield item
-                else:  # a handler that writes with context.write()
-                    await result
+                async for item in behavior(request, context):
+                    yield item
 
         return observed

@@ -17,7 +17,7 @@ from controlplane import build_logs
 from controlplane.access import Access
 from controlplane.api import convert
 from controlplane.api.auth import current_principal
-from controlplane.api.status import stream, unary
+from controlplane.api.status import stream, unary, written
 from controlplane.domain import names
 from controlplane.domain.errors import invalid_field
 from controlplane.domain.states import BuildState, EventType
@@ -294,9 +294,8 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
                     break
                 # Any event of the model may finish the operation; poll as a fallback.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(sub.queue.get(), min(left, 1.0))
-                while not sub.queue.empty():
-                    sub.queue.get_nowait()
+                    await asyncio.wait_for(sub.next(), min(left, 1.0))
+                sub.drain()
                 op = await _run(lambda: self.svc.get_operation(name))
         finally:
             self.hub.unsubscribe(sub)
@@ -304,20 +303,20 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
 
     # ---- watch -----------------------------------------------------------------------------
 
-    @stream
-    async def WatchModel(
-        self, request: rpc.WatchModelRequest, context: Ctx
-    ) -> AsyncIterator[pb.ModelEvent]:
+    # The watches write each event themselves: under a thousand watchers every layer of
+    # generators between the hub's queue and the socket is paid a thousand times per event.
+    @written
+    async def WatchModel(self, request: rpc.WatchModelRequest, context: Ctx) -> None:  # type: ignore[override]  # writes with context.write
+        write = context.write
         async for event in self.hub.watch(request.name, request.since_revision):
-            yield self._event_pb(event)
+            await write(self._event_pb(event))
 
-    @stream
-    async def WatchModels(
-        self, request: rpc.WatchModelsRequest, context: Ctx
-    ) -> AsyncIterator[pb.ModelEvent]:
+    @written
+    async def WatchModels(self, request: rpc.WatchModelsRequest, context: Ctx) -> None:  # type: ignore[override]  # writes with context.write
+        write = context.write
         events = self.hub.watch_project(request.parent, request.filter, request.since_revision)
         async for event in events:
-            yield self._event_pb(event)
+            await write(self._event_pb(event))
 
     @stream
     async def StreamBuildLogs(

@@ -267,8 +267,15 @@ def unary(fn: Handler[R]) -> Handler[R]:
     return wrapper
 
 
+def written(fn: Handler[None]) -> Handler[None]:
+    """Maps exceptions of a server-streaming handler that sends with ``context.write``
+    (nothing between its loop and the socket: gRPC awaits it as a coroutine) to a rich
+    status, as for a unary handler."""
+    return unary(fn)
+
+
 def stream(fn: StreamHandler[R]) -> StreamHandler[R]:
-    """Maps exceptions of a server-streaming handler to a rich status."""
+    """Maps exceptions of a server-streaming handler (a generator) to a rich status."""
 
     @functools.wraps(fn)
     async def wrapper(
