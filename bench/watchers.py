@@ -3,14 +3,15 @@ change to delivery.
 
 Starts `modelctl serve` (fake backend, SQLite in a temp dir) as its own process, opens
 N streams spread over client processes of their own (the client is not what is measured),
-makes K changes one at a time (RestartModel of a deployed model: each makes several
-events) and measures, per delivered event, the time from the event's commit (its `time`
-field, stamped in the transaction) to its arrival. Then the same against the anchor: a
-bare grpc.aio server replaying the events of one of our changes, with the same spacing,
-from memory. Prints p50/p99, CPU per delivered event and RSS beside the anchor's; writes
-bench/results/watchers.json.
+makes K changes one at a time, one starting every second on both sides (RestartModel of a
+deployed model: each makes several events) and measures, per delivered event, the time
+from the event's commit (its `time` field, stamped in the transaction) to its arrival.
+Then the same against the anchor: a bare grpc.aio server replaying the events of one of
+our changes, with the same spacing, from memory. Prints p50/p99, CPU per delivered event
+and RSS beside the anchor's; writes bench/results/watchers.json.
 
-    .venv/bin/python bench/watchers.py [--watchers 1000] [--changes 10] [--processes 4]
+    .venv/bin/python bench/watchers.py [--watchers 1000] [--changes 10] [--every 1.0]
+                                       [--processes 4]
                                        [--kinds model,models] [--smoke]
 """
 
@@ -55,6 +56,8 @@ TARGET_RSS_MB = 500.0
 PROJECT = "projects/bench"
 KINDS = ("model", "models")
 SETTLE_S = 1.0  # after the last change: what is still on its way arrives
+# A change starts this long after the one before it, on both sides (if that one is done).
+CHANGE_EVERY_S = 1.0
 
 
 async def deploy(stub: Stub) -> str:
@@ -217,21 +220,27 @@ class Watchers:
         return out
 
 
-async def make_changes(address: str, model: str, changes: int) -> None:
+async def make_changes(address: str, model: str, changes: int, every: float) -> None:
+    """``changes`` restarts, one starting every ``every`` seconds (or, if one takes
+    longer, as soon as it is done): both sides get the same changes per second, whatever
+    each takes to make one. Back to back, the side that makes a change faster would be
+    offered more events per second, and a backlog of deliveries, for being faster."""
     async with grpc.aio.insecure_channel(address) as channel:
         stub = Stub(channel)
-        for _ in range(changes):
+        start = time.monotonic()
+        for k in range(changes):
+            await asyncio.sleep(max(0.0, start + k * every - time.monotonic()))
             op = await stub.RestartModel(rpc.RestartModelRequest(name=model))
             await finished(stub, op.name, 120)
 
 
 async def changes_alone(
-    proc: subprocess.Popen[str], address: str, model: str, changes: int
+    proc: subprocess.Popen[str], address: str, model: str, changes: int, every: float
 ) -> float:
     """The server's CPU seconds for the changes (and the settle time) with no watcher: what
     the changes themselves cost, taken off before CPU per delivered event."""
     before = cpu_s([proc.pid])
-    await make_changes(address, model, changes)
+    await make_changes(address, model, changes, every)
     await asyncio.sleep(SETTLE_S)
     return cpu_s([proc.pid]) - before
 
@@ -243,10 +252,12 @@ async def measure(
     kind: str,
     n: int,
     changes: int,
+    every: float,
     processes: int,
     alone_cpu_s: float,
 ) -> tuple[dict[str, Any], list[tuple[float, bytes]]]:
-    """Opens ``n`` watches of one ``kind``, makes ``changes`` restarts of ``model``; also
+    """Opens ``n`` watches of one ``kind``, makes ``changes`` restarts of ``model`` (one
+    every ``every`` seconds); also
     returns the events (offset from the first, serialized) of a typical change, as
     the first stream saw them."""
     rss_idle = rss_mb([proc.pid])
@@ -255,7 +266,7 @@ async def measure(
         await asyncio.to_thread(watchers.wait_ready, 120)
         rss_watching = rss_mb([proc.pid])
         server_cpu, started = cpu_s([proc.pid]), time.perf_counter()
-        await make_changes(address, model, changes)
+        await make_changes(address, model, changes, every)
         await asyncio.sleep(SETTLE_S)
         wall = time.perf_counter() - started
         server_cpu = cpu_s([proc.pid]) - server_cpu
@@ -322,7 +333,9 @@ def running(proc: subprocess.Popen[str]) -> Iterator[None]:
         proc.wait(30)
 
 
-async def run(n: int, changes: int, processes: int, kinds: list[str]) -> dict[str, Any]:
+async def run(
+    n: int, changes: int, every: float, processes: int, kinds: list[str]
+) -> dict[str, Any]:
     ours: dict[str, Any] = {}
     bare: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -330,11 +343,11 @@ async def run(n: int, changes: int, processes: int, kinds: list[str]) -> dict[st
         with running(proc):
             async with grpc.aio.insecure_channel(address) as channel:
                 model = await deploy(Stub(channel))
-            alone = await changes_alone(proc, address, model, changes)
+            alone = await changes_alone(proc, address, model, changes, every)
             change: list[tuple[float, bytes]] = []
             for kind in kinds:
                 ours[kind], seen = await measure(
-                    proc, address, model, kind, n, changes, processes, alone
+                    proc, address, model, kind, n, changes, every, processes, alone
                 )
                 change = change or seen
         change_file = Path(tmp) / "change.json"
@@ -343,14 +356,15 @@ async def run(n: int, changes: int, processes: int, kinds: list[str]) -> dict[st
             [sys.executable, __file__, "--bare-server", str(change_file)]
         )
         with running(bare_proc):
-            alone = await changes_alone(bare_proc, bare_address, model, changes)
+            alone = await changes_alone(bare_proc, bare_address, model, changes, every)
             for kind in kinds:
                 bare[kind], _ = await measure(
-                    bare_proc, bare_address, model, kind, n, changes, processes, alone
+                    bare_proc, bare_address, model, kind, n, changes, every, processes, alone
                 )
     return {
         "watchers": n,
         "changes": changes,
+        "change_every_s": every,
         "processes": processes,
         "events_per_change": len(change),
         "kinds": {
@@ -405,6 +419,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--watchers", type=int, default=1000)
     p.add_argument("--changes", type=int, default=10)
+    p.add_argument(
+        "--every",
+        type=float,
+        default=CHANGE_EVERY_S,
+        help="seconds from one change's start to the next's, on both sides",
+    )
     p.add_argument("--processes", type=int, default=4, help="client processes")
     p.add_argument("--kinds", default=",".join(KINDS), help="model, models or both")
     p.add_argument("--smoke", action="store_true", help="50 watchers, 2 changes, 2 processes")
@@ -419,11 +439,11 @@ def main() -> None:
     if not kinds or set(kinds) - set(KINDS):
         p.error(f"--kinds: some of {', '.join(KINDS)}")
     n, k, procs = (50, 2, 2) if args.smoke else (args.watchers, args.changes, args.processes)
-    result = asyncio.run(run(n, k, procs, kinds))
+    result = asyncio.run(run(n, k, args.every, procs, kinds))
     result["smoke"] = args.smoke
     print(
-        f"{n} watchers in {procs} client processes, {k} changes of "
-        f"{result['events_per_change']} events each"
+        f"{n} watchers in {procs} client processes, {k} changes (one every "
+        f"{args.every:g} s) of {result['events_per_change']} events each"
     )
     for kind, sides in result["kinds"].items():
         ours, bare = sides["ours"], sides["bare"]
