@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 
 from sqlmodel import col, delete, select
@@ -32,6 +32,8 @@ from controlplane.storage.tables import CounterRow, EventRow, ModelRow, Operatio
 log = logging.getLogger(__name__)
 
 PRUNED = "events_pruned_through"
+# A watcher's way out: awaited with each event, in order (the API layer writes it).
+Send = Callable[[Event], Awaitable[object]]
 BOOKMARK_EVERY_S = 30.0
 
 
@@ -229,25 +231,27 @@ class EventHub:
 
     # ---- one watch -------------------------------------------------------------------------
 
-    def watch(self, name: str, since_revision: int) -> AsyncIterator[Event]:
+    async def watch(self, name: str, since_revision: int, send: Send) -> None:
         """One model: its current state (since_revision 0) or the events after a revision,
-        then every change, live."""
+        then every change, live; each handed to ``send`` (awaited) in order. Returns once
+        the model is deleted; raises for a bad start or a watcher that fell behind."""
         names.parse_model(name)
-        return self._stream(name, since_revision, None)
+        await self._follow(name, since_revision, None, send)
 
-    def watch_project(
-        self, parent: str, filter_text: str, since_revision: int
-    ) -> AsyncIterator[Event]:
+    async def watch_project(
+        self, parent: str, filter_text: str, since_revision: int, send: Send
+    ) -> None:
         """Every model of a project, with the same ordering and resume rules."""
         key = str(names.parse_project(parent))
-        return self._stream(key, since_revision, watch_filter.parse(filter_text))
+        await self._follow(key, since_revision, watch_filter.parse(filter_text), send)
 
-    async def _stream(
-        self, key: str, since_revision: int, wanted: WatchFilter | None
-    ) -> AsyncIterator[Event]:
-        """The whole watch in one generator: every live event of every watcher passes
-        through here, and each generator between the queue and the socket costs each
-        delivery (a thousand watchers: a thousand times per event)."""
+    async def _follow(
+        self, key: str, since_revision: int, wanted: WatchFilter | None, send: Send
+    ) -> None:
+        """The whole watch in one coroutine that awaits ``send`` itself: every live event
+        of every watcher passes through here, and each generator between the queue and
+        the socket would cost each delivery (a thousand watchers: a thousand times per
+        event)."""
         if since_revision < 0:
             raise invalid_field("since_revision", f"must be >= 0, got {since_revision}")
         # Subscribe first: nothing committed after the snapshot's head can be missed.
@@ -258,14 +262,14 @@ class EventHub:
             if since_revision == 0:
                 for event in await asyncio.to_thread(self._snapshot, key):
                     if wanted is None or wanted.matches(event):
-                        yield event
+                        await send(event)
                 last = head
-                yield Event(revision=head, time=now(), type=EventType.BOOKMARK, model=key)
+                await send(Event(revision=head, time=now(), type=EventType.BOOKMARK, model=key))
             else:
                 async for event in self._replay(key, since_revision, head):
                     last = event.revision
                     if wanted is None or wanted.matches(event):
-                        yield event
+                        await send(event)
                 last = max(last, head)
             # Live: each event from the watcher's own queue (the hub filtered it already).
             while True:
@@ -278,17 +282,19 @@ class EventHub:
                         metadata={"last_revision": str(last)},
                     )
                 if live.type is EventType.BOOKMARK:
-                    yield Event(
-                        revision=max(last, live.revision),
-                        time=live.time,
-                        type=EventType.BOOKMARK,
-                        model=key,
+                    await send(
+                        Event(
+                            revision=max(last, live.revision),
+                            time=live.time,
+                            type=EventType.BOOKMARK,
+                            model=key,
+                        )
                     )
                     continue
                 if live.revision <= last:
                     continue
                 last = live.revision
-                yield live
+                await send(live)
                 if (
                     live.type is EventType.DELETED
                     and isinstance(live.resource, Model)

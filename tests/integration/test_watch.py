@@ -14,6 +14,8 @@ import grpc
 import pytest
 
 from controlplane.domain.errors import ResourceExhausted
+from controlplane.domain.states import EventType
+from controlplane.domain.types import Event
 from controlplane.server import Server
 from modellifecycle.v1 import resources_pb2 as pb
 from modellifecycle.v1 import service_pb2 as rpc
@@ -215,17 +217,31 @@ async def test_a_slow_watcher_is_cut_off_and_never_slows_the_others(
     assert hub is not None
     model = await wstub.CreateModel(rpc.CreateModelRequest(parent=project, model_id="m"))
     fast = Follower(wstub.WatchModel(rpc.WatchModelRequest(name=model.name)))
-    slow = hub.watch(model.name, 0)
-    first = [await slow.__anext__(), await slow.__anext__()]  # snapshot + bookmark
-    # Five builds (about 30 events) with a queue of 20 that the slow watcher never drains.
-    for _ in range(5):
-        assert not (await build(wstub, model.name)).HasField("error")
-    await fast.until("every change", lambda: len(fast.changes()) >= 25)
-    with pytest.raises(ResourceExhausted) as cut:
-        async for _ in slow:
-            pass
+    got: list[Event] = []
+    stuck = asyncio.Event()
+
+    async def send(event: Event) -> None:
+        got.append(event)
+        if event.type is EventType.BOOKMARK:  # the snapshot is sent: never drain again
+            await stuck.wait()
+
+    slow = asyncio.ensure_future(hub.watch(model.name, 0, send))
+    try:
+        await eventually(
+            "the slow watcher's snapshot", lambda: bool(got) and got[-1].type is EventType.BOOKMARK
+        )
+        # Five builds (about 30 events) with a queue of 20 that the slow watcher never drains.
+        for _ in range(5):
+            assert not (await build(wstub, model.name)).HasField("error")
+        await fast.until("every change", lambda: len(fast.changes()) >= 25)
+        assert not slow.done(), "the slow watcher is still stuck in its send"
+        stuck.set()
+        with pytest.raises(ResourceExhausted) as cut:
+            await asyncio.wait_for(slow, 10)
+    finally:
+        slow.cancel()
     assert cut.value.reason == "WATCHER_TOO_SLOW"
-    assert cut.value.metadata["last_revision"] == str(first[-1].revision)
+    assert cut.value.metadata["last_revision"] == str(got[-1].revision)
     fast.stop()
 
 

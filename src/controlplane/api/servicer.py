@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -17,10 +16,11 @@ from controlplane import build_logs
 from controlplane.access import Access
 from controlplane.api import convert
 from controlplane.api.auth import current_principal
+from controlplane.api.event_bytes import EncodedEvents
 from controlplane.api.status import stream, unary, written
 from controlplane.domain import names
 from controlplane.domain.errors import invalid_field
-from controlplane.domain.states import BuildState, EventType
+from controlplane.domain.states import BuildState
 from controlplane.domain.types import DeployOptions, Event, Operation
 from controlplane.exports import Exporter
 from controlplane.service import NewBuild, Service, metrics_window
@@ -33,7 +33,6 @@ from modellifecycle.v1 import service_pb2_grpc
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 T = TypeVar("T")
-CONVERTED_EVENTS = 4096  # recent changes kept converted, shared by every watcher
 # A log follower reads again when this server wrote lines, or after this long (another
 # server may have written them).
 LOG_FOLLOW_S = 1.0
@@ -69,7 +68,7 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
         self.hub = hub
         self.exporter = exporter
         self.wait_max_s = wait_max_s
-        self._converted: OrderedDict[int, pb.ModelEvent] = OrderedDict()
+        self._encoded = EncodedEvents()
 
     # ---- models ----------------------------------------------------------------------------
 
@@ -303,20 +302,23 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
 
     # ---- watch -----------------------------------------------------------------------------
 
-    # The watches write each event themselves: under a thousand watchers every layer of
-    # generators between the hub's queue and the socket is paid a thousand times per event.
+    # The watches write each event themselves, already encoded (the hub awaits the
+    # write): under a thousand watchers each layer between the hub's queue and the socket
+    # is paid a thousand times per event.
     @written
     async def WatchModel(self, request: rpc.WatchModelRequest, context: Ctx) -> None:  # type: ignore[override]  # writes with context.write
-        write = context.write
-        async for event in self.hub.watch(request.name, request.since_revision):
-            await write(self._event_pb(event))
+        await self.hub.watch(request.name, request.since_revision, self._sender(context))
 
     @written
     async def WatchModels(self, request: rpc.WatchModelsRequest, context: Ctx) -> None:  # type: ignore[override]  # writes with context.write
-        write = context.write
-        events = self.hub.watch_project(request.parent, request.filter, request.since_revision)
-        async for event in events:
-            await write(self._event_pb(event))
+        await self.hub.watch_project(
+            request.parent, request.filter, request.since_revision, self._sender(context)
+        )
+
+    def _sender(self, context: Ctx) -> Callable[[Event], Awaitable[None]]:
+        """Writes each event on this stream as bytes (a change's encoded once for all)."""
+        write, encoded = context.write, self._encoded
+        return lambda event: write(encoded(event))
 
     @stream
     async def StreamBuildLogs(
@@ -382,18 +384,6 @@ class ModelLifecycleServicer(service_pb2_grpc.ModelLifecycleServicer):
             if not request.follow:
                 return
             await self.signals.wait_for_lines(LOG_FOLLOW_S)
-
-    def _event_pb(self, event: Event) -> pb.ModelEvent:
-        """Converts a change once for all its watchers (they share the hub's event)."""
-        if event.type in (EventType.BOOKMARK, EventType.CURRENT):
-            return convert.event_to_pb(event)
-        cached = self._converted.get(event.revision)
-        if cached is None:
-            cached = convert.event_to_pb(event)
-            self._converted[event.revision] = cached
-            while len(self._converted) > CONVERTED_EVENTS:
-                self._converted.popitem(last=False)
-        return cached
 
     # ---- cancel ----------------------------------------------------------------------------
 

@@ -6,7 +6,6 @@ again for every call and cost a quarter of GetModel's throughput (bench/rpc.py).
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any, TypeAlias
 
@@ -21,10 +20,9 @@ from modellifecycle.v1 import service_pb2
 
 SERVICE = service_pb2.DESCRIPTOR.services_by_name["ModelLifecycle"]
 SERVICE_NAME: str = SERVICE.full_name
-# Streams that send every watcher the same message objects (the servicer converts each
-# change once): each is serialized once, whatever the number of streams it goes to.
-SHARED_MESSAGES = frozenset({"WatchModel", "WatchModels"})
-ENCODED_KEPT = 4096
+# Streams whose handler writes each message already encoded (the servicer encodes each
+# change once, whatever the number of streams it goes to): no serializer.
+PRE_ENCODED = frozenset({"WatchModel", "WatchModels"})
 
 _HANDLER_KINDS: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler[Any, Any]]] = {
     (False, False): grpc.unary_unary_rpc_method_handler,
@@ -34,38 +32,16 @@ _HANDLER_KINDS: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler[Any,
 }
 
 
-class EncodeOnce:
-    """A response serializer that remembers the bytes of the last ``kept`` message
-    objects it serialized: the same object sent on a thousand streams is encoded once.
-    Keyed by identity (an entry holds its message, so the id is not reused while kept);
-    the messages it sees are never changed once sent."""
-
-    def __init__(self, serialize: Callable[[Message], bytes], kept: int = ENCODED_KEPT) -> None:
-        self.serialize = serialize
-        self.kept = kept
-        self._bytes: OrderedDict[int, tuple[Message, bytes]] = OrderedDict()
-
-    def __call__(self, message: Message) -> bytes:
-        hit = self._bytes.get(id(message))
-        if hit is not None and hit[0] is message:
-            return hit[1]
-        data = self.serialize(message)
-        self._bytes[id(message)] = (message, data)
-        if len(self._bytes) > self.kept:
-            self._bytes.popitem(last=False)
-        return data
-
-
 def method_handlers(servicer: ModelLifecycleServicer) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
     """Each method of the service, as the generated code registers it, except that the
-    watch streams encode a shared message once."""
+    watch streams write bytes the servicer encoded."""
     table = {}
     for method in SERVICE.methods:
         request = message_factory.GetMessageClass(method.input_type)
         response = message_factory.GetMessageClass(method.output_type)
-        encode: Callable[[Message], bytes] = response.SerializeToString
-        if method.name in SHARED_MESSAGES:
-            encode = EncodeOnce(response.SerializeToString)
+        encode: Callable[[Message], bytes] | None = response.SerializeToString
+        if method.name in PRE_ENCODED:
+            encode = None
         kind = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
         table[method.name] = kind(
             getattr(servicer, method.name),
