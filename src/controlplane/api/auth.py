@@ -7,6 +7,7 @@ With ``--insecure-no-auth`` every call is made by an anonymous admin (still audi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
 import logging
@@ -203,10 +204,7 @@ class _Guard:
         async def guarded(
             request: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
-            principal, resource, project = await self._admit(request, context)
-            pending = self._pending(principal, resource, project, context, request)
-            exc: BaseException | None = None
-            try:
+            async with self._admitted(request, context):
                 items = behavior(request, context)
                 if not self.enabled:
                     async for item in items:
@@ -214,11 +212,6 @@ class _Guard:
                 else:
                     async for item in self._while_valid(items, context):
                         yield item
-            except BaseException as e:
-                exc = e
-                raise
-            finally:
-                await self._audit(pending, context, exc)
 
         return guarded
 
@@ -228,21 +221,30 @@ class _Guard:
         handler runs in another; nothing is added to each message sent."""
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-            principal, resource, project = await self._admit(request, context)
-            pending = self._pending(principal, resource, project, context, request)
-            exc: BaseException | None = None
-            try:
+            async with self._admitted(request, context):
                 if not self.enabled:
                     await behavior(request, context)
                 else:
                     await self._run_while_valid(behavior(request, context), context)
-            except BaseException as e:
-                exc = e
-                raise
-            finally:
-                await self._audit(pending, context, exc)
 
         return guarded
+
+    @contextlib.asynccontextmanager
+    async def _admitted(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[None]:
+        """Around a server stream: admitted first (or aborted); a mutation's record
+        written at the end if the stream did not write it."""
+        principal, resource, project = await self._admit(request, context)
+        pending = self._pending(principal, resource, project, context, request)
+        exc: BaseException | None = None
+        try:
+            yield
+        except BaseException as e:
+            exc = e
+            raise
+        finally:
+            await self._audit(pending, context, exc)
 
     async def _run_while_valid(
         self, call: Awaitable[None], context: grpc.aio.ServicerContext[Any, Any]
