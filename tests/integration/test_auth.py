@@ -750,6 +750,45 @@ async def test_an_idle_watch_ends_within_2s_once_its_token_is_revoked_or_expires
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
+async def test_a_watch_with_a_token_delivers_changes_and_keeps_its_errors_codes(
+    world: World,
+) -> None:
+    """With tokens on, a watch runs in a task of its own beside its token's rechecks: a
+    change made while it watches reaches it, and a bad watch ends with its own code."""
+    viewer = md(await new_token(world.stub, world.admin, A, pb.ROLE_VIEWER))
+    watch = world.stub.WatchModel(rpc.WatchModelRequest(name=world.live), metadata=viewer)
+    while True:  # the snapshot, up to its bookmark
+        first = await asyncio.wait_for(watch.read(), 10)
+        assert isinstance(first, pb.ModelEvent), first
+        if first.type == pb.EVENT_TYPE_BOOKMARK:
+            break
+    stop = await world.stub.StopModel(
+        rpc.StopModelRequest(name=world.live), metadata=md(world.admin)
+    )
+
+    async def the_change() -> pb.ModelEvent:
+        while True:
+            event = await watch.read()
+            assert isinstance(event, pb.ModelEvent), event
+            if event.type == pb.EVENT_TYPE_CREATED:
+                return event
+
+    changed = await asyncio.wait_for(the_change(), 10)
+    assert changed.operation.name == stop.name, "the stop, as the watch saw it"
+    watch.cancel()
+    for request, code in (
+        (rpc.WatchModelRequest(name=f"{A}/models/nope"), grpc.StatusCode.NOT_FOUND),
+        (
+            rpc.WatchModelRequest(name=world.idle, since_revision=10**12),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            async for _ in world.stub.WatchModel(request, metadata=viewer):
+                pass
+        assert e.value.code() == code, request
+
+
 def test_servers_starting_together_make_one_first_admin_token(
     fresh_postgres: str, tmp_path: Path
 ) -> None:
