@@ -469,6 +469,8 @@ def main() -> None:
         bare = Bare([(float(o), bytes.fromhex(h)) for o, h in change])  # type: ignore[abstract]  # answers only what it is asked
         asyncio.run(serve_bare(bare))
         return
+    if args.rounds < 1 or args.every < 0:
+        p.error("--rounds: 1 or more; --every: 0 or more seconds")
     kinds = [k for k in args.kinds.split(",") if k]
     if not kinds or set(kinds) - set(KINDS):
         p.error(f"--kinds: some of {', '.join(KINDS)}")
@@ -500,7 +502,8 @@ def main() -> None:
             ("server RSS MB (watching)", "rss_mb"),
         ):
             print(f"{label:<32}{ours[key]:>10.1f}{bare[key]:>10.1f}")
-        ratios = [r["ours"]["p99_ms"] / r["bare"]["p99_ms"] for r in sides["rounds"]]
+        rounds_p99 = [(r["ours"]["p99_ms"], r["bare"]["p99_ms"]) for r in sides["rounds"]]
+        ratios = [mine / anchor for mine, anchor in rounds_p99 if anchor]
         print(f"{'p99 ratio, round by round':<32}" + " ".join(f"{x:.2f}" for x in ratios))
     save_result("watchers", result)
     for kind, sides in result["kinds"].items():
