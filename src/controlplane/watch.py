@@ -75,6 +75,11 @@ class Subscription:
         if not self.pending:
             self.offer(Event(revision=revision, time=now(), type=EventType.BOOKMARK))
 
+    @property
+    def waiting(self) -> bool:
+        """Its watcher is waiting for an event."""
+        return self._waiter is not None
+
     async def next(self) -> Event | None:
         """The next event, waiting while there is none; None once the queue overflowed
         (the watcher fell behind: it is cut off, whatever is still queued)."""

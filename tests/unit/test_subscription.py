@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from controlplane.domain.states import EventType
 from controlplane.domain.types import Event
 from controlplane.watch import Subscription
+from tests.helpers import eventually
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -20,7 +21,7 @@ def event(revision: int) -> Event:
 async def test_a_waiting_watcher_wakes_on_an_offer_and_gets_events_in_order() -> None:
     sub = Subscription("projects/p/models/m", size=10)
     waiting = asyncio.ensure_future(sub.next())
-    await asyncio.sleep(0)
+    await eventually("the watcher waits", lambda: sub.waiting)
     assert not waiting.done()
     sub.offer(event(1))
     sub.offer(event(2))
@@ -41,7 +42,7 @@ async def test_a_full_queue_cuts_the_watcher_off_with_events_still_queued() -> N
 async def test_an_overflow_wakes_a_waiting_watcher() -> None:
     sub = Subscription("projects/p/models/m", size=0)
     waiting = asyncio.ensure_future(sub.next())
-    await asyncio.sleep(0)
+    await eventually("the watcher waits", lambda: sub.waiting)
     sub.offer(event(1))
     assert await asyncio.wait_for(waiting, 5) is None
 
@@ -70,8 +71,9 @@ async def test_drain_forgets_what_is_queued_and_an_overflow() -> None:
 async def test_a_cancelled_wait_leaves_the_queue_usable() -> None:
     sub = Subscription("projects/p/models/m", size=10)
     waiting = asyncio.ensure_future(sub.next())
-    await asyncio.sleep(0)
+    await eventually("the watcher waits", lambda: sub.waiting)
     waiting.cancel()
     await asyncio.gather(waiting, return_exceptions=True)
+    assert not sub.waiting
     sub.offer(event(1))
     assert await asyncio.wait_for(sub.next(), 5) == event(1)
