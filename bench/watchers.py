@@ -350,10 +350,18 @@ async def run(
                 model = await deploy(Stub(channel))
             alone = await changes_alone(proc, address, model, changes, every)
             change: list[tuple[float, bytes]] = []
-            for kind in kinds:  # ours first: the anchor replays one of its changes
-                got, seen = await measure(
-                    proc, address, model, kind, n, changes, every, processes, alone
+            server = (proc, address, alone)
+
+            async def once(
+                side: tuple[subprocess.Popen[str], str, float], kind: str
+            ) -> tuple[dict[str, Any], list[tuple[float, bytes]]]:
+                side_proc, side_address, side_alone = side
+                return await measure(
+                    side_proc, side_address, model, kind, n, changes, every, processes, side_alone
                 )
+
+            for kind in kinds:  # ours first: the anchor replays one of its changes
+                got, seen = await once(server, kind)
                 ours[kind].append(got)
                 change = change or seen
             change_file = Path(tmp) / "change.json"
@@ -363,25 +371,12 @@ async def run(
             )
             with running(bare_proc):
                 bare_alone = await changes_alone(bare_proc, bare_address, model, changes, every)
+                bare_side = (bare_proc, bare_address, bare_alone)
                 for r in range(rounds):
                     for kind in kinds:
                         if r:
-                            got, _ = await measure(
-                                proc, address, model, kind, n, changes, every, processes, alone
-                            )
-                            ours[kind].append(got)
-                        got, _ = await measure(
-                            bare_proc,
-                            bare_address,
-                            model,
-                            kind,
-                            n,
-                            changes,
-                            every,
-                            processes,
-                            bare_alone,
-                        )
-                        bare[kind].append(got)
+                            ours[kind].append((await once(server, kind))[0])
+                        bare[kind].append((await once(bare_side, kind))[0])
     kinds_out = {}
     for kind in kinds:
         mine, anchor = median_of(ours[kind]), median_of(bare[kind])
