@@ -2,7 +2,10 @@
 
 Starts one local Ray cluster (4 logical CPUs) and `modelctl serve` on it (SQLite). For each
 size N (default 1, 10, 25), models are added until N run (1 replica, 0.01 CPU each; every
-model builds the same iris source, so all but the first build are cache hits), then:
+model builds the same iris source, so all but the first build are cache hits): the new
+models are built one after another, then deployed all at once, one CreateDeployment each
+(operations at scale: the time from the first call to the last operation done, and the
+jobs they made, none of which may have run twice or be left unfinished). Then:
 
 - idle: 10 s with nothing changing: the control plane's CPU (the server and its driver
   process, as % of one core) and RSS;
@@ -15,7 +18,9 @@ Each change is made ``--trials`` times per size (median reported, every trial ke
 
 Then the server stops and the anchor runs on the same cluster (bench/models_anchor.py,
 a driver of its own): raw Serve given the same application N times in one declarative
-config, at the same sizes, and the same scale of one of them, timed to RUNNING.
+config, at the same sizes (the applications a size adds handed over in one config, timed
+until every one runs: the anchor of the operations above), and the same scale of one of
+them, timed to RUNNING.
 
 Targets (issue 22): a change at the largest N within 1.25x of the same change at 1 model,
 and the scale within 1.10x of raw Serve's at the same N; idle control-plane CPU under 5%
@@ -29,9 +34,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sqlite3
 import statistics
 import tempfile
 import time
+from collections import Counter
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +68,42 @@ async def deployed(c: Client, op_name: str) -> None:
         raise SystemExit(f"{op.name} failed: {op.error.message}")
 
 
-async def add_model(c: Client, i: int, tmp: Path) -> str:
+async def built_model(c: Client, i: int, tmp: Path) -> str:
+    """A new model with the iris build (a cache hit after the first), not deployed."""
     model = (await c.create_model(PROJECT, f"m{i:03d}")).name
-    v1 = await build(c, model, ROOT / "examples" / "iris-v1", "predict", tmp)
-    await deployed(c, (await c.create_deployment(model, v1.name, small(1))).name)
+    await build(c, model, ROOT / "examples" / "iris-v1", "predict", tmp)
     return model
+
+
+async def bring_up(c: Client, fresh: list[str], db: Path) -> dict[str, Any]:
+    """One CreateDeployment per new model, all at once, each followed to its end: the
+    time from the first call to the last operation done, each operation's own time, and
+    the jobs the calls made (none may have run twice or be left unfinished)."""
+    started = time.perf_counter()
+
+    async def deploy(model: str) -> float:
+        t0 = time.perf_counter()
+        await deployed(c, (await c.create_deployment(model, f"{model}/builds/1", small(1))).name)
+        return time.perf_counter() - t0
+
+    each = sorted(await asyncio.gather(*(deploy(m) for m in fresh)))
+    wall = time.perf_counter() - started
+    with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        jobs = conn.execute(
+            f"SELECT kind, state, attempts FROM jobs WHERE kind != 'build' "
+            f"AND model IN ({','.join('?' * len(fresh))})",
+            fresh,
+        ).fetchall()
+    return {
+        "added": len(fresh),
+        "up_s": wall,
+        "up_ops_per_s": len(fresh) / wall,
+        "up_op_p50_s": statistics.median(each),
+        "up_op_max_s": each[-1],
+        "up_jobs": dict(Counter(str(kind) for kind, _, _ in jobs)),
+        "up_jobs_run_twice": sum(1 for _, _, n in jobs if n > 1),
+        "up_jobs_unfinished": sum(1 for _, state, _ in jobs if state != "done"),
+    }
 
 
 def small(replicas: int) -> Resources:
@@ -161,13 +200,14 @@ async def grow(
     models: list[str] = []
     async with Client(address) as c:
         for n in sizes:
-            started = time.perf_counter()
-            while len(models) < n:
-                models.append(await add_model(c, len(models), tmp))
+            fresh = [await built_model(c, i, tmp) for i in range(len(models), n)]
+            up = await bring_up(c, fresh, tmp / "data" / "controlplane.db")
+            models.extend(fresh)
             print(
-                f"{n} models running (added in {time.perf_counter() - started:.0f} s)", flush=True
+                f"{n} models running ({up['added']} more at once in {up['up_s']:.1f} s)",
+                flush=True,
             )
-            point = await measure(c, server_pid, models, tmp, trials, idle_s)
+            point = {**await measure(c, server_pid, models, tmp, trials, idle_s), **up}
             print(
                 f"  idle CPU {point['idle_cpu_pct']:.1f}% "
                 f"(server {point['idle_cpu_server_pct']:.1f}%) RSS {point['rss_mb']:.0f} MB; "
@@ -225,6 +265,7 @@ def run(sizes: list[int], trials: int, idle_s: float = IDLE_S) -> dict[str, Any]
         point["anchor_scale_s"] = raw["scale_s"]
         point["anchor_scale_all_s"] = raw["scale_all_s"]
         point["anchor_scale_timeline"] = raw["worst_events"]
+        point["anchor_up_s"] = raw["up_s"]
     first, last = points[0], points[-1]
     return {
         "sizes": sizes,
@@ -264,6 +305,25 @@ def summary(result: dict[str, Any]) -> list[Row]:
             result["new_build_ratio"] <= TARGET_CHANGE_RATIO,
         ),
         Row(
+            f"{last['added']} more models at once ({last['added']} concurrent CreateDeployment, "
+            f"{n - last['added']} running) until every one is DEPLOYED s (anchor: raw Serve "
+            "given the same applications more in one config, until every one RUNNING)",
+            last["up_s"],
+            last["anchor_up_s"],
+        ),
+        Row(
+            f"same: operations/s, {last['added']} at once (anchor: applications/s)",
+            last["up_ops_per_s"],
+            last["added"] / last["anchor_up_s"],
+        ),
+        Row(
+            f"same: jobs run twice or left unfinished (of {sum(last['up_jobs'].values())})",
+            last["up_jobs_run_twice"] + last["up_jobs_unfinished"],
+            None,
+            "0",
+            last["up_jobs_run_twice"] + last["up_jobs_unfinished"] == 0,
+        ),
+        Row(
             f"control plane idle CPU with {n} models, % of one core",
             last["idle_cpu_pct"],
             first["idle_cpu_pct"],
@@ -277,20 +337,21 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="1,10,25", help="numbers of models, growing")
     p.add_argument("--trials", type=int, default=3, help="of each change, per size (median)")
-    p.add_argument("--smoke", action="store_true", help="sizes 1 and 2, one trial, 3 s idle")
+    p.add_argument("--smoke", action="store_true", help="sizes 1 and 3, one trial, 3 s idle")
     args = p.parse_args()
-    sizes = [1, 2] if args.smoke else [int(x) for x in args.sizes.split(",")]
+    sizes = [1, 3] if args.smoke else [int(x) for x in args.sizes.split(",")]
     if sizes != sorted(sizes) or sizes[0] < 1:
         p.error("--sizes: growing numbers of models, from 1")
     result = run(sizes, 1, SMOKE_IDLE_S) if args.smoke else run(sizes, args.trials)
     result["smoke"] = args.smoke
     print(
-        f"{'models':>8}{'idle CPU %':>12}{'RSS MB':>10}{'scale s':>10}{'raw Serve':>11}"
-        f"{'build s':>10}"
+        f"{'models':>8}{'added':>7}{'up s':>8}{'raw Serve':>11}{'idle CPU %':>12}{'RSS MB':>10}"
+        f"{'scale s':>10}{'raw Serve':>11}{'build s':>10}"
     )
     for pt in result["points"]:
         print(
-            f"{pt['models']:>8}{pt['idle_cpu_pct']:>12.1f}{pt['rss_mb']:>10.0f}"
+            f"{pt['models']:>8}{pt['added']:>7}{pt['up_s']:>8.1f}{pt['anchor_up_s']:>11.1f}"
+            f"{pt['idle_cpu_pct']:>12.1f}{pt['rss_mb']:>10.0f}"
             f"{pt['scale_s']:>10.2f}{pt['anchor_scale_s']:>11.2f}{pt['new_build_s']:>10.2f}"
         )
     last = result["points"][-1]

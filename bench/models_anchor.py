@@ -5,7 +5,8 @@ Run by bench/models.py after its own phase, on the same cluster, as
 application Serve runs (the control plane's, stopped by then), then for each size N, in
 growing order: the same application as the control plane's (import path, args,
 artifact of its build; 1 replica, 0.01 CPU each) N times in one declarative config,
-what `serve deploy` submits, until every one runs; then one application's scale 1 -> 2
+what `serve deploy` submits, until every one runs (timed from handing it over: the
+applications added to the last size's); then one application's scale 1 -> 2
 (the whole config handed again, that application's ``num_replicas`` changed), timed
 from handing it over until Serve says it runs 2 replicas, polled every 0.1 s as our
 reconciler does; then back to 1. Its figures as one JSON line on stdout.
@@ -116,17 +117,15 @@ def main(args_file: Path) -> None:
         started = time.perf_counter()
         anchor.deploy(n)
         anchor.until({app_name(i): 1 for i in range(n)}, f"{n} applications running")
-        print(
-            f"anchor: {n} applications running in {time.perf_counter() - started:.0f} s",
-            file=sys.stderr,
-            flush=True,
-        )
+        up_s = time.perf_counter() - started  # the applications added to the last size's
+        print(f"anchor: {n} applications running in {up_s:.1f} s", file=sys.stderr, flush=True)
         time.sleep(2)  # as ours: the last deploy's looks settle
         trials = [anchor.scale_s(n) for _ in range(args["trials"])]
         times = [t for t, _ in trials]
         points.append(
             {
                 "models": n,
+                "up_s": up_s,
                 "scale_s": statistics.median(times),
                 "scale_all_s": times,
                 "worst_events": max(trials, key=lambda t: t[0])[1],

@@ -69,8 +69,12 @@ def test_a_build_made_and_deployed_on_a_node_without_the_disk(
 
 def test_models_grow_on_one_cluster(smoke: subprocess.CompletedProcess[str]) -> None:
     figures = result("models")
-    assert [p["models"] for p in figures["points"]] == [1, 2]
+    assert [p["models"] for p in figures["points"]] == [1, 3]
+    assert [p["added"] for p in figures["points"]] == [1, 2], "2 brought up at once"
     for point in figures["points"]:
+        assert point["up_s"] > 0 and point["anchor_up_s"] > 0, point
+        assert point["up_jobs"].get("apply", 0) >= 1, point["up_jobs"]
+        assert point["up_jobs_run_twice"] == 0 and point["up_jobs_unfinished"] == 0, point
         assert point["scale_s"] > 0 and point["new_build_s"] > 0, point
         assert 0 < point["idle_cpu_server_pct"] <= point["idle_cpu_pct"], point
         assert point["anchor_scale_s"] > 0, "raw Serve ran the same sizes"
