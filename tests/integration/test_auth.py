@@ -9,6 +9,7 @@ import asyncio
 import os
 import stat
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -748,6 +749,27 @@ async def test_an_idle_watch_ends_within_2s_once_its_token_is_revoked_or_expires
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await asyncio.wait_for(ends_by_itself(), deadline)
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_following_log_stream_ends_once_its_token_expires(world: World) -> None:
+    """A stream that yields its messages (the model's log, followed) is rechecked as a
+    watch is: nothing is logged meanwhile, and it ends UNAUTHENTICATED within 2 s of its
+    token's end, not before (it was let in)."""
+    ttl = 2.0
+    viewer = await new_token(world.stub, world.admin, A, pb.ROLE_VIEWER, ttl=ttl)
+    opened = time.monotonic()
+    logs = world.stub.StreamModelLogs(
+        rpc.StreamModelLogsRequest(name=world.live, follow=True), metadata=md(viewer)
+    )
+
+    async def ends_by_itself() -> None:
+        async for line in logs:
+            raise AssertionError(f"nothing was logged, yet {line}")
+
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await asyncio.wait_for(ends_by_itself(), ttl + 2.0)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert time.monotonic() - opened >= ttl - 0.5, "refused as it opened, not ended later"
 
 
 async def test_a_watch_with_a_token_delivers_changes_and_keeps_its_errors_codes(

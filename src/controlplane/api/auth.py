@@ -11,8 +11,7 @@ import contextlib
 import contextvars
 import inspect
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -43,7 +42,6 @@ _principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("principa
 # An open server stream checks its token again this often, and before each message sent
 # after that long (most checks answer from Access's cache, without a query).
 STREAM_RECHECK_S = 0.5
-_END = object()
 
 
 def current_principal() -> Principal:
@@ -198,27 +196,28 @@ class _Guard:
         return guarded
 
     def stream(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        """A server stream: a generator of messages (build logs, an export) or one that
+        sends with ``context.write`` (the watches). With tokens on, a generator's items are
+        written by the handler's own task, so that both kinds are rechecked alike."""
         if not inspect.isasyncgenfunction(behavior):
             return self._written(behavior)
+        if self.enabled:
+            return self._written(_writing(behavior))
 
         async def guarded(
             request: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
             async with self._admitted(request, context):
-                items = behavior(request, context)
-                if not self.enabled:
-                    async for item in items:
-                        yield item
-                else:
-                    async for item in self._while_valid(items, context):
-                        yield item
+                async for item in behavior(request, context):
+                    yield item
 
         return guarded
 
     def _written(self, behavior: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
-        """A stream that sends with ``context.write`` (the watches): checked as it opens,
-        then its token again every STREAM_RECHECK_S by this call's own task while the
-        handler runs in another; nothing is added to each message sent."""
+        """A stream that sends with ``context.write``: checked as it opens, then its token
+        again every STREAM_RECHECK_S (whether or not anything is sent: an idle watch) by
+        this call's own task while the handler runs in another; nothing is added to each
+        message sent."""
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
             async with self._admitted(request, context):
@@ -264,37 +263,6 @@ class _Guard:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
 
-    async def _while_valid(
-        self, items: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[Any]:
-        """The stream's items while its token stays valid: checked again every
-        STREAM_RECHECK_S even while no item comes (an idle watch), so that a revoked or
-        expired token's stream ends within about a second of ``VERIFY_CACHE_S``."""
-        pending: asyncio.Future[Any] | None = None
-        checked = time.monotonic()
-        try:
-            while True:
-                if pending is None:
-                    pending = asyncio.ensure_future(anext(items, _END))
-                left = checked + STREAM_RECHECK_S - time.monotonic()
-                done, _ = await asyncio.wait({pending}, timeout=max(left, 0.0))
-                if time.monotonic() - checked >= STREAM_RECHECK_S:
-                    await self._still_valid(context)
-                    checked = time.monotonic()
-                if pending in done:
-                    item = pending.result()
-                    pending = None
-                    if item is _END:
-                        return
-                    yield item
-        finally:
-            if pending is not None and not pending.done():
-                pending.cancel()
-                await asyncio.gather(pending, return_exceptions=True)
-            aclose = getattr(items, "aclose", None)
-            if aclose is not None:
-                await aclose()
-
     def upload(self, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         """Client streaming: the first message names the resource; it is checked before
         the handler sees any byte, then handed on with the rest."""
@@ -335,6 +303,23 @@ class _Guard:
                 yield item
 
         return guarded
+
+
+def _writing(
+    behavior: Callable[..., AsyncGenerator[Any, None]],
+) -> Callable[..., Awaitable[None]]:
+    """A generator stream as one that writes: each item sent with ``context.write``, in
+    order, through the method's own serializer; the generator closed however it ends."""
+
+    async def written(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        items = behavior(request, context)
+        try:
+            async for item in items:
+                await context.write(item)
+        finally:
+            await items.aclose()
+
+    return written
 
 
 def _anonymous() -> Principal:
