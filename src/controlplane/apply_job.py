@@ -8,7 +8,9 @@ Whether the rollout it carries then finishes is the reconciler's to judge.
 Since an apply carries every change committed before it read the desired set, the
 applies waiting for the lock behind it need not go to the cluster again: a job that was
 claimed before a successful apply began reading is landed by it (100 concurrent changes
-make a handful of applies, not 100 whole configs one after another).
+make a handful of applies, not 100 whole configs one after another). Before reading, an
+apply waits while the cluster still builds applications it would hand over again (Serve
+would start those builds over): the changes committed meanwhile go with it.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class ApplyJobs:
                 return
             release = await self._take_cluster_lock()
             try:
+                await self._until_built()
                 read_from = time.monotonic()
                 await self._apply_with_retries(job)
                 self._landed_read_from = read_from
@@ -104,6 +107,16 @@ class ApplyJobs:
                     raise  # the cluster gone: the job waits for it (dispatcher)
                 log.warning("job %s: apply attempt %d failed (%s)", job.id, attempt + 1, e)
                 await asyncio.sleep(pause)
+
+    async def _until_built(self) -> None:
+        """Waits while the cluster builds applications this apply would hand over again
+        (that would restart their builds), before the desired set is read: what is
+        committed meanwhile goes in this apply. A cluster that cannot say is the
+        apply's own to find out."""
+        try:
+            await asyncio.wait_for(self.backend.until_built(), APPLY_TIMEOUT_S)
+        except Exception as e:
+            log.debug("not known whether the cluster builds applications (%s)", e)
 
     async def _take_cluster_lock(self) -> Callable[[], None]:
         """Waits for the cross-server apply lock without parking a thread on it."""

@@ -214,6 +214,12 @@ class Backend(Protocol):
         """The runtime the cluster's workers run (builds and replicas)."""
         ...
 
+    async def until_built(self) -> int:
+        """Waits, for a bounded time, until the cluster is building (importing) none of
+        the model applications: an apply that hands one over again meanwhile would
+        restart its build. Returns how many it waited for."""
+        ...
+
     async def apply(self, apps: Sequence[AppSpec]) -> None:
         """Makes the running applications exactly ``apps`` (declarative, returns at once)."""
         ...

@@ -344,6 +344,9 @@ class DriverBackend:
     async def runtime(self) -> Runtime:
         return cast(Runtime, await self._call("runtime"))
 
+    async def until_built(self) -> int:
+        return cast(int, await self._call("until_built"))
+
     async def apply(self, apps: Sequence[AppSpec]) -> None:
         await self._call("apply", list(apps))
 

@@ -94,6 +94,8 @@ class FakeBackend:
         self._reconnected: list[Callable[[], Awaitable[None]]] = []
         # Tests: builds wait (as a Ray task waits for free CPUs) until this is set.
         self.builds_may_start = asyncio.Event()
+        self.built = asyncio.Event()  # cleared by a test: applies wait (until_built)
+        self.built.set()
         self.builds_may_start.set()
         # Tests: the runtime the "cluster" reports (builds run here, with this Python).
         self.cluster_runtime: Runtime = current_runtime()
@@ -220,6 +222,15 @@ class FakeBackend:
     def _rolled(self, app: _App, now: float) -> bool:
         """Whether the rolling change in progress is over: every new replica runs."""
         return all(self._runs(app, r, now) for r in app.replicas)
+
+    async def until_built(self) -> int:
+        """Builds nothing (its applications are ready as applied); a test that clears
+        ``built`` holds every apply here, as Serve building an application would."""
+        self._reachable()
+        if self.built.is_set():
+            return 0
+        await self.built.wait()
+        return 1
 
     async def apply(self, apps: Sequence[AppSpec]) -> None:
         self._reload()

@@ -125,6 +125,11 @@ RESTART_ENV = "CP_RESTART_GENERATION"  # in a replica's environment, not the bui
 IMPORT_PATH = f"{__name__}:build_app"  # every model application's, and no one else's
 SECRETS_BROKER = "modelctl-secrets"  # the detached actor holding secret values
 CLAIM_TIMEOUT_S = 30.0
+# How long an apply waits for Serve to finish building (importing) the applications it
+# would hand over again (``until_built``), and how often it looks meanwhile.
+BUILD_WAIT_S = 30.0
+BUILD_POLL_S = 0.1
+LOOK_REUSE_S = 0.5  # how old that wait's last look may be for the apply after it to use it
 MiB = 1024 * 1024
 OBJECT_STORE_MIB = 256  # of a local cluster this backend starts (Ray's default: 30% of memory)
 MAX_ONGOING = 16  # requests one replica takes at once; more wait in Serve's queue
@@ -771,6 +776,22 @@ def _router_not_pickled(app: Mapping[str, Any]) -> dict[str, Any]:
     return {**app, "deployments": deployments}
 
 
+def _building(running: Mapping[str, ApplicationDetails]) -> list[str]:
+    """The model applications Serve is building (importing): none of its deployments
+    listed yet, neither failed nor being deleted."""
+    out = []
+    for name, app in running.items():
+        config = app.deployed_app_config
+        if (
+            config is not None
+            and config.import_path == IMPORT_PATH
+            and not app.deployments
+            and app.status.value in ("NOT_STARTED", "DEPLOYING")
+        ):
+            out.append(name)
+    return out
+
+
 class ForeignApplications(RuntimeError):
     """Serve runs applications of someone else's that a whole config would delete."""
 
@@ -937,6 +958,8 @@ class RayBackend:
         self._max_queued = max_queued_requests
         self._owns_ray = False
         self._serve: _Serve | None = None
+        # until_built's last look at Serve's applications, and when: the next apply's.
+        self._looked: tuple[float, Mapping[str, ApplicationDetails]] | None = None
         self._lock = asyncio.Lock()
         self._runtime: Runtime | None = None
         self._collector: Any = None
@@ -1210,7 +1233,13 @@ class RayBackend:
 
     async def apply(self, apps: Sequence[AppSpec]) -> None:
         started = time.monotonic()
-        running = (await self._call(self._started().details)).applications
+        # The look of the wait for Serve's builds just before, if any: at 50 applications
+        # each look is 20-90 ms of the change's time here.
+        looked, self._looked = self._looked, None
+        if looked is not None and started - looked[0] <= LOOK_REUSE_S:
+            running = looked[1]
+        else:
+            running = await self._applications()
         read_s = time.monotonic()
         kept = _others(running, {a.app_name for a in apps})
         archives = await asyncio.to_thread(self._archives, apps) if self._artifact_url else {}
@@ -1243,6 +1272,40 @@ class RayBackend:
             (handed_s - read_s) * 1000,
             (time.monotonic() - handed_s) * 1000,
         )
+
+    async def _applications(self) -> Mapping[str, ApplicationDetails]:
+        return (await self._call(self._started().details)).applications
+
+    async def until_built(self) -> int:
+        """Waits (up to BUILD_WAIT_S) until Serve builds none of the model applications.
+        Serve compares an application's code version only once its build is done: one
+        handed over again while it builds has its build cancelled and started over,
+        even unchanged (a change to one model would restart another's deploy; many at
+        once, each apply restarting every build, keep all of them from starting). Called
+        before an apply reads what it hands over, so that it carries every change
+        committed meanwhile. Returns how many it waited for."""
+        started = time.monotonic()
+        applications = await self._applications()
+        building = _building(applications)
+        first = len(building)
+        while building and time.monotonic() - started < BUILD_WAIT_S:
+            await asyncio.sleep(BUILD_POLL_S)
+            applications = await self._applications()
+            building = _building(applications)
+        self._looked = (time.monotonic(), applications)
+        if building:
+            log.warning(
+                "Serve still builds %s after %.0f s: the apply goes on (restarting it)",
+                ", ".join(building),
+                BUILD_WAIT_S,
+            )
+        elif first:
+            log.debug(
+                "apply: waited %.0f ms for Serve to build %d applications",
+                (time.monotonic() - started) * 1000,
+                first,
+            )
+        return first
 
     def _archives(self, apps: Sequence[AppSpec]) -> dict[str, tuple[str, str]]:
         """Each application's artifact as a node that does not see it fetches it: app ->

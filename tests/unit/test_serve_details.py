@@ -10,7 +10,12 @@ from typing import Any, cast
 
 import pydantic
 import pytest
-from ray.serve.schema import ApplicationStatus, ReplicaDetails, ServeInstanceDetails
+from ray.serve.schema import (
+    ApplicationDetails,
+    ApplicationStatus,
+    ReplicaDetails,
+    ServeInstanceDetails,
+)
 
 from workers import ray_backend
 from workers.backend import AppObservation, AppStatus, ReplicaObservation, ReplicaStatus
@@ -329,3 +334,70 @@ def test_each_look_reads_what_serve_says_now() -> None:
     second = serve.details()
     assert second.applications[APP].status == ApplicationStatus.RUNNING
     assert second.target_capacity == 50.0 and first.target_capacity is None
+
+
+def app_config(import_path: str = "workers.ray_backend:build_app") -> dict[str, Any]:
+    """One application as its config was handed over (a model's: our import path)."""
+    return {
+        "name": APP,
+        "route_prefix": "/p1/iris",
+        "import_path": import_path,
+        "args": {"build": "p1/iris/builds/1"},
+        "deployments": [{"name": "model", "num_replicas": 1}],
+    }
+
+
+def building(config: dict[str, Any], status: str = "DEPLOYING") -> dict[str, Any]:
+    """An application as Serve lists it while its build task imports it: the config it
+    was handed, no deployment yet."""
+    return application(status, {}, deployed_app_config=config)
+
+
+def built() -> dict[str, Any]:
+    return application("DEPLOYING", {"model": deployment()}, deployed_app_config=app_config())
+
+
+def seen(*apps: dict[str, Any]) -> dict[str, ApplicationDetails]:
+    client = FakeClient({a["name"]: a for a in apps})
+    return dict(_Serve(cast(Any, client)).details().applications)
+
+
+def test_the_model_applications_serve_is_building_are_known() -> None:
+    """Serve compares code versions only once a build is done: an application handed
+    over again while it builds would have its build cancelled and started over."""
+    assert ray_backend._building(seen(building(app_config()))) == [APP]
+    assert ray_backend._building(seen(built())) == [], "built: its deployment is listed"
+    for status in ("DEPLOY_FAILED", "DELETING"):
+        assert ray_backend._building(seen(building(app_config(), status))) == [], status
+    theirs = building(app_config("someone.elses:app"))
+    assert ray_backend._building(seen(theirs)) == [], "not a model's application"
+
+
+async def test_an_apply_waits_for_serve_to_finish_building(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """It looks again until Serve lists the application's deployment; one that never
+    finishes is waited for BUILD_WAIT_S, then the apply goes on."""
+    monkeypatch.setattr(ray_backend, "BUILD_POLL_S", 0.0)
+    answers = [building(app_config())] * 3 + [built()]
+    asked: list[int] = []
+
+    class Building(FakeClient):
+        def get_serve_details(self) -> dict[str, Any]:
+            asked.append(1)
+            return FakeClient({APP: answers[min(len(asked), len(answers)) - 1]}).answer
+
+    backend = RayBackend(None, "127.0.0.1", 8000, num_cpus=4, num_gpus=0)
+    backend._serve = _Serve(cast(Any, Building({})))
+    assert await backend.until_built() == 1
+    assert len(asked) == 4, "looked until the deployment was listed"
+
+    asked.clear()
+    answers[:] = [built()]
+    assert await backend.until_built() == 0 and len(asked) == 1, "nothing to wait for"
+
+    asked.clear()
+    answers[:] = [building(app_config())]
+    monkeypatch.setattr(ray_backend, "BUILD_WAIT_S", 0.05)
+    assert await backend.until_built() == 1
+    assert len(asked) > 1, "looked while it waited, then gave up"
