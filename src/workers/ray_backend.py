@@ -28,6 +28,7 @@ import logging
 import os
 import random
 import socket
+import threading
 import time
 import urllib.request
 import zlib
@@ -126,9 +127,10 @@ IMPORT_PATH = f"{__name__}:build_app"  # every model application's, and no one e
 SECRETS_BROKER = "modelctl-secrets"  # the detached actor holding secret values
 CLAIM_TIMEOUT_S = 30.0
 # How long an apply waits for Serve to finish building (importing) the applications it
-# would hand over again (``until_built``), and how often it looks meanwhile.
+# would hand over again (``until_built``), and how it looks at Serve meanwhile.
 BUILD_WAIT_S = 30.0
-BUILD_POLL_S = 0.1
+BUILD_LOOK_S = 0.3  # it takes the reconciler's looks meanwhile; its own after this long
+BUILD_POLL_S = 0.02
 LOOK_REUSE_S = 0.5  # how old that wait's last look may be for the apply after it to use it
 MiB = 1024 * 1024
 OBJECT_STORE_MIB = 256  # of a local cluster this backend starts (Ray's default: 30% of memory)
@@ -723,6 +725,7 @@ class _Serve:
         # (Serve's schema pickles each deployment's request router class on the way), and
         # with hundreds of settled applications almost none changes between two looks.
         self._parsed: dict[str, tuple[Any, ApplicationDetails]] = {}
+        self._parsing = threading.Lock()
         self.releasing = Releasing()  # what replicas stopping hold, as the looks saw them
 
     @classmethod
@@ -740,12 +743,16 @@ class _Serve:
         raw = dict(self._client.get_serve_details())
         apps: dict[str, Any] = raw.pop("applications", None) or {}
         parsed: dict[str, tuple[Any, ApplicationDetails]] = {}
-        for name, app in apps.items():
-            kept = self._parsed.get(name)
-            if kept is None or kept[0] != app:
-                kept = (app, ApplicationDetails.model_validate(_router_not_pickled(app)))
-            parsed[name] = kept
-        self._parsed = parsed
+        # One parse at a time: Serve's schema registers and unregisters its autoscaling
+        # policy's module with cloudpickle as it parses, and two threads at once (a look
+        # and an apply) fail with "not registered for pickle by value".
+        with self._parsing:
+            for name, app in apps.items():
+                kept = self._parsed.get(name)
+                if kept is None or kept[0] != app:
+                    kept = (app, ApplicationDetails.model_validate(_router_not_pickled(app)))
+                parsed[name] = kept
+            self._parsed = parsed
         details = ServeInstanceDetails.model_validate({**raw, "applications": {}})
         details = details.model_copy(
             update={"applications": {n: p for n, (_, p) in parsed.items()}}
@@ -960,6 +967,7 @@ class RayBackend:
         self._serve: _Serve | None = None
         # until_built's last look at Serve's applications, and when: the next apply's.
         self._looked: tuple[float, Mapping[str, ApplicationDetails]] | None = None
+        self._seen: tuple[float, Mapping[str, ApplicationDetails]] = (0.0, {})  # any look's
         self._lock = asyncio.Lock()
         self._runtime: Runtime | None = None
         self._collector: Any = None
@@ -1274,7 +1282,22 @@ class RayBackend:
         )
 
     async def _applications(self) -> Mapping[str, ApplicationDetails]:
-        return (await self._call(self._started().details)).applications
+        apps = (await self._call(self._started().details)).applications
+        self._seen = (time.monotonic(), apps)
+        return apps
+
+    async def _look_after(self, moment: float) -> Mapping[str, ApplicationDetails]:
+        """Serve's applications as a look that ended after ``moment`` saw them: the
+        reconciler's (10 a second while a model changes) if one comes within
+        BUILD_LOOK_S, else a look of its own. Each look at Serve's details is work for
+        its controller, which is what builds the applications meanwhile."""
+        deadline = time.monotonic() + BUILD_LOOK_S
+        while time.monotonic() < deadline:
+            at, apps = self._seen
+            if at > moment:
+                return apps
+            await asyncio.sleep(BUILD_POLL_S)
+        return await self._applications()
 
     async def until_built(self) -> int:
         """Waits (up to BUILD_WAIT_S) until Serve builds none of the model applications.
@@ -1289,8 +1312,7 @@ class RayBackend:
         building = _building(applications)
         first = len(building)
         while building and time.monotonic() - started < BUILD_WAIT_S:
-            await asyncio.sleep(BUILD_POLL_S)
-            applications = await self._applications()
+            applications = await self._look_after(time.monotonic())
             building = _building(applications)
         self._looked = (time.monotonic(), applications)
         if building:
@@ -1347,8 +1369,7 @@ class RayBackend:
             raise
 
     async def observe(self) -> Mapping[str, AppObservation]:
-        details = await self._call(self._started().details)
-        apps = details.applications
+        apps = await self._applications()
         cluster: Mapping[str, float] = {}
         lost: frozenset[str] = frozenset()
         if apps:

@@ -378,7 +378,7 @@ async def test_an_apply_waits_for_serve_to_finish_building(
 ) -> None:
     """It looks again until Serve lists the application's deployment; one that never
     finishes is waited for BUILD_WAIT_S, then the apply goes on."""
-    monkeypatch.setattr(ray_backend, "BUILD_POLL_S", 0.0)
+    monkeypatch.setattr(ray_backend, "BUILD_LOOK_S", 0.0)  # no reconciler looks here
     answers = [building(app_config())] * 3 + [built()]
     asked: list[int] = []
 
