@@ -1,7 +1,8 @@
 """What the tests share besides fixtures (those stay in the conftest.py files):
 
 - here: ``eventually`` (every wait for something to become true), ``gated`` (a model whose
-  import waits for a file the test creates) and the repository's paths;
+  import waits for a file the test creates), ``app_spec`` (an application handed to a
+  backend directly) and the repository's paths;
 - ``databases``: PostgreSQL databases of a test's own;
 - ``api``: a control plane in this process on the fake backend, and the gRPC calls of a
   workflow (create, upload, build, wait) with their errors;
@@ -18,6 +19,8 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar, overload
+
+from workers.backend import AppSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -92,3 +95,22 @@ def gated(gate: Path, model: str) -> str:
         "    _time.sleep(0.02)\n"
     )
     return wait + model
+
+
+def app_spec(name: str) -> AppSpec:
+    """An application for a backend's ``apply``, named ``name``, one replica of a build
+    whose artifact is nowhere: what the backend does with it, not what it serves."""
+    return AppSpec(
+        app_name=name,
+        route_prefix=f"/{name}",
+        model_name=f"projects/p/models/{name}",
+        deployment_name=f"projects/p/models/{name}/deployments/1",
+        build_name=f"projects/p/models/{name}/builds/1",
+        artifact_path="/nowhere",
+        file_path="model.py",
+        function_name="predict",
+        replicas=1,
+        cpus=0.1,
+        memory_mib=0,
+        gpus=0,
+    )

@@ -15,28 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, eventually
-from workers.backend import AppSpec, BuildSpec, ClusterUnavailable
+from tests.helpers import ROOT, app_spec, eventually
+from workers.backend import BuildSpec, ClusterUnavailable
 from workers.driver import DriverBackend
 
 pytestmark = pytest.mark.slow
-
-
-def spec(name: str) -> AppSpec:
-    return AppSpec(
-        app_name=name,
-        route_prefix=f"/{name}",
-        model_name=f"projects/p/models/{name}",
-        deployment_name=f"projects/p/models/{name}/deployments/1",
-        build_name=f"projects/p/models/{name}/builds/1",
-        artifact_path="/nowhere",
-        file_path="model.py",
-        function_name="predict",
-        replicas=1,
-        cpus=0.1,
-        memory_mib=0,
-        gpus=0,
-    )
 
 
 def alive(pid: int) -> bool:
@@ -74,12 +57,12 @@ async def test_calls_and_their_errors_cross_to_the_driver(
     pid = int((tmp_path / "pid").read_text())
     assert pid == driven.driver_pid and pid != os.getpid(), "the backend runs in the driver"
     assert driven.available()
-    await driven.apply([spec("a"), spec("b")])
+    await driven.apply([app_spec("a"), app_spec("b")])
     first = await driven.observe()
     assert sorted(first) == ["a", "b"]
     # Only changes cross (workers.observations): the server still holds the whole set,
     # and what did not change is the object it had.
-    await driven.apply([spec("b"), spec("c")])
+    await driven.apply([app_spec("b"), app_spec("c")])
     second = await driven.observe()
     assert sorted(second) == ["b", "c"] and second["b"] is first["b"]
     with pytest.raises(ClusterUnavailable, match="the probe says so"):
@@ -100,7 +83,7 @@ async def test_a_cancelled_call_is_cancelled_in_the_driver(
         await running
     await eventually("the build cancelled in the driver", (tmp_path / "cancelled").exists, 10)
     assert (tmp_path / "cancelled").read_text() == build.build_name
-    await driven.apply([spec("after")])  # the driver goes on
+    await driven.apply([app_spec("after")])  # the driver goes on
 
 
 async def test_a_driver_that_ends_is_replaced_and_models_are_applied_again(
@@ -112,7 +95,7 @@ async def test_a_driver_that_ends_is_replaced_and_models_are_applied_again(
         told.set()
 
     driven.on_reconnected(reconnected)
-    await driven.apply([spec("a")])
+    await driven.apply([app_spec("a")])
     first = driven.driver_pid
     assert first is not None
     os.kill(first, signal.SIGKILL)
@@ -139,7 +122,7 @@ async def test_a_driver_whose_loop_hangs_is_replaced(driven: DriverBackend) -> N
     assert driven.driver_pid != first and driven.available()
     with pytest.raises(ClusterUnavailable):
         await hung  # the call in flight ends with its driver
-    await driven.apply([spec("after")])
+    await driven.apply([app_spec("after")])
     assert first is not None and not alive(first)
 
 

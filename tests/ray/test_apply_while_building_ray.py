@@ -11,29 +11,10 @@ from typing import Any
 import pytest
 from ray.serve.context import _get_global_client
 
-from tests.helpers import eventually
-from workers.backend import AppSpec, Backend
+from tests.helpers import app_spec, eventually
+from workers.backend import Backend
 
 pytestmark = pytest.mark.ray
-
-
-def spec(name: str) -> AppSpec:
-    """An application whose build imports our builder only; its replicas are never
-    needed here (the artifact does not exist), and it is deleted once built."""
-    return AppSpec(
-        app_name=f"building.{name}",
-        route_prefix=f"/building/{name}",
-        model_name=f"projects/building/models/{name}",
-        deployment_name=f"projects/building/models/{name}/deployments/1",
-        build_name=f"projects/building/models/{name}/builds/1",
-        artifact_path="/nonexistent/artifact",
-        file_path="model.py",
-        function_name="predict",
-        replicas=1,
-        cpus=0.0,
-        memory_mib=0,
-        gpus=0.0,
-    )
 
 
 def serve_says(app: str) -> dict[str, Any] | None:
@@ -57,7 +38,7 @@ def cancelled_builds(app: str) -> int:
 async def test_an_apply_waits_for_serve_to_build_what_it_hands_over_again(
     ray_backend: Backend,
 ) -> None:
-    a, b = spec("a"), spec("b")
+    a, b = app_spec("building-a"), app_spec("building-b")
     try:
         await ray_backend.apply([a])
         first = serve_says(a.app_name)
