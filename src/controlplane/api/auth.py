@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 OPEN_SERVICES = frozenset({"grpc.health.v1.Health"})
 LIFECYCLE = "modellifecycle.v1.ModelLifecycle"
 _principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("principal")
-# An open server stream checks its token again this often, and before each message sent
-# after that long (most checks answer from Access's cache, without a query).
+# An open server stream's token is checked again this often, by the call's own task
+# while the handler sends from another (most checks answer from Access's cache).
 STREAM_RECHECK_S = 0.5
 
 
